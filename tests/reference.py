@@ -1,0 +1,44 @@
+"""Float64 NumPy references that the tests compare jaxbn against."""
+
+import numpy as np
+
+
+def batch_stats(x, axis=-1, mask=None):
+    """Mean and biased variance per feature of ``x`` (float64), over valid elements."""
+    x = np.asarray(x, np.float64)
+    axis = axis % x.ndim
+    moved = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+    if mask is None:
+        return moved.mean(0), moved.var(0)
+    valid = np.moveaxis(np.broadcast_to(mask, x.shape), axis, -1).reshape(-1, x.shape[axis])
+    count = valid.sum(0)
+    mean = np.where(valid, moved, 0).sum(0) / np.maximum(count, 1)
+    var = np.where(valid, (moved - mean) ** 2, 0).sum(0) / np.maximum(count, 1)
+    return mean, var
+
+
+def normalize(x, mean, var, scale=None, bias=None, axis=-1, epsilon=1e-5):
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` in float64, features on ``axis``."""
+    x = np.asarray(x, np.float64)
+    shape = [1] * x.ndim
+    shape[axis % x.ndim] = x.shape[axis]
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    y = (x - np.reshape(mean, shape)) / np.sqrt(np.reshape(var, shape) + epsilon)
+    if scale is not None:
+        y = y * np.reshape(np.asarray(scale, np.float64), shape)
+    if bias is not None:
+        y = y + np.reshape(np.asarray(bias, np.float64), shape)
+    return y
+
+
+def batch_norm_steps(batches, momentum=0.99, epsilon=1e-5, axis=-1, scale=None, bias=None):
+    """Runs training-mode batch norm over ``batches``; returns outputs and final state."""
+    features = np.asarray(batches[0]).shape[axis]
+    mean_state, var_state = np.zeros(features), np.ones(features)
+    outputs = []
+    for x in batches:
+        mean, var = batch_stats(x, axis)
+        outputs.append(normalize(x, mean, var, scale, bias, axis, epsilon))
+        mean_state = momentum * mean_state + (1 - momentum) * mean
+        var_state = momentum * var_state + (1 - momentum) * var
+    return outputs, {"mean": mean_state, "var": var_state}

@@ -1,0 +1,175 @@
+"""jaxbn.linen.BatchNorm as a drop-in for flax.linen.BatchNorm."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import jaxbn.linen
+from tests import reference
+
+RNG = np.random.default_rng(2)
+
+
+def _run_steps(module, variables, batches, scale_weights):
+    """Training steps: outputs, grads of a weighted loss w.r.t. x and params, final batch_stats."""
+
+    def loss(params, x, batch_stats):
+        y, updates = module.apply(
+            {"params": params, "batch_stats": batch_stats}, x, use_running_average=False, mutable=["batch_stats"]
+        )
+        return jnp.sum(jnp.sin(y) * scale_weights), (y, updates["batch_stats"])
+
+    grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+    params, batch_stats = variables.get("params", {}), variables["batch_stats"]
+    results = []
+    for x in batches:
+        (param_grads, x_grad), (y, batch_stats) = grad_fn(params, x, batch_stats)
+        results.append((y, x_grad, param_grads))
+    return results, batch_stats
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("axis", [-1, 1])
+@pytest.mark.parametrize("use_scale, use_bias", [(True, True), (False, False), (True, False)])
+def test_parity_with_flax_two_pass(dtype, axis, use_scale, use_bias):
+    """Outputs, grads (x, scale, bias), running stats over 3 steps and eval equal flax's."""
+    with jax.enable_x64(dtype == jnp.float64):
+        shape = (6, 3, 4, 4) if axis == 1 else (6, 4, 4, 3)
+        batches = [jnp.asarray(RNG.normal(size=shape) * 2 + 5, dtype) for _ in range(3)]
+        kwargs = dict(momentum=0.8, use_scale=use_scale, use_bias=use_bias, axis=axis, param_dtype=dtype)
+        ours = jaxbn.linen.BatchNorm(**kwargs)
+        theirs = nn.BatchNorm(use_fast_variance=False, **kwargs)
+        variables = theirs.init(jax.random.key(0), batches[0], use_running_average=False)
+        assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
+            ours.init(jax.random.key(0), batches[0], use_running_average=False)
+        )
+        if use_scale:  # non-trivial affine parameters, so their gradients are tested too
+            variables["params"]["scale"] = jnp.linspace(0.5, 1.5, 3, dtype=dtype)
+        if use_bias:
+            variables["params"]["bias"] = jnp.linspace(-1, 1, 3, dtype=dtype)
+        weights = jnp.asarray(RNG.normal(size=shape), dtype)
+        ours_out, ours_stats = _run_steps(ours, variables, batches, weights)
+        theirs_out, theirs_stats = _run_steps(theirs, variables, batches, weights)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=1e-10, atol=1e-10)
+        # scale/bias gradients are sums of ~100 terms of either sign: absolute tolerance
+        grad_tol = dict(rtol=1e-5, atol=2e-4) if dtype == jnp.float32 else tol
+        for (y, *grads), (y_ref, *grads_ref) in zip(ours_out, theirs_out):
+            np.testing.assert_allclose(y, y_ref, **tol)
+            assert y.dtype == y_ref.dtype
+            jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, **grad_tol), grads, grads_ref)
+        # flax stores batch_stats in float32 even under x64 (force_float32_reductions), as
+        # does jaxbn; flax's update then silently promotes them to float64, jaxbn's keeps
+        # the stored dtype, so the running statistics agree to float32 precision.
+        assert ours_stats["mean"].dtype == variables["batch_stats"]["mean"].dtype
+        for key in ("mean", "var"):
+            np.testing.assert_allclose(ours_stats[key], theirs_stats[key], rtol=1e-5, atol=1e-6)
+        eval_vars = {**variables, "batch_stats": ours_stats}
+        y_ours = ours.apply(eval_vars, batches[0], use_running_average=True)
+        y_theirs = theirs.apply(eval_vars, batches[0], use_running_average=True)
+        # flax takes rsqrt of the float32 running variance in float32; jaxbn in the input's dtype
+        np.testing.assert_allclose(y_ours, y_theirs, rtol=1e-5, atol=1e-5)
+        y_eval_ref = reference.normalize(
+            batches[0], ours_stats["mean"], ours_stats["var"],
+            variables.get("params", {}).get("scale"), variables.get("params", {}).get("bias"), axis,
+        )
+        np.testing.assert_allclose(y_ours, y_eval_ref, **tol)
+        # and both against float64 NumPy
+        mean, var = reference.batch_stats(batches[-1], axis=axis)
+        scale = variables.get("params", {}).get("scale")
+        bias = variables.get("params", {}).get("bias")
+        np.testing.assert_allclose(
+            ours_out[-1][0], reference.normalize(batches[-1], mean, var, scale, bias, axis), **tol
+        )
+
+
+def test_checkpoints_swap_both_ways():
+    """Variables from flax's init apply in jaxbn's module and vice versa, with equal results."""
+    x = jnp.asarray(RNG.normal(size=(8, 5)) + 1.0, jnp.float32)
+    flax_vars = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+    ours_vars = jaxbn.linen.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, flax_vars, ours_vars)
+    assert jax.tree_util.tree_map(lambda a: a.dtype, flax_vars) == jax.tree_util.tree_map(lambda a: a.dtype, ours_vars)
+    _, flax_updates = nn.BatchNorm(use_running_average=False, use_fast_variance=False).apply(
+        flax_vars, x, mutable=["batch_stats"]
+    )
+    y = jaxbn.linen.BatchNorm(use_running_average=True).apply({**flax_vars, **flax_updates}, x)
+    y_flax = nn.BatchNorm(use_running_average=True).apply({**flax_vars, **flax_updates}, x)
+    np.testing.assert_allclose(y, y_flax, rtol=1e-6)
+
+
+def test_init_neither_syncs_nor_updates():
+    """init leaves batch_stats at (0, 1), needs no bound axis_name, and accepts a batch of one."""
+    module = jaxbn.linen.BatchNorm(use_running_average=False, axis_name="batch")
+    variables = module.init(jax.random.key(0), jnp.ones((4, 3)) * 7)
+    np.testing.assert_array_equal(variables["batch_stats"]["mean"], np.zeros(3))
+    np.testing.assert_array_equal(variables["batch_stats"]["var"], np.ones(3))
+    y, _ = jaxbn.linen.BatchNorm(use_running_average=False).init_with_output(jax.random.key(0), jnp.ones((1, 3)))
+    assert np.isfinite(np.asarray(y)).all()
+
+
+def test_call_argument_overrides_field_as_in_flax():
+    """use_running_average comes from the field or the call, and must be given exactly once."""
+    x = jnp.asarray(RNG.normal(size=(6, 2)), jnp.float32)
+    module = jaxbn.linen.BatchNorm()
+    variables = module.init(jax.random.key(0), x, use_running_average=True)
+    y_eval = module.apply(variables, x, use_running_average=True)
+    np.testing.assert_allclose(y_eval, x / np.sqrt(1 + 1e-5), rtol=1e-6)
+    with pytest.raises(ValueError, match="use_running_average"):
+        module.apply(variables, x)
+
+
+def test_mask_and_guard_reach_the_module():
+    """mask= and the non-finite guard work through the module."""
+    x = np.asarray(RNG.normal(size=(8, 3)), np.float32)
+    module = jaxbn.linen.BatchNorm(use_running_average=False, momentum=0.0)
+    variables = module.init(jax.random.key(0), x)
+    mask = (np.arange(8) < 5)[:, None]
+    _, updates = module.apply(variables, x, mask=mask, mutable=["batch_stats"])
+    mean, var = reference.batch_stats(x[:5])
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], mean, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], var, rtol=1e-5)
+    x[0, 0] = np.nan
+    _, updates = module.apply(variables, x, mutable=["batch_stats"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, updates["batch_stats"], variables["batch_stats"])
+
+
+def test_validation_reaches_the_module():
+    """Bad hyperparameters raise the functional core's errors from the module."""
+    x = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match="momentum must lie"):
+        jaxbn.linen.BatchNorm(use_running_average=False, momentum=1.1).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="epsilon"):
+        jaxbn.linen.BatchNorm(use_running_average=True, epsilon=0).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="out of range"):
+        jaxbn.linen.BatchNorm(use_running_average=True, axis=3).init(jax.random.key(0), x)
+
+
+class _SmallCNN(nn.Module):
+    norm: type
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Conv(8, (3, 3))(x)
+        x = self.norm(use_running_average=not train, momentum=0.9)(x)
+        x = nn.relu(x)
+        x = nn.Conv(4, (3, 3), use_bias=False)(x)
+        x = self.norm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(2)(jnp.mean(x, (1, 2)))
+
+
+def test_swapping_the_import_in_a_model_keeps_everything():
+    """A CNN with jaxbn's BatchNorm has flax's variable tree and trains to the same numbers."""
+    x = jnp.asarray(RNG.normal(size=(4, 6, 6, 2)), jnp.float32)
+    ours, theirs = _SmallCNN(jaxbn.linen.BatchNorm), _SmallCNN(
+        lambda **kw: nn.BatchNorm(use_fast_variance=False, **kw)
+    )
+    variables = theirs.init(jax.random.key(0), x, train=False)
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
+        ours.init(jax.random.key(0), x, train=False)
+    )
+    out_ours, upd_ours = jax.jit(lambda v, x: ours.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
+    out_theirs, upd_theirs = theirs.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(out_ours, out_theirs, rtol=1e-5, atol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), upd_ours, upd_theirs)

@@ -1,0 +1,169 @@
+"""jaxbn.stats.moments on one device: exactness, dtypes, masks, large offsets, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.linen import normalization as flax_normalization
+
+from jaxbn import stats
+from tests import reference
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize(
+    "dtype, rtol",
+    [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-6), (jnp.float16, 1e-6), (jnp.float64, 1e-12)],
+)
+@pytest.mark.parametrize("axes", [(0, 1, 2), (0, 2, 3), 0])
+def test_moments_match_float64_reference(dtype, rtol, axes):
+    """Mean/var equal float64 statistics of the same (rounded) input values."""
+    with jax.enable_x64(dtype == jnp.float64):
+        x = jnp.asarray(RNG.normal(size=(6, 5, 4, 3)) * 3 + 2, dtype)
+        values = np.asarray(x.astype(jnp.float32) if dtype != jnp.float64 else x, np.float64)
+        m = stats.moments(x, axes)
+        axes_t = (axes,) if isinstance(axes, int) else axes
+        np.testing.assert_allclose(m.mean, values.mean(axes_t), rtol=rtol, atol=rtol)
+        np.testing.assert_allclose(m.var, values.var(axes_t), rtol=rtol * 10)
+        np.testing.assert_array_equal(m.count, np.prod([x.shape[a] for a in axes_t]))
+        expected_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
+        assert m.mean.dtype == m.var.dtype == m.count.dtype == expected_dtype
+
+
+def test_mask_counts_and_statistics_match_reference():
+    """Masked moments use only the valid elements; counts are per feature."""
+    x = RNG.normal(size=(10, 4)).astype(np.float32)
+    mask = RNG.random((10, 4)) < 0.6
+    m = stats.moments(jnp.asarray(x), 0, mask=mask)
+    mean, var = reference.batch_stats(x, axis=-1, mask=mask)
+    np.testing.assert_allclose(m.mean, mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(m.var, var, rtol=1e-5)
+    np.testing.assert_array_equal(m.count, mask.sum(0))
+
+
+def test_masked_out_nan_does_not_reach_statistics():
+    """NaN/Inf padding at masked positions does not poison the statistics."""
+    x = np.ones((4, 2), np.float32)
+    x[0, 0], x[1, 1] = np.nan, np.inf
+    mask = np.array([[False], [False], [True], [True]])
+    m = stats.moments(jnp.asarray(x), 0, mask=mask)
+    np.testing.assert_array_equal(m.mean, [1.0, 1.0])
+    np.testing.assert_array_equal(m.var, [0.0, 0.0])
+
+
+def test_empty_channel_has_zero_count_and_no_nan():
+    """A feature with no valid element: count 0, mean = shift, var 0, no NaN, finite grads."""
+    x = jnp.asarray(RNG.normal(size=(5, 3)), jnp.float32)
+    mask = jnp.array([[True, False, True]])
+    shift = jnp.array([0.5, 7.0, -1.0])
+    m = stats.moments(x, 0, mask=mask, shift=shift)
+    assert float(m.count[1]) == 0.0
+    assert float(m.mean[1]) == 7.0 and float(m.var[1]) == 0.0
+    grad = jax.grad(lambda x: jnp.sum(stats.moments(x, 0, mask=jnp.zeros((1, 3), bool)).var))(x)
+    assert np.isfinite(np.asarray(grad)).all()
+
+
+@pytest.mark.parametrize("offset", [1e2, 1e3, 1e4, 1e5])
+@pytest.mark.parametrize("shift", ["none", "running_mean"])
+def test_large_offset_variance_is_exact(offset, shift):
+    """float32 at mean `offset`, std 1: variance within 1e-5 of float64 with a poor or good shift.
+
+    flax's default (E[x^2] - E[x]^2) is printed beside it for the record.
+    """
+    x = (RNG.normal(size=(32, 4, 4, 8)) + offset * RNG.uniform(0.5, 1.5, size=8)).astype(np.float32)
+    mean64, var64 = reference.batch_stats(x)
+    good_shift = (mean64 + RNG.normal(size=8) * 0.3).astype(np.float32)  # a lagging running mean
+    m = stats.moments(jnp.asarray(x), (0, 1, 2), shift=None if shift == "none" else good_shift)
+    error = np.abs(np.asarray(m.var, np.float64) / var64 - 1).max()
+    _, flax_var = flax_normalization._compute_stats(jnp.asarray(x), (0, 1, 2), dtype=None)
+    flax_error = np.abs(np.asarray(flax_var, np.float64) / var64 - 1).max()
+    print(f"offset {offset:g}: jaxbn var rel. error {error:.2e}, flax default {flax_error:.2e}")
+    assert error <= 1e-5
+    # the mean is kept as shift + offset so that normalization can avoid its rounding
+    centered = np.asarray(m.mean_minus_shift, np.float64) + np.asarray(m.shift, np.float64)
+    np.testing.assert_allclose(centered, mean64, rtol=1e-6)
+
+
+def test_bfloat16_offset_statistics_in_float32():
+    """bfloat16 at offset 1e2: statistics (in float32) match float64 stats of the bf16 values."""
+    x = jnp.asarray(RNG.normal(size=(64, 16)) + 100.0, jnp.bfloat16)
+    values = np.asarray(x.astype(jnp.float32), np.float64)
+    m = stats.moments(x, 0)
+    assert m.var.dtype == jnp.float32
+    np.testing.assert_allclose(m.var, values.var(0), rtol=1e-5)
+    np.testing.assert_allclose(m.mean, values.mean(0), rtol=1e-6)
+
+
+def test_gradients_match_two_pass_reference():
+    """d(mean)/dx and d(var)/dx equal those of the plain two-pass formulas, shift or not."""
+    x = jnp.asarray(RNG.normal(size=(16, 3)) + 50, jnp.float32)
+
+    def plain(x):
+        mean = x.mean(0)
+        return jnp.sum(mean * jnp.arange(3.0)) + jnp.sum(((x - mean) ** 2).mean(0) * jnp.arange(1.0, 4.0))
+
+    def ours(x, shift):
+        m = stats.moments(x, 0, shift=shift)
+        return jnp.sum(m.mean * jnp.arange(3.0)) + jnp.sum(m.var * jnp.arange(1.0, 4.0))
+
+    expected = jax.grad(plain)(x)
+    for shift in (None, jnp.full((3,), 50.0)):
+        np.testing.assert_allclose(jax.grad(ours)(x, shift), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cross_device_sum_is_one_psum_under_vmap():
+    """Stacked values are summed over the named axis; without a name they pass through."""
+    a = jnp.arange(4.0)
+    summed = jax.vmap(lambda v: stats.cross_device_sum([v, -v], "d"), axis_name="d")(a)
+    np.testing.assert_array_equal(summed[0], [6.0] * 4)
+    np.testing.assert_array_equal(summed[1], [-6.0] * 4)
+    assert stats.cross_device_sum([a], None)[0] is a
+    jaxpr = jax.make_jaxpr(jax.vmap(lambda v: stats.cross_device_sum([v, v, v], "d"), axis_name="d"))(a)
+    assert str(jaxpr).count("psum") == 1
+
+
+def test_moments_under_vmap_axis_name_equals_global():
+    """moments with the vmap axis as device axis equals moments of the concatenated batch."""
+    x = jnp.asarray(RNG.normal(size=(4, 5, 3)) + 1e3, jnp.float32)
+    m = jax.vmap(lambda v: stats.moments(v, 0, axis_name="d"), axis_name="d")(x)
+    whole = stats.moments(x.reshape(20, 3), 0)
+    np.testing.assert_allclose(m.mean[0], whole.mean, rtol=1e-7)
+    np.testing.assert_allclose(m.var[0], whole.var, rtol=1e-5)
+    np.testing.assert_array_equal(m.count[0], [20.0] * 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(axes=4), ValueError, "out of range"),
+        (dict(axes=(0, -3)), ValueError, "same axis twice"),
+        (dict(axes=()), ValueError, "at least one axis"),
+        (dict(axes=0.5), TypeError, "int or a sequence"),
+        (dict(axes=0, mask=np.ones((3,), bool)), ValueError, "does not broadcast"),
+        (dict(axes=0, shift=np.zeros(5)), ValueError, "shift of shape"),
+        (dict(axes=0, dtype=jnp.int32), TypeError, "floating dtype"),
+        (dict(axes=0, axis_name="batch"), ValueError, "not bound"),
+        (dict(axes=0, axis_index_groups=[[0]]), ValueError, "without axis_name"),
+    ],
+)
+def test_invalid_arguments_raise_at_trace_time(kwargs, error, message):
+    """Bad axes, masks, shifts, dtypes and axis names raise with a message that says why."""
+    x = jnp.ones((4, 2, 2), jnp.float32)
+    kwargs = dict(kwargs)
+    axes = kwargs.pop("axes")
+    with pytest.raises(error, match=message):
+        jax.jit(lambda x: stats.moments(x, axes, **kwargs)).lower(x)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_non_floating_input_is_a_type_error(dtype):
+    """Integer and boolean inputs are refused with the fix in the message."""
+    with pytest.raises(TypeError, match="floating dtype.*astype"):
+        stats.moments(jnp.ones((4, 2), dtype), 0)
+
+
+def test_unbound_axis_name_says_how_to_fix():
+    """The error for an unbound axis name points at shard_map/pmap and at axis_name=None."""
+    with pytest.raises(ValueError, match=r"shard_map.*pmap.*axis_name=None"):
+        stats.moments(jnp.ones((4, 2)), 0, axis_name="data")
