@@ -42,3 +42,23 @@ def batch_norm_steps(batches, momentum=0.99, epsilon=1e-5, axis=-1, scale=None, 
         mean_state = momentum * mean_state + (1 - momentum) * mean
         var_state = momentum * var_state + (1 - momentum) * var
     return outputs, {"mean": mean_state, "var": var_state}
+
+
+def batch_norm_grads(x, w, scale, axis=-1, epsilon=1e-5):
+    """Float64 gradients of ``sum(w * batch_norm(x))`` w.r.t. x, scale and bias.
+
+    With ``r = 1/sqrt(var + eps)``, ``xhat = (x - mean) r`` and ``g = w * scale``:
+    ``dx = r (g - mean(g) - xhat mean(g xhat))``, ``dscale = sum(w xhat)``,
+    ``dbias = sum(w)``, the means and sums over every axis but ``axis``.
+    """
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    axis = axis % x.ndim
+    reduce_axes = tuple(i for i in range(x.ndim) if i != axis)
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    mean, var = batch_stats(x, axis)
+    r = (1.0 / np.sqrt(var + epsilon)).reshape(shape)
+    xhat = (x - mean.reshape(shape)) * r
+    g = w * np.asarray(scale, np.float64).reshape(shape)
+    dx = r * (g - g.mean(reduce_axes, keepdims=True) - xhat * (g * xhat).mean(reduce_axes, keepdims=True))
+    return dx, (w * xhat).sum(reduce_axes), w.sum(reduce_axes)

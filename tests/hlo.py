@@ -1,0 +1,142 @@
+"""Count collectives in compiled HLO text, so tests can pin communication.
+
+A compiled executable's text (``jax.jit(f).lower(*args).compile().as_text()``,
+likewise for ``jax.pmap``) is a list of computations::
+
+    %region_2.0 (a: f32[], b: f32[]) -> f32[] {
+      ...
+    }
+    ENTRY %main (p: f32[1,4]) -> f32[1,4] {
+      %psum.14 = f32[4]{0} all-reduce(%bitcast), ..., to_apply=%region_2.0
+      %cond = (f32[4]{0}) conditional(%p, %t, %f), branch_computations={%a, %b}
+    }
+
+:func:`count_collectives` starts at the ENTRY computation and follows the
+computations an instruction calls unconditionally (``calls=``, ``to_apply=``,
+``body=``, ``condition=``, ``called_computations=``) but, unless asked, not the
+branches of a ``conditional`` (``branch_computations=``, ``true_computation=``,
+``false_computation=``): what it counts is what every execution runs. Each
+reachable computation is counted once, so this is a static count of
+instructions, and an async pair (``all-reduce-start`` / ``all-reduce-done``, or
+``async-start`` / ``async-done`` sharing a wrapped computation) counts as one.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+__all__ = ["compiled_text", "count_collectives", "count_in_branches", "parse_computations"]
+
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*)$")
+_OPCODE = re.compile(r"\s*([a-z][a-z0-9\-]*)\(")
+_NAMES = r"(%?[\w.\-]+|\{[^}]*\})"
+_CALL_EDGES = re.compile(r"\b(?:calls|to_apply|body|condition|called_computations)=" + _NAMES)
+_BRANCH_EDGES = re.compile(r"\b(?:branch_computations|true_computation|false_computation)=" + _NAMES)
+
+
+def compiled_text(fn: Any, *args: Any) -> str:
+    """The optimized HLO text of ``fn`` (a ``jax.jit``/``jax.pmap`` object) for ``args``."""
+    return fn.lower(*args).compile().as_text()
+
+
+def _opcode(rest: str) -> str | None:
+    """The opcode of an instruction's right-hand side ``TYPE OPCODE(operands), attrs``."""
+    rest = rest.lstrip()
+    if rest.startswith("("):  # a tuple type: skip to its matching parenthesis
+        depth = 0
+        for i, char in enumerate(rest):
+            depth += char == "("
+            depth -= char == ")"
+            if depth == 0:
+                rest = rest[i + 1 :]
+                break
+    else:  # an array type such as f32[2,3]{1,0} has no spaces
+        parts = rest.split(None, 1)
+        rest = parts[1] if len(parts) == 2 else ""
+    match = _OPCODE.match(rest)
+    return match.group(1) if match else None
+
+
+def _names(group: str) -> list[str]:
+    return [name.strip().lstrip("%") for name in group.strip("{}").split(",") if name.strip()]
+
+
+def parse_computations(hlo_text: str) -> tuple[str, dict[str, list[tuple[str | None, str]]]]:
+    """Splits HLO text into computations.
+
+    Returns:
+      ``(entry_name, computations)`` where ``computations`` maps a name to its
+      instructions as ``(opcode, text after '=')`` pairs.
+
+    Raises:
+      ValueError: when the text has no ENTRY computation.
+    """
+    computations: dict[str, list[tuple[str | None, str]]] = {}
+    entry = None
+    current = None
+    for line in hlo_text.splitlines():
+        if current is None:
+            header = _HEADER.match(line)
+            if header:
+                current = header.group(2)
+                computations[current] = []
+                if header.group(1):
+                    entry = current
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        instruction = _INSTRUCTION.match(line)
+        if instruction:
+            rest = instruction.group(1)
+            computations[current].append((_opcode(rest), rest))
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text; pass compiled HLO text.")
+    return entry, computations
+
+
+def _reachable(entry: str, computations: dict, include_branches: bool) -> set[str]:
+    edges = [_CALL_EDGES] + ([_BRANCH_EDGES] if include_branches else [])
+    seen, stack = set(), [entry]
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in computations:
+            continue
+        seen.add(name)
+        for _, rest in computations[name]:
+            for pattern in edges:
+                for group in pattern.findall(rest):
+                    stack.extend(_names(group))
+    return seen
+
+
+def count_collectives(hlo_text: str, op: str = "all-reduce", include_branches: bool = False) -> int:
+    """Counts ``op`` instructions reachable from ENTRY in compiled HLO text.
+
+    Args:
+      hlo_text: the text of a compiled executable.
+      op: the collective's opcode: ``all-reduce``, ``all-gather``,
+        ``reduce-scatter``, ``collective-permute``, ``all-to-all``. Its async
+        form ``op-start`` counts too (``op-done`` does not: one per pair).
+      include_branches: also follow the branches of ``conditional``
+        instructions (code that only some executions run).
+
+    Returns:
+      The number of such instructions, each reachable computation counted once.
+    """
+    entry, computations = parse_computations(hlo_text)
+    wanted = {op, op + "-start"}
+    return sum(
+        opcode in wanted
+        for name in _reachable(entry, computations, include_branches)
+        for opcode, _ in computations[name]
+    )
+
+
+def count_in_branches(hlo_text: str, op: str = "all-reduce") -> int:
+    """Counts ``op`` instructions reachable only through ``conditional`` branches."""
+    return count_collectives(hlo_text, op, include_branches=True) - count_collectives(
+        hlo_text, op, include_branches=False
+    )

@@ -1,0 +1,494 @@
+"""Batch norm across 8 forced CPU devices: pmap, shard_map and jit with shardings.
+
+Every distributed result is compared with the single-device result on the
+global batch and with a float64 NumPy reference. Compiled functions are built
+once per configuration (``functools.cache``) and shared between tests, since
+compiling for 8 devices dominates this file's runtime.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxbn
+import jaxbn.linen
+from jaxbn import stats
+from tests import hlo, reference
+
+N_DEVICES = 8
+if jax.device_count() < N_DEVICES:
+    pytest.skip(
+        f"needs {N_DEVICES} devices (conftest.py forces 8 CPU devices), got {jax.device_count()}",
+        allow_module_level=True,
+    )
+
+MESH = jax.make_mesh((N_DEVICES,), ("i",))
+BATCH = NamedSharding(MESH, P("i"))
+MOMENTUM = 0.9
+EPSILON = 1e-5
+KINDS = ["pmap", "shard_map", "jit_sharded"]
+# (feature axis, global input shape): NHWC and NCHW, 2 examples per device.
+LAYOUTS = {"NHWC": (-1, (16, 3, 3, 4)), "NCHW": (1, (16, 4, 3, 3))}
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+def _per_device(a):
+    """(global batch, ...) -> (devices, local batch, ...) for pmap."""
+    a = np.asarray(a) if not isinstance(a, jax.Array) else a
+    return a.reshape((N_DEVICES, a.shape[0] // N_DEVICES) + a.shape[1:])
+
+
+def _global(a):
+    """(devices, local batch, ...) -> (global batch, ...)."""
+    return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
+
+
+def _forward_backward(x, params, state, w, *, axis, axis_name):
+    """Training batch norm and the gradient of ``sum(w * y)`` (this device's loss)."""
+
+    def loss(x, params):
+        y, new_state = jaxbn.batch_norm(
+            x, params, state, training=True, axis=axis, momentum=MOMENTUM, epsilon=EPSILON,
+            axis_name=axis_name,
+        )
+        return jnp.sum(w * y), (y, new_state)
+
+    (_, (y, new_state)), (dx, dparams) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, params)
+    return y, new_state, dx, dparams
+
+
+@functools.cache
+def _train_step(kind, axis):
+    """``(x, params, state, w) -> (y, new_state, dx, dparams)`` on global arrays.
+
+    ``new_state`` gains a leading device axis for pmap (one copy per device).
+    Parameter gradients: under pmap each device differentiates its own loss,
+    so its ``dparams`` are its local contribution and the global gradient is
+    their sum over devices; under shard_map the parameters are replicated
+    inputs (``P()``), so autodiff already sums their cotangents over devices
+    (the transpose of the implicit broadcast is a psum) and every device holds
+    the global gradient. ``dx`` needs no sum in either: the psum inside batch
+    norm transposes to a psum, so each device gets d(sum of all losses)/dx.
+    """
+    if kind == "single":
+        return jax.jit(functools.partial(_forward_backward, axis=axis, axis_name=None))
+    if kind == "jit_sharded":
+        # Plain jit over a batch-sharded input: axis_name=None, XLA reduces globally.
+        step = jax.jit(functools.partial(_forward_backward, axis=axis, axis_name=None))
+        return lambda x, p, s, w: step(jax.device_put(x, BATCH), p, s, jax.device_put(w, BATCH))
+    local = functools.partial(_forward_backward, axis=axis, axis_name="i")
+    if kind == "pmap":
+        step = jax.pmap(local, axis_name="i", in_axes=(0, None, None, 0))
+
+        def run(x, p, s, w):
+            y, new_state, dx, dparams = step(_per_device(x), p, s, _per_device(w))
+            return _global(y), new_state, _global(dx), jax.tree.map(lambda g: g.sum(0), dparams)
+
+        return run
+    step = jax.jit(
+        jax.shard_map(
+            local, mesh=MESH, in_specs=(P("i"), P(), P(), P("i")), out_specs=(P("i"), P(), P("i"), P())
+        )
+    )
+    return lambda x, p, s, w: step(jax.device_put(x, BATCH), p, s, jax.device_put(w, BATCH))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_synchronized_batch_norm_equals_global_batch(kind, layout):
+    """pmap/shard_map/jit-sharded outputs, state and gradients equal the global batch's."""
+    axis, shape = LAYOUTS[layout]
+    rng = _rng(1)
+    channels = shape[axis]
+    x = (rng.normal(size=shape) * 2 + 1).astype(np.float32)
+    w = rng.normal(size=shape).astype(np.float32)
+    params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32),
+              "bias": jnp.asarray(rng.normal(size=channels), jnp.float32)}
+    state = {"mean": jnp.asarray(rng.normal(size=channels), jnp.float32),
+             "var": jnp.asarray(rng.uniform(0.5, 2, channels), jnp.float32)}
+
+    y1, state1, dx1, dp1 = _train_step("single", axis)(x, params, state, w)
+    y, new_state, dx, dparams = _train_step(kind, axis)(x, params, state, w)
+
+    # Float64 reference for the single-device result.
+    mean, var = reference.batch_stats(x, axis)
+    np.testing.assert_allclose(
+        y1, reference.normalize(x, mean, var, params["scale"], params["bias"], axis, EPSILON), atol=2e-5
+    )
+    np.testing.assert_allclose(state1["mean"], MOMENTUM * np.asarray(state["mean"]) + (1 - MOMENTUM) * mean,
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(state1["var"], MOMENTUM * np.asarray(state["var"]) + (1 - MOMENTUM) * var,
+                               rtol=1e-6)
+    ref_dx, ref_dscale, ref_dbias = reference.batch_norm_grads(x, w, params["scale"], axis, EPSILON)
+    np.testing.assert_allclose(dx1, ref_dx, atol=2e-5)
+    np.testing.assert_allclose(dp1["scale"], ref_dscale, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dp1["bias"], ref_dbias, rtol=1e-5, atol=1e-5)
+
+    # The distributed result equals the single-device one (and so the reference).
+    if kind == "jit_sharded":
+        assert len(y.sharding.device_set) == N_DEVICES and not y.sharding.is_fully_replicated
+    np.testing.assert_allclose(y, y1, atol=1e-5)
+    np.testing.assert_allclose(dx, dx1, atol=1e-5)
+    for key in ("scale", "bias"):
+        np.testing.assert_allclose(dparams[key], dp1[key], rtol=1e-5, atol=1e-5)
+    for key in ("mean", "var"):
+        expected = np.broadcast_to(state1[key], np.shape(new_state[key]))  # per device under pmap
+        np.testing.assert_allclose(new_state[key], expected, rtol=1e-6, atol=1e-7)
+
+
+def _masked_forward(x, mask, params, state, *, axis_name):
+    return jaxbn.batch_norm(
+        x, params, state, training=True, axis=-1, momentum=MOMENTUM, epsilon=EPSILON, axis_name=axis_name,
+        mask=mask,
+    )
+
+
+@functools.cache
+def _masked_step(kind):
+    """``(x, mask, params, state) -> (y, per-device new states)`` on global arrays, NHWC."""
+    local = functools.partial(_masked_forward, axis_name="i")
+    if kind == "pmap":
+        step = jax.pmap(local, axis_name="i", in_axes=(0, 0, None, None))
+
+        def run(x, mask, p, s):
+            y, new_state = step(_per_device(x), _per_device(mask), p, s)
+            return _global(y), new_state
+
+        return run
+    step = jax.jit(
+        jax.shard_map(local, mesh=MESH, in_specs=(P("i"), P("i"), P(), P()), out_specs=(P("i"), P()))
+    )
+
+    def run(x, mask, p, s):
+        y, new_state = step(jax.device_put(x, BATCH), jax.device_put(mask, BATCH), p, s)
+        # out_specs P() checks the state is replicated; give it pmap's per-device form.
+        return y, jax.tree.map(lambda a: np.broadcast_to(a, (N_DEVICES,) + a.shape), new_state)
+
+    return run
+
+
+def _masked_data(seed, local_batch=8):
+    """Global NHWC input where device d's examples are offset by d, and junk (1e3) padding."""
+    rng = _rng(seed)
+    shape = (N_DEVICES * local_batch, 2, 3)
+    x = rng.normal(size=shape) + np.repeat(np.arange(N_DEVICES), local_batch)[:, None, None]
+    params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 3), jnp.float32),
+              "bias": jnp.asarray(rng.normal(size=3), jnp.float32)}
+    state = {"mean": jnp.asarray(rng.normal(size=3), jnp.float32),
+             "var": jnp.asarray(rng.uniform(0.5, 2, 3), jnp.float32)}
+    return x, params, state
+
+
+def _expected_state(state, mean, var):
+    return {"mean": MOMENTUM * np.asarray(state["mean"], np.float64) + (1 - MOMENTUM) * mean,
+            "var": MOMENTUM * np.asarray(state["var"], np.float64) + (1 - MOMENTUM) * var}
+
+
+@pytest.mark.parametrize("kind", ["pmap", "shard_map"])
+def test_uneven_masked_counts_give_global_statistics(kind):
+    """Device i with i+1 valid examples: state and outputs use the statistics of all valid elements."""
+    local_batch = 8
+    x, params, state = _masked_data(2, local_batch)
+    valid = np.concatenate([np.arange(local_batch) <= d for d in range(N_DEVICES)])  # 1..8 valid
+    mask = valid[:, None, None]
+    x = np.where(mask, x, 1e3).astype(np.float32)  # padding that must not count
+
+    mean, var = reference.batch_stats(x, -1, mask=np.broadcast_to(mask, x.shape))
+    # The data distinguishes count weighting from averaging per-device means.
+    per_device_means = [x[d * local_batch : d * local_batch + d + 1].mean((0, 1)) for d in range(N_DEVICES)]
+    assert np.all(np.abs(np.mean(per_device_means, 0) - mean) > 0.5)
+
+    y, new_state = _masked_step(kind)(x, mask, params, state)
+    expected = _expected_state(state, mean, var)
+    for key in ("mean", "var"):
+        np.testing.assert_allclose(new_state[key], np.broadcast_to(expected[key], (N_DEVICES, 3)), rtol=1e-6,
+                                   atol=1e-6)
+    # Every element is normalized with the global statistics, padding included.
+    y_ref = reference.normalize(x, mean, var, params["scale"], params["bias"], -1, EPSILON)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["pmap", "shard_map"])
+def test_fully_masked_devices_do_not_produce_nan(kind):
+    """A fully masked device gives no NaN and the others' statistics; all masked keeps the state."""
+    local_batch = 8  # the shapes of the test above: its compiled functions are reused
+    x, params, state = _masked_data(3, local_batch)
+    x = x.astype(np.float32)
+    mask = np.ones((N_DEVICES * local_batch, 1, 1), bool)
+    empty = 3
+    mask[empty * local_batch : (empty + 1) * local_batch] = False
+    run = _masked_step(kind)
+
+    y, new_state = run(x, mask, params, state)
+    others = np.delete(x, np.s_[empty * local_batch : (empty + 1) * local_batch], axis=0)
+    mean, var = reference.batch_stats(others, -1)
+    expected = _expected_state(state, mean, var)
+    assert np.all(np.isfinite(y))
+    for key in ("mean", "var"):
+        assert np.all(np.isfinite(new_state[key]))
+        np.testing.assert_allclose(new_state[key], np.broadcast_to(expected[key], (N_DEVICES, 3)), rtol=1e-6,
+                                   atol=1e-6)
+    np.testing.assert_allclose(
+        y, reference.normalize(x, mean, var, params["scale"], params["bias"], -1, EPSILON), rtol=1e-5, atol=1e-4
+    )
+
+    y, new_state = run(x, np.zeros_like(mask), params, state)
+    assert np.all(np.isfinite(y))
+    for key in ("mean", "var"):
+        np.testing.assert_array_equal(new_state[key], np.broadcast_to(state[key], (N_DEVICES, 3)))
+
+
+@functools.cache
+def _pmap_forward(training=True, axis_name="i"):
+    """pmapped unmasked batch norm ``(x, params, state) -> (y, new_state)``, NHWC."""
+    return jax.pmap(
+        lambda x, p, s: jaxbn.batch_norm(x, p, s, training=training, momentum=MOMENTUM, axis_name=axis_name),
+        axis_name="i", in_axes=(0, None, None),
+    )
+
+
+def test_nan_on_one_device_keeps_state_on_every_device():
+    """A NaN in one example on one device leaves the running statistics unchanged everywhere."""
+    rng = _rng(4)
+    x = rng.normal(size=(N_DEVICES, 2, 3, 4)).astype(np.float32)
+    params, state = jaxbn.batch_norm_init(4)
+    step = _pmap_forward()
+
+    _, clean_state = step(x, params, state)
+    assert not np.allclose(clean_state["mean"], state["mean"])  # a finite batch does update
+
+    x[5, 1, 2, 0] = np.nan
+    y, new_state = step(x, params, state)
+    assert np.isnan(np.asarray(y)).any()  # the output is what the input deserves
+    for key in ("mean", "var"):
+        np.testing.assert_array_equal(new_state[key], np.broadcast_to(state[key], (N_DEVICES, 4)))
+
+
+def _replicated(tree):
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (N_DEVICES,) + a.shape), tree)
+
+
+def test_hlo_counter_on_hand_made_functions():
+    """tests/hlo.py counts collectives outside/inside conditionals, in loops, and async pairs once."""
+
+    def f(x):
+        total = lax.psum(x, "i")  # unconditional
+        y = lax.cond(total.sum() > 0, lambda: lax.psum(2 * x, "i"), lambda: x)  # in a branch
+        trips = (total[0] > 100).astype(jnp.int32) + 3  # not static: stays a while loop
+        return lax.fori_loop(0, trips, lambda _, c: lax.psum(c, "i") / 8, y)  # in a loop body
+
+    text = hlo.compiled_text(jax.pmap(f, axis_name="i"), jnp.ones((N_DEVICES, 4)))
+    assert " while(" in text and " conditional(" in text
+    assert hlo.count_collectives(text) == 2
+    assert hlo.count_in_branches(text) == 1
+    assert hlo.count_collectives(text, include_branches=True) == 3
+    assert hlo.count_collectives(text, op="all-gather") == 0
+
+    hand_made = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%true_branch (t: (f32[2], f32[])) -> (f32[2], f32[]) {
+  %t = (f32[2]{0}, f32[]) parameter(0)
+  %g = f32[2]{0} get-tuple-element(%t), index=0
+  %ar = f32[2]{0} all-reduce(%g), replica_groups={}, to_apply=%add
+  ROOT %out = (f32[2]{0}, f32[]) tuple(%ar, %ar)
+}
+
+ENTRY %main (p: f32[2], q: pred[]) -> (f32[2], f32[]) {
+  %p = f32[2]{0} parameter(0)
+  %q = pred[] parameter(1)
+  %start = ((f32[2]{0}, f32[]), f32[2]{0}) all-reduce-start(%p, %p), to_apply=%add, metadata={op_name="all-reduce("}
+  %done = f32[2]{0} all-reduce-done(%start)
+  %tup = (f32[2]{0}, f32[]) tuple(%done, %done)
+  ROOT %c = (f32[2]{0}, f32[]) conditional(%q, %tup, %tup), true_computation=%true_branch, false_computation=%add
+}
+"""
+    assert hlo.count_collectives(hand_made) == 1
+    assert hlo.count_in_branches(hand_made) == 1
+    with pytest.raises(ValueError, match="ENTRY"):
+        hlo.count_collectives("HloModule empty")
+
+
+@pytest.mark.parametrize(
+    "case, outside, in_branches",
+    [
+        ("train_forward", 1, 1),
+        ("train_forward_backward", 2, 2),
+        ("train_masked_forward", 1, 1),
+        ("inference", 0, 0),
+        ("shard_map_train_forward", 1, 1),
+        ("linen_train_forward", 1, 1),
+    ],
+)
+def test_collectives_per_batch_norm_call(case, outside, in_branches):
+    """Compiled HLO: one all-reduce per direction in training, none in inference."""
+    # Every execution runs `outside` all-reduces (the stacked [count, S1, S2]
+    # psum forward, its transpose backward). A poor shift (the running mean more
+    # than ~2.6 std from the batch mean, e.g. the first step) runs the
+    # conditional branch that re-shifts and reduces again: one more all-reduce
+    # per direction, `in_branches`, only on the steps that need it.
+    x = jnp.ones((N_DEVICES, 4, 3))
+    params, state = jaxbn.batch_norm_init(3)
+    if case == "train_forward":
+        fn, args = _pmap_forward(), (x, params, state)
+    elif case == "inference":
+        fn, args = _pmap_forward(training=False), (x, params, state)
+    elif case == "train_masked_forward":
+        fn = jax.pmap(functools.partial(_masked_forward, axis_name="i"), axis_name="i", in_axes=(0, 0, None, None))
+        args = (x, jnp.ones((N_DEVICES, 4, 1), bool), params, state)
+    elif case == "train_forward_backward":
+
+        def loss(x, p, s):
+            y, _ = jaxbn.batch_norm(x, p, s, training=True, axis_name="i")
+            return jnp.sum(jnp.sin(y))
+
+        fn = jax.pmap(jax.grad(loss, argnums=(0, 1)), axis_name="i", in_axes=(0, None, None))
+        args = (x, params, state)
+    elif case == "shard_map_train_forward":
+        fn = jax.jit(jax.shard_map(
+            lambda x, p, s: jaxbn.batch_norm(x, p, s, training=True, axis_name="i"),
+            mesh=MESH, in_specs=(P("i"), P(), P()), out_specs=(P("i"), P()),
+        ))
+        args = (jax.device_put(_global(x), BATCH), params, state)
+    else:
+        module = jaxbn.linen.BatchNorm(use_running_average=False, axis_name="i")
+        variables = module.init(jax.random.key(0), x[0])
+        fn = jax.pmap(lambda v, x: module.apply(v, x, mutable=["batch_stats"]), axis_name="i", in_axes=(None, 0))
+        args = (variables, x)
+    lowered = fn.lower(*args)
+    text = lowered.compile().as_text()
+    assert hlo.count_collectives(text) == outside
+    assert hlo.count_in_branches(text) == in_branches
+    assert hlo.count_collectives(text, op="all-gather") == 0
+    # Before XLA optimizes: jaxbn itself emits one (stacked) psum per reduction.
+    # XLA's all-reduce combiner would merge separate independent psums, so only
+    # this count sees whether count, S1 and S2 really travel in one array.
+    assert lowered.as_text().count('"stablehlo.all_reduce"') == outside + in_branches
+
+
+STEPS = 50
+
+
+@functools.cache
+def _pmap_scan(momentum):
+    """pmapped ``lax.scan`` of training steps: ``(xs, params, state) -> (ys, states)``."""
+
+    def local(xs, params, state):
+        def step(state, x):
+            y, state = jaxbn.batch_norm(x, params, state, training=True, momentum=momentum, axis_name="i")
+            return state, (y, state)
+
+        return lax.scan(step, state, xs)[1]
+
+    return jax.pmap(local, axis_name="i", in_axes=(0, None, None))
+
+
+@pytest.mark.parametrize(
+    "dtype, param_dtype, means",
+    [
+        ("float32", "float32", (1e2, 1e3, 1e4, 1e5)),
+        ("bfloat16", "float32", (1e2,) * 4),
+        ("bfloat16", "bfloat16", (1e2,) * 4),
+    ],
+)
+def test_large_offsets_keep_variance_exact(dtype, param_dtype, means):
+    """Mean up to 1e5, std 1, 8 devices: batch variance within 1e-5 at step 1 and over 50 steps."""
+    # bfloat16 at 1e2 pins dtype handling and the output bound; it cannot catch
+    # cancellation: its values are multiples of 0.5, so even E[x^2] - E[x]^2 is
+    # exact in float32 for this batch size. The float32 case pins stability.
+    # momentum=0 makes the state the batch statistics themselves (0*old + 1*batch
+    # is exact), and makes each step's shift the previous batch's mean: step 1
+    # (running mean 0) takes the re-shift branch, steps 2..50 the one-all-reduce
+    # steady state. Both are asserted below from the float64 data.
+    rng = _rng(5)
+    channels = len(means)
+    shape = (N_DEVICES, STEPS, 4, 4, channels)  # 16 values per channel per device and step
+    xs = jnp.asarray(rng.normal(size=shape) + np.asarray(means), dtype)
+    x64 = np.asarray(xs.astype(jnp.float32), np.float64)  # the rounded values themselves
+    params, state = jaxbn.batch_norm_init(channels, dtype=param_dtype)
+    state = jax.tree.map(lambda a: a.astype(jnp.float32), state)
+
+    ys, states = _pmap_scan(0.0)(xs, params, state)
+    assert ys.dtype == jnp.result_type(dtype, param_dtype)
+
+    batch = np.moveaxis(x64, 1, 0).reshape(STEPS, -1, channels)  # step, all devices' values, channel
+    mean, var = batch.mean(1), batch.var(1)
+    shifts = np.concatenate([np.zeros((1, channels)), mean[:-1]])
+    amplification = ((batch - shifts[:, None]) ** 2).mean(1) / var
+    assert np.all(amplification[0] > stats.CANCELLATION_LIMIT)
+    assert np.all(amplification[1:] < stats.CANCELLATION_LIMIT)
+
+    for device in range(N_DEVICES):
+        var_jax = np.asarray(states["var"][device], np.float64)
+        rel = np.abs(var_jax - var) / var
+        assert rel[0].max() <= 1e-5, f"step 1 variance rel err {rel[0]}"
+        assert rel.max() <= 1e-5, f"variance rel err over {STEPS} steps: {rel.max(0)}"
+        np.testing.assert_allclose(states["mean"][device], mean, rtol=1e-6)
+
+    y_ref = (x64 - mean[None, :, None, None]) / np.sqrt(var[None, :, None, None] + 1e-5)
+    err = np.abs(np.asarray(ys, np.float64) - y_ref)
+    if ys.dtype == jnp.float32:
+        assert err[:, [0, -1]].max() <= 1e-4  # includes the 1e5 channel at steps 1 and 50
+        assert err.max() <= 1e-4
+    else:
+        # bfloat16 output: rounding to nearest costs at most half an ulp, 2^-8 |y|.
+        assert np.all(err <= 2.0**-8 * np.abs(y_ref) + 1e-4)
+
+
+def test_linen_module_under_pmap_equals_global_batch():
+    """jaxbn.linen.BatchNorm(axis_name='i') under pmap equals the module on the global batch, 3 steps."""
+    rng = _rng(6)
+    batches = [(rng.normal(size=(16, 3, 5)) * (i + 1) + 3 - i).astype(np.float32) for i in range(3)]
+    module = jaxbn.linen.BatchNorm(use_running_average=False, momentum=MOMENTUM, axis_name="i")
+    single_module = module.clone(axis_name=None)
+    variables = single_module.init(jax.random.key(0), batches[0])
+    params = variables["params"]
+
+    single = jax.jit(lambda p, s, x: single_module.apply({"params": p, "batch_stats": s}, x, mutable=["batch_stats"]))
+    pmapped = jax.pmap(
+        lambda p, s, x: module.apply({"params": p, "batch_stats": s}, x, mutable=["batch_stats"]),
+        axis_name="i", in_axes=(None, 0, 0),
+    )
+    ref_outputs, ref_state = reference.batch_norm_steps(batches, momentum=MOMENTUM, epsilon=EPSILON)
+    stats_single = variables["batch_stats"]
+    stats_devices = _replicated(variables["batch_stats"])
+    for x, y_ref in zip(batches, ref_outputs):
+        y1, updates1 = single(params, stats_single, x)
+        y, updates = pmapped(params, stats_devices, _per_device(x))
+        stats_single, stats_devices = updates1["batch_stats"], updates["batch_stats"]
+        np.testing.assert_allclose(y1, y_ref, atol=2e-5)
+        np.testing.assert_allclose(_global(y), y1, atol=1e-5)
+        for key in ("mean", "var"):
+            np.testing.assert_allclose(
+                stats_devices[key], np.broadcast_to(stats_single[key], (N_DEVICES, 5)), rtol=1e-6, atol=1e-6
+            )
+    for key in ("mean", "var"):
+        np.testing.assert_allclose(stats_single[key], ref_state[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("where", ["eager", "jit", "pmap_other_name"])
+def test_unbound_axis_name_raises(where):
+    """axis_name that no enclosing pmap/shard_map binds raises a ValueError saying how to bind it."""
+    params, state = jaxbn.batch_norm_init(3)
+    x = jnp.ones((N_DEVICES, 4, 3))
+
+    def call(x):
+        return jaxbn.batch_norm(x, params, state, training=True, axis_name="i")
+
+    fn = {"eager": call, "jit": jax.jit(call), "pmap_other_name": jax.pmap(call, axis_name="j")}[where]
+    with pytest.raises(ValueError, match=r"(?s)'i'.*shard_map.*pmap"):
+        fn(x)
