@@ -17,25 +17,22 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _is_concrete_number(value: Any) -> bool:
+def _static_float(value: Any, name: str, expected: str) -> float | None:
+    """``float(value)``, or None for a traced value that cannot be checked."""
     if isinstance(value, jax.core.Tracer):
-        return False
-    return isinstance(value, numbers.Real) or (
+        return None
+    is_number = isinstance(value, numbers.Real) or (
         isinstance(value, (np.ndarray, np.generic, jax.Array)) and np.ndim(value) == 0
     )
+    if not is_number or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be {expected}, got {value!r} of type {type(value).__name__}.")
+    return float(value)
 
 
 def check_momentum(momentum: Any) -> None:
     """Raises unless ``momentum`` lies in [0, 1] (flax's convention)."""
-    if not _is_concrete_number(momentum):
-        if isinstance(momentum, jax.core.Tracer):
-            return
-        raise TypeError(
-            f"momentum must be a real number in [0, 1], got {momentum!r} "
-            f"of type {type(momentum).__name__}."
-        )
-    value = float(momentum)
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
+    value = _static_float(momentum, "momentum", "a real number in [0, 1]")
+    if value is not None and not 0.0 <= value <= 1.0:  # also rejects NaN
         raise ValueError(
             f"momentum must lie in [0, 1], got {value}. jaxbn follows flax's "
             "convention new = momentum * old + (1 - momentum) * batch, so the "
@@ -45,15 +42,8 @@ def check_momentum(momentum: Any) -> None:
 
 def check_epsilon(epsilon: Any) -> None:
     """Raises unless ``epsilon`` is a finite number > 0."""
-    if not _is_concrete_number(epsilon):
-        if isinstance(epsilon, jax.core.Tracer):
-            return
-        raise TypeError(
-            f"epsilon must be a positive real number, got {epsilon!r} "
-            f"of type {type(epsilon).__name__}."
-        )
-    value = float(epsilon)
-    if not (value > 0.0 and np.isfinite(value)):
+    value = _static_float(epsilon, "epsilon", "a positive real number")
+    if value is not None and not (value > 0.0 and np.isfinite(value)):
         raise ValueError(
             f"epsilon must be a finite number > 0, got {value}: it is added to the "
             "variance before the inverse square root, so 0 divides by zero on a "
