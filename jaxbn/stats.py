@@ -164,7 +164,8 @@ def moments(
     elements together (averaging per-device means, as flax does, does not).
 
     **Why a shift.** ``E[x^2] - E[x]^2`` loses everything at a large offset
-    (float32, mean 1e4, std 1: flax's default is off by 1600%); two passes
+    (float32, mean 1e4, std 1: flax's default is off by hundreds to thousands
+    of percent, depending on the batch; ``tests/test_stats.py`` prints it); two passes
     (mean, then ``E[(x-mean)^2]``) are exact but need two sequential
     collectives. Summing around ``K`` needs one, and is exact whenever ``K`` is
     near the mean: the rounding of the sums is amplified by

@@ -26,7 +26,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["compiled_text", "count_collectives", "count_in_branches", "parse_computations"]
+__all__ = [
+    "compiled_text",
+    "count_collectives",
+    "count_in_branches",
+    "memory_traffic",
+    "parse_computations",
+]
 
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*)$")
@@ -140,3 +146,63 @@ def count_in_branches(hlo_text: str, op: str = "all-reduce") -> int:
     return count_collectives(hlo_text, op, include_branches=True) - count_collectives(
         hlo_text, op, include_branches=False
     )
+
+
+_ARRAY_TYPE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8\w*)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+          "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+# Instructions that move no data themselves: bookkeeping, or control flow whose
+# bodies (not counted: the steady state skips conditional branches) do the work.
+_NOT_KERNELS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "conditional",
+                "while", "call", "after-all", "partition-id", "replica-id"}
+_NAMED = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+
+
+def _type_bytes(type_text: str) -> int:
+    total = 0
+    for dtype, dims in _ARRAY_TYPE.findall(type_text):
+        size = 1
+        for dim in filter(None, dims.split(",")):
+            size *= int(dim)
+        total += size * _BYTES.get(dtype, 1)
+    return total
+
+
+def memory_traffic(hlo_text: str) -> tuple[int, int]:
+    """Bytes read and written by the kernels of the ENTRY computation, and their number.
+
+    Each kernel (a fusion, a library call, a reduce, a copy, ...) is charged the
+    bytes of its operands plus those of its output; bookkeeping instructions
+    (parameters, tuples, bitcasts) and conditional branches are free. This is the
+    static traffic model of the performance issue: a kernel that reads x and
+    writes y costs 2S for a tensor of S bytes.
+
+    Returns:
+      ``(bytes, kernels)``.
+    """
+    lines = hlo_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY"))
+    types: dict[str, str] = {}
+    traffic = kernels = 0
+    for line in lines[start + 1 :]:
+        if line.strip() == "}":
+            break
+        named = _NAMED.match(line)
+        if not named:
+            continue
+        name, rest = named.groups()
+        opcode = _opcode(rest)
+        type_text = rest[: rest.index(f" {opcode}(")] if opcode and f" {opcode}(" in rest else ""
+        types[name] = type_text
+        if opcode is None or opcode in _NOT_KERNELS:
+            continue
+        operands = rest[rest.index(f" {opcode}(") + len(opcode) + 2 :]
+        depth, end = 1, 0
+        for end, char in enumerate(operands):
+            depth += (char == "(") - (char == ")")
+            if depth == 0:
+                break
+        names = re.findall(r"%([\w.\-]+)", operands[:end])
+        traffic += _type_bytes(type_text) + sum(_type_bytes(types.get(n, "")) for n in names)
+        kernels += 1
+    return traffic, kernels
