@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import _validation, stats
+from jaxbn import _kernels, _validation, stats
 
 __all__ = ["normalize", "batch_norm", "batch_norm_init"]
 
@@ -89,34 +89,6 @@ def _output_dtype(x: jax.Array, params: Params, dtype: Any) -> Any:
     return jnp.result_type(x, *params.values())
 
 
-def _scale_and_shift(
-    x: jax.Array,
-    shift: jax.Array,
-    mean_minus_shift: jax.Array | None,
-    var: jax.Array,
-    params: Params,
-    reduction_axes: tuple[int, ...],
-    epsilon: float,
-    compute_dtype: Any,
-    out_dtype: Any,
-) -> jax.Array:
-    """``((x - shift) - mean_minus_shift) * rsqrt(var + eps) * scale + bias``."""
-
-    def expand(v):
-        return jnp.expand_dims(jnp.asarray(v, compute_dtype), reduction_axes)
-
-    multiplier = lax.rsqrt(jnp.asarray(var, compute_dtype) + epsilon)
-    if "scale" in params:
-        multiplier = multiplier * jnp.asarray(params["scale"], compute_dtype)
-    y = x.astype(compute_dtype) - expand(shift)
-    if mean_minus_shift is not None:
-        y = y - expand(mean_minus_shift)
-    y = y * expand(multiplier)
-    if "bias" in params:
-        y = y + expand(params["bias"])
-    return y.astype(out_dtype)
-
-
 def normalize(
     x: jax.Array,
     mean: jax.Array,
@@ -162,7 +134,7 @@ def normalize(
         {"scale": scale, "bias": bias}, _PARAM_KEYS, (), feature_shape, "params"
     )
     _validation.check_feature_arrays({"mean": mean, "var": var}, _STATE_KEYS, _STATE_KEYS, feature_shape, "state")
-    return _scale_and_shift(
+    return _kernels.affine_normalize(
         x, mean, None, var, params, reduction_axes, epsilon, _compute_dtype(x, dtype), _output_dtype(x, params, dtype)
     )
 
@@ -276,7 +248,7 @@ def batch_norm(
     compute_dtype = _compute_dtype(x, dtype)
 
     if not training:
-        y = _scale_and_shift(
+        y = _kernels.affine_normalize(
             x, checked_state["mean"], None, checked_state["var"], params, reduction_axes, epsilon,
             compute_dtype, out_dtype,
         )
@@ -293,16 +265,16 @@ def batch_norm(
                 "(across all devices): its variance is 0 and its output is all "
                 "bias. Use a larger batch, training=False, or layer/group norm."
             )
-    batch = stats.moments(
+    y, batch = _kernels.batch_norm_train(
         x,
-        reduction_axes,
-        mask=mask,
+        params,
+        checked_state["mean"],
+        mask if mask is None else _validation.check_mask(mask, x.shape),
+        reduction_axes=reduction_axes,
+        epsilon=epsilon,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
-        dtype=compute_dtype,
-        shift=checked_state["mean"],
-    )
-    y = _scale_and_shift(
-        x, batch.shift, batch.mean_minus_shift, batch.var, params, reduction_axes, epsilon, compute_dtype, out_dtype
+        compute_dtype=compute_dtype,
+        out_dtype=out_dtype,
     )
     return y, _update_running_stats(checked_state, batch, momentum)

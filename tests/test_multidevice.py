@@ -327,7 +327,7 @@ ENTRY %main (p: f32[2], q: pred[]) -> (f32[2], f32[]) {
     "case, outside, in_branches",
     [
         ("train_forward", 1, 1),
-        ("train_forward_backward", 2, 2),
+        ("train_forward_backward", 2, 1),
         ("train_masked_forward", 1, 1),
         ("inference", 0, 0),
         ("shard_map_train_forward", 1, 1),
@@ -336,11 +336,13 @@ ENTRY %main (p: f32[2], q: pred[]) -> (f32[2], f32[]) {
 )
 def test_collectives_per_batch_norm_call(case, outside, in_branches):
     """Compiled HLO: one all-reduce per direction in training, none in inference."""
-    # Every execution runs `outside` all-reduces (the stacked [count, S1, S2]
-    # psum forward, its transpose backward). A poor shift (the running mean more
-    # than ~2.6 std from the batch mean, e.g. the first step) runs the
-    # conditional branch that re-shifts and reduces again: one more all-reduce
-    # per direction, `in_branches`, only on the steps that need it.
+    # Every execution runs `outside` all-reduces: the stacked [count, S1, S2]
+    # psum forward, and the custom VJP's stacked [Σdy, Σdy·x̂] psum backward
+    # (which also yields the parameter gradients where they are replicated). A
+    # poor shift (the running mean more than ~2.6 std from the batch mean, e.g.
+    # the first step) runs the conditional branch that re-shifts and reduces
+    # again: one more all-reduce in the forward only, `in_branches`, only on the
+    # steps that need it; the backward never re-shifts.
     x = jnp.ones((N_DEVICES, 4, 3))
     params, state = jaxbn.batch_norm_init(3)
     if case == "train_forward":

@@ -1,0 +1,174 @@
+"""The passes over the activation tensor: normalization and the batch-norm step's VJP.
+
+Batch norm is memory-bound, so what matters is how often the full tensor is
+read and written. With S its size in bytes, the floor is 3S for the training
+forward (statistics, then normalize), 5S for the backward (two reductions over
+x and dy, then dx) and 2S for inference. Autodiff of the forward does not get
+there: it saves or recomputes full-size intermediates (x - mean, x̂, float32
+copies of bfloat16 tensors). :func:`batch_norm_train` is a ``jax.custom_vjp``
+that saves only ``x`` (in its own dtype) and per-feature vectors, and whose
+backward is one pair of reductions (:func:`jaxbn.stats.channel_sums`), one
+cross-device sum, and one elementwise pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn import stats
+
+
+def affine_normalize(
+    x: jax.Array,
+    shift: jax.Array,
+    mean_minus_shift: jax.Array | None,
+    var: jax.Array,
+    params: Mapping[str, jax.Array],
+    reduction_axes: tuple[int, ...],
+    epsilon: float,
+    compute_dtype: Any,
+    out_dtype: Any,
+) -> jax.Array:
+    """``((x - shift) - mean_minus_shift) * rsqrt(var + eps) * scale + bias``, one pass."""
+
+    def expand(v):
+        return jnp.expand_dims(jnp.asarray(v, compute_dtype), reduction_axes)
+
+    multiplier = lax.rsqrt(jnp.asarray(var, compute_dtype) + epsilon)
+    if "scale" in params:
+        multiplier = multiplier * jnp.asarray(params["scale"], compute_dtype)
+    y = x.astype(compute_dtype) - expand(shift)
+    if mean_minus_shift is not None:
+        y = y - expand(mean_minus_shift)
+    y = y * expand(multiplier)
+    if "bias" in params:
+        y = y + expand(params["bias"])
+    return y.astype(out_dtype)
+
+
+def _varying_axes(value: Any) -> frozenset:
+    """The manual mesh axes ``value`` varies over inside ``shard_map`` (empty elsewhere)."""
+    aval = jax.typeof(value)
+    vma = getattr(aval, "vma", None)  # newer JAX
+    if vma is None:
+        manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10
+        vma = getattr(manual, "varying", frozenset())
+    return frozenset(vma)
+
+
+def _parameter_cotangent(local, global_, primal, axis_names):
+    """The gradient of a parameter, typed as JAX expects it.
+
+    Autodiff gives each device the gradient of its own loss (``local``). Inside
+    ``shard_map`` with replicated (invariant) parameters, JAX requires the
+    cotangent to be invariant too, that is, summed over the axes the parameter
+    does not vary over: over the statistics axes that sum is ``global_``, which
+    the backward's one collective has already computed.
+    """
+    missing = _varying_axes(local) - _varying_axes(primal)
+    if not missing:
+        return local
+    if missing == frozenset(axis_names):
+        return global_
+    return lax.psum(local, tuple(sorted(missing, key=str)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _train(x, scale, bias, shift, config, mask):
+    return _train_fwd(x, scale, bias, shift, config, mask)[0]
+
+
+def _train_fwd(x, scale, bias, shift, config, mask):
+    axes, epsilon, axis_name, groups, compute_dtype, out_dtype = config
+    batch = stats.moments(
+        x, axes, mask=mask, axis_name=axis_name, axis_index_groups=groups, dtype=compute_dtype, shift=shift
+    )
+    params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
+    y = affine_normalize(
+        x, batch.shift, batch.mean_minus_shift, batch.var, params, axes, epsilon, compute_dtype, out_dtype
+    )
+    inv_std = lax.rsqrt(batch.var + epsilon)
+    residuals = (x, mask, scale, bias, batch.shift, batch.mean_minus_shift, inv_std, batch.count)
+    return (y, batch), residuals
+
+
+def _train_bwd(config, residuals, cotangents):
+    axes, _, axis_name, groups, compute_dtype, _ = config
+    x, mask, scale, bias, shift, mean_minus_shift, inv_std, count = residuals
+    dy = cotangents[0]  # the statistics feed only the running average: no gradient
+
+    def expand(v):
+        return jnp.expand_dims(v, axes)
+
+    def x_hat(x):
+        return ((x.astype(compute_dtype) - expand(shift)) - expand(mean_minus_shift)) * expand(inv_std)
+
+    # Σ dy x̂ = r (Σ dy (x - K) - d Σ dy): a library reduction on XLA:CPU fuses
+    # one broadcast operand (K) but materializes three. |d| <= ~2.6 std after
+    # moments' re-shift, so the subtraction loses at most a few bits.
+    local_dy, local_dy_centered = stats.channel_sums(
+        [
+            lambda dy, x, shift: dy.astype(compute_dtype),
+            lambda dy, x, shift: dy.astype(compute_dtype) * (x.astype(compute_dtype) - expand(shift)),
+        ],
+        [dy, x, shift],
+        axes,
+    )
+    local_dy_xhat = inv_std * (local_dy_centered - mean_minus_shift * local_dy)
+    sum_dy, sum_dy_xhat = stats.cross_device_sum([local_dy, local_dy_xhat], axis_name, groups)
+    # y = x̂ γ + β with x̂ using the statistics of the valid elements, so
+    # dx = γ r (dy - m Σdy / n - m x̂ Σ(dy x̂) / n), the sums over all elements.
+    gain = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
+    n = jnp.maximum(count, 1)
+    correction = expand(sum_dy / n) + x_hat(x) * expand(sum_dy_xhat / n)
+    if mask is not None:
+        correction = jnp.where(mask, correction, 0)
+    dx = (expand(gain) * (dy.astype(compute_dtype) - correction)).astype(x.dtype)
+    names = () if axis_name is None else (axis_name if isinstance(axis_name, tuple) else (axis_name,))
+
+    def parameter_grad(primal, local, global_):
+        if primal is None:
+            return None
+        return _parameter_cotangent(local, global_, primal, names).astype(primal.dtype)
+
+    return (
+        dx,
+        parameter_grad(scale, local_dy_xhat, sum_dy_xhat),
+        parameter_grad(bias, local_dy, sum_dy),
+        None,
+        None,
+    )
+
+
+_train.defvjp(_train_fwd, _train_bwd)
+
+
+def batch_norm_train(
+    x: jax.Array,
+    params: Mapping[str, jax.Array],
+    shift: jax.Array,
+    mask: jax.Array | None,
+    *,
+    reduction_axes: tuple[int, ...],
+    epsilon: float,
+    axis_name: Any,
+    axis_index_groups: Any,
+    compute_dtype: Any,
+    out_dtype: Any,
+) -> tuple[jax.Array, stats.Moments]:
+    """Training-mode batch norm with batch statistics: ``(y, batch Moments)``.
+
+    Differentiable in reverse mode (to any order) with respect to ``x`` and the
+    parameters; the statistics it returns carry no gradient. Arguments are as
+    validated by :func:`jaxbn.batch_norm`.
+    """
+    groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
+    config = (reduction_axes, epsilon, axis_name, groups, jnp.dtype(compute_dtype), jnp.dtype(out_dtype))
+    y, batch = _train(x, params.get("scale"), params.get("bias"), lax.stop_gradient(shift), config, mask)
+    return y, jax.tree_util.tree_map(lax.stop_gradient, batch)
