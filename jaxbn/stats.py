@@ -140,6 +140,8 @@ def channel_sums(
     summands: Sequence[Any],
     operands: Sequence[jax.Array],
     axes: tuple[int, ...],
+    *,
+    fuse: bool | None = None,
 ) -> tuple[jax.Array, ...]:
     """Local sums over ``axes`` of ``summand(*operands)`` for each summand.
 
@@ -156,6 +158,8 @@ def channel_sums(
         each should compute in the dtype its sum should accumulate in.
       operands: the arrays they read.
       axes: the axes to sum over.
+      fuse: None picks the form per backend at lowering time; True forces
+        the shared (GPU/TPU) form, False the separate (CPU) form.
 
     Returns:
       One array per summand.
@@ -177,6 +181,8 @@ def channel_sums(
             sums.append(jnp.sum(summand(*ops), axes))
         return tuple(sums)
 
+    if fuse is not None:
+        return (fused if fuse else separate)(*operands)
     return lax.platform_dependent(*operands, cpu=separate, default=fused)
 
 
