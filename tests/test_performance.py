@@ -25,6 +25,14 @@ from tests import hlo
 
 SHAPE = (32, 16, 16, 64)
 
+# The pins describe XLA:CPU as shipped with jax 0.10.2 (reductions as YNNPACK
+# library kernels); jax 0.10.0's XLA:CPU fuses differently (flax's
+# forward+backward is 11S there, not 15S). CI installs the newest jax.
+structural = pytest.mark.skipif(
+    jax.__version_info__ < (0, 10, 2) or jax.default_backend() != "cpu",
+    reason="compiled structure pinned for XLA:CPU of jax >= 0.10.2",
+)
+
 
 def _programs(dtype, mask=None):
     """jaxbn's training forward, forward+backward and inference, jitted."""
@@ -66,6 +74,7 @@ def _flax_forward_backward(dtype):
 EXPECTED = {"forward": (4.0, 14), "forward_backward": (10.0, 18), "inference": (2.0, 2)}
 
 
+@structural
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_traffic_and_kernels_are_pinned(dtype):
     """Traffic stays at 4S / 10S / 2S (per-feature vectors aside) with at most the pinned kernels."""
@@ -77,6 +86,7 @@ def test_traffic_and_kernels_are_pinned(dtype):
         assert kernels <= expected_kernels, (mode, kernels)
 
 
+@structural
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_less_traffic_and_temp_memory_than_flax(dtype):
     """Forward+backward moves at least a third less than flax's default and needs no more temp memory."""
@@ -87,6 +97,7 @@ def test_less_traffic_and_temp_memory_than_flax(dtype):
     assert ours.memory_analysis().temp_size_in_bytes <= theirs.memory_analysis().temp_size_in_bytes
 
 
+@structural
 def test_bfloat16_tensors_stay_bfloat16():
     """No full-size float32 tensor is written in the bfloat16 programs (statistics accumulate in float32)."""
     full_size_f32 = re.compile(r"f32\[" + ",".join(map(str, SHAPE)) + r"\]")
@@ -95,6 +106,7 @@ def test_bfloat16_tensors_stay_bfloat16():
         assert not full_size_f32.search(entry), mode
 
 
+@structural
 def test_masked_training_traffic():
     """A mask costs one materialized pass in the forward (6S), none in the backward.
 
