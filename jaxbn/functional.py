@@ -193,6 +193,14 @@ def batch_norm(
     Inference (``training=False``) normalizes with ``state`` and returns it
     unchanged.
 
+    The training step is a ``jax.custom_vjp`` near the memory-traffic floor: it
+    saves only ``x`` (in its own dtype) and per-feature vectors, and its
+    backward makes one pass for ``Σdy``, ``Σdy·x̂`` (one cross-device sum) and
+    one for ``dx``. It is differentiable in reverse mode to any order
+    (``jax.grad``, ``jax.vjp``, ``jax.jacrev``); forward mode (``jax.jvp``,
+    ``jax.jacfwd``, ``jax.hessian``) raises, as for every custom VJP. The
+    running statistics it returns carry no gradient.
+
     The running statistics are never poisoned: if the batch statistics of any
     channel are not finite (a NaN or Inf in the batch), the state is returned
     unchanged; channels with no valid element (fully masked) keep theirs. The
