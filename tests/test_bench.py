@@ -1,0 +1,97 @@
+"""benchmarks/bench.py --quick runs every section; missing optional libraries are reported.
+
+The bench runs in a subprocess on one CPU device (its collectives section
+starts its own child with 8 forced devices), so the 8-device XLA flag that
+conftest.py sets for this process is removed from the child's environment.
+Nothing here looks at times: they are noise on a shared machine.
+"""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+MODES = ("train forward", "forward+backward", "inference")
+TRAFFIC = re.compile(r"^\d+\.\d\dS$")
+
+
+def _run(*args, pythonpath=None):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, str(BENCH), "--quick", *args], env=env, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def _section(output, title):
+    """The header and rows of the first table titled ``## {title}...``, split into cells."""
+    lines = output.split("\n## " + title, 1)[1].split("\n\n")[0].splitlines()[1:]
+    return [re.split(r"\s{2,}", line.strip()) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def quick_output():
+    return _run()
+
+
+def test_quick_prints_the_header_and_a_timing_table_per_mode_and_dtype(quick_output):
+    assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in quick_output
+    assert "versions: jaxbn" in quick_output and "command:" in quick_output
+    tables = re.findall(r"^## (.*), (float32|bfloat16): ms per call", quick_output, re.M)
+    assert [(title.split(" (")[0], dtype) for title, dtype in tables] == [
+        (mode, dtype) for mode in MODES for dtype in ("float32", "bfloat16")]
+
+
+def test_quick_timing_tables_have_ratio_columns_and_every_row(quick_output):
+    for title, _ in re.findall(r"^## ((.*), (?:float32|bfloat16): ms per call.*)$", quick_output, re.M):
+        header, *rows = _section(quick_output, title)
+        assert header[:5] == ["implementation", "layout", "median", "min", "max"]
+        assert {"/flax.linen", "/torch CL", "/copy"} <= set(header)
+        names = {(row[0], row[1]) for row in rows}
+        for layout in ("NHWC", "NCHW"):
+            assert {("jaxbn", layout), ("flax.linen", layout), ("copy: jax x*1.0001", layout)} <= names
+        flax = next(row for row in rows if row[0] == "flax.linen")
+        assert flax[header.index("/flax.linen")] == "1.00"
+
+
+def test_quick_traffic_section_has_jaxbn_rows_for_every_dtype_and_layout(quick_output):
+    header, *rows = _section(quick_output, "HLO traffic")
+    assert header[:3] == ["implementation", "dtype", "layout"] and len(header) == 12
+    jaxbn = {(row[1], row[2]): row[3:] for row in rows if row[0] == "jaxbn"}
+    assert set(jaxbn) == {(d, l) for d in ("float32", "bfloat16") for l in ("NHWC", "NCHW")}
+    for cells in jaxbn.values():
+        assert len(cells) == 9
+        for traffic, kernels, temp in zip(cells[0::3], cells[1::3], cells[2::3]):
+            assert TRAFFIC.match(traffic) and TRAFFIC.match(temp) and kernels.isdigit()
+    # flax.linen's float32 traffic is 4S / 15S at large shapes; at the quick
+    # shape the C-sized parameters add a few hundredths, so only its presence is pinned.
+    flax = {(row[1], row[2]): row[3:] for row in rows if row[0] == "flax.linen"}
+    assert TRAFFIC.match(flax["float32", "NHWC"][0]) and TRAFFIC.match(flax["float32", "NHWC"][3])
+
+
+def test_quick_collectives_section_counts_every_mapping(quick_output):
+    header, *rows = _section(quick_output, "all-reduces per direction on 8 cpu devices")
+    assert header[:5] == ["implementation", "mapping", "train fwd", "fwd+bwd", "bwd"]
+    for name in ("jaxbn", "flax.linen"):
+        mappings = {row[1]: row[2:5] for row in rows if row[0] == name}
+        assert set(mappings) == {"pmap", "shard_map", "jit-sharded"}
+        assert all(cell.isdigit() for cells in mappings.values() for cell in cells), mappings
+
+
+def test_quick_reports_missing_libraries_instead_of_failing(tmp_path):
+    for name in ("equinox", "haiku"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(
+            f"raise ModuleNotFoundError('No module named {name}', name='{name}')\n")
+    output = _run("--libs", "equinox", "haiku", "copy", pythonpath=tmp_path)
+    _, *rows = _section(output, "train forward (y + new running stats), float32")
+    notes = {row[0]: row[-1] for row in rows if row[1] == "NHWC"}
+    assert notes["equinox"] == "equinox not installed" and notes["haiku"] == "haiku not installed"
+    assert "## HLO traffic" in output and "## all-reduces per direction" in output
