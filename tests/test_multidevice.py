@@ -494,3 +494,24 @@ def test_unbound_axis_name_raises(where):
     fn = {"eager": call, "jit": jax.jit(call), "pmap_other_name": jax.pmap(call, axis_name="j")}[where]
     with pytest.raises(ValueError, match=r"(?s)'i'.*shard_map.*pmap"):
         fn(x)
+
+
+def test_tuple_of_axis_names_reduces_over_both():
+    """axis_name=('i', 'v') (pmap over devices, vmap inside) equals the global batch, grads too."""
+    rng = _rng(11)
+    x = (rng.normal(size=(N_DEVICES, 2, 3, 4)) * 2 + 50).astype(np.float32)
+    w = rng.normal(size=x.shape).astype(np.float32)
+    params, state = jaxbn.batch_norm_init(4)
+
+    def loss(x, w, p):
+        y, new_state = jaxbn.batch_norm(x, p, state, training=True, momentum=MOMENTUM, axis_name=("i", "v"))
+        return jnp.sum(w * y), new_state
+
+    inner = jax.vmap(jax.value_and_grad(loss, has_aux=True), in_axes=(0, 0, None), axis_name="v")
+    (_, new_state), dx = jax.pmap(inner, axis_name="i", in_axes=(0, 0, None))(x, w, params)
+    flat_x, flat_w = x.reshape(-1, 4), w.reshape(-1, 4)
+    mean, var = reference.batch_stats(flat_x)
+    np.testing.assert_allclose(new_state["mean"][0, 0], MOMENTUM * 0 + (1 - MOMENTUM) * mean, rtol=1e-6)
+    np.testing.assert_allclose(new_state["var"][3, 1], MOMENTUM * 1 + (1 - MOMENTUM) * var, rtol=1e-5)
+    ref_dx, _, _ = reference.batch_norm_grads(flat_x, flat_w, params["scale"], -1, EPSILON)
+    np.testing.assert_allclose(dx.reshape(-1, 4), ref_dx, atol=2e-5)
