@@ -148,9 +148,10 @@ def check_feature_arrays(
         if value_shape != tuple(feature_shape):
             raise ValueError(
                 f"{name}['{key}'] has shape {value_shape}, but the input has "
-                f"feature shape {tuple(feature_shape)} along the normalized axis; "
-                "check `axis` (NHWC is axis=-1, NCHW is axis=1) and the number of "
-                "features the parameters were created with."
+                f"feature shape {tuple(feature_shape)} along its feature axes; "
+                "check the argument that names them (batch norm's `axis`: -1 for "
+                "NHWC, 1 for NCHW; `feature_axes` for layer and instance norm) and "
+                "the number of features the parameters were created with."
             )
         checked[key] = value
     return checked

@@ -13,9 +13,41 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import initializers
 
-from jaxbn import functional
+from jaxbn import alternatives, functional
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
+
+
+def _feature_shape(x: Any, axes: Any) -> tuple[int, ...]:
+    """The sizes of ``x`` along the feature ``axes``: the shape of its parameters."""
+    x = jnp.asarray(x) if not hasattr(x, "dtype") else x
+    return tuple(x.shape[i] for i in functional._feature_axes(x, axes)[0])
+
+
+def _affine_params(module: nn.Module, feature_shape: tuple[int, ...], use_scale: bool, use_bias: bool) -> dict:
+    """Creates ``scale`` and ``bias`` as flax does (names, order, shapes, dtype)."""
+    params = {}
+    if use_scale:
+        params["scale"] = module.param("scale", module.scale_init, feature_shape, module.param_dtype)
+    if use_bias:
+        params["bias"] = module.param("bias", module.bias_init, feature_shape, module.param_dtype)
+    return params
+
+
+def _check_float32_reductions(module: nn.Module, x: Any) -> None:
+    """Raises where flax's ``force_float32_reductions=False`` would reduce in half precision."""
+    if module.force_float32_reductions:
+        return
+    dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+    if module.dtype is not None:
+        dtype = jnp.promote_types(dtype, module.dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4:
+        raise NotImplementedError(
+            f"{type(module).__name__}(force_float32_reductions=False) with a {jnp.dtype(dtype)} input "
+            "asks for statistics in half precision; jaxbn always reduces in at least float32 "
+            "(more accurate, and no slower since the reduction is memory-bound). Leave "
+            "force_float32_reductions=True."
+        )
 
 
 class BatchNorm(nn.Module):
@@ -104,16 +136,11 @@ class BatchNorm(nn.Module):
             "use_running_average", self.use_running_average, use_running_average
         )
         x = jnp.asarray(x) if not hasattr(x, "dtype") else x
-        feature_axes = functional._feature_axes(x, self.axis)[0]
-        feature_shape = tuple(x.shape[i] for i in feature_axes)
+        feature_shape = _feature_shape(x, self.axis)
         stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape)
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape)
-        params = {}
-        if self.use_scale:
-            params["scale"] = self.param("scale", self.scale_init, feature_shape, self.param_dtype)
-        if self.use_bias:
-            params["bias"] = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
+        params = _affine_params(self, feature_shape, self.use_scale, self.use_bias)
         state = {"mean": ra_mean.value, "var": ra_var.value}
 
         training = not use_running_average
@@ -137,3 +164,181 @@ class BatchNorm(nn.Module):
             ra_mean.value = new_state["mean"]
             ra_var.value = new_state["var"]
         return y
+
+
+class LayerNorm(nn.Module):
+    """Drop-in replacement for :class:`flax.linen.LayerNorm`; calls :func:`jaxbn.layer_norm`.
+
+    Statistics per example over ``reduction_axes``; ``scale``/``bias`` of the
+    ``feature_axes`` shape.
+
+    Other fields, defaults and variables are flax's. Attributes that differ:
+      use_fast_variance: accepted and ignored; jaxbn's variance is always the
+        stable one (exact at large offsets), there is no unstable fast mode.
+      force_float32_reductions: jaxbn always reduces in at least float32;
+        False (half-precision statistics in flax) raises NotImplementedError
+        for a half-precision input and changes nothing otherwise.
+
+    >>> import jax, jax.numpy as jnp
+    >>> x = jax.random.normal(jax.random.key(0), (2, 3)) + 1e4
+    >>> variables = LayerNorm().init(jax.random.key(1), x)
+    >>> y = LayerNorm().apply(variables, x)
+    >>> bool(jnp.allclose(y.std(-1), 1, atol=1e-3))
+    True
+    """
+
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Any = initializers.zeros
+    scale_init: Any = initializers.ones
+    reduction_axes: Any = -1
+    feature_axes: Any = -1
+    axis_name: Any = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
+        _check_float32_reductions(self, x)
+        params = _affine_params(self, _feature_shape(x, self.feature_axes), self.use_scale, self.use_bias)
+        return alternatives.layer_norm(
+            x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
+            mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+        )
+
+
+class RMSNorm(nn.Module):
+    """Drop-in replacement for :class:`flax.linen.RMSNorm`; calls :func:`jaxbn.rms_norm`.
+
+    ``x / sqrt(E[x^2] + eps) * scale`` per example over ``reduction_axes``.
+
+    Other fields, defaults and variables are flax's. Attributes that differ:
+      use_fast_variance: accepted and ignored; jaxbn's variance is always the
+        stable one (exact at large offsets), there is no unstable fast mode.
+      force_float32_reductions: jaxbn always reduces in at least float32;
+        False (half-precision statistics in flax) raises NotImplementedError
+        for a half-precision input and changes nothing otherwise.
+
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.array([[3.0, -4.0]])
+    >>> RMSNorm(epsilon=1e-12).apply(RMSNorm().init(jax.random.key(0), x), x)
+    Array([[ 0.8485..., -1.1313...]], dtype=float32)
+    """
+
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_scale: bool = True
+    scale_init: Any = initializers.ones
+    reduction_axes: Any = -1
+    feature_axes: Any = -1
+    axis_name: Any = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
+        _check_float32_reductions(self, x)
+        params = _affine_params(self, _feature_shape(x, self.feature_axes), self.use_scale, False)
+        return alternatives.rms_norm(
+            x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
+            mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+        )
+
+
+class GroupNorm(nn.Module):
+    """Drop-in replacement for :class:`flax.linen.GroupNorm`; calls :func:`jaxbn.group_norm`.
+
+    Channels last, split into ``num_groups`` groups (or groups of
+    ``group_size``: pass ``num_groups=None``); ``scale``/``bias`` of shape
+    ``(C,)``.
+
+    Other fields, defaults and variables are flax's. Attributes that differ:
+      use_fast_variance: accepted and ignored; jaxbn's variance is always the
+        stable one (exact at large offsets), there is no unstable fast mode.
+      force_float32_reductions: jaxbn always reduces in at least float32;
+        False (half-precision statistics in flax) raises NotImplementedError
+        for a half-precision input and changes nothing otherwise.
+
+    >>> import jax, jax.numpy as jnp
+    >>> x = jax.random.normal(jax.random.key(0), (2, 4, 4, 6))
+    >>> variables = GroupNorm(num_groups=3).init(jax.random.key(1), x)
+    >>> jax.tree_util.tree_map(jnp.shape, variables)
+    {'params': {'bias': (6,), 'scale': (6,)}}
+    """
+
+    num_groups: int | None = 32
+    group_size: int | None = None
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Any = initializers.zeros
+    scale_init: Any = initializers.ones
+    reduction_axes: Any = None
+    axis_name: Any = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
+        _check_float32_reductions(self, x)
+        params = _affine_params(self, _feature_shape(x, -1), self.use_scale, self.use_bias)
+        return alternatives.group_norm(
+            x, params, num_groups=self.num_groups, group_size=self.group_size, reduction_axes=self.reduction_axes,
+            epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype,
+        )
+
+
+class InstanceNorm(nn.Module):
+    """Drop-in replacement for :class:`flax.linen.InstanceNorm`; calls :func:`jaxbn.instance_norm`.
+
+    Statistics per example and feature over the other non-batch axes.
+
+    Other fields, defaults and variables are flax's. Attributes that differ:
+      use_fast_variance: accepted and ignored; jaxbn's variance is always the
+        stable one (exact at large offsets), there is no unstable fast mode.
+      force_float32_reductions: jaxbn always reduces in at least float32;
+        False (half-precision statistics in flax) raises NotImplementedError
+        for a half-precision input and changes nothing otherwise.
+
+    >>> import jax, jax.numpy as jnp
+    >>> x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
+    >>> y = InstanceNorm().apply(InstanceNorm().init(jax.random.key(1), x), x)
+    >>> bool(jnp.allclose(y.mean((1, 2)), 0, atol=1e-5))
+    True
+    """
+
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Any = initializers.zeros
+    scale_init: Any = initializers.ones
+    feature_axes: Any = -1
+    axis_name: Any = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
+        _check_float32_reductions(self, x)
+        params = _affine_params(self, _feature_shape(x, self.feature_axes), self.use_scale, self.use_bias)
+        return alternatives.instance_norm(
+            x, params, feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+        )

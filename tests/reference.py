@@ -62,3 +62,23 @@ def batch_norm_grads(x, w, scale, axis=-1, epsilon=1e-5):
     g = w * np.asarray(scale, np.float64).reshape(shape)
     dx = r * (g - g.mean(reduce_axes, keepdims=True) - xhat * (g * xhat).mean(reduce_axes, keepdims=True))
     return dx, (w * xhat).sum(reduce_axes), w.sum(reduce_axes)
+
+
+def per_example_norm(x, reduction_axes, feature_axes, scale=None, bias=None, mask=None, epsilon=1e-6, center=True):
+    """Layer/instance/RMS norm in float64: statistics over ``reduction_axes`` (valid elements only).
+
+    ``scale`` and ``bias`` have the sizes of ``feature_axes`` and broadcast along
+    the others; ``center=False`` divides by the root mean square instead.
+    """
+    x = np.asarray(x, np.float64)
+    valid = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask, x.shape)
+    count = valid.sum(reduction_axes, keepdims=True)
+    mean = np.where(valid, x, 0).sum(reduction_axes, keepdims=True) / count if center else 0.0
+    var = np.where(valid, (x - mean) ** 2, 0).sum(reduction_axes, keepdims=True) / count
+    y = (x - mean) / np.sqrt(var + epsilon)
+    shape = [x.shape[i] if i in feature_axes else 1 for i in range(x.ndim)]
+    if scale is not None:
+        y = y * np.reshape(np.asarray(scale, np.float64), shape)
+    if bias is not None:
+        y = y + np.reshape(np.asarray(bias, np.float64), shape)
+    return y
