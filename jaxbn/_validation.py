@@ -40,6 +40,16 @@ def check_momentum(momentum: Any) -> None:
         )
 
 
+def check_static_bool(value: Any, name: str, *, none_ok: bool = False) -> None:
+    """Raises ``TypeError`` unless ``value`` is a Python bool (or None if ``none_ok``)."""
+    if isinstance(value, bool) or (none_ok and value is None):
+        return
+    raise TypeError(
+        f"{name} must be a Python bool{' or None' if none_ok else ''}, got {value!r}. It "
+        "selects the code path at trace time; to switch inside jit, use lax.cond over two calls."
+    )
+
+
 def check_epsilon(epsilon: Any) -> None:
     """Raises unless ``epsilon`` is a finite number > 0."""
     value = _static_float(epsilon, "epsilon", "a positive real number")
@@ -119,12 +129,16 @@ def check_feature_arrays(
     required: Sequence[str],
     feature_shape: tuple[int, ...],
     name: str,
+    scalars: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Checks a ``params``/``state`` dict: known keys, required keys, shapes.
 
     Each entry must have the feature shape (the sizes of the feature axes, in
-    order, as flax stores them): one value per feature, nothing broadcast.
+    order, as flax stores them): one value per feature, nothing broadcast;
+    the keys in ``scalars`` (also allowed) must be scalars instead (batch
+    norm's cumulative ``'count'``).
     """
+    allowed = tuple(allowed) + tuple(scalars)
     if arrays is None:
         arrays = {}
     if not isinstance(arrays, Mapping):
@@ -145,7 +159,10 @@ def check_feature_arrays(
         if value is None:
             continue
         value_shape = tuple(np.shape(value))
-        if value_shape != tuple(feature_shape):
+        if key in scalars:
+            if value_shape != ():
+                raise ValueError(f"{name}['{key}'] must be a scalar, got shape {value_shape}.")
+        elif value_shape != tuple(feature_shape):
             raise ValueError(
                 f"{name}['{key}'] has shape {value_shape}, but the input has "
                 f"feature shape {tuple(feature_shape)} along its feature axes; "

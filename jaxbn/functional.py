@@ -2,7 +2,8 @@
 
 No Flax here. Parameters are ``{'scale', 'bias'}`` and running statistics
 ``{'mean', 'var'}``: the dicts flax keeps in its ``params`` and ``batch_stats``
-collections, so the Flax modules pass their variables straight through.
+collections, so the Flax modules pass their variables straight through. A
+cumulative running average (``momentum=None``) adds a scalar ``'count'``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ State = Mapping[str, jax.Array]
 
 _PARAM_KEYS = ("scale", "bias")
 _STATE_KEYS = ("mean", "var")
+_COUNT_KEY = "count"  # batches averaged by a cumulative running average (momentum=None)
 
 
 def batch_norm_init(
@@ -32,10 +34,13 @@ def batch_norm_init(
     dtype: Any = jnp.float32,
     use_scale: bool = True,
     use_bias: bool = True,
+    cumulative: bool = False,
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """Creates batch-norm parameters and running statistics, as flax initializes them.
 
-    ``scale = 1``, ``bias = 0``, running ``mean = 0`` and ``var = 1``.
+    ``scale = 1``, ``bias = 0``, running ``mean = 0`` and ``var = 1``; with
+    ``cumulative=True`` also ``count = 0``, the state of
+    ``batch_norm(..., momentum=None)``.
 
     Args:
       num_features: the size of the feature axis (or a tuple of sizes when
@@ -43,14 +48,18 @@ def batch_norm_init(
       dtype: dtype of the parameters and statistics (float32, as flax).
       use_scale: include ``'scale'`` in the parameters.
       use_bias: include ``'bias'`` in the parameters.
+      cumulative: add ``'count'``, a float32 scalar: the number of batches a
+        cumulative average (``momentum=None``) has averaged.
 
     Returns:
       ``(params, state)``: ``{'scale', 'bias'}`` (those enabled) and
-      ``{'mean', 'var'}``.
+      ``{'mean', 'var'}`` (and ``'count'`` if cumulative).
 
     >>> params, state = batch_norm_init(3)
     >>> params['scale'], state['var']
     (Array([1., 1., 1.], dtype=float32), Array([1., 1., 1.], dtype=float32))
+    >>> batch_norm_init(3, cumulative=True)[1]['count']
+    Array(0., dtype=float32)
     """
     shape = (num_features,) if not isinstance(num_features, Sequence) else tuple(num_features)
     if not shape or any(
@@ -66,6 +75,8 @@ def batch_norm_init(
     if use_bias:
         params["bias"] = jnp.zeros(shape, dtype)
     state = {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, dtype)}
+    if cumulative:
+        state[_COUNT_KEY] = jnp.zeros((), jnp.float32)
     return params, state
 
 
@@ -139,25 +150,60 @@ def normalize(
     )
 
 
-def _update_running_stats(state: State, batch: stats.Moments, momentum: Any) -> dict[str, jax.Array]:
-    """Exponential average ``momentum * old + (1 - momentum) * batch``, guarded.
+def _update_running_stats(
+    state: State, batch: stats.Moments, momentum: Any, unbiased: bool
+) -> dict[str, jax.Array]:
+    """Averages ``batch`` into ``state``, guarded; the one place running stats change.
 
-    Channels without a valid element keep their old statistics; when any valid
-    channel's batch statistics are not finite the whole state is kept (the
-    decision depends only on globally reduced values, so every device takes it
-    alike). Running statistics are not differentiated.
+    Exponential (``momentum * old + (1 - momentum) * batch``) or, for
+    ``momentum=None``, cumulative (``old + (batch - old) / (count + 1)``, and
+    ``count + 1``). With ``unbiased`` the variance averaged is
+    ``var * n / (n - 1)``, ``n`` the global count. Channels without a valid
+    element (and, if unbiased, with only one) keep their old statistics; when
+    any valid channel's batch statistics are not finite the whole state is kept
+    and ``count`` does not advance (the decision depends only on globally
+    reduced values, so every device takes it alike). Running statistics are not
+    differentiated.
     """
-    mean, var = lax.stop_gradient(batch.mean), lax.stop_gradient(batch.var)
-    has_data = batch.count > 0
+    mean, var, n = (lax.stop_gradient(v) for v in (batch.mean, batch.var, batch.count))
+    has_data = n > 0
     all_finite = jnp.all(jnp.where(has_data, jnp.isfinite(mean) & jnp.isfinite(var), True))
     update = has_data & all_finite
+    update_var = update
+    if unbiased:
+        var = var * n / jnp.maximum(n - 1, 1)
+        update_var = update & (n > 1)
     new_state = {}
-    for key, value in (("mean", mean), ("var", var)):
+    for key, value, keep in (("mean", mean, update), ("var", var, update_var)):
         old = state[key]
-        averaged = momentum * old.astype(value.dtype) + (1 - momentum) * value
+        previous = old.astype(value.dtype)
+        if momentum is None:
+            averaged = previous + (value - previous) / (state[_COUNT_KEY].astype(value.dtype) + 1)
+        else:
+            averaged = momentum * previous + (1 - momentum) * value
         # Keep the state's dtype so it stays a stable jit/scan carry.
-        new_state[key] = jnp.where(update, averaged, old).astype(old.dtype)
+        new_state[key] = jnp.where(keep, averaged, old).astype(old.dtype)
+    if momentum is None:
+        count = state[_COUNT_KEY]
+        new_state[_COUNT_KEY] = jnp.where(jnp.any(update), count + 1, count).astype(count.dtype)
     return new_state
+
+
+def _check_cumulative_state(state: Mapping[str, Any], momentum: Any) -> None:
+    """Raises unless ``state`` has a ``'count'`` exactly when ``momentum`` is None."""
+    if momentum is None and _COUNT_KEY not in state:
+        raise ValueError(
+            "momentum=None (a cumulative average of all batch statistics) needs "
+            "state['count'], the number of batches averaged so far; create the state "
+            "with batch_norm_init(..., cumulative=True)."
+        )
+    if momentum is not None and _COUNT_KEY in state:
+        raise ValueError(
+            f"state has a 'count' entry (a cumulative average, from batch_norm_init(..., "
+            f"cumulative=True)), but momentum={momentum!r} asks for an exponential "
+            "average, which would leave it stale. Pass momentum=None, or a state "
+            "without 'count'."
+        )
 
 
 def batch_norm(
@@ -166,8 +212,10 @@ def batch_norm(
     state: State,
     *,
     training: bool,
+    update_running_stats: bool | None = None,
     axis: int | Sequence[int] = -1,
-    momentum: float = 0.99,
+    momentum: float | None = 0.99,
+    unbiased_running_var: bool = False,
     epsilon: float = 1e-5,
     axis_name: Any = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
@@ -193,6 +241,45 @@ def batch_norm(
     Inference (``training=False``) normalizes with ``state`` and returns it
     unchanged.
 
+    **Which statistics, and whether to update.** ``training`` chooses the
+    statistics that normalize; ``update_running_stats`` (default: the same as
+    ``training``) whether the batch statistics are averaged into the state:
+
+    ========  ====================  ===========  =====================================
+    training  update_running_stats  normalizes   state returned
+    ========  ====================  ===========  =====================================
+    True      None / True           batch stats  updated (training)
+    True      False                 batch stats  ``state`` itself (a train-mode eval)
+    False     None / False          running      ``state`` itself (inference, frozen)
+    False     True                  running      updated from the batch statistics
+                                                 (precise-BN-style re-estimation)
+    ========  ====================  ===========  =====================================
+
+    The last row computes the batch statistics with :func:`jaxbn.stats.moments`
+    (same ``mask``, ``axis_name``, shifted by the running mean) only to update.
+
+    **Cumulative average** (``momentum=None``, PyTorch's ``momentum=None``):
+    the running statistics are the exact mean of all batch statistics seen,
+
+    .. math::
+        \text{state}' = \text{state} + \frac{(\mu_B, \sigma_B^2) - \text{state}}{c + 1},
+        \qquad c' = c + 1,
+
+    with ``c = state['count']`` (a float32 scalar, exact to 2**24 batches);
+    create such a state with ``batch_norm_init(..., cumulative=True)``. A
+    ``'count'`` with a float momentum is an error (it would go stale); in
+    inference it is simply returned. A channel without valid elements in a batch
+    keeps its statistics although ``count`` advances, so with masks that empty
+    some channels but not others their average weights later batches slightly
+    more.
+
+    **Unbiased running variance** (``unbiased_running_var=True``, PyTorch's
+    convention): the variance averaged into the state is
+    :math:`\sigma_B^2 \, n / (n - 1)`, with ``n`` the count of valid elements
+    across all devices; normalization still uses the biased :math:`\sigma_B^2`.
+    A channel with ``n == 1`` (possible only with a mask) keeps its running
+    variance; its mean is updated.
+
     The training step is a ``jax.custom_vjp`` near the memory-traffic floor: it
     saves only ``x`` (in its own dtype) and per-feature vectors, and its
     backward makes one pass for ``Σdy``, ``Σdy·x̂`` (one cross-device sum) and
@@ -202,19 +289,25 @@ def batch_norm(
     running statistics it returns carry no gradient.
 
     The running statistics are never poisoned: if the batch statistics of any
-    channel are not finite (a NaN or Inf in the batch), the state is returned
-    unchanged; channels with no valid element (fully masked) keep theirs. The
-    output is whatever the input deserves (non-finite for a non-finite batch).
+    channel are not finite (a NaN or Inf in the batch), the state (``count``
+    included) is returned unchanged; channels with no valid element (fully
+    masked) keep theirs. The output is whatever the input deserves (non-finite
+    for a non-finite batch).
 
     Args:
       x: floating input, e.g. NHWC (``axis=-1``) or NCHW (``axis=1``).
       params: ``{'scale': γ, 'bias': β}``, each optional, of the feature shape;
         ``None`` or ``{}`` for neither.
-      state: ``{'mean', 'var'}`` of the feature shape (flax's ``batch_stats``).
-      training: a Python bool: batch statistics and an updated state, or the
-        running statistics.
+      state: ``{'mean', 'var'}`` of the feature shape (flax's ``batch_stats``),
+        plus the scalar ``'count'`` for ``momentum=None``.
+      training: a Python bool: normalize with batch statistics (and, by
+        default, update the state), or with the running statistics.
+      update_running_stats: a Python bool, or None for ``training``: whether
+        the returned state averages in the batch statistics (see the table).
       axis: the feature axis or axes.
-      momentum: in [0, 1]; weight of the old running statistics.
+      momentum: in [0, 1], the weight of the old running statistics; or None
+        for the cumulative average.
+      unbiased_running_var: average ``var * n / (n - 1)`` into the state.
       epsilon: > 0, added to the variance.
       axis_name: device axis name(s) bound by ``pmap``/``shard_map``/``vmap``
         to synchronize statistics over; None under plain ``jit`` with a sharded
@@ -239,50 +332,73 @@ def batch_norm(
     >>> y, same = batch_norm(x, params, state, training=False)
     >>> same is state
     True
+    >>> _, cumulative = batch_norm_init(2, cumulative=True)
+    >>> for batch in (x, x + 2.0):
+    ...     _, cumulative = batch_norm(batch, params, cumulative, training=True,
+    ...                                momentum=None, unbiased_running_var=True)
+    >>> cumulative['mean'], cumulative['var'], cumulative['count']
+    (Array([ 2., 21.], dtype=float32), Array([  2., 200.], dtype=float32), Array(2., dtype=float32))
+    >>> y, same = batch_norm(x, params, state, training=True, update_running_stats=False)
+    >>> same is state
+    True
     """
-    if not isinstance(training, bool):
-        raise TypeError(
-            f"training must be a Python bool, got {training!r}. It selects the code "
-            "path at trace time; to switch inside jit, use lax.cond over two calls."
-        )
+    _validation.check_static_bool(training, "training")
+    _validation.check_static_bool(update_running_stats, "update_running_stats", none_ok=True)
+    _validation.check_static_bool(unbiased_running_var, "unbiased_running_var")
+    update = training if update_running_stats is None else update_running_stats
     x = _validation.check_floating(x)
     _validation.check_epsilon(epsilon)
-    _validation.check_momentum(momentum)
     _validation.check_dtype(dtype)
     _, reduction_axes, feature_shape = _feature_axes(x, axis)
     params = _validation.check_feature_arrays(params, _PARAM_KEYS, (), feature_shape, "params")
-    checked_state = _validation.check_feature_arrays(state, _STATE_KEYS, _STATE_KEYS, feature_shape, "state")
+    checked_state = _validation.check_feature_arrays(
+        state, _STATE_KEYS, _STATE_KEYS, feature_shape, "state", scalars=(_COUNT_KEY,)
+    )
+    if momentum is not None:
+        _validation.check_momentum(momentum)
+    if update:
+        _check_cumulative_state(checked_state, momentum)
     out_dtype = _output_dtype(x, params, dtype)
     compute_dtype = _compute_dtype(x, dtype)
 
-    if not training:
-        y = _kernels.affine_normalize(
-            x, checked_state["mean"], None, checked_state["var"], params, reduction_axes, epsilon,
-            compute_dtype, out_dtype,
-        )
-        return y, state
-
-    if mask is None:
+    if (training or update) and mask is None:
         global_count = math.prod(x.shape[i] for i in reduction_axes) * stats.axis_size(
             axis_name, axis_index_groups
         )
         if global_count == 1:
             raise ValueError(
-                f"batch_norm in training needs more than one value per feature, but "
-                f"an input of shape {x.shape} with axis={axis!r} has exactly one "
-                "(across all devices): its variance is 0 and its output is all "
-                "bias. Use a larger batch, training=False, or layer/group norm."
+                f"batch_norm with batch statistics (training or update_running_stats) needs "
+                f"more than one value per feature, but an input of shape {x.shape} with "
+                f"axis={axis!r} has exactly one (across all devices): its variance is 0 (in "
+                "training the output is all bias). Use a larger batch, training=False, or "
+                "layer/group norm."
             )
-    y, batch = _kernels.batch_norm_train(
-        x,
-        params,
-        checked_state["mean"],
-        mask if mask is None else _validation.check_mask(mask, x.shape),
-        reduction_axes=reduction_axes,
-        epsilon=epsilon,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        compute_dtype=compute_dtype,
-        out_dtype=out_dtype,
-    )
-    return y, _update_running_stats(checked_state, batch, momentum)
+    if mask is not None and (training or update):
+        mask = _validation.check_mask(mask, x.shape)
+    if training:
+        y, batch = _kernels.batch_norm_train(
+            x,
+            params,
+            checked_state["mean"],
+            mask,
+            reduction_axes=reduction_axes,
+            epsilon=epsilon,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            compute_dtype=compute_dtype,
+            out_dtype=out_dtype,
+        )
+    else:
+        y = _kernels.affine_normalize(
+            x, checked_state["mean"], None, checked_state["var"], params, reduction_axes, epsilon,
+            compute_dtype, out_dtype,
+        )
+        if update:
+            batch = stats.moments(
+                lax.stop_gradient(x), reduction_axes, mask=mask, axis_name=axis_name,
+                axis_index_groups=axis_index_groups, dtype=compute_dtype,
+                shift=lax.stop_gradient(checked_state["mean"]),
+            )
+    if not update:
+        return y, state
+    return y, _update_running_stats(checked_state, batch, momentum, unbiased_running_var)

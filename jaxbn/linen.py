@@ -63,6 +63,14 @@ class BatchNorm(nn.Module):
     jaxbn has no unstable mode), a non-finite batch leaves the running
     statistics unchanged, and bad arguments raise at trace time.
 
+    Options flax lacks (their defaults change nothing, so a default module's
+    variables stay flax's): ``momentum=None`` keeps the exact cumulative average
+    of all batch statistics and creates a third variable ``batch_stats/count``
+    (the number of batches averaged); ``unbiased_running_var`` averages the
+    unbiased variance (PyTorch's convention); ``update_running_stats`` decides
+    separately from ``use_running_average`` whether the running statistics are
+    updated (see the table in :func:`jaxbn.batch_norm`).
+
     During ``init`` (as flax) statistics are neither synchronized nor written;
     a batch with a single element per feature is then normalized with the
     initial running statistics, since its batch variance is meaningless.
@@ -71,7 +79,8 @@ class BatchNorm(nn.Module):
       use_running_average: normalize with ``batch_stats`` (inference) instead
         of batch statistics; may also be passed to ``__call__``.
       axis: the feature axis (or axes).
-      momentum: decay of the running average, in [0, 1].
+      momentum: decay of the running average, in [0, 1]; None for the
+        cumulative average (adds ``batch_stats/count``).
       epsilon: added to the variance, > 0.
       dtype: output dtype (default: promotion of input and params).
       param_dtype: dtype of ``scale`` and ``bias``.
@@ -86,6 +95,10 @@ class BatchNorm(nn.Module):
       force_float32_reductions: when False, running statistics are stored in
         ``param_dtype`` (as flax); statistics are still reduced in at least
         float32.
+      unbiased_running_var: average ``var * n / (n - 1)`` (``n`` the global
+        count) into the running variance, as PyTorch.
+      update_running_stats: update the running statistics from the batch;
+        None (default): exactly when not ``use_running_average``.
 
     >>> import jax, jax.numpy as jnp
     >>> bn = BatchNorm(use_running_average=False, momentum=0.9)
@@ -96,6 +109,11 @@ class BatchNorm(nn.Module):
     >>> y, updates = bn.apply(variables, x, mutable=['batch_stats'])
     >>> bool(jnp.allclose(updates['batch_stats']['mean'], 0.1 * x.mean(0)))
     True
+    >>> cumulative = BatchNorm(use_running_average=False, momentum=None)
+    >>> variables = cumulative.init(jax.random.key(1), x)
+    >>> _, updates = cumulative.apply(variables, x, mutable=['batch_stats'])
+    >>> updates['batch_stats']['count']
+    Array(1., dtype=float32)
     """
 
     use_running_average: bool | None = None
@@ -112,6 +130,8 @@ class BatchNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+    unbiased_running_var: bool = False
+    update_running_stats: bool | None = None
 
     @nn.compact
     def __call__(
@@ -140,29 +160,36 @@ class BatchNorm(nn.Module):
         stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape)
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape)
+        running = {"mean": ra_mean, "var": ra_var}
+        if self.momentum is None:  # only then, so default variables stay flax's
+            running["count"] = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.float32))
         params = _affine_params(self, feature_shape, self.use_scale, self.use_bias)
-        state = {"mean": ra_mean.value, "var": ra_var.value}
+        state = {key: variable.value for key, variable in running.items()}
 
         training = not use_running_average
         initializing = self.is_initializing()
         if training and initializing and mask is None and x.size == len(ra_mean.value.ravel()):
             training = False  # one element per feature: see the class docstring
+        update = training if self.update_running_stats is None else self.update_running_stats
+        update = update and not initializing  # init writes nothing, as flax
         y, new_state = functional.batch_norm(
             x,
             params,
             state,
             training=training,
+            update_running_stats=update,
             axis=self.axis,
             momentum=self.momentum,
+            unbiased_running_var=self.unbiased_running_var,
             epsilon=self.epsilon,
             axis_name=None if initializing else self.axis_name,
             axis_index_groups=None if initializing else self.axis_index_groups,
             mask=mask,
             dtype=self.dtype,
         )
-        if training and not initializing:
-            ra_mean.value = new_state["mean"]
-            ra_var.value = new_state["var"]
+        if update:
+            for key, variable in running.items():
+                variable.value = new_state[key]
         return y
 
 
