@@ -1,7 +1,17 @@
 """Flax linen modules: drop-in replacements that call the functional core.
 
 A module here owns its variables (the same names and collections as flax's)
-and passes them to :mod:`jaxbn.functional`; it computes nothing itself.
+and passes them to :mod:`jaxbn.functional` or :mod:`jaxbn.alternatives`; it
+computes nothing itself. Fields are flax's, in flax's order (so positional
+construction matches), with two that jaxbn treats differently:
+
+- ``use_fast_variance``: accepted and ignored; jaxbn's variance is always the
+  stable one (exact at large offsets), there is no unstable fast mode.
+- ``force_float32_reductions``: jaxbn always reduces in at least float32. In
+  ``BatchNorm``, False stores the running statistics in ``param_dtype`` (as
+  flax); in the other modules, False (half-precision statistics in flax) raises
+  ``NotImplementedError`` for a half-precision input and changes nothing
+  otherwise.
 """
 
 from __future__ import annotations
@@ -199,12 +209,8 @@ class LayerNorm(nn.Module):
     Statistics per example over ``reduction_axes``; ``scale``/``bias`` of the
     ``feature_axes`` shape.
 
-    Other fields, defaults and variables are flax's. Attributes that differ:
-      use_fast_variance: accepted and ignored; jaxbn's variance is always the
-        stable one (exact at large offsets), there is no unstable fast mode.
-      force_float32_reductions: jaxbn always reduces in at least float32;
-        False (half-precision statistics in flax) raises NotImplementedError
-        for a half-precision input and changes nothing otherwise.
+    Other fields, defaults and variables are flax's; ``use_fast_variance`` and
+    ``force_float32_reductions`` as described in the module docstring.
 
     >>> import jax, jax.numpy as jnp
     >>> x = jax.random.normal(jax.random.key(0), (2, 3)) + 1e4
@@ -244,12 +250,8 @@ class RMSNorm(nn.Module):
 
     ``x / sqrt(E[x^2] + eps) * scale`` per example over ``reduction_axes``.
 
-    Other fields, defaults and variables are flax's. Attributes that differ:
-      use_fast_variance: accepted and ignored; jaxbn's variance is always the
-        stable one (exact at large offsets), there is no unstable fast mode.
-      force_float32_reductions: jaxbn always reduces in at least float32;
-        False (half-precision statistics in flax) raises NotImplementedError
-        for a half-precision input and changes nothing otherwise.
+    Other fields, defaults and variables are flax's; ``use_fast_variance`` and
+    ``force_float32_reductions`` as described in the module docstring.
 
     >>> import jax, jax.numpy as jnp
     >>> x = jnp.array([[3.0, -4.0]])
@@ -287,12 +289,8 @@ class GroupNorm(nn.Module):
     ``group_size``: pass ``num_groups=None``); ``scale``/``bias`` of shape
     ``(C,)``.
 
-    Other fields, defaults and variables are flax's. Attributes that differ:
-      use_fast_variance: accepted and ignored; jaxbn's variance is always the
-        stable one (exact at large offsets), there is no unstable fast mode.
-      force_float32_reductions: jaxbn always reduces in at least float32;
-        False (half-precision statistics in flax) raises NotImplementedError
-        for a half-precision input and changes nothing otherwise.
+    Other fields, defaults and variables are flax's; ``use_fast_variance`` and
+    ``force_float32_reductions`` as described in the module docstring.
 
     >>> import jax, jax.numpy as jnp
     >>> x = jax.random.normal(jax.random.key(0), (2, 4, 4, 6))
@@ -333,12 +331,8 @@ class InstanceNorm(nn.Module):
 
     Statistics per example and feature over the other non-batch axes.
 
-    Other fields, defaults and variables are flax's. Attributes that differ:
-      use_fast_variance: accepted and ignored; jaxbn's variance is always the
-        stable one (exact at large offsets), there is no unstable fast mode.
-      force_float32_reductions: jaxbn always reduces in at least float32;
-        False (half-precision statistics in flax) raises NotImplementedError
-        for a half-precision input and changes nothing otherwise.
+    Other fields, defaults and variables are flax's; ``use_fast_variance`` and
+    ``force_float32_reductions`` as described in the module docstring.
 
     >>> import jax, jax.numpy as jnp
     >>> x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
