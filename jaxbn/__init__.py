@@ -2,15 +2,18 @@
 
 Pure functions do the work: :func:`moments` reduces (count-weighted across
 devices, stable at large offsets, one collective), :func:`normalize` and
-:func:`batch_norm` normalize with explicit ``{'mean', 'var'}`` state;
+:func:`batch_norm` normalize with explicit ``{'mean', 'var'}`` state, and
+:func:`batch_renorm` (with the :func:`renorm_clipping` schedule) corrects
+batch norm towards that state;
 :func:`layer_norm`, :func:`rms_norm`, :func:`group_norm` and
 :func:`instance_norm` take per-example statistics from the same
-:func:`moments`. The Flax modules in :mod:`jaxbn.linen` own variables and
-call these functions.
+:func:`moments`. The Flax modules in :mod:`jaxbn.linen` and :mod:`jaxbn.nnx`
+own variables and call these functions.
 """
 
 from jaxbn.alternatives import group_norm, instance_norm, layer_norm, rms_norm
 from jaxbn.functional import batch_norm, batch_norm_init, normalize
+from jaxbn.renorm import batch_renorm, renorm_clipping
 from jaxbn.stats import Moments, moments
 
 __version__ = "0.1.0"
@@ -19,10 +22,12 @@ __all__ = [
     "Moments",
     "batch_norm",
     "batch_norm_init",
+    "batch_renorm",
     "group_norm",
     "instance_norm",
     "layer_norm",
     "moments",
     "normalize",
+    "renorm_clipping",
     "rms_norm",
 ]

@@ -8,7 +8,9 @@ there: it saves or recomputes full-size intermediates (x - mean, x̂, float32
 copies of bfloat16 tensors). :func:`batch_norm_train` is a ``jax.custom_vjp``
 that saves only ``x`` (in its own dtype) and per-feature vectors, and whose
 backward is one pair of reductions (:func:`jaxbn.stats.channel_sums`), one
-cross-device sum, and one elementwise pass.
+cross-device sum, and one elementwise pass. Batch renormalization runs on the
+same step: its per-feature correction (:func:`renorm_correction`) is folded
+into the scale and bias, so it moves exactly what batch norm moves.
 """
 
 from __future__ import annotations
@@ -79,28 +81,65 @@ def _parameter_cotangent(local, global_, primal, axis_names):
     return lax.psum(local, tuple(sorted(missing, key=str)))
 
 
+def renorm_correction(
+    batch: stats.Moments,
+    running_mean: jax.Array,
+    running_var: jax.Array,
+    r_max: jax.Array,
+    d_max: jax.Array,
+    epsilon: float,
+) -> tuple[jax.Array, jax.Array]:
+    """Batch renormalization's ``(r, d)`` (Ioffe, 2017), constants for autodiff.
+
+    ``r = clip(σ_B / σ, 1/r_max, r_max)`` and ``d = clip((μ_B - μ) / σ, -d_max,
+    d_max)`` with ``σ_B = sqrt(var_B + eps)`` and ``σ = sqrt(var + eps)`` from
+    the running statistics. ``μ_B - μ`` is taken as ``(K - μ) + (μ_B - K)``,
+    exact at any offset since ``K`` (the shift) is the running mean unless
+    :func:`jaxbn.stats.moments` re-shifted.
+    """
+    dtype = batch.var.dtype
+    running_mean, running_var, r_max, d_max = (
+        jnp.asarray(v, dtype) for v in (running_mean, running_var, r_max, d_max)
+    )
+    running_std = jnp.sqrt(running_var + epsilon)
+    r = jnp.sqrt((batch.var + epsilon) / (running_var + epsilon))
+    d = ((batch.shift - running_mean) + batch.mean_minus_shift) / running_std
+    r = jnp.minimum(jnp.maximum(r, 1 / r_max), r_max)
+    d = jnp.minimum(jnp.maximum(d, -d_max), d_max)
+    return lax.stop_gradient(r), lax.stop_gradient(d)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _train(x, scale, bias, shift, config, mask):
-    return _train_fwd(x, scale, bias, shift, config, mask)[0]
+def _train(x, scale, bias, shift, config, mask, renorm):
+    return _train_fwd(x, scale, bias, shift, config, mask, renorm)[0]
 
 
-def _train_fwd(x, scale, bias, shift, config, mask):
-    axes, epsilon, axis_name, groups, compute_dtype, out_dtype = config
+def _train_fwd(x, scale, bias, shift, config, mask, renorm):
+    axes, epsilon, axis_name, groups, compute_dtype, out_dtype, reshift = config
     batch = stats.moments(
-        x, axes, mask=mask, axis_name=axis_name, axis_index_groups=groups, dtype=compute_dtype, shift=shift
+        x, axes, mask=mask, axis_name=axis_name, axis_index_groups=groups, dtype=compute_dtype, shift=shift,
+        reshift=reshift,
     )
     params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
+    renorm_rd = None
+    if renorm is not None:
+        # batch renorm's y = γ (x̂ r + d) + β: batch norm with scale γ r and bias γ d + β.
+        renorm_rd = renorm_correction(batch, *renorm, epsilon)
+        r, d = renorm_rd
+        if scale is not None:
+            r, d = scale.astype(compute_dtype) * r, scale.astype(compute_dtype) * d
+        params = {"scale": r, "bias": d if bias is None else d + bias.astype(compute_dtype)}
     y = affine_normalize(
         x, batch.shift, batch.mean_minus_shift, batch.var, params, axes, epsilon, compute_dtype, out_dtype
     )
     inv_std = lax.rsqrt(batch.var + epsilon)
-    residuals = (x, mask, scale, bias, batch.shift, batch.mean_minus_shift, inv_std, batch.count)
+    residuals = (x, mask, scale, bias, batch.shift, batch.mean_minus_shift, inv_std, batch.count, renorm_rd)
     return (y, batch), residuals
 
 
 def _train_bwd(config, residuals, cotangents):
-    axes, _, axis_name, groups, compute_dtype, _ = config
-    x, mask, scale, bias, shift, mean_minus_shift, inv_std, count = residuals
+    axes, _, axis_name, groups, compute_dtype, _, _ = config
+    x, mask, scale, bias, shift, mean_minus_shift, inv_std, count, renorm_rd = residuals
     dy = cotangents[0]  # the statistics feed only the running average: no gradient
 
     def expand(v):
@@ -125,6 +164,14 @@ def _train_bwd(config, residuals, cotangents):
     # y = x̂ γ + β with x̂ using the statistics of the valid elements, so
     # dx = γ r (dy - m Σdy / n - m x̂ Σ(dy x̂) / n), the sums over all elements.
     gain = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
+    local_dscale, global_dscale = local_dy_xhat, sum_dy_xhat
+    if renorm_rd is not None:
+        # batch renorm's y = γ (x̂ r + d) + β with constant r, d (renorm_correction):
+        # dx is batch norm's with gain γ r, and dγ = r Σdy x̂ + d Σdy.
+        renorm_r, renorm_d = renorm_rd
+        gain = gain * renorm_r
+        local_dscale = renorm_r * local_dy_xhat + renorm_d * local_dy
+        global_dscale = renorm_r * sum_dy_xhat + renorm_d * sum_dy
     n = jnp.maximum(count, 1)
     correction = expand(sum_dy / n) + x_hat(x) * expand(sum_dy_xhat / n)
     if mask is not None:
@@ -139,8 +186,9 @@ def _train_bwd(config, residuals, cotangents):
 
     return (
         dx,
-        parameter_grad(scale, local_dy_xhat, sum_dy_xhat),
+        parameter_grad(scale, local_dscale, global_dscale),
         parameter_grad(bias, local_dy, sum_dy),
+        None,
         None,
         None,
     )
@@ -161,14 +209,24 @@ def batch_norm_train(
     axis_index_groups: Any,
     compute_dtype: Any,
     out_dtype: Any,
+    renorm: tuple[jax.Array, jax.Array, Any, Any] | None = None,
+    reshift: bool | None = None,
 ) -> tuple[jax.Array, stats.Moments]:
     """Training-mode batch norm with batch statistics: ``(y, batch Moments)``.
 
     Differentiable in reverse mode (to any order) with respect to ``x`` and the
     parameters; the statistics it returns carry no gradient. Arguments are as
-    validated by :func:`jaxbn.batch_norm`.
+    validated by :func:`jaxbn.batch_norm`. With ``renorm = (running_mean,
+    running_var, r_max, d_max)`` it is batch renormalization
+    (:func:`jaxbn.batch_renorm`): the same statistics, collectives and passes,
+    with the per-feature correction of :func:`renorm_correction` folded into
+    the scale and bias. ``reshift`` is :func:`jaxbn.stats.moments`'s.
     """
     groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
-    config = (reduction_axes, epsilon, axis_name, groups, jnp.dtype(compute_dtype), jnp.dtype(out_dtype))
-    y, batch = _train(x, params.get("scale"), params.get("bias"), lax.stop_gradient(shift), config, mask)
+    config = (reduction_axes, epsilon, axis_name, groups, jnp.dtype(compute_dtype), jnp.dtype(out_dtype), reshift)
+    if renorm is not None:
+        renorm = tuple(lax.stop_gradient(jnp.asarray(v)) for v in renorm)
+    y, batch = _train(
+        x, params.get("scale"), params.get("bias"), lax.stop_gradient(shift), config, mask, renorm
+    )
     return y, jax.tree_util.tree_map(lax.stop_gradient, batch)

@@ -67,6 +67,12 @@ def check_floating(x: Any, name: str = "x") -> jax.typing.ArrayLike:
     if dtype is None:
         x = jnp.asarray(x)
         dtype = x.dtype
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(
+            f"{name} must have a real floating dtype here, got {dtype}: this function does not "
+            "support complex input (moments, normalize, batch_norm, layer_norm, rms_norm, "
+            "group_norm and instance_norm do)."
+        )
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
             f"{name} must have a floating dtype (float16, bfloat16, float32 or "
@@ -75,16 +81,47 @@ def check_floating(x: Any, name: str = "x") -> jax.typing.ArrayLike:
     return x
 
 
-def check_dtype(dtype: Any, name: str = "dtype") -> None:
-    """Raises unless ``dtype`` is None or a floating dtype."""
+def check_inexact(x: Any, name: str = "x") -> jax.typing.ArrayLike:
+    """Returns ``x`` as an array, raising ``TypeError`` unless it is floating or complex."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        x = jnp.asarray(x)
+        dtype = x.dtype
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64) or "
+            f"a complex one (complex64, complex128), got {dtype}. Cast it first, e.g. "
+            f"{name}.astype(jnp.float32)."
+        )
+    return x
+
+
+def check_dtype(dtype: Any, name: str = "dtype", *, complex_ok: bool = False) -> None:
+    """Raises unless ``dtype`` is None or a floating (or, if ``complex_ok``, complex) dtype."""
     if dtype is None:
         return
+    expected = "a floating or complex dtype" if complex_ok else "a floating dtype"
     try:
         canonical = jnp.dtype(dtype)
     except TypeError as err:
-        raise TypeError(f"{name} must be a floating dtype or None, got {dtype!r}.") from err
-    if not jnp.issubdtype(canonical, jnp.floating):
-        raise TypeError(f"{name} must be a floating dtype or None, got {canonical}.")
+        raise TypeError(f"{name} must be {expected} or None, got {dtype!r}.") from err
+    if not jnp.issubdtype(canonical, jnp.inexact if complex_ok else jnp.floating):
+        raise TypeError(f"{name} must be {expected} or None, got {canonical}.")
+
+
+def check_output_dtype(x_dtype: Any, dtype: Any, name: str = "dtype") -> None:
+    """Raises unless ``dtype`` is None or a dtype the output of an ``x_dtype`` input can take.
+
+    A real input takes a floating dtype; a complex input a complex one (a real
+    output dtype would silently drop the imaginary part).
+    """
+    is_complex = jnp.issubdtype(x_dtype, jnp.complexfloating)
+    check_dtype(dtype, name, complex_ok=is_complex)
+    if is_complex and dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating):
+        raise TypeError(
+            f"{name}={jnp.dtype(dtype)} is real, but the input is {jnp.dtype(x_dtype)}: the output "
+            "would lose its imaginary part. Pass a complex dtype (complex64, complex128) or None."
+        )
 
 
 def canonicalize_axes(ndim: int, axis: Any, name: str = "axis") -> tuple[int, ...]:

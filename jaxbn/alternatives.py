@@ -39,7 +39,7 @@ def _checked_params(
 ) -> dict[str, Any]:
     """The checks every function here shares; returns the validated params."""
     _validation.check_epsilon(epsilon)
-    _validation.check_dtype(dtype)
+    _validation.check_output_dtype(x.dtype, dtype)
     feature_shape = tuple(x.shape[i] for i in feature_axes)
     return _validation.check_feature_arrays(params, allowed, (), feature_shape, "params")
 
@@ -67,8 +67,10 @@ def _normalize_over(
     example). The output has flax's dtype (the requested one, else the
     promotion of ``x`` and the params) and is reshaped to ``out_shape`` if
     given. ``center=False`` is RMS normalization: the divisor is
-    ``E[x^2] = var + mean^2``, a sum of non-negative terms (no cancellation;
+    ``E[|x|^2] = var + |mean|^2``, a sum of non-negative terms (no cancellation;
     ``var`` itself is the shifted, stable one), and nothing is subtracted.
+    Complex ``x`` works throughout (complex mean, real variance ``E|x - mu|^2``,
+    as in :func:`jaxbn.stats.moments`); gradients are JAX's autodiff.
     """
     compute_dtype = _compute_dtype(x, dtype)
     out_dtype = _output_dtype(x, params, dtype)
@@ -83,7 +85,9 @@ def _normalize_over(
         shift, mean_minus_shift, var = keep(batch.shift), keep(batch.mean_minus_shift), keep(batch.var)
     else:
         shift, mean_minus_shift = jnp.zeros((), compute_dtype), None
-        var = keep(batch.var + jnp.square(batch.mean))
+        mean = batch.mean
+        mean_square = jnp.square(mean.real) + jnp.square(mean.imag) if jnp.iscomplexobj(mean) else jnp.square(mean)
+        var = keep(batch.var + mean_square)  # E[|x|^2], real for complex x
     broadcast_shape = tuple(x.shape[i] if i in feature_axes else 1 for i in range(x.ndim))
     params = {key: jnp.reshape(value, broadcast_shape) for key, value in params.items()}
     y = _kernels.affine_normalize(x, shift, mean_minus_shift, var, params, (), epsilon, compute_dtype, out_dtype)
@@ -115,7 +119,9 @@ def layer_norm(
     (flax's default ``E[x^2] - E[x]^2`` loses it at large offsets).
 
     Args:
-      x: floating input; bfloat16/float16 statistics are computed in float32.
+      x: floating or complex input; bfloat16/float16 statistics are computed
+        in float32. For complex ``x`` the mean is complex and the variance
+        the real ``E[|x - E[x]|^2]`` (as flax).
       params: ``{'scale', 'bias'}``, each optional, of the ``feature_axes``
         sizes; None or ``{}`` for neither.
       reduction_axes: the axes the statistics are taken over.
@@ -137,8 +143,10 @@ def layer_norm(
     >>> layer_norm(x, {'scale': jnp.array([1.0, 2.0])}, epsilon=1e-12)
     Array([[-1.,  2.],
            [-1.,  2.]], dtype=float32)
+    >>> layer_norm(jnp.array([[1 + 1j, 3 - 1j]]), epsilon=1e-12)  # mean 2, E|x - 2|^2 = 2
+    Array([[-0.70710677+0.70710677j,  0.70710677-0.70710677j]], dtype=complex64)
     """
-    x = _validation.check_floating(x)
+    x = _validation.check_inexact(x)
     reduction = _validation.canonicalize_axes(x.ndim, reduction_axes, name="reduction_axes")
     features = _validation.canonicalize_axes(x.ndim, feature_axes, name="feature_axes")
     params = _checked_params(x, params, _PARAM_KEYS, features, epsilon, dtype)
@@ -173,7 +181,8 @@ def rms_norm(
     shares the one statistics path (masks, counts, devices, float32).
 
     Args:
-      x: floating input; bfloat16/float16 statistics are computed in float32.
+      x: floating or complex input; bfloat16/float16 statistics are computed
+        in float32. For complex ``x`` the mean square is ``E[|x|^2]``.
       params: ``{'scale'}`` (optional) of the ``feature_axes`` sizes; None or
         ``{}`` for none.
       reduction_axes: the axes the mean square is taken over.
@@ -191,8 +200,10 @@ def rms_norm(
     >>> import jax.numpy as jnp
     >>> rms_norm(jnp.array([[3.0, -4.0, 0.0, 0.0]]), epsilon=1e-12)
     Array([[ 1.2, -1.6,  0. ,  0. ]], dtype=float32)
+    >>> rms_norm(jnp.array([[3j, -4.0, 0.0, 0.0]]), epsilon=1e-12)  # E|x|^2 = 25/4
+    Array([[ 0. +1.2j, -1.6+0.j ,  0. +0.j ,  0. +0.j ]], dtype=complex64)
     """
-    x = _validation.check_floating(x)
+    x = _validation.check_inexact(x)
     reduction = _validation.canonicalize_axes(x.ndim, reduction_axes, name="reduction_axes")
     features = _validation.canonicalize_axes(x.ndim, feature_axes, name="feature_axes")
     params = _checked_params(x, params, ("scale",), features, epsilon, dtype)
@@ -264,7 +275,8 @@ def group_norm(
     layer norm over all non-batch axes, ``group_size=1`` instance norm.
 
     Args:
-      x: floating input ``(batch, ..., C)``.
+      x: floating or complex input ``(batch, ..., C)`` (complex: complex
+        mean, real variance ``E[|x - mu|^2]``).
       params: ``{'scale', 'bias'}``, each optional, of shape ``(C,)``.
       num_groups: the number of groups (flax's default 32); None when
         ``group_size`` is given. Must divide ``C``.
@@ -286,7 +298,7 @@ def group_norm(
     >>> group_norm(x, num_groups=2, epsilon=1e-12)
     Array([[-1.,  1., -1.,  1.]], dtype=float32)
     """
-    x = _validation.check_floating(x)
+    x = _validation.check_inexact(x)
     if reduction_axes is None:
         reduction = tuple(range(1, x.ndim)) or (0,)
     else:
@@ -330,7 +342,8 @@ def instance_norm(
         \gamma_c + \beta_c
 
     Args:
-      x: floating input ``(batch, ...)`` with at least one spatial axis.
+      x: floating or complex input ``(batch, ...)`` with at least one
+        spatial axis (complex: complex mean, real variance ``E[|x - mu|^2]``).
       params: ``{'scale', 'bias'}``, each optional, of the ``feature_axes``
         sizes.
       feature_axes: the channel axes (not 0, the batch axis): ``-1`` for
@@ -351,7 +364,7 @@ def instance_norm(
     Array([[[-1., -1.],
             [ 1.,  1.]]], dtype=float32)
     """
-    x = _validation.check_floating(x)
+    x = _validation.check_inexact(x)
     features = _validation.canonicalize_axes(x.ndim, feature_axes, name="feature_axes")
     if 0 in features:
         raise ValueError(

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import _kernels, _validation, stats
+from jaxbn import _ghost, _kernels, _validation, stats
 
 __all__ = ["normalize", "batch_norm", "batch_norm_init"]
 
@@ -120,8 +120,10 @@ def normalize(
     shape, broadcast along every other axis. Computed in at least float32.
 
     Args:
-      x: floating input.
-      mean, var: per-feature statistics (shape: ``x``'s sizes along ``axis``).
+      x: floating or complex input.
+      mean, var: per-feature statistics (shape: ``x``'s sizes along ``axis``);
+        for complex ``x`` the mean may be complex, the variance is real
+        (``E[|x - mu|^2]``).
       scale, bias: optional per-feature affine parameters.
       axis: the feature axis or axes (``-1`` for NHWC, ``1`` for NCHW).
       epsilon: added to the variance, > 0.
@@ -136,10 +138,13 @@ def normalize(
     ...           jnp.array([1.0, 100.0]), epsilon=1e-12)
     Array([[-1., -1.],
            [ 1.,  1.]], dtype=float32)
+    >>> normalize(jnp.array([[1 + 2j], [1 - 2j]]), jnp.array([1 + 0j]), jnp.array([4.0]), epsilon=1e-12)
+    Array([[0.+1.j],
+           [0.-1.j]], dtype=complex64)
     """
-    x = _validation.check_floating(x)
+    x = _validation.check_inexact(x)
     _validation.check_epsilon(epsilon)
-    _validation.check_dtype(dtype)
+    _validation.check_output_dtype(x.dtype, dtype)
     _, reduction_axes, feature_shape = _feature_axes(x, axis)
     params = _validation.check_feature_arrays(
         {"scale": scale, "bias": bias}, _PARAM_KEYS, (), feature_shape, "params"
@@ -163,7 +168,8 @@ def _update_running_stats(
     any valid channel's batch statistics are not finite the whole state is kept
     and ``count`` does not advance (the decision depends only on globally
     reduced values, so every device takes it alike). Running statistics are not
-    differentiated.
+    differentiated. For complex input the mean is complex (a real ``state['mean']``
+    is promoted to the complex dtype of its precision) and the variance real.
     """
     mean, var, n = (lax.stop_gradient(v) for v in (batch.mean, batch.var, batch.count))
     has_data = n > 0
@@ -181,8 +187,10 @@ def _update_running_stats(
             averaged = previous + (value - previous) / (state[_COUNT_KEY].astype(value.dtype) + 1)
         else:
             averaged = momentum * previous + (1 - momentum) * value
-        # Keep the state's dtype so it stays a stable jit/scan carry.
-        new_state[key] = jnp.where(keep, averaged, old).astype(old.dtype)
+        # Keep the state's dtype so it stays a stable jit/scan carry; a real
+        # running mean becomes complex (same precision) for complex input, as in flax.
+        target = jnp.result_type(old.dtype, jnp.complex64) if jnp.iscomplexobj(value) else old.dtype
+        new_state[key] = jnp.where(keep, averaged, old).astype(target)
     if momentum is None:
         count = state[_COUNT_KEY]
         new_state[_COUNT_KEY] = jnp.where(jnp.any(update), count + 1, count).astype(count.dtype)
@@ -206,6 +214,66 @@ def _check_cumulative_state(state: Mapping[str, Any], momentum: Any) -> None:
         )
 
 
+def _check_batch_norm_args(
+    function: str,
+    x: Any,
+    params: Any,
+    state: Any,
+    *,
+    training: Any,
+    update_running_stats: Any,
+    axis: Any,
+    momentum: Any,
+    unbiased_running_var: Any,
+    epsilon: Any,
+    axis_name: Any,
+    axis_index_groups: Any,
+    mask: Any,
+    dtype: Any,
+    complex_ok: bool = False,
+) -> tuple:
+    """Validates :func:`batch_norm`'s arguments (shared with :func:`batch_renorm`).
+
+    Returns ``(x, params, checked_state, mask, reduction_axes, update,
+    compute_dtype, out_dtype)``; ``function`` names the caller in errors;
+    ``complex_ok`` lets complex ``x`` (and a complex ``dtype``) through.
+    """
+    _validation.check_static_bool(training, "training")
+    _validation.check_static_bool(update_running_stats, "update_running_stats", none_ok=True)
+    _validation.check_static_bool(unbiased_running_var, "unbiased_running_var")
+    update = training if update_running_stats is None else update_running_stats
+    x = _validation.check_inexact(x) if complex_ok else _validation.check_floating(x)
+    _validation.check_epsilon(epsilon)
+    _validation.check_output_dtype(x.dtype, dtype)
+    _, reduction_axes, feature_shape = _feature_axes(x, axis)
+    params = _validation.check_feature_arrays(params, _PARAM_KEYS, (), feature_shape, "params")
+    checked_state = _validation.check_feature_arrays(
+        state, _STATE_KEYS, _STATE_KEYS, feature_shape, "state", scalars=(_COUNT_KEY,)
+    )
+    if momentum is not None:
+        _validation.check_momentum(momentum)
+    if update:
+        _check_cumulative_state(checked_state, momentum)
+    out_dtype = _output_dtype(x, params, dtype)
+    compute_dtype = _compute_dtype(x, dtype)
+
+    if (training or update) and mask is None:
+        global_count = math.prod(x.shape[i] for i in reduction_axes) * stats.axis_size(
+            axis_name, axis_index_groups
+        )
+        if global_count == 1:
+            raise ValueError(
+                f"{function} with batch statistics (training or update_running_stats) needs "
+                f"more than one value per feature, but an input of shape {x.shape} with "
+                f"axis={axis!r} has exactly one (across all devices): its variance is 0 (in "
+                "training the output is all bias). Use a larger batch, training=False, or "
+                "layer/group norm."
+            )
+    if mask is not None and (training or update):
+        mask = _validation.check_mask(mask, x.shape)
+    return x, params, checked_state, mask, reduction_axes, update, compute_dtype, out_dtype
+
+
 def batch_norm(
     x: jax.Array,
     params: Params | None,
@@ -221,6 +289,7 @@ def batch_norm(
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     mask: jax.Array | None = None,
     dtype: Any = None,
+    ghost_batch_size: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     r"""Batch normalization with explicit running statistics.
 
@@ -294,6 +363,38 @@ def batch_norm(
     masked) keep theirs. The output is whatever the input deserves (non-finite
     for a non-finite batch).
 
+    **Ghost batch norm** (``ghost_batch_size=g``; Hoffer et al., 2017, "Train
+    longer, generalize better"; TensorFlow's ``virtual_batch_size``): axis 0
+    (the batch; it must not be a feature axis) is split into ``B / g`` groups
+    of ``g`` consecutive examples, and each group is normalized with its own
+    statistics. ``g`` must divide the batch size on the device. Groups never
+    span devices: with or without ``axis_name`` the statistics that normalize
+    are local, so normalization and its backward need no collective, under
+    ``pmap``/``shard_map`` and under ``jit`` with the batch sharded in
+    multiples of ``g`` (the honest way to get per-device statistics there).
+    For that, each group's statistics take two passes over ``x`` (mean, then
+    centered sums; :func:`jaxbn.stats.moments` with ``reshift=True``) rather
+    than a re-shift decision shared by all groups: one more read of ``x``
+    than batch norm. The running statistics average the groups' statistics,
+    weighted by their counts of valid elements (``mean = Σ n_k μ_k / Σ n_k``,
+    ``var = Σ n_k σ²_k / Σ n_k``; without a mask, the plain average of the
+    ghost means and of the ghost variances, as TensorFlow); ``axis_name``
+    extends that average over the groups of all devices (one small
+    collective), so a replicated state stays identical on every device.
+    ``unbiased_running_var`` uses ``n = Σ n_k``. A non-finite value in any
+    group leaves the whole state unchanged (as a non-finite batch does); a
+    group without valid elements in a channel has weight 0 there. Inference
+    ignores ``g``. ``g`` equal to the batch size (one group) is plain batch
+    norm, bit for bit.
+
+    **Complex input** (complex64/complex128): the mean is complex, the
+    variance the real ``E[|x - μ|^2]``, and ``y = (x - μ) / sqrt(var + ε) · γ
+    + β`` (flax's convention). The running mean becomes complex (a real
+    ``state['mean']`` is promoted, keeping its precision), the running
+    variance stays real. Training differentiates complex input with JAX's
+    autodiff (through :func:`jaxbn.stats.moments`), not the custom VJP, which
+    assumes real inputs.
+
     Args:
       x: floating input, e.g. NHWC (``axis=-1``) or NCHW (``axis=1``).
       params: ``{'scale': γ, 'bias': β}``, each optional, of the feature shape;
@@ -312,10 +413,15 @@ def batch_norm(
       axis_name: device axis name(s) bound by ``pmap``/``shard_map``/``vmap``
         to synchronize statistics over; None under plain ``jit`` with a sharded
         batch (XLA reduces over the global batch itself).
-      axis_index_groups: optional subgroups of ``axis_name`` (pmap only).
+      axis_index_groups: optional subgroups of ``axis_name`` (pmap only; inside
+        ``shard_map`` factor the mesh axis and name the sub-axis instead).
       mask: optional boolean array broadcastable to ``x``: elements that count
         towards the statistics (all elements are normalized).
-      dtype: output dtype; default: the promotion of ``x`` and the params.
+      dtype: output dtype; default: the promotion of ``x`` and the params
+        (complex for complex ``x``; a real dtype is then an error).
+      ghost_batch_size: None, or a positive int dividing the (local) batch
+        size: normalize each group of that many consecutive examples along
+        axis 0 with its own statistics (ghost batch norm, see above).
 
     Returns:
       ``(y, new_state)``.
@@ -341,53 +447,80 @@ def batch_norm(
     >>> y, same = batch_norm(x, params, state, training=True, update_running_stats=False)
     >>> same is state
     True
+    >>> ghosts = jnp.array([[0.0], [2.0], [10.0], [14.0]])  # two ghost batches of 2
+    >>> y, ghost_state = batch_norm(ghosts, {}, batch_norm_init(1)[1], training=True,
+    ...                             ghost_batch_size=2, momentum=0.0, epsilon=1e-12)
+    >>> y.ravel(), ghost_state['mean'], ghost_state['var']  # var: mean of 1 and 4
+    (Array([-1.,  1., -1.,  1.], dtype=float32), Array([6.5], dtype=float32), Array([2.5], dtype=float32))
+    >>> z = jnp.array([[1 + 1j], [-1 - 1j]])
+    >>> y, complex_state = batch_norm(z, {}, batch_norm_init(1)[1], training=True,
+    ...                               momentum=0.0, epsilon=1e-12)
+    >>> y.ravel()  # (z - 0) / sqrt(E|z|^2), E|z|^2 = 2
+    Array([ 0.70710677+0.70710677j, -0.70710677-0.70710677j], dtype=complex64)
+    >>> complex_state['mean'].dtype, complex_state['var']
+    (dtype('complex64'), Array([2.], dtype=float32))
     """
-    _validation.check_static_bool(training, "training")
-    _validation.check_static_bool(update_running_stats, "update_running_stats", none_ok=True)
-    _validation.check_static_bool(unbiased_running_var, "unbiased_running_var")
-    update = training if update_running_stats is None else update_running_stats
-    x = _validation.check_floating(x)
-    _validation.check_epsilon(epsilon)
-    _validation.check_dtype(dtype)
-    _, reduction_axes, feature_shape = _feature_axes(x, axis)
-    params = _validation.check_feature_arrays(params, _PARAM_KEYS, (), feature_shape, "params")
-    checked_state = _validation.check_feature_arrays(
-        state, _STATE_KEYS, _STATE_KEYS, feature_shape, "state", scalars=(_COUNT_KEY,)
+    return _batch_norm(
+        "batch_norm", x, params, state, training=training, update_running_stats=update_running_stats, axis=axis,
+        momentum=momentum, unbiased_running_var=unbiased_running_var, epsilon=epsilon, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, mask=mask, dtype=dtype, ghost_batch_size=ghost_batch_size,
     )
-    if momentum is not None:
-        _validation.check_momentum(momentum)
-    if update:
-        _check_cumulative_state(checked_state, momentum)
-    out_dtype = _output_dtype(x, params, dtype)
-    compute_dtype = _compute_dtype(x, dtype)
 
-    if (training or update) and mask is None:
-        global_count = math.prod(x.shape[i] for i in reduction_axes) * stats.axis_size(
-            axis_name, axis_index_groups
-        )
-        if global_count == 1:
-            raise ValueError(
-                f"batch_norm with batch statistics (training or update_running_stats) needs "
-                f"more than one value per feature, but an input of shape {x.shape} with "
-                f"axis={axis!r} has exactly one (across all devices): its variance is 0 (in "
-                "training the output is all bias). Use a larger batch, training=False, or "
-                "layer/group norm."
-            )
-    if mask is not None and (training or update):
-        mask = _validation.check_mask(mask, x.shape)
+
+def _batch_norm(
+    function: str,
+    x: Any,
+    params: Any,
+    state: Any,
+    *,
+    training: Any,
+    update_running_stats: Any,
+    axis: Any,
+    momentum: Any,
+    unbiased_running_var: Any,
+    epsilon: Any,
+    axis_name: Any,
+    axis_index_groups: Any,
+    mask: Any,
+    dtype: Any,
+    ghost_batch_size: Any,
+    renorm_limits: tuple[Any, Any] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`batch_norm`, and with ``renorm_limits = (r_max, d_max)`` :func:`jaxbn.batch_renorm`.
+
+    ``function`` names the caller in error messages. Renormalization applies
+    in training only (inference is batch norm's) and to real inputs.
+    """
+    renorm = training and renorm_limits is not None
+    x, params, checked_state, mask, reduction_axes, update, compute_dtype, out_dtype = _check_batch_norm_args(
+        function, x, params, state, training=training, update_running_stats=update_running_stats, axis=axis,
+        momentum=momentum, unbiased_running_var=unbiased_running_var, epsilon=epsilon, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, mask=mask, dtype=dtype, complex_ok=not renorm,
+    )
+    shift, running_var = checked_state["mean"], checked_state["var"]
+    ghost = _ghost.check_ghost_batch_size(ghost_batch_size, x, reduction_axes, mask, training or update)
+    if ghost:
+        # Ghost groups as an extra feature axis: (B, ...) -> (B/g, g, ...), statistics
+        # per group and device (no cross-device reduction normalizes).
+        x_ghost, mask, stats_axes, params_ghost, shift = _ghost.ghost_view(x, mask, reduction_axes, params, shift, ghost)
+        running_var = jnp.broadcast_to(running_var, shift.shape)
+        stats_axis_name, stats_axis_index_groups = None, None
+        # Several groups: two passes, so that no re-shift decision spans groups
+        # (under jit with the batch sharded it would span devices: a collective).
+        reshift = True if x_ghost.shape[0] > 1 else None
+    else:
+        x_ghost, stats_axes, params_ghost = x, reduction_axes, params
+        stats_axis_name, stats_axis_index_groups = axis_name, axis_index_groups
+        reshift = None
     if training:
-        y, batch = _kernels.batch_norm_train(
-            x,
-            params,
-            checked_state["mean"],
-            mask,
-            reduction_axes=reduction_axes,
-            epsilon=epsilon,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            compute_dtype=compute_dtype,
-            out_dtype=out_dtype,
+        y, batch = _train_with_batch_statistics(
+            x_ghost, params_ghost, shift, mask, reduction_axes=stats_axes, epsilon=epsilon,
+            axis_name=stats_axis_name, axis_index_groups=stats_axis_index_groups,
+            compute_dtype=compute_dtype, out_dtype=out_dtype, reshift=reshift,
+            renorm=(shift, running_var, *renorm_limits) if renorm else None,
         )
+        if ghost:
+            y = y.reshape(x.shape)
     else:
         y = _kernels.affine_normalize(
             x, checked_state["mean"], None, checked_state["var"], params, reduction_axes, epsilon,
@@ -395,10 +528,40 @@ def batch_norm(
         )
         if update:
             batch = stats.moments(
-                lax.stop_gradient(x), reduction_axes, mask=mask, axis_name=axis_name,
-                axis_index_groups=axis_index_groups, dtype=compute_dtype,
-                shift=lax.stop_gradient(checked_state["mean"]),
+                lax.stop_gradient(x_ghost), stats_axes, mask=mask, axis_name=stats_axis_name,
+                axis_index_groups=stats_axis_index_groups, dtype=compute_dtype,
+                shift=lax.stop_gradient(shift), reshift=reshift,
             )
     if not update:
         return y, state
+    if ghost:
+        batch = _ghost.combine_ghost_moments(batch, checked_state["mean"], axis_name, axis_index_groups)
     return y, _update_running_stats(checked_state, batch, momentum, unbiased_running_var)
+
+
+def _train_with_batch_statistics(
+    x: jax.Array, params: Params, shift: jax.Array, mask: jax.Array | None, *, reduction_axes: tuple[int, ...],
+    epsilon: float, axis_name: Any, axis_index_groups: Any, compute_dtype: Any, out_dtype: Any,
+    reshift: bool | None = None, renorm: tuple | None = None,
+) -> tuple[jax.Array, stats.Moments]:
+    """Training-mode normalization: the custom-VJP kernel, or autodiff for complex ``x``.
+
+    The kernel's hand-written backward assumes real inputs; complex ones are
+    differentiated by JAX through :func:`jaxbn.stats.moments` and the same
+    :func:`jaxbn._kernels.affine_normalize` (correct, at autodiff's memory
+    traffic). The statistics returned carry no gradient.
+    """
+    if not jnp.iscomplexobj(x):
+        return _kernels.batch_norm_train(
+            x, params, shift, mask, reduction_axes=reduction_axes, epsilon=epsilon, axis_name=axis_name,
+            axis_index_groups=axis_index_groups, compute_dtype=compute_dtype, out_dtype=out_dtype,
+            renorm=renorm, reshift=reshift,
+        )
+    batch = stats.moments(
+        x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        dtype=compute_dtype, shift=lax.stop_gradient(shift), reshift=reshift,
+    )
+    y = _kernels.affine_normalize(
+        x, batch.shift, batch.mean_minus_shift, batch.var, params, reduction_axes, epsilon, compute_dtype, out_dtype
+    )
+    return y, jax.tree_util.tree_map(lax.stop_gradient, batch)

@@ -21,11 +21,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.core import meta
 from flax.linen import initializers
 
-from jaxbn import alternatives, functional
+from jaxbn import alternatives, functional, renorm
 
-__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
+__all__ = ["BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
 
 
 def _feature_shape(x: Any, axes: Any) -> tuple[int, ...]:
@@ -60,6 +61,24 @@ def _check_float32_reductions(module: nn.Module, x: Any) -> None:
         )
 
 
+def _running_init(module: nn.Module, fill: float, shape: tuple[int, ...], dtype: Any) -> Any:
+    """A running statistic filled with ``fill``, boxed as ``scale`` (else ``bias``) if that is boxed.
+
+    flax annotates parameters only (``nn.with_partitioning`` /
+    ``nn.with_logical_partitioning`` on an initializer); giving the running
+    statistics the same box makes ``nn.get_partition_spec`` shard them like the
+    parameters. The initializer is only traced (``jax.eval_shape``) for its
+    metadata; unannotated initializers give a plain array, as flax.
+    """
+    value = jnp.full(shape, fill, dtype)
+    inits = [init for use, init in ((module.use_scale, module.scale_init), (module.use_bias, module.bias_init)) if use]
+    for init in inits:
+        box = jax.eval_shape(lambda key: init(key, value.shape, module.param_dtype), jax.random.key(0))
+        if isinstance(box, meta.AxisMetadata):
+            return box.replace_boxed(value)
+    return value
+
+
 class BatchNorm(nn.Module):
     """Drop-in replacement for :class:`flax.linen.BatchNorm`.
 
@@ -81,7 +100,22 @@ class BatchNorm(nn.Module):
     separately from ``use_running_average`` whether the running statistics are
     updated (see the table in :func:`jaxbn.batch_norm`).
 
-    During ``init`` (as flax) statistics are neither synchronized nor written;
+    Running statistics carry sharding metadata where the parameters do: when
+    ``scale_init`` (else ``bias_init``) is wrapped in ``nn.with_partitioning``
+    or ``nn.with_logical_partitioning``, ``mean`` and ``var`` get the same box,
+    so ``nn.get_partition_spec`` shards them like ``scale`` (flax annotates
+    parameters only, leaving the statistics replicated).
+
+    ``ghost_batch_size`` normalizes groups of that many consecutive examples
+    with their own statistics (ghost batch norm; see :func:`jaxbn.batch_norm`);
+    None (the default) creates the same variables and computes the same as
+    flax. Complex input (complex64/complex128) is normalized with a complex
+    mean and the real variance ``E[|x - mean|^2]``, as flax; its running mean
+    is created complex (flax creates it real and replaces it by a complex one
+    at the first update), so the variables keep their dtype across steps.
+
+    During ``init`` (as flax) statistics are neither synchronized nor written
+    (nor split into ghost batches, so any init batch size works);
     a batch with a single element per feature is then normalized with the
     initial running statistics, since its batch variance is meaningless.
 
@@ -109,6 +143,8 @@ class BatchNorm(nn.Module):
         count) into the running variance, as PyTorch.
       update_running_stats: update the running statistics from the batch;
         None (default): exactly when not ``use_running_average``.
+      ghost_batch_size: None, or the size of the ghost batches (consecutive
+        examples along axis 0, local to each device) normalized separately.
 
     >>> import jax, jax.numpy as jnp
     >>> bn = BatchNorm(use_running_average=False, momentum=0.9)
@@ -142,6 +178,7 @@ class BatchNorm(nn.Module):
     force_float32_reductions: bool = True
     unbiased_running_var: bool = False
     update_running_stats: bool | None = None
+    ghost_batch_size: int | None = None
 
     @nn.compact
     def __call__(
@@ -168,8 +205,10 @@ class BatchNorm(nn.Module):
         x = jnp.asarray(x) if not hasattr(x, "dtype") else x
         feature_shape = _feature_shape(x, self.axis)
         stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape)
-        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape)
+        # complex input: a complex running mean (flax's turns complex at the first update)
+        mean_dtype = jnp.result_type(stats_dtype, jnp.complex64) if jnp.iscomplexobj(x) else stats_dtype
+        ra_mean = self.variable("batch_stats", "mean", _running_init, self, 0.0, feature_shape, mean_dtype)
+        ra_var = self.variable("batch_stats", "var", _running_init, self, 1.0, feature_shape, stats_dtype)
         running = {"mean": ra_mean, "var": ra_var}
         if self.momentum is None:  # only then, so default variables stay flax's
             running["count"] = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.float32))
@@ -182,7 +221,7 @@ class BatchNorm(nn.Module):
             training = False  # one element per feature: see the class docstring
         update = training if self.update_running_stats is None else self.update_running_stats
         update = update and not initializing  # init writes nothing, as flax
-        y, new_state = functional.batch_norm(
+        y, new_state = self._normalize(
             x,
             params,
             state,
@@ -196,11 +235,20 @@ class BatchNorm(nn.Module):
             axis_index_groups=None if initializing else self.axis_index_groups,
             mask=mask,
             dtype=self.dtype,
+            ghost_batch_size=None if initializing else self.ghost_batch_size,
         )
         if update:
             for key, variable in running.items():
                 variable.value = new_state[key]
+            self._updated()
         return y
+
+    def _normalize(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
+        """The functional call: :func:`jaxbn.batch_norm`."""
+        return functional.batch_norm(x, params, state, **kwargs)
+
+    def _updated(self) -> None:
+        """Called after the running statistics were updated (a hook for subclasses)."""
 
 
 class LayerNorm(nn.Module):
@@ -363,3 +411,64 @@ class InstanceNorm(nn.Module):
             x, params, feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype,
         )
+
+
+class BatchRenorm(BatchNorm):
+    """Batch renormalization (Ioffe, 2017) as a linen module; calls :func:`jaxbn.batch_renorm`.
+
+    ``y = γ (x̂ r + d) + β`` in training, with ``r`` and ``d`` the clipped,
+    gradient-free corrections from the batch towards the running statistics
+    (see :func:`jaxbn.batch_renorm` for the formula); inference is batch
+    norm's. The fields (``ghost_batch_size`` included: ``r`` and ``d`` per
+    ghost batch), call signature and variables are :class:`BatchNorm`'s (so a
+    BatchNorm checkpoint loads, and ``r_max=1, d_max=0`` is BatchNorm
+    exactly), plus two fields:
+
+    - ``r_max`` (>= 1) and ``d_max`` (>= 0): the clipping limits, each a
+      number, or a callable ``step -> value`` evaluated at a step counter the
+      module keeps. Only when one of them is callable does the module add the
+      variable ``batch_stats/steps`` (int32, 0 at init, +1 at every update of
+      the running statistics, the limits using the value before it); with
+      numbers its variables are exactly BatchNorm's. The paper's schedule is
+      ``r_max=lambda s: jaxbn.renorm_clipping(s)[0]``,
+      ``d_max=lambda s: jaxbn.renorm_clipping(s)[1]``. The defaults are the
+      paper's final limits, 3 and 5.
+
+    Reference: S. Ioffe, "Batch Renormalization: Towards Reducing Minibatch
+    Dependence in Batch-Normalized Models", NeurIPS 2017.
+
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> x = jax.random.normal(jax.random.key(0), (8, 3)) * 4.0 + 5.0
+    >>> brn = BatchRenorm(use_running_average=False, momentum=0.9)
+    >>> variables = brn.init(jax.random.key(1), x)
+    >>> jax.tree_util.tree_map(jnp.shape, variables)
+    {'batch_stats': {'mean': (3,), 'var': (3,)}, 'params': {'bias': (3,), 'scale': (3,)}}
+    >>> y, updates = brn.apply(variables, x, mutable=['batch_stats'])
+    >>> scheduled = BatchRenorm(use_running_average=False,
+    ...                         r_max=lambda s: jaxbn.renorm_clipping(s)[0],
+    ...                         d_max=lambda s: jaxbn.renorm_clipping(s)[1])
+    >>> variables = scheduled.init(jax.random.key(1), x)
+    >>> _, updates = scheduled.apply(variables, x, mutable=['batch_stats'])
+    >>> updates['batch_stats']['steps']
+    Array(1, dtype=int32)
+    """
+
+    r_max: Any = 3.0
+    d_max: Any = 5.0
+
+    def _normalize(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
+        """The functional call: :func:`jaxbn.batch_renorm` at the current limits."""
+        steps = self._steps()
+        step = None if steps is None else steps.value
+        r_max, d_max = (limit(step) if callable(limit) else limit for limit in (self.r_max, self.d_max))
+        return renorm.batch_renorm(x, params, state, r_max=r_max, d_max=d_max, **kwargs)
+
+    def _updated(self) -> None:
+        if self.has_variable("batch_stats", "steps"):
+            self.put_variable("batch_stats", "steps", self.get_variable("batch_stats", "steps") + 1)
+
+    def _steps(self) -> Any:
+        """The ``batch_stats/steps`` counter, created only for a callable limit (else None)."""
+        if not (callable(self.r_max) or callable(self.d_max)):
+            return None  # so the variables stay BatchNorm's
+        return self.variable("batch_stats", "steps", lambda: jnp.zeros((), jnp.int32))

@@ -11,6 +11,7 @@ two helpers for its backward.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -116,7 +117,10 @@ def cross_device_sum(
 
     The arrays are stacked and reduced by a single ``lax.psum``, then split
     again. Without an ``axis_name`` they are returned unchanged (under plain
-    ``jit`` XLA has already reduced over the sharded batch).
+    ``jit`` XLA has already reduced over the sharded batch). Inside
+    ``shard_map`` a tuple may name ``vmap`` axes beside mesh axes (with the
+    default checks on): the ``vmap`` part is summed on the device, so it is
+    still one collective.
 
     Args:
       values: arrays of one shape and dtype.
@@ -135,8 +139,64 @@ def cross_device_sum(
     if axis_name is None:
         return values
     axis_size(axis_name, axis_index_groups)  # a clear error for an unbound name
-    stacked = lax.psum(jnp.stack(values), axis_name, axis_index_groups=axis_index_groups)
-    return list(stacked)
+    stacked = jnp.stack(values)
+    manual = _manual_mesh_axes()
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    in_device = tuple(name for name in names if name not in manual)
+    if manual and in_device and axis_index_groups is None:
+        # Inside shard_map, a psum over a vmap axis trips JAX's varying-axes
+        # check (which knows mesh axes only); it is a reduction on the device,
+        # so take it with the check off, then one collective over the mesh axes.
+        with _unchecked_varying_axes():
+            stacked = lax.psum(stacked, in_device)
+        names = tuple(name for name in names if name in manual)
+        if not names:
+            return list(stacked)
+        return list(lax.psum(stacked, names))
+    try:
+        return list(lax.psum(stacked, axis_name, axis_index_groups=axis_index_groups))
+    except NotImplementedError as err:
+        if axis_index_groups is None:
+            raise
+        raise NotImplementedError(
+            f"axis_index_groups={axis_index_groups!r} with axis_name={axis_name!r}: JAX implements "
+            "axis_index_groups under pmap only, not inside shard_map. For statistics over "
+            "sub-groups of devices, factor the mesh axis instead, e.g. jax.make_mesh((replicas, "
+            "group_size), ('replica', 'group')) with the batch sharded over ('replica', 'group'), "
+            "and pass axis_name='group' (see the README's 'Sub-group statistics')."
+        ) from err
+
+
+def _varying_axes(value: Any) -> frozenset:
+    """The manual mesh axes ``value`` varies over inside ``shard_map`` (empty elsewhere)."""
+    aval = jax.typeof(value)
+    vma = getattr(aval, "vma", None)  # newer JAX
+    if vma is None:
+        manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10
+        vma = getattr(manual, "varying", frozenset())
+    return frozenset(vma)
+
+
+def _varying_like(value: jax.Array, like: jax.Array) -> jax.Array:
+    """``value``, typed to vary over every mesh axis ``like`` varies over (a no-op cast)."""
+    missing = _varying_axes(like) - _varying_axes(value)
+    if not missing:
+        return value
+    return lax.pcast(value, tuple(sorted(missing, key=str)), to="varying")
+
+
+def _manual_mesh_axes() -> frozenset:
+    """The mesh axes an enclosing ``shard_map`` has made manual (empty elsewhere)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return frozenset(getattr(mesh, "manual_axes", ()) or ())
+
+
+def _unchecked_varying_axes():
+    """A context with shard_map's varying-axes check off, where JAX has that switch."""
+    from jax._src import config  # private: there is no public switch for this check
+
+    switch = getattr(config, "_check_vma", None)
+    return switch(False) if switch is not None else contextlib.nullcontext()
 
 
 def channel_sums(
@@ -198,6 +258,7 @@ def moments(
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     dtype: Any = None,
     shift: jax.Array | None = None,
+    reshift: bool | None = None,
 ) -> Moments:
     r"""Mean and variance over ``axes``, exact across devices and at large offsets.
 
@@ -229,9 +290,16 @@ def moments(
     poor shift pays for a second). Batch norm passes its running mean as
     ``K``; without one ``K = 0`` and the first call re-shifts.
 
+    **Complex input** (complex64/complex128): the mean (and ``shift``) is
+    complex, the variance is the real ``E[|x - mu|^2]`` (all squares above are
+    ``|.|^2``), and ``count`` and ``var`` have the matching real dtype
+    (float32 for complex64), as :class:`flax.linen.BatchNorm` computes them.
+    The complex first sum crosses devices as its real and imaginary parts in
+    the same single collective.
+
     Args:
-      x: floating input. bfloat16/float16 are reduced in float32; float64 stays
-        float64.
+      x: floating or complex input. bfloat16/float16 are reduced in float32;
+        float64 and complex stay as they are.
       axes: the axes to reduce (an int or a sequence).
       mask: optional boolean array broadcastable to ``x``; only ``True``
         elements count.
@@ -240,9 +308,17 @@ def moments(
         ``jit`` with a sharded batch, where XLA reduces globally.
       axis_index_groups: optional subgroups of ``axis_name`` (pmap only).
       dtype: optional minimum dtype for the statistics (always at least
-        float32).
+        float32); for complex ``x`` a real dtype gives its precision (float64:
+        complex128 statistics).
       shift: optional reference point, broadcastable to the reduced shape;
         treated as a constant (no gradient flows into it).
+      reshift: None (default): re-shift when the amplification test above
+        fails on any feature (one global, data-dependent decision). True:
+        always take the first sum around ``shift``, then both sums around the
+        rough mean (two passes, exact at any offset, and no decision shared
+        between features, so independent feature groups, such as ghost batches
+        on different devices, need no collective). False: trust ``shift``
+        (one pass; exact only when it is near the mean).
 
     Returns:
       :class:`Moments` with arrays of shape ``x.shape`` without ``axes``.
@@ -254,11 +330,20 @@ def moments(
     (Array([10000.,     3.], dtype=float32), Array([1., 1.], dtype=float32), Array([2., 2.], dtype=float32))
     >>> moments(x, 0, mask=jnp.array([[True], [False]])).count
     Array([1., 1.], dtype=float32)
+    >>> z = jnp.array([1 + 1j, -1 - 1j, 3 + 1j, 1 - 1j])
+    >>> moments(z, axes=0)[:2]  # mean 1 + 0j, var E|z - 1|^2 = 2
+    (Array(1.+0.j, dtype=complex64), Array(2., dtype=float32))
     """
-    x = _validation.check_floating(x)
-    _validation.check_dtype(dtype)
+    x = _validation.check_inexact(x)
+    _validation.check_static_bool(reshift, "reshift", none_ok=True)
+    is_complex = jnp.issubdtype(x.dtype, jnp.complexfloating)
+    _validation.check_dtype(dtype, complex_ok=is_complex)
     axes = _validation.canonicalize_axes(x.ndim, axes, name="axes")
-    stats_dtype = jnp.promote_types(x.dtype if dtype is None else dtype, jnp.float32)
+    requested = x.dtype if dtype is None else dtype
+    if is_complex:  # a real dtype sets the precision; the statistics stay complex
+        requested = jnp.promote_types(requested, jnp.complex64)
+    stats_dtype = jnp.promote_types(requested, jnp.float32)
+    real_dtype = jnp.finfo(stats_dtype).dtype  # of var and count: float32 for complex64
     feature_shape = tuple(x.shape[i] for i in range(x.ndim) if i not in axes)
     group_size = axis_size(axis_name, axis_index_groups)
     if mask is not None:
@@ -276,39 +361,67 @@ def moments(
             ) from None
         shift = lax.stop_gradient(shift)
 
+    def abs_square(v):
+        # |v|^2: real for complex v (flax's _abs_sq); jnp.square for real v
+        return jnp.square(v) if not is_complex else jnp.square(v.real) + jnp.square(v.imag)
+
     def centered(x, reference, mask):
         deviation = x.astype(stats_dtype) - jnp.expand_dims(reference, axes)
         # where, not a product: masked-out NaN or Inf padding stays out.
         return deviation if mask is None else jnp.where(mask, deviation, 0)
 
-    def local_sums(reference):
-        return channel_sums(
-            [centered, lambda *ops: jnp.square(centered(*ops))], [x, reference, mask], axes
-        )
+    def local_sums(reference, with_second=True):
+        summands = [centered] + ([lambda *ops: abs_square(centered(*ops))] if with_second else [])
+        return list(channel_sums(summands, [x, reference, mask], axes))
 
-    first, second = local_sums(shift)
+    def global_sums(local):
+        # One collective: a complex sum travels as its real and imaginary parts.
+        parts, widths = [], []
+        for value in local:
+            complex_value = jnp.iscomplexobj(value)
+            parts += [value.real, value.imag] if complex_value else [value]
+            widths.append(2 if complex_value else 1)
+        summed = cross_device_sum(parts, axis_name, axis_index_groups)
+        result, i = [], 0
+        for width in widths:
+            result.append(summed[i] if width == 1 else lax.complex(summed[i], summed[i + 1]))
+            i += width
+        return result
+
+    sums = local_sums(shift, with_second=not reshift)
     if mask is None:
-        count = jnp.full(feature_shape, math.prod(x.shape[i] for i in axes) * group_size, stats_dtype)
-        first, second = cross_device_sum([first, second], axis_name, axis_index_groups)
+        count = jnp.full(feature_shape, math.prod(x.shape[i] for i in axes) * group_size, real_dtype)
+        sums = global_sums(sums)
     else:
-        local_count = jnp.sum(jnp.broadcast_to(mask, x.shape), axes, dtype=stats_dtype)
-        count, first, second = cross_device_sum(
-            [local_count, first, second], axis_name, axis_index_groups
-        )
+        local_count = jnp.sum(jnp.broadcast_to(mask, x.shape), axes, dtype=real_dtype)
+        count, *sums = global_sums([local_count, *sums])
     # Empty channels divide by 1: their sums are 0, so mean = shift, var = 0.
     safe_count = jnp.maximum(count, 1)
-    offset = first / safe_count
-    raw_second = second / safe_count
 
-    # var = raw_second - offset^2 amplifies rounding by raw_second / var; the
-    # comparison is False for NaN, so a non-finite batch takes the cheap branch.
-    poor_shift = jnp.any(jnp.square(offset) * CANCELLATION_LIMIT > (CANCELLATION_LIMIT - 1) * raw_second)
+    if reshift:  # always re-center: no decision shared between features
+        shift = lax.stop_gradient(shift + sums[0] / safe_count)
+        first, second = global_sums(local_sums(shift))
+        offset, raw_second = first / safe_count, second / safe_count
+    else:
+        first, second = sums
+        offset = first / safe_count
+        raw_second = second / safe_count
 
-    def reshift():
-        better = lax.stop_gradient(shift + offset)
-        first, second = cross_device_sum(list(local_sums(better)), axis_name, axis_index_groups)
-        return better, first / safe_count, second / safe_count
+    if reshift is None:
+        # var = raw_second - |offset|^2 amplifies rounding by raw_second / var; the
+        # comparison is False for NaN, so a non-finite batch takes the cheap branch.
+        poor_shift = jnp.any(abs_square(offset) * CANCELLATION_LIMIT > (CANCELLATION_LIMIT - 1) * raw_second)
 
-    shift, offset, raw_second = lax.cond(poor_shift, reshift, lambda: (shift, offset, raw_second))
-    var = jnp.maximum(raw_second - jnp.square(offset), 0)
+        def reshifted():
+            better = lax.stop_gradient(shift + offset)
+            first, second = global_sums(local_sums(better))
+            return better, first / safe_count, second / safe_count
+
+        # Inside shard_map the sums may vary over mesh axes the shift does not (a
+        # replicated running mean, statistics over a sub-group axis): both branches
+        # must return the same types.
+        shift, offset, raw_second = lax.cond(
+            poor_shift, reshifted, lambda: (_varying_like(shift, offset), offset, raw_second)
+        )
+    var = jnp.maximum(raw_second - abs_square(offset), 0)
     return Moments(mean=shift + offset, var=var, count=count, shift=shift, mean_minus_shift=offset)

@@ -1,0 +1,124 @@
+"""Ghost (virtual) batches: ``batch_norm(..., ghost_batch_size=g)``'s helpers.
+
+The batch axis is viewed as ``(B / g, g)`` with the group axis a feature axis,
+so the one training kernel computes per-group statistics; the running
+statistics average the groups' (count-weighted). Hoffer et al., 2017, "Train
+longer, generalize better"; TensorFlow's ``virtual_batch_size``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxbn import stats
+
+Params = Mapping[str, jax.Array]
+
+
+def check_ghost_batch_size(
+    ghost_batch_size: Any, x: jax.Array, reduction_axes: tuple[int, ...], mask: Any, batch_statistics: bool
+) -> int | None:
+    """Validates ``ghost_batch_size``; returns it as an int (None: no ghost batches to form).
+
+    Its divisibility (and the size of a group) matters only where batch
+    statistics are computed, so inference accepts any batch size.
+    """
+    if ghost_batch_size is None:
+        return None
+    if isinstance(ghost_batch_size, (bool, np.bool_)) or not isinstance(ghost_batch_size, (int, np.integer)):
+        raise TypeError(
+            f"ghost_batch_size must be a positive int or None, got {ghost_batch_size!r} of type "
+            f"{type(ghost_batch_size).__name__}."
+        )
+    if ghost_batch_size < 1:
+        raise ValueError(f"ghost_batch_size must be a positive int or None, got {ghost_batch_size}.")
+    if 0 not in reduction_axes:
+        raise ValueError(
+            f"ghost_batch_size={ghost_batch_size} splits axis 0 (the batch) into groups, but axis 0 is a "
+            f"feature axis here (input shape {x.shape}); put the batch first."
+        )
+    if not batch_statistics:  # inference: the running statistics normalize every example
+        return None
+    batch = x.shape[0]
+    if batch % ghost_batch_size:
+        raise ValueError(
+            f"ghost_batch_size={ghost_batch_size} does not divide the batch size {batch} (axis 0 of the "
+            f"input of shape {x.shape}, on this device); choose a divisor of {batch}."
+        )
+    per_group = ghost_batch_size * math.prod(x.shape[i] for i in reduction_axes if i != 0)
+    if mask is None and per_group == 1:
+        raise ValueError(
+            f"ghost_batch_size={ghost_batch_size} leaves one value per feature in each ghost batch of an "
+            f"input of shape {x.shape}: its variance is 0. Use a larger ghost_batch_size."
+        )
+    return int(ghost_batch_size)
+
+
+def ghost_view(
+    x: jax.Array, mask: Any, reduction_axes: tuple[int, ...], params: Params, shift: jax.Array, ghost: int
+) -> tuple[jax.Array, Any, tuple[int, ...], dict[str, jax.Array], jax.Array]:
+    """``x`` as ``(B/g, g, ...)`` with the group axis a feature axis; mask, params, shift to match."""
+    groups = x.shape[0] // ghost
+    x = x.reshape((groups, ghost) + x.shape[1:])
+    if mask is not None:
+        mask = jnp.reshape(mask, (1,) * (x.ndim - 1 - mask.ndim) + mask.shape)
+        lead = (groups, ghost) if mask.shape[0] != 1 else (1, 1)
+        mask = mask.reshape(lead + mask.shape[1:])
+    axes = (1,) + tuple(i + 1 for i in reduction_axes if i != 0)
+    params = {key: _broadcast_to_groups(value, groups) for key, value in params.items()}
+    return x, mask, axes, params, jnp.broadcast_to(shift, (groups,) + shift.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _broadcast_to_groups(value: jax.Array, groups: int) -> jax.Array:
+    """``value`` repeated along a new leading axis of size ``groups``; its VJP sums over it."""
+    return jnp.broadcast_to(value, (groups,) + value.shape)
+
+
+def _broadcast_to_groups_fwd(value, groups):
+    return _broadcast_to_groups(value, groups), None
+
+
+def _broadcast_to_groups_bwd(groups, _, cotangent):
+    # The barrier keeps XLA from folding this sum into the per-group reduction
+    # that made the cotangent, which would read dy once more (1S) for it.
+    return (jnp.sum(lax.optimization_barrier(cotangent), 0),)
+
+
+_broadcast_to_groups.defvjp(_broadcast_to_groups_fwd, _broadcast_to_groups_bwd)
+
+
+def combine_ghost_moments(
+    batch: stats.Moments, shift: jax.Array, axis_name: Any, axis_index_groups: Any
+) -> stats.Moments:
+    """The running-statistics view of per-ghost moments: their count-weighted average.
+
+    ``mean = Σ n_k μ_k / Σ n_k`` and ``var = Σ n_k σ²_k / Σ n_k`` over the
+    ghost groups ``k`` (of every device with ``axis_name``: one collective);
+    without a mask all ``n_k`` are equal and these are the plain averages of
+    the ghost means and variances (TensorFlow's ``virtual_batch_size``). The
+    count is the total ``Σ n_k``.
+    """
+    count = jnp.sum(batch.count, 0)
+    if axis_name is None:
+        # weights n_k / N: one group (g = B) gives its statistics bit for bit
+        weight = batch.count / jnp.maximum(count, 1)
+        mean, var = jnp.sum(weight * batch.mean, 0), jnp.sum(weight * batch.var, 0)
+    else:
+        dtype = batch.mean.dtype  # one stacked collective: complex if the mean is
+        weighted_mean = jnp.sum(batch.count * batch.mean, 0)
+        weighted_var = jnp.sum(batch.count * batch.var, 0).astype(dtype)
+        count, weighted_mean, weighted_var = stats.cross_device_sum(
+            [count.astype(dtype), weighted_mean, weighted_var], axis_name, axis_index_groups
+        )
+        count, safe = count.real, jnp.maximum(count.real, 1)
+        mean, var = weighted_mean / safe, weighted_var.real / safe
+    return stats.Moments(mean=mean, var=var, count=count, shift=shift, mean_minus_shift=mean - shift)

@@ -1,0 +1,210 @@
+"""Batch renormalization (Ioffe, 2017): :func:`batch_renorm` and its clipping schedule.
+
+Batch norm's training step with a per-feature correction towards the running
+statistics; it shares :func:`jaxbn.batch_norm`'s validation, kernel, options
+and running-statistics update (``functional._batch_norm``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbn import _validation, functional
+from jaxbn.functional import Params, State
+
+__all__ = ["batch_renorm", "renorm_clipping"]
+
+
+def check_renorm_limits(r_max: Any, d_max: Any) -> None:
+    """Raises unless ``r_max >= 1`` and ``d_max >= 0`` (scalars; inf allowed; traced let through)."""
+    for name, value, lower, meaning in (
+        ("r_max", r_max, 1.0, "r is clipped to [1/r_max, r_max]"),
+        ("d_max", d_max, 0.0, "d is clipped to [-d_max, d_max]"),
+    ):
+        expected = f"a real scalar >= {lower:g} (inf for no clipping)"
+        if isinstance(value, jax.core.Tracer):
+            if jnp.ndim(value) != 0 or not jnp.issubdtype(value.dtype, jnp.number):
+                raise TypeError(f"{name} must be {expected}, got a traced array of shape {jnp.shape(value)} "
+                                f"and dtype {value.dtype}.")
+            continue
+        number = _validation._static_float(value, name, expected)
+        if not number >= lower:  # also rejects NaN
+            raise ValueError(
+                f"{name} must be a real scalar >= {lower:g} (inf for no clipping), got {number}: {meaning}, "
+                "and r_max=1, d_max=0 is plain batch norm. Ioffe (2017) uses r_max=3, d_max=5 after "
+                "a warm-up; see renorm_clipping for that schedule."
+            )
+
+
+def renorm_clipping(
+    step: Any,
+    *,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    warmup_steps: int = 5000,
+    r_max_steps: int = 40000,
+    d_max_steps: int = 25000,
+) -> tuple[jax.Array, jax.Array]:
+    r"""Batch renormalization's clipping schedule (Ioffe, 2017): ``(r_max, d_max)`` at ``step``.
+
+    Plain batch norm (``r_max = 1``, ``d_max = 0``) up to ``warmup_steps``,
+    then each limit is relaxed linearly to reach its final value at
+    ``r_max_steps`` / ``d_max_steps`` and stays there:
+
+    .. math::
+        r_{max}(t) = 1 + (r_{max} - 1)\,\mathrm{clip}\Big(\frac{t - t_0}{t_r - t_0}, 0, 1\Big),
+        \qquad
+        d_{max}(t) = d_{max}\,\mathrm{clip}\Big(\frac{t - t_0}{t_d - t_0}, 0, 1\Big),
+
+    with ``t0 = warmup_steps``. The defaults are the paper's (r_max = 1, d_max
+    = 0 for 5k steps, reaching r_max = 3 at 40k steps and d_max = 5 at 25k).
+    Pure ``jnp`` arithmetic: ``step`` may be traced (a step counter inside a
+    jitted train step), and an array of steps gives arrays of limits. A limit
+    whose end step equals ``warmup_steps`` switches on right after warm-up.
+
+    Args:
+      step: the training step (0 for the first), an int or float scalar or
+        array, possibly traced.
+      r_max: final ``r_max``, finite and >= 1.
+      d_max: final ``d_max``, finite and >= 0.
+      warmup_steps: steps of plain batch norm, >= 0.
+      r_max_steps: the step at which ``r_max`` is reached, >= ``warmup_steps``.
+      d_max_steps: the step at which ``d_max`` is reached, >= ``warmup_steps``.
+
+    Returns:
+      ``(r_max, d_max)`` at ``step``, float32 arrays of ``step``'s shape, to
+      pass to :func:`batch_renorm`.
+
+    >>> import jax.numpy as jnp
+    >>> r_max, d_max = renorm_clipping(jnp.array([0, 5000, 15000, 25000, 40000, 10**6]))
+    >>> [round(float(v), 4) for v in r_max]
+    [1.0, 1.0, 1.5714, 2.1429, 3.0, 3.0]
+    >>> d_max
+    Array([0. , 0. , 2.5, 5. , 5. , 5. ], dtype=float32)
+    """
+    for name, value, lower in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
+        number = _validation._static_float(value, name, f"a finite number >= {lower:g}")
+        if number is None or not (np.isfinite(number) and number >= lower):
+            raise ValueError(f"renorm_clipping's {name} must be a finite Python number >= {lower:g}, got {value!r}.")
+    for name, value in (("warmup_steps", warmup_steps), ("r_max_steps", r_max_steps), ("d_max_steps", d_max_steps)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be a non-negative Python int, got {value!r}.")
+        if name != "warmup_steps" and value < warmup_steps:
+            raise ValueError(
+                f"{name}={value} is before warmup_steps={warmup_steps}: the limit is relaxed only after "
+                f"warm-up, so {name} must be >= warmup_steps."
+            )
+    dtype = getattr(step, "dtype", None)
+    if dtype is None:
+        step = jnp.asarray(step)
+        dtype = step.dtype
+    if jnp.issubdtype(dtype, jnp.bool_) or not jnp.issubdtype(dtype, jnp.number):
+        raise TypeError(f"step must be an integer or float scalar or array, got dtype {dtype}.")
+    t = jnp.asarray(step).astype(jnp.float32)
+
+    def progress(end):
+        if end == warmup_steps:
+            return (t > warmup_steps).astype(jnp.float32)
+        return jnp.clip((t - warmup_steps) / (end - warmup_steps), 0.0, 1.0)
+
+    return 1.0 + (float(r_max) - 1.0) * progress(r_max_steps), float(d_max) * progress(d_max_steps)
+
+
+def batch_renorm(
+    x: jax.Array,
+    params: Params | None,
+    state: State,
+    *,
+    training: bool,
+    r_max: Any,
+    d_max: Any,
+    update_running_stats: bool | None = None,
+    axis: int | Sequence[int] = -1,
+    momentum: float | None = 0.99,
+    unbiased_running_var: bool = False,
+    epsilon: float = 1e-5,
+    axis_name: Any = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: jax.Array | None = None,
+    dtype: Any = None,
+    ghost_batch_size: int | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    r"""Batch renormalization (Ioffe, 2017) with explicit running statistics.
+
+    Training normalizes with the batch statistics, then corrects towards the
+    running ones, so that the output depends less on the batch (small or
+    non-i.i.d. batches):
+
+    .. math::
+        \hat x = \frac{x - \mu_B}{\sigma_B}, \qquad
+        y = \gamma\,(\hat x\, r + d) + \beta, \\
+        r = \mathrm{sg}\Big(\mathrm{clip}_{[1/r_{max},\, r_{max}]}\frac{\sigma_B}{\sigma}\Big), \qquad
+        d = \mathrm{sg}\Big(\mathrm{clip}_{[-d_{max},\, d_{max}]}\frac{\mu_B - \mu}{\sigma}\Big),
+
+    with :math:`\sigma_B = \sqrt{\sigma_B^2 + \epsilon}` from the batch,
+    :math:`\mu, \sigma = \sqrt{\mathrm{var} + \epsilon}` from ``state``
+    *before* this batch's update, and ``sg`` a stop-gradient: gradients flow
+    through :math:`\mu_B, \sigma_B` as in batch norm, not through ``r`` and
+    ``d``. Unclipped, ``y`` is the inference transform
+    :math:`\gamma (x - \mu)/\sigma + \beta`; ``r_max = 1, d_max = 0`` is
+    exactly :func:`jaxbn.batch_norm` (bit for bit). The running statistics are
+    updated from :math:`\mu_B, \sigma_B^2` exactly as :func:`jaxbn.batch_norm` does
+    (same ``momentum``, cumulative and unbiased options, same guard against a
+    non-finite batch); inference (``training=False``) is :func:`jaxbn.batch_norm`'s.
+
+    Reference: S. Ioffe, "Batch Renormalization: Towards Reducing Minibatch
+    Dependence in Batch-Normalized Models", NeurIPS 2017 (arXiv:1702.03275).
+    The paper starts with ``r_max = 1, d_max = 0`` and relaxes them to 3 and
+    5; :func:`renorm_clipping` computes that schedule from a step counter,
+    traced or not.
+
+    It runs on batch norm's training kernel: one statistics pass, one
+    all-reduce forward and one backward with ``axis_name``, ``r`` and ``d``
+    folded into the per-feature scale (``γ r``) and bias (``γ d + β``). The
+    backward is batch norm's with scale ``γ r``; ``dγ = r Σ dy x̂ + d Σ dy``,
+    ``dβ = Σ dy``. Reverse mode to any order, as :func:`jaxbn.batch_norm`.
+
+    Args:
+      x, params, state, training, update_running_stats, axis, momentum,
+        unbiased_running_var, epsilon, axis_name, axis_index_groups, mask,
+        dtype, ghost_batch_size: as in :func:`jaxbn.batch_norm` (with ghost
+        batches, ``r`` and ``d`` are computed per ghost batch). Real inputs
+        only in training.
+      r_max: >= 1, the bound of ``r`` (``inf``: unbounded). A Python float or
+        a scalar array, possibly traced (e.g. ``renorm_clipping(step)[0]``
+        inside ``jit``); concrete values are checked at trace time, traced
+        ones cannot be (a traced value below 1 clips ``r`` to ``r_max``).
+      d_max: >= 0, the bound of ``|d|`` (``inf``: unbounded); as ``r_max``.
+
+    Returns:
+      ``(y, new_state)``.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxbn import batch_norm, batch_norm_init
+    >>> params, state = batch_norm_init(2)
+    >>> x = jnp.array([[0.0, 10.0], [2.0, 30.0]])
+    >>> y, new_state = batch_renorm(x, params, state, training=True, r_max=3.0, d_max=5.0,
+    ...                             momentum=0.9)
+    >>> y.round(3)  # r = (1, 3), d = (1, 5): clipped in the second channel
+    Array([[0., 2.],
+           [2., 8.]], dtype=float32)
+    >>> new_state['mean']  # updated as batch_norm updates it
+    Array([0.1, 2. ], dtype=float32)
+    >>> bn, _ = batch_norm(x, params, state, training=True)
+    >>> same, _ = batch_renorm(x, params, state, training=True, r_max=1.0, d_max=0.0)
+    >>> bool((same == bn).all())
+    True
+    """
+    _validation.check_static_bool(training, "training")
+    check_renorm_limits(r_max, d_max)
+    return functional._batch_norm(
+        "batch_renorm", x, params, state, training=training, update_running_stats=update_running_stats,
+        axis=axis, momentum=momentum, unbiased_running_var=unbiased_running_var, epsilon=epsilon,
+        axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask, dtype=dtype,
+        ghost_batch_size=ghost_batch_size, renorm_limits=(r_max, d_max),
+    )
