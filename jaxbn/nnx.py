@@ -1,0 +1,739 @@
+"""Flax NNX modules: drop-in replacements that call the functional core.
+
+Each class takes :mod:`flax.nnx`'s constructor arguments in flax's order
+(``num_features`` first, ``rngs`` required, ``scale_metadata`` /
+``bias_metadata`` passed to the :class:`~flax.nnx.Param`), creates the same
+variables under the same names and types (``scale``/``bias`` as
+``nnx.Param``; BatchNorm's ``mean``/``var`` as ``nnx.BatchStat`` in float32)
+and draws the same keys from ``rngs``, so ``nnx.state``, ``nnx.split`` /
+``nnx.merge``, ``nnx.jit``, ``nnx.grad``, ``nnx.Optimizer`` and checkpoints
+treat a model exactly as with flax's modules. A module here owns its variables
+and passes them to :mod:`jaxbn.functional` / :mod:`jaxbn.alternatives`; it
+computes nothing itself.
+
+What jaxbn does differently, as in :mod:`jaxbn.linen`:
+
+- ``use_fast_variance`` is accepted and ignored: the variance is always the
+  stable one (exact at large offsets, still one all-reduce).
+- Statistics are reduced in at least float32 and synchronized over
+  ``axis_name`` weighted by counts (exact with masks and uneven shards).
+- A non-finite batch leaves BatchNorm's running statistics unchanged.
+- Complex input: BatchNorm's running mean becomes complex at the first update
+  (flax's writes the complex mean into its float32 variable, dropping the
+  imaginary part).
+- Bad hyperparameters raise at construction (``momentum``, ``epsilon``,
+  ``num_features``, the grouping) and shape errors at the first call, naming
+  the argument.
+
+``promote_dtype`` behaves as flax's: with the default, the output dtype is
+``dtype`` or the promotion of the input and the module's variables (for
+BatchNorm that includes the float32 running statistics, as in flax), and jaxbn
+keeps the input in its own dtype internally (so a bfloat16 training step saves
+bfloat16 activations); a custom function is applied to ``(x, mean, var, scale,
+bias)`` (BatchNorm) or ``(x, scale, bias)`` as flax applies it, except that
+running statistics are always updated from their stored values.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.nnx.nn import dtypes as _flax_dtypes
+from flax.nnx.nn import initializers
+
+from jaxbn import _validation, alternatives, functional, renorm
+from jaxbn.linen import _feature_shape
+
+__all__ = ["BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
+
+_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+
+
+def _check_num_features(num_features: Any, cls: str) -> int:
+    """Raises unless ``num_features`` is a positive int."""
+    if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features, (numbers.Integral, np.integer)):
+        raise TypeError(
+            f"{cls}: num_features must be a positive int (the size of the feature axis), "
+            f"got {num_features!r} of type {type(num_features).__name__}."
+        )
+    if num_features < 1:
+        raise ValueError(f"{cls}: num_features must be a positive int, got {num_features}.")
+    return int(num_features)
+
+
+def _affine_variables(
+    module: nnx.Module,
+    rngs: nnx.Rngs,
+    num_features: int,
+    param_dtype: Any,
+    inits: tuple[tuple[str, bool, Any, Mapping[str, Any]], ...],
+    disabled: Any,
+) -> None:
+    """Creates ``scale``/``bias`` as flax does: same order, same keys drawn, same metadata."""
+    for name, used, init, metadata in inits:
+        if used:
+            setattr(module, name, nnx.Param(init(rngs.params(), (num_features,), param_dtype), **metadata))
+        else:
+            setattr(module, name, disabled)
+
+
+_SHARDING_METADATA = ("out_sharding", "mesh", "sharding_rules", "eager_sharding")
+
+
+def _shard_like_params(module: nnx.Module, stats: tuple[str, ...], params: tuple[str, ...]) -> None:
+    """Gives the ``stats`` variables the sharding metadata of the first of ``params`` that has any.
+
+    flax annotates parameters only (``scale_metadata={'out_sharding': ...}`` or
+    ``nnx.with_partitioning`` on an initializer); with the same
+    ``out_sharding``/``mesh``/``sharding_rules`` the running statistics get the
+    same partition spec (``nnx.get_partition_spec``), are placed like the
+    parameters when created, and restore onto the same devices. Unannotated
+    parameters leave the statistics as flax's.
+    """
+    for name in params:
+        param = getattr(module, name)
+        metadata = {} if param is None else param.get_metadata()
+        if metadata.get("out_sharding"):
+            metadata = {key: value for key, value in metadata.items() if key in _SHARDING_METADATA}
+            for stat in stats:
+                setattr(module, stat, type(getattr(module, stat))(getattr(module, stat)[...], **metadata))
+            return
+
+
+def _values(module: nnx.Module, names: tuple[str, ...]) -> dict[str, jax.Array]:
+    """The values of the variables ``names`` that exist (are not None)."""
+    return {name: getattr(module, name)[...] for name in names if getattr(module, name) is not None}
+
+
+def _promote(
+    module: nnx.Module, x: Any, state: dict[str, jax.Array], params: dict[str, jax.Array]
+) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array], Any]:
+    """flax's ``promote_dtype`` step: returns ``(x, state, params, output dtype)``.
+
+    With flax's default function nothing is cast (jaxbn computes in at least
+    float32 and keeps ``x`` in its own dtype for the backward pass); the
+    output dtype is what flax's cast would give: ``dtype``, else the promotion
+    of ``x``, ``state`` and ``params``. A custom function is applied to
+    ``(x, *state, *params)`` in flax's order.
+    """
+    x = jnp.asarray(x) if not hasattr(x, "dtype") else x
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return x, state, params, module.dtype  # the functional core rejects x, naming it
+    if module.promote_dtype is _flax_dtypes.promote_dtype:
+        dtype = module.dtype if module.dtype is not None else jnp.result_type(x, *state.values(), *params.values())
+        return x, state, params, dtype
+    state_keys, param_keys = ("mean", "var")[: len(state)], ("scale", "bias")
+    values = (x, *(state.get(k) for k in state_keys), *(params.get(k) for k in param_keys))
+    promoted = module.promote_dtype(values, dtype=module.dtype)
+    x = promoted[0]
+    state = {k: v for k, v in zip(state_keys, promoted[1 : 1 + len(state_keys)])}
+    params = {k: v for k, v in zip(param_keys, promoted[1 + len(state_keys) :]) if v is not None}
+    dtype = module.dtype if module.dtype is not None else jnp.result_type(x, *params.values())
+    return x, state, params, dtype
+
+
+def _to_feature_shape(
+    module: nnx.Module,
+    arrays: dict[str, jax.Array],
+    x: jax.Array,
+    feature_shape: tuple[int, ...],
+    axes_name: str,
+    always: bool = False,
+) -> dict[str, jax.Array]:
+    """Views the ``(num_features,)`` variables in the input's feature shape.
+
+    flax keeps ``(num_features,)`` even for several feature axes (their sizes
+    multiplied); the functional core wants one entry per feature axis. Raises
+    if the input's features are not ``num_features`` (unless there is nothing
+    to reshape and not ``always``: flax's LayerNorm without parameters ignores
+    ``num_features``).
+    """
+    if (arrays or always) and math.prod(feature_shape) != module.num_features:
+        raise ValueError(
+            f"{type(module).__name__}(num_features={module.num_features}) got an input of shape "
+            f"{tuple(x.shape)} with {math.prod(feature_shape)} features along "
+            f"{axes_name}={getattr(module, axes_name)!r}; construct it with "
+            f"num_features={math.prod(feature_shape)}, or check {axes_name} (-1 for NHWC, 1 for NCHW)."
+        )
+    return {key: value.reshape(feature_shape) for key, value in arrays.items()}
+
+
+class BatchNorm(nnx.Module):
+    """Drop-in replacement for :class:`flax.nnx.BatchNorm`; calls :func:`jaxbn.batch_norm`.
+
+    Same constructor arguments (in flax's order), same variables (``scale``,
+    ``bias``: ``nnx.Param``; ``mean``, ``var``: float32 ``nnx.BatchStat``),
+    same ``use_running_average`` switch (from the constructor, the call, or
+    ``.train()`` / ``.eval()`` / ``nnx.view``). In training the output is
+    normalized with the batch statistics and the running statistics become
+    ``momentum * old + (1 - momentum) * batch`` (see :func:`jaxbn.batch_norm`
+    for the math, the custom VJP and the guard against non-finite batches).
+
+    Options flax lacks, whose defaults change nothing (a default module has
+    flax's variables): ``momentum=None`` keeps the exact cumulative average of
+    all batch statistics and adds a float32 scalar ``nnx.BatchStat`` named
+    ``count``; ``unbiased_running_var`` averages ``var * n / (n - 1)``
+    (PyTorch's convention); ``update_running_stats`` decides separately from
+    ``use_running_average`` whether the running statistics are updated (None:
+    exactly in training); ``ghost_batch_size`` normalizes groups of that many
+    consecutive examples separately; ``__call__`` takes ``mask=``.
+
+    Running statistics carry sharding metadata where the parameters do: when
+    ``scale`` (else ``bias``) is annotated (``scale_metadata={'out_sharding':
+    ...}`` or ``nnx.with_partitioning``), ``mean`` and ``var`` get the same
+    ``out_sharding``/``mesh``/``sharding_rules``, so they are sharded like it
+    (flax annotates parameters only, leaving the statistics replicated).
+
+    Args:
+      num_features: the size of the feature axis (the product of the sizes
+        when ``axis`` names several).
+      use_running_average: normalize with the running statistics (inference)
+        instead of the batch's; the call argument takes precedence.
+      axis: the feature axis (or axes): -1 for NHWC, 1 for NCHW.
+      momentum: in [0, 1], the weight of the old running statistics; None for
+        the cumulative average (adds ``count``).
+      epsilon: > 0, added to the variance.
+      dtype: output dtype (default: the promotion of the input and the
+        variables, as flax).
+      param_dtype: dtype of ``scale`` and ``bias``.
+      use_bias: learn a bias β.
+      use_scale: learn a scale γ.
+      bias_init: initializer of the bias (zeros).
+      scale_init: initializer of the scale (ones).
+      axis_name: device axis name(s) bound by ``pmap``/``shard_map``/``vmap``
+        to synchronize statistics over; None under plain ``jit``.
+      axis_index_groups: subgroups of ``axis_name`` (pmap only).
+      use_fast_variance: accepted for compatibility; ignored.
+      promote_dtype: flax's dtype-promotion hook (see the module docstring).
+      rngs: the keys for ``scale_init`` and ``bias_init``.
+      bias_metadata: metadata of the bias ``nnx.Param``.
+      scale_metadata: metadata of the scale ``nnx.Param``.
+      unbiased_running_var: average ``var * n / (n - 1)`` (``n`` the global
+        count of the batch) into the running variance.
+      update_running_stats: whether a call updates the running statistics;
+        None for ``not use_running_average``.
+      ghost_batch_size: None, or the size of the ghost batches (consecutive
+        examples along axis 0, local to each device) normalized with their
+        own statistics (ghost batch norm; see :func:`jaxbn.batch_norm`).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> bn = BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
+    >>> jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(bn)))
+    {'bias': (3,), 'mean': (3,), 'scale': (3,), 'var': (3,)}
+    >>> x = jax.random.normal(jax.random.key(0), (8, 3)) + 5.0
+    >>> y = bn(x)  # training (the default): batch statistics, updates mean/var
+    >>> bool(jnp.allclose(bn.mean[...], 0.1 * x.mean(0)))
+    True
+    >>> bn.eval()  # inference: running statistics, nothing updated
+    >>> bool(jnp.allclose(bn(x), (x - bn.mean[...]) / jnp.sqrt(bn.var[...] + 1e-5), atol=1e-5))
+    True
+    >>> cumulative = BatchNorm(3, momentum=None, rngs=nnx.Rngs(0))
+    >>> _ = cumulative(x)
+    >>> cumulative.count[...]
+    Array(1., dtype=float32)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        axis: int | Any = -1,
+        momentum: float | None = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Any = initializers.zeros_init(),
+        scale_init: Any = initializers.ones_init(),
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: Any = _flax_dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        unbiased_running_var: bool = False,
+        update_running_stats: bool | None = None,
+        ghost_batch_size: int | None = None,
+    ):
+        num_features = _check_num_features(num_features, type(self).__name__)
+        if momentum is not None:
+            _validation.check_momentum(momentum)
+        _validation.check_epsilon(epsilon)
+        _validation.check_dtype(dtype)
+        _validation.check_static_bool(unbiased_running_var, "unbiased_running_var")
+        _validation.check_static_bool(update_running_stats, "update_running_stats", none_ok=True)
+        alternatives._positive_int_or_none(ghost_batch_size, "ghost_batch_size")
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        if momentum is None:  # only then, so a default module's state stays flax's
+            self.count = nnx.BatchStat(jnp.zeros((), jnp.float32))
+        _affine_variables(
+            self, rngs, num_features, param_dtype,
+            (("scale", use_scale, scale_init, scale_metadata), ("bias", use_bias, bias_init, bias_metadata)),
+            nnx.data(None),
+        )
+        _shard_like_params(self, ("mean", "var"), ("scale", "bias"))
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+        self.unbiased_running_var = unbiased_running_var
+        self.update_running_stats = update_running_stats
+        self.ghost_batch_size = ghost_batch_size
+
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Normalizes ``x`` with batch statistics (training) or running ones.
+
+        Args:
+          x: the input; its ``axis`` holds ``num_features`` features.
+          use_running_average: overrides the attribute of the same name.
+          mask: boolean array broadcastable to ``x``; only ``True`` positions
+            count towards the statistics (all are normalized).
+
+        Returns:
+          The normalized input, shaped as ``x``.
+        """
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        if use_running_average is None:
+            raise ValueError(
+                f"{type(self).__name__} needs use_running_average: pass it to the constructor, to the call "
+                "(bn(x, use_running_average=...)), or set it with model.train() / model.eval()."
+            )
+        training = not use_running_average
+        update = training if self.update_running_stats is None else self.update_running_stats
+        running = {"mean": self.mean, "var": self.var}
+        if self.momentum is None:
+            running["count"] = self.count
+        stored = {key: variable[...] for key, variable in running.items()}
+        x, promoted, params, dtype = _promote(
+            self, x, {"mean": stored["mean"], "var": stored["var"]}, _values(self, ("scale", "bias"))
+        )
+        feature_shape = _feature_shape(x, self.axis)
+        state = {**stored, **({} if update else promoted)}  # averaging starts from the stored values
+        vectors = _to_feature_shape(self, {k: state[k] for k in ("mean", "var")}, x, feature_shape, "axis")
+        y, new_state = self._normalize(
+            x,
+            _to_feature_shape(self, params, x, feature_shape, "axis"),
+            {**state, **vectors},
+            training=training,
+            update_running_stats=update,
+            axis=self.axis,
+            momentum=self.momentum,
+            unbiased_running_var=self.unbiased_running_var,
+            epsilon=self.epsilon,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            mask=mask,
+            dtype=dtype,
+        )
+        if update:
+            for key, variable in running.items():
+                value = new_state[key].reshape(stored[key].shape)
+                if value.dtype == stored[key].dtype:
+                    variable[...] = value  # keeps the variable's placement
+                else:  # a complex input's running mean replaces the real one (flax's drops its imaginary part)
+                    variable.set_value(value)
+            self._updated()
+        return y
+
+    def _normalize(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
+        """The functional call: :func:`jaxbn.batch_norm`."""
+        return functional.batch_norm(x, params, state, ghost_batch_size=self.ghost_batch_size, **kwargs)
+
+    def _updated(self) -> None:
+        """Called after the running statistics were updated (a hook for subclasses)."""
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Used by ``nnx.view``: sets ``use_running_average`` when given.
+
+        Args:
+          use_running_average: normalize with the running statistics.
+        """
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+class BatchRenorm(BatchNorm):
+    """Batch renormalization (Ioffe, 2017) as an NNX module; calls :func:`jaxbn.batch_renorm`.
+
+    ``y = γ (x̂ r + d) + β`` in training, with ``r`` and ``d`` the clipped,
+    gradient-free corrections from the batch towards the running statistics
+    (see :func:`jaxbn.batch_renorm`); inference is batch norm's. The
+    arguments and variables are :class:`BatchNorm`'s (so a BatchNorm
+    checkpoint loads, and ``r_max=1, d_max=0`` is BatchNorm exactly; with
+    ``ghost_batch_size``, ``r`` and ``d`` are per ghost batch), plus two, as
+    :class:`jaxbn.linen.BatchRenorm`:
+
+    - ``r_max`` (>= 1) and ``d_max`` (>= 0): the clipping limits, each a
+      number, or a callable ``step -> value`` evaluated at a step counter the
+      module keeps. Only when one of them is callable does the module add the
+      ``nnx.BatchStat`` ``steps`` (int32, 0 at construction, +1 at every
+      update of the running statistics, the limits using the value before
+      it). The paper's schedule is
+      ``r_max=lambda s: jaxbn.renorm_clipping(s)[0]``,
+      ``d_max=lambda s: jaxbn.renorm_clipping(s)[1]``. The defaults are the
+      paper's final limits, 3 and 5.
+
+    Reference: S. Ioffe, "Batch Renormalization: Towards Reducing Minibatch
+    Dependence in Batch-Normalized Models", NeurIPS 2017.
+
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> from flax import nnx
+    >>> x = jax.random.normal(jax.random.key(0), (8, 3)) * 4.0 + 5.0
+    >>> brn = BatchRenorm(3, momentum=0.9, rngs=nnx.Rngs(0))
+    >>> sorted(nnx.to_pure_dict(nnx.state(brn)))
+    ['bias', 'mean', 'scale', 'var']
+    >>> y = brn(x)
+    >>> scheduled = BatchRenorm(3, r_max=lambda s: jaxbn.renorm_clipping(s)[0],
+    ...                         d_max=lambda s: jaxbn.renorm_clipping(s)[1], rngs=nnx.Rngs(0))
+    >>> _ = scheduled(x)
+    >>> scheduled.steps[...]
+    Array(1, dtype=int32)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        axis: int | Any = -1,
+        momentum: float | None = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Any = initializers.zeros_init(),
+        scale_init: Any = initializers.ones_init(),
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: Any = _flax_dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        unbiased_running_var: bool = False,
+        update_running_stats: bool | None = None,
+        ghost_batch_size: int | None = None,
+        r_max: Any = 3.0,
+        d_max: Any = 5.0,
+    ):
+        if not (callable(r_max) or callable(d_max)):
+            renorm.check_renorm_limits(r_max, d_max)
+        super().__init__(
+            num_features, use_running_average=use_running_average, axis=axis, momentum=momentum,
+            epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias, use_scale=use_scale,
+            bias_init=bias_init, scale_init=scale_init, axis_name=axis_name, axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance, promote_dtype=promote_dtype, rngs=rngs,
+            bias_metadata=bias_metadata, scale_metadata=scale_metadata, unbiased_running_var=unbiased_running_var,
+            update_running_stats=update_running_stats, ghost_batch_size=ghost_batch_size,
+        )
+        if callable(r_max) or callable(d_max):  # only then, so the variables stay BatchNorm's
+            self.steps = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        self.r_max = r_max
+        self.d_max = d_max
+
+    def _normalize(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
+        """The functional call: :func:`jaxbn.batch_renorm` at the current limits."""
+        step = self.steps[...] if hasattr(self, "steps") else None
+        r_max, d_max = (limit(step) if callable(limit) else limit for limit in (self.r_max, self.d_max))
+        return renorm.batch_renorm(
+            x, params, state, r_max=r_max, d_max=d_max, ghost_batch_size=self.ghost_batch_size, **kwargs
+        )
+
+    def _updated(self) -> None:
+        if hasattr(self, "steps"):
+            self.steps[...] = self.steps[...] + 1
+
+
+class LayerNorm(nnx.Module):
+    """Drop-in replacement for :class:`flax.nnx.LayerNorm`; calls :func:`jaxbn.layer_norm`.
+
+    Statistics per example over ``reduction_axes``; ``scale``/``bias``
+    (``nnx.Param`` of shape ``(num_features,)``) along ``feature_axes``.
+    Arguments, variables and defaults are flax's (see the module docstring
+    for ``use_fast_variance`` and ``promote_dtype``).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> layer = LayerNorm(3, rngs=nnx.Rngs(0))
+    >>> x = jax.random.normal(jax.random.key(0), (2, 3)) + 1e4
+    >>> bool(jnp.allclose(layer(x).std(-1), 1, atol=1e-3))
+    True
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Any = initializers.zeros_init(),
+        scale_init: Any = initializers.ones_init(),
+        reduction_axes: Any = -1,
+        feature_axes: Any = -1,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: Any = _flax_dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+    ):
+        num_features = _check_num_features(num_features, "LayerNorm")
+        _validation.check_epsilon(epsilon)
+        _validation.check_dtype(dtype)
+        _affine_variables(
+            self, rngs, num_features, param_dtype,
+            (("scale", use_scale, scale_init, scale_metadata), ("bias", use_bias, bias_init, bias_metadata)),
+            nnx.data(None),
+        )
+        self.num_features = num_features
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.reduction_axes = reduction_axes
+        self.feature_axes = feature_axes
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
+        x, _, params, dtype = _promote(self, x, {}, _values(self, ("scale", "bias")))
+        params = _to_feature_shape(self, params, x, _feature_shape(x, self.feature_axes), "feature_axes")
+        return alternatives.layer_norm(
+            x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
+            mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=dtype,
+        )
+
+
+class RMSNorm(nnx.Module):
+    """Drop-in replacement for :class:`flax.nnx.RMSNorm`; calls :func:`jaxbn.rms_norm`.
+
+    ``x / sqrt(E[x^2] + eps) * scale`` per example over ``reduction_axes``;
+    ``scale`` is an ``nnx.Param`` of shape ``(num_features,)``. Arguments,
+    variables and defaults are flax's (see the module docstring).
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> RMSNorm(2, epsilon=1e-12, rngs=nnx.Rngs(0))(jnp.array([[3.0, -4.0]]))
+    Array([[ 0.8485..., -1.1313...]], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_scale: bool = True,
+        scale_init: Any = initializers.ones,
+        reduction_axes: Any = -1,
+        feature_axes: Any = -1,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: Any = _flax_dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+    ):
+        num_features = _check_num_features(num_features, "RMSNorm")
+        _validation.check_epsilon(epsilon)
+        _validation.check_dtype(dtype)
+        _affine_variables(
+            self, rngs, num_features, param_dtype, (("scale", use_scale, scale_init, scale_metadata),), nnx.data(None)
+        )
+        self.num_features = num_features
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_scale = use_scale
+        self.reduction_axes = reduction_axes
+        self.feature_axes = feature_axes
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
+        x, _, params, dtype = _promote(self, x, {}, _values(self, ("scale",)))
+        params = _to_feature_shape(self, params, x, _feature_shape(x, self.feature_axes), "feature_axes")
+        return alternatives.rms_norm(
+            x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
+            mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=dtype,
+        )
+
+
+class GroupNorm(nnx.Module):
+    """Drop-in replacement for :class:`flax.nnx.GroupNorm`; calls :func:`jaxbn.group_norm`.
+
+    Channels last (``num_features`` of them), split into ``num_groups``
+    groups, or groups of ``group_size`` (pass ``num_groups=None``); both are
+    stored resolved, as flax does. ``scale``/``bias`` have shape
+    ``(num_features,)``. Arguments, variables and defaults are flax's (see the
+    module docstring).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> layer = GroupNorm(4, num_groups=2, epsilon=1e-12, rngs=nnx.Rngs(0))
+    >>> layer(jnp.array([[1.0, 3.0, 10.0, 30.0]]))
+    Array([[-1.,  1., -1.,  1.]], dtype=float32)
+    >>> layer.num_groups, layer.group_size
+    (2, 2)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_groups: int | None = 32,
+        group_size: int | None = None,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Any = initializers.zeros_init(),
+        scale_init: Any = initializers.ones_init(),
+        reduction_axes: Any = None,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: Any = _flax_dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+    ):
+        self.feature_axis = -1
+        num_features = _check_num_features(num_features, "GroupNorm")
+        self.num_groups = alternatives._number_of_groups(num_features, num_groups, group_size)
+        self.group_size = num_features // self.num_groups
+        _validation.check_epsilon(epsilon)
+        _validation.check_dtype(dtype)
+        _affine_variables(
+            self, rngs, num_features, param_dtype,
+            (("scale", use_scale, scale_init, scale_metadata), ("bias", use_bias, bias_init, bias_metadata)),
+            nnx.data(None),
+        )
+        self.num_features = num_features
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.reduction_axes = reduction_axes
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
+        x, _, params, dtype = _promote(self, x, {}, _values(self, ("scale", "bias")))
+        params = _to_feature_shape(self, params, x, _feature_shape(x, -1), "feature_axis", always=True)
+        return alternatives.group_norm(
+            x, params, num_groups=self.num_groups, reduction_axes=self.reduction_axes, epsilon=self.epsilon,
+            mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=dtype,
+        )
+
+
+class InstanceNorm(nnx.Module):
+    """Drop-in replacement for :class:`flax.nnx.InstanceNorm`; calls :func:`jaxbn.instance_norm`.
+
+    Statistics per example (axis 0) and feature over the other axes;
+    ``scale``/``bias`` of shape ``(num_features,)`` along ``feature_axes``.
+    Arguments, variables and defaults are flax's (see the module docstring).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
+    >>> y = InstanceNorm(3, rngs=nnx.Rngs(0))(x)
+    >>> bool(jnp.allclose(y.mean((1, 2)), 0, atol=1e-5))
+    True
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Any = initializers.zeros,
+        scale_init: Any = initializers.ones,
+        feature_axes: Any = -1,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: Any = _flax_dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+    ):
+        num_features = _check_num_features(num_features, "InstanceNorm")
+        _validation.check_epsilon(epsilon)
+        _validation.check_dtype(dtype)
+        _affine_variables(
+            self, rngs, num_features, param_dtype,
+            (("scale", use_scale, scale_init, scale_metadata), ("bias", use_bias, bias_init, bias_metadata)),
+            None,  # as flax's InstanceNorm
+        )
+        self.num_features = num_features
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.feature_axes = feature_axes
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
+        x, _, params, dtype = _promote(self, x, {}, _values(self, ("scale", "bias")))
+        params = _to_feature_shape(self, params, x, _feature_shape(x, self.feature_axes), "feature_axes")
+        return alternatives.instance_norm(
+            x, params, feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=dtype,
+        )
