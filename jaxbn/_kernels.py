@@ -54,16 +54,6 @@ def affine_normalize(
     return y.astype(out_dtype)
 
 
-def _varying_axes(value: Any) -> frozenset:
-    """The manual mesh axes ``value`` varies over inside ``shard_map`` (empty elsewhere)."""
-    aval = jax.typeof(value)
-    vma = getattr(aval, "vma", None)  # newer JAX
-    if vma is None:
-        manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10
-        vma = getattr(manual, "varying", frozenset())
-    return frozenset(vma)
-
-
 def _parameter_cotangent(local, global_, primal, axis_names):
     """The gradient of a parameter, typed as JAX expects it.
 
@@ -73,7 +63,7 @@ def _parameter_cotangent(local, global_, primal, axis_names):
     does not vary over: over the statistics axes that sum is ``global_``, which
     the backward's one collective has already computed.
     """
-    missing = _varying_axes(local) - _varying_axes(primal)
+    missing = stats._varying_axes(local) - stats._varying_axes(primal)
     if not missing:
         return local
     if missing == frozenset(axis_names):

@@ -419,43 +419,11 @@ class BatchRenorm(BatchNorm):
     Array(1, dtype=int32)
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        *,
-        use_running_average: bool | None = False,
-        axis: int | Any = -1,
-        momentum: float | None = 0.99,
-        epsilon: float = 1e-5,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        use_bias: bool = True,
-        use_scale: bool = True,
-        bias_init: Any = initializers.zeros_init(),
-        scale_init: Any = initializers.ones_init(),
-        axis_name: Any = None,
-        axis_index_groups: Any = None,
-        use_fast_variance: bool = True,
-        promote_dtype: Any = _flax_dtypes.promote_dtype,
-        rngs: nnx.Rngs,
-        bias_metadata: Mapping[str, Any] = _NO_METADATA,
-        scale_metadata: Mapping[str, Any] = _NO_METADATA,
-        unbiased_running_var: bool = False,
-        update_running_stats: bool | None = None,
-        ghost_batch_size: int | None = None,
-        r_max: Any = 3.0,
-        d_max: Any = 5.0,
-    ):
+    def __init__(self, num_features: int, *, r_max: Any = 3.0, d_max: Any = 5.0, **kwargs: Any):
+        """Takes :class:`BatchNorm`'s arguments (``rngs`` included), plus ``r_max`` and ``d_max``."""
         if not (callable(r_max) or callable(d_max)):
             renorm.check_renorm_limits(r_max, d_max)
-        super().__init__(
-            num_features, use_running_average=use_running_average, axis=axis, momentum=momentum,
-            epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias, use_scale=use_scale,
-            bias_init=bias_init, scale_init=scale_init, axis_name=axis_name, axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance, promote_dtype=promote_dtype, rngs=rngs,
-            bias_metadata=bias_metadata, scale_metadata=scale_metadata, unbiased_running_var=unbiased_running_var,
-            update_running_stats=update_running_stats, ghost_batch_size=ghost_batch_size,
-        )
+        super().__init__(num_features, **kwargs)
         if callable(r_max) or callable(d_max):  # only then, so the variables stay BatchNorm's
             self.steps = nnx.BatchStat(jnp.zeros((), jnp.int32))
         self.r_max = r_max

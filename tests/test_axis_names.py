@@ -85,6 +85,17 @@ def _numpy(tree):
     return jax.tree.map(np.asarray, tree)
 
 
+def _assert_same(result, expected):
+    """``(y, new_state, dx, dparams)`` equal to a single-device result, to float32 rounding."""
+    (y, new_state, dx, dparams), (y1, state1, dx1, dp1) = result, expected
+    np.testing.assert_allclose(y, y1, atol=1e-5)
+    np.testing.assert_allclose(dx, dx1, atol=1e-5)
+    for key in ("mean", "var"):
+        np.testing.assert_allclose(new_state[key], state1[key], rtol=1e-6)
+    for key in ("scale", "bias"):
+        np.testing.assert_allclose(dparams[key], dp1[key], rtol=1e-5, atol=1e-5)
+
+
 def test_factored_mesh_axis_gives_sub_group_statistics():
     """axis_name='group' on a ('replica', 'group') mesh: each replica's 4 devices share statistics."""
     x, w, params, state = _data(0, (16, 5, CHANNELS))
@@ -151,12 +162,7 @@ def test_tuple_of_mesh_axes_under_shard_map_equals_global_batch():
     x, w, params, state = _data(2, (16, 5, CHANNELS))
     y, new_state, dx, dparams = _factored_step(("replica", "group"))(x, w, params, state)
     y1, state1, dx1, dp1 = _single(x, w, params, state)
-    np.testing.assert_allclose(y, y1, atol=1e-5)
-    np.testing.assert_allclose(dx, dx1, atol=1e-5)
-    for key in ("mean", "var"):
-        np.testing.assert_allclose(new_state[key], state1[key], rtol=1e-6)
-    for key in ("scale", "bias"):
-        np.testing.assert_allclose(dparams[key], dp1[key], rtol=1e-5, atol=1e-5)
+    _assert_same((y, new_state, dx, dparams), (y1, state1, dx1, dp1))
     spec = NamedSharding(FACTORED, P(("replica", "group")))
     step = jax.jit(jax.shard_map(
         functools.partial(_train, axis_name=("replica", "group")), mesh=FACTORED,
@@ -196,12 +202,7 @@ def test_vmap_axis_beside_mesh_axis_under_shard_map_with_checks_on():
     y, new_state, dx, dparams = _numpy(_vmap_in_shard_map()(*args))
     y1, state1, dx1, dp1 = _single(x, w, params, state)
     # Lane l of device d holds rows [d*4 + 2l, d*4 + 2l + 2): the same rows as the global batch.
-    np.testing.assert_allclose(y, y1, atol=1e-5)
-    np.testing.assert_allclose(dx, dx1, atol=1e-5)
-    for key in ("mean", "var"):
-        np.testing.assert_allclose(new_state[key], state1[key], rtol=1e-6)
-    for key in ("scale", "bias"):
-        np.testing.assert_allclose(dparams[key], dp1[key], rtol=1e-5, atol=1e-5)
+    _assert_same((y, new_state, dx, dparams), (y1, state1, dx1, dp1))
     text = _vmap_in_shard_map().lower(*args).compile().as_text()
     # One forward, one backward: each lane's parameter gradient must also be
     # summed over 'i' (a lane differentiates its own loss), and XLA combines
