@@ -515,3 +515,80 @@ def test_tuple_of_axis_names_reduces_over_both():
     np.testing.assert_allclose(new_state["var"][3, 1], MOMENTUM * 1 + (1 - MOMENTUM) * var, rtol=1e-5)
     ref_dx, _, _ = reference.batch_norm_grads(flat_x, flat_w, params["scale"], -1, EPSILON)
     np.testing.assert_allclose(dx.reshape(-1, 4), ref_dx, atol=2e-5)
+
+
+# The running-statistics options and complex input sync like plain batch norm.
+OPTIONS = {
+    "cumulative": dict(momentum=None),
+    "unbiased": dict(momentum=MOMENTUM, unbiased_running_var=True),
+    "complex": dict(momentum=MOMENTUM),
+    "renorm": dict(momentum=MOMENTUM, r_max=1.5, d_max=0.5),
+}
+
+
+def _option_data(option):
+    rng = _rng(12)
+    shape = (16, 3, 4)
+    x = rng.normal(size=shape) * 2 + 1
+    w = rng.normal(size=shape)
+    if option == "complex":
+        x, w = x + 1j * rng.normal(size=shape), w + 1j * rng.normal(size=shape)
+    dtype = np.complex64 if option == "complex" else np.float32
+    params, state = jaxbn.batch_norm_init(4, cumulative=option == "cumulative")
+    if option == "cumulative":
+        state = {**state, "mean": jnp.full(4, 0.5), "count": jnp.asarray(2.0)}
+    if option == "complex":
+        state = {**state, "mean": state["mean"].astype(jnp.complex64)}
+    return x.astype(dtype), w.astype(dtype), params, state
+
+
+def _option_step(x, w, params, state, *, option, axis_name):
+    kwargs = dict(OPTIONS[option])
+    fn = jaxbn.batch_renorm if option == "renorm" else jaxbn.batch_norm
+
+    def loss(x, params):
+        y, new_state = fn(x, params, state, training=True, axis_name=axis_name, **kwargs)
+        return jnp.sum(jnp.real(jnp.conj(w) * y)), (y, new_state)
+
+    (_, (y, new_state)), (dx, dparams) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, params)
+    return y, new_state, dx, dparams
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_options_and_complex_input_sync_like_batch_norm(option, kind):
+    """Cumulative average, unbiased variance, batch renorm and complex input: the global batch's results."""
+    x, w, params, state = _option_data(option)
+    single = jax.jit(functools.partial(_option_step, option=option, axis_name=None))
+    y1, state1, dx1, dp1 = single(x, w, params, state)
+    if kind == "jit_sharded":
+        y, new_state, dx, dparams = single(jax.device_put(x, BATCH), jax.device_put(w, BATCH), params, state)
+    elif kind == "shard_map":
+        local = functools.partial(_option_step, option=option, axis_name="i")
+        step = jax.jit(jax.shard_map(local, mesh=MESH, in_specs=(P("i"), P("i"), P(), P()),
+                                     out_specs=(P("i"), P(), P("i"), P())))
+        y, new_state, dx, dparams = step(jax.device_put(x, BATCH), jax.device_put(w, BATCH), params, state)
+    else:
+        local = functools.partial(_option_step, option=option, axis_name="i")
+        y, new_state, dx, dparams = jax.pmap(local, axis_name="i", in_axes=(0, 0, None, None))(
+            _per_device(x), _per_device(w), params, state)
+        y, dx = _global(y), _global(dx)
+        new_state = jax.tree.map(lambda a: a[0], new_state)
+        dparams = jax.tree.map(lambda g: g.sum(0), dparams)  # each device's gradient of its own loss
+    np.testing.assert_allclose(np.asarray(y), y1, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(dx), dx1, atol=2e-5)
+    for key in state1:
+        np.testing.assert_allclose(np.asarray(new_state[key]), state1[key], rtol=2e-6, atol=1e-6)
+    for key in dp1:
+        np.testing.assert_allclose(np.asarray(dparams[key]), dp1[key], rtol=1e-5, atol=2e-5)
+    if option == "cumulative":  # (2 batches averaged before) -> the mean of 3
+        np.testing.assert_allclose(state1["count"], 3.0)
+        np.testing.assert_allclose(state1["mean"], (2 * 0.5 + x.reshape(-1, 4).mean(0)) / 3, rtol=1e-5)
+    if option == "unbiased":
+        n = x.size // 4
+        var = np.asarray(x, np.float64).reshape(-1, 4).var(0) * n / (n - 1)
+        np.testing.assert_allclose(state1["var"], MOMENTUM + (1 - MOMENTUM) * var, rtol=1e-5)
+    if option == "complex":
+        z = np.asarray(x, np.complex128).reshape(-1, 4)
+        var = np.mean(np.abs(z - z.mean(0)) ** 2, 0)
+        np.testing.assert_allclose(state1["var"], MOMENTUM + (1 - MOMENTUM) * var, rtol=1e-5)
