@@ -128,7 +128,7 @@ def _train_fwd(x, scale, bias, shift, config, mask, renorm):
 
 
 def _train_bwd(config, residuals, cotangents):
-    axes, _, axis_name, groups, compute_dtype, _, _ = config
+    axes, _, axis_name, groups, compute_dtype, _, reshift = config
     x, mask, scale, bias, shift, mean_minus_shift, inv_std, count, renorm_rd = residuals
     dy = cotangents[0]  # the statistics feed only the running average: no gradient
 
@@ -141,14 +141,20 @@ def _train_bwd(config, residuals, cotangents):
     # Σ dy x̂ = r (Σ dy (x - K) - d Σ dy): a library reduction on XLA:CPU fuses
     # one broadcast operand (K) but materializes three. |d| <= ~2.6 std after
     # moments' re-shift, so the subtraction loses at most a few bits.
-    local_dy, local_dy_centered = stats.channel_sums(
-        [
-            lambda dy, x, shift: dy.astype(compute_dtype),
-            lambda dy, x, shift: dy.astype(compute_dtype) * (x.astype(compute_dtype) - expand(shift)),
-        ],
-        [dy, x, shift],
-        axes,
-    )
+    def centered(x, shift):
+        return x.astype(compute_dtype) if shift is None else x.astype(compute_dtype) - expand(shift)
+
+    def sums(shift):
+        return stats.channel_sums(
+            [lambda dy, x, k: dy.astype(compute_dtype), lambda dy, x, k: dy.astype(compute_dtype) * centered(x, k)],
+            [dy, x, shift],
+            axes,
+        )
+
+    # As in moments: a shift of exactly 0 skips the subtraction (not after a
+    # forced re-shift, whose shift is the batch mean and whose zero test would
+    # span every feature, so every device under jit).
+    local_dy, local_dy_centered = sums(shift) if reshift else stats.sums_around_shift(sums, shift, x.size)
     local_dy_xhat = inv_std * (local_dy_centered - mean_minus_shift * local_dy)
     sum_dy, sum_dy_xhat = stats.cross_device_sum([local_dy, local_dy_xhat], axis_name, groups)
     # y = x̂ γ + β with x̂ using the statistics of the valid elements, so

@@ -23,6 +23,7 @@ instructions, and an async pair (``all-reduce-start`` / ``all-reduce-done``, or
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "compiled_text",
     "count_collectives",
     "count_in_branches",
+    "count_per_execution",
     "memory_traffic",
     "parse_computations",
 ]
@@ -141,6 +143,30 @@ def count_collectives(hlo_text: str, op: str = "all-reduce", include_branches: b
     )
 
 
+def count_per_execution(hlo_text: str, op: str = "all-reduce") -> int:
+    """Counts the ``op`` instructions one steady-state execution runs.
+
+    Like :func:`count_collectives`, but a ``conditional`` is charged its
+    cheapest branch (the steady state skips a re-shift), so a collective that
+    XLA sinks into both branches of a conditional counts once.
+    """
+    entry, computations = parse_computations(hlo_text)
+    wanted = {op, op + "-start"}
+
+    @functools.cache
+    def count(name: str) -> int:
+        total = 0
+        for opcode, rest in computations.get(name, []):
+            total += opcode in wanted
+            if opcode == "conditional":
+                total += min(count(b) for group in _BRANCH_EDGES.findall(rest) for b in _names(group))
+                continue
+            total += sum(count(callee) for group in _CALL_EDGES.findall(rest) for callee in _names(group))
+        return total
+
+    return count(entry)
+
+
 def count_in_branches(hlo_text: str, op: str = "all-reduce") -> int:
     """Counts ``op`` instructions reachable only through ``conditional`` branches."""
     return count_collectives(hlo_text, op, include_branches=True) - count_collectives(
@@ -152,7 +178,7 @@ _ARRAY_TYPE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8\w*)\[([\d,]*)\]")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
           "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 # Instructions that move no data themselves: bookkeeping, or control flow whose
-# bodies (not counted: the steady state skips conditional branches) do the work.
+# bodies do the work (a conditional is charged its cheapest branch).
 _NOT_KERNELS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "conditional",
                 "while", "call", "after-all", "partition-id", "replica-id"}
 _NAMED = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
@@ -169,40 +195,63 @@ def _type_bytes(type_text: str) -> int:
 
 
 def memory_traffic(hlo_text: str) -> tuple[int, int]:
-    """Bytes read and written by the kernels of the ENTRY computation, and their number.
+    """Bytes read and written by the kernels one steady-state execution runs, and their number.
 
-    Each kernel (a fusion, a library call, a reduce, a copy, ...) is charged the
-    bytes of its operands plus those of its output; bookkeeping instructions
-    (parameters, tuples, bitcasts) and conditional branches are free. This is the
+    Each kernel (a fusion, a library call, a reduce, a copy, ...) of the ENTRY
+    computation is charged the bytes of its operands plus those of its output;
+    bookkeeping instructions (parameters, tuples, bitcasts) are free. A
+    ``conditional`` is charged its cheapest branch: the steady state takes the
+    cheap one (no re-shift; sums without a subtraction when the shift is 0),
+    and where both branches do the same work they cost the same. This is the
     static traffic model of the performance issue: a kernel that reads x and
     writes y costs 2S for a tensor of S bytes.
 
     Returns:
       ``(bytes, kernels)``.
     """
-    lines = hlo_text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY"))
-    types: dict[str, str] = {}
-    traffic = kernels = 0
-    for line in lines[start + 1 :]:
-        if line.strip() == "}":
-            break
-        named = _NAMED.match(line)
-        if not named:
-            continue
-        name, rest = named.groups()
-        opcode = _opcode(rest)
-        type_text = rest[: rest.index(f" {opcode}(")] if opcode and f" {opcode}(" in rest else ""
-        types[name] = type_text
-        if opcode is None or opcode in _NOT_KERNELS:
-            continue
-        operands = rest[rest.index(f" {opcode}(") + len(opcode) + 2 :]
-        depth, end = 1, 0
-        for end, char in enumerate(operands):
-            depth += (char == "(") - (char == ")")
-            if depth == 0:
-                break
-        names = re.findall(r"%([\w.\-]+)", operands[:end])
-        traffic += _type_bytes(type_text) + sum(_type_bytes(types.get(n, "")) for n in names)
-        kernels += 1
-    return traffic, kernels
+    bodies: dict[str, list[str]] = {}
+    entry = current = None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = header.group(2)
+            bodies[current] = []
+            if header.group(1):
+                entry = current
+        elif line.strip() == "}":
+            current = None
+        elif current is not None:
+            bodies[current].append(line)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text; pass compiled HLO text.")
+
+    def cost(computation: str) -> tuple[int, int]:
+        types: dict[str, str] = {}
+        traffic = kernels = 0
+        for line in bodies.get(computation, []):
+            named = _NAMED.match(line)
+            if not named:
+                continue
+            name, rest = named.groups()
+            opcode = _opcode(rest)
+            type_text = rest[: rest.index(f" {opcode}(")] if opcode and f" {opcode}(" in rest else ""
+            types[name] = type_text
+            if opcode == "conditional":
+                branches = [b for group in _BRANCH_EDGES.findall(rest) for b in _names(group)]
+                branch_traffic, branch_kernels = min(cost(b) for b in branches)
+                traffic, kernels = traffic + branch_traffic, kernels + branch_kernels
+                continue
+            if opcode is None or opcode in _NOT_KERNELS:
+                continue
+            operands = rest[rest.index(f" {opcode}(") + len(opcode) + 2 :]
+            depth, end = 1, 0
+            for end, char in enumerate(operands):
+                depth += (char == "(") - (char == ")")
+                if depth == 0:
+                    break
+            names = re.findall(r"%([\w.\-]+)", operands[:end])
+            traffic += _type_bytes(type_text) + sum(_type_bytes(types.get(n, "")) for n in names)
+            kernels += 1
+        return traffic, kernels
+
+    return cost(entry)

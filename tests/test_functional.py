@@ -264,3 +264,40 @@ def test_traced_momentum_is_accepted():
     params, state = jaxbn.batch_norm_init(3)
     new = jax.jit(lambda m: jaxbn.batch_norm(x, params, state, training=True, momentum=m)[1])(0.0)
     np.testing.assert_allclose(new["mean"], reference.batch_stats(x)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("running_mean", [0.5, 1e4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_large_tensors_exact_with_and_without_the_zero_shift(running_mean, masked):
+    """Tensors of >= stats.SKIP_ZERO_SHIFT_MIN_SIZE elements skip the shift's subtraction when it is 0.
+
+    Running mean 0.5 (mean^2 <= 3 var): the sums are taken around 0, without
+    the subtraction pass; running mean 1e4: around it. Both match float64:
+    outputs, state and gradients, masked too.
+    """
+    from jaxbn import stats
+
+    shape = (32, 16, 16, 64)
+    assert np.prod(shape) >= stats.SKIP_ZERO_SHIFT_MIN_SIZE
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=shape) + running_mean + rng.normal(size=64) * 0.1).astype(np.float32)
+    w = rng.normal(size=shape).astype(np.float32)
+    mask = rng.uniform(size=(32, 16, 16, 1)) < 0.8 if masked else None
+    params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 64), jnp.float32), "bias": jnp.zeros(64)}
+    state = {"mean": jnp.full(64, running_mean, jnp.float32), "var": jnp.ones(64, jnp.float32)}
+
+    def loss(x, params):
+        y, new_state = jaxbn.batch_norm(x, params, state, training=True, momentum=0.9, mask=mask)
+        return jnp.sum(w * y), (y, new_state)
+
+    (_, (y, new_state)), (dx, dparams) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, params)
+    full_mask = None if mask is None else np.broadcast_to(mask, shape)
+    mean, var = reference.batch_stats(x, -1, full_mask)
+    np.testing.assert_allclose(new_state["mean"], 0.9 * running_mean + 0.1 * mean, rtol=1e-6)
+    np.testing.assert_allclose(new_state["var"], 0.9 + 0.1 * var, rtol=1e-6)
+    np.testing.assert_allclose(y, reference.normalize(x, mean, var, params["scale"], params["bias"]), atol=5e-5)
+    if mask is None:
+        ref_dx, ref_dscale, ref_dbias = reference.batch_norm_grads(x, w, params["scale"])
+        np.testing.assert_allclose(dx, ref_dx, atol=5e-5)
+        np.testing.assert_allclose(dparams["scale"], ref_dscale, rtol=1e-4, atol=1e-2)
+        np.testing.assert_allclose(dparams["bias"], ref_dbias, rtol=1e-4, atol=1e-2)

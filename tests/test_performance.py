@@ -34,9 +34,9 @@ structural = pytest.mark.skipif(
 )
 
 
-def _programs(dtype, mask=None):
+def _programs(dtype, mask=None, shape=SHAPE):
     """jaxbn's training forward, forward+backward and inference, jitted."""
-    params, state = jaxbn.batch_norm_init(SHAPE[-1])
+    params, state = jaxbn.batch_norm_init(shape[-1])
 
     def forward(x, p, s):
         return jaxbn.batch_norm(x, p, s, training=True, dtype=dtype, mask=mask)
@@ -48,7 +48,7 @@ def _programs(dtype, mask=None):
     def inference(x, p, s):
         return jaxbn.batch_norm(x, p, s, training=False, dtype=dtype)[0]
 
-    x = jnp.zeros(SHAPE, dtype)
+    x = jnp.zeros(shape, dtype)
     return {
         "forward": jax.jit(forward).lower(x, params, state).compile(),
         "forward_backward": jax.jit(forward_backward).lower(x, params, state, x).compile(),
@@ -70,8 +70,12 @@ def _flax_forward_backward(dtype):
 
 
 # (traffic in S, kernels) reached on XLA:CPU with jax 0.10; kernels include the
-# small per-feature ones (the shift test, the guard, the state update).
-EXPECTED = {"forward": (4.0, 14), "forward_backward": (10.0, 18), "inference": (2.0, 2)}
+# small per-feature ones (the shift tests, the guard, the state update). A
+# tensor this large also takes stats.sums_around_shift's conditional (skip the
+# subtraction when the shift is 0): 7 more small kernels forward, 10 forward+backward.
+EXPECTED = {"forward": (4.0, 21), "forward_backward": (10.0, 28), "inference": (2.0, 2)}
+SMALL_SHAPE = (8, 4, 4, 16)  # below stats.SKIP_ZERO_SHIFT_MIN_SIZE
+SMALL_KERNELS = {"forward": 14, "forward_backward": 18, "inference": 2}
 
 
 @structural
@@ -84,6 +88,22 @@ def test_traffic_and_kernels_are_pinned(dtype):
         expected_traffic, expected_kernels = EXPECTED[mode]
         assert expected_traffic <= traffic / size <= expected_traffic + 0.05, (mode, traffic / size)
         assert kernels <= expected_kernels, (mode, kernels)
+
+
+@structural
+def test_zero_shift_conditional_only_for_large_tensors():
+    """Large tensors test for a zero shift (one conditional per pass pair); small ones keep 14/18 kernels."""
+    assert np.prod(SMALL_SHAPE) < stats.SKIP_ZERO_SHIFT_MIN_SIZE <= np.prod(SHAPE)
+    conditionals = {}
+    for shape in (SMALL_SHAPE, SHAPE):
+        programs = _programs(jnp.float32, shape=shape)
+        conditionals[shape] = {mode: c.as_text().count(" conditional(") for mode, c in programs.items()}
+        if shape == SMALL_SHAPE:
+            for mode, compiled in programs.items():
+                assert hlo.memory_traffic(compiled.as_text())[1] <= SMALL_KERNELS[mode], mode
+    # the re-shift test (forward), plus the zero-shift test forward and backward for the large tensor
+    assert conditionals[SMALL_SHAPE] == {"forward": 1, "forward_backward": 1, "inference": 0}
+    assert conditionals[SHAPE] == {"forward": 2, "forward_backward": 3, "inference": 0}
 
 
 @structural
