@@ -85,9 +85,7 @@ def _normalize_over(
         shift, mean_minus_shift, var = keep(batch.shift), keep(batch.mean_minus_shift), keep(batch.var)
     else:
         shift, mean_minus_shift = jnp.zeros((), compute_dtype), None
-        mean = batch.mean
-        mean_square = jnp.square(mean.real) + jnp.square(mean.imag) if jnp.iscomplexobj(mean) else jnp.square(mean)
-        var = keep(batch.var + mean_square)  # E[|x|^2], real for complex x
+        var = keep(batch.var + stats._abs_square(batch.mean))  # E[|x|^2], real for complex x
     broadcast_shape = tuple(x.shape[i] if i in feature_axes else 1 for i in range(x.ndim))
     params = {key: jnp.reshape(value, broadcast_shape) for key, value in params.items()}
     y = _kernels.affine_normalize(x, shift, mean_minus_shift, var, params, (), epsilon, compute_dtype, out_dtype)

@@ -228,6 +228,11 @@ def sums_around_shift(sums: Callable[[jax.Array | None], Any], shift: jax.Array,
     return lax.platform_dependent(shift, cpu=on_cpu, default=sums)
 
 
+def _abs_square(v: jax.Array) -> jax.Array:
+    """``|v|^2``, real for complex ``v`` (flax's ``_abs_sq``); ``v^2`` for real ``v``."""
+    return jnp.square(v.real) + jnp.square(v.imag) if jnp.iscomplexobj(v) else jnp.square(v)
+
+
 def _manual_mesh_axes() -> frozenset:
     """The mesh axes an enclosing ``shard_map`` has made manual (empty elsewhere)."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -406,10 +411,6 @@ def moments(
             ) from None
         shift = lax.stop_gradient(shift)
 
-    def abs_square(v):
-        # |v|^2: real for complex v (flax's _abs_sq); jnp.square for real v
-        return jnp.square(v) if not is_complex else jnp.square(v.real) + jnp.square(v.imag)
-
     def centered(x, reference, mask):
         deviation = x.astype(stats_dtype)
         if reference is not None:
@@ -418,7 +419,7 @@ def moments(
         return deviation if mask is None else jnp.where(mask, deviation, 0)
 
     def local_sums(reference, with_second=True, skip_zero_shift=False):
-        summands = [centered] + ([lambda *ops: abs_square(centered(*ops))] if with_second else [])
+        summands = [centered] + ([lambda *ops: _abs_square(centered(*ops))] if with_second else [])
 
         def sums(k):
             return list(channel_sums(summands, [x, k, mask], axes))
@@ -464,7 +465,7 @@ def moments(
     if reshift is None:
         # var = raw_second - |offset|^2 amplifies rounding by raw_second / var; the
         # comparison is False for NaN, so a non-finite batch takes the cheap branch.
-        poor_shift = jnp.any(abs_square(offset) * CANCELLATION_LIMIT > (CANCELLATION_LIMIT - 1) * raw_second)
+        poor_shift = jnp.any(_abs_square(offset) * CANCELLATION_LIMIT > (CANCELLATION_LIMIT - 1) * raw_second)
 
         def reshifted():
             better = lax.stop_gradient(shift + offset)
@@ -477,5 +478,5 @@ def moments(
         shift, offset, raw_second = lax.cond(
             poor_shift, reshifted, lambda: (_varying_like(shift, offset), offset, raw_second)
         )
-    var = jnp.maximum(raw_second - abs_square(offset), 0)
+    var = jnp.maximum(raw_second - _abs_square(offset), 0)
     return Moments(mean=shift + offset, var=var, count=count, shift=shift, mean_minus_shift=offset)
