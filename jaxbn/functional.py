@@ -473,29 +473,22 @@ def _batch_norm(
     params: Any,
     state: Any,
     *,
-    training: Any,
-    update_running_stats: Any,
-    axis: Any,
-    momentum: Any,
-    unbiased_running_var: Any,
-    epsilon: Any,
-    axis_name: Any,
-    axis_index_groups: Any,
-    mask: Any,
-    dtype: Any,
     ghost_batch_size: Any,
     renorm_limits: tuple[Any, Any] | None = None,
+    **options: Any,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """:func:`batch_norm`, and with ``renorm_limits = (r_max, d_max)`` :func:`jaxbn.batch_renorm`.
 
-    ``function`` names the caller in error messages. Renormalization applies
-    in training only (inference is batch norm's) and to real inputs.
+    ``function`` names the caller in error messages; ``options`` are
+    :func:`batch_norm`'s other keywords, validated by
+    :func:`_check_batch_norm_args`. Renormalization applies in training only
+    (inference is batch norm's) and to real inputs.
     """
+    training, epsilon = options["training"], options["epsilon"]
+    axis_name, axis_index_groups = options["axis_name"], options["axis_index_groups"]
     renorm = training and renorm_limits is not None
     x, params, checked_state, mask, reduction_axes, update, compute_dtype, out_dtype = _check_batch_norm_args(
-        function, x, params, state, training=training, update_running_stats=update_running_stats, axis=axis,
-        momentum=momentum, unbiased_running_var=unbiased_running_var, epsilon=epsilon, axis_name=axis_name,
-        axis_index_groups=axis_index_groups, mask=mask, dtype=dtype, complex_ok=not renorm,
+        function, x, params, state, complex_ok=not renorm, **options
     )
     running_mean, running_var = checked_state["mean"], checked_state["var"]
     shift = running_mean
@@ -539,7 +532,7 @@ def _batch_norm(
         return y, state
     if ghost:
         batch = _ghost.combine_ghost_moments(batch, checked_state["mean"], axis_name, axis_index_groups)
-    return y, _update_running_stats(checked_state, batch, momentum, unbiased_running_var)
+    return y, _update_running_stats(checked_state, batch, options["momentum"], options["unbiased_running_var"])
 
 
 def _statistics_shift(running_mean: jax.Array, running_var: jax.Array) -> jax.Array:

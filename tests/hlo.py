@@ -71,6 +71,27 @@ def _names(group: str) -> list[str]:
     return [name.strip().lstrip("%") for name in group.strip("{}").split(",") if name.strip()]
 
 
+def _computation_lines(hlo_text: str) -> tuple[str, dict[str, list[str]]]:
+    """``(entry_name, {computation name: its instruction lines})``; raises without an ENTRY."""
+    bodies: dict[str, list[str]] = {}
+    entry = current = None
+    for line in hlo_text.splitlines():
+        if current is None:
+            header = _HEADER.match(line)
+            if header:
+                current = header.group(2)
+                bodies[current] = []
+                if header.group(1):
+                    entry = current
+        elif line.strip() == "}":
+            current = None
+        else:
+            bodies[current].append(line)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text; pass compiled HLO text.")
+    return entry, bodies
+
+
 def parse_computations(hlo_text: str) -> tuple[str, dict[str, list[tuple[str | None, str]]]]:
     """Splits HLO text into computations.
 
@@ -81,27 +102,11 @@ def parse_computations(hlo_text: str) -> tuple[str, dict[str, list[tuple[str | N
     Raises:
       ValueError: when the text has no ENTRY computation.
     """
-    computations: dict[str, list[tuple[str | None, str]]] = {}
-    entry = None
-    current = None
-    for line in hlo_text.splitlines():
-        if current is None:
-            header = _HEADER.match(line)
-            if header:
-                current = header.group(2)
-                computations[current] = []
-                if header.group(1):
-                    entry = current
-            continue
-        if line.strip() == "}":
-            current = None
-            continue
-        instruction = _INSTRUCTION.match(line)
-        if instruction:
-            rest = instruction.group(1)
-            computations[current].append((_opcode(rest), rest))
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text; pass compiled HLO text.")
+    entry, bodies = _computation_lines(hlo_text)
+    computations = {
+        name: [(_opcode(m.group(1)), m.group(1)) for m in map(_INSTRUCTION.match, lines) if m]
+        for name, lines in bodies.items()
+    }
     return entry, computations
 
 
@@ -209,21 +214,7 @@ def memory_traffic(hlo_text: str) -> tuple[int, int]:
     Returns:
       ``(bytes, kernels)``.
     """
-    bodies: dict[str, list[str]] = {}
-    entry = current = None
-    for line in hlo_text.splitlines():
-        header = _HEADER.match(line)
-        if header:
-            current = header.group(2)
-            bodies[current] = []
-            if header.group(1):
-                entry = current
-        elif line.strip() == "}":
-            current = None
-        elif current is not None:
-            bodies[current].append(line)
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text; pass compiled HLO text.")
+    entry, bodies = _computation_lines(hlo_text)
 
     def cost(computation: str) -> tuple[int, int]:
         types: dict[str, str] = {}
