@@ -7,8 +7,9 @@ x and dy, then dx) and 2S for inference. Autodiff of the forward does not get
 there: it saves or recomputes full-size intermediates (x - mean, x̂, float32
 copies of bfloat16 tensors). :func:`batch_norm_train` is a ``jax.custom_vjp``
 that saves only ``x`` (in its own dtype) and per-feature vectors, and whose
-backward is one pair of reductions (:func:`jaxbn.stats.channel_sums`), one
-cross-device sum, and one elementwise pass. Batch renormalization runs on the
+backward is one pair of reductions (one read of ``x`` and ``dy`` on XLA:CPU, by
+jaxbn's C++ sums where they apply; see :mod:`jaxbn._cpu`), one cross-device
+sum, and one elementwise pass. Batch renormalization runs on the
 same step: its per-feature correction (:func:`renorm_correction`) is folded
 into the scale and bias, so it moves exactly what batch norm moves.
 """
@@ -154,7 +155,10 @@ def _train_bwd(config, residuals, cotangents):
     # As in moments: a shift of exactly 0 skips the subtraction (not after a
     # forced re-shift, whose shift is the batch mean and whose zero test would
     # span every feature, so every device under jit).
-    local_dy, local_dy_centered = sums(shift) if reshift else stats.sums_around_shift(sums, shift, x.size)
+    local_dy, local_dy_centered = stats._paired_sums(
+        x, dy, shift, axes, compute_dtype,
+        lambda: sums(shift) if reshift else stats.sums_around_shift(sums, shift, x.size),
+    )
     local_dy_xhat = inv_std * (local_dy_centered - mean_minus_shift * local_dy)
     sum_dy, sum_dy_xhat = stats.cross_device_sum([local_dy, local_dy_xhat], axis_name, groups)
     # y = x̂ γ + β with x̂ using the statistics of the valid elements, so

@@ -190,7 +190,7 @@ def batch_renorm(
     >>> x = jnp.array([[0.0, 10.0], [2.0, 30.0]])
     >>> y, new_state = batch_renorm(x, params, state, training=True, r_max=3.0, d_max=5.0,
     ...                             momentum=0.9)
-    >>> y.round(3)  # r = (1, 3), d = (1, 5): clipped in the second channel
+    >>> y.round(3) + 0.0  # r = (1, 3), d = (1, 5): clipped in the second channel
     Array([[0., 2.],
            [2., 8.]], dtype=float32)
     >>> new_state['mean']  # updated as batch_norm updates it

@@ -2,11 +2,12 @@
 
 Every normalizer gets its mean and variance from :func:`moments`; every sum
 over the batch on a device is taken by :func:`channel_sums` (formulated per
-backend), and every value that crosses devices goes through
-:func:`cross_device_sum`. So "one collective per layer per direction",
-"count-weighted across devices" and "no float32 copy of a bfloat16 tensor" are
-properties of this file alone; the custom VJP in ``_kernels.py`` uses the same
-two helpers for its backward.
+backend) or, for batch norm's pair of sums on XLA:CPU, by the C++ kernels of
+:mod:`jaxbn._cpu` that take both in one read (``_paired_sums`` chooses); and
+every value that crosses devices goes through :func:`cross_device_sum`. So
+"one collective per layer per direction", "count-weighted across devices" and
+"no float32 copy of a bfloat16 tensor" are properties of this file alone; the
+custom VJP in ``_kernels.py`` uses the same helpers for its backward.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import _validation
+from jaxbn import _cpu, _validation
 
 __all__ = [
     "Moments", "moments", "channel_sums", "cross_device_sum", "axis_size", "sums_around_shift",
@@ -180,9 +181,9 @@ def _varying_axes(value: Any) -> frozenset:
     return frozenset(vma)
 
 
-def _varying_like(value: jax.Array, like: jax.Array) -> jax.Array:
-    """``value``, typed to vary over every mesh axis ``like`` varies over (a no-op cast)."""
-    missing = _varying_axes(like) - _varying_axes(value)
+def _varying_like(value: jax.Array, *likes: jax.Array) -> jax.Array:
+    """``value``, typed to vary over every mesh axis one of ``likes`` varies over (a no-op cast)."""
+    missing = frozenset().union(*map(_varying_axes, likes)) - _varying_axes(value)
     if not missing:
         return value
     return lax.pcast(value, tuple(sorted(missing, key=str)), to="varying")
@@ -226,6 +227,35 @@ def sums_around_shift(sums: Callable[[jax.Array | None], Any], shift: jax.Array,
         return lax.cond(jnp.all(shift == 0), lambda: sums(None), lambda: sums(shift))
 
     return lax.platform_dependent(shift, cpu=on_cpu, default=sums)
+
+
+def _paired_sums(
+    x: jax.Array,
+    weights: jax.Array | None,
+    shift: jax.Array,
+    axes: tuple[int, ...],
+    dtype: Any,
+    fallback: Callable[[], Any],
+) -> Any:
+    """Batch norm's pair of local sums, in one read of the tensors on XLA:CPU.
+
+    ``(Σ(x-K), Σ(x-K)²)``, or with ``weights`` w ``(Σw, Σw(x-K))``, over
+    ``axes``. Lowered for the CPU where the compiled kernels apply
+    (:mod:`jaxbn._cpu`: float32/bfloat16 tensors, float32 sums, contiguous
+    kept axes, one device's data), they take both sums in one pass; otherwise,
+    and on every other backend, the result is ``fallback()``, the same sums as
+    XLA reductions (:func:`channel_sums`). Values agree to rounding.
+    """
+    shape = _cpu.layout(x, weights, axes) if jnp.dtype(dtype) == jnp.float32 else None
+    if shape is None:
+        return fallback()
+
+    def on_cpu():
+        # A custom call's result is typed like its shift: make that vary as the sums do.
+        like = (x,) if weights is None else (x, weights)
+        return list(_cpu.sums(x, weights, _varying_like(shift, *like), shape))
+
+    return lax.platform_dependent(cpu=on_cpu, default=lambda: list(fallback()))
 
 
 def _abs_square(v: jax.Array) -> jax.Array:
@@ -424,10 +454,15 @@ def moments(
         def sums(k):
             return list(channel_sums(summands, [x, k, mask], axes))
 
-        if reference is known_zero:
-            return sums(None)
-        # Not with reshift=True: the test spans every feature (all devices under jit).
-        return sums_around_shift(sums, reference, x.size) if skip_zero_shift else sums(reference)
+        def with_xla():
+            if reference is known_zero:
+                return sums(None)
+            # Not with reshift=True: the test spans every feature (all devices under jit).
+            return sums_around_shift(sums, reference, x.size) if skip_zero_shift else sums(reference)
+
+        if with_second and mask is None and not is_complex:
+            return _paired_sums(x, None, reference, axes, stats_dtype, with_xla)
+        return with_xla()
 
     def global_sums(local):
         # One collective: a complex sum travels as its real and imaginary parts.
