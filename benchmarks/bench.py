@@ -10,6 +10,11 @@ reports the median, min and max, and ratios to flax.linen (same layout), to
 PyTorch on a channels_last tensor and to a memory-copy roofline (a jitted
 ``x * 1.0001``; PyTorch's ``clone``).
 
+For the JAX rows, ``BW/copy`` is the bandwidth achieved, the bytes the
+compiled HLO moves divided by the median time, as a fraction of the jitted
+copy's (2S over its median): near 1, a row is as close to the memory roofline
+as a plain copy gets, and only fewer bytes would make it faster.
+
 Then, per JAX implementation, the static memory traffic of the compiled HLO in
 units of S (the bytes of x in its dtype), its number of kernels and the
 compiled temporary memory; and the all-reduces per direction of jaxbn and
@@ -111,11 +116,13 @@ class Case:
       run: computes the row once and waits for the result; None when it failed.
       compiled: the JAX executable (for the traffic section), else None.
       note: why there is no time (an error, a missing library) or what differs.
+      traffic: the bytes its compiled HLO moves, in units of S (JAX rows only).
     """
 
     run: Callable[[], Any] | None
     compiled: Any = None
     note: str = ""
+    traffic: float | None = None  # compiled HLO traffic in units of S (JAX rows)
 
 
 # ---------------------------------------------------------------------------
@@ -422,26 +429,35 @@ def _ratio(value: float, reference: float | None) -> str:
     return f"{value / reference:.2f}" if reference else "-"
 
 
+def _bandwidth(case: Case, median: float, copy: Case | None, copy_median: float | None) -> str:
+    """Bytes per second (HLO traffic / median time) as a fraction of the jitted copy's."""
+    if case.traffic is None or copy is None or copy.traffic is None or not copy_median:
+        return "-"
+    return f"{(case.traffic / median) / (copy.traffic / copy_median):.2f}"
+
+
 def _timing_rows(cases: dict[tuple[str, str], Case], times: dict) -> list[list[Any]]:
     medians = {key: float(np.median(value)) for key, value in times.items()}
     rows = []
     for (name, layout), case in cases.items():
         if case.run is None:
-            rows.append([name, layout, "-", "-", "-", "-", "-", "-", case.note])
+            rows.append([name, layout, "-", "-", "-", "-", "-", "-", "-", case.note])
             continue
         median, ms = medians[name, layout], times[name, layout] * 1e3
+        copy_median = medians.get((COPY, layout))
         rows.append([name, layout, f"{median * 1e3:.3f}", f"{ms.min():.3f}", f"{ms.max():.3f}",
                      _ratio(median, medians.get((FLAX, layout))), _ratio(median, medians.get((TORCH, "NHWC"))),
-                     _ratio(median, medians.get((COPY, layout))), case.note])
+                     _ratio(median, copy_median), _bandwidth(case, median, cases.get((COPY, layout)), copy_median),
+                     case.note])
     return rows
 
 
-def _traffic(compiled: Any, spec: Spec) -> list[str]:
-    """``traffic kernels temp`` of a compiled executable, bytes in units of S."""
+def _traffic(compiled: Any, spec: Spec) -> tuple[float, list[str]]:
+    """The traffic of a compiled executable in units of S, and its ``traffic kernels temp`` cells."""
     size = np.prod(spec.shape) * jnp.dtype(spec.jnp_dtype).itemsize
     traffic, kernels = memory_traffic(compiled.as_text())
     temp = compiled.memory_analysis().temp_size_in_bytes
-    return [f"{traffic / size:.2f}S", str(kernels), f"{temp / size:.2f}S"]
+    return traffic / size, [f"{traffic / size:.2f}S", str(kernels), f"{temp / size:.2f}S"]
 
 
 def run_timings(args: argparse.Namespace, names: list[str]) -> dict:
@@ -459,12 +475,13 @@ def run_timings(args: argparse.Namespace, names: list[str]) -> dict:
                 for name in names:
                     case = cases[name, layout] = build(name, spec)
                     if case.compiled is not None:
-                        traffic.setdefault((name, dtype, layout), {})[mode] = _traffic(case.compiled, spec)
+                        case.traffic, cells = _traffic(case.compiled, spec)
+                        traffic.setdefault((name, dtype, layout), {})[mode] = cells
                         case.compiled = None
             times = time_interleaved({key: case.run for key, case in cases.items() if case.run}, args.reps)
             print_table(f"{title}, {dtype}: ms per call over {args.reps} interleaved reps",
                         ["implementation", "layout", "median", "min", "max", f"/{FLAX}", "/torch CL", "/copy",
-                         "note"], _timing_rows(cases, times))
+                         "BW/copy", "note"], _timing_rows(cases, times))
     return traffic
 
 

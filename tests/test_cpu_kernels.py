@@ -213,6 +213,21 @@ def test_sharded_batch_is_not_gathered():
     assert "all-reduce" in text
 
 
+def test_other_backends_lower_without_the_kernels():
+    """The kernels are XLA:CPU's only: lowering for GPU or TPU (no such device needed) has no custom call."""
+    x = jnp.ones((8, 4, 4, 16))
+    params, state = jaxbn.batch_norm_init(16)
+
+    def forward_backward(x, params):
+        return jax.grad(lambda x, p: jnp.sum(jaxbn.batch_norm(x, p, state, training=True)[0] ** 2), (0, 1))(x, params)
+
+    traced = jax.jit(forward_backward).trace(x, params)
+    calls = {platform: traced.lower(lowering_platforms=(platform,)).as_text().count("jaxbn_sums")
+             for platform in ("cpu", "cuda", "tpu")}
+    on_cpu = 3 if _cpu.available() and jax.device_count() == 1 else 0  # forward, its re-shift branch, backward
+    assert calls == {"cpu": on_cpu, "cuda": 0, "tpu": 0}
+
+
 def test_environment_switch_turns_the_kernels_off():
     """JAXBN_CPU_KERNELS=0 leaves XLA's reductions everywhere (for bisecting)."""
     code = "import jax.numpy as jnp; from jaxbn import _cpu; print(_cpu.layout(jnp.ones((4, 3)), None, (0,)))"
