@@ -233,19 +233,23 @@ void Sums(const TW* w, const TX* x, const float* k, Layout s, float* result, ffi
   const int64_t runs_per_feature = (s.A + runs - 1) / runs;
   const int64_t units = rows ? s.P * s.A : s.P * s.C * runs_per_feature;
   const int64_t out_size = s.P * 2 * s.C;
+  // A unit that is a whole feature writes its sums straight to the result;
+  // otherwise each chunk adds into float64 partial sums of every feature.
+  const bool whole_features = !rows && runs_per_feature == 1;
   int64_t chunks = std::clamp<int64_t>(s.P * s.A * s.C * s.B / (int64_t{1} << 16), 1, 64);
-  chunks = std::min({chunks, units, std::max<int64_t>(1, (int64_t{1} << 22) / out_size)});
+  chunks = std::min(chunks, units);
+  if (!whole_features) chunks = std::min(chunks, std::max<int64_t>(1, (int64_t{1} << 22) / out_size));
 
   struct Shared {
     std::vector<double> partial;
     std::atomic<int64_t> next{0}, done{0};
   };
   auto shared = std::make_shared<Shared>();
-  shared->partial.assign(chunks * out_size, 0.0);
+  if (!whole_features) shared->partial.assign(chunks * out_size, 0.0);
   auto work = [=]() {
     std::vector<float> buffer(rows ? 3 * s.C : 0);
     for (int64_t chunk; (chunk = shared->next.fetch_add(1)) < chunks;) {
-      double* out = shared->partial.data() + chunk * out_size;
+      double* out = whole_features ? nullptr : shared->partial.data() + chunk * out_size;
       for (int64_t unit = units * chunk / chunks, end = units * (chunk + 1) / chunks; unit < end;) {
         if (rows) {  // the rows of one leading index at a time
           const int64_t p = unit / s.A, stop = std::min(end, (p + 1) * s.A);
@@ -255,9 +259,17 @@ void Sums(const TW* w, const TX* x, const float* k, Layout s, float* result, ffi
           const int64_t feature = unit / runs_per_feature, a = (unit % runs_per_feature) * runs;
           const int64_t p = feature / s.C, c = feature % s.C;
           const int64_t offset = ((p * s.A + a) * s.C + c) * s.B;
-          double* sums = out + p * 2 * s.C + c;
-          SumRuns<kSquare>(w + offset, x + offset, k[feature], std::min(runs, s.A - a), s.B, s.C * s.B, sums,
-                           sums + s.C);
+          double first = 0, second = 0;
+          SumRuns<kSquare>(w + offset, x + offset, k[feature], std::min(runs, s.A - a), s.B, s.C * s.B, &first,
+                           &second);
+          const int64_t at = p * 2 * s.C + c;
+          if (whole_features) {
+            result[at] = static_cast<float>(first);
+            result[at + s.C] = static_cast<float>(second);
+          } else {
+            out[at] += first;
+            out[at + s.C] += second;
+          }
           ++unit;
         }
       }
@@ -269,6 +281,7 @@ void Sums(const TW* w, const TX* x, const float* k, Layout s, float* result, ffi
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule(std::function<void()>(work));
   work();
   while (shared->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+  if (whole_features) return;
   for (int64_t o = 0; o < out_size; ++o) {
     double total = 0;
     for (int64_t chunk = 0; chunk < chunks; ++chunk) total += shared->partial[chunk * out_size + o];

@@ -145,20 +145,20 @@ def _train_bwd(config, residuals, cotangents):
     def centered(x, shift):
         return x.astype(compute_dtype) if shift is None else x.astype(compute_dtype) - expand(shift)
 
-    def sums(shift):
-        return stats.channel_sums(
-            [lambda dy, x, k: dy.astype(compute_dtype), lambda dy, x, k: dy.astype(compute_dtype) * centered(x, k)],
-            [dy, x, shift],
-            axes,
-        )
+    def with_xla(x, dy, shift):
+        def sums(k):
+            return stats.channel_sums(
+                [lambda dy, x, k: dy.astype(compute_dtype), lambda dy, x, k: dy.astype(compute_dtype) * centered(x, k)],
+                [dy, x, k],
+                axes,
+            )
 
-    # As in moments: a shift of exactly 0 skips the subtraction (not after a
-    # forced re-shift, whose shift is the batch mean and whose zero test would
-    # span every feature, so every device under jit).
-    local_dy, local_dy_centered = stats._paired_sums(
-        x, dy, shift, axes, compute_dtype,
-        lambda: sums(shift) if reshift else stats.sums_around_shift(sums, shift, x.size),
-    )
+        # As in moments: a shift of exactly 0 skips the subtraction (not after a
+        # forced re-shift, whose shift is the batch mean and whose zero test would
+        # span every feature, so every device under jit).
+        return sums(shift) if reshift else stats.sums_around_shift(sums, shift, x.size)
+
+    local_dy, local_dy_centered = stats._paired_sums(x, dy, shift, axes, compute_dtype, with_xla)
     local_dy_xhat = inv_std * (local_dy_centered - mean_minus_shift * local_dy)
     sum_dy, sum_dy_xhat = stats.cross_device_sum([local_dy, local_dy_xhat], axis_name, groups)
     # y = x̂ γ + β with x̂ using the statistics of the valid elements, so

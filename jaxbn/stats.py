@@ -235,27 +235,34 @@ def _paired_sums(
     shift: jax.Array,
     axes: tuple[int, ...],
     dtype: Any,
-    fallback: Callable[[], Any],
-) -> Any:
+    with_xla: Callable[[jax.Array, jax.Array | None, jax.Array], Any],
+) -> list[jax.Array]:
     """Batch norm's pair of local sums, in one read of the tensors on XLA:CPU.
 
     ``(Σ(x-K), Σ(x-K)²)``, or with ``weights`` w ``(Σw, Σw(x-K))``, over
     ``axes``. Lowered for the CPU where the compiled kernels apply
-    (:mod:`jaxbn._cpu`: float32/bfloat16 tensors, float32 sums, contiguous
-    kept axes, one device's data), they take both sums in one pass; otherwise,
-    and on every other backend, the result is ``fallback()``, the same sums as
-    XLA reductions (:func:`channel_sums`). Values agree to rounding.
+    (:mod:`jaxbn._cpu`: float32/bfloat16 tensors, float32 sums, a feature's
+    values spread over the tensor, one device's data), they take both sums in
+    one pass; otherwise, and on every other backend, the sums are
+    ``with_xla(x, weights, shift)``, XLA's reductions (:func:`channel_sums`).
+    Values agree to rounding. Differentiated, they are always ``with_xla``'s:
+    its derivative fuses with the rest of the program, a custom call's could not.
     """
     shape = _cpu.layout(x, weights, axes) if jnp.dtype(dtype) == jnp.float32 else None
     if shape is None:
-        return fallback()
+        return list(with_xla(x, weights, shift))
 
-    def on_cpu():
+    def on_cpu(x, weights, shift):
         # A custom call's result is typed like its shift: make that vary as the sums do.
         like = (x,) if weights is None else (x, weights)
         return list(_cpu.sums(x, weights, _varying_like(shift, *like), shape))
 
-    return lax.platform_dependent(cpu=on_cpu, default=lambda: list(fallback()))
+    @jax.custom_jvp
+    def sums(x, weights, shift):
+        return lax.platform_dependent(x, weights, shift, cpu=on_cpu, default=lambda *ops: list(with_xla(*ops)))
+
+    sums.defjvp(lambda primals, tangents: jax.jvp(lambda *ops: list(with_xla(*ops)), primals, tangents))
+    return sums(x, weights, shift)
 
 
 def _abs_square(v: jax.Array) -> jax.Array:
@@ -451,18 +458,20 @@ def moments(
     def local_sums(reference, with_second=True, skip_zero_shift=False):
         summands = [centered] + ([lambda *ops: _abs_square(centered(*ops))] if with_second else [])
 
-        def sums(k):
-            return list(channel_sums(summands, [x, k, mask], axes))
+        zero = reference is known_zero  # no subtraction is traced
 
-        def with_xla():
-            if reference is known_zero:
+        def with_xla(x, _, reference):
+            def sums(k):
+                return list(channel_sums(summands, [x, k, mask], axes))
+
+            if zero:
                 return sums(None)
             # Not with reshift=True: the test spans every feature (all devices under jit).
             return sums_around_shift(sums, reference, x.size) if skip_zero_shift else sums(reference)
 
         if with_second and mask is None and not is_complex:
             return _paired_sums(x, None, reference, axes, stats_dtype, with_xla)
-        return with_xla()
+        return with_xla(x, None, reference)
 
     def global_sums(local):
         # One collective: a complex sum travels as its real and imaginary parts.

@@ -3,10 +3,10 @@
 The kernels take batch norm's two per-feature sums in one read. They must
 agree with a float64 NumPy reference for every layout the flattening produces
 (rows of features, runs of one feature, tails that are not a multiple of the
-vector width, runs longer than a float32 accumulation block), every dtype pair,
-under ``vmap`` and under differentiation (their JVP rules use XLA reductions);
-and they must stay out of programs XLA may partition, so a sharded batch is
-never gathered. ``tests/test_single_device.py`` runs this file, and the
+vector width, runs longer than a float32 accumulation block), every dtype pair
+and under ``vmap``; differentiated, the sums must be exactly XLA's; and the
+kernels must stay out of programs XLA may partition, so a sharded batch is
+never gathered, and out of per-example statistics, where XLA is faster. ``tests/test_single_device.py`` runs this file, and the
 batch-norm suites, on one device, where plain ``jit`` uses the kernels.
 """
 
@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from jax.test_util import check_grads
 
 import jaxbn
 from jaxbn import _cpu
@@ -120,27 +119,30 @@ def test_vmap_sums_each_instance(layout):
             np.testing.assert_allclose(got[i], want, rtol=1e-6, atol=1e-3)
 
 
-@needs_kernels
-@pytest.mark.parametrize("weighted", [False, True])
-def test_gradients_of_the_sums(weighted):
-    """The JVP rules (XLA reductions) pass check_grads, forward and reverse, orders 1 and 2."""
-    shape, axes = (6, 5, 19), (0, 2)
-    x, w, shift = _data(shape, axes, F32, F32 if weighted else None)
-    flat = _cpu.flat_shape(shape, axes)
-    if weighted:
-        fn = lambda x, w, k: _cpu.sums(x, w, k, flat)
-        args = (x, w, shift)
-    else:
-        fn = lambda x, k: _cpu.sums(x, None, k, flat)
-        args = (x, shift)
-    # The sums are at most quadratic, so central differences are exact up to rounding.
-    check_grads(fn, args, order=2, modes=("fwd", "rev"), eps=1e-2, atol=2e-2, rtol=2e-2)
-
-
 def _one_device_shard_map(fn):
     """``fn`` in a shard_map over one device: every mesh axis is manual, so the kernels apply."""
     mesh = jax.make_mesh((1,), ("d",), devices=jax.devices()[:1])
     return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_derivatives_are_those_of_xla_sums(dtype):
+    """Differentiated, the sums are XLA's: the JVP of moments equals, to the bit, the one without kernels."""
+    rng = np.random.default_rng(0)
+    x, dx = (jnp.asarray(rng.normal(2.0, 3.0, (16, 6, 6, 24)), dtype) for _ in range(2))
+    shift = jnp.full((24,), 2.0)
+
+    def jvp(args):
+        x, dx = args
+        return jax.jvp(lambda x: tuple(jaxbn.moments(x, (0, 1, 2), shift=shift)[:2]), (x,), (dx,))
+
+    fast = _one_device_shard_map(jvp)
+    assert " custom-call(" not in fast.lower((x, dx)).compile().as_text()
+    with _cpu.disabled():
+        reference = _one_device_shard_map(jvp)((x, dx))
+    for got, want in zip(jax.tree_util.tree_leaves(fast((x, dx))), jax.tree_util.tree_leaves(reference)):
+        np.testing.assert_array_equal(got, want)
 
 
 @needs_kernels
@@ -198,6 +200,7 @@ def test_only_where_xla_will_not_partition():
     assert seen["shard_map"] == (8 // jax.device_count() * 16, 16, 1)
     assert _cpu.layout(x.astype(jnp.float16), None, axes) is None  # float32 and bfloat16 only
     assert _cpu.layout(jnp.ones((2, 3, 4)), None, (1,)) is None  # kept axes 0 and 2
+    assert _cpu.layout(jnp.ones((64, 128)), None, (1,)) is None  # per-example: XLA's row sums are faster
     with _cpu.disabled():
         assert _cpu.layout(x, None, axes) is None
 
