@@ -86,10 +86,13 @@ inline void LoadGroup(const bfloat16_bits* p, Floats& low, Floats& high) {
     high = AsFloats(__builtin_convertvector(h[1], Words) << 16);
   }
 }
-// Where in a group of 16 the value at `slot` of LoadGroup<kSplit>'s vectors came from.
+// The feature whose sums SumRows keeps at buffer slot c: LoadGroup<kSplit>
+// reorders each whole group of 16 features; the `grouped` first ones are in groups.
 template <bool kSplit>
-inline int64_t Position(int64_t slot) {
-  return kSplit ? (slot < kLanes ? 2 * slot : 2 * (slot - kLanes) + 1) : slot;
+inline int64_t FeatureAt(int64_t c, int64_t grouped) {
+  if (!kSplit || c >= grouped) return c;
+  const int64_t slot = c % kGroup;
+  return c - slot + (slot < kLanes ? 2 * slot : 2 * (slot - kLanes) + 1);
 }
 
 // Adds the two summands of one vector (or one value) to their accumulators:
@@ -151,7 +154,7 @@ JAXBN_VECTOR_CLONES void SumRows(const TW* w, const TX* x, const float* k, int64
   constexpr bool kSplit = kSplitLoads<kSquare, TW, TX>;
   const int64_t grouped = C - C % kGroup;
   float *first = buffer, *second = buffer + C, *shift = buffer + 2 * C;
-  for (int64_t c = 0; c < C; ++c) shift[c] = c < grouped ? k[c - c % kGroup + Position<kSplit>(c % kGroup)] : k[c];
+  for (int64_t c = 0; c < C; ++c) shift[c] = k[FeatureAt<kSplit>(c, grouped)];
   for (int64_t block = row; block < end; block += kRowBlock) {
     std::fill(first, first + 2 * C, 0.f);
     for (int64_t r = block, stop = std::min(end, block + kRowBlock); r < stop; ++r) {
@@ -169,9 +172,8 @@ JAXBN_VECTOR_CLONES void SumRows(const TW* w, const TX* x, const float* k, int64
       for (int64_t c = grouped; c < C; ++c) AccumulateOne<kSquare>(w, x, base + c, k[c], first[c], second[c]);
     }
     for (int64_t c = 0; c < C; ++c) {
-      const int64_t feature = c < grouped ? c - c % kGroup + Position<kSplit>(c % kGroup) : c;
-      out[feature] += first[c];
-      out[C + feature] += second[c];
+      out[FeatureAt<kSplit>(c, grouped)] += first[c];
+      out[C + FeatureAt<kSplit>(c, grouped)] += second[c];
     }
   }
 }

@@ -24,8 +24,9 @@ import pytest
 from flax import linen as nn
 
 import jaxbn
-from jaxbn import _cpu, stats
+from jaxbn import stats
 from tests import hlo
+from tests.test_cpu_kernels import PLAIN_JIT_USES_KERNELS as KERNELS  # plain jit on one device
 
 SHAPE = (32, 16, 16, 64)
 
@@ -73,8 +74,6 @@ def _flax_forward_backward(dtype):
     return jax.jit(forward_backward).lower(x, variables["params"], variables["batch_stats"], x).compile()
 
 
-# Whether the programs below use jaxbn's C++ sums: plain jit on one device.
-KERNELS = _cpu.available() and jax.device_count() == 1
 SMALL_SHAPE = (8, 4, 4, 16)  # below stats.SKIP_ZERO_SHIFT_MIN_SIZE
 # (traffic in S, kernels) reached on XLA:CPU with jax 0.10; kernels include the
 # small per-feature ones (the shift tests, the guard, the state update).
