@@ -58,7 +58,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
-import jaxbn._cpu
 import jaxbn.linen
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -70,7 +69,6 @@ DEVICES = 8
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LAYOUTS = ("NHWC", "NCHW")
 FLAX, TORCH, COPY = "flax.linen", "torch BatchNorm2d", "copy: jax x*1.0001"
-XLA_SUMS = "jaxbn, XLA sums"
 COLLECTIVE_OPS = ("all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
 
@@ -271,12 +269,6 @@ def _bn_case(model: Callable, spec: Spec) -> Case:
     return _jax_case(MODES[spec.mode].step(apply), args)
 
 
-def _xla_sums_case(spec: Spec) -> Case:
-    """jaxbn with XLA's reductions on the CPU too (its C++ one-pass sums turned off)."""
-    with jaxbn._cpu.disabled():
-        return _bn_case(_jaxbn_model, spec)
-
-
 def _copy_case(spec: Spec) -> Case:
     x = jnp.asarray(_data(spec.shape, spec.layout)[0], spec.jnp_dtype)
     return _jax_case(lambda x: ((x * 1.0001,), ()), (x,))
@@ -340,7 +332,6 @@ MODELS: dict[str, tuple[str, Callable]] = {
 # Every row: name -> (library for --libs, case builder), in the order printed.
 IMPLEMENTATIONS: dict[str, tuple[str, Callable[[Spec], Case]]] = {
     **{name: (library, functools.partial(_bn_case, model)) for name, (library, model) in MODELS.items()},
-    XLA_SUMS: ("jaxbn", _xla_sums_case),
     TORCH: ("torch", _torch_case),
     COPY: ("copy", _copy_case),
     "copy: torch clone": ("copy", _torch_copy_case),

@@ -15,10 +15,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from jaxbn import stats
+from jaxbn import _validation, stats
 
 Params = Mapping[str, jax.Array]
 
@@ -33,13 +32,7 @@ def check_ghost_batch_size(
     """
     if ghost_batch_size is None:
         return None
-    if isinstance(ghost_batch_size, (bool, np.bool_)) or not isinstance(ghost_batch_size, (int, np.integer)):
-        raise TypeError(
-            f"ghost_batch_size must be a positive int or None, got {ghost_batch_size!r} of type "
-            f"{type(ghost_batch_size).__name__}."
-        )
-    if ghost_batch_size < 1:
-        raise ValueError(f"ghost_batch_size must be a positive int or None, got {ghost_batch_size}.")
+    ghost_batch_size = _validation.positive_int(ghost_batch_size, "ghost_batch_size", none_ok=True)
     if 0 not in reduction_axes:
         raise ValueError(
             f"ghost_batch_size={ghost_batch_size} splits axis 0 (the batch) into groups, but axis 0 is a "

@@ -9,6 +9,7 @@ momentum computed inside ``jit``) cannot be checked and are let through.
 from __future__ import annotations
 
 import numbers
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _static_float(value: Any, name: str, expected: str) -> float | None:
+def static_float(value: Any, name: str, expected: str) -> float | None:
     """``float(value)``, or None for a traced value that cannot be checked."""
     if isinstance(value, jax.core.Tracer):
         return None
@@ -31,7 +32,7 @@ def _static_float(value: Any, name: str, expected: str) -> float | None:
 
 def check_momentum(momentum: Any) -> None:
     """Raises unless ``momentum`` lies in [0, 1] (flax's convention)."""
-    value = _static_float(momentum, "momentum", "a real number in [0, 1]")
+    value = static_float(momentum, "momentum", "a real number in [0, 1]")
     if value is not None and not 0.0 <= value <= 1.0:  # also rejects NaN
         raise ValueError(
             f"momentum must lie in [0, 1], got {value}. jaxbn follows flax's "
@@ -50,47 +51,64 @@ def check_static_bool(value: Any, name: str, *, none_ok: bool = False) -> None:
     )
 
 
-def check_epsilon(epsilon: Any) -> None:
-    """Raises unless ``epsilon`` is a finite number > 0."""
-    value = _static_float(epsilon, "epsilon", "a positive real number")
-    if value is not None and not (value > 0.0 and np.isfinite(value)):
+def check_epsilon(epsilon: Any, dtype: Any = jnp.float32) -> None:
+    """Raises unless ``epsilon`` is a number that stays finite and > 0 in ``dtype``.
+
+    A traced ``epsilon`` cannot be checked and is let through.
+    """
+    value = static_float(epsilon, "epsilon", "a positive real number")
+    if value is None:
+        return
+    with np.errstate(over="ignore", under="ignore"):
+        in_dtype = float(np.asarray(value, np.dtype(jnp.finfo(dtype).dtype)))
+    if not (in_dtype > 0.0 and np.isfinite(in_dtype)):
         raise ValueError(
-            f"epsilon must be a finite number > 0, got {value}: it is added to the "
-            "variance before the inverse square root, so 0 divides by zero on a "
-            "constant channel. The usual value is 1e-5."
+            f"epsilon must be a finite number > 0 in the {jnp.dtype(dtype)} the statistics are "
+            f"computed in, got {epsilon!r} (which is {in_dtype} there): it is added to the variance "
+            "before the inverse square root. The usual value is 1e-5."
         )
 
 
-def check_floating(x: Any, name: str = "x") -> jax.typing.ArrayLike:
-    """Returns ``x`` as an array, raising ``TypeError`` unless it is floating."""
-    dtype = getattr(x, "dtype", None)
-    if dtype is None:
-        x = jnp.asarray(x)
-        dtype = x.dtype
-    if jnp.issubdtype(dtype, jnp.complexfloating):
+def positive_int(value: Any, name: str, *, none_ok: bool = False) -> int | None:
+    """Returns ``value`` as an int, raising unless it is a positive integer (or None if ``none_ok``)."""
+    if value is None and none_ok:
+        return None
+    expected = "a positive int" + (" or None" if none_ok else "")
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be {expected}, got {value!r}.")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {expected}, got {value!r} of type {type(value).__name__}.") from None
+    if number < 1:
+        raise ValueError(f"{name} must be {expected}, got {number}.")
+    return number
+
+
+def _as_array(x: Any) -> jax.Array:
+    """``x`` as a JAX array: NumPy input is converted once, at JAX's default precision."""
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
+
+
+def check_floating(x: Any, name: str = "x") -> jax.Array:
+    """Returns ``x`` as an array, raising ``TypeError`` unless it is real floating."""
+    x = _as_array(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
         raise TypeError(
-            f"{name} must have a real floating dtype here, got {dtype}: this function does not "
+            f"{name} must have a real floating dtype here, got {x.dtype}: this function does not "
             "support complex input (moments, normalize, batch_norm, layer_norm, rms_norm, "
             "group_norm and instance_norm do)."
         )
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(
-            f"{name} must have a floating dtype (float16, bfloat16, float32 or "
-            f"float64), got {dtype}. Cast it first, e.g. {name}.astype(jnp.float32)."
-        )
-    return x
+    return check_inexact(x, name)
 
 
-def check_inexact(x: Any, name: str = "x") -> jax.typing.ArrayLike:
+def check_inexact(x: Any, name: str = "x") -> jax.Array:
     """Returns ``x`` as an array, raising ``TypeError`` unless it is floating or complex."""
-    dtype = getattr(x, "dtype", None)
-    if dtype is None:
-        x = jnp.asarray(x)
-        dtype = x.dtype
-    if not jnp.issubdtype(dtype, jnp.inexact):
+    x = _as_array(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
         raise TypeError(
             f"{name} must have a floating dtype (float16, bfloat16, float32 or float64) or "
-            f"a complex one (complex64, complex128), got {dtype}. Cast it first, e.g. "
+            f"a complex one (complex64, complex128), got {x.dtype}. Cast it first, e.g. "
             f"{name}.astype(jnp.float32)."
         )
     return x
@@ -124,10 +142,15 @@ def check_output_dtype(x_dtype: Any, dtype: Any, name: str = "dtype") -> None:
         )
 
 
-def canonicalize_axes(ndim: int, axis: Any, name: str = "axis") -> tuple[int, ...]:
+def canonicalize_axes(ndim: int, axis: Any, name: str = "axis", *, allow_empty: bool = False) -> tuple[int, ...]:
     """Returns ``axis`` (an int or a sequence of ints) as sorted non-negative axes."""
+    if ndim == 0:
+        raise ValueError(
+            "normalization needs an input with at least one axis, got a 0-d (scalar) input; "
+            "reshape it, e.g. x.reshape(1, -1)."
+        )
     axes = (axis,) if not isinstance(axis, Sequence) else tuple(axis)
-    if not axes:
+    if not axes and not allow_empty:
         raise ValueError(f"{name} must name at least one axis, got {axis!r}.")
     result = []
     for ax in axes:
@@ -157,7 +180,14 @@ def check_mask(mask: Any, shape: tuple[int, ...]) -> jax.Array:
             f"{tuple(shape)}. Give it the input's shape, or size 1 along the axes "
             "it does not vary over (e.g. (batch, 1, 1, 1) to mask whole examples)."
         )
-    return jnp.asarray(mask).astype(bool)
+    dtype = getattr(mask, "dtype", None)
+    mask = jnp.asarray(mask) if dtype is None else mask
+    if mask.dtype != jnp.bool_:
+        raise TypeError(
+            f"mask must be a boolean array (True where an element counts), got dtype {mask.dtype}. "
+            "jaxbn does not weight elements; for a 0/1 array pass mask.astype(bool) or mask > 0."
+        )
+    return mask
 
 
 def check_feature_arrays(
@@ -195,6 +225,19 @@ def check_feature_arrays(
     for key, value in arrays.items():
         if value is None:
             continue
+        if not hasattr(value, "dtype"):
+            try:
+                value = jnp.asarray(value)
+            except TypeError:
+                raise TypeError(
+                    f"{name}['{key}'] must be an array, got {type(value).__name__}: {value!r}."
+                ) from None
+        if key not in scalars and not jnp.issubdtype(value.dtype, jnp.inexact):
+            raise TypeError(
+                f"{name}['{key}'] must have a floating dtype, got {value.dtype} (an integer or "
+                f"boolean {name} would be truncated). Create it with a float dtype, e.g. "
+                f"jnp.asarray(..., jnp.float32)."
+            )
         value_shape = tuple(np.shape(value))
         if key in scalars:
             if value_shape != ():
@@ -209,3 +252,29 @@ def check_feature_arrays(
             )
         checked[key] = value
     return checked
+
+
+def feature_axes(x: jax.Array, axis: Any) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(feature axes, reduction axes, feature shape)`` of ``x`` for the feature ``axis``."""
+    features = canonicalize_axes(x.ndim, axis)
+    reduction = tuple(i for i in range(x.ndim) if i not in features)
+    return features, reduction, tuple(x.shape[i] for i in features)
+
+
+def compute_dtype(x: jax.Array, dtype: Any) -> Any:
+    """The dtype statistics and normalization are computed in: at least float32, never below ``x`` or ``dtype``."""
+    requested = x.dtype if dtype is None else jnp.promote_types(x.dtype, dtype)
+    return jax.dtypes.canonicalize_dtype(jnp.promote_types(requested, jnp.float32))
+
+
+def output_dtype(x: jax.Array, params: Mapping[str, Any], dtype: Any) -> Any:
+    """flax's rule: the requested ``dtype``, else the promotion of the input and the parameters."""
+    if dtype is not None:
+        return jax.dtypes.canonicalize_dtype(dtype)
+    return jnp.result_type(x, *params.values())
+
+
+def feature_shape(x: Any, axes: Any) -> tuple[int, ...]:
+    """The sizes of ``x`` along the feature ``axes``: the shape of its parameters."""
+    x = x if hasattr(x, "shape") and hasattr(x, "ndim") else jnp.asarray(x)
+    return feature_axes(x, axes)[2]

@@ -15,16 +15,14 @@ state.
 
 from __future__ import annotations
 
-import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxbn import _kernels, _validation, stats
-from jaxbn.functional import _compute_dtype, _output_dtype
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm"]
 
@@ -38,7 +36,7 @@ def _checked_params(
     x: Any, params: Params | None, allowed: Sequence[str], feature_axes: tuple[int, ...], epsilon: Any, dtype: Any
 ) -> dict[str, Any]:
     """The checks every function here shares; returns the validated params."""
-    _validation.check_epsilon(epsilon)
+    _validation.check_epsilon(epsilon, _validation.compute_dtype(x, dtype))
     _validation.check_output_dtype(x.dtype, dtype)
     feature_shape = tuple(x.shape[i] for i in feature_axes)
     return _validation.check_feature_arrays(params, allowed, (), feature_shape, "params")
@@ -72,8 +70,8 @@ def _normalize_over(
     Complex ``x`` works throughout (complex mean, real variance ``E|x - mu|^2``,
     as in :func:`jaxbn.stats.moments`); gradients are JAX's autodiff.
     """
-    compute_dtype = _compute_dtype(x, dtype)
-    out_dtype = _output_dtype(x, params, dtype)
+    compute_dtype = _validation.compute_dtype(x, dtype)
+    out_dtype = _validation.output_dtype(x, params, dtype)
     batch = stats.moments(
         x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=compute_dtype
     )
@@ -85,10 +83,14 @@ def _normalize_over(
         shift, mean_minus_shift, var = keep(batch.shift), keep(batch.mean_minus_shift), keep(batch.var)
     else:
         shift, mean_minus_shift = jnp.zeros((), compute_dtype), None
-        var = keep(batch.var + stats._abs_square(batch.mean))  # E[|x|^2], real for complex x
+        var = keep(batch.var + stats.abs_square(batch.mean))  # E[|x|^2], real for complex x
     broadcast_shape = tuple(x.shape[i] if i in feature_axes else 1 for i in range(x.ndim))
     params = {key: jnp.reshape(value, broadcast_shape) for key, value in params.items()}
-    y = _kernels.affine_normalize(x, shift, mean_minus_shift, var, params, (), epsilon, compute_dtype, out_dtype)
+    if mask is not None:
+        mask = _validation.check_mask(mask, x.shape)
+    y = _kernels.affine_normalize(
+        x, shift, mean_minus_shift, var, params, (), epsilon, compute_dtype, out_dtype, mask
+    )
     return y if out_shape is None else y.reshape(out_shape)
 
 
@@ -211,20 +213,10 @@ def rms_norm(
     )
 
 
-def _positive_int_or_none(value: Any, name: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise TypeError(f"{name} must be a positive int or None, got {value!r} of type {type(value).__name__}.")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int or None, got {value}.")
-    return int(value)
-
-
-def _number_of_groups(channels: int, num_groups: Any, group_size: Any) -> int:
+def number_of_groups(channels: int, num_groups: Any, group_size: Any) -> int:
     """flax GroupNorm's rule: exactly one of the two, dividing the channels."""
-    num_groups = _positive_int_or_none(num_groups, "num_groups")
-    group_size = _positive_int_or_none(group_size, "group_size")
+    num_groups = _validation.positive_int(num_groups, "num_groups", none_ok=True)
+    group_size = _validation.positive_int(group_size, "group_size", none_ok=True)
     if (num_groups is None) == (group_size is None):
         raise ValueError(
             f"exactly one of num_groups and group_size must be given, got num_groups={num_groups!r} "
@@ -307,7 +299,7 @@ def group_norm(
             f"the input of shape {x.shape}: group norm takes channels last and reduces over each group."
         )
     channels = x.shape[-1]
-    groups = _number_of_groups(channels, num_groups, group_size)
+    groups = number_of_groups(channels, num_groups, group_size)
     params = _checked_params(x, params, _PARAM_KEYS, (x.ndim - 1,), epsilon, dtype)
     grouped_shape = x.shape[:-1] + (groups, channels // groups)
     if mask is not None:
@@ -370,13 +362,20 @@ def instance_norm(
             f"batch axis (input shape {x.shape}); put the batch first and name the channel axes."
         )
     reduction = tuple(i for i in range(1, x.ndim) if i not in features)
-    if not reduction:
-        raise ValueError(
-            f"instance_norm of an input of shape {x.shape} with feature_axes={feature_axes!r} has "
-            "no spatial axis to take statistics over (each value would be its own mean, and the "
-            "output all bias); use layer_norm, or give the input its spatial axes."
-        )
     params = _checked_params(x, params, _PARAM_KEYS, features, epsilon, dtype)
+    if not reduction:
+        warnings.warn(
+            f"instance_norm: an input of shape {x.shape} with feature_axes={feature_axes!r} has no "
+            "spatial axis, so each value is its own mean: the output is the bias (as in flax).",
+            stacklevel=2,
+        )
+        # x - x: exactly the bias, with flax's gradients (none into x or scale).
+        broadcast_shape = tuple(x.shape[i] if i in features else 1 for i in range(x.ndim))
+        params = {key: jnp.reshape(value, broadcast_shape) for key, value in params.items()}
+        return _kernels.affine_normalize(
+            x, x, None, jnp.zeros((), jnp.float32), params, (), epsilon, _validation.compute_dtype(x, dtype),
+            _validation.output_dtype(x, params, dtype),
+        )
     return _normalize_over(
         x, params, reduction, features, epsilon=epsilon, mask=mask, axis_name=axis_name,
         axis_index_groups=axis_index_groups, dtype=dtype,

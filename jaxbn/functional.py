@@ -9,8 +9,9 @@ cumulative running average (``momentum=None``) adds a scalar ``'count'``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ State = Mapping[str, jax.Array]
 _PARAM_KEYS = ("scale", "bias")
 _STATE_KEYS = ("mean", "var")
 _COUNT_KEY = "count"  # batches averaged by a cumulative running average (momentum=None)
+_STEPS_KEY = "steps"  # updates taken, kept by batch renormalization's scheduled limits
 
 
 def batch_norm_init(
@@ -45,7 +47,9 @@ def batch_norm_init(
     Args:
       num_features: the size of the feature axis (or a tuple of sizes when
         normalizing over several feature axes).
-      dtype: dtype of the parameters and statistics (float32, as flax).
+      dtype: dtype of the parameters and statistics (float32, as flax). A
+        complex dtype (for complex input) makes the running mean complex; the
+        variance and the parameters take the matching real dtype.
       use_scale: include ``'scale'`` in the parameters.
       use_bias: include ``'bias'`` in the parameters.
       cumulative: add ``'count'``, a float32 scalar: the number of batches a
@@ -55,49 +59,33 @@ def batch_norm_init(
       ``(params, state)``: ``{'scale', 'bias'}`` (those enabled) and
       ``{'mean', 'var'}`` (and ``'count'`` if cumulative).
 
+    Raises:
+      TypeError / ValueError: ``num_features`` is not a positive integer (or a
+        tuple of them), or ``dtype`` is not floating or complex.
+
     >>> params, state = batch_norm_init(3)
     >>> params['scale'], state['var']
     (Array([1., 1., 1.], dtype=float32), Array([1., 1., 1.], dtype=float32))
     >>> batch_norm_init(3, cumulative=True)[1]['count']
     Array(0., dtype=float32)
+    >>> batch_norm_init(3, dtype=jnp.complex64)[1]['mean'].dtype
+    dtype('complex64')
     """
-    shape = (num_features,) if not isinstance(num_features, Sequence) else tuple(num_features)
-    if not shape or any(
-        isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape
-    ):
-        raise ValueError(
-            f"num_features must be a positive int or a tuple of them, got {num_features!r}."
-        )
-    _validation.check_dtype(dtype)
+    sizes = tuple(num_features) if isinstance(num_features, Sequence) else (num_features,)
+    if not sizes:
+        raise ValueError("num_features must be a positive int or a non-empty tuple of them, got ().")
+    shape = tuple(_validation.positive_int(n, "num_features") for n in sizes)
+    _validation.check_dtype(dtype, complex_ok=True)
+    real_dtype = jnp.finfo(dtype).dtype  # of the variance and the parameters: float32 for complex64
     params = {}
     if use_scale:
-        params["scale"] = jnp.ones(shape, dtype)
+        params["scale"] = jnp.ones(shape, real_dtype)
     if use_bias:
-        params["bias"] = jnp.zeros(shape, dtype)
-    state = {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, dtype)}
+        params["bias"] = jnp.zeros(shape, real_dtype)
+    state = {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, real_dtype)}
     if cumulative:
         state[_COUNT_KEY] = jnp.zeros((), jnp.float32)
     return params, state
-
-
-def _feature_axes(x: jax.Array, axis: Any) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    feature_axes = _validation.canonicalize_axes(x.ndim, axis)
-    reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
-    feature_shape = tuple(x.shape[i] for i in feature_axes)
-    return feature_axes, reduction_axes, feature_shape
-
-
-def _compute_dtype(x: jax.Array, dtype: Any) -> Any:
-    # At least float32, and never below the input or the requested dtype.
-    requested = x.dtype if dtype is None else jnp.promote_types(x.dtype, dtype)
-    return jnp.promote_types(requested, jnp.float32)
-
-
-def _output_dtype(x: jax.Array, params: Params, dtype: Any) -> Any:
-    # flax's rule: the requested dtype, else the promotion of input and params.
-    if dtype is not None:
-        return jnp.dtype(dtype)
-    return jnp.result_type(x, *params.values())
 
 
 def normalize(
@@ -143,15 +131,19 @@ def normalize(
            [0.-1.j]], dtype=complex64)
     """
     x = _validation.check_inexact(x)
-    _validation.check_epsilon(epsilon)
+    compute_dtype = _validation.compute_dtype(x, dtype)
+    _validation.check_epsilon(epsilon, compute_dtype)
     _validation.check_output_dtype(x.dtype, dtype)
-    _, reduction_axes, feature_shape = _feature_axes(x, axis)
+    _, reduction_axes, feature_shape = _validation.feature_axes(x, axis)
     params = _validation.check_feature_arrays(
         {"scale": scale, "bias": bias}, _PARAM_KEYS, (), feature_shape, "params"
     )
-    _validation.check_feature_arrays({"mean": mean, "var": var}, _STATE_KEYS, _STATE_KEYS, feature_shape, "state")
+    stats_ = _validation.check_feature_arrays(
+        {"mean": mean, "var": var}, _STATE_KEYS, _STATE_KEYS, feature_shape, "state"
+    )
     return _kernels.affine_normalize(
-        x, mean, None, var, params, reduction_axes, epsilon, _compute_dtype(x, dtype), _output_dtype(x, params, dtype)
+        x, stats_["mean"], None, stats_["var"], params, reduction_axes, epsilon, compute_dtype,
+        _validation.output_dtype(x, params, dtype),
     )
 
 
@@ -163,13 +155,12 @@ def _update_running_stats(
     Exponential (``momentum * old + (1 - momentum) * batch``) or, for
     ``momentum=None``, cumulative (``old + (batch - old) / (count + 1)``, and
     ``count + 1``). With ``unbiased`` the variance averaged is
-    ``var * n / (n - 1)``, ``n`` the global count. Channels without a valid
+    ``var * n / (n - 1)``, ``n`` the global count. Features without a valid
     element (and, if unbiased, with only one) keep their old statistics; when
-    any valid channel's batch statistics are not finite the whole state is kept
-    and ``count`` does not advance (the decision depends only on globally
-    reduced values, so every device takes it alike). Running statistics are not
-    differentiated. For complex input the mean is complex (a real ``state['mean']``
-    is promoted to the complex dtype of its precision) and the variance real.
+    any valid feature's batch statistics are not finite the whole state is kept
+    and ``count``/``steps`` do not advance (the decision depends only on
+    globally reduced values, so every device takes it alike). A non-finite old
+    statistic is replaced by the batch's. The state keeps its dtypes.
     """
     mean, var, n = (lax.stop_gradient(v) for v in (batch.mean, batch.var, batch.count))
     has_data = n > 0
@@ -179,7 +170,7 @@ def _update_running_stats(
     if unbiased:
         var = var * n / jnp.maximum(n - 1, 1)
         update_var = update & (n > 1)
-    new_state = {}
+    new_state = dict(state)
     for key, value, keep in (("mean", mean, update), ("var", var, update_var)):
         old = state[key]
         previous = old.astype(value.dtype)
@@ -187,13 +178,11 @@ def _update_running_stats(
             averaged = previous + (value - previous) / (state[_COUNT_KEY].astype(value.dtype) + 1)
         else:
             averaged = momentum * previous + (1 - momentum) * value
-        # Keep the state's dtype so it stays a stable jit/scan carry; a real
-        # running mean becomes complex (same precision) for complex input, as in flax.
-        target = jnp.result_type(old.dtype, jnp.complex64) if jnp.iscomplexobj(value) else old.dtype
-        new_state[key] = jnp.where(keep, averaged, old).astype(target)
-    if momentum is None:
-        count = state[_COUNT_KEY]
-        new_state[_COUNT_KEY] = jnp.where(jnp.any(update), count + 1, count).astype(count.dtype)
+        averaged = jnp.where(jnp.isfinite(previous), averaged, value)  # a bad state is replaced
+        new_state[key] = jnp.where(keep, averaged, old).astype(old.dtype)
+    for key in (_COUNT_KEY, _STEPS_KEY):
+        if key in state:
+            new_state[key] = jnp.where(jnp.any(update), state[key] + 1, state[key]).astype(state[key].dtype)
     return new_state
 
 
@@ -214,7 +203,49 @@ def _check_cumulative_state(state: Mapping[str, Any], momentum: Any) -> None:
         )
 
 
-def _check_batch_norm_args(
+def _check_state_dtypes(state: Mapping[str, jax.Array], x: jax.Array, update: bool) -> None:
+    """Raises for running statistics that would lose precision or their dtype."""
+    for key in _STATE_KEYS:
+        dtype = state[key].dtype
+        if dtype == jnp.float16:
+            raise TypeError(
+                f"state['{key}'] is float16, whose range (6.5e4) a running variance easily exceeds; "
+                "keep running statistics in float32 (or bfloat16). The input itself may be float16."
+            )
+    if jnp.iscomplexobj(state["var"]):
+        raise TypeError(f"state['var'] must be real (the variance E|x - mean|^2), got {state['var'].dtype}.")
+    if update and jnp.iscomplexobj(x) and not jnp.iscomplexobj(state["mean"]):
+        raise TypeError(
+            f"the input is {x.dtype} but state['mean'] is {state['mean'].dtype}: a complex batch "
+            "mean cannot be averaged into a real running mean without changing its dtype. Create "
+            "the state with batch_norm_init(..., dtype=jnp.complex64)."
+        )
+
+
+class _BatchNormCall(NamedTuple):
+    """:func:`batch_norm`'s arguments, validated once."""
+
+    function: str  # names the caller in messages
+    x: jax.Array
+    params: dict[str, jax.Array]
+    state: dict[str, jax.Array]
+    given_state: Any  # returned as it is when nothing updates it
+    mask: jax.Array | None
+    reduction_axes: tuple[int, ...]
+    training: bool
+    update: bool
+    momentum: Any
+    unbiased_running_var: bool
+    epsilon: Any
+    axis_name: Any
+    axis_index_groups: tuple[tuple[int, ...], ...] | None
+    compute_dtype: Any
+    out_dtype: Any
+    ghost_batch_size: int | None
+    single_value: bool  # one value per feature across devices: no statistics to take
+
+
+def check_batch_norm_args(
     function: str,
     x: Any,
     params: Any,
@@ -230,48 +261,50 @@ def _check_batch_norm_args(
     axis_index_groups: Any,
     mask: Any,
     dtype: Any,
-    complex_ok: bool = False,
-) -> tuple:
-    """Validates :func:`batch_norm`'s arguments (shared with :func:`batch_renorm`).
-
-    Returns ``(x, params, checked_state, mask, reduction_axes, update,
-    compute_dtype, out_dtype)``; ``function`` names the caller in errors;
-    ``complex_ok`` lets complex ``x`` (and a complex ``dtype``) through.
-    """
+    ghost_batch_size: Any,
+    complex_ok: bool = True,
+    scalars: tuple[str, ...] = (_COUNT_KEY,),
+) -> _BatchNormCall:
+    """Validates :func:`batch_norm`'s arguments (shared with :func:`jaxbn.batch_renorm`)."""
     _validation.check_static_bool(training, "training")
     _validation.check_static_bool(update_running_stats, "update_running_stats", none_ok=True)
     _validation.check_static_bool(unbiased_running_var, "unbiased_running_var")
     update = training if update_running_stats is None else update_running_stats
     x = _validation.check_inexact(x) if complex_ok else _validation.check_floating(x)
-    _validation.check_epsilon(epsilon)
+    compute_dtype = _validation.compute_dtype(x, dtype)
+    _validation.check_epsilon(epsilon, compute_dtype)
     _validation.check_output_dtype(x.dtype, dtype)
-    _, reduction_axes, feature_shape = _feature_axes(x, axis)
+    _, reduction_axes, feature_shape = _validation.feature_axes(x, axis)
     params = _validation.check_feature_arrays(params, _PARAM_KEYS, (), feature_shape, "params")
     checked_state = _validation.check_feature_arrays(
-        state, _STATE_KEYS, _STATE_KEYS, feature_shape, "state", scalars=(_COUNT_KEY,)
+        state, _STATE_KEYS, _STATE_KEYS, feature_shape, "state", scalars=scalars
     )
+    _check_state_dtypes(checked_state, x, update)
     if momentum is not None:
         _validation.check_momentum(momentum)
     if update:
         _check_cumulative_state(checked_state, momentum)
-    out_dtype = _output_dtype(x, params, dtype)
-    compute_dtype = _compute_dtype(x, dtype)
-
-    if (training or update) and mask is None:
-        global_count = math.prod(x.shape[i] for i in reduction_axes) * stats.axis_size(
-            axis_name, axis_index_groups
-        )
-        if global_count == 1:
-            raise ValueError(
-                f"{function} with batch statistics (training or update_running_stats) needs "
-                f"more than one value per feature, but an input of shape {x.shape} with "
-                f"axis={axis!r} has exactly one (across all devices): its variance is 0 (in "
-                "training the output is all bias). Use a larger batch, training=False, or "
-                "layer/group norm."
+    groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
+    statistics = training or update
+    single_value = False
+    if statistics and mask is None:
+        devices = stats.axis_size(axis_name, groups)
+        single_value = math.prod(x.shape[i] for i in reduction_axes) * devices == 1
+        if single_value:
+            warnings.warn(
+                f"{function}: an input of shape {x.shape} with axis={axis!r} has one value per feature "
+                "(across all devices), so its batch variance is no estimate: the output is the bias (the "
+                "normalized value is 0, as in flax) and the running statistics are left unchanged.",
+                stacklevel=4,
             )
-    if mask is not None and (training or update):
+    if mask is not None and statistics:
         mask = _validation.check_mask(mask, x.shape)
-    return x, params, checked_state, mask, reduction_axes, update, compute_dtype, out_dtype
+    ghost = _ghost.check_ghost_batch_size(ghost_batch_size, x, reduction_axes, mask, statistics and not single_value)
+    return _BatchNormCall(
+        function, x, params, checked_state, state, mask if statistics else None, reduction_axes, training, update,
+        momentum, unbiased_running_var, epsilon, axis_name, groups, compute_dtype,
+        _validation.output_dtype(x, params, dtype), ghost, single_value,
+    )
 
 
 def batch_norm(
@@ -293,140 +326,55 @@ def batch_norm(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     r"""Batch normalization with explicit running statistics.
 
-    Training (``training=True``) normalizes with the statistics of the batch,
-    reduced over every axis but ``axis`` and, with ``axis_name``, over devices
-    (count-weighted, one collective; see :func:`jaxbn.stats.moments`):
+    Training normalizes with the statistics of the batch (every axis but
+    ``axis``, and with ``axis_name`` every device: count-weighted, one
+    collective; see :func:`jaxbn.moments`) and averages them into the state;
+    inference normalizes with ``state`` and returns it unchanged:
 
     .. math::
         y = \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} \gamma + \beta,
         \qquad
         \text{state}' = m \cdot \text{state} + (1 - m) \cdot (\mu_B, \sigma_B^2)
 
-    with flax's momentum convention (``m = 0.99`` averages over ~100 steps;
-    PyTorch's ``momentum`` is ``1 - m``) and the biased batch variance, as flax.
-    The running mean is the shift of the statistics, so in the steady state the
-    variance is exact at any offset with a single all-reduce.
-
-    Inference (``training=False``) normalizes with ``state`` and returns it
-    unchanged.
-
-    **Which statistics, and whether to update.** ``training`` chooses the
-    statistics that normalize; ``update_running_stats`` (default: the same as
-    ``training``) whether the batch statistics are averaged into the state:
-
-    ========  ====================  ===========  =====================================
-    training  update_running_stats  normalizes   state returned
-    ========  ====================  ===========  =====================================
-    True      None / True           batch stats  updated (training)
-    True      False                 batch stats  ``state`` itself (a train-mode eval)
-    False     None / False          running      ``state`` itself (inference, frozen)
-    False     True                  running      updated from the batch statistics
-                                                 (precise-BN-style re-estimation)
-    ========  ====================  ===========  =====================================
-
-    The last row computes the batch statistics with :func:`jaxbn.stats.moments`
-    (same ``mask``, ``axis_name``, shifted by the running mean) only to update.
-
-    **Cumulative average** (``momentum=None``, PyTorch's ``momentum=None``):
-    the running statistics are the exact mean of all batch statistics seen,
-
-    .. math::
-        \text{state}' = \text{state} + \frac{(\mu_B, \sigma_B^2) - \text{state}}{c + 1},
-        \qquad c' = c + 1,
-
-    with ``c = state['count']`` (a float32 scalar, exact to 2**24 batches);
-    create such a state with ``batch_norm_init(..., cumulative=True)``. A
-    ``'count'`` with a float momentum is an error (it would go stale); in
-    inference it is simply returned. A channel without valid elements in a batch
-    keeps its statistics although ``count`` advances, so with masks that empty
-    some channels but not others their average weights later batches slightly
-    more.
-
-    **Unbiased running variance** (``unbiased_running_var=True``, PyTorch's
-    convention): the variance averaged into the state is
-    :math:`\sigma_B^2 \, n / (n - 1)`, with ``n`` the count of valid elements
-    across all devices; normalization still uses the biased :math:`\sigma_B^2`.
-    A channel with ``n == 1`` (possible only with a mask) keeps its running
-    variance; its mean is updated.
-
-    The training step is a ``jax.custom_vjp`` near the memory-traffic floor: it
-    saves only ``x`` (in its own dtype) and per-feature vectors, and its
-    backward makes one pass for ``Σdy``, ``Σdy·x̂`` (one cross-device sum) and
-    one for ``dx``. It is differentiable in reverse mode to any order
-    (``jax.grad``, ``jax.vjp``, ``jax.jacrev``); forward mode (``jax.jvp``,
-    ``jax.jacfwd``, ``jax.hessian``) raises, as for every custom VJP. The
-    running statistics it returns carry no gradient.
-
-    The running statistics are never poisoned: if the batch statistics of any
-    channel are not finite (a NaN or Inf in the batch), the state (``count``
-    included) is returned unchanged; channels with no valid element (fully
-    masked) keep theirs. The output is whatever the input deserves (non-finite
-    for a non-finite batch).
-
-    **Ghost batch norm** (``ghost_batch_size=g``; Hoffer et al., 2017, "Train
-    longer, generalize better"; TensorFlow's ``virtual_batch_size``): axis 0
-    (the batch; it must not be a feature axis) is split into ``B / g`` groups
-    of ``g`` consecutive examples, and each group is normalized with its own
-    statistics. ``g`` must divide the batch size on the device. Groups never
-    span devices: with or without ``axis_name`` the statistics that normalize
-    are local, so normalization and its backward need no collective, under
-    ``pmap``/``shard_map`` and under ``jit`` with the batch sharded in
-    multiples of ``g`` (the honest way to get per-device statistics there).
-    For that, each group's statistics take two passes over ``x`` (mean, then
-    centered sums; :func:`jaxbn.stats.moments` with ``reshift=True``) rather
-    than a re-shift decision shared by all groups: one more read of ``x``
-    than batch norm. The running statistics average the groups' statistics,
-    weighted by their counts of valid elements (``mean = Σ n_k μ_k / Σ n_k``,
-    ``var = Σ n_k σ²_k / Σ n_k``; without a mask, the plain average of the
-    ghost means and of the ghost variances, as TensorFlow); ``axis_name``
-    extends that average over the groups of all devices (one small
-    collective), so a replicated state stays identical on every device.
-    ``unbiased_running_var`` uses ``n = Σ n_k``. A non-finite value in any
-    group leaves the whole state unchanged (as a non-finite batch does); a
-    group without valid elements in a channel has weight 0 there. Inference
-    ignores ``g``. ``g`` equal to the batch size (one group) is plain batch
-    norm, bit for bit.
-
-    **Complex input** (complex64/complex128): the mean is complex, the
-    variance the real ``E[|x - μ|^2]``, and ``y = (x - μ) / sqrt(var + ε) · γ
-    + β`` (flax's convention). The running mean becomes complex (a real
-    ``state['mean']`` is promoted, keeping its precision), the running
-    variance stays real. Training differentiates complex input with JAX's
-    autodiff (through :func:`jaxbn.stats.moments`), not the custom VJP, which
-    assumes real inputs.
+    with flax's momentum convention (PyTorch's ``momentum`` is ``1 - m``) and
+    the biased batch variance. ``update_running_stats`` decouples the update
+    from ``training`` (see the README's table); ``momentum=None`` keeps the
+    exact cumulative average (state from ``batch_norm_init(..., cumulative=True)``).
+    A batch with a non-finite statistic leaves the state unchanged; a feature
+    with no valid element under ``mask`` is normalized with the running
+    statistics and keeps them; a batch with one value per feature outputs the
+    bias and keeps the state (with a warning). Training is a custom VJP that
+    saves only ``x``: reverse mode to any order, no forward mode.
 
     Args:
-      x: floating input, e.g. NHWC (``axis=-1``) or NCHW (``axis=1``).
-      params: ``{'scale': γ, 'bias': β}``, each optional, of the feature shape;
-        ``None`` or ``{}`` for neither.
+      x: floating or complex input, e.g. NHWC (``axis=-1``) or NCHW (``axis=1``).
+      params: ``{'scale', 'bias'}``, each optional, of the feature shape.
       state: ``{'mean', 'var'}`` of the feature shape (flax's ``batch_stats``),
         plus the scalar ``'count'`` for ``momentum=None``.
-      training: a Python bool: normalize with batch statistics (and, by
-        default, update the state), or with the running statistics.
-      update_running_stats: a Python bool, or None for ``training``: whether
-        the returned state averages in the batch statistics (see the table).
+      training: a Python bool: batch statistics (True) or running ones.
+      update_running_stats: a Python bool, or None for ``training``.
       axis: the feature axis or axes.
-      momentum: in [0, 1], the weight of the old running statistics; or None
-        for the cumulative average.
+      momentum: in [0, 1], the weight of the old running statistics; None for
+        the cumulative average.
       unbiased_running_var: average ``var * n / (n - 1)`` into the state.
-      epsilon: > 0, added to the variance.
-      axis_name: device axis name(s) bound by ``pmap``/``shard_map``/``vmap``
-        to synchronize statistics over; None under plain ``jit`` with a sharded
-        batch (XLA reduces over the global batch itself).
-      axis_index_groups: optional subgroups of ``axis_name`` (pmap only; inside
-        ``shard_map`` factor the mesh axis and name the sub-axis instead).
-      mask: optional boolean array broadcastable to ``x``: elements that count
-        towards the statistics (all elements are normalized).
-      dtype: output dtype; default: the promotion of ``x`` and the params
-        (complex for complex ``x``; a real dtype is then an error).
-      ghost_batch_size: None, or a positive int dividing the (local) batch
-        size: normalize each group of that many consecutive examples along
-        axis 0 with its own statistics (ghost batch norm, see above).
+      epsilon: > 0, added to the variance; may be traced.
+      axis_name: device axis name(s) bound by ``pmap``/``shard_map``/``vmap``;
+        None under plain ``jit`` (XLA reduces over a sharded batch itself).
+      axis_index_groups: optional subgroups of ``axis_name`` (pmap only).
+      mask: optional boolean array broadcastable to ``x``: the elements that
+        count towards the statistics (all are normalized).
+      dtype: output dtype; default: the promotion of ``x`` and the params.
+      ghost_batch_size: None, or a divisor of the local batch: normalize each
+        group of that many consecutive examples with its own statistics.
 
     Returns:
       ``(y, new_state)``.
 
-    >>> import jax, jax.numpy as jnp
+    Raises:
+      TypeError / ValueError: at trace time, for any argument that does not
+        fit, naming it.
+
+    >>> import jax.numpy as jnp
     >>> params, state = batch_norm_init(2)
     >>> x = jnp.array([[0.0, 10.0], [2.0, 30.0]])
     >>> y, state = batch_norm(x, params, state, training=True, momentum=0.9)
@@ -438,141 +386,103 @@ def batch_norm(
     >>> y, same = batch_norm(x, params, state, training=False)
     >>> same is state
     True
-    >>> _, cumulative = batch_norm_init(2, cumulative=True)
-    >>> for batch in (x, x + 2.0):
-    ...     _, cumulative = batch_norm(batch, params, cumulative, training=True,
-    ...                                momentum=None, unbiased_running_var=True)
-    >>> cumulative['mean'], cumulative['var'], cumulative['count']
-    (Array([ 2., 21.], dtype=float32), Array([  2., 200.], dtype=float32), Array(2., dtype=float32))
-    >>> y, same = batch_norm(x, params, state, training=True, update_running_stats=False)
-    >>> same is state
-    True
-    >>> ghosts = jnp.array([[0.0], [2.0], [10.0], [14.0]])  # two ghost batches of 2
-    >>> y, ghost_state = batch_norm(ghosts, {}, batch_norm_init(1)[1], training=True,
-    ...                             ghost_batch_size=2, momentum=0.0, epsilon=1e-12)
-    >>> y.ravel(), ghost_state['mean'], ghost_state['var']  # var: mean of 1 and 4
-    (Array([-1.,  1., -1.,  1.], dtype=float32), Array([6.5], dtype=float32), Array([2.5], dtype=float32))
-    >>> z = jnp.array([[1 + 1j], [-1 - 1j]])
-    >>> y, complex_state = batch_norm(z, {}, batch_norm_init(1)[1], training=True,
-    ...                               momentum=0.0, epsilon=1e-12)
-    >>> y.ravel()  # (z - 0) / sqrt(E|z|^2), E|z|^2 = 2
-    Array([ 0.70710677+0.70710677j, -0.70710677-0.70710677j], dtype=complex64)
-    >>> complex_state['mean'].dtype, complex_state['var']
-    (dtype('complex64'), Array([2.], dtype=float32))
     """
-    return _batch_norm(
+    call = check_batch_norm_args(
         "batch_norm", x, params, state, training=training, update_running_stats=update_running_stats, axis=axis,
         momentum=momentum, unbiased_running_var=unbiased_running_var, epsilon=epsilon, axis_name=axis_name,
         axis_index_groups=axis_index_groups, mask=mask, dtype=dtype, ghost_batch_size=ghost_batch_size,
     )
+    return batch_norm_from_checked(call)
 
 
-def _batch_norm(
-    function: str,
-    x: Any,
-    params: Any,
-    state: Any,
-    *,
-    ghost_batch_size: Any,
-    renorm_limits: tuple[Any, Any] | None = None,
-    **options: Any,
+def batch_norm_from_checked(
+    call: _BatchNormCall, correction: Any = None, correction_args: tuple = ()
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """:func:`batch_norm`, and with ``renorm_limits = (r_max, d_max)`` :func:`jaxbn.batch_renorm`.
+    """:func:`batch_norm` on validated arguments; ``correction`` is a batch-statistics variant.
 
-    ``function`` names the caller in error messages; ``options`` are
-    :func:`batch_norm`'s other keywords, validated by
-    :func:`_check_batch_norm_args`. Renormalization applies in training only
-    (inference is batch norm's) and to real inputs.
+    ``correction(batch, running_mean, running_var, epsilon, *correction_args)``
+    gives per-feature ``(r, d)``: training computes ``γ (x̂ r + d) + β`` (see
+    :class:`jaxbn._kernels.StepConfig`); inference is batch norm's.
     """
-    training, epsilon = options["training"], options["epsilon"]
-    axis_name, axis_index_groups = options["axis_name"], options["axis_index_groups"]
-    renorm = training and renorm_limits is not None
-    x, params, checked_state, mask, reduction_axes, update, compute_dtype, out_dtype = _check_batch_norm_args(
-        function, x, params, state, complex_ok=not renorm, **options
-    )
-    running_mean, running_var = checked_state["mean"], checked_state["var"]
-    shift = running_mean
-    if x.size >= stats.SKIP_ZERO_SHIFT_MIN_SIZE:  # where the statistics skip a zero shift's pass
-        shift = _statistics_shift(running_mean, running_var)
-    ghost = _ghost.check_ghost_batch_size(ghost_batch_size, x, reduction_axes, mask, training or update)
-    if ghost:
+    x, params, state = call.x, call.params, call.state
+    running_mean, running_var = state["mean"], state["var"]
+    if call.single_value:
+        # The batch mean is x itself: (x - x) gives exactly the bias, and the gradients
+        # flax's autodiff gives (none into x or scale).
+        y = _kernels.affine_normalize(
+            x, x.reshape(running_mean.shape), None, jnp.zeros_like(running_var), params, call.reduction_axes,
+            call.epsilon, call.compute_dtype, call.out_dtype,
+        ) if call.training else _infer(call)
+        return y, call.given_state
+    mask, axes, shift = call.mask, call.reduction_axes, running_mean
+    axis_name, axis_index_groups, reshift = call.axis_name, call.axis_index_groups, None
+    x_stats, params_stats = x, params
+    if call.ghost_batch_size:
         # Ghost groups as an extra feature axis: (B, ...) -> (B/g, g, ...), statistics
         # per group and device (no cross-device reduction normalizes).
-        x_ghost, mask, stats_axes, params_ghost, shift = _ghost.ghost_view(x, mask, reduction_axes, params, shift, ghost)
+        x_stats, mask, axes, params_stats, shift = _ghost.ghost_view(
+            x, mask, axes, params, shift, call.ghost_batch_size
+        )
         running_mean, running_var = (jnp.broadcast_to(v, shift.shape) for v in (running_mean, running_var))
-        stats_axis_name, stats_axis_index_groups = None, None
+        axis_name, axis_index_groups = None, None
         # Several groups: two passes, so that no re-shift decision spans groups
         # (under jit with the batch sharded it would span devices: a collective).
-        reshift = True if x_ghost.shape[0] > 1 else None
+        reshift = True if x_stats.shape[0] > 1 else None
+    config = _kernels.StepConfig(
+        axes, axis_name, axis_index_groups, jnp.dtype(call.compute_dtype), jnp.dtype(call.out_dtype), reshift,
+        correction if call.training else None,
+    )
+    inputs = _kernels.StepInputs(
+        shift, jnp.asarray(call.epsilon, call.compute_dtype), mask, running_mean, running_var,
+        tuple(jnp.asarray(v) for v in correction_args) if call.training else (),
+    )
+    if call.training:
+        y, batch = _train_with_batch_statistics(x_stats, params_stats, config, inputs)
+        y = y.reshape(x.shape)
     else:
-        x_ghost, stats_axes, params_ghost = x, reduction_axes, params
-        stats_axis_name, stats_axis_index_groups = axis_name, axis_index_groups
-        reshift = None
-    if training:
-        y, batch = _train_with_batch_statistics(
-            x_ghost, params_ghost, shift, mask, reduction_axes=stats_axes, epsilon=epsilon,
-            axis_name=stats_axis_name, axis_index_groups=stats_axis_index_groups,
-            compute_dtype=compute_dtype, out_dtype=out_dtype, reshift=reshift,
-            renorm=(running_mean, running_var, *renorm_limits) if renorm else None,
-        )
-        if ghost:
-            y = y.reshape(x.shape)
-    else:
-        y = _kernels.affine_normalize(
-            x, checked_state["mean"], None, checked_state["var"], params, reduction_axes, epsilon,
-            compute_dtype, out_dtype,
-        )
-        if update:
-            batch = stats.moments(
-                lax.stop_gradient(x_ghost), stats_axes, mask=mask, axis_name=stats_axis_name,
-                axis_index_groups=stats_axis_index_groups, dtype=compute_dtype,
-                shift=lax.stop_gradient(shift), reshift=reshift,
+        y = _infer(call)
+        if call.update:
+            batch = _kernels.fill_empty_features(
+                stats.moments(
+                    lax.stop_gradient(x_stats), axes, mask=mask, axis_name=axis_name,
+                    axis_index_groups=axis_index_groups, dtype=call.compute_dtype, shift=shift, reshift=reshift,
+                ),
+                running_mean, running_var,
             )
-    if not update:
-        return y, state
-    if ghost:
-        batch = _ghost.combine_ghost_moments(batch, checked_state["mean"], axis_name, axis_index_groups)
-    return y, _update_running_stats(checked_state, batch, options["momentum"], options["unbiased_running_var"])
+    if not call.update:
+        return y, call.given_state
+    if call.ghost_batch_size:
+        batch = _ghost.combine_ghost_moments(batch, state["mean"], call.axis_name, call.axis_index_groups)
+    return y, _update_running_stats(state, batch, call.momentum, call.unbiased_running_var)
 
 
-def _statistics_shift(running_mean: jax.Array, running_var: jax.Array) -> jax.Array:
-    """The shift ``K`` of the batch sums: the running mean, or exactly 0 where 0 is as good.
-
-    Sums around ``K`` amplify rounding by ``E[(x - K)^2] / var``, and
-    :func:`jaxbn.stats.moments` re-shifts where that exceeds 8. Around 0 it is
-    ``1 + mean^2 / var``: at most 4 when the running statistics show
-    ``mean^2 <= 3 var`` in every feature (typical activations; and the initial
-    state), and then 0 is taken, since sums of ``x`` itself skip a subtraction
-    pass (:func:`jaxbn.stats.sums_around_shift`). Far from 0 the running mean
-    keeps the variance exact at any offset.
-    """
-    near_zero = jnp.all(jnp.square(jnp.abs(running_mean)) <= 3 * running_var)
-    return jnp.where(near_zero, jnp.zeros_like(running_mean), running_mean)
+def _infer(call: _BatchNormCall) -> jax.Array:
+    """Normalization with the running statistics."""
+    return _kernels.affine_normalize(
+        call.x, call.state["mean"], None, call.state["var"], call.params, call.reduction_axes, call.epsilon,
+        call.compute_dtype, call.out_dtype,
+    )
 
 
 def _train_with_batch_statistics(
-    x: jax.Array, params: Params, shift: jax.Array, mask: jax.Array | None, *, reduction_axes: tuple[int, ...],
-    epsilon: float, axis_name: Any, axis_index_groups: Any, compute_dtype: Any, out_dtype: Any,
-    reshift: bool | None = None, renorm: tuple | None = None,
+    x: jax.Array, params: Params, config: _kernels.StepConfig, inputs: _kernels.StepInputs
 ) -> tuple[jax.Array, stats.Moments]:
-    """Training-mode normalization: the custom-VJP kernel, or autodiff for complex ``x``.
+    """Training-mode normalization: the custom-VJP step, or autodiff for complex ``x``.
 
-    The kernel's hand-written backward assumes real inputs; complex ones are
+    The step's hand-written backward assumes real inputs; complex ones are
     differentiated by JAX through :func:`jaxbn.stats.moments` and the same
     :func:`jaxbn._kernels.affine_normalize` (correct, at autodiff's memory
     traffic). The statistics returned carry no gradient.
     """
     if not jnp.iscomplexobj(x):
-        return _kernels.batch_norm_train(
-            x, params, shift, mask, reduction_axes=reduction_axes, epsilon=epsilon, axis_name=axis_name,
-            axis_index_groups=axis_index_groups, compute_dtype=compute_dtype, out_dtype=out_dtype,
-            renorm=renorm, reshift=reshift,
-        )
+        return _kernels.batch_norm_train(x, params, config, inputs)
     batch = stats.moments(
-        x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
-        dtype=compute_dtype, shift=lax.stop_gradient(shift), reshift=reshift,
+        x, config.axes, mask=inputs.mask, axis_name=config.axis_name, axis_index_groups=config.axis_index_groups,
+        dtype=config.compute_dtype, shift=lax.stop_gradient(inputs.shift), reshift=config.reshift,
     )
+    batch = _kernels.fill_empty_features(batch, inputs.running_mean, inputs.running_var)
     y = _kernels.affine_normalize(
-        x, batch.shift, batch.mean_minus_shift, batch.var, params, reduction_axes, epsilon, compute_dtype, out_dtype
+        x, batch.shift, batch.mean_minus_shift, batch.var, params, config.axes, inputs.epsilon,
+        config.compute_dtype, config.out_dtype, inputs.mask,
     )
     return y, jax.tree_util.tree_map(lax.stop_gradient, batch)

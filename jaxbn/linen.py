@@ -24,15 +24,9 @@ from flax import linen as nn
 from flax.core import meta
 from flax.linen import initializers
 
-from jaxbn import alternatives, functional, renorm
+from jaxbn import _validation, alternatives, functional, renorm
 
 __all__ = ["BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
-
-
-def _feature_shape(x: Any, axes: Any) -> tuple[int, ...]:
-    """The sizes of ``x`` along the feature ``axes``: the shape of its parameters."""
-    x = jnp.asarray(x) if not hasattr(x, "dtype") else x
-    return tuple(x.shape[i] for i in functional._feature_axes(x, axes)[0])
 
 
 def _affine_params(module: nn.Module, feature_shape: tuple[int, ...], use_scale: bool, use_bias: bool) -> dict:
@@ -115,9 +109,9 @@ class BatchNorm(nn.Module):
     at the first update), so the variables keep their dtype across steps.
 
     During ``init`` (as flax) statistics are neither synchronized nor written
-    (nor split into ghost batches, so any init batch size works);
-    a batch with a single element per feature is then normalized with the
-    initial running statistics, since its batch variance is meaningless.
+    (nor split into ghost batches, so any init batch size works). A training
+    batch with one value per feature outputs the bias (as flax), keeps the
+    running statistics and warns.
 
     Attributes:
       use_running_average: normalize with ``batch_stats`` (inference) instead
@@ -203,7 +197,7 @@ class BatchNorm(nn.Module):
             "use_running_average", self.use_running_average, use_running_average
         )
         x = jnp.asarray(x) if not hasattr(x, "dtype") else x
-        feature_shape = _feature_shape(x, self.axis)
+        feature_shape = _validation.feature_shape(x, self.axis)
         stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
         # complex input: a complex running mean (flax's turns complex at the first update)
         mean_dtype = jnp.result_type(stats_dtype, jnp.complex64) if jnp.iscomplexobj(x) else stats_dtype
@@ -212,13 +206,12 @@ class BatchNorm(nn.Module):
         running = {"mean": ra_mean, "var": ra_var}
         if self.momentum is None:  # only then, so default variables stay flax's
             running["count"] = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.float32))
+        running.update(self._extra_running_stats())
         params = _affine_params(self, feature_shape, self.use_scale, self.use_bias)
         state = {key: variable.value for key, variable in running.items()}
 
         training = not use_running_average
         initializing = self.is_initializing()
-        if training and initializing and mask is None and x.size == len(ra_mean.value.ravel()):
-            training = False  # one element per feature: see the class docstring
         update = training if self.update_running_stats is None else self.update_running_stats
         update = update and not initializing  # init writes nothing, as flax
         y, new_state = self._normalize(
@@ -240,15 +233,17 @@ class BatchNorm(nn.Module):
         if update:
             for key, variable in running.items():
                 variable.value = new_state[key]
-            self._updated()
         return y
 
+    @nn.nowrap
     def _normalize(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
         """The functional call: :func:`jaxbn.batch_norm`."""
         return functional.batch_norm(x, params, state, **kwargs)
 
-    def _updated(self) -> None:
-        """Called after the running statistics were updated (a hook for subclasses)."""
+    @nn.nowrap
+    def _extra_running_stats(self) -> dict[str, Any]:
+        """``batch_stats`` variables beyond mean, var and count that the functional call updates."""
+        return {}
 
 
 class LayerNorm(nn.Module):
@@ -286,7 +281,7 @@ class LayerNorm(nn.Module):
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         _check_float32_reductions(self, x)
-        params = _affine_params(self, _feature_shape(x, self.feature_axes), self.use_scale, self.use_bias)
+        params = _affine_params(self, _validation.feature_shape(x, self.feature_axes), self.use_scale, self.use_bias)
         return alternatives.layer_norm(
             x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
@@ -323,7 +318,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         _check_float32_reductions(self, x)
-        params = _affine_params(self, _feature_shape(x, self.feature_axes), self.use_scale, False)
+        params = _affine_params(self, _validation.feature_shape(x, self.feature_axes), self.use_scale, False)
         return alternatives.rms_norm(
             x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
@@ -366,7 +361,7 @@ class GroupNorm(nn.Module):
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         _check_float32_reductions(self, x)
-        params = _affine_params(self, _feature_shape(x, -1), self.use_scale, self.use_bias)
+        params = _affine_params(self, _validation.feature_shape(x, -1), self.use_scale, self.use_bias)
         return alternatives.group_norm(
             x, params, num_groups=self.num_groups, group_size=self.group_size, reduction_axes=self.reduction_axes,
             epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
@@ -406,7 +401,7 @@ class InstanceNorm(nn.Module):
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         _check_float32_reductions(self, x)
-        params = _affine_params(self, _feature_shape(x, self.feature_axes), self.use_scale, self.use_bias)
+        params = _affine_params(self, _validation.feature_shape(x, self.feature_axes), self.use_scale, self.use_bias)
         return alternatives.instance_norm(
             x, params, feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype,
@@ -427,8 +422,9 @@ class BatchRenorm(BatchNorm):
     - ``r_max`` (>= 1) and ``d_max`` (>= 0): the clipping limits, each a
       number, or a callable ``step -> value`` evaluated at a step counter the
       module keeps. Only when one of them is callable does the module add the
-      variable ``batch_stats/steps`` (int32, 0 at init, +1 at every update of
-      the running statistics, the limits using the value before it); with
+      variable ``batch_stats/steps`` (int32, 0 at init, +1 at every update that
+      changes the running statistics (not for a non-finite or fully masked
+      batch), the limits using the value before it); with
       numbers its variables are exactly BatchNorm's. The paper's schedule is
       ``r_max=lambda s: jaxbn.renorm_clipping(s)[0]``,
       ``d_max=lambda s: jaxbn.renorm_clipping(s)[1]``. The defaults are the
@@ -456,19 +452,16 @@ class BatchRenorm(BatchNorm):
     r_max: Any = 3.0
     d_max: Any = 5.0
 
+    @nn.nowrap
     def _normalize(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
         """The functional call: :func:`jaxbn.batch_renorm` at the current limits."""
-        steps = self._steps()
-        step = None if steps is None else steps.value
+        step = state.get("steps")
         r_max, d_max = (limit(step) if callable(limit) else limit for limit in (self.r_max, self.d_max))
         return renorm.batch_renorm(x, params, state, r_max=r_max, d_max=d_max, **kwargs)
 
-    def _updated(self) -> None:
-        if self.has_variable("batch_stats", "steps"):
-            self.put_variable("batch_stats", "steps", self.get_variable("batch_stats", "steps") + 1)
-
-    def _steps(self) -> Any:
-        """The ``batch_stats/steps`` counter, created only for a callable limit (else None)."""
+    @nn.nowrap
+    def _extra_running_stats(self) -> dict[str, Any]:
+        """``batch_stats/steps``, only for a callable limit (so the variables stay BatchNorm's)."""
         if not (callable(self.r_max) or callable(self.d_max)):
-            return None  # so the variables stay BatchNorm's
-        return self.variable("batch_stats", "steps", lambda: jnp.zeros((), jnp.int32))
+            return {}
+        return {"steps": self.variable("batch_stats", "steps", lambda: jnp.zeros((), jnp.int32))}

@@ -37,36 +37,35 @@ running statistics are always updated from their stored values.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+import flax.errors
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes as _flax_dtypes
 from flax.nnx.nn import initializers
 
 from jaxbn import _validation, alternatives, functional, renorm
-from jaxbn.linen import _feature_shape
 
 __all__ = ["BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
+_CLOSURE_MESSAGE = (
+    "{name} updates its running statistics in training, but it was captured as a closure by a "
+    "transform (e.g. nnx.vmap or nnx.scan), which cannot write to it. Pass the module as an "
+    "argument instead, e.g. nnx.vmap(f, in_axes=(nnx.StateAxes({{nnx.BatchStat: None, ...: None}}), 0), "
+    "axis_name='batch') with BatchNorm(axis_name='batch') for statistics over the whole batch; or "
+    "call it in inference mode (model.eval()) inside the transform."
+)
+
 
 def _check_num_features(num_features: Any, cls: str) -> int:
-    """Raises unless ``num_features`` is a positive int."""
-    if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features, (numbers.Integral, np.integer)):
-        raise TypeError(
-            f"{cls}: num_features must be a positive int (the size of the feature axis), "
-            f"got {num_features!r} of type {type(num_features).__name__}."
-        )
-    if num_features < 1:
-        raise ValueError(f"{cls}: num_features must be a positive int, got {num_features}.")
-    return int(num_features)
+    """Returns ``num_features`` as an int, raising unless it is a positive integer."""
+    return _validation.positive_int(num_features, f"{cls}: num_features")
 
 
 def _affine_variables(
@@ -274,7 +273,7 @@ class BatchNorm(nnx.Module):
         _validation.check_dtype(dtype)
         _validation.check_static_bool(unbiased_running_var, "unbiased_running_var")
         _validation.check_static_bool(update_running_stats, "update_running_stats", none_ok=True)
-        alternatives._positive_int_or_none(ghost_batch_size, "ghost_batch_size")
+        _validation.positive_int(ghost_batch_size, "ghost_batch_size", none_ok=True)
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
         self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
         if momentum is None:  # only then, so a default module's state stays flax's
@@ -332,11 +331,16 @@ class BatchNorm(nnx.Module):
         running = {"mean": self.mean, "var": self.var}
         if self.momentum is None:
             running["count"] = self.count
+        if hasattr(self, "steps"):  # BatchRenorm with scheduled limits
+            running["steps"] = self.steps
         stored = {key: variable[...] for key, variable in running.items()}
+        if update and jnp.iscomplexobj(x) and not jnp.iscomplexobj(stored["mean"]):
+            # A complex input's running mean is complex (flax's drops the imaginary part).
+            stored["mean"] = stored["mean"].astype(jnp.result_type(stored["mean"], jnp.complex64))
         x, promoted, params, dtype = _promote(
             self, x, {"mean": stored["mean"], "var": stored["var"]}, _values(self, ("scale", "bias"))
         )
-        feature_shape = _feature_shape(x, self.axis)
+        feature_shape = _validation.feature_shape(x, self.axis)
         state = {**stored, **({} if update else promoted)}  # averaging starts from the stored values
         vectors = _to_feature_shape(self, {k: state[k] for k in ("mean", "var")}, x, feature_shape, "axis")
         y, new_state = self._normalize(
@@ -357,19 +361,18 @@ class BatchNorm(nnx.Module):
         if update:
             for key, variable in running.items():
                 value = new_state[key].reshape(stored[key].shape)
-                if value.dtype == stored[key].dtype:
-                    variable[...] = value  # keeps the variable's placement
-                else:  # a complex input's running mean replaces the real one (flax's drops its imaginary part)
-                    variable.set_value(value)
-            self._updated()
+                try:
+                    if value.dtype == variable[...].dtype:
+                        variable[...] = value  # keeps the variable's placement
+                    else:  # the running mean of a complex input turns complex
+                        variable.set_value(value)
+                except flax.errors.TraceContextError as err:
+                    raise flax.errors.TraceContextError(_CLOSURE_MESSAGE.format(name=type(self).__name__)) from err
         return y
 
     def _normalize(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
         """The functional call: :func:`jaxbn.batch_norm`."""
         return functional.batch_norm(x, params, state, ghost_batch_size=self.ghost_batch_size, **kwargs)
-
-    def _updated(self) -> None:
-        """Called after the running statistics were updated (a hook for subclasses)."""
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Used by ``nnx.view``: sets ``use_running_average`` when given.
@@ -396,8 +399,8 @@ class BatchRenorm(BatchNorm):
       number, or a callable ``step -> value`` evaluated at a step counter the
       module keeps. Only when one of them is callable does the module add the
       ``nnx.BatchStat`` ``steps`` (int32, 0 at construction, +1 at every
-      update of the running statistics, the limits using the value before
-      it). The paper's schedule is
+      update that changes the running statistics, the limits using the value
+      before it). The paper's schedule is
       ``r_max=lambda s: jaxbn.renorm_clipping(s)[0]``,
       ``d_max=lambda s: jaxbn.renorm_clipping(s)[1]``. The defaults are the
       paper's final limits, 3 and 5.
@@ -431,15 +434,11 @@ class BatchRenorm(BatchNorm):
 
     def _normalize(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
         """The functional call: :func:`jaxbn.batch_renorm` at the current limits."""
-        step = self.steps[...] if hasattr(self, "steps") else None
+        step = state.get("steps")
         r_max, d_max = (limit(step) if callable(limit) else limit for limit in (self.r_max, self.d_max))
         return renorm.batch_renorm(
             x, params, state, r_max=r_max, d_max=d_max, ghost_batch_size=self.ghost_batch_size, **kwargs
         )
-
-    def _updated(self) -> None:
-        if hasattr(self, "steps"):
-            self.steps[...] = self.steps[...] + 1
 
 
 class LayerNorm(nnx.Module):
@@ -503,7 +502,7 @@ class LayerNorm(nnx.Module):
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         x, _, params, dtype = _promote(self, x, {}, _values(self, ("scale", "bias")))
-        params = _to_feature_shape(self, params, x, _feature_shape(x, self.feature_axes), "feature_axes")
+        params = _to_feature_shape(self, params, x, _validation.feature_shape(x, self.feature_axes), "feature_axes")
         return alternatives.layer_norm(
             x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=dtype,
@@ -562,7 +561,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         x, _, params, dtype = _promote(self, x, {}, _values(self, ("scale",)))
-        params = _to_feature_shape(self, params, x, _feature_shape(x, self.feature_axes), "feature_axes")
+        params = _to_feature_shape(self, params, x, _validation.feature_shape(x, self.feature_axes), "feature_axes")
         return alternatives.rms_norm(
             x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=dtype,
@@ -611,7 +610,7 @@ class GroupNorm(nnx.Module):
     ):
         self.feature_axis = -1
         num_features = _check_num_features(num_features, "GroupNorm")
-        self.num_groups = alternatives._number_of_groups(num_features, num_groups, group_size)
+        self.num_groups = alternatives.number_of_groups(num_features, num_groups, group_size)
         self.group_size = num_features // self.num_groups
         _validation.check_epsilon(epsilon)
         _validation.check_dtype(dtype)
@@ -635,7 +634,7 @@ class GroupNorm(nnx.Module):
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         x, _, params, dtype = _promote(self, x, {}, _values(self, ("scale", "bias")))
-        params = _to_feature_shape(self, params, x, _feature_shape(x, -1), "feature_axis", always=True)
+        params = _to_feature_shape(self, params, x, _validation.feature_shape(x, -1), "feature_axis", always=True)
         return alternatives.group_norm(
             x, params, num_groups=self.num_groups, reduction_axes=self.reduction_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=dtype,
@@ -700,7 +699,7 @@ class InstanceNorm(nnx.Module):
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         x, _, params, dtype = _promote(self, x, {}, _values(self, ("scale", "bias")))
-        params = _to_feature_shape(self, params, x, _feature_shape(x, self.feature_axes), "feature_axes")
+        params = _to_feature_shape(self, params, x, _validation.feature_shape(x, self.feature_axes), "feature_axes")
         return alternatives.instance_norm(
             x, params, feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=dtype,

@@ -1,8 +1,9 @@
 """Batch renormalization (Ioffe, 2017): :func:`batch_renorm` and its clipping schedule.
 
 Batch norm's training step with a per-feature correction towards the running
-statistics; it shares :func:`jaxbn.batch_norm`'s validation, kernel, options
-and running-statistics update (``functional._batch_norm``).
+statistics (:func:`renorm_correction`, the step's variant hook); it shares
+:func:`jaxbn.batch_norm`'s validation, kernel, options and running-statistics
+update.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn import _validation, functional
+from jax import lax
+
+from jaxbn import _validation, functional, stats
 from jaxbn.functional import Params, State
 
 __all__ = ["batch_renorm", "renorm_clipping"]
@@ -32,13 +35,41 @@ def check_renorm_limits(r_max: Any, d_max: Any) -> None:
                 raise TypeError(f"{name} must be {expected}, got a traced array of shape {jnp.shape(value)} "
                                 f"and dtype {value.dtype}.")
             continue
-        number = _validation._static_float(value, name, expected)
+        number = _validation.static_float(value, name, expected)
         if not number >= lower:  # also rejects NaN
             raise ValueError(
                 f"{name} must be a real scalar >= {lower:g} (inf for no clipping), got {number}: {meaning}, "
                 "and r_max=1, d_max=0 is plain batch norm. Ioffe (2017) uses r_max=3, d_max=5 after "
                 "a warm-up; see renorm_clipping for that schedule."
             )
+
+
+def renorm_correction(
+    batch: stats.Moments,
+    running_mean: jax.Array,
+    running_var: jax.Array,
+    epsilon: jax.Array,
+    r_max: jax.Array,
+    d_max: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Batch renormalization's ``(r, d)`` (Ioffe, 2017), constants for autodiff.
+
+    ``r = clip(σ_B / σ, 1/r_max, r_max)`` and ``d = clip((μ_B - μ) / σ, -d_max,
+    d_max)`` with ``σ_B = sqrt(var_B + eps)`` and ``σ = sqrt(var + eps)`` from
+    the running statistics. ``μ_B - μ`` is taken as ``(K - μ) + (μ_B - K)``,
+    exact at any offset since ``K`` (the shift) is the running mean unless
+    :func:`jaxbn.stats.moments` re-shifted.
+    """
+    dtype = batch.var.dtype
+    running_mean, running_var, r_max, d_max = (
+        jnp.asarray(v, dtype) for v in (running_mean, running_var, r_max, d_max)
+    )
+    running_std = jnp.sqrt(running_var + epsilon)
+    r = jnp.sqrt((batch.var + epsilon) / (running_var + epsilon))
+    d = ((batch.shift - running_mean) + batch.mean_minus_shift) / running_std
+    r = jnp.minimum(jnp.maximum(r, 1 / r_max), r_max)
+    d = jnp.minimum(jnp.maximum(d, -d_max), d_max)
+    return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
 def renorm_clipping(
@@ -88,7 +119,7 @@ def renorm_clipping(
     Array([0. , 0. , 2.5, 5. , 5. , 5. ], dtype=float32)
     """
     for name, value, lower in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
-        number = _validation._static_float(value, name, f"a finite number >= {lower:g}")
+        number = _validation.static_float(value, name, f"a finite number >= {lower:g}")
         if number is None or not (np.isfinite(number) and number >= lower):
             raise ValueError(f"renorm_clipping's {name} must be a finite Python number >= {lower:g}, got {value!r}.")
     for name, value in (("warmup_steps", warmup_steps), ("r_max_steps", r_max_steps), ("d_max_steps", d_max_steps)):
@@ -202,9 +233,10 @@ def batch_renorm(
     """
     _validation.check_static_bool(training, "training")
     check_renorm_limits(r_max, d_max)
-    return functional._batch_norm(
+    call = functional.check_batch_norm_args(
         "batch_renorm", x, params, state, training=training, update_running_stats=update_running_stats,
         axis=axis, momentum=momentum, unbiased_running_var=unbiased_running_var, epsilon=epsilon,
         axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask, dtype=dtype,
-        ghost_batch_size=ghost_batch_size, renorm_limits=(r_max, d_max),
+        ghost_batch_size=ghost_batch_size, complex_ok=not training, scalars=("count", "steps"),
     )
+    return functional.batch_norm_from_checked(call, renorm_correction, (r_max, d_max))

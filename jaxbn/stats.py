@@ -1,41 +1,43 @@
 """Statistics: the one place in jaxbn that reduces.
 
 Every normalizer gets its mean and variance from :func:`moments`; every sum
-over the batch on a device is taken by :func:`channel_sums` (formulated per
-backend) or, for batch norm's pair of sums on XLA:CPU, by the C++ kernels of
-:mod:`jaxbn._cpu` that take both in one read (``_paired_sums`` chooses); and
-every value that crosses devices goes through :func:`cross_device_sum`. So
-"one collective per layer per direction", "count-weighted across devices" and
-"no float32 copy of a bfloat16 tensor" are properties of this file alone; the
-custom VJP in ``_kernels.py`` uses the same helpers for its backward.
+over the batch on a device is taken by :func:`channel_sums`, and every value
+that crosses devices goes through :func:`cross_device_sum`. So "one collective
+per layer per direction", "count-weighted across devices" and "no float32 copy
+of a bfloat16 tensor" are properties of this file alone; the training step's
+backward (``_kernels.py``) uses the same two helpers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from jaxbn import _cpu, _validation
+from jaxbn import _validation
 
-__all__ = [
-    "Moments", "moments", "channel_sums", "cross_device_sum", "axis_size", "sums_around_shift",
-    "CANCELLATION_LIMIT", "SKIP_ZERO_SHIFT_MIN_SIZE",
-]
+__all__ = ["Moments", "moments", "cross_device_sum", "axis_size"]
 
 #: A reduction around a shift ``K`` computes ``var = E[(x-K)^2] - (E[x]-K)^2``;
 #: its relative rounding error is that of the sums times
 #: ``E[(x-K)^2] / var``. When that amplification would exceed this limit the
-#: sums are taken again around the rough mean. 8 keeps float32 variances within
+#: sums are taken again around the better mean. 8 keeps float32 variances within
 #: about 1e-6 of a float64 reference (XLA's float32 sums are accurate to ~1e-7),
 #: and it tolerates a shift that is off by up to sqrt(7) ~ 2.6 standard
 #: deviations, which a running mean satisfies once training has warmed up.
 CANCELLATION_LIMIT = 8.0
+
+#: Each re-shift moves the shift to within about 1e-6 |K - mean| of the mean
+#: (float32 rounding of the sums), so a few reach any finite float32 offset;
+#: the bound only stops a loop that cannot converge.
+MAX_RESHIFTS = 16
 
 
 class Moments(NamedTuple):
@@ -51,7 +53,7 @@ class Moments(NamedTuple):
         offset ``mean`` rounds: normalizing as ``((x - shift) - mean_minus_shift)``
         never lets the offset meet the rounding.
 
-    Channels without any valid element have ``count == 0``, ``mean == shift``
+    Features without any valid element have ``count == 0``, ``mean == shift``
     and ``var == 0``: no NaN.
     """
 
@@ -68,18 +70,20 @@ AxisName = Any  # a hashable name or a tuple of names
 def axis_size(axis_name: AxisName | None, axis_index_groups: Sequence[Sequence[int]] | None = None) -> int:
     """Returns the number of devices a reduction over ``axis_name`` combines.
 
-    Static: it is known at trace time, and it raises a ``ValueError`` that says
-    how to bind the axis when ``axis_name`` is not bound by an enclosing
-    ``pmap``, ``shard_map`` or ``vmap``.
+    Static: it is known at trace time.
 
     Args:
       axis_name: ``None`` (no cross-device reduction: 1), a name, or a tuple of
-        names.
+        names bound by an enclosing ``pmap``, ``shard_map`` or ``vmap``.
       axis_index_groups: optional groups of device indices along the axis; the
         reduction then combines the devices of one group.
 
     Returns:
       The number of participants in one reduction.
+
+    Raises:
+      ValueError: ``axis_name`` is not bound here, or ``axis_index_groups`` do
+        not split the axis into groups of one size that cover every index once.
 
     >>> import jax, jax.numpy as jnp
     >>> jax.vmap(lambda x: x * axis_size('batch'), axis_name='batch')(jnp.ones(3))
@@ -93,7 +97,7 @@ def axis_size(axis_name: AxisName | None, axis_index_groups: Sequence[Sequence[i
             )
         return 1
     try:
-        size = lax.axis_size(axis_name)
+        size = int(lax.axis_size(axis_name))
     except NameError as err:
         raise ValueError(
             f"axis_name={axis_name!r} is not bound here: {err} Call this function "
@@ -103,15 +107,28 @@ def axis_size(axis_name: AxisName | None, axis_index_groups: Sequence[Sequence[i
             "axis_name=None: XLA inserts the cross-device reduction itself."
         ) from None
     if axis_index_groups is None:
-        return int(size)
-    sizes = {len(group) for group in axis_index_groups}
+        return size
+    _check_axis_index_groups(axis_index_groups, axis_name, size)
+    return len(axis_index_groups[0])
+
+
+def _check_axis_index_groups(groups: Any, axis_name: AxisName, size: int) -> None:
+    """Raises unless ``groups`` split ``range(size)`` into groups of one size."""
+    expected = (
+        f"a list of equally sized lists of device indices that together name each index "
+        f"0..{size - 1} of axis {axis_name!r} exactly once"
+    )
+    try:
+        flat = [index for group in groups for index in group]
+        sizes = {len(group) for group in groups}
+    except TypeError:
+        raise TypeError(f"axis_index_groups must be {expected}, got {groups!r}.") from None
+    if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in flat):
+        raise TypeError(f"axis_index_groups must be {expected}, got {groups!r}.")
     if len(sizes) != 1:
-        raise ValueError(
-            f"axis_index_groups must all have the same size, got sizes {sorted(sizes)}."
-        )
-    return sizes.pop()
-
-
+        raise ValueError(f"axis_index_groups must all have the same size, got sizes {sorted(sizes)}.")
+    if sorted(flat) != list(range(size)):
+        raise ValueError(f"axis_index_groups must be {expected}, got {groups!r}.")
 def cross_device_sum(
     values: Sequence[jax.Array],
     axis_name: AxisName | None,
@@ -171,7 +188,7 @@ def cross_device_sum(
         ) from err
 
 
-def _varying_axes(value: Any) -> frozenset:
+def varying_axes(value: Any) -> frozenset:
     """The manual mesh axes ``value`` varies over inside ``shard_map`` (empty elsewhere)."""
     aval = jax.typeof(value)
     vma = getattr(aval, "vma", None)  # newer JAX
@@ -181,91 +198,15 @@ def _varying_axes(value: Any) -> frozenset:
     return frozenset(vma)
 
 
-def _varying_like(value: jax.Array, *likes: jax.Array) -> jax.Array:
+def varying_like(value: jax.Array, *likes: jax.Array) -> jax.Array:
     """``value``, typed to vary over every mesh axis one of ``likes`` varies over (a no-op cast)."""
-    missing = frozenset().union(*map(_varying_axes, likes)) - _varying_axes(value)
+    missing = frozenset().union(*map(varying_axes, likes)) - varying_axes(value)
     if not missing:
         return value
     return lax.pcast(value, tuple(sorted(missing, key=str)), to="varying")
 
 
-#: Below this many elements per device a tensor's sums always subtract the
-#: shift: skipping the subtraction when the shift is 0 takes a conditional,
-#: which costs XLA:CPU more (~10 us) than the subtraction saves on a small tensor.
-SKIP_ZERO_SHIFT_MIN_SIZE = 1 << 17
-
-
-def sums_around_shift(sums: Callable[[jax.Array | None], Any], shift: jax.Array, size: int) -> Any:
-    """``sums(shift)``, or on XLA:CPU ``sums(None)`` when ``shift`` is exactly 0 in every feature.
-
-    ``sums(None)`` must mean sums of ``x`` itself: on XLA:CPU a library
-    reduction without the subtraction of a broadcast shift runs about 1.5x
-    faster. Batch norm picks the shift 0 whenever its running statistics show
-    it is a good one, so the steady state of typical activations takes this
-    path. Elsewhere (XLA:GPU/TPU fuse the subtraction into the reduction for
-    free) and for tensors of fewer than :data:`SKIP_ZERO_SHIFT_MIN_SIZE`
-    elements (``size``), it is ``sums(shift)``, without a conditional.
-
-    Args:
-      sums: ``reference -> sums``, with ``reference`` the shift or None.
-      shift: the per-feature shift.
-      size: the number of elements of the summed tensor on this device.
-
-    Returns:
-      What ``sums`` returns; the same values either way, up to rounding.
-
-    >>> import jax.numpy as jnp
-    >>> x = jnp.ones((1 << 17, 2))
-    >>> sums = lambda k: channel_sums([lambda x: x if k is None else x - k], [x], (0,))
-    >>> sums_around_shift(sums, jnp.zeros(2), x.size)  # on CPU: sums of x, no subtraction
-    (Array([131072., 131072.], dtype=float32),)
-    """
-    if size < SKIP_ZERO_SHIFT_MIN_SIZE:
-        return sums(shift)
-
-    def on_cpu(shift):
-        return lax.cond(jnp.all(shift == 0), lambda: sums(None), lambda: sums(shift))
-
-    return lax.platform_dependent(shift, cpu=on_cpu, default=sums)
-
-
-def _paired_sums(
-    x: jax.Array,
-    weights: jax.Array | None,
-    shift: jax.Array,
-    axes: tuple[int, ...],
-    dtype: Any,
-    with_xla: Callable[[jax.Array, jax.Array | None, jax.Array], Any],
-) -> list[jax.Array]:
-    """Batch norm's pair of local sums, in one read of the tensors on XLA:CPU.
-
-    ``(Σ(x-K), Σ(x-K)²)``, or with ``weights`` w ``(Σw, Σw(x-K))``, over
-    ``axes``. Lowered for the CPU where the compiled kernels apply
-    (:mod:`jaxbn._cpu`: float32/bfloat16 tensors, float32 sums, a feature's
-    values spread over the tensor, one device's data), they take both sums in
-    one pass; otherwise, and on every other backend, the sums are
-    ``with_xla(x, weights, shift)``, XLA's reductions (:func:`channel_sums`).
-    Values agree to rounding. Differentiated, they are always ``with_xla``'s:
-    its derivative fuses with the rest of the program, a custom call's could not.
-    """
-    shape = _cpu.layout(x, weights, axes) if jnp.dtype(dtype) == jnp.float32 else None
-    if shape is None:
-        return list(with_xla(x, weights, shift))
-
-    def on_cpu(x, weights, shift):
-        # A custom call's result is typed like its shift: make that vary as the sums do.
-        like = (x,) if weights is None else (x, weights)
-        return list(_cpu.sums(x, weights, _varying_like(shift, *like), shape))
-
-    @jax.custom_jvp
-    def sums(x, weights, shift):
-        return lax.platform_dependent(x, weights, shift, cpu=on_cpu, default=lambda *ops: list(with_xla(*ops)))
-
-    sums.defjvp(lambda primals, tangents: jax.jvp(lambda *ops: list(with_xla(*ops)), primals, tangents))
-    return sums(x, weights, shift)
-
-
-def _abs_square(v: jax.Array) -> jax.Array:
+def abs_square(v: jax.Array) -> jax.Array:
     """``|v|^2``, real for complex ``v`` (flax's ``_abs_sq``); ``v^2`` for real ``v``."""
     return jnp.square(v.real) + jnp.square(v.imag) if jnp.iscomplexobj(v) else jnp.square(v)
 
@@ -334,6 +275,133 @@ def channel_sums(
     return lax.platform_dependent(*operands, cpu=separate, default=fused)
 
 
+class _Reduction(NamedTuple):
+    """What every pass of one :func:`moments` call reduces, and how."""
+
+    x: jax.Array
+    mask: jax.Array | None
+    axes: tuple[int, ...]
+    dtype: Any  # of the sums: at least float32
+    axis_name: AxisName | None
+    axis_index_groups: tuple[tuple[int, ...], ...] | None
+
+
+class _Plan(NamedTuple):
+    """The static part of a :func:`moments` call (hashable)."""
+
+    axes: tuple[int, ...]
+    dtype: Any
+    real_dtype: Any
+    axis_name: AxisName | None
+    axis_index_groups: tuple[tuple[int, ...], ...] | None
+    shifted: bool  # False: the first sums are of x itself
+    reshift: bool | None
+
+
+def _local_sums(
+    reduction: _Reduction, reference: jax.Array | None, scale: jax.Array | None = None, second: bool = True
+) -> list[jax.Array]:
+    """This device's ``Σ s(x-K)`` (and ``Σ |s(x-K)|^2``) over the valid elements.
+
+    ``reference`` None sums ``x`` itself (no subtraction is traced), ``scale``
+    None multiplies by nothing.
+    """
+    axes, dtype = reduction.axes, reduction.dtype
+
+    def centered(x, reference, mask, scale):
+        deviation = x.astype(dtype)
+        if reference is not None:
+            deviation = deviation - jnp.expand_dims(reference, axes)
+        if scale is not None:
+            deviation = deviation * jnp.expand_dims(scale, axes)
+        # where, not a product: masked-out NaN or Inf padding stays out.
+        return deviation if mask is None else jnp.where(mask, deviation, 0)
+
+    summands = [centered] + ([lambda *ops: abs_square(centered(*ops))] if second else [])
+    return list(channel_sums(summands, [reduction.x, reference, reduction.mask, scale], axes))
+
+
+def _global_sums(reduction: _Reduction, local: Sequence[jax.Array]) -> list[jax.Array]:
+    """``local`` summed over devices in one collective (a complex sum as its two parts)."""
+    parts, widths = [], []
+    for value in local:
+        is_complex = jnp.iscomplexobj(value)
+        parts += [value.real, value.imag] if is_complex else [value]
+        widths.append(2 if is_complex else 1)
+    summed = cross_device_sum(parts, reduction.axis_name, reduction.axis_index_groups)
+    result, i = [], 0
+    for width in widths:
+        result.append(summed[i] if width == 1 else lax.complex(summed[i], summed[i + 1]))
+        i += width
+    return result
+
+
+def _finite_or(value: jax.Array, fallback: jax.Array) -> jax.Array:
+    return jnp.where(jnp.isfinite(value), value, fallback)
+
+
+def _poor_shift(shift: jax.Array, offset: jax.Array, raw_second: jax.Array, scale: jax.Array) -> jax.Array:
+    """Per feature: would another pass make the variance more exact?
+
+    True where ``raw_second - |offset|^2`` amplifies rounding by more than
+    :data:`CANCELLATION_LIMIT` or a sum overflowed (unless it already was a
+    scaled sum: the variance itself is then beyond the dtype), and the better
+    shift is finite (a NaN batch re-shifts nowhere); or where an unscaled sum
+    overflowed to infinity.
+    """
+    overflow = ~jnp.isfinite(raw_second) | jnp.isinf(offset)
+    amplified = ~(abs_square(offset) <= (1 - 1 / CANCELLATION_LIMIT) * raw_second) | overflow
+    # A scaled sum that overflowed near the mean: the variance itself is beyond the dtype.
+    beyond_range = overflow & (scale != 1) & jnp.isfinite(abs_square(offset))
+    move = amplified & ~beyond_range & jnp.isfinite(shift + offset)
+    # A first sum that overflowed gives no better shift: the sums are re-taken scaled, in place.
+    rescale = overflow & (scale == 1) & ~jnp.isnan(offset)
+    return move | rescale
+
+
+def _reshift_until_exact(
+    reduction: _Reduction, shift: jax.Array, offset: jax.Array, raw_second: jax.Array, count: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Re-takes the sums around the better mean while :func:`_poor_shift` holds anywhere.
+
+    The steady state (a good shift) evaluates the test once and runs no pass.
+    A second sum that overflows again after a re-shift is re-taken with the
+    deviations scaled by a power of two, so any variance the dtype can
+    represent is found. Every device sees the same global sums and so takes
+    the same decision.
+    """
+    n = max(1, math.prod(reduction.x.shape[i] for i in reduction.axes) * axis_size(
+        reduction.axis_name, reduction.axis_index_groups))
+    # Deviations up to twice the dtype's maximum, squared and summed n times, stay finite.
+    max_exponent = math.ceil(math.log2(jnp.finfo(offset.real.dtype).max)) // 2 + 1
+    overflow_scale = 2.0 ** -(max_exponent + math.ceil(math.log2(n) / 2))
+    one = varying_like(jnp.ones_like(raw_second), offset, raw_second)
+
+    def step(carry):
+        shift, offset, raw_second, _, iteration = carry
+        better = lax.stop_gradient(_finite_or(shift + offset, shift))
+        # Scale where a re-shifted sum overflowed, or a first sum (no better shift): around a far
+        # shift an overflow may just be the distance, which the re-shift removes.
+        near = jnp.isfinite(abs_square(offset))  # the overflow is not the shift's distance
+        overflow = ~jnp.isfinite(raw_second) & (((iteration > 0) & near) | jnp.isinf(offset))
+        scale = jnp.where(overflow, overflow_scale, one).astype(one.dtype)
+        unscale = jnp.where(overflow, 1 / overflow_scale, one).astype(one.dtype)
+        first, second = _global_sums(reduction, _local_sums(reduction, better, scale))
+        # Multiplications, one factor at a time: scale^2 and count * scale^2 are subnormal.
+        return better, first / count * unscale, second / count * unscale * unscale, scale, iteration + 1
+
+    def again(carry):
+        shift, offset, raw_second, scale, iteration = carry
+        return jnp.any(_poor_shift(shift, offset, raw_second, scale)) & (iteration < MAX_RESHIFTS)
+
+    # Inside shard_map the sums may vary over mesh axes the shift does not (a
+    # replicated running mean, statistics over a sub-group axis): the loop's
+    # carry must keep one type.
+    shift = varying_like(shift, offset, raw_second)
+    carry = lax.while_loop(again, step, (shift, offset, raw_second, one, jnp.zeros((), jnp.int32)))
+    return carry[0], carry[1], carry[2]
+
+
 def moments(
     x: jax.Array,
     axes: int | Sequence[int],
@@ -347,66 +415,46 @@ def moments(
 ) -> Moments:
     r"""Mean and variance over ``axes``, exact across devices and at large offsets.
 
-    With ``K`` the shift (identical on every device without communication),
-    each device computes over its valid elements
-
-    .. math::
-        n_i = \sum 1, \quad S_{1,i} = \sum (x - K), \quad S_{2,i} = \sum (x - K)^2
-
-    and one ``psum`` of the stacked ``[n, S_1, S_2]`` gives the global sums, so
+    With ``K`` the shift (identical on every device), each device sums over its
+    valid elements ``n_i = Σ 1``, ``S_{1,i} = Σ (x - K)``, ``S_{2,i} = Σ (x - K)^2``;
+    one ``psum`` of the stacked sums gives the global ones, and
 
     .. math::
         \mu = K + S_1/n, \qquad \sigma^2 = S_2/n - (S_1/n)^2 .
 
     Weighting by counts makes masked or padded batches with different numbers
     of valid elements per device give exactly the statistics of all valid
-    elements together (averaging per-device means, as flax does, does not).
-
-    **Why a shift.** ``E[x^2] - E[x]^2`` loses everything at a large offset
-    (float32, mean 1e4, std 1: flax's default is off by hundreds to thousands
-    of percent, depending on the batch; ``tests/test_stats.py`` prints it); two passes
-    (mean, then ``E[(x-mean)^2]``) are exact but need two sequential
-    collectives. Summing around ``K`` needs one, and is exact whenever ``K`` is
-    near the mean: the rounding of the sums is amplified by
-    ``(S_2/n) / \sigma^2``. Every device sees the same global sums and so the
-    same amplification; where it exceeds :data:`CANCELLATION_LIMIT` on any
-    channel, all devices re-shift to the rough mean and reduce once more (a
-    ``lax.cond``, so the steady state executes one small all-reduce and only a
-    poor shift pays for a second). Batch norm passes its running mean as
-    ``K``; without one ``K = 0`` and the first call re-shifts.
-
-    **Complex input** (complex64/complex128): the mean (and ``shift``) is
-    complex, the variance is the real ``E[|x - mu|^2]`` (all squares above are
-    ``|.|^2``), and ``count`` and ``var`` have the matching real dtype
-    (float32 for complex64), as :class:`flax.linen.BatchNorm` computes them.
-    The complex first sum crosses devices as its real and imaginary parts in
-    the same single collective.
+    elements together. The rounding of the sums is amplified by
+    ``(S_2/n) / σ^2``; where that exceeds :data:`CANCELLATION_LIMIT` in any
+    feature (a shift far from the mean), the sums are taken again around the
+    better mean until it does not, so the variance is exact for any finite
+    shift (a non-finite one is replaced by 0). Complex input has a complex mean
+    and the real variance ``E|x - μ|^2``.
 
     Args:
-      x: floating or complex input. bfloat16/float16 are reduced in float32;
-        float64 and complex stay as they are.
+      x: floating or complex input; bfloat16/float16 are reduced in float32.
       axes: the axes to reduce (an int or a sequence).
       mask: optional boolean array broadcastable to ``x``; only ``True``
-        elements count.
+        elements count, whatever the others hold.
       axis_name: device axis name (or tuple of names) bound by ``pmap``,
         ``shard_map`` or ``vmap`` to reduce over as well; None under plain
         ``jit`` with a sharded batch, where XLA reduces globally.
       axis_index_groups: optional subgroups of ``axis_name`` (pmap only).
-      dtype: optional minimum dtype for the statistics (always at least
-        float32); for complex ``x`` a real dtype gives its precision (float64:
-        complex128 statistics).
-      shift: optional reference point, broadcastable to the reduced shape;
-        treated as a constant (no gradient flows into it).
-      reshift: None (default): re-shift when the amplification test above
-        fails on any feature (one global, data-dependent decision). True:
-        always take the first sum around ``shift``, then both sums around the
-        rough mean (two passes, exact at any offset, and no decision shared
-        between features, so independent feature groups, such as ghost batches
-        on different devices, need no collective). False: trust ``shift``
-        (one pass; exact only when it is near the mean).
+      dtype: optional minimum dtype for the statistics (always at least float32).
+      shift: optional reference point ``K``, broadcastable to the reduced shape;
+        no gradient flows into it.
+      reshift: None: re-shift while the test above fails on any feature (one
+        global decision). True: always two passes (the mean around ``shift``,
+        then both sums around it), with no decision shared between features.
+        False: trust ``shift`` (one pass).
 
     Returns:
       :class:`Moments` with arrays of shape ``x.shape`` without ``axes``.
+
+    Raises:
+      TypeError: ``x`` is not floating or complex, or ``mask`` is not boolean.
+      ValueError: ``axes`` or ``shift`` do not fit ``x``, or ``axis_name`` is
+        not bound.
 
     >>> import jax.numpy as jnp
     >>> x = jnp.array([[1e4 + 1.0, 2.0], [1e4 - 1.0, 4.0]])
@@ -415,15 +463,12 @@ def moments(
     (Array([10000.,     3.], dtype=float32), Array([1., 1.], dtype=float32), Array([2., 2.], dtype=float32))
     >>> moments(x, 0, mask=jnp.array([[True], [False]])).count
     Array([1., 1.], dtype=float32)
-    >>> z = jnp.array([1 + 1j, -1 - 1j, 3 + 1j, 1 - 1j])
-    >>> moments(z, axes=0)[:2]  # mean 1 + 0j, var E|z - 1|^2 = 2
-    (Array(1.+0.j, dtype=complex64), Array(2., dtype=float32))
     """
     x = _validation.check_inexact(x)
     _validation.check_static_bool(reshift, "reshift", none_ok=True)
     is_complex = jnp.issubdtype(x.dtype, jnp.complexfloating)
     _validation.check_dtype(dtype, complex_ok=is_complex)
-    axes = _validation.canonicalize_axes(x.ndim, axes, name="axes")
+    axes = _validation.canonicalize_axes(x.ndim, axes, name="axes", allow_empty=True)
     requested = x.dtype if dtype is None else dtype
     if is_complex:  # a real dtype sets the precision; the statistics stay complex
         requested = jnp.promote_types(requested, jnp.complex64)
@@ -433,12 +478,11 @@ def moments(
     group_size = axis_size(axis_name, axis_index_groups)
     if mask is not None:
         mask = _validation.check_mask(mask, x.shape)
-
+    groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
+    plan = _Plan(axes, jnp.dtype(stats_dtype), jnp.dtype(real_dtype), axis_name, groups, shift is not None, reshift)
     if shift is None:
         shift = jnp.zeros(feature_shape, stats_dtype)
-        known_zero = shift  # the first sums are of x itself: no subtraction is traced
     else:
-        known_zero = None
         try:
             shift = jnp.broadcast_to(jnp.asarray(shift, stats_dtype), feature_shape)
         except ValueError:
@@ -446,81 +490,56 @@ def moments(
                 f"shift of shape {jnp.shape(shift)} does not broadcast to the reduced "
                 f"shape {feature_shape} (the input shape {x.shape} without axes {axes})."
             ) from None
-        shift = lax.stop_gradient(shift)
-
-    def centered(x, reference, mask):
-        deviation = x.astype(stats_dtype)
-        if reference is not None:
-            deviation = deviation - jnp.expand_dims(reference, axes)
-        # where, not a product: masked-out NaN or Inf padding stays out.
-        return deviation if mask is None else jnp.where(mask, deviation, 0)
-
-    def local_sums(reference, with_second=True, skip_zero_shift=False):
-        summands = [centered] + ([lambda *ops: _abs_square(centered(*ops))] if with_second else [])
-
-        zero = reference is known_zero  # no subtraction is traced
-
-        def with_xla(x, _, reference):
-            def sums(k):
-                return list(channel_sums(summands, [x, k, mask], axes))
-
-            if zero:
-                return sums(None)
-            # Not with reshift=True: the test spans every feature (all devices under jit).
-            return sums_around_shift(sums, reference, x.size) if skip_zero_shift else sums(reference)
-
-        if with_second and mask is None and not is_complex:
-            return _paired_sums(x, None, reference, axes, stats_dtype, with_xla)
-        return with_xla(x, None, reference)
-
-    def global_sums(local):
-        # One collective: a complex sum travels as its real and imaginary parts.
-        parts, widths = [], []
-        for value in local:
-            complex_value = jnp.iscomplexobj(value)
-            parts += [value.real, value.imag] if complex_value else [value]
-            widths.append(2 if complex_value else 1)
-        summed = cross_device_sum(parts, axis_name, axis_index_groups)
-        result, i = [], 0
-        for width in widths:
-            result.append(summed[i] if width == 1 else lax.complex(summed[i], summed[i + 1]))
-            i += width
-        return result
-
-    sums = local_sums(shift, with_second=not reshift, skip_zero_shift=not reshift)
-    if mask is None:
-        count = jnp.full(feature_shape, math.prod(x.shape[i] for i in axes) * group_size, real_dtype)
-        sums = global_sums(sums)
-    else:
-        local_count = jnp.sum(jnp.broadcast_to(mask, x.shape), axes, dtype=real_dtype)
-        count, *sums = global_sums([local_count, *sums])
-    # Empty channels divide by 1: their sums are 0, so mean = shift, var = 0.
-    safe_count = jnp.maximum(count, 1)
-
-    if reshift:  # always re-center: no decision shared between features
-        shift = lax.stop_gradient(shift + sums[0] / safe_count)
-        first, second = global_sums(local_sums(shift))
-        offset, raw_second = first / safe_count, second / safe_count
-    else:
-        first, second = sums
-        offset = first / safe_count
-        raw_second = second / safe_count
-
-    if reshift is None:
-        # var = raw_second - |offset|^2 amplifies rounding by raw_second / var; the
-        # comparison is False for NaN, so a non-finite batch takes the cheap branch.
-        poor_shift = jnp.any(_abs_square(offset) * CANCELLATION_LIMIT > (CANCELLATION_LIMIT - 1) * raw_second)
-
-        def reshifted():
-            better = lax.stop_gradient(shift + offset)
-            first, second = global_sums(local_sums(better))
-            return better, first / safe_count, second / safe_count
-
-        # Inside shard_map the sums may vary over mesh axes the shift does not (a
-        # replicated running mean, statistics over a sub-group axis): both branches
-        # must return the same types.
-        shift, offset, raw_second = lax.cond(
-            poor_shift, reshifted, lambda: (_varying_like(shift, offset), offset, raw_second)
-        )
-    var = jnp.maximum(raw_second - _abs_square(offset), 0)
+    count, shift, offset, raw_second = _shifted_moments(plan, x, mask, lax.stop_gradient(_finite_or(shift, 0)))
+    var = jnp.maximum(raw_second - abs_square(offset), 0)
     return Moments(mean=shift + offset, var=var, count=count, shift=shift, mean_minus_shift=offset)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _shifted_moments(
+    plan: _Plan, x: jax.Array, mask: jax.Array | None, shift: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(count, final shift K, E[x - K], E|x - K|^2)`` over the valid elements.
+
+    Differentiated by :func:`_shifted_moments_jvp`: the derivatives at the
+    final shift, so no derivative goes through the re-shift loop.
+    """
+    reduction = _Reduction(x, mask, plan.axes, plan.dtype, plan.axis_name, plan.axis_index_groups)
+    local = _local_sums(reduction, shift if plan.shifted else None, second=not plan.reshift)
+    if mask is None:
+        size = math.prod(x.shape[i] for i in plan.axes) * axis_size(plan.axis_name, plan.axis_index_groups)
+        count = jnp.full(shift.shape, size, plan.real_dtype)
+        sums = _global_sums(reduction, local)
+    else:
+        local_count = jnp.sum(jnp.broadcast_to(mask, x.shape), plan.axes, dtype=plan.real_dtype)
+        count, *sums = _global_sums(reduction, [local_count, *local])
+    # Empty features divide by 1: their sums are 0, so mean = shift, var = 0.
+    safe_count = jnp.maximum(count, 1)
+    if plan.reshift:  # always re-center: no decision shared between features
+        shift = lax.stop_gradient(_finite_or(shift + sums[0] / safe_count, shift))
+        sums = _global_sums(reduction, _local_sums(reduction, shift))
+    offset, raw_second = sums[0] / safe_count, sums[1] / safe_count
+    if plan.reshift is None:
+        shift, offset, raw_second = _reshift_until_exact(reduction, shift, offset, raw_second, safe_count)
+    return count, shift, offset, raw_second
+
+
+@_shifted_moments.defjvp
+def _shifted_moments_jvp(plan, primals, tangents):
+    x, mask, shift = primals
+    count, shift, offset, raw_second = out = _shifted_moments(plan, x, mask, shift)
+    shift = lax.stop_gradient(shift)
+    reduction = _Reduction(x, mask, plan.axes, plan.dtype, plan.axis_name, plan.axis_index_groups)
+    dx = tangents[0]
+
+    # Linear in dx (no optimization barrier: reverse mode transposes this).
+    deviation = x.astype(plan.dtype) - jnp.expand_dims(shift, plan.axes)
+    dx = dx.astype(plan.dtype)
+    if mask is not None:
+        deviation, dx = jnp.where(mask, deviation, 0), jnp.where(mask, dx, 0)
+    # d|d|^2 = 2 Re(conj(d) dd): 2 d dd for real input
+    d_square = 2 * (deviation.conj() * dx).real if jnp.iscomplexobj(deviation) else 2 * deviation * dx
+    d_first, d_second = _global_sums(reduction, [jnp.sum(dx, plan.axes), jnp.sum(d_square, plan.axes)])
+    safe_count = jnp.maximum(count, 1)
+    zeros = jnp.zeros_like(count)
+    return out, (zeros, jnp.zeros_like(shift), d_first / safe_count, d_second / safe_count)

@@ -13,9 +13,11 @@ likewise for ``jax.pmap``) is a list of computations::
 
 :func:`count_collectives` starts at the ENTRY computation and follows the
 computations an instruction calls unconditionally (``calls=``, ``to_apply=``,
-``body=``, ``condition=``, ``called_computations=``) but, unless asked, not the
-branches of a ``conditional`` (``branch_computations=``, ``true_computation=``,
-``false_computation=``): what it counts is what every execution runs. Each
+``condition=``, ``called_computations=``) but, unless asked, not the branches
+of a ``conditional`` (``branch_computations=``, ``true_computation=``,
+``false_computation=``) nor the ``body=`` of a ``while`` (jaxbn's only loop is
+the re-shift, which the steady state runs zero times): what it counts is what
+every execution runs. Each
 reachable computation is counted once, so this is a static count of
 instructions, and an async pair (``all-reduce-start`` / ``all-reduce-done``, or
 ``async-start`` / ``async-done`` sharing a wrapped computation) counts as one.
@@ -40,8 +42,9 @@ _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*)$")
 _OPCODE = re.compile(r"\s*([a-z][a-z0-9\-]*)\(")
 _NAMES = r"(%?[\w.\-]+|\{[^}]*\})"
-_CALL_EDGES = re.compile(r"\b(?:calls|to_apply|body|condition|called_computations)=" + _NAMES)
+_CALL_EDGES = re.compile(r"\b(?:calls|to_apply|condition|called_computations)=" + _NAMES)
 _BRANCH_EDGES = re.compile(r"\b(?:branch_computations|true_computation|false_computation)=" + _NAMES)
+_LOOP_EDGES = re.compile(r"\bbody=" + _NAMES)
 
 
 def compiled_text(fn: Any, *args: Any) -> str:
@@ -111,7 +114,7 @@ def parse_computations(hlo_text: str) -> tuple[str, dict[str, list[tuple[str | N
 
 
 def _reachable(entry: str, computations: dict, include_branches: bool) -> set[str]:
-    edges = [_CALL_EDGES] + ([_BRANCH_EDGES] if include_branches else [])
+    edges = [_CALL_EDGES] + ([_BRANCH_EDGES, _LOOP_EDGES] if include_branches else [])
     seen, stack = set(), [entry]
     while stack:
         name = stack.pop()
@@ -134,7 +137,8 @@ def count_collectives(hlo_text: str, op: str = "all-reduce", include_branches: b
         ``reduce-scatter``, ``collective-permute``, ``all-to-all``. Its async
         form ``op-start`` counts too (``op-done`` does not: one per pair).
       include_branches: also follow the branches of ``conditional``
-        instructions (code that only some executions run).
+        instructions and the bodies of ``while`` loops (code that only some
+        executions run).
 
     Returns:
       The number of such instructions, each reachable computation counted once.
@@ -152,8 +156,8 @@ def count_per_execution(hlo_text: str, op: str = "all-reduce") -> int:
     """Counts the ``op`` instructions one steady-state execution runs.
 
     Like :func:`count_collectives`, but a ``conditional`` is charged its
-    cheapest branch (the steady state skips a re-shift), so a collective that
-    XLA sinks into both branches of a conditional counts once.
+    cheapest branch, so a collective that XLA sinks into both branches of a
+    conditional counts once (a ``while`` loop, its condition only).
     """
     entry, computations = parse_computations(hlo_text)
     wanted = {op, op + "-start"}
@@ -173,7 +177,7 @@ def count_per_execution(hlo_text: str, op: str = "all-reduce") -> int:
 
 
 def count_in_branches(hlo_text: str, op: str = "all-reduce") -> int:
-    """Counts ``op`` instructions reachable only through ``conditional`` branches."""
+    """Counts ``op`` instructions reachable only through ``conditional`` branches or loop bodies."""
     return count_collectives(hlo_text, op, include_branches=True) - count_collectives(
         hlo_text, op, include_branches=False
     )
@@ -205,9 +209,8 @@ def memory_traffic(hlo_text: str) -> tuple[int, int]:
     Each kernel (a fusion, a library call, a reduce, a copy, ...) of the ENTRY
     computation is charged the bytes of its operands plus those of its output;
     bookkeeping instructions (parameters, tuples, bitcasts) are free. A
-    ``conditional`` is charged its cheapest branch: the steady state takes the
-    cheap one (no re-shift; sums without a subtraction when the shift is 0),
-    and where both branches do the same work they cost the same. This is the
+    ``conditional`` is charged its cheapest branch and a ``while`` loop its
+    condition only: the steady state takes no re-shift. This is the
     static traffic model of the performance issue: a kernel that reads x and
     writes y costs 2S for a tensor of S bytes.
 
@@ -227,8 +230,9 @@ def memory_traffic(hlo_text: str) -> tuple[int, int]:
             opcode = _opcode(rest)
             type_text = rest[: rest.index(f" {opcode}(")] if opcode and f" {opcode}(" in rest else ""
             types[name] = type_text
-            if opcode == "conditional":
-                branches = [b for group in _BRANCH_EDGES.findall(rest) for b in _names(group)]
+            if opcode in ("conditional", "while"):  # the cheapest branch; a loop's zero trips
+                edges = _BRANCH_EDGES if opcode == "conditional" else _CALL_EDGES
+                branches = [b for group in edges.findall(rest) for b in _names(group)]
                 branch_traffic, branch_kernels = min(cost(b) for b in branches)
                 traffic, kernels = traffic + branch_traffic, kernels + branch_kernels
                 continue

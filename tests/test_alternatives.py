@@ -168,7 +168,7 @@ ERRORS = [
     (lambda: jaxbn.rms_norm(jnp.ones((2, 3), bool)), TypeError, "x must have a floating dtype"),
     (lambda: jaxbn.group_norm(jnp.ones((2, 4), jnp.int32), num_groups=2), TypeError, "floating dtype"),
     (lambda: jaxbn.instance_norm(jnp.ones((2, 3, 4), jnp.int8)), TypeError, "floating dtype"),
-    (lambda: jaxbn.layer_norm(X, epsilon=0.0), ValueError, "epsilon must be a finite number > 0, got 0.0"),
+    (lambda: jaxbn.layer_norm(X, epsilon=0.0), ValueError, "epsilon must be a finite number > 0"),
     (lambda: jaxbn.rms_norm(X, epsilon=-1.0), ValueError, "epsilon must be a finite number > 0"),
     (lambda: jaxbn.group_norm(X, num_groups=2, epsilon="1e-5"), TypeError, "epsilon must be a positive real"),
     (lambda: jaxbn.instance_norm(X, epsilon=float("nan")), ValueError, "epsilon must be a finite"),
@@ -193,7 +193,6 @@ ERRORS = [
     (lambda: jaxbn.group_norm(X, num_groups=2, reduction_axes=(1, 2)), ValueError,
      r"reduction_axes=\(1, 2\) must include the last axis \(3, or -1\)"),
     (lambda: jaxbn.instance_norm(X, feature_axes=(0, 3)), ValueError, r"feature_axes=\(0, 3\) includes axis 0"),
-    (lambda: jaxbn.instance_norm(jnp.ones((2, 6))), ValueError, "has no spatial axis"),
 ]
 
 

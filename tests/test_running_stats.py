@@ -129,7 +129,6 @@ def test_switch_combinations_follow_the_table(training, update):
         (dict(cumulative=True, momentum=None, count=jnp.zeros(3)), ValueError, r"state\['count'\] must be a scalar"),
         (dict(update_running_stats=1), TypeError, "update_running_stats must be a Python bool or None"),
         (dict(unbiased_running_var=None), TypeError, "unbiased_running_var must be a Python bool"),
-        (dict(training=False, update_running_stats=True, x=jnp.ones((1, 3))), ValueError, "more than one value"),
         (dict(extra=True), ValueError, r"unknown keys \['n'\]; expected only \['mean', 'var', 'count'\]"),
     ],
 )
