@@ -173,3 +173,17 @@ def test_swapping_the_import_in_a_model_keeps_everything():
     out_theirs, upd_theirs = theirs.apply(variables, x, train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(out_ours, out_theirs, rtol=1e-5, atol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), upd_ours, upd_theirs)
+
+
+def test_summaries_show_no_helper_rows():
+    """tabulate(show_repeated=True) lists BatchNorm/BatchRenorm once each, no helper method as a call."""
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = jaxbn.linen.BatchNorm(use_running_average=False)(nn.Dense(4)(x))
+            return jaxbn.linen.BatchRenorm(use_running_average=False, r_max=lambda s: 1.0 + s)(x)
+
+    table = Model().tabulate(jax.random.key(0), jnp.ones((2, 3)), show_repeated=True, console_kwargs={"width": 300})
+    assert "_normalize" not in table and "_extra_running_stats" not in table
+    assert table.count("BatchNorm_0") == 1 and table.count("BatchRenorm_0") == 1

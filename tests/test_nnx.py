@@ -12,6 +12,9 @@ single-device result on the global batch and a float64 NumPy reference.
 """
 
 import functools
+import warnings
+
+import flax.errors
 
 import jax
 import jax.numpy as jnp
@@ -631,3 +634,32 @@ def test_bad_arguments_raise_with_clear_messages():
         jaxbn.nnx.BatchNorm(3, axis=2, rngs=rngs)(jnp.ones((8, 3)))
     with pytest.raises(TypeError, match="floating dtype"):
         jaxbn.nnx.LayerNorm(3, rngs=rngs)(jnp.ones((2, 3), jnp.int32))
+
+
+def test_vmap_closure_in_training_says_what_to_do():
+    """flax#4760's pattern (a training BatchNorm captured by nnx.vmap) raises with the fix in the message."""
+    bn = jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    x = jnp.arange(24.0).reshape(4, 2, 3)
+    with pytest.raises(flax.errors.TraceContextError, match=r"captured as a closure.*nnx\.StateAxes"):
+        nnx.vmap(lambda x: bn(x))(x)
+    # the advice works: statistics over the whole batch, state updated
+    synced = jaxbn.nnx.BatchNorm(3, axis_name="batch", rngs=nnx.Rngs(0))
+    f = nnx.vmap(lambda m, x: m(x), in_axes=(nnx.StateAxes({...: None}), 0), axis_name="batch")
+    y = f(synced, x)
+    reference = jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(y.reshape(8, 3), reference(x.reshape(8, 3)), atol=1e-6)
+    np.testing.assert_allclose(synced.mean[...], reference.mean[...], rtol=1e-6)
+
+
+def test_per_example_vmap_with_one_value_per_feature():
+    """nnx.vmap over single examples: flax's per-example output (the bias), running statistics kept.
+
+    flax's own BatchNorm fails here (it writes a batched mean into the broadcast state).
+    """
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 3)))
+    bn = jaxbn.nnx.BatchNorm(3, bias_init=nnx.initializers.constant(0.5), rngs=nnx.Rngs(0))
+    f = nnx.vmap(lambda m, x: m(x[None])[0], in_axes=(nnx.StateAxes({...: None}), 0))
+    with pytest.warns(UserWarning, match="one value per feature"):
+        y = f(bn, x)
+    np.testing.assert_array_equal(y, jnp.full((4, 3), 0.5))
+    np.testing.assert_array_equal(bn.mean[...], jnp.zeros(3))
