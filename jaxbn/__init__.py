@@ -11,7 +11,7 @@ batch norm towards that state;
 own variables and call these functions.
 """
 
-from jaxbn.alternatives import group_norm, instance_norm, layer_norm, rms_norm
+from jaxbn.per_example import group_norm, instance_norm, layer_norm, rms_norm
 from jaxbn.functional import batch_norm, batch_norm_init, normalize
 from jaxbn.renorm import batch_renorm, renorm_clipping
 from jaxbn.stats import Moments, moments

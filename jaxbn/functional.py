@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import _ghost, _kernels, _validation, stats
+from jaxbn import _ghost, _train_step, _validation, stats
 
 __all__ = ["normalize", "batch_norm", "batch_norm_init"]
 
@@ -141,10 +141,11 @@ def normalize(
     stats_ = _validation.check_feature_arrays(
         {"mean": mean, "var": var}, _STATE_KEYS, _STATE_KEYS, feature_shape, "state"
     )
-    return _kernels.affine_normalize(
-        x, stats_["mean"], None, stats_["var"], params, reduction_axes, epsilon, compute_dtype,
-        _validation.output_dtype(x, params, dtype),
-    )
+    with jax.named_scope("jaxbn.normalize"):
+        return _train_step.affine_normalize(
+            x, stats_["mean"], None, stats_["var"], params, reduction_axes, epsilon, compute_dtype,
+            _validation.output_dtype(x, params, dtype),
+        )
 
 
 def _update_running_stats(
@@ -392,7 +393,8 @@ def batch_norm(
         momentum=momentum, unbiased_running_var=unbiased_running_var, epsilon=epsilon, axis_name=axis_name,
         axis_index_groups=axis_index_groups, mask=mask, dtype=dtype, ghost_batch_size=ghost_batch_size,
     )
-    return batch_norm_from_checked(call)
+    with jax.named_scope("jaxbn.batch_norm"):
+        return batch_norm_from_checked(call)
 
 
 def batch_norm_from_checked(
@@ -402,14 +404,14 @@ def batch_norm_from_checked(
 
     ``correction(batch, running_mean, running_var, epsilon, *correction_args)``
     gives per-feature ``(r, d)``: training computes ``γ (x̂ r + d) + β`` (see
-    :class:`jaxbn._kernels.StepConfig`); inference is batch norm's.
+    :class:`jaxbn._train_step.StepConfig`); inference is batch norm's.
     """
     x, params, state = call.x, call.params, call.state
     running_mean, running_var = state["mean"], state["var"]
     if call.single_value:
         # The batch mean is x itself: (x - x) gives exactly the bias, and the gradients
         # flax's autodiff gives (none into x or scale).
-        y = _kernels.affine_normalize(
+        y = _train_step.affine_normalize(
             x, x.reshape(running_mean.shape), None, jnp.zeros_like(running_var), params, call.reduction_axes,
             call.epsilon, call.compute_dtype, call.out_dtype,
         ) if call.training else _infer(call)
@@ -428,11 +430,11 @@ def batch_norm_from_checked(
         # Several groups: two passes, so that no re-shift decision spans groups
         # (under jit with the batch sharded it would span devices: a collective).
         reshift = True if x_stats.shape[0] > 1 else None
-    config = _kernels.StepConfig(
+    config = _train_step.StepConfig(
         axes, axis_name, axis_index_groups, jnp.dtype(call.compute_dtype), jnp.dtype(call.out_dtype), reshift,
         correction if call.training else None,
     )
-    inputs = _kernels.StepInputs(
+    inputs = _train_step.StepInputs(
         shift, jnp.asarray(call.epsilon, call.compute_dtype), mask, running_mean, running_var,
         tuple(jnp.asarray(v) for v in correction_args) if call.training else (),
     )
@@ -442,7 +444,7 @@ def batch_norm_from_checked(
     else:
         y = _infer(call)
         if call.update:
-            batch = _kernels.fill_empty_features(
+            batch = _train_step.fill_empty_features(
                 stats.moments(
                     lax.stop_gradient(x_stats), axes, mask=mask, axis_name=axis_name,
                     axis_index_groups=axis_index_groups, dtype=call.compute_dtype, shift=shift, reshift=reshift,
@@ -458,30 +460,30 @@ def batch_norm_from_checked(
 
 def _infer(call: _BatchNormCall) -> jax.Array:
     """Normalization with the running statistics."""
-    return _kernels.affine_normalize(
+    return _train_step.affine_normalize(
         call.x, call.state["mean"], None, call.state["var"], call.params, call.reduction_axes, call.epsilon,
         call.compute_dtype, call.out_dtype,
     )
 
 
 def _train_with_batch_statistics(
-    x: jax.Array, params: Params, config: _kernels.StepConfig, inputs: _kernels.StepInputs
+    x: jax.Array, params: Params, config: _train_step.StepConfig, inputs: _train_step.StepInputs
 ) -> tuple[jax.Array, stats.Moments]:
     """Training-mode normalization: the custom-VJP step, or autodiff for complex ``x``.
 
     The step's hand-written backward assumes real inputs; complex ones are
     differentiated by JAX through :func:`jaxbn.stats.moments` and the same
-    :func:`jaxbn._kernels.affine_normalize` (correct, at autodiff's memory
+    :func:`jaxbn._train_step.affine_normalize` (correct, at autodiff's memory
     traffic). The statistics returned carry no gradient.
     """
     if not jnp.iscomplexobj(x):
-        return _kernels.batch_norm_train(x, params, config, inputs)
+        return _train_step.batch_norm_train(x, params, config, inputs)
     batch = stats.moments(
         x, config.axes, mask=inputs.mask, axis_name=config.axis_name, axis_index_groups=config.axis_index_groups,
         dtype=config.compute_dtype, shift=lax.stop_gradient(inputs.shift), reshift=config.reshift,
     )
-    batch = _kernels.fill_empty_features(batch, inputs.running_mean, inputs.running_var)
-    y = _kernels.affine_normalize(
+    batch = _train_step.fill_empty_features(batch, inputs.running_mean, inputs.running_var)
+    y = _train_step.affine_normalize(
         x, batch.shift, batch.mean_minus_shift, batch.var, params, config.axes, inputs.epsilon,
         config.compute_dtype, config.out_dtype, inputs.mask,
     )

@@ -1,7 +1,7 @@
 """Flax linen modules: drop-in replacements that call the functional core.
 
 A module here owns its variables (the same names and collections as flax's)
-and passes them to :mod:`jaxbn.functional` or :mod:`jaxbn.alternatives`; it
+and passes them to :mod:`jaxbn.functional` or :mod:`jaxbn.per_example`; it
 computes nothing itself. Fields are flax's, in flax's order (so positional
 construction matches), with two that jaxbn treats differently:
 
@@ -24,7 +24,7 @@ from flax import linen as nn
 from flax.core import meta
 from flax.linen import initializers
 
-from jaxbn import _validation, alternatives, functional, renorm
+from jaxbn import _validation, functional, per_example, renorm
 
 __all__ = ["BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
 
@@ -282,7 +282,7 @@ class LayerNorm(nn.Module):
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         _check_float32_reductions(self, x)
         params = _affine_params(self, _validation.feature_shape(x, self.feature_axes), self.use_scale, self.use_bias)
-        return alternatives.layer_norm(
+        return per_example.layer_norm(
             x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
         )
@@ -319,7 +319,7 @@ class RMSNorm(nn.Module):
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         _check_float32_reductions(self, x)
         params = _affine_params(self, _validation.feature_shape(x, self.feature_axes), self.use_scale, False)
-        return alternatives.rms_norm(
+        return per_example.rms_norm(
             x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
         )
@@ -362,7 +362,7 @@ class GroupNorm(nn.Module):
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         _check_float32_reductions(self, x)
         params = _affine_params(self, _validation.feature_shape(x, -1), self.use_scale, self.use_bias)
-        return alternatives.group_norm(
+        return per_example.group_norm(
             x, params, num_groups=self.num_groups, group_size=self.group_size, reduction_axes=self.reduction_axes,
             epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
             dtype=self.dtype,
@@ -402,7 +402,7 @@ class InstanceNorm(nn.Module):
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         _check_float32_reductions(self, x)
         params = _affine_params(self, _validation.feature_shape(x, self.feature_axes), self.use_scale, self.use_bias)
-        return alternatives.instance_norm(
+        return per_example.instance_norm(
             x, params, feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype,
         )

@@ -8,7 +8,7 @@ variables under the same names and types (``scale``/``bias`` as
 and draws the same keys from ``rngs``, so ``nnx.state``, ``nnx.split`` /
 ``nnx.merge``, ``nnx.jit``, ``nnx.grad``, ``nnx.Optimizer`` and checkpoints
 treat a model exactly as with flax's modules. A module here owns its variables
-and passes them to :mod:`jaxbn.functional` / :mod:`jaxbn.alternatives`; it
+and passes them to :mod:`jaxbn.functional` / :mod:`jaxbn.per_example`; it
 computes nothing itself.
 
 What jaxbn does differently, as in :mod:`jaxbn.linen`:
@@ -48,7 +48,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes as _flax_dtypes
 from flax.nnx.nn import initializers
 
-from jaxbn import _validation, alternatives, functional, renorm
+from jaxbn import _validation, functional, per_example, renorm
 
 __all__ = ["BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
 
@@ -503,7 +503,7 @@ class LayerNorm(nnx.Module):
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         x, _, params, dtype = _promote(self, x, {}, _values(self, ("scale", "bias")))
         params = _to_feature_shape(self, params, x, _validation.feature_shape(x, self.feature_axes), "feature_axes")
-        return alternatives.layer_norm(
+        return per_example.layer_norm(
             x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=dtype,
         )
@@ -562,7 +562,7 @@ class RMSNorm(nnx.Module):
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         x, _, params, dtype = _promote(self, x, {}, _values(self, ("scale",)))
         params = _to_feature_shape(self, params, x, _validation.feature_shape(x, self.feature_axes), "feature_axes")
-        return alternatives.rms_norm(
+        return per_example.rms_norm(
             x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=dtype,
         )
@@ -610,7 +610,7 @@ class GroupNorm(nnx.Module):
     ):
         self.feature_axis = -1
         num_features = _check_num_features(num_features, "GroupNorm")
-        self.num_groups = alternatives.number_of_groups(num_features, num_groups, group_size)
+        self.num_groups = per_example.number_of_groups(num_features, num_groups, group_size)
         self.group_size = num_features // self.num_groups
         _validation.check_epsilon(epsilon)
         _validation.check_dtype(dtype)
@@ -635,7 +635,7 @@ class GroupNorm(nnx.Module):
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         x, _, params, dtype = _promote(self, x, {}, _values(self, ("scale", "bias")))
         params = _to_feature_shape(self, params, x, _validation.feature_shape(x, -1), "feature_axis", always=True)
-        return alternatives.group_norm(
+        return per_example.group_norm(
             x, params, num_groups=self.num_groups, reduction_axes=self.reduction_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=dtype,
         )
@@ -700,7 +700,7 @@ class InstanceNorm(nnx.Module):
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         x, _, params, dtype = _promote(self, x, {}, _values(self, ("scale", "bias")))
         params = _to_feature_shape(self, params, x, _validation.feature_shape(x, self.feature_axes), "feature_axes")
-        return alternatives.instance_norm(
+        return per_example.instance_norm(
             x, params, feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=dtype,
         )

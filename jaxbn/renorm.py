@@ -239,4 +239,5 @@ def batch_renorm(
         axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask, dtype=dtype,
         ghost_batch_size=ghost_batch_size, complex_ok=not training, scalars=("count", "steps"),
     )
-    return functional.batch_norm_from_checked(call, renorm_correction, (r_max, d_max))
+    with jax.named_scope("jaxbn.batch_renorm"):
+        return functional.batch_norm_from_checked(call, renorm_correction, (r_max, d_max))

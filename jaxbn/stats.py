@@ -5,7 +5,7 @@ over the batch on a device is taken by :func:`channel_sums`, and every value
 that crosses devices goes through :func:`cross_device_sum`. So "one collective
 per layer per direction", "count-weighted across devices" and "no float32 copy
 of a bfloat16 tensor" are properties of this file alone; the training step's
-backward (``_kernels.py``) uses the same two helpers.
+backward (``_train_step.py``) uses the same two helpers.
 """
 
 from __future__ import annotations
@@ -490,8 +490,9 @@ def moments(
                 f"shift of shape {jnp.shape(shift)} does not broadcast to the reduced "
                 f"shape {feature_shape} (the input shape {x.shape} without axes {axes})."
             ) from None
-    count, shift, offset, raw_second = _shifted_moments(plan, x, mask, lax.stop_gradient(_finite_or(shift, 0)))
-    var = jnp.maximum(raw_second - abs_square(offset), 0)
+    with jax.named_scope("jaxbn.moments"):
+        count, shift, offset, raw_second = _shifted_moments(plan, x, mask, lax.stop_gradient(_finite_or(shift, 0)))
+        var = jnp.maximum(raw_second - abs_square(offset), 0)
     return Moments(mean=shift + offset, var=var, count=count, shift=shift, mean_minus_shift=offset)
 
 

@@ -192,7 +192,7 @@ def test_transforms_jit_grad_vmap_scan_remat_eval_shape():
 def test_gradients_pass_numerical_check_orders_1_and_2():
     """jax.test_util.check_grads (reverse mode, orders 1 and 2) in float64, masked too.
 
-    Training mode is a custom VJP (see jaxbn/_kernels.py): reverse mode only.
+    Training mode is a custom VJP (see jaxbn/_train_step.py): reverse mode only.
     """
     with jax.enable_x64(True):
         x = jnp.asarray(np.random.default_rng(7).normal(size=(6, 3)) + 10.0, jnp.float64)

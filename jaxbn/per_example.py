@@ -3,7 +3,7 @@
 Each function here only chooses axes: its statistics come from
 :func:`jaxbn.stats.moments` (count-weighted, masked, at least float32,
 stable at large offsets, one collective with ``axis_name``) and its output
-from :func:`jaxbn._kernels.affine_normalize`, through :func:`_normalize_over`.
+from :func:`jaxbn._train_step.affine_normalize`, through :func:`_normalize_over`.
 Semantics, defaults and parameter shapes are flax.linen's
 (``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``InstanceNorm``); the Flax
 modules in :mod:`jaxbn.linen` own the parameters and call these functions.
@@ -15,6 +15,7 @@ state.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbn import _kernels, _validation, stats
+from jaxbn import _train_step, _validation, stats
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm"]
 
@@ -43,6 +44,7 @@ def _checked_params(
 
 
 def _normalize_over(
+    name: str,
     x: jax.Array,
     params: dict[str, Any],
     reduction_axes: tuple[int, ...],
@@ -72,25 +74,24 @@ def _normalize_over(
     """
     compute_dtype = _validation.compute_dtype(x, dtype)
     out_dtype = _validation.output_dtype(x, params, dtype)
-    batch = stats.moments(
-        x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=compute_dtype
-    )
-
-    def keep(v):
-        return jnp.expand_dims(v, reduction_axes)
-
-    if center:
-        shift, mean_minus_shift, var = keep(batch.shift), keep(batch.mean_minus_shift), keep(batch.var)
-    else:
-        shift, mean_minus_shift = jnp.zeros((), compute_dtype), None
-        var = keep(batch.var + stats.abs_square(batch.mean))  # E[|x|^2], real for complex x
-    broadcast_shape = tuple(x.shape[i] if i in feature_axes else 1 for i in range(x.ndim))
-    params = {key: jnp.reshape(value, broadcast_shape) for key, value in params.items()}
     if mask is not None:
         mask = _validation.check_mask(mask, x.shape)
-    y = _kernels.affine_normalize(
-        x, shift, mean_minus_shift, var, params, (), epsilon, compute_dtype, out_dtype, mask
-    )
+    broadcast_shape = tuple(x.shape[i] if i in feature_axes else 1 for i in range(x.ndim))
+    params = {key: jnp.reshape(value, broadcast_shape) for key, value in params.items()}
+    with jax.named_scope(f"jaxbn.{name}"):
+        batch = stats.moments(
+            x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
+            dtype=compute_dtype,
+        )
+        keep = functools.partial(jnp.expand_dims, axis=reduction_axes)
+        if center:
+            shift, mean_minus_shift, var = keep(batch.shift), keep(batch.mean_minus_shift), keep(batch.var)
+        else:
+            shift, mean_minus_shift = jnp.zeros((), compute_dtype), None
+            var = keep(batch.var + stats.abs_square(batch.mean))  # E[|x|^2], real for complex x
+        y = _train_step.affine_normalize(
+            x, shift, mean_minus_shift, var, params, (), epsilon, compute_dtype, out_dtype, mask
+        )
     return y if out_shape is None else y.reshape(out_shape)
 
 
@@ -151,6 +152,7 @@ def layer_norm(
     features = _validation.canonicalize_axes(x.ndim, feature_axes, name="feature_axes")
     params = _checked_params(x, params, _PARAM_KEYS, features, epsilon, dtype)
     return _normalize_over(
+        "layer_norm",
         x, params, reduction, features, epsilon=epsilon, mask=mask, axis_name=axis_name,
         axis_index_groups=axis_index_groups, dtype=dtype,
     )
@@ -208,6 +210,7 @@ def rms_norm(
     features = _validation.canonicalize_axes(x.ndim, feature_axes, name="feature_axes")
     params = _checked_params(x, params, ("scale",), features, epsilon, dtype)
     return _normalize_over(
+        "rms_norm",
         x, params, reduction, features, epsilon=epsilon, mask=mask, axis_name=axis_name,
         axis_index_groups=axis_index_groups, dtype=dtype, center=False,
     )
@@ -305,6 +308,7 @@ def group_norm(
     if mask is not None:
         mask = jnp.broadcast_to(_validation.check_mask(mask, x.shape), x.shape).reshape(grouped_shape)
     return _normalize_over(
+        "group_norm",
         x.reshape(grouped_shape), params, reduction[:-1] + (x.ndim,), (x.ndim - 1, x.ndim),
         epsilon=epsilon, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
         dtype=dtype, out_shape=x.shape,
@@ -372,11 +376,12 @@ def instance_norm(
         # x - x: exactly the bias, with flax's gradients (none into x or scale).
         broadcast_shape = tuple(x.shape[i] if i in features else 1 for i in range(x.ndim))
         params = {key: jnp.reshape(value, broadcast_shape) for key, value in params.items()}
-        return _kernels.affine_normalize(
+        return _train_step.affine_normalize(
             x, x, None, jnp.zeros((), jnp.float32), params, (), epsilon, _validation.compute_dtype(x, dtype),
             _validation.output_dtype(x, params, dtype),
         )
     return _normalize_over(
+        "instance_norm",
         x, params, reduction, features, epsilon=epsilon, mask=mask, axis_name=axis_name,
         axis_index_groups=axis_index_groups, dtype=dtype,
     )
