@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.errors
 import jax
@@ -68,20 +68,32 @@ def _check_num_features(num_features: Any, cls: str) -> int:
     return _validation.positive_int(num_features, f"{cls}: num_features")
 
 
-def _affine_variables(
-    module: nnx.Module,
-    rngs: nnx.Rngs,
-    num_features: int,
-    param_dtype: Any,
-    inits: tuple[tuple[str, bool, Any, Mapping[str, Any]], ...],
-    disabled: Any,
-) -> None:
-    """Creates ``scale``/``bias`` as flax does: same order, same keys drawn, same metadata."""
-    for name, used, init, metadata in inits:
-        if used:
-            setattr(module, name, nnx.Param(init(rngs.params(), (num_features,), param_dtype), **metadata))
-        else:
-            setattr(module, name, disabled)
+class _Affine(NamedTuple):
+    """How a module creates its ``scale`` or ``bias``: flax's constructor arguments for it."""
+
+    used: bool
+    init: Any
+    metadata: Mapping[str, Any]
+
+
+class _Normalization(nnx.Module):
+    """What every module here shares: argument checks, ``scale``/``bias`` created as flax
+    creates them (same order, same keys drawn, same metadata), attribute storage."""
+
+    def __init__(
+        self, num_features: Any, *, rngs: nnx.Rngs, param_dtype: Any, affine: Mapping[str, _Affine],
+        disabled: Any, **attributes: Any,
+    ):
+        self.num_features = _check_num_features(num_features, type(self).__name__)
+        if "epsilon" in attributes:
+            _validation.check_epsilon(attributes["epsilon"])
+        _validation.check_dtype(attributes.get("dtype"))
+        for name, (used, init, metadata) in affine.items():
+            value = nnx.Param(init(rngs.params(), (self.num_features,), param_dtype), **metadata) if used else disabled
+            setattr(self, name, value)
+        self.param_dtype = param_dtype
+        for name, value in attributes.items():
+            setattr(self, name, value)
 
 
 _SHARDING_METADATA = ("out_sharding", "mesh", "sharding_rules", "eager_sharding")
@@ -165,7 +177,7 @@ def _to_feature_shape(
     return {key: value.reshape(feature_shape) for key, value in arrays.items()}
 
 
-class BatchNorm(nnx.Module):
+class BatchNorm(_Normalization):
     """Drop-in replacement for :class:`flax.nnx.BatchNorm`; calls :func:`jaxbn.batch_norm`.
 
     Same constructor arguments (in flax's order), same variables (``scale``,
@@ -266,40 +278,26 @@ class BatchNorm(nnx.Module):
         update_running_stats: bool | None = None,
         ghost_batch_size: int | None = None,
     ):
-        num_features = _check_num_features(num_features, type(self).__name__)
         if momentum is not None:
             _validation.check_momentum(momentum)
-        _validation.check_epsilon(epsilon)
-        _validation.check_dtype(dtype)
         _validation.check_static_bool(unbiased_running_var, "unbiased_running_var")
         _validation.check_static_bool(update_running_stats, "update_running_stats", none_ok=True)
         _validation.positive_int(ghost_batch_size, "ghost_batch_size", none_ok=True)
-        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        super().__init__(
+            num_features, rngs=rngs, param_dtype=param_dtype, disabled=nnx.data(None),
+            affine={"scale": _Affine(use_scale, scale_init, scale_metadata),
+                    "bias": _Affine(use_bias, bias_init, bias_metadata)},
+            use_running_average=use_running_average, axis=axis, momentum=momentum, epsilon=epsilon, dtype=dtype,
+            use_bias=use_bias, use_scale=use_scale, axis_name=axis_name, axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance, promote_dtype=promote_dtype,
+            unbiased_running_var=unbiased_running_var, update_running_stats=update_running_stats,
+            ghost_batch_size=ghost_batch_size,
+        )
+        self.mean = nnx.BatchStat(jnp.zeros((self.num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((self.num_features,), jnp.float32))
         if momentum is None:  # only then, so a default module's state stays flax's
             self.count = nnx.BatchStat(jnp.zeros((), jnp.float32))
-        _affine_variables(
-            self, rngs, num_features, param_dtype,
-            (("scale", use_scale, scale_init, scale_metadata), ("bias", use_bias, bias_init, bias_metadata)),
-            nnx.data(None),
-        )
         _shard_like_params(self, ("mean", "var"), ("scale", "bias"))
-        self.num_features = num_features
-        self.use_running_average = use_running_average
-        self.axis = axis
-        self.momentum = momentum
-        self.epsilon = epsilon
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_bias = use_bias
-        self.use_scale = use_scale
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = use_fast_variance
-        self.promote_dtype = promote_dtype
-        self.unbiased_running_var = unbiased_running_var
-        self.update_running_stats = update_running_stats
-        self.ghost_batch_size = ghost_batch_size
 
     def __call__(
         self,
@@ -441,7 +439,7 @@ class BatchRenorm(BatchNorm):
         )
 
 
-class LayerNorm(nnx.Module):
+class LayerNorm(_Normalization):
     """Drop-in replacement for :class:`flax.nnx.LayerNorm`; calls :func:`jaxbn.layer_norm`.
 
     Statistics per example over ``reduction_axes``; ``scale``/``bias``
@@ -478,26 +476,14 @@ class LayerNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
-        num_features = _check_num_features(num_features, "LayerNorm")
-        _validation.check_epsilon(epsilon)
-        _validation.check_dtype(dtype)
-        _affine_variables(
-            self, rngs, num_features, param_dtype,
-            (("scale", use_scale, scale_init, scale_metadata), ("bias", use_bias, bias_init, bias_metadata)),
-            nnx.data(None),
+        super().__init__(
+            num_features, rngs=rngs, param_dtype=param_dtype, disabled=nnx.data(None),
+            affine={"scale": _Affine(use_scale, scale_init, scale_metadata),
+                    "bias": _Affine(use_bias, bias_init, bias_metadata)},
+            epsilon=epsilon, dtype=dtype, use_bias=use_bias, use_scale=use_scale, reduction_axes=reduction_axes,
+            feature_axes=feature_axes, axis_name=axis_name, axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance, promote_dtype=promote_dtype,
         )
-        self.num_features = num_features
-        self.epsilon = epsilon
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_bias = use_bias
-        self.use_scale = use_scale
-        self.reduction_axes = reduction_axes
-        self.feature_axes = feature_axes
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = use_fast_variance
-        self.promote_dtype = promote_dtype
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
@@ -509,7 +495,7 @@ class LayerNorm(nnx.Module):
         )
 
 
-class RMSNorm(nnx.Module):
+class RMSNorm(_Normalization):
     """Drop-in replacement for :class:`flax.nnx.RMSNorm`; calls :func:`jaxbn.rms_norm`.
 
     ``x / sqrt(E[x^2] + eps) * scale`` per example over ``reduction_axes``;
@@ -540,23 +526,13 @@ class RMSNorm(nnx.Module):
         rngs: nnx.Rngs,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
-        num_features = _check_num_features(num_features, "RMSNorm")
-        _validation.check_epsilon(epsilon)
-        _validation.check_dtype(dtype)
-        _affine_variables(
-            self, rngs, num_features, param_dtype, (("scale", use_scale, scale_init, scale_metadata),), nnx.data(None)
+        super().__init__(
+            num_features, rngs=rngs, param_dtype=param_dtype, disabled=nnx.data(None),
+            affine={"scale": _Affine(use_scale, scale_init, scale_metadata)},
+            epsilon=epsilon, dtype=dtype, use_scale=use_scale, reduction_axes=reduction_axes,
+            feature_axes=feature_axes, axis_name=axis_name, axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance, promote_dtype=promote_dtype,
         )
-        self.num_features = num_features
-        self.epsilon = epsilon
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_scale = use_scale
-        self.reduction_axes = reduction_axes
-        self.feature_axes = feature_axes
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = use_fast_variance
-        self.promote_dtype = promote_dtype
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
@@ -568,7 +544,7 @@ class RMSNorm(nnx.Module):
         )
 
 
-class GroupNorm(nnx.Module):
+class GroupNorm(_Normalization):
     """Drop-in replacement for :class:`flax.nnx.GroupNorm`; calls :func:`jaxbn.group_norm`.
 
     Channels last (``num_features`` of them), split into ``num_groups``
@@ -608,28 +584,17 @@ class GroupNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
-        self.feature_axis = -1
-        num_features = _check_num_features(num_features, "GroupNorm")
-        self.num_groups = per_example.number_of_groups(num_features, num_groups, group_size)
-        self.group_size = num_features // self.num_groups
-        _validation.check_epsilon(epsilon)
-        _validation.check_dtype(dtype)
-        _affine_variables(
-            self, rngs, num_features, param_dtype,
-            (("scale", use_scale, scale_init, scale_metadata), ("bias", use_bias, bias_init, bias_metadata)),
-            nnx.data(None),
+        num_groups = per_example.number_of_groups(_check_num_features(num_features, "GroupNorm"), num_groups,
+                                                  group_size)
+        super().__init__(
+            num_features, rngs=rngs, param_dtype=param_dtype, disabled=nnx.data(None),
+            affine={"scale": _Affine(use_scale, scale_init, scale_metadata),
+                    "bias": _Affine(use_bias, bias_init, bias_metadata)},
+            feature_axis=-1, num_groups=num_groups, group_size=num_features // num_groups,
+            epsilon=epsilon, dtype=dtype, use_bias=use_bias, use_scale=use_scale, reduction_axes=reduction_axes,
+            axis_name=axis_name, axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
+            promote_dtype=promote_dtype,
         )
-        self.num_features = num_features
-        self.epsilon = epsilon
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_bias = use_bias
-        self.use_scale = use_scale
-        self.reduction_axes = reduction_axes
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = use_fast_variance
-        self.promote_dtype = promote_dtype
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
@@ -641,7 +606,7 @@ class GroupNorm(nnx.Module):
         )
 
 
-class InstanceNorm(nnx.Module):
+class InstanceNorm(_Normalization):
     """Drop-in replacement for :class:`flax.nnx.InstanceNorm`; calls :func:`jaxbn.instance_norm`.
 
     Statistics per example (axis 0) and feature over the other axes;
@@ -676,25 +641,14 @@ class InstanceNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
-        num_features = _check_num_features(num_features, "InstanceNorm")
-        _validation.check_epsilon(epsilon)
-        _validation.check_dtype(dtype)
-        _affine_variables(
-            self, rngs, num_features, param_dtype,
-            (("scale", use_scale, scale_init, scale_metadata), ("bias", use_bias, bias_init, bias_metadata)),
-            None,  # as flax's InstanceNorm
+        super().__init__(
+            num_features, rngs=rngs, param_dtype=param_dtype, disabled=None,  # None: as flax's InstanceNorm
+            affine={"scale": _Affine(use_scale, scale_init, scale_metadata),
+                    "bias": _Affine(use_bias, bias_init, bias_metadata)},
+            epsilon=epsilon, dtype=dtype, use_bias=use_bias, use_scale=use_scale, feature_axes=feature_axes,
+            axis_name=axis_name, axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
+            promote_dtype=promote_dtype,
         )
-        self.num_features = num_features
-        self.epsilon = epsilon
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_bias = use_bias
-        self.use_scale = use_scale
-        self.feature_axes = feature_axes
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = use_fast_variance
-        self.promote_dtype = promote_dtype
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
