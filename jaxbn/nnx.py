@@ -355,6 +355,7 @@ class BatchNorm(_Normalization):
             axis_index_groups=self.axis_index_groups,
             mask=mask,
             dtype=dtype,
+            ghost_batch_size=self.ghost_batch_size,
         )
         if update:
             for key, variable in running.items():
@@ -370,7 +371,7 @@ class BatchNorm(_Normalization):
 
     def _normalize(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
         """The functional call: :func:`jaxbn.batch_norm`."""
-        return functional.batch_norm(x, params, state, ghost_batch_size=self.ghost_batch_size, **kwargs)
+        return functional.batch_norm(x, params, state, **kwargs)
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Used by ``nnx.view``: sets ``use_running_average`` when given.
@@ -434,9 +435,7 @@ class BatchRenorm(BatchNorm):
         """The functional call: :func:`jaxbn.batch_renorm` at the current limits."""
         step = state.get("steps")
         r_max, d_max = (limit(step) if callable(limit) else limit for limit in (self.r_max, self.d_max))
-        return renorm.batch_renorm(
-            x, params, state, r_max=r_max, d_max=d_max, ghost_batch_size=self.ghost_batch_size, **kwargs
-        )
+        return renorm.batch_renorm(x, params, state, r_max=r_max, d_max=d_max, **kwargs)
 
 
 class LayerNorm(_Normalization):
