@@ -443,13 +443,10 @@ def batch_norm_from_checked(
         y = y.reshape(x.shape)
     else:
         y = _infer(call)
-        if call.update:
-            batch = _train_step.fill_empty_features(
-                stats.moments(
-                    lax.stop_gradient(x_stats), axes, mask=mask, axis_name=axis_name,
-                    axis_index_groups=axis_index_groups, dtype=call.compute_dtype, shift=shift, reshift=reshift,
-                ),
-                running_mean, running_var,
+        if call.update:  # empty features keep their state: no fallback needed
+            batch = stats.moments(
+                lax.stop_gradient(x_stats), axes, mask=mask, axis_name=axis_name,
+                axis_index_groups=axis_index_groups, dtype=call.compute_dtype, shift=shift, reshift=reshift,
             )
     if not call.update:
         return y, call.given_state
