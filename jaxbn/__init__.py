@@ -12,6 +12,7 @@ own variables and call these functions.
 """
 
 from jaxbn.per_example import group_norm, instance_norm, layer_norm, rms_norm
+from jaxbn._validation import DegenerateBatchWarning
 from jaxbn.functional import batch_norm, batch_norm_init, normalize
 from jaxbn.renorm import batch_renorm, renorm_clipping
 from jaxbn.stats import Moments, moments
@@ -19,6 +20,7 @@ from jaxbn.stats import Moments, moments
 __version__ = "0.1.0"
 
 __all__ = [
+    "DegenerateBatchWarning",
     "Moments",
     "batch_norm",
     "batch_norm_init",

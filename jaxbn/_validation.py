@@ -18,6 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 
 
+class DegenerateBatchWarning(UserWarning):
+    """A batch (or instance) with one value per feature: there is no variance to estimate.
+
+    The output is then the bias, as in flax, and running statistics are left
+    unchanged. Silence it with ``warnings.filterwarnings("ignore",
+    category=jaxbn.DegenerateBatchWarning)``.
+    """
+
+
 def static_float(value: Any, name: str, expected: str) -> float | None:
     """``float(value)``, or None for a traced value that cannot be checked."""
     if isinstance(value, jax.core.Tracer):

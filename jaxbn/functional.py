@@ -296,6 +296,7 @@ def check_batch_norm_args(
                 f"{function}: an input of shape {x.shape} with axis={axis!r} has one value per feature "
                 "(across all devices), so its batch variance is no estimate: the output is the bias (the "
                 "normalized value is 0, as in flax) and the running statistics are left unchanged.",
+                _validation.DegenerateBatchWarning,
                 stacklevel=4,
             )
     if mask is not None and statistics:

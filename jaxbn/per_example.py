@@ -371,6 +371,7 @@ def instance_norm(
         warnings.warn(
             f"instance_norm: an input of shape {x.shape} with feature_axes={feature_axes!r} has no "
             "spatial axis, so each value is its own mean: the output is the bias (as in flax).",
+            _validation.DegenerateBatchWarning,
             stacklevel=2,
         )
         # x - x: exactly the bias, with flax's gradients (none into x or scale).

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import jaxbn
 import jaxbn.linen
 import jaxbn.nnx
 from tests import reference
@@ -659,7 +660,7 @@ def test_per_example_vmap_with_one_value_per_feature():
     x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 3)))
     bn = jaxbn.nnx.BatchNorm(3, bias_init=nnx.initializers.constant(0.5), rngs=nnx.Rngs(0))
     f = nnx.vmap(lambda m, x: m(x[None])[0], in_axes=(nnx.StateAxes({...: None}), 0))
-    with pytest.warns(UserWarning, match="one value per feature"):
+    with pytest.warns(jaxbn.DegenerateBatchWarning, match="one value per feature"):
         y = f(bn, x)
     np.testing.assert_array_equal(y, jnp.full((4, 3), 0.5))
     np.testing.assert_array_equal(bn.mean[...], jnp.zeros(3))

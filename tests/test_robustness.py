@@ -36,7 +36,7 @@ def test_one_value_per_feature_outputs_the_bias_keeps_the_state_and_warns():
         y, new_state = jaxbn.batch_norm(x, params, state, training=True)
         return jnp.sum(w * y), (y, new_state)
 
-    with pytest.warns(UserWarning, match="one value per feature"):
+    with pytest.warns(jaxbn.DegenerateBatchWarning, match="one value per feature"):
         (_, (y, new_state)), (dx, dparams) = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, params)
     np.testing.assert_array_equal(y, jnp.broadcast_to(params["bias"], (1, 3)))
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), new_state, state))
@@ -54,7 +54,7 @@ def test_one_value_per_feature_in_the_modules():
     """linen and nnx BatchNorm on a (1, C) training batch: flax's output, running statistics kept."""
     x = jnp.asarray(_normal(1, (1, 4), offset=3.0))
     module = jaxbn.linen.BatchNorm(use_running_average=False)
-    with pytest.warns(UserWarning, match="one value per feature"):
+    with pytest.warns(jaxbn.DegenerateBatchWarning, match="one value per feature"):
         variables = module.init(jax.random.key(0), x)
         y, updates = module.apply(variables, x, mutable=["batch_stats"])
     np.testing.assert_array_equal(y, jnp.zeros((1, 4)))
@@ -62,7 +62,7 @@ def test_one_value_per_feature_in_the_modules():
     from flax import nnx
 
     bn = jaxbn.nnx.BatchNorm(4, rngs=nnx.Rngs(0))
-    with pytest.warns(UserWarning, match="one value per feature"):
+    with pytest.warns(jaxbn.DegenerateBatchWarning, match="one value per feature"):
         y = bn(x)
     np.testing.assert_array_equal(y, jnp.zeros((1, 4)))
     np.testing.assert_array_equal(bn.mean[...], jnp.zeros(4))
@@ -73,12 +73,12 @@ def test_instance_norm_without_a_spatial_axis_outputs_the_bias_as_flax(shape, fe
     x = jnp.asarray(_normal(2, shape))
     module = nn.InstanceNorm(feature_axes=feature_axes, bias_init=nn.initializers.normal(1.0))
     variables = module.init(jax.random.key(0), x)
-    with pytest.warns(UserWarning, match="no spatial axis"):
+    with pytest.warns(jaxbn.DegenerateBatchWarning, match="no spatial axis"):
         ours = jaxbn.linen.InstanceNorm(feature_axes=feature_axes).apply(variables, x)
     expected = module.apply(variables, x)
     np.testing.assert_allclose(ours, expected, atol=1e-6)
     grad = lambda m: jax.grad(lambda x: jnp.sum(jnp.sin(m.apply(variables, x))))(x)
-    with pytest.warns(UserWarning):
+    with pytest.warns(jaxbn.DegenerateBatchWarning):
         np.testing.assert_allclose(grad(jaxbn.linen.InstanceNorm(feature_axes=feature_axes)), grad(module), atol=1e-6)
 
 
