@@ -21,8 +21,8 @@ import numpy as np
 class DegenerateBatchWarning(UserWarning):
     """A batch (or instance) with one value per feature: there is no variance to estimate.
 
-    The output is then the bias, as in flax, and running statistics are left
-    unchanged. Silence it with ``warnings.filterwarnings("ignore",
+    The output is then the bias, as in flax; batch norm updates its running
+    mean and keeps its running variance. Silence it with ``warnings.filterwarnings("ignore",
     category=jaxbn.DegenerateBatchWarning)``.
     """
 

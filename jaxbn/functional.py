@@ -295,7 +295,8 @@ def check_batch_norm_args(
             warnings.warn(
                 f"{function}: an input of shape {x.shape} with axis={axis!r} has one value per feature "
                 "(across all devices), so its batch variance is no estimate: the output is the bias (the "
-                "normalized value is 0, as in flax) and the running statistics are left unchanged.",
+                "normalized value is 0, as in flax), the running mean is updated and the running "
+                "variance kept.",
                 _validation.DegenerateBatchWarning,
                 stacklevel=4,
             )
@@ -345,7 +346,8 @@ def batch_norm(
     A batch with a non-finite statistic leaves the state unchanged; a feature
     with no valid element under ``mask`` is normalized with the running
     statistics and keeps them; a batch with one value per feature outputs the
-    bias and keeps the state (with a warning). Training is a custom VJP that
+    bias, updates the running mean and keeps the running variance (with a
+    :class:`jaxbn.DegenerateBatchWarning`). Training is a custom VJP that
     saves only ``x``: reverse mode to any order, no forward mode.
 
     Args:
@@ -410,13 +412,7 @@ def batch_norm_from_checked(
     x, params, state = call.x, call.params, call.state
     running_mean, running_var = state["mean"], state["var"]
     if call.single_value:
-        # The batch mean is x itself: (x - x) gives exactly the bias, and the gradients
-        # flax's autodiff gives (none into x or scale).
-        y = _train_step.affine_normalize(
-            x, x.reshape(running_mean.shape), None, jnp.zeros_like(running_var), params, call.reduction_axes,
-            call.epsilon, call.compute_dtype, call.out_dtype,
-        ) if call.training else _infer(call)
-        return y, call.given_state
+        return _single_value(call)
     mask, axes, shift = call.mask, call.reduction_axes, running_mean
     axis_name, axis_index_groups, reshift = call.axis_name, call.axis_index_groups, None
     x_stats, params_stats = x, params
@@ -454,6 +450,32 @@ def batch_norm_from_checked(
     if call.ghost_batch_size:
         batch = _ghost.combine_ghost_moments(batch, state["mean"], call.axis_name, call.axis_index_groups)
     return y, _update_running_stats(state, batch, call.momentum, call.unbiased_running_var)
+
+
+def _single_value(call: _BatchNormCall) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """One value per feature: the batch mean is ``x`` itself and there is no variance.
+
+    Training outputs ``(x - x)``-normalized values, exactly the bias, with the
+    gradients flax's autodiff gives (none into ``x`` or the scale). The
+    running mean averages ``x`` in; the running variance is kept.
+    """
+    x, state = call.x, call.state
+    mean = x.reshape(state["mean"].shape)
+    if call.training:
+        y = _train_step.affine_normalize(
+            x, mean, None, jnp.zeros_like(state["var"]), call.params, call.reduction_axes, call.epsilon,
+            call.compute_dtype, call.out_dtype,
+        )
+    else:
+        y = _infer(call)
+    if not call.update:
+        return y, call.given_state
+    dtype = jnp.promote_types(mean.dtype, call.compute_dtype)
+    mean = lax.stop_gradient(mean).astype(dtype)
+    zeros = jnp.zeros(mean.shape, jnp.finfo(dtype).dtype)
+    batch = stats.Moments(mean=mean, var=zeros, count=zeros + 1, shift=mean, mean_minus_shift=jnp.zeros_like(mean))
+    # unbiased with n = 1: the variance is kept (n / (n - 1) has no value), the mean averaged
+    return y, _update_running_stats(state, batch, call.momentum, unbiased=True)
 
 
 def _infer(call: _BatchNormCall) -> jax.Array:

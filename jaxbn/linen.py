@@ -110,8 +110,9 @@ class BatchNorm(nn.Module):
 
     During ``init`` (as flax) statistics are neither synchronized nor written
     (nor split into ghost batches, so any init batch size works). A training
-    batch with one value per feature outputs the bias (as flax), keeps the
-    running statistics and warns.
+    batch with one value per feature outputs the bias (as flax), updates the
+    running mean, keeps the running variance and warns
+    (:class:`jaxbn.DegenerateBatchWarning`).
 
     Attributes:
       use_running_average: normalize with ``batch_stats`` (inference) instead

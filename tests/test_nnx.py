@@ -653,14 +653,16 @@ def test_vmap_closure_in_training_says_what_to_do():
 
 
 def test_per_example_vmap_with_one_value_per_feature():
-    """nnx.vmap over single examples: flax's per-example output (the bias), running statistics kept.
-
-    flax's own BatchNorm fails here (it writes a batched mean into the broadcast state).
-    """
-    x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 3)))
-    bn = jaxbn.nnx.BatchNorm(3, bias_init=nnx.initializers.constant(0.5), rngs=nnx.Rngs(0))
-    f = nnx.vmap(lambda m, x: m(x[None])[0], in_axes=(nnx.StateAxes({...: None}), 0))
-    with pytest.warns(jaxbn.DegenerateBatchWarning, match="one value per feature"):
-        y = f(bn, x)
-    np.testing.assert_array_equal(y, jnp.full((4, 3), 0.5))
-    np.testing.assert_array_equal(bn.mean[...], jnp.zeros(3))
+    """flax's per-example pattern (state vmapped along with the examples): flax's outputs and running means."""
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(5, 1, 3)))
+    results = {}
+    for name, cls in (("jaxbn", jaxbn.nnx.BatchNorm), ("flax", nnx.BatchNorm)):
+        axes = nnx.StateAxes({nnx.BatchStat: 0, ...: None})
+        bn = nnx.vmap(lambda _: cls(3, momentum=0.5, rngs=nnx.Rngs(0)), in_axes=0, out_axes=axes)(jnp.arange(5))
+        f = nnx.vmap(lambda m, x: m(x), in_axes=(axes, 0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", jaxbn.DegenerateBatchWarning)
+            results[name] = (f(bn, x), bn.mean[...], bn.var[...])
+    np.testing.assert_allclose(results["jaxbn"][0], results["flax"][0], atol=1e-6)
+    np.testing.assert_allclose(results["jaxbn"][1], results["flax"][1], rtol=1e-6)  # the means move alike
+    np.testing.assert_array_equal(results["jaxbn"][2], jnp.ones((5, 3)))  # flax's variances go towards 0

@@ -25,47 +25,52 @@ def _normal(seed, shape, scale=1.0, offset=0.0):
 # -- A1/A2: one value per feature ----------------------------------------------------------------
 
 
-def test_one_value_per_feature_outputs_the_bias_keeps_the_state_and_warns():
-    """A (1, C) training batch: the output is the bias, the gradients are flax's, the state is kept."""
+def test_one_value_per_feature_outputs_the_bias_updates_the_mean_and_warns():
+    """A (1, C) training batch: the bias, flax's gradients; the running mean moves, the variance stays."""
     x = jnp.asarray(_normal(0, (1, 3), offset=2.0))
     params = {"scale": jnp.array([0.5, 1.0, 2.0]), "bias": jnp.array([-1.0, 0.0, 1.0])}
-    state = jaxbn.batch_norm_init(3)[1]
+    state = {"mean": jnp.array([1.0, 2.0, 3.0]), "var": jnp.array([4.0, 5.0, 6.0])}
     w = jnp.array([[1.0, -2.0, 3.0]])
 
     def loss(x, params):
-        y, new_state = jaxbn.batch_norm(x, params, state, training=True)
+        y, new_state = jaxbn.batch_norm(x, params, state, training=True, momentum=0.9)
         return jnp.sum(w * y), (y, new_state)
 
     with pytest.warns(jaxbn.DegenerateBatchWarning, match="one value per feature"):
         (_, (y, new_state)), (dx, dparams) = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, params)
     np.testing.assert_array_equal(y, jnp.broadcast_to(params["bias"], (1, 3)))
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), new_state, state))
-    assert jaxbn.batch_norm(x, params, state, training=True)[1] is state
-    module = nn.BatchNorm(use_running_average=False)
+    np.testing.assert_allclose(new_state["mean"], 0.9 * state["mean"] + 0.1 * x[0], rtol=1e-6)
+    np.testing.assert_array_equal(new_state["var"], state["var"])
+    module = nn.BatchNorm(use_running_average=False, momentum=0.9)
     variables = {"params": params, "batch_stats": state}
     flax_loss = lambda x, p: jnp.sum(w * module.apply({**variables, "params": p}, x, mutable=["batch_stats"])[0])
     flax_dx, flax_dparams = jax.grad(flax_loss, (0, 1))(x, params)
     np.testing.assert_allclose(dx, flax_dx, atol=1e-6)
     np.testing.assert_allclose(dparams["scale"], flax_dparams["scale"], atol=1e-6)
     np.testing.assert_allclose(dparams["bias"], flax_dparams["bias"], atol=1e-6)
+    nan_batch = x.at[0, 1].set(jnp.nan)  # a non-finite value still leaves everything as it was
+    with pytest.warns(jaxbn.DegenerateBatchWarning):
+        assert jaxbn.batch_norm(nan_batch, params, state, training=True)[1]["mean"][0] == 1.0
 
 
 def test_one_value_per_feature_in_the_modules():
-    """linen and nnx BatchNorm on a (1, C) training batch: flax's output, running statistics kept."""
+    """linen and nnx BatchNorm on a (1, C) training batch: flax's output, the variance kept."""
     x = jnp.asarray(_normal(1, (1, 4), offset=3.0))
-    module = jaxbn.linen.BatchNorm(use_running_average=False)
+    module = jaxbn.linen.BatchNorm(use_running_average=False, momentum=0.5)
     with pytest.warns(jaxbn.DegenerateBatchWarning, match="one value per feature"):
         variables = module.init(jax.random.key(0), x)
         y, updates = module.apply(variables, x, mutable=["batch_stats"])
     np.testing.assert_array_equal(y, jnp.zeros((1, 4)))
-    np.testing.assert_array_equal(updates["batch_stats"]["mean"], variables["batch_stats"]["mean"])
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.5 * x[0], rtol=1e-6)
+    np.testing.assert_array_equal(updates["batch_stats"]["var"], jnp.ones(4))
     from flax import nnx
 
-    bn = jaxbn.nnx.BatchNorm(4, rngs=nnx.Rngs(0))
+    bn = jaxbn.nnx.BatchNorm(4, momentum=0.5, rngs=nnx.Rngs(0))
     with pytest.warns(jaxbn.DegenerateBatchWarning, match="one value per feature"):
         y = bn(x)
     np.testing.assert_array_equal(y, jnp.zeros((1, 4)))
-    np.testing.assert_array_equal(bn.mean[...], jnp.zeros(4))
+    np.testing.assert_allclose(bn.mean[...], 0.5 * x[0], rtol=1e-6)
+    np.testing.assert_array_equal(bn.var[...], jnp.ones(4))
 
 
 @pytest.mark.parametrize("shape, feature_axes", [((4, 3), -1), ((2, 3, 5), (1, 2))])
