@@ -483,7 +483,7 @@ def print_traffic(traffic: dict) -> None:
         headers += [f"{label} traffic", f"{label} kernels", f"{label} temp"]
     rows = [[name, dtype, layout] + [cell for mode in MODES for cell in cells.get(mode, ["-"] * 3)]
             for (name, dtype, layout), cells in traffic.items()]
-    print_table("HLO traffic per call in S (bytes of x in its dtype: operands + outputs of each kernel; conditionals at their cheapest branch), "
+    print_table("HLO traffic per call in S (bytes of x in its dtype: operands + outputs of each kernel; conditionals at their cheapest branch, loops at zero trips), "
                 "kernels, compiled temp memory in S", headers, rows)
 
 
@@ -516,7 +516,7 @@ def _mapped(mapping: str, model: Callable, spec: Spec):
 def _collectives(name: str, mapping: str, mode: str, shape: tuple[int, ...]) -> tuple[int, int]:
     """All-reduces, and other collectives, one execution of the compiled step runs.
 
-    A conditional counts at its cheapest branch: the steady state skips the
+    A conditional counts at its cheapest branch and a loop at zero trips: the steady state skips the
     re-shift, and XLA may sink a collective into both branches of a test.
     """
     fn, args = _mapped(mapping, MODELS[name][1], Spec(mode, "float32", "NHWC", shape))
@@ -538,7 +538,7 @@ def print_collectives(shape: tuple[int, ...]) -> None:
                 rows.append([name, mapping, "error", "-", "-", "-"])
                 errors.append(f"{name} under {mapping}: {_short(error)}")
     print_table(f"all-reduces per direction on {n} {jax.devices()[0].platform} devices, float32 NHWC {shape} "
-                "(compiled HLO, per execution: conditionals at their cheapest branch)",
+                "(compiled HLO, per execution: conditionals at their cheapest branch, loops at zero trips)",
                 ["implementation", "mapping", "train fwd", "fwd+bwd", "bwd", "other collectives (fwd+bwd)"], rows)
     for line in errors:
         print("  " + line)

@@ -16,6 +16,7 @@ construction matches), with two that jaxbn treats differently:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -215,22 +216,25 @@ class BatchNorm(nn.Module):
         initializing = self.is_initializing()
         update = training if self.update_running_stats is None else self.update_running_stats
         update = update and not initializing  # init writes nothing, as flax
-        y, new_state = self._normalize(
-            x,
-            params,
-            state,
-            training=training,
-            update_running_stats=update,
-            axis=self.axis,
-            momentum=self.momentum,
-            unbiased_running_var=self.unbiased_running_var,
-            epsilon=self.epsilon,
-            axis_name=None if initializing else self.axis_name,
-            axis_index_groups=None if initializing else self.axis_index_groups,
-            mask=mask,
-            dtype=self.dtype,
-            ghost_batch_size=None if initializing else self.ghost_batch_size,
-        )
+        with warnings.catch_warnings():
+            if initializing:  # a dummy batch of one is usual there, and nothing is estimated
+                warnings.simplefilter("ignore", _validation.DegenerateBatchWarning)
+            y, new_state = self._normalize(
+                x,
+                params,
+                state,
+                training=training,
+                update_running_stats=update,
+                axis=self.axis,
+                momentum=self.momentum,
+                unbiased_running_var=self.unbiased_running_var,
+                epsilon=self.epsilon,
+                axis_name=None if initializing else self.axis_name,
+                axis_index_groups=None if initializing else self.axis_index_groups,
+                mask=mask,
+                dtype=self.dtype,
+                ghost_batch_size=None if initializing else self.ghost_batch_size,
+            )
         if update:
             for key, variable in running.items():
                 variable.value = new_state[key]
