@@ -24,10 +24,9 @@ from jax.sharding import PartitionSpec as P
 
 import jaxbn
 from tests import hlo, reference
+from tests.conftest import N_DEVICES, needs_devices
 
-N_DEVICES = 8
-if jax.device_count() < N_DEVICES:
-    pytest.skip(f"needs {N_DEVICES} devices (conftest.py forces 8 CPU devices)", allow_module_level=True)
+pytestmark = needs_devices
 
 REPLICAS, GROUP = 2, 4
 FACTORED = jax.make_mesh((REPLICAS, GROUP), ("replica", "group"))

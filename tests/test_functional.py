@@ -11,18 +11,16 @@ from jax.test_util import check_grads
 import jaxbn
 from tests import reference
 
-RNG = np.random.default_rng(1)
 
-
-def _batches(steps, shape=(8, 4, 4, 3), offset=2.0, dtype=np.float32):
-    return [(RNG.normal(size=shape) * 1.5 + offset).astype(dtype) for _ in range(steps)]
+def _batches(rng, steps, shape=(8, 4, 4, 3), offset=2.0, dtype=np.float32):
+    return [(rng.normal(size=shape) * 1.5 + offset).astype(dtype) for _ in range(steps)]
 
 
 @pytest.mark.parametrize("axis", [-1, 1])
 @pytest.mark.parametrize("affine", [True, False])
-def test_training_steps_match_float64_reference(axis, affine):
+def test_training_steps_match_float64_reference(axis, affine, rng):
     """Outputs and running statistics over 4 steps equal a float64 NumPy batch norm."""
-    batches = _batches(4)
+    batches = _batches(rng, 4)
     features = batches[0].shape[axis]
     params, state = jaxbn.batch_norm_init(features, use_scale=affine, use_bias=affine)
     if affine:
@@ -48,10 +46,10 @@ def test_training_steps_match_float64_reference(axis, affine):
     )
 
 
-def test_matches_torch_batchnorm2d():
+def test_matches_torch_batchnorm2d(rng):
     """NCHW outputs and running statistics equal torch.nn.BatchNorm2d (momentum 1 - m, unbiased var)."""
     torch = pytest.importorskip("torch")
-    batches = _batches(3, shape=(6, 3, 5, 5), offset=3.0)
+    batches = _batches(rng, 3, shape=(6, 3, 5, 5), offset=3.0)
     module = torch.nn.BatchNorm2d(3, momentum=0.1, eps=1e-5).double()
     params, state = jaxbn.batch_norm_init(3)
     unbiased_var = np.ones(3)
@@ -67,9 +65,9 @@ def test_matches_torch_batchnorm2d():
     np.testing.assert_allclose(module.running_var.numpy(), unbiased_var, rtol=1e-10)
 
 
-def test_normalize_matches_reference_and_keeps_dtype_rule():
+def test_normalize_matches_reference_and_keeps_dtype_rule(rng):
     """normalize() is (x - mean) * rsqrt(var + eps) * scale + bias; output dtype follows flax."""
-    x = jnp.asarray(RNG.normal(size=(4, 3, 2)), jnp.bfloat16)
+    x = jnp.asarray(rng.normal(size=(4, 3, 2)), jnp.bfloat16)
     mean, var = jnp.array([0.1, 0.2]), jnp.array([1.0, 4.0])
     scale, bias = jnp.array([2.0, 3.0]), jnp.array([0.5, -0.5])
     y = jaxbn.normalize(x, mean, var, scale, bias)
@@ -80,9 +78,9 @@ def test_normalize_matches_reference_and_keeps_dtype_rule():
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_batch_leaves_state_unchanged_and_recovers(bad):
+def test_non_finite_batch_leaves_state_unchanged_and_recovers(bad, rng):
     """A non-finite value: output non-finite, state unchanged; later steps equal a clean run."""
-    clean = _batches(11, shape=(8, 3))
+    clean = _batches(rng, 11, shape=(8, 3))
     poisoned = clean[0].copy()
     poisoned[2, 1] = bad
     params, state0 = jaxbn.batch_norm_init(3)
@@ -99,9 +97,9 @@ def test_non_finite_batch_leaves_state_unchanged_and_recovers(bad):
     np.testing.assert_array_equal(state["var"], clean_state["var"])
 
 
-def test_fully_masked_batch_and_channel_keep_their_state():
+def test_fully_masked_batch_and_channel_keep_their_state(rng):
     """No valid element: state unchanged, output finite; an empty channel keeps its own state."""
-    x = _batches(1, shape=(6, 3))[0]
+    x = _batches(rng, 1, shape=(6, 3))[0]
     params, state = jaxbn.batch_norm_init(3)
     y, new = jaxbn.batch_norm(x, params, state, training=True, mask=jnp.zeros((6, 1), bool))
     assert np.isfinite(np.asarray(y)).all()
@@ -115,9 +113,9 @@ def test_fully_masked_batch_and_channel_keep_their_state():
     np.testing.assert_allclose(new["var"], [0.5 + 0.5 * var[0], 1.0, 0.5 + 0.5 * var[2]], rtol=1e-6)
 
 
-def test_masked_statistics_use_valid_examples_only():
+def test_masked_statistics_use_valid_examples_only(rng):
     """Masked examples do not enter the statistics but are still normalized."""
-    x = _batches(1, shape=(10, 4))[0]
+    x = _batches(rng, 1, shape=(10, 4))[0]
     mask = (np.arange(10) < 7)[:, None]
     params, state = jaxbn.batch_norm_init(4)
     y, new = jaxbn.batch_norm(x, params, state, training=True, mask=mask, momentum=0.0)
@@ -127,12 +125,12 @@ def test_masked_statistics_use_valid_examples_only():
     np.testing.assert_allclose(y, reference.normalize(x, mean, var), atol=2e-5)
 
 
-def test_large_offset_first_step_and_steady_state():
+def test_large_offset_first_step_and_steady_state(rng):
     """Offset 1e5 (float32): output error <= 1e-4 at step 1 and after 50 steps."""
     params, state = jaxbn.batch_norm_init(8)
     step = jax.jit(functools.partial(jaxbn.batch_norm, training=True))
     for i in range(50):
-        x = (RNG.normal(size=(16, 4, 4, 8)) + 1e5).astype(np.float32)
+        x = (rng.normal(size=(16, 4, 4, 8)) + 1e5).astype(np.float32)
         y, state = step(x, params, state)
         if i in (0, 49):
             mean, var = reference.batch_stats(x)
@@ -140,9 +138,9 @@ def test_large_offset_first_step_and_steady_state():
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_half_precision_input_keeps_float32_state(dtype):
+def test_half_precision_input_keeps_float32_state(dtype, rng):
     """Half-precision inputs: statistics in float32, state stays float32, output follows dtype."""
-    x = jnp.asarray(_batches(1, shape=(16, 4), offset=100.0)[0], dtype)
+    x = jnp.asarray(_batches(rng, 1, shape=(16, 4), offset=100.0)[0], dtype)
     params, state = jaxbn.batch_norm_init(4)
     y, new = jaxbn.batch_norm(x, params, state, training=True, dtype=dtype, momentum=0.0)
     assert y.dtype == dtype and new["mean"].dtype == new["var"].dtype == jnp.float32
@@ -156,9 +154,9 @@ def _loss(x, params, state, **kw):
     return jnp.sum(jnp.sin(y) * jnp.arange(y.shape[-1])), new_state
 
 
-def test_transforms_jit_grad_vmap_scan_remat_eval_shape():
+def test_transforms_jit_grad_vmap_scan_remat_eval_shape(rng):
     """batch_norm composes with jit, grad, vmap, scan, remat and eval_shape."""
-    batches = jnp.asarray(np.stack(_batches(3, shape=(8, 3))))
+    batches = jnp.asarray(np.stack(_batches(rng, 3, shape=(8, 3))))
     params, state = jaxbn.batch_norm_init(3)
 
     def scan_step(state, x):
@@ -257,9 +255,9 @@ def test_single_example_is_fine_in_inference_and_with_a_mask():
     assert synced.shape == (2, 1, 3)  # two devices with one example each: two values per feature
 
 
-def test_traced_momentum_is_accepted():
+def test_traced_momentum_is_accepted(rng):
     """A momentum computed inside jit (a schedule) cannot be checked and is used as given."""
-    x = jnp.asarray(_batches(1, shape=(8, 3))[0])
+    x = jnp.asarray(_batches(rng, 1, shape=(8, 3))[0])
     params, state = jaxbn.batch_norm_init(3)
     new = jax.jit(lambda m: jaxbn.batch_norm(x, params, state, training=True, momentum=m)[1])(0.0)
     np.testing.assert_allclose(new["mean"], reference.batch_stats(x)[0], rtol=1e-6)

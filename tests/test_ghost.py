@@ -22,12 +22,12 @@ from jax.sharding import PartitionSpec as P
 import jaxbn
 import jaxbn.linen
 from tests import hlo, reference
+from tests.conftest import N_DEVICES
 
 MOMENTUM = 0.9
 EPSILON = 1e-5
 # (feature axis, shape): 16 examples, ghost batches of 4
 LAYOUTS = {"NHWC": (-1, (16, 3, 3, 4)), "NCHW": (1, (16, 4, 3, 3))}
-N_DEVICES = 8
 shard_map = getattr(jax, "shard_map", None)
 if shard_map is None:  # jax < 0.7
     from jax.experimental.shard_map import shard_map

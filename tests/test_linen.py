@@ -11,8 +11,6 @@ from flax import linen as nn
 import jaxbn.linen
 from tests import reference
 
-RNG = np.random.default_rng(2)
-
 
 def _run_steps(module, variables, batches, scale_weights):
     """Training steps: outputs, grads of a weighted loss w.r.t. x and params, final batch_stats."""
@@ -35,11 +33,11 @@ def _run_steps(module, variables, batches, scale_weights):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 @pytest.mark.parametrize("axis", [-1, 1])
 @pytest.mark.parametrize("use_scale, use_bias", [(True, True), (False, False), (True, False)])
-def test_parity_with_flax_two_pass(dtype, axis, use_scale, use_bias):
+def test_parity_with_flax_two_pass(dtype, axis, use_scale, use_bias, rng):
     """Outputs, grads (x, scale, bias), running stats over 3 steps and eval equal flax's."""
     with jax.enable_x64(dtype == jnp.float64):
         shape = (6, 3, 4, 4) if axis == 1 else (6, 4, 4, 3)
-        batches = [jnp.asarray(RNG.normal(size=shape) * 2 + 5, dtype) for _ in range(3)]
+        batches = [jnp.asarray(rng.normal(size=shape) * 2 + 5, dtype) for _ in range(3)]
         kwargs = dict(momentum=0.8, use_scale=use_scale, use_bias=use_bias, axis=axis, param_dtype=dtype)
         ours = jaxbn.linen.BatchNorm(**kwargs)
         theirs = nn.BatchNorm(use_fast_variance=False, **kwargs)
@@ -51,7 +49,7 @@ def test_parity_with_flax_two_pass(dtype, axis, use_scale, use_bias):
             variables["params"]["scale"] = jnp.linspace(0.5, 1.5, 3, dtype=dtype)
         if use_bias:
             variables["params"]["bias"] = jnp.linspace(-1, 1, 3, dtype=dtype)
-        weights = jnp.asarray(RNG.normal(size=shape), dtype)
+        weights = jnp.asarray(rng.normal(size=shape), dtype)
         ours_out, ours_stats = _run_steps(ours, variables, batches, weights)
         theirs_out, theirs_stats = _run_steps(theirs, variables, batches, weights)
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=1e-10, atol=1e-10)
@@ -86,9 +84,9 @@ def test_parity_with_flax_two_pass(dtype, axis, use_scale, use_bias):
         )
 
 
-def test_checkpoints_swap_both_ways():
+def test_checkpoints_swap_both_ways(rng):
     """Variables from flax's init apply in jaxbn's module and vice versa, with equal results."""
-    x = jnp.asarray(RNG.normal(size=(8, 5)) + 1.0, jnp.float32)
+    x = jnp.asarray(rng.normal(size=(8, 5)) + 1.0, jnp.float32)
     flax_vars = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
     ours_vars = jaxbn.linen.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
     jax.tree_util.tree_map(np.testing.assert_array_equal, flax_vars, ours_vars)
@@ -113,9 +111,9 @@ def test_init_neither_syncs_nor_updates():
     np.testing.assert_array_equal(y, jnp.zeros((1, 3)))  # the bias, as flax
 
 
-def test_call_argument_overrides_field_as_in_flax():
+def test_call_argument_overrides_field_as_in_flax(rng):
     """use_running_average comes from the field or the call, and must be given exactly once."""
-    x = jnp.asarray(RNG.normal(size=(6, 2)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(6, 2)), jnp.float32)
     module = jaxbn.linen.BatchNorm()
     variables = module.init(jax.random.key(0), x, use_running_average=True)
     y_eval = module.apply(variables, x, use_running_average=True)
@@ -124,9 +122,9 @@ def test_call_argument_overrides_field_as_in_flax():
         module.apply(variables, x)
 
 
-def test_mask_and_guard_reach_the_module():
+def test_mask_and_guard_reach_the_module(rng):
     """mask= and the non-finite guard work through the module."""
-    x = np.asarray(RNG.normal(size=(8, 3)), np.float32)
+    x = np.asarray(rng.normal(size=(8, 3)), np.float32)
     module = jaxbn.linen.BatchNorm(use_running_average=False, momentum=0.0)
     variables = module.init(jax.random.key(0), x)
     mask = (np.arange(8) < 5)[:, None]
@@ -163,9 +161,9 @@ class _SmallCNN(nn.Module):
         return nn.Dense(2)(jnp.mean(x, (1, 2)))
 
 
-def test_swapping_the_import_in_a_model_keeps_everything():
+def test_swapping_the_import_in_a_model_keeps_everything(rng):
     """A CNN with jaxbn's BatchNorm has flax's variable tree and trains to the same numbers."""
-    x = jnp.asarray(RNG.normal(size=(4, 6, 6, 2)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(4, 6, 6, 2)), jnp.float32)
     ours, theirs = _SmallCNN(jaxbn.linen.BatchNorm), _SmallCNN(
         lambda **kw: nn.BatchNorm(use_fast_variance=False, **kw)
     )

@@ -20,13 +20,9 @@ import jaxbn
 import jaxbn.linen
 from jaxbn import stats
 from tests import hlo, reference
+from tests.conftest import N_DEVICES, needs_devices
 
-N_DEVICES = 8
-if jax.device_count() < N_DEVICES:
-    pytest.skip(
-        f"needs {N_DEVICES} devices (conftest.py forces 8 CPU devices), got {jax.device_count()}",
-        allow_module_level=True,
-    )
+pytestmark = needs_devices
 
 MESH = jax.make_mesh((N_DEVICES,), ("i",))
 BATCH = NamedSharding(MESH, P("i"))

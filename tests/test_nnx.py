@@ -29,9 +29,7 @@ import jaxbn
 import jaxbn.linen
 import jaxbn.nnx
 from tests import reference
-
-RNG = np.random.default_rng(5)
-N_DEVICES = 8
+from tests.conftest import N_DEVICES
 
 # (name, jaxbn class, flax class, constructor kwargs, input shape)
 CASES = {
@@ -97,19 +95,19 @@ PARITY = [(name, jnp.float32) for name in CASES] + [
 
 
 @pytest.mark.parametrize("name, dtype", PARITY)
-def test_training_parity_with_flax(name, dtype):
+def test_training_parity_with_flax(name, dtype, rng):
     """Outputs, grads (x, params), params after SGD, running stats (3 jitted steps), eval: equal to flax."""
     ours, theirs, shape = _pair(name)
     assert _flat_types(ours) == _flat_types(theirs)
     opt_ours = nnx.Optimizer(ours, optax.sgd(0.1), wrt=nnx.Param)
     opt_theirs = nnx.Optimizer(theirs, optax.sgd(0.1), wrt=nnx.Param)
-    w = jnp.asarray(RNG.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=shape), jnp.float32)
     if dtype == jnp.float32:
         tol, grad_tol = dict(rtol=1e-5, atol=1e-5), dict(rtol=1e-5, atol=2e-4)
     else:  # both reduce in float32 from the same bfloat16 input; the gradient wrt x is rounded to bfloat16
         tol, grad_tol = dict(rtol=1e-2, atol=1e-2), dict(rtol=2e-2, atol=5e-2)
     for step in range(3):
-        x = jnp.asarray(RNG.normal(size=shape) * 2 + 3, dtype)
+        x = jnp.asarray(rng.normal(size=shape) * 2 + 3, dtype)
         y, dx, grads = _train_step(ours, opt_ours, x, w)
         y_ref, dx_ref, grads_ref = _train_step(theirs, opt_theirs, x, w)
         assert y.dtype == y_ref.dtype and dx.dtype == dx_ref.dtype == dtype
@@ -180,7 +178,7 @@ def _cnn_step(model, optimizer, x, labels):
     return value
 
 
-def test_swapping_the_import_in_a_model_keeps_everything():
+def test_swapping_the_import_in_a_model_keeps_everything(rng):
     """A CNN built with jaxbn.nnx's layers has flax's state (same keys drawn from one Rngs) and
     trains to the same numbers under nnx.jit with nnx.Optimizer (SGD with momentum)."""
     ours = _SmallCNN(jaxbn.nnx.BatchNorm, jaxbn.nnx.LayerNorm, nnx.Rngs(0))
@@ -191,8 +189,8 @@ def test_swapping_the_import_in_a_model_keeps_everything():
     opt_ours = nnx.Optimizer(ours, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
     opt_theirs = nnx.Optimizer(theirs, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
     for _ in range(3):
-        x = jnp.asarray(RNG.normal(size=(8, 5, 5, 2)) + 1, jnp.float32)
-        labels = jnp.asarray(RNG.integers(0, 3, size=8))
+        x = jnp.asarray(rng.normal(size=(8, 5, 5, 2)) + 1, jnp.float32)
+        labels = jnp.asarray(rng.integers(0, 3, size=8))
         np.testing.assert_allclose(_cnn_step(ours, opt_ours, x, labels), _cnn_step(theirs, opt_theirs, x, labels),
                                    rtol=1e-5)
     _assert_close(nnx.to_pure_dict(nnx.state(ours)), nnx.to_pure_dict(nnx.state(theirs)), dict(rtol=1e-4, atol=1e-5))
@@ -202,10 +200,10 @@ def test_swapping_the_import_in_a_model_keeps_everything():
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_state_swaps_with_flax(name):
+def test_state_swaps_with_flax(name, rng):
     """A flax module's state merged into jaxbn's graphdef (and back) gives the same outputs."""
     ours, theirs, shape = _pair(name, param_dtype=jnp.float32)
-    x = jnp.asarray(RNG.normal(size=shape) + 1, jnp.float32)
+    x = jnp.asarray(rng.normal(size=shape) + 1, jnp.float32)
     if isinstance(theirs, nnx.BatchNorm):  # move the running statistics away from (0, 1)
         theirs(x)
         theirs.eval()
@@ -221,7 +219,7 @@ def test_state_swaps_with_flax(name):
 
 @pytest.mark.parametrize("use_scale, use_bias", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("cls", ["batch_nhwc", "layer", "group", "instance"])
-def test_optional_params_and_metadata_match_flax(cls, use_scale, use_bias):
+def test_optional_params_and_metadata_match_flax(cls, use_scale, use_bias, rng):
     """Disabled scale/bias, Param metadata and the keys drawn from a shared Rngs are flax's."""
     ours_cls, flax_cls, kwargs, shape = CASES[cls]
     extra = dict(use_scale=use_scale, use_bias=use_bias, scale_metadata={"tag": "s"}, bias_metadata={"tag": "b"})
@@ -235,28 +233,28 @@ def test_optional_params_and_metadata_match_flax(cls, use_scale, use_bias):
         if getattr(ours, attr) is not None:
             assert getattr(ours, attr).get_metadata()["tag"] == getattr(theirs, attr).get_metadata()["tag"]
     np.testing.assert_array_equal(jax.random.key_data(rngs_ours.params()), jax.random.key_data(rngs_theirs.params()))
-    x = jnp.asarray(RNG.normal(size=shape), jnp.float32)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     y, y_ref = ours(x), theirs(x)
     assert y.dtype == y_ref.dtype
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_batchnorm_bfloat16_without_params_has_flax_output_dtype():
+def test_batchnorm_bfloat16_without_params_has_flax_output_dtype(rng):
     """flax.nnx promotes the input with the float32 running statistics: output float32, as here."""
-    x = jnp.asarray(RNG.normal(size=(8, 3)), jnp.bfloat16)
+    x = jnp.asarray(rng.normal(size=(8, 3)), jnp.bfloat16)
     ours = jaxbn.nnx.BatchNorm(3, use_scale=False, use_bias=False, rngs=nnx.Rngs(0))
     theirs = nnx.BatchNorm(3, use_scale=False, use_bias=False, rngs=nnx.Rngs(0))
     assert ours(x).dtype == theirs(x).dtype == jnp.float32
     assert jaxbn.nnx.BatchNorm(3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))(x).dtype == jnp.bfloat16
 
 
-def test_custom_promote_dtype_as_flax():
+def test_custom_promote_dtype_as_flax(rng):
     """A custom promote_dtype is applied as flax applies it; running statistics stay float32."""
 
     def to_bfloat16(args, dtype=None):
         return tuple(None if a is None else jnp.asarray(a, jnp.bfloat16) for a in args)
 
-    x = jnp.asarray(RNG.normal(size=(8, 4)) + 2, jnp.float32)
+    x = jnp.asarray(rng.normal(size=(8, 4)) + 2, jnp.float32)
     for name in ("batch_nhwc", "layer", "rms"):
         ours_cls, flax_cls, kwargs, _ = CASES[name]
         kwargs = {**kwargs, "num_features": 4}
@@ -270,11 +268,11 @@ def test_custom_promote_dtype_as_flax():
             np.testing.assert_allclose(value, getattr(theirs, key)[...], rtol=1e-2, atol=1e-2)
 
 
-def test_complex_input():
+def test_complex_input(rng):
     """Complex input (float64 reference): complex mean, real variance E|x - mean|^2; the running
     mean turns complex. (flax's nnx.BatchNorm writes the complex mean into its float32 variable,
     dropping the imaginary part, which JAX warns will become an error, so it is not run here.)"""
-    z = (RNG.normal(size=(8, 3)) + 1j * RNG.normal(size=(8, 3)) + (3 - 2j)).astype(np.complex64)
+    z = (rng.normal(size=(8, 3)) + 1j * rng.normal(size=(8, 3)) + (3 - 2j)).astype(np.complex64)
     bn = jaxbn.nnx.BatchNorm(3, momentum=0.5, rngs=nnx.Rngs(0))
     z64 = z.astype(np.complex128)
     mean = z64.mean(0)
@@ -292,9 +290,9 @@ def test_complex_input():
                                rtol=1e-5, atol=1e-5)
 
 
-def test_batchnorm_mode_switches_as_flax():
+def test_batchnorm_mode_switches_as_flax(rng):
     """use_running_average from the constructor, the call, .train()/.eval() and nnx.view."""
-    x = jnp.asarray(RNG.normal(size=(6, 2)) + 4, jnp.float32)
+    x = jnp.asarray(rng.normal(size=(6, 2)) + 4, jnp.float32)
 
     class Block(nnx.Module):
         def __init__(self, rngs):
@@ -319,9 +317,9 @@ def test_batchnorm_mode_switches_as_flax():
         none(x)
 
 
-def test_batchnorm_options_beyond_flax():
+def test_batchnorm_options_beyond_flax(rng):
     """momentum=None (adds BatchStat count), unbiased_running_var, update_running_stats, mask."""
-    batches = [np.asarray(RNG.normal(size=(8, 3)) * (i + 1) + i, np.float32) for i in range(3)]
+    batches = [np.asarray(rng.normal(size=(8, 3)) * (i + 1) + i, np.float32) for i in range(3)]
     cumulative = jaxbn.nnx.BatchNorm(3, momentum=None, unbiased_running_var=True, rngs=nnx.Rngs(0))
     assert isinstance(cumulative.count, nnx.BatchStat)
     assert "count" not in nnx.to_pure_dict(nnx.state(jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))))
@@ -353,9 +351,9 @@ def test_batchnorm_options_beyond_flax():
     np.testing.assert_allclose(masked.mean[...], mean, rtol=1e-5, atol=1e-6)
 
 
-def test_several_feature_axes_keep_flax_shapes():
+def test_several_feature_axes_keep_flax_shapes(rng):
     """BatchNorm over axes (1, 2) keeps flax's (num_features,) variables; stats per (h, w) feature."""
-    x = np.asarray(RNG.normal(size=(5, 2, 3)) + 1, np.float32)
+    x = np.asarray(rng.normal(size=(5, 2, 3)) + 1, np.float32)
     bn = jaxbn.nnx.BatchNorm(6, axis=(1, 2), momentum=0.0, rngs=nnx.Rngs(0))
     y = bn(x)
     assert bn.mean[...].shape == (6,)
@@ -391,7 +389,7 @@ def _nnx_grads(model, x, w):
 
 
 @pytest.mark.parametrize("kind", ["ghost", "renorm", "renorm_scheduled", "renorm_ghost"])
-def test_ghost_batches_and_renorm_match_linen(kind):
+def test_ghost_batches_and_renorm_match_linen(kind, rng):
     """ghost_batch_size and BatchRenorm (fixed and scheduled limits) equal jaxbn.linen's modules
     over 3 steps (outputs, grads, running statistics, step counter); they share the functional core."""
     kwargs = dict(momentum=0.8, axis=1)
@@ -408,8 +406,8 @@ def test_ghost_batches_and_renorm_match_linen(kind):
         ours = jaxbn.nnx.BatchRenorm(3, **limits, **kwargs, **RANDOM_INITS, rngs=nnx.Rngs(0))
         linen = jaxbn.linen.BatchRenorm(**limits, **kwargs)
     shape = (6, 3, 2, 2)
-    batches = [jnp.asarray(RNG.normal(size=shape) * (2 + i) + 3 * i, jnp.float32) for i in range(3)]
-    w = jnp.asarray(RNG.normal(size=shape), jnp.float32)
+    batches = [jnp.asarray(rng.normal(size=shape) * (2 + i) + 3 * i, jnp.float32) for i in range(3)]
+    w = jnp.asarray(rng.normal(size=shape), jnp.float32)
     state = nnx.to_pure_dict(nnx.state(ours))
     variables = {"params": {k: state[k] for k in ("scale", "bias")},
                  "batch_stats": {k: v for k, v in state.items() if k not in ("scale", "bias")}}
@@ -437,9 +435,9 @@ def test_ghost_batches_and_renorm_match_linen(kind):
             )
 
 
-def test_batch_renorm_without_clipping_room_is_batch_norm():
+def test_batch_renorm_without_clipping_room_is_batch_norm(rng):
     """r_max=1, d_max=0 is BatchNorm; BatchNorm's state loads into BatchRenorm (same variables)."""
-    x = jnp.asarray(RNG.normal(size=(8, 3)) * 3 + 1, jnp.float32)
+    x = jnp.asarray(rng.normal(size=(8, 3)) * 3 + 1, jnp.float32)
     bn = jaxbn.nnx.BatchNorm(3, momentum=0.5, rngs=nnx.Rngs(0))
     brn = jaxbn.nnx.BatchRenorm(3, momentum=0.5, r_max=1.0, d_max=0.0, rngs=nnx.Rngs(0))
     assert _flat_types(bn) == _flat_types(brn)
@@ -453,14 +451,14 @@ def test_batch_renorm_without_clipping_room_is_batch_norm():
 # --- the cases users report broken in flax ---------------------------------------------------
 
 
-def test_vmap_called_twice_in_training():
+def test_vmap_called_twice_in_training(rng):
     """flax#4760: nnx.vmap over a BatchNorm in training, twice (and under nnx.jit).
 
     The running statistics are broadcast (``StateAxes`` None) and synchronized
     over the vmapped axis by ``axis_name``, so every call equals BatchNorm on the
     whole batch; an ensemble (``StateAxes`` 0) keeps one set per member.
     """
-    data = jnp.asarray(RNG.normal(size=(5, 6, 4)) * 2 + 3, jnp.float32)  # vmapped over axis 1
+    data = jnp.asarray(rng.normal(size=(5, 6, 4)) * 2 + 3, jnp.float32)  # vmapped over axis 1
     state_axes = nnx.StateAxes({(nnx.Param, nnx.BatchStat): None})
     vmapped = nnx.vmap(lambda m, x: m(x), in_axes=(state_axes, 1), out_axes=1, axis_name="batch")
     synced = jaxbn.nnx.BatchNorm(4, momentum=0.5, axis_name="batch", rngs=nnx.Rngs(0))
@@ -488,7 +486,7 @@ def test_vmap_called_twice_in_training():
     members = ensemble(nnx.Rngs(0))
     assert members.mean[...].shape == (3, 4)
     per_member = nnx.vmap(lambda m, x: m(x), in_axes=(0, 0), out_axes=0)
-    xs = jnp.asarray(RNG.normal(size=(3, 6, 4)) + np.arange(3)[:, None, None], jnp.float32)
+    xs = jnp.asarray(rng.normal(size=(3, 6, 4)) + np.arange(3)[:, None, None], jnp.float32)
     for _ in range(2):
         per_member(members, xs)
     for i in range(3):
@@ -532,7 +530,7 @@ def _mesh():
 
 @needs_devices
 @pytest.mark.parametrize("cls", [jaxbn.nnx.BatchNorm, nnx.BatchNorm])
-def test_shard_map_and_sharded_jit_equal_the_global_batch(cls):
+def test_shard_map_and_sharded_jit_equal_the_global_batch(cls, rng):
     """Statistics synchronized over the mesh axis (nnx.shard_map) and a P('i')-sharded batch under
     nnx.jit equal one device on the global batch: outputs, grads, running statistics."""
     mesh = _mesh()
@@ -542,7 +540,7 @@ def test_shard_map_and_sharded_jit_equal_the_global_batch(cls):
     mapped = cls(3, axis_name="i", **kwargs)
     sharded = cls(3, **kwargs)
     single = jaxbn.nnx.BatchNorm(3, momentum=0.8, rngs=nnx.Rngs(0))
-    w = jnp.asarray(RNG.normal(size=(16, 2, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(16, 2, 3)), jnp.float32)
 
     def loss(model, x, w):
         y = model(x)
@@ -560,7 +558,7 @@ def test_shard_map_and_sharded_jit_equal_the_global_batch(cls):
     step_sharded = nnx.jit(grad_fn)
     batch = NamedSharding(mesh, P("i"))
     for _ in range(2):
-        x = jnp.asarray(RNG.normal(size=(16, 2, 3)) * 3 + 2, jnp.float32)
+        x = jnp.asarray(rng.normal(size=(16, 2, 3)) * 3 + 2, jnp.float32)
         (g, dx), y = nnx.jit(grad_fn)(single, x, w)
         g_m, dx_m, y_m = step_mapped(mapped, jax.device_put(x, batch), jax.device_put(w, batch))
         (g_s, dx_s), y_s = step_sharded(sharded, jax.device_put(x, batch), jax.device_put(w, batch))
@@ -576,7 +574,7 @@ def test_shard_map_and_sharded_jit_equal_the_global_batch(cls):
 
 
 @needs_devices
-def test_pmap_with_axis_index_groups():
+def test_pmap_with_axis_index_groups(rng):
     """axis_index_groups reaches the statistics: each group of 4 devices normalizes its own half."""
     groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
     bn = jaxbn.nnx.BatchNorm(3, momentum=0.0, axis_name="i", axis_index_groups=groups, rngs=nnx.Rngs(0))
@@ -586,7 +584,7 @@ def test_pmap_with_axis_index_groups():
         module = nnx.merge(graphdef, state)
         return module(x), nnx.state(module)
 
-    x = np.asarray(RNG.normal(size=(16, 3)) * 2 + np.repeat([[0.0], [5.0]], 8, 0), np.float32)
+    x = np.asarray(rng.normal(size=(16, 3)) * 2 + np.repeat([[0.0], [5.0]], 8, 0), np.float32)
     y, new_state = jax.pmap(step, axis_name="i", in_axes=(None, 0))(state, x.reshape(N_DEVICES, 2, 3))
     for half, devices in enumerate(groups):
         part = x[8 * half : 8 * half + 8]

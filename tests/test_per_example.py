@@ -10,7 +10,6 @@ import jaxbn
 import jaxbn.linen
 from tests import reference
 
-RNG = np.random.default_rng(3)
 SHAPE = (4, 3, 5, 6)  # (batch, ..., channels last) except for the NCHW instance norm
 
 # name: (jaxbn module, flax module, fields, reference axes). Group norm's reference
@@ -81,13 +80,13 @@ def _init(name, x, affine=True):
      ("masked", jnp.float64)],
 )
 @pytest.mark.parametrize("name", list(CASES))
-def test_parity_with_flax_and_float64_reference(name, variant, dtype):
+def test_parity_with_flax_and_float64_reference(name, variant, dtype, rng):
     """Outputs and grads (x, scale, bias) equal flax's two-pass module and float64 NumPy."""
     with jax.enable_x64(dtype == jnp.float64):
-        x = jnp.asarray(RNG.normal(size=SHAPE) * 2 + 3, dtype)
-        mask = jnp.asarray(RNG.random(SHAPE) < 0.7) if variant == "masked" else None
+        x = jnp.asarray(rng.normal(size=SHAPE) * 2 + 3, dtype)
+        mask = jnp.asarray(rng.random(SHAPE) < 0.7) if variant == "masked" else None
         ours, theirs, params = _init(name, x, affine=variant != "plain")
-        weights = jnp.asarray(RNG.normal(size=SHAPE), dtype)
+        weights = jnp.asarray(rng.normal(size=SHAPE), dtype)
         (param_grads, x_grad), y = _grads(ours, weights)(params, x, mask)
         (param_grads_ref, x_grad_ref), y_ref = _grads(theirs, weights)(params, x, mask)
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=1e-10, atol=1e-10)
@@ -101,9 +100,9 @@ def test_parity_with_flax_and_float64_reference(name, variant, dtype):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_large_offset_is_exact_where_flax_default_is_not(name, capsys):
+def test_large_offset_is_exact_where_flax_default_is_not(name, capsys, rng):
     """Per-example mean 1e4, std 1, float32: output within 1e-4 of float64 (flax's default printed)."""
-    x = jnp.asarray(RNG.normal(size=SHAPE) + 1e4, jnp.float32)
+    x = jnp.asarray(rng.normal(size=SHAPE) + 1e4, jnp.float32)
     ours, _, params = _init(name, x)
     _, flax_default = _modules(name, use_fast_variance=True)
     expected = _reference(name, x, params)
@@ -115,9 +114,9 @@ def test_large_offset_is_exact_where_flax_default_is_not(name, capsys):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bfloat16_input_gets_float32_statistics(name):
+def test_bfloat16_input_gets_float32_statistics(name, rng):
     """bfloat16 in, float32 params: float32 output within 1e-4 of float64 statistics of the same values."""
-    x = jnp.asarray(RNG.normal(size=SHAPE) + 10, jnp.bfloat16)
+    x = jnp.asarray(rng.normal(size=SHAPE) + 10, jnp.bfloat16)
     ours, _, params = _init(name, x.astype(jnp.float32))
     y = ours.apply({"params": params}, x)
     assert y.dtype == jnp.float32  # flax's rule: promotion of input and params
@@ -128,9 +127,9 @@ def test_bfloat16_input_gets_float32_statistics(name):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_nan_in_one_example_leaves_the_others_alone(name):
+def test_nan_in_one_example_leaves_the_others_alone(name, rng):
     """Statistics are per example: a NaN in example 0 changes nothing in examples 1..3."""
-    x = np.asarray(RNG.normal(size=SHAPE) + 3, np.float32)
+    x = np.asarray(rng.normal(size=SHAPE) + 3, np.float32)
     ours, _, params = _init(name, jnp.asarray(x))
     clean = ours.apply({"params": params}, x[1:])
     x[0, 1, 2, 3] = np.nan
@@ -139,10 +138,10 @@ def test_nan_in_one_example_leaves_the_others_alone(name):
     np.testing.assert_allclose(y[1:], clean, rtol=1e-6, atol=1e-6)
 
 
-def test_functions_match_their_modules_and_are_exported():
+def test_functions_match_their_modules_and_are_exported(rng):
     """The pure functions are public, and each module is its function with the module's params."""
     assert {"layer_norm", "rms_norm", "group_norm", "instance_norm"} <= set(jaxbn.__all__)
-    x = jnp.asarray(RNG.normal(size=(2, 4, 6)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, 4, 6)), jnp.float32)
     scale = jnp.linspace(0.5, 2.0, 6)
     params = {"scale": scale, "bias": -scale}
     for module, function in [
@@ -203,9 +202,9 @@ def test_validation_errors_name_argument_and_value(call, error, message):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_modules_reject_half_precision_statistics_and_ignore_fast_variance(name):
+def test_modules_reject_half_precision_statistics_and_ignore_fast_variance(name, rng):
     """force_float32_reductions=False raises for a half input only; use_fast_variance changes nothing."""
-    x = jnp.asarray(RNG.normal(size=SHAPE) + 3, jnp.float32)
+    x = jnp.asarray(rng.normal(size=SHAPE) + 3, jnp.float32)
     ours, _ = _modules(name, force_float32_reductions=False)
     variables = ours.init(jax.random.key(0), x)  # float32: the field changes nothing
     with pytest.raises(NotImplementedError, match=r"force_float32_reductions=False\) with a bfloat16 input"):
@@ -229,9 +228,9 @@ def test_module_fields_order_and_defaults_are_flax(name):
     assert fields(getattr(jaxbn.linen, name)) == fields(getattr(nn, name)) + EXTRA_FIELDS.get(name, [])
 
 
-def test_features_sharded_over_a_named_axis_give_the_global_statistics():
+def test_features_sharded_over_a_named_axis_give_the_global_statistics(rng):
     """layer_norm/rms_norm with axis_name: each device holds some features, statistics are of all."""
-    x = jnp.asarray(RNG.normal(size=(3, 8)) * 2 + 5, jnp.float32)
+    x = jnp.asarray(rng.normal(size=(3, 8)) * 2 + 5, jnp.float32)
     shards = x.reshape(3, 2, 4).transpose(1, 0, 2)  # (devices, batch, features / devices)
     for function in (jaxbn.layer_norm, jaxbn.rms_norm):
         sharded = jax.vmap(lambda s: function(s, axis_name="d"), axis_name="d")(shards)

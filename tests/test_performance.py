@@ -22,16 +22,10 @@ from flax import linen as nn
 import jaxbn
 from jaxbn import stats
 from tests import hlo
+from tests.conftest import structural
 
 SHAPE = (32, 16, 16, 64)
 
-# The pins describe XLA:CPU as shipped with jax 0.10.2 (reductions as YNNPACK
-# library kernels); jax 0.10.0's XLA:CPU fuses differently (flax's
-# forward+backward is 11S there, not 15S). CI installs the newest jax.
-structural = pytest.mark.skipif(
-    jax.__version_info__ < (0, 10, 2) or jax.default_backend() != "cpu",
-    reason="compiled structure pinned for XLA:CPU of jax >= 0.10.2",
-)
 
 
 def _programs(dtype, mask=None, shape=SHAPE):

@@ -19,6 +19,7 @@ from jax.test_util import check_grads
 import jaxbn
 import jaxbn.linen
 from tests import hlo, reference
+from tests.conftest import N_DEVICES, needs_devices
 
 EPSILON = 1e-5
 MOMENTUM = 0.9
@@ -351,8 +352,7 @@ def test_rejects_bad_arguments():
 
 # --- 8 devices --------------------------------------------------------------------------------
 
-N_DEVICES = 8
-multidevice = pytest.mark.skipif(jax.device_count() < N_DEVICES, reason="needs 8 devices (conftest.py forces them)")
+multidevice = needs_devices
 _shard_map = getattr(jax, "shard_map", None)
 if _shard_map is None:  # jax < 0.10.x spelling
     from jax.experimental.shard_map import shard_map as _shard_map

@@ -14,8 +14,7 @@ import jaxbn
 import jaxbn.linen
 import jaxbn.nnx
 from tests import reference
-
-N_DEVICES = 8
+from tests.conftest import N_DEVICES
 
 
 def _normal(seed, shape, scale=1.0, offset=0.0):

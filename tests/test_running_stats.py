@@ -12,12 +12,11 @@ import jaxbn
 import jaxbn.linen
 from tests import reference
 
-RNG = np.random.default_rng(7)
 NCHW = (6, 3, 5, 5)
 
 
-def _batches(steps, shape=NCHW, offset=3.0):
-    return [(RNG.normal(size=shape) * 1.5 + offset).astype(np.float32) for _ in range(steps)]
+def _batches(rng, steps, shape=NCHW, offset=3.0):
+    return [(rng.normal(size=shape) * 1.5 + offset).astype(np.float32) for _ in range(steps)]
 
 
 def _unbiased(var, count):
@@ -30,10 +29,10 @@ def _step(**kwargs):
 
 
 @pytest.mark.parametrize("unbiased", [False, True])
-def test_cumulative_average_is_mean_of_batch_statistics_and_matches_torch(unbiased):
+def test_cumulative_average_is_mean_of_batch_statistics_and_matches_torch(unbiased, rng):
     """momentum=None: after k batches the state is the mean of their statistics (float64, torch)."""
     torch = pytest.importorskip("torch")
-    batches = _batches(4)
+    batches = _batches(rng, 4)
     params, state = jaxbn.batch_norm_init(3, cumulative=True)
     module = torch.nn.BatchNorm2d(3, momentum=None).double()
     step = _step(training=True, momentum=None, unbiased_running_var=unbiased)
@@ -51,13 +50,13 @@ def test_cumulative_average_is_mean_of_batch_statistics_and_matches_torch(unbias
         np.testing.assert_allclose(state["var"], module.running_var.numpy(), rtol=1e-6, atol=1e-6)
 
 
-def test_unbiased_running_var_matches_torch_exponential_average():
+def test_unbiased_running_var_matches_torch_exponential_average(rng):
     """unbiased_running_var with momentum 0.9 reproduces BatchNorm2d(momentum=0.1) over 4 steps."""
     torch = pytest.importorskip("torch")
     params, state = jaxbn.batch_norm_init(3)
     module = torch.nn.BatchNorm2d(3, momentum=0.1).double()
     step = _step(training=True, momentum=0.9, unbiased_running_var=True)
-    for x in _batches(4):
+    for x in _batches(rng, 4):
         y, state = step(x, params, state)
         y_torch = module(torch.from_numpy(x.astype(np.float64))).detach().numpy()
         np.testing.assert_allclose(y, y_torch, atol=2e-5)  # normalized with the biased variance
@@ -65,9 +64,9 @@ def test_unbiased_running_var_matches_torch_exponential_average():
     np.testing.assert_allclose(state["var"], module.running_var.numpy(), rtol=1e-6, atol=1e-6)
 
 
-def test_unbiased_channel_with_one_valid_element_keeps_its_variance():
+def test_unbiased_channel_with_one_valid_element_keeps_its_variance(rng):
     """With a mask, a channel with n == 1 keeps its running var; its mean and other channels update."""
-    x = _batches(1, shape=(4, 3))[0]
+    x = _batches(rng, 1, shape=(4, 3))[0]
     mask = np.ones((4, 3), bool)
     mask[1:, 0] = False  # channel 0: one valid element
     params, state = jaxbn.batch_norm_init(3)
@@ -79,10 +78,10 @@ def test_unbiased_channel_with_one_valid_element_keeps_its_variance():
 
 
 @pytest.mark.parametrize("bad", ["nan", "all_masked"])
-def test_guard_keeps_cumulative_state_and_count(bad):
+def test_guard_keeps_cumulative_state_and_count(bad, rng):
     """A NaN batch or one without valid elements leaves mean, var and count as they were."""
     params, state = jaxbn.batch_norm_init(3, cumulative=True)
-    x = _batches(1, shape=(4, 3))[0]
+    x = _batches(rng, 1, shape=(4, 3))[0]
     _, state = jaxbn.batch_norm(x, params, state, training=True, momentum=None)
     mask = None
     if bad == "nan":
@@ -99,9 +98,9 @@ def test_guard_keeps_cumulative_state_and_count(bad):
     "training, update",
     [(True, None), (True, True), (True, False), (False, None), (False, False), (False, True)],
 )
-def test_switch_combinations_follow_the_table(training, update):
+def test_switch_combinations_follow_the_table(training, update, rng):
     """`training` picks the normalizing statistics, `update_running_stats` whether the state updates."""
-    x = _batches(1, shape=(8, 3), offset=1.0)[0]
+    x = _batches(rng, 1, shape=(8, 3), offset=1.0)[0]
     mask = np.arange(8)[:, None] < 6
     params = {"scale": jnp.array([0.5, 1.0, 2.0]), "bias": jnp.array([-1.0, 0.0, 1.0])}
     state = {"mean": jnp.array([0.5, 1.0, 1.5]), "var": jnp.array([1.0, 2.0, 3.0])}
@@ -152,9 +151,9 @@ def test_inference_passes_count_through():
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (conftest.py forces 8 CPU devices)")
 @pytest.mark.parametrize("training", [True, False])
-def test_unbiased_factor_uses_global_count_across_devices(training):
+def test_unbiased_factor_uses_global_count_across_devices(training, rng):
     """pmap over 8 devices with uneven masked counts: var * n/(n-1) with n the global count."""
-    x = (RNG.normal(size=(8, 4, 3)) * 2 + 1).astype(np.float32)
+    x = (rng.normal(size=(8, 4, 3)) * 2 + 1).astype(np.float32)
     valid = np.arange(4)[None, :] < (np.arange(8) % 4 + 1)[:, None]  # 1..4 valid examples per device
     mask = valid[..., None]
     params, state = jaxbn.batch_norm_init(3, cumulative=True)
@@ -179,9 +178,9 @@ def _linen_update(module, variables, x, **kwargs):
     return module.apply(variables, x, mutable=["batch_stats"], **kwargs)
 
 
-def test_linen_default_variables_stay_flax_and_options_match_functional():
+def test_linen_default_variables_stay_flax_and_options_match_functional(rng):
     """Default variables equal flax's; momentum=None adds count; options call the functional core."""
-    x = jnp.asarray(_batches(1, shape=(8, 3))[0])
+    x = jnp.asarray(_batches(rng, 1, shape=(8, 3))[0])
     key = jax.random.key(0)
     ours = jaxbn.linen.BatchNorm(use_running_average=False).init(key, x)
     theirs = nn.BatchNorm(use_running_average=False).init(key, x)
@@ -200,9 +199,9 @@ def test_linen_default_variables_stay_flax_and_options_match_functional():
     jax.tree_util.tree_map(np.testing.assert_allclose, dict(variables["batch_stats"]), state)
 
 
-def test_linen_update_switch():
+def test_linen_update_switch(rng):
     """update_running_stats=False keeps batch_stats in training; True updates them in inference."""
-    x = jnp.asarray(_batches(1, shape=(8, 3))[0])
+    x = jnp.asarray(_batches(rng, 1, shape=(8, 3))[0])
     frozen = jaxbn.linen.BatchNorm(use_running_average=False, update_running_stats=False, momentum=0.5)
     variables = frozen.init(jax.random.key(0), x)
     y = frozen.apply(variables, x)  # nothing mutable is needed: nothing is written
