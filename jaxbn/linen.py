@@ -79,41 +79,15 @@ class BatchNorm(nn.Module):
 
     Same fields and defaults, same call signature, same variables
     (``params``: ``scale``, ``bias``; ``batch_stats``: ``mean``, ``var``), so a
-    model swaps the import and keeps its checkpoints. Beyond flax it inherits
-    the functional core (:func:`jaxbn.batch_norm`): statistics synchronized
-    over ``axis_name`` are weighted by counts (exact with masks and uneven
-    shards; flax averages per-device means), the variance is exact at large
-    offsets with one all-reduce (``use_fast_variance`` is accepted and ignored:
-    jaxbn has no unstable mode), a non-finite batch leaves the running
-    statistics unchanged, and bad arguments raise at trace time.
-
-    Options flax lacks (their defaults change nothing, so a default module's
-    variables stay flax's): ``momentum=None`` keeps the exact cumulative average
-    of all batch statistics and creates a third variable ``batch_stats/count``
-    (the number of batches averaged); ``unbiased_running_var`` averages the
-    unbiased variance (PyTorch's convention); ``update_running_stats`` decides
-    separately from ``use_running_average`` whether the running statistics are
-    updated (see the table in :func:`jaxbn.batch_norm`).
-
-    Running statistics carry sharding metadata where the parameters do: when
-    ``scale_init`` (else ``bias_init``) is wrapped in ``nn.with_partitioning``
-    or ``nn.with_logical_partitioning``, ``mean`` and ``var`` get the same box,
-    so ``nn.get_partition_spec`` shards them like ``scale`` (flax annotates
-    parameters only, leaving the statistics replicated).
-
-    ``ghost_batch_size`` normalizes groups of that many consecutive examples
-    with their own statistics (ghost batch norm; see :func:`jaxbn.batch_norm`);
-    None (the default) creates the same variables and computes the same as
-    flax. Complex input (complex64/complex128) is normalized with a complex
-    mean and the real variance ``E[|x - mean|^2]``, as flax; its running mean
-    is created complex (flax creates it real and replaces it by a complex one
-    at the first update), so the variables keep their dtype across steps.
-
-    During ``init`` (as flax) statistics are neither synchronized nor written
-    (nor split into ghost batches, so any init batch size works). A training
-    batch with one value per feature outputs the bias (as flax), updates the
-    running mean, keeps the running variance and warns
-    (:class:`jaxbn.DegenerateBatchWarning`).
+    model swaps the import and keeps its checkpoints; it calls
+    :func:`jaxbn.batch_norm`. The options flax lacks default to flax's
+    behaviour and variables: ``momentum=None`` (the cumulative average, adds
+    ``batch_stats/count``), ``unbiased_running_var``, ``update_running_stats``
+    and ``ghost_batch_size``. Where it differs from flax (count-weighted
+    statistics, the stable variance, guards against bad data, sharding metadata
+    on the running statistics, a complex running mean created at init) is
+    listed in the README's "Differences from flax". During ``init``, as in
+    flax, statistics are neither synchronized nor written.
 
     Attributes:
       use_running_average: normalize with ``batch_stats`` (inference) instead

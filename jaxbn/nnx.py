@@ -183,25 +183,10 @@ class BatchNorm(_Normalization):
     Same constructor arguments (in flax's order), same variables (``scale``,
     ``bias``: ``nnx.Param``; ``mean``, ``var``: float32 ``nnx.BatchStat``),
     same ``use_running_average`` switch (from the constructor, the call, or
-    ``.train()`` / ``.eval()`` / ``nnx.view``). In training the output is
-    normalized with the batch statistics and the running statistics become
-    ``momentum * old + (1 - momentum) * batch`` (see :func:`jaxbn.batch_norm`
-    for the math, the custom VJP and the guard against non-finite batches).
-
-    Options flax lacks, whose defaults change nothing (a default module has
-    flax's variables): ``momentum=None`` keeps the exact cumulative average of
-    all batch statistics and adds a float32 scalar ``nnx.BatchStat`` named
-    ``count``; ``unbiased_running_var`` averages ``var * n / (n - 1)``
-    (PyTorch's convention); ``update_running_stats`` decides separately from
-    ``use_running_average`` whether the running statistics are updated (None:
-    exactly in training); ``ghost_batch_size`` normalizes groups of that many
-    consecutive examples separately; ``__call__`` takes ``mask=``.
-
-    Running statistics carry sharding metadata where the parameters do: when
-    ``scale`` (else ``bias``) is annotated (``scale_metadata={'out_sharding':
-    ...}`` or ``nnx.with_partitioning``), ``mean`` and ``var`` get the same
-    ``out_sharding``/``mesh``/``sharding_rules``, so they are sharded like it
-    (flax annotates parameters only, leaving the statistics replicated).
+    ``.train()`` / ``.eval()`` / ``nnx.view``). The options flax lacks
+    default to flax's behaviour and variables (``momentum=None`` adds a float32
+    ``count``); ``__call__`` takes ``mask=``. Where it differs from flax is
+    listed in the README's "Differences from flax".
 
     Args:
       num_features: the size of the feature axis (the product of the sizes

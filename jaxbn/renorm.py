@@ -194,26 +194,25 @@ def batch_renorm(
     5; :func:`renorm_clipping` computes that schedule from a step counter,
     traced or not.
 
-    It runs on batch norm's training kernel: one statistics pass, one
-    all-reduce forward and one backward with ``axis_name``, ``r`` and ``d``
-    folded into the per-feature scale (``γ r``) and bias (``γ d + β``). The
-    backward is batch norm's with scale ``γ r``; ``dγ = r Σ dy x̂ + d Σ dy``,
-    ``dβ = Σ dy``. Reverse mode to any order, as :func:`jaxbn.batch_norm`.
-
     Args:
       x, params, state, training, update_running_stats, axis, momentum,
         unbiased_running_var, epsilon, axis_name, axis_index_groups, mask,
         dtype, ghost_batch_size: as in :func:`jaxbn.batch_norm` (with ghost
         batches, ``r`` and ``d`` are computed per ghost batch). Real inputs
         only in training.
-      r_max: >= 1, the bound of ``r`` (``inf``: unbounded). A Python float or
-        a scalar array, possibly traced (e.g. ``renorm_clipping(step)[0]``
-        inside ``jit``); concrete values are checked at trace time, traced
-        ones cannot be (a traced value below 1 clips ``r`` to ``r_max``).
+      r_max: >= 1, the bound of ``r`` (``inf``: unbounded); a number or a
+        scalar array, possibly traced (e.g. ``renorm_clipping(step)[0]``
+        inside ``jit``), which cannot be checked.
       d_max: >= 0, the bound of ``|d|`` (``inf``: unbounded); as ``r_max``.
+      The ``state`` may hold an int scalar ``'steps'``, advanced with every
+      update that changes the running statistics (scheduled limits read it).
 
     Returns:
       ``(y, new_state)``.
+
+    Raises:
+      TypeError / ValueError: as :func:`jaxbn.batch_norm`, and for limits
+        below 1 (``r_max``) or 0 (``d_max``) or complex input in training.
 
     >>> import jax.numpy as jnp
     >>> from jaxbn import batch_norm, batch_norm_init

@@ -475,7 +475,7 @@ def moments(
     stats_dtype = jnp.promote_types(requested, jnp.float32)
     real_dtype = jnp.finfo(stats_dtype).dtype  # of var and count: float32 for complex64
     feature_shape = tuple(x.shape[i] for i in range(x.ndim) if i not in axes)
-    group_size = axis_size(axis_name, axis_index_groups)
+    axis_size(axis_name, axis_index_groups)  # a clear error for an unbound name or bad groups
     if mask is not None:
         mask = _validation.check_mask(mask, x.shape)
     groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
