@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -261,3 +262,22 @@ def test_traced_momentum_is_accepted(rng):
     params, state = jaxbn.batch_norm_init(3)
     new = jax.jit(lambda m: jaxbn.batch_norm(x, params, state, training=True, momentum=m)[1])(0.0)
     np.testing.assert_allclose(new["mean"], reference.batch_stats(x)[0], rtol=1e-6)
+
+
+class EagerEqualsJitTest(chex.TestCase):
+    """The public functions give the same values eagerly and under jit (chex.variants)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_every_normalizer(self):
+        x = jnp.asarray(np.random.default_rng(11).normal(size=(6, 4)) * 3 + 7, jnp.float32)
+        params, state = jaxbn.batch_norm_init(4)
+        calls = {
+            "batch_norm": lambda x: jaxbn.batch_norm(x, params, state, training=True),
+            "batch_renorm": lambda x: jaxbn.batch_renorm(x, params, state, training=True, r_max=2.0, d_max=1.0),
+            "layer_norm": jaxbn.layer_norm,
+            "rms_norm": jaxbn.rms_norm,
+            "group_norm": lambda x: jaxbn.group_norm(x, num_groups=2),
+            "moments": lambda x: jaxbn.moments(x, 0),
+        }
+        for name, call in calls.items():
+            chex.assert_trees_all_close(self.variant(call)(x), call(x), rtol=1e-6, atol=1e-6, custom_message=name)
