@@ -7,13 +7,14 @@ devices, stable at large offsets, one collective), :func:`normalize` and
 batch norm towards that state;
 :func:`layer_norm`, :func:`rms_norm`, :func:`group_norm` and
 :func:`instance_norm` take per-example statistics from the same
-:func:`moments`. The Flax modules in :mod:`jaxbn.linen` and :mod:`jaxbn.nnx`
-own variables and call these functions.
+preceding ``Conv``/``Dense`` for inference. The Flax modules in
+:mod:`jaxbn.linen` and :mod:`jaxbn.nnx` own variables and call these functions.
 """
 
 from jaxbn.per_example import group_norm, instance_norm, layer_norm, rms_norm
 from jaxbn._validation import DegenerateBatchWarning
 from jaxbn.functional import batch_norm, batch_norm_init, normalize
+from jaxbn.recalibrate import recalibrate
 from jaxbn.renorm import batch_renorm, renorm_clipping
 from jaxbn.stats import Moments, moments
 
@@ -30,6 +31,7 @@ __all__ = [
     "layer_norm",
     "moments",
     "normalize",
+    "recalibrate",
     "renorm_clipping",
     "rms_norm",
 ]

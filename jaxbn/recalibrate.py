@@ -1,0 +1,347 @@
+"""Re-estimating running statistics from data ("precise BN") for linen and nnx models.
+
+After weight averaging (SWA, EMA), pruning or quantization, or on new data,
+the running statistics no longer describe the activations the weights
+produce. :func:`recalibrate` runs the model over batches without changing
+its source: every BatchNorm (jaxbn's or flax's, linen or nnx) is intercepted,
+reports the moments of its input, and normalizes with them (or with the
+running statistics); the moments of all batches are then pooled on the host in
+float64 and written into the running statistics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import nnx
+from flax.core import meta
+
+from jaxbn import _train_step, _validation, stats
+from jaxbn import linen as jaxbn_linen
+from jaxbn import nnx as jaxbn_nnx
+
+__all__ = ["recalibrate"]
+
+_SOWN = "jaxbn_recalibrate"
+_NORMALIZE_WITH = ("batch", "running")
+_ESTIMATORS = ("population", "mean_of_batches")
+
+
+class _Pooled(NamedTuple):
+    """One layer's statistics so far, float64 on the host (per feature)."""
+
+    count: np.ndarray  # valid elements
+    mean: np.ndarray
+    m2: np.ndarray  # sum of squared deviations from the mean
+    batches: int
+    mean_sum: np.ndarray  # for "mean_of_batches": sums of the batch means
+    var_sum: np.ndarray  # ... and of the unbiased batch variances
+
+
+def _pool(pooled: _Pooled | None, count: np.ndarray, mean: np.ndarray, var: np.ndarray) -> _Pooled:
+    """Adds one batch's (count, mean, biased var) to ``pooled`` (Chan et al.'s exact combination)."""
+    count, mean, var = (np.asarray(v, np.float64) for v in (count, mean, var))
+    if np.iscomplexobj(mean):
+        raise TypeError("recalibrate does not support complex activations.")
+    unbiased = var * count / np.maximum(count - 1, 1)
+    if pooled is None:
+        return _Pooled(count, mean, var * count, 1, mean, unbiased)
+    total = pooled.count + count
+    delta = mean - pooled.mean
+    safe = np.maximum(total, 1)
+    return _Pooled(
+        total,
+        pooled.mean + delta * count / safe,
+        pooled.m2 + var * count + delta**2 * pooled.count * count / safe,
+        pooled.batches + 1,
+        pooled.mean_sum + mean,
+        pooled.var_sum + unbiased,
+    )
+
+
+def _estimate(pooled: _Pooled, estimator: str, unbiased: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The running ``(mean, var)`` the pooled statistics give (NaN where no element was valid)."""
+    if estimator == "mean_of_batches":  # PyTorch's update_bn: cumulative average of the batch statistics
+        return pooled.mean_sum / pooled.batches, pooled.var_sum / pooled.batches
+    n = pooled.count
+    divisor = n - 1 if unbiased else n
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, pooled.mean, np.nan), np.where(divisor > 0, pooled.m2 / divisor, np.nan)
+
+
+def _normalized(x, params, state, axis, epsilon, dtype, mask, axis_name, axis_index_groups, normalize_with):
+    """The batch's moments and the layer's output, normalized with them or with ``state``."""
+    x = _validation.check_floating(x)
+    _, reduction_axes, feature_shape = _validation.feature_axes(x, axis)
+    params = {key: jnp.reshape(value, feature_shape) for key, value in params.items()}
+    state = {key: jnp.reshape(value, feature_shape) for key, value in state.items()}
+    compute_dtype = _validation.compute_dtype(x, dtype)
+    if mask is not None:
+        mask = _validation.check_mask(mask, x.shape)
+    batch = stats.moments(
+        x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        dtype=compute_dtype, shift=state["mean"],
+    )
+    if normalize_with == "batch":
+        shift, mean_minus_shift, var = batch.shift, batch.mean_minus_shift, batch.var
+    else:
+        shift, mean_minus_shift, var = state["mean"], None, state["var"]
+    y = _train_step.affine_normalize(
+        x, shift, mean_minus_shift, var, params, reduction_axes, epsilon, compute_dtype,
+        _validation.output_dtype(x, params, dtype), mask,
+    )
+    return (batch.count, batch.mean, batch.var), y
+
+
+def _progress(iterable: Iterable, progress: bool | None, description: str) -> Iterable:
+    """``iterable`` wrapped in a tqdm bar if asked (None: on a terminal, when tqdm is installed)."""
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        if progress is True:
+            raise ImportError("recalibrate(progress=True) needs tqdm: pip install tqdm") from None
+        return iterable
+    return tqdm(iterable, desc=description, unit="batch")
+
+
+def _as_args(batch: Any) -> tuple:
+    return tuple(batch) if isinstance(batch, tuple) else (batch,)
+
+
+def _check_options(normalize_with: str, estimator: str) -> None:
+    if normalize_with not in _NORMALIZE_WITH:
+        raise ValueError(f"normalize_with must be one of {_NORMALIZE_WITH}, got {normalize_with!r}.")
+    if estimator not in _ESTIMATORS:
+        raise ValueError(f"estimator must be one of {_ESTIMATORS}, got {estimator!r}.")
+
+
+# -- linen ---------------------------------------------------------------------------------------
+
+_LINEN_BATCH_NORMS = (nn.BatchNorm, jaxbn_linen.BatchNorm)
+
+
+def _linen_interceptor(normalize_with: str, unbiased: dict[tuple[str, ...], bool]):
+    """Replaces each BatchNorm call by :func:`_normalized`; notes each layer's variance convention."""
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, _LINEN_BATCH_NORMS):
+            return next_fun(*args, **kwargs)
+        unbiased[tuple(module.path)] = bool(getattr(module, "unbiased_running_var", False))  # static
+        params = {key: module.get_variable("params", key) for key in ("scale", "bias")
+                  if module.has_variable("params", key)}
+        state = {key: module.get_variable("batch_stats", key) for key in ("mean", "var")}
+        moments, y = _normalized(
+            args[0], params, state, module.axis, module.epsilon, module.dtype, kwargs.get("mask"),
+            module.axis_name, module.axis_index_groups, normalize_with,
+        )
+        module.sow("intermediates", _SOWN, moments)
+        return y
+
+    return intercept
+
+
+def _recalibrate_linen(model, variables, batches, normalize_with, estimator, progress, call_kwargs):
+    if not isinstance(variables, Mapping) or "batch_stats" not in variables:
+        raise ValueError(
+            "variables must be the model's variables with a 'batch_stats' collection (what model.init "
+            f"returns), got {type(variables).__name__} with keys {list(variables) if isinstance(variables, Mapping) else None}."
+        )
+
+    unbiased: dict[tuple[str, ...], bool] = {}
+
+    @jax.jit
+    def layer_moments(variables, args):
+        with nn.intercept_methods(_linen_interceptor(normalize_with, unbiased)):
+            _, sown = model.apply(variables, *args, mutable=["intermediates"], **call_kwargs)
+        return sown.get("intermediates", {})
+
+    pooled: dict[tuple[str, ...], _Pooled] = {}
+    for batch in _progress(batches, progress, "recalibrate"):
+        for layer, calls in _sown_by_layer(jax.device_get(layer_moments(variables, _as_args(batch)))):
+            for moments in calls:  # one (count, mean, var) per call of the layer
+                pooled[layer] = _pool(pooled.get(layer), *moments)
+    if not pooled:
+        raise ValueError("recalibrate found no BatchNorm call in the model's __call__ with these arguments.")
+    batch_stats = _copied(variables["batch_stats"])
+    for layer, stats_ in pooled.items():
+        node = batch_stats
+        for key in layer:
+            node = node[key]
+        mean, var = _estimate(stats_, estimator, unbiased.get(layer, False))
+        node["mean"] = _written(node["mean"], mean)
+        node["var"] = _written(node["var"], var)
+        if "count" in node:
+            node["count"] = _written(node["count"], np.float64(stats_.batches))
+    return {**variables, "batch_stats": batch_stats}
+
+
+def _sown_by_layer(tree: Mapping, path: tuple[str, ...] = ()) -> Iterable[tuple[tuple[str, ...], tuple]]:
+    """``(module path, sown values)`` for every layer of an ``intermediates`` tree."""
+    for key, value in tree.items():
+        if key == _SOWN:
+            yield path, value
+        elif isinstance(value, Mapping):
+            yield from _sown_by_layer(value, path + (key,))
+
+
+def _copied(tree: Any) -> Any:
+    """A copy of a nest of mappings (the arrays themselves are shared)."""
+    return {key: _copied(value) for key, value in tree.items()} if isinstance(tree, Mapping) else tree
+
+
+def _written(old: Any, new: np.ndarray) -> Any:
+    """``new`` in ``old``'s shape and dtype (and partitioning box); where ``new`` is NaN, ``old`` stays."""
+    if isinstance(old, meta.AxisMetadata):
+        return old.replace_boxed(_written(old.unbox(), new))
+    new = np.reshape(new, np.shape(old))
+    return jnp.asarray(np.where(np.isnan(new), np.asarray(old, np.float64), new), old.dtype)
+
+
+# -- nnx -----------------------------------------------------------------------------------------
+
+_NNX_BATCH_NORMS = (nnx.BatchNorm, jaxbn_nnx.BatchNorm)
+
+
+@contextlib.contextmanager
+def _recording_nnx_batch_norms(normalize_with: str):
+    """Makes every nnx BatchNorm's ``__call__`` sow its input's moments (restored on exit)."""
+    originals = {cls: cls.__call__ for cls in _NNX_BATCH_NORMS}
+
+    def recording_call(self, x, use_running_average=None, *, mask=None):
+        params = {key: getattr(self, key)[...] for key in ("scale", "bias") if getattr(self, key) is not None}
+        state = {"mean": self.mean[...], "var": self.var[...]}
+        moments, y = _normalized(
+            x, params, state, self.axis, self.epsilon, self.dtype, mask, self.axis_name, self.axis_index_groups,
+            normalize_with,
+        )
+        self.sow(nnx.Intermediate, _SOWN, moments)
+        return y
+
+    try:
+        for cls in _NNX_BATCH_NORMS:
+            cls.__call__ = recording_call
+        yield
+    finally:
+        for cls, call in originals.items():
+            cls.__call__ = call
+
+
+def _recalibrate_nnx(module, batches, normalize_with, estimator, progress, call_kwargs):
+    layers = {tuple(path): node for path, node in nnx.iter_graph(module) if isinstance(node, _NNX_BATCH_NORMS)}
+    if not layers:
+        raise ValueError(f"recalibrate found no BatchNorm in the {type(module).__name__} module.")
+
+    @nnx.jit
+    def forward(module, args):
+        if hasattr(nnx, "capture"):  # flax >= 0.12.x: sown values come back from the call
+            _, sown = nnx.capture(lambda module, *args: module(*args, **call_kwargs), nnx.Intermediate)(module, *args)
+            return sown
+        module(*args, **call_kwargs)
+        return nnx.pop(module, nnx.Intermediate)
+
+    pooled: dict[tuple, _Pooled] = {}
+    with _recording_nnx_batch_norms(normalize_with):
+        for batch in _progress(batches, progress, "recalibrate"):
+            sown = nnx.to_pure_dict(forward(module, _as_args(batch)))
+            for layer, calls in _sown_by_layer(jax.device_get(sown)):
+                for moments in calls:  # one (count, mean, var) per call of the layer
+                    pooled[layer] = _pool(pooled.get(layer), *moments)
+    for layer, statistics in pooled.items():
+        node = layers[layer]
+        mean, var = _estimate(statistics, estimator, bool(getattr(node, "unbiased_running_var", False)))
+        node.mean[...] = _written(node.mean[...], mean)
+        node.var[...] = _written(node.var[...], var)
+        if getattr(node, "count", None) is not None:
+            node.count[...] = _written(node.count[...], np.float64(statistics.batches))
+    return module
+
+
+# -- the public function -------------------------------------------------------------------------
+
+
+def recalibrate(
+    model: Any,
+    variables_or_batches: Any,
+    batches: Iterable[Any] | None = None,
+    *,
+    normalize_with: str = "batch",
+    estimator: str = "population",
+    progress: bool | None = None,
+    **call_kwargs: Any,
+) -> Any:
+    r"""Re-estimates every BatchNorm's running statistics from ``batches``.
+
+    Each batch runs through the model once (jitted), with every BatchNorm
+    (``jaxbn.linen``/``jaxbn.nnx`` or flax's own) normalizing with the batch's
+    statistics (``normalize_with="batch"``, as PyTorch's ``update_bn`` and
+    precise BN do) or with the current running statistics (``"running"``),
+    and reporting the count, mean and variance of its input's valid elements
+    (``mask=`` as the model passes it; synchronized over ``axis_name`` like
+    the module). The default estimator pools them exactly: the mean and the
+    (biased; unbiased for a module with ``unbiased_running_var``) variance of
+    all valid elements of all batches, combined in float64
+    (:math:`\sigma^2 = \sum_b n_b(\sigma_b^2 + (\mu_b - \mu)^2) / \sum_b n_b`).
+    ``estimator="mean_of_batches"`` averages the batches' means and unbiased
+    variances instead, as PyTorch's ``update_bn`` does; it differs from the
+    population variance by the spread of the batch means.
+
+    The two modes differ in what each layer sees: with batch statistics a
+    layer's input is what it is in training; with running statistics it is
+    what inference feeds it, so re-estimating in that mode is a fixed-point
+    step (repeat it to converge).
+
+    Args:
+      model: a ``flax.linen`` module, or a ``flax.nnx`` module (updated in place).
+      variables_or_batches: linen: the model's variables (with
+        ``'batch_stats'``); nnx: the batches.
+      batches: linen: an iterable of batches. Each batch is the model's first
+        argument, or a tuple of its positional arguments.
+      normalize_with: ``"batch"`` (default) or ``"running"``.
+      estimator: ``"population"`` (default) or ``"mean_of_batches"``.
+      progress: a tqdm progress bar (None: only on a terminal, if tqdm is
+        installed).
+      **call_kwargs: keyword arguments of the model's ``__call__`` (static,
+        e.g. ``train=False``).
+
+    Returns:
+      linen: new variables, with the same structure; nnx: the module.
+
+    Raises:
+      ValueError: no BatchNorm was called, or an option is not one of its values.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn, jaxbn.linen
+    >>> class Net(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         return jaxbn.linen.BatchNorm(use_running_average=True)(nn.Dense(3)(x))
+    >>> batches = [jax.random.normal(jax.random.key(i), (16, 2)) + i for i in range(4)]
+    >>> variables = Net().init(jax.random.key(0), batches[0])
+    >>> new = jaxbn.recalibrate(Net(), variables, batches, progress=False)
+    >>> h = jnp.concatenate([nn.Dense(3).apply({'params': variables['params']['Dense_0']}, b) for b in batches])
+    >>> bool(jnp.allclose(new['batch_stats']['BatchNorm_0']['mean'], h.mean(0), atol=1e-5))
+    True
+    """
+    _check_options(normalize_with, estimator)
+    if isinstance(model, nn.Module):
+        if batches is None:
+            raise TypeError("recalibrate(linen_model, variables, batches): the batches are missing.")
+        return _recalibrate_linen(model, variables_or_batches, batches, normalize_with, estimator, progress,
+                                  call_kwargs)
+    if isinstance(model, nnx.Module):
+        if batches is not None:
+            raise TypeError("recalibrate(nnx_module, batches): an nnx module holds its variables; pass the batches "
+                            "as the second argument.")
+        return _recalibrate_nnx(model, variables_or_batches, normalize_with, estimator, progress, call_kwargs)
+    raise TypeError(f"model must be a flax.linen or flax.nnx module, got {type(model).__name__}.")

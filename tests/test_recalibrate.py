@@ -1,0 +1,162 @@
+"""jaxbn.recalibrate: running statistics re-estimated from data, linen and nnx, against float64 and PyTorch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxbn
+import jaxbn.linen
+import jaxbn.nnx
+from tests.conftest import N_DEVICES, needs_devices
+
+EPS = 1e-5
+
+
+class LinenNet(nn.Module):
+    """Dense -> BatchNorm -> relu -> Dense -> BatchNorm, in eval mode (the running statistics normalize)."""
+
+    norm: type = jaxbn.linen.BatchNorm
+    momentum: float | None = 0.9
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        h = self.norm(use_running_average=True, momentum=self.momentum)(nn.Dense(5)(x), mask=mask)
+        return self.norm(use_running_average=True, momentum=self.momentum)(nn.Dense(4)(nn.relu(h)), mask=mask)
+
+
+class NnxNet(nnx.Module):
+    def __init__(self, rngs):
+        self.dense1, self.bn1 = nnx.Linear(3, 5, rngs=rngs), jaxbn.nnx.BatchNorm(5, rngs=rngs)
+        self.dense2, self.bn2 = nnx.Linear(5, 4, rngs=rngs), jaxbn.nnx.BatchNorm(4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.bn2(self.dense2(nnx.relu(self.bn1(self.dense1(x)))))
+
+
+def _batches(rng, count=4, size=16):
+    """Batches whose means differ, so the population variance is not the mean of the batch variances."""
+    return [jnp.asarray(rng.normal(size=(size, 3)) * (1 + b) + 3 * b, jnp.float32) for b in range(count)]
+
+
+def _reference(batches, dense1, dense2, bn1=None, masks=None):
+    """float64 population (count, mean, var) of both BatchNorms' inputs; the first normalized per batch
+    with its batch statistics (or with ``bn1 = (mean, var)``, the running statistics)."""
+    first, second = [], []
+    for i, x in enumerate(batches):
+        x = np.asarray(x, np.float64)
+        valid = np.ones(len(x), bool) if masks is None else np.asarray(masks[i]).reshape(-1)
+        h = x @ dense1[0] + dense1[1]
+        mean, var = (h[valid].mean(0), h[valid].var(0)) if bn1 is None else bn1
+        a = np.maximum((h - mean) / np.sqrt(var + EPS), 0)
+        first.append(h[valid])
+        second.append((a @ dense2[0] + dense2[1])[valid])
+    return [(np.concatenate(v).mean(0), np.concatenate(v).var(0)) for v in (first, second)]
+
+
+def _dense(params, name):
+    return np.asarray(params[name]["kernel"], np.float64), np.asarray(params[name]["bias"], np.float64)
+
+
+@pytest.mark.parametrize("norm", [jaxbn.linen.BatchNorm, nn.BatchNorm], ids=["jaxbn", "flax"])
+def test_linen_population_statistics_equal_float64(norm, rng):
+    batches = _batches(rng)
+    model = LinenNet(norm=norm)
+    variables = model.init(jax.random.key(0), batches[0])
+    new = jaxbn.recalibrate(model, variables, batches, progress=False)
+    assert jax.tree.structure(new) == jax.tree.structure(variables)
+    expected = _reference(batches, _dense(variables["params"], "Dense_0"), _dense(variables["params"], "Dense_1"))
+    for layer, (mean, var) in zip(("BatchNorm_0", "BatchNorm_1"), expected):
+        np.testing.assert_allclose(new["batch_stats"][layer]["mean"], mean, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(new["batch_stats"][layer]["var"], var, rtol=1e-5)
+    assert new["params"] is variables["params"]
+
+
+def test_normalizing_with_the_running_statistics(rng):
+    """normalize_with='running': the second layer sees the first normalized by its (old) running statistics."""
+    batches = _batches(rng)
+    model = LinenNet()
+    variables = model.init(jax.random.key(0), batches[0])
+    new = jaxbn.recalibrate(model, variables, batches, normalize_with="running", progress=False)
+    old = variables["batch_stats"]["BatchNorm_0"]
+    expected = _reference(batches, _dense(variables["params"], "Dense_0"), _dense(variables["params"], "Dense_1"),
+                          bn1=(np.asarray(old["mean"]), np.asarray(old["var"])))
+    np.testing.assert_allclose(new["batch_stats"]["BatchNorm_1"]["var"], expected[1][1], rtol=1e-5)
+
+
+def test_masks_count_only_valid_elements_and_cumulative_modules_get_a_count(rng):
+    batches = _batches(rng)
+    masks = [jnp.asarray(rng.uniform(size=(16, 1)) < 0.6) for _ in batches]
+    model = LinenNet(momentum=None)
+    variables = model.init(jax.random.key(0), batches[0])
+    new = jaxbn.recalibrate(model, variables, list(zip(batches, masks)), progress=False)
+    expected = _reference(batches, _dense(variables["params"], "Dense_0"), _dense(variables["params"], "Dense_1"),
+                          masks=masks)
+    np.testing.assert_allclose(new["batch_stats"]["BatchNorm_0"]["var"], expected[0][1], rtol=1e-5)
+    np.testing.assert_allclose(new["batch_stats"]["BatchNorm_1"]["mean"], expected[1][0], rtol=1e-5, atol=1e-5)
+    assert float(new["batch_stats"]["BatchNorm_0"]["count"]) == len(batches)
+
+
+@needs_devices
+def test_a_sharded_batch_gives_the_statistics_of_one_device(rng):
+    batches = _batches(rng, size=2 * N_DEVICES)
+    model = LinenNet()
+    variables = model.init(jax.random.key(0), batches[0])
+    sharding = NamedSharding(jax.make_mesh((N_DEVICES,), ("data",)), P("data"))
+    sharded = jaxbn.recalibrate(model, variables, [jax.device_put(b, sharding) for b in batches], progress=False)
+    single = jaxbn.recalibrate(model, variables, batches, progress=False)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), sharded, single)
+
+
+def test_nnx_module_is_updated_in_place_and_matches_linen(rng):
+    batches = _batches(rng)
+    module = NnxNet(nnx.Rngs(0))
+    module.eval()
+    assert jaxbn.recalibrate(module, batches, progress=False) is module
+    params = {name: {"kernel": getattr(module, name).kernel[...], "bias": getattr(module, name).bias[...]}
+              for name in ("dense1", "dense2")}
+    expected = _reference(batches, _dense(params, "dense1"), _dense(params, "dense2"))
+    for bn, (mean, var) in zip((module.bn1, module.bn2), expected):
+        np.testing.assert_allclose(bn.mean[...], mean, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(bn.var[...], var, rtol=1e-5)
+    assert not hasattr(module.bn1, "jaxbn_recalibrate")
+    module(batches[0])  # the BatchNorms' own __call__ is back: inference with the new statistics
+
+
+def test_mean_of_batches_matches_pytorch_update_bn(rng):
+    """estimator='mean_of_batches' is torch.optim.swa_utils.update_bn's estimate, to 1e-5."""
+    torch = pytest.importorskip("torch")
+    batches = _batches(rng)
+    model = LinenNet()
+    variables = model.init(jax.random.key(0), batches[0])
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5), torch.nn.ReLU(),
+                              torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4)).double()
+    with torch.no_grad():
+        for index, name in ((0, "Dense_0"), (3, "Dense_1")):
+            net[index].weight.copy_(torch.tensor(np.asarray(variables["params"][name]["kernel"]).T))
+            net[index].bias.copy_(torch.tensor(np.asarray(variables["params"][name]["bias"])))
+    loader = [torch.tensor(np.asarray(b, np.float64)) for b in batches]
+    torch.optim.swa_utils.update_bn(loader, net)
+    new = jaxbn.recalibrate(model, variables, batches, estimator="mean_of_batches", progress=False)
+    for index, layer in ((1, "BatchNorm_0"), (4, "BatchNorm_1")):
+        np.testing.assert_allclose(new["batch_stats"][layer]["mean"], net[index].running_mean.numpy(), rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_allclose(new["batch_stats"][layer]["var"], net[index].running_var.numpy(), rtol=1e-5)
+
+
+def test_clear_errors():
+    x = jnp.ones((4, 3))
+    dense = nn.Dense(2)
+    variables = {"params": dense.init(jax.random.key(0), x)["params"], "batch_stats": {}}
+    with pytest.raises(ValueError, match="found no BatchNorm"):
+        jaxbn.recalibrate(dense, variables, [x], progress=False)
+    with pytest.raises(ValueError, match="normalize_with must be one of"):
+        jaxbn.recalibrate(dense, variables, [x], normalize_with="train")
+    with pytest.raises(ValueError, match="'batch_stats' collection"):
+        jaxbn.recalibrate(dense, {"params": variables["params"]}, [x])
+    with pytest.raises(TypeError, match="must be a flax.linen or flax.nnx module"):
+        jaxbn.recalibrate(lambda x: x, [x])
