@@ -1,0 +1,515 @@
+"""Folding eval-mode BatchNorm into the preceding ``Conv``/``Dense`` for inference.
+
+:func:`fold_batch_norm` finds each BatchNorm that consumes a ``Conv``/``Dense``
+output directly, multiplies the layer's kernel by the BatchNorm's per-feature
+factor and moves the running mean, epsilon and affine parameters into the
+layer's bias. The result is the same network *without* those BatchNorm layers:
+
+- flax.linen: the variables of that network (the BatchNorm entries removed
+  from every collection, the folded layers' ``kernel``/``bias`` replaced);
+  apply them with the model built without the BatchNorms and with a bias on
+  each folded layer (e.g. ``use_bias=True`` where it was ``use_bias=False``).
+- flax.nnx: a new module (the input is left untouched) in which each folded
+  BatchNorm is replaced by :class:`FoldedBatchNorm`, which returns its input,
+  and each folded layer carries the folded kernel and a bias.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import nnx
+from flax.core import meta
+
+from jaxbn import linen as _jaxbn_linen
+from jaxbn import nnx as _jaxbn_nnx
+
+__all__ = ["FoldedBatchNorm", "fold_batch_norm"]
+
+_LINEN_LAYERS = (nn.Conv, nn.Dense)
+_LINEN_NORMS = (nn.BatchNorm, _jaxbn_linen.BatchNorm)
+_NNX_LAYERS = (nnx.Conv, nnx.Linear)
+_NNX_NORMS = (nnx.BatchNorm, _jaxbn_nnx.BatchNorm)
+_LAYER_NAMES = "Conv/Dense (nnx: Conv/Linear)"
+
+
+class FoldedBatchNorm(nnx.Module):
+    """What :func:`fold_batch_norm` puts in place of a folded nnx BatchNorm: the identity.
+
+    Takes BatchNorm's call signature (``x, use_running_average=None, *,
+    mask=None``) so the calling code runs unchanged, holds no state and
+    returns ``x``.
+    """
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
+        """Returns ``x`` unchanged (its BatchNorm lives on in the preceding layer)."""
+        return x
+
+
+@dataclasses.dataclass
+class _Call:
+    """One module ``__call__`` seen during the traced forward pass."""
+
+    index: int  # clock tick at entry (one clock for entries and returns)
+    path: tuple[str, ...]
+    module: Any
+    kind: str  # 'layer', 'norm' or 'other'
+    args: tuple
+    kwargs: dict
+    output: Any = None
+    feature_axis: Any = None  # norms: the axis argument
+    training: bool | None = None  # norms: True when called in training mode
+    done: int = -1  # clock tick at return
+
+
+def _name(path: Sequence[Any]) -> str:
+    return "/".join(str(p) for p in path) or "<root>"
+
+
+def _as_path(value: Any, argument: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(p for p in value.split("/") if p)
+    if isinstance(value, Sequence) and all(isinstance(p, (str, int)) for p in value):
+        return tuple(str(p) for p in value)
+    raise TypeError(
+        f"{argument}: a module path must be a string such as 'block/Conv_0' or a tuple of names, got {value!r}."
+    )
+
+
+def _check_pairs(pairs: Any) -> list[tuple[tuple[str, ...], tuple[str, ...]]] | None:
+    if pairs is None:
+        return None
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise TypeError(f"pairs must be a sequence of (layer_path, batch_norm_path) pairs, got {pairs!r}.")
+    checked = []
+    for pair in pairs:
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise TypeError(f"pairs: each entry must be a (layer_path, batch_norm_path) pair, got {pair!r}.")
+        checked.append((_as_path(pair[0], "pairs"), _as_path(pair[1], "pairs")))
+    return checked
+
+
+def _leaves(args: tuple, kwargs: dict) -> list[Any]:
+    return jax.tree_util.tree_leaves((args, kwargs))
+
+
+def _producer_message(norm: _Call, calls: list[_Call]) -> str:
+    """Says what produced the BatchNorm's input when it is not a Conv/Dense output."""
+    x = norm.args[0]
+    producers = [c for c in calls if 0 <= c.done < norm.index and c.output is x]
+    if producers:
+        p = max(producers, key=lambda c: c.done)
+        return f"its input is the output of '{_name(p.path)}' ({type(p.module).__name__})"
+    layers = [c for c in calls if c.kind == "layer" and 0 <= c.done < norm.index]
+    if layers:
+        last = max(layers, key=lambda c: c.done)
+        return (
+            f"its input is not the output of any {_LAYER_NAMES}: the last one called before it, "
+            f"'{_name(last.path)}', is followed by code outside module calls (an activation, a reshape, "
+            "arithmetic, ...) that sits between"
+        )
+    return f"its input is not the output of any {_LAYER_NAMES} (none was called before it)"
+
+
+def _match(calls: list[_Call], pairs: list | None) -> list[tuple[_Call, _Call]]:
+    """The (layer call, norm call) pairs to fold, checked."""
+    by_path: dict[tuple[str, ...], list[_Call]] = {}
+    for call in calls:
+        by_path.setdefault(tuple(str(p) for p in call.path), []).append(call)
+    if pairs is None:
+        norms = [c for c in calls if c.kind == "norm"]
+        if not norms:
+            raise ValueError("fold_batch_norm: the forward pass called no BatchNorm; there is nothing to fold.")
+        wanted = []
+        for norm in norms:
+            layer = [c for c in calls if c.kind == "layer" and c.output is norm.args[0] and 0 <= c.done < norm.index]
+            if not layer:
+                raise ValueError(
+                    f"fold_batch_norm: BatchNorm '{_name(norm.path)}' cannot be folded: "
+                    f"{_producer_message(norm, calls)}. Folding needs the BatchNorm to consume a "
+                    f"{_LAYER_NAMES} output directly; pass pairs=[...] to fold only the others."
+                )
+            wanted.append((layer[-1], norm))
+    else:
+        wanted = []
+        for layer_path, norm_path in pairs:
+            for path, what in ((layer_path, "layer"), (norm_path, "norm")):
+                if path not in by_path:
+                    raise ValueError(
+                        f"pairs: no module at '{_name(path)}' was called in the forward pass "
+                        f"(called: {sorted(_name(p) for p in by_path)})."
+                    )
+            layer, norm = by_path[layer_path][0], by_path[norm_path][0]
+            if layer.kind != "layer":
+                raise ValueError(
+                    f"pairs: '{_name(layer_path)}' is a {type(layer.module).__name__}, not a {_LAYER_NAMES}."
+                )
+            if norm.kind != "norm":
+                raise ValueError(f"pairs: '{_name(norm_path)}' is a {type(norm.module).__name__}, not a BatchNorm.")
+            if norm.args[0] is not layer.output:
+                raise ValueError(
+                    f"pairs: ('{_name(layer_path)}', '{_name(norm_path)}') does not match: BatchNorm "
+                    f"'{_name(norm_path)}' does not consume the output of '{_name(layer_path)}' directly; "
+                    f"{_producer_message(norm, calls)}."
+                )
+            wanted.append((layer, norm))
+    seen: dict[tuple[str, ...], str] = {}
+    for layer, norm in wanted:
+        for call in (layer, norm):
+            key = tuple(str(p) for p in call.path)
+            if len(by_path[key]) > 1:
+                raise ValueError(
+                    f"fold_batch_norm: '{_name(call.path)}' is called {len(by_path[key])} times in the forward "
+                    "pass (a shared module); folding would change every call, so it is refused."
+                )
+            if key in seen:
+                raise ValueError(f"fold_batch_norm: '{_name(call.path)}' appears in two pairs.")
+            seen[key] = _name(call.path)
+        if norm.training:
+            raise ValueError(
+                f"fold_batch_norm: BatchNorm '{_name(norm.path)}' ran in training mode (batch statistics); "
+                "folding uses the running statistics, so call the model in eval mode (e.g. train=False, "
+                "use_running_average=True, or model.eval() in nnx)."
+            )
+        for other in calls:
+            if other is norm or other.index <= layer.index or other.index < 0:
+                continue
+            if other.output is layer.output:  # passes its input on unchanged (e.g. a deterministic Dropout)
+                continue
+            if any(leaf is layer.output for leaf in _leaves(other.args, other.kwargs)) and other.done >= 0:
+                if other.index < norm.index and norm.done <= other.done:  # an ancestor passing it on
+                    continue
+                raise ValueError(
+                    f"fold_batch_norm: the output of '{_name(layer.path)}' also feeds '{_name(other.path)}' "
+                    f"({type(other.module).__name__}), besides BatchNorm '{_name(norm.path)}'; folding would "
+                    "change that input too."
+                )
+        x = norm.args[0]
+        ndim = jnp.ndim(x)
+        axis = norm.feature_axis
+        if isinstance(axis, Sequence) and len(axis) == 1:
+            axis = axis[0]
+        if not isinstance(axis, int) or not -ndim <= axis < ndim or axis % ndim != ndim - 1:
+            raise ValueError(
+                f"fold_batch_norm: BatchNorm '{_name(norm.path)}' normalizes axis={norm.feature_axis!r} of its "
+                f"shape-{tuple(jnp.shape(x))} input, but '{_name(layer.path)}' puts its output features on the "
+                "last axis; folding needs the BatchNorm's feature axis to be the layer's output feature axis "
+                "(NCHW BatchNorm, axis=1 on a 4-D input, is not supported)."
+            )
+        if jnp.iscomplexobj(x):
+            raise TypeError(f"fold_batch_norm: BatchNorm '{_name(norm.path)}' has a complex input; not supported.")
+    return wanted
+
+
+def _fold_arrays(kernel, bias, mean, var, scale, beta, epsilon, where: str):
+    """``W * s`` and ``(b - mean) * rsqrt(var + eps) * scale + beta``, as PyTorch's fuse_conv_bn_weights."""
+    out = kernel.shape[-1]
+    for name, value in (("mean", mean), ("var", var), ("scale", scale), ("bias", beta)):
+        if value is not None and tuple(value.shape) != (out,):
+            raise ValueError(
+                f"fold_batch_norm: BatchNorm '{where}' has {name} of shape {tuple(value.shape)}, but the layer "
+                f"before it has {out} output features."
+            )
+    if jnp.iscomplexobj(mean):
+        raise TypeError(f"fold_batch_norm: BatchNorm '{where}' has a complex running mean; not supported.")
+    dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+    rsqrt = jax.lax.rsqrt(var.astype(dtype) + jnp.asarray(epsilon, dtype))
+    gamma = jnp.ones((out,), dtype) if scale is None else scale.astype(dtype)
+    shift = jnp.zeros((out,), dtype) if beta is None else beta.astype(dtype)
+    b = jnp.zeros((out,), dtype) if bias is None else bias.astype(dtype)
+    new_kernel = (kernel.astype(dtype) * (gamma * rsqrt)).astype(kernel.dtype)
+    new_bias = ((b - mean.astype(dtype)) * rsqrt * gamma + shift).astype(kernel.dtype if bias is None else bias.dtype)
+    return new_kernel, new_bias
+
+
+# ----------------------------------------------------------------------------- linen
+
+
+def _get(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _unbox(value: Any) -> Any:
+    return value.unbox() if isinstance(value, meta.AxisMetadata) else value
+
+
+def _rebox(old: Any, new: Any) -> Any:
+    return old.replace_boxed(new) if isinstance(old, meta.AxisMetadata) else new
+
+
+def _remove(tree: dict, path: tuple[str, ...]) -> None:
+    """Deletes ``tree[path]`` and the dicts it leaves empty."""
+    if not path or not isinstance(tree, dict) or path[0] not in tree:
+        return
+    if len(path) == 1:
+        del tree[path[0]]
+        return
+    _remove(tree[path[0]], path[1:])
+    if isinstance(tree[path[0]], dict) and not tree[path[0]]:
+        del tree[path[0]]
+
+
+def _fold_linen(model: nn.Module, variables: Any, args: tuple, kwargs: dict, pairs: Any) -> Any:
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise TypeError(
+            "fold_batch_norm(linen_model, variables, *args): variables must be the model's variables "
+            f"({{'params': ..., 'batch_stats': ...}}), got {type(variables).__name__}"
+            + (f" with keys {sorted(variables)}" if isinstance(variables, Mapping) else "") + "."
+        )
+    if not args:
+        raise TypeError("fold_batch_norm(linen_model, variables, *args): pass a sample input after the variables.")
+    calls: list[_Call] = []
+    counter = [0]
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+        if context.method_name != "__call__":
+            return next_fun(*call_args, **call_kwargs)
+        module = context.module
+        kind = "layer" if isinstance(module, _LINEN_LAYERS) else "norm" if isinstance(module, _LINEN_NORMS) else "other"
+        call = _Call(counter[0], tuple(module.path), module, kind, call_args, dict(call_kwargs))
+        counter[0] += 1
+        calls.append(call)
+        if kind == "norm":
+            given = call_args[1] if len(call_args) > 1 else call_kwargs.get("use_running_average")
+            use_running_average = module.use_running_average if given is None else given
+            call.feature_axis, call.training = module.axis, use_running_average is False
+            if call.training:
+                raise ValueError(
+                    f"fold_batch_norm: BatchNorm '{_name(call.path)}' is called in training mode "
+                    "(use_running_average=False); folding uses the running statistics, so pass the "
+                    "arguments of an eval-mode call (e.g. train=False)."
+                )
+        out = next_fun(*call_args, **call_kwargs)
+        call.output, call.done = out, counter[0]
+        counter[0] += 1
+        return out
+
+    with nn.intercept_methods(interceptor):
+        model.apply(variables, *args, **kwargs)
+    wanted = _match(calls, _check_pairs(pairs))
+
+    frozen = isinstance(variables, flax.core.FrozenDict)
+    folded = flax.core.unfreeze(variables)  # a fresh nested dict
+    params = folded["params"]
+    for layer, norm in wanted:
+        lp, np_ = tuple(layer.path), tuple(norm.path)
+        layer_params = _get(params, lp)
+        stats = _get(folded.get("batch_stats", {}), np_)
+        if layer_params is None or "kernel" not in layer_params or stats is None:
+            raise ValueError(f"fold_batch_norm: variables lack the entries of '{_name(lp)}' or '{_name(np_)}'.")
+        norm_params = _get(params, np_) or {}
+        kernel, bias = _unbox(layer_params["kernel"]), _unbox(layer_params.get("bias"))
+        new_kernel, new_bias = _fold_arrays(
+            kernel, bias, _unbox(stats["mean"]), _unbox(stats["var"]), _unbox(norm_params.get("scale")),
+            _unbox(norm_params.get("bias")), norm.module.epsilon, _name(np_),
+        )
+        layer_params["kernel"] = _rebox(layer_params["kernel"], new_kernel)
+        layer_params["bias"] = _rebox(layer_params["bias"], new_bias) if "bias" in layer_params else new_bias
+        for name in list(folded):
+            _remove(folded[name], np_)
+            if name != "params" and not folded[name]:
+                del folded[name]
+    return flax.core.freeze(folded) if frozen else folded
+
+
+# ----------------------------------------------------------------------------- nnx
+
+
+def _child(parent: Any, key: Any) -> Any:
+    if isinstance(key, int) or isinstance(parent, Mapping):
+        return parent[key]
+    return getattr(parent, key)
+
+
+def _fold_nnx(module: nnx.Module, args: tuple, kwargs: dict, pairs: Any) -> nnx.Module:
+    if not args:
+        raise TypeError("fold_batch_norm(nnx_module, *args): pass a sample input to call the module with.")
+    model = nnx.clone(module)
+    paths = {id(m): path for path, m in nnx.iter_modules(model)}
+    calls: list[_Call] = []
+    counter = [0]
+    active: set[int] = set()
+
+    def wrap(original):
+        def wrapper(self, *call_args, **call_kwargs):
+            if id(self) not in paths or id(self) in active:
+                return original(self, *call_args, **call_kwargs)
+            kind = "layer" if isinstance(self, _NNX_LAYERS) else "norm" if isinstance(self, _NNX_NORMS) else "other"
+            call = _Call(counter[0], paths[id(self)], self, kind, call_args, dict(call_kwargs))
+            counter[0] += 1
+            calls.append(call)
+            if kind == "norm":
+                given = call_args[1] if len(call_args) > 1 else call_kwargs.get("use_running_average")
+                use_running_average = self.use_running_average if given is None else given
+                call.feature_axis, call.training = self.axis, use_running_average is False
+                if call.training:
+                    raise ValueError(
+                        f"fold_batch_norm: BatchNorm '{_name(call.path)}' is called in training mode; folding "
+                        "uses the running statistics: call model.eval() first (or pass use_running_average=True)."
+                    )
+            active.add(id(self))
+            try:
+                out = original(self, *call_args, **call_kwargs)
+            finally:
+                active.discard(id(self))
+            call.output, call.done = out, counter[0]
+            counter[0] += 1
+            return out
+
+        return wrapper
+
+    patched = {}
+    for m in {type(m) for m in (mod for _, mod in nnx.iter_modules(model))}:
+        owner = next((k for k in m.__mro__ if "__call__" in k.__dict__), None)
+        if owner is not None and owner not in patched and owner is not object:
+            patched[owner] = owner.__dict__["__call__"]
+    try:
+        for owner, original in patched.items():
+            owner.__call__ = wrap(original)
+        model(*args, **kwargs)
+    finally:
+        for owner, original in patched.items():
+            owner.__call__ = original
+    wanted = _match(calls, _check_pairs(pairs))
+
+    for layer_call, norm_call in wanted:
+        layer, norm = layer_call.module, norm_call.module
+        new_kernel, new_bias = _fold_arrays(
+            layer.kernel[...], None if layer.bias is None else layer.bias[...], norm.mean[...], norm.var[...],
+            None if norm.scale is None else norm.scale[...], None if norm.bias is None else norm.bias[...],
+            norm.epsilon, _name(norm_call.path),
+        )
+        layer.kernel[...] = new_kernel
+        if layer.bias is None:
+            layer.bias = nnx.Param(new_bias)
+            layer.use_bias = True
+        else:
+            layer.bias[...] = new_bias
+        path = norm_call.path
+        parent = model
+        for key in path[:-1]:
+            parent = _child(parent, key)
+        key = path[-1]
+        try:
+            if isinstance(key, int) or isinstance(parent, Mapping):
+                parent[key] = FoldedBatchNorm()
+            else:
+                setattr(parent, key, FoldedBatchNorm())
+        except (TypeError, AttributeError) as err:
+            raise ValueError(
+                f"fold_batch_norm: cannot replace BatchNorm '{_name(path)}' in its container "
+                f"{type(parent).__name__} (immutable?): {err}"
+            ) from err
+    return model
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def fold_batch_norm(model: Any, *args: Any, pairs: Sequence[tuple[Any, Any]] | None = None, **kwargs: Any) -> Any:
+    r"""Folds eval-mode BatchNorms into the ``Conv``/``Dense`` layers whose outputs they normalize.
+
+    For a layer ``y = x @ W + b`` (or a convolution with kernel ``W``, any
+    ``feature_group_count``) followed by a BatchNorm in eval mode with running
+    ``mean``, ``var``, ``epsilon`` and affine ``scale`` (γ), ``bias`` (β), per
+    output feature ``c``:
+
+    .. math::
+        s_c = \frac{\gamma_c}{\sqrt{\mathrm{var}_c + \epsilon}}, \qquad
+        W'_{\dots c} = W_{\dots c}\, s_c, \qquad
+        b'_c = (b_c - \mathrm{mean}_c)\, s_c + \beta_c
+
+    (``b = 0`` for a layer without bias, which then gets one), computed in at
+    least float32 in PyTorch's order (``fuse_conv_bn_weights``) and cast back
+    to the kernel's / bias's dtype.
+
+    Two forms, both running one forward pass (eagerly, not under ``jit``) on
+    the sample arguments to find which BatchNorm consumes which layer's output:
+
+    - ``fold_batch_norm(linen_model, variables, *args, pairs=None, **kwargs)``
+      applies ``linen_model.apply(variables, *args, **kwargs)`` under
+      ``flax.linen.intercept_methods`` and returns new **variables** of the
+      same network without the folded BatchNorms: their entries are removed
+      from every collection (``params``, ``batch_stats``, ...; dicts left
+      empty go too) and the layers' ``kernel``/``bias`` are replaced (a layer
+      without bias gets ``params/.../bias``). Apply them with the model built
+      without those BatchNorms and with ``use_bias=True`` on the folded layers.
+      A ``FrozenDict`` in gives a ``FrozenDict`` out; metadata boxes are kept.
+    - ``fold_batch_norm(nnx_module, *args, pairs=None, **kwargs)`` calls a
+      clone of the module with ``(*args, **kwargs)`` and returns that clone,
+      folded: each folded BatchNorm is replaced by :class:`FoldedBatchNorm`
+      (the identity, holding no state) and each layer holds the folded kernel
+      and a bias (``use_bias`` set True). The module passed in is not changed.
+
+    BatchNorm means ``flax.linen.BatchNorm`` / ``flax.nnx.BatchNorm`` and
+    jaxbn's drop-ins (and ``BatchRenorm``, whose inference is BatchNorm's);
+    layers are ``linen.Conv`` / ``linen.Dense`` and ``nnx.Conv`` /
+    ``nnx.Linear`` (NHWC / features last, as flax computes them). The
+    BatchNorm's feature axis must be the last axis of its input, the layer's
+    output features.
+
+    Args:
+      model: a ``flax.linen.Module`` or a ``flax.nnx.Module``.
+      *args: linen: the variables, then the sample call arguments; nnx: the
+        sample call arguments. Call it in eval mode (e.g. ``train=False``).
+      pairs: None to fold every BatchNorm the forward pass calls (each must
+        consume a layer output directly), or a sequence of ``(layer_path,
+        batch_norm_path)`` to fold only those; a path is ``'block/Conv_0'``
+        (linen scope names; nnx attribute names and list indices, as
+        ``nnx.iter_modules`` gives them) or a tuple of names.
+      **kwargs: keyword arguments of the sample call.
+
+    Returns:
+      linen: the folded variables (a dict); nnx: the folded module.
+
+    Raises:
+      ValueError: a BatchNorm does not consume a layer output directly (the
+        message names the BatchNorm's path and what sits between: another
+        module, or code outside module calls after the named layer); an
+        explicit pair names a missing module, a module of the wrong kind, or
+        a BatchNorm that does not consume that layer's output; a BatchNorm
+        runs in training mode; its feature axis is not the layer's output
+        feature axis (e.g. ``axis=1``, NCHW, on a 4-D input); a paired module
+        is called more than once; the layer output also feeds another module;
+        the forward pass calls no BatchNorm.
+      TypeError: ``model`` is neither a linen nor an nnx module, linen
+        ``variables`` are not a mapping with ``'params'``, no sample input is
+        given, ``pairs`` is malformed, or a BatchNorm input is complex.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from jaxbn.linen import BatchNorm
+    >>> class Net(nn.Module):
+    ...     folded: bool = False
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         x = nn.Dense(4, use_bias=self.folded)(x)
+    ...         return x if self.folded else BatchNorm(use_running_average=True)(x)
+    >>> x = jax.random.normal(jax.random.key(0), (5, 3))
+    >>> variables = Net().init(jax.random.key(1), x)
+    >>> variables['batch_stats']['BatchNorm_0']['mean'] = jnp.arange(4.0)
+    >>> folded = fold_batch_norm(Net(), variables, x)
+    >>> jax.tree.map(jnp.shape, folded)
+    {'params': {'Dense_0': {'bias': (4,), 'kernel': (3, 4)}}}
+    >>> bool(jnp.allclose(Net(folded=True).apply(folded, x), Net().apply(variables, x), atol=1e-5))
+    True
+    """
+    if isinstance(model, nn.Module):
+        if not args:
+            raise TypeError("fold_batch_norm(linen_model, variables, *args): the variables are missing.")
+        return _fold_linen(model, args[0], args[1:], kwargs, pairs)
+    if isinstance(model, nnx.Module):
+        return _fold_nnx(model, args, kwargs, pairs)
+    raise TypeError(
+        f"fold_batch_norm: model must be a flax.linen.Module (with its variables) or a flax.nnx.Module, "
+        f"got {type(model).__name__}."
+    )
