@@ -15,11 +15,11 @@ model: :func:`recalibrate` re-estimates running statistics from data and
 
 from jaxbn.per_example import group_norm, instance_norm, layer_norm, rms_norm
 from jaxbn._validation import DegenerateBatchWarning
-from jaxbn.functional import batch_norm, batch_norm_init, normalize
+from jaxbn.functional import batch_norm, batch_norm_init, normalize, update_running_stats
 from jaxbn.fold import fold_batch_norm
 from jaxbn.recalibrate import recalibrate
 from jaxbn.renorm import batch_renorm, renorm_clipping
-from jaxbn.stats import Moments, moments
+from jaxbn.stats import Moments, merge_moments, moments
 
 __version__ = "0.1.0"
 
@@ -33,9 +33,11 @@ __all__ = [
     "group_norm",
     "instance_norm",
     "layer_norm",
+    "merge_moments",
     "moments",
     "normalize",
     "recalibrate",
     "renorm_clipping",
     "rms_norm",
+    "update_running_stats",
 ]

@@ -19,7 +19,7 @@ from jax import lax
 
 from jaxbn import _ghost, _train_step, _validation, stats
 
-__all__ = ["normalize", "batch_norm", "batch_norm_init"]
+__all__ = ["normalize", "batch_norm", "batch_norm_init", "update_running_stats"]
 
 Params = Mapping[str, jax.Array]
 State = Mapping[str, jax.Array]
@@ -187,6 +187,58 @@ def _update_running_stats(
     return new_state
 
 
+def update_running_stats(
+    state: State,
+    batch: stats.Moments,
+    *,
+    momentum: float | None = 0.99,
+    unbiased_running_var: bool = False,
+) -> dict[str, jax.Array]:
+    r"""Averages batch moments into running statistics, as :func:`batch_norm`'s training step does.
+
+    ``state' = momentum * state + (1 - momentum) * (mean, var)`` (or the
+    cumulative average for ``momentum=None``, with ``state['count']``), with
+    the same guards: a non-finite batch leaves the state as it is, features
+    without valid elements keep theirs. Together with
+    ``batch_norm(..., update_running_stats=False, return_moments=True)`` and
+    :func:`jaxbn.merge_moments` it gives one update per optimizer step over
+    several micro-batches (four updates at momentum 0.9 would act like one at
+    0.9^4 ~ 0.66).
+
+    Args:
+      state: ``{'mean', 'var'}`` (and ``'count'`` for ``momentum=None``).
+      batch: the batch's :class:`jaxbn.Moments` of the state's shape.
+      momentum: in [0, 1], or None for the cumulative average.
+      unbiased_running_var: average ``var * n / (n - 1)`` into the state.
+
+    Returns:
+      The new state, with the old one's keys and dtypes.
+
+    Raises:
+      TypeError / ValueError: bad state, momentum or moments.
+
+    >>> import jax.numpy as jnp, jaxbn
+    >>> x = jnp.arange(8.0).reshape(4, 2)
+    >>> params, state = jaxbn.batch_norm_init(2)
+    >>> micro = [jaxbn.batch_norm(x[i:i + 2], params, state, training=True, momentum=0.9,
+    ...                           update_running_stats=False, return_moments=True)[2] for i in (0, 2)]
+    >>> update_running_stats(state, jaxbn.merge_moments(micro), momentum=0.9)['mean']
+    Array([0.3, 0.4], dtype=float32)
+    """
+    if not isinstance(batch, stats.Moments):
+        raise TypeError(f"batch must be jaxbn.Moments, got {type(batch).__name__}.")
+    feature_shape = tuple(jnp.shape(batch.mean))
+    checked = _validation.check_feature_arrays(
+        state, _STATE_KEYS, _STATE_KEYS, feature_shape, "state", scalars=(_COUNT_KEY, _STEPS_KEY)
+    )
+    _check_state_dtypes(checked, batch.mean, update=True)
+    _validation.check_static_bool(unbiased_running_var, "unbiased_running_var")
+    if momentum is not None:
+        _validation.check_momentum(momentum)
+    _check_cumulative_state(checked, momentum)
+    return _update_running_stats(checked, batch, momentum, unbiased_running_var)
+
+
 def _check_cumulative_state(state: Mapping[str, Any], momentum: Any) -> None:
     """Raises unless ``state`` has a ``'count'`` exactly when ``momentum`` is None."""
     if momentum is None and _COUNT_KEY not in state:
@@ -326,7 +378,8 @@ def batch_norm(
     mask: jax.Array | None = None,
     dtype: Any = None,
     ghost_batch_size: int | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return_moments: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]] | tuple[jax.Array, dict[str, jax.Array], stats.Moments | None]:
     r"""Batch normalization with explicit running statistics.
 
     Training normalizes with the statistics of the batch (every axis but
@@ -370,9 +423,12 @@ def batch_norm(
       dtype: output dtype; default: the promotion of ``x`` and the params.
       ghost_batch_size: None, or a divisor of the local batch: normalize each
         group of that many consecutive examples with its own statistics.
+      return_moments: also return the batch's :class:`jaxbn.Moments` (None
+        where no batch statistics were taken), e.g. to accumulate micro-batches
+        with :func:`jaxbn.merge_moments` and :func:`update_running_stats`.
 
     Returns:
-      ``(y, new_state)``.
+      ``(y, new_state)``, or ``(y, new_state, moments)``.
 
     Raises:
       TypeError / ValueError: at trace time, for any argument that does not
@@ -396,18 +452,22 @@ def batch_norm(
         momentum=momentum, unbiased_running_var=unbiased_running_var, epsilon=epsilon, axis_name=axis_name,
         axis_index_groups=axis_index_groups, mask=mask, dtype=dtype, ghost_batch_size=ghost_batch_size,
     )
+    _validation.check_static_bool(return_moments, "return_moments")
     with jax.named_scope("jaxbn.batch_norm"):
-        return batch_norm_from_checked(call)
+        y, new_state, moments = batch_norm_from_checked(call, want_moments=return_moments)
+    return (y, new_state, moments) if return_moments else (y, new_state)
 
 
 def batch_norm_from_checked(
-    call: _BatchNormCall, correction: Any = None, correction_args: tuple = ()
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """:func:`batch_norm` on validated arguments; ``correction`` is a batch-statistics variant.
+    call: _BatchNormCall, correction: Any = None, correction_args: tuple = (), want_moments: bool = False
+) -> tuple[jax.Array, dict[str, jax.Array], stats.Moments | None]:
+    """:func:`batch_norm` on validated arguments: ``(y, new_state, batch moments or None)``.
 
+    ``correction`` is a batch-statistics variant:
     ``correction(batch, running_mean, running_var, epsilon, *correction_args)``
     gives per-feature ``(r, d)``: training computes ``γ (x̂ r + d) + β`` (see
     :class:`jaxbn._train_step.StepConfig`); inference is batch norm's.
+    ``want_moments``: the moments are wanted even where the state is not updated.
     """
     x, params, state = call.x, call.params, call.state
     running_mean, running_var = state["mean"], state["var"]
@@ -435,24 +495,27 @@ def batch_norm_from_checked(
         shift, jnp.asarray(call.epsilon, call.compute_dtype), mask, running_mean, running_var,
         tuple(jnp.asarray(v) for v in correction_args) if call.training else (),
     )
+    batch = None
     if call.training:
         y, batch = _train_with_batch_statistics(x_stats, params_stats, config, inputs)
         y = y.reshape(x.shape)
     else:
         y = _infer(call)
-        if call.update:  # empty features keep their state: no fallback needed
+        if call.update or want_moments:  # empty features keep their state: no fallback needed
             batch = stats.moments(
                 lax.stop_gradient(x_stats), axes, mask=mask, axis_name=axis_name,
                 axis_index_groups=axis_index_groups, dtype=call.compute_dtype, shift=shift, reshift=reshift,
             )
-    if not call.update:
-        return y, call.given_state
+    if not (call.update or want_moments):
+        return y, call.given_state, None
     if call.ghost_batch_size:
         batch = _ghost.combine_ghost_moments(batch, state["mean"], call.axis_name, call.axis_index_groups)
-    return y, _update_running_stats(state, batch, call.momentum, call.unbiased_running_var)
+    if not call.update:
+        return y, call.given_state, batch
+    return y, _update_running_stats(state, batch, call.momentum, call.unbiased_running_var), batch
 
 
-def _single_value(call: _BatchNormCall) -> tuple[jax.Array, dict[str, jax.Array]]:
+def _single_value(call: _BatchNormCall) -> tuple[jax.Array, dict[str, jax.Array], stats.Moments]:
     """One value per feature: the batch mean is ``x`` itself and there is no variance.
 
     Training outputs ``(x - x)``-normalized values, exactly the bias, with the
@@ -468,14 +531,14 @@ def _single_value(call: _BatchNormCall) -> tuple[jax.Array, dict[str, jax.Array]
         )
     else:
         y = _infer(call)
-    if not call.update:
-        return y, call.given_state
     dtype = jnp.promote_types(mean.dtype, call.compute_dtype)
     mean = lax.stop_gradient(mean).astype(dtype)
     zeros = jnp.zeros(mean.shape, jnp.finfo(dtype).dtype)
     batch = stats.Moments(mean=mean, var=zeros, count=zeros + 1, shift=mean, mean_minus_shift=jnp.zeros_like(mean))
+    if not call.update:
+        return y, call.given_state, batch
     # unbiased with n = 1: the variance is kept (n / (n - 1) has no value), the mean averaged
-    return y, _update_running_stats(state, batch, call.momentum, unbiased=True)
+    return y, _update_running_stats(state, batch, call.momentum, unbiased=True), batch
 
 
 def _infer(call: _BatchNormCall) -> jax.Array:

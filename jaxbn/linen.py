@@ -115,6 +115,9 @@ class BatchNorm(nn.Module):
         None (default): exactly when not ``use_running_average``.
       ghost_batch_size: None, or the size of the ghost batches (consecutive
         examples along axis 0, local to each device) normalized separately.
+      sow_moments: sow the batch's :class:`jaxbn.Moments` (when batch
+        statistics are taken) into ``intermediates/batch_moments``, for
+        :func:`jaxbn.merge_moments` and :func:`jaxbn.update_running_stats`.
 
     >>> import jax, jax.numpy as jnp
     >>> bn = BatchNorm(use_running_average=False, momentum=0.9)
@@ -149,6 +152,7 @@ class BatchNorm(nn.Module):
     unbiased_running_var: bool = False
     update_running_stats: bool | None = None
     ghost_batch_size: int | None = None
+    sow_moments: bool = False
 
     @nn.compact
     def __call__(
@@ -193,10 +197,11 @@ class BatchNorm(nn.Module):
         with warnings.catch_warnings():
             if initializing:  # a dummy batch of one is usual there, and nothing is estimated
                 warnings.simplefilter("ignore", _validation.DegenerateBatchWarning)
-            y, new_state = self._normalize(
+            y, new_state, moments = self._normalize(
                 x,
                 params,
                 state,
+                return_moments=True,
                 training=training,
                 update_running_stats=update,
                 axis=self.axis,
@@ -212,6 +217,8 @@ class BatchNorm(nn.Module):
         if update:
             for key, variable in running.items():
                 variable.value = new_state[key]
+        if self.sow_moments and moments is not None:
+            self.sow("intermediates", "batch_moments", moments)
         return y
 
     @nn.nowrap

@@ -219,6 +219,10 @@ class BatchNorm(_Normalization):
       ghost_batch_size: None, or the size of the ghost batches (consecutive
         examples along axis 0, local to each device) normalized with their
         own statistics (ghost batch norm; see :func:`jaxbn.batch_norm`).
+      sow_moments: sow the batch's :class:`jaxbn.Moments` (when batch
+        statistics are taken) as the ``nnx.Intermediate`` ``batch_moments``
+        (collect them with ``nnx.capture``), for :func:`jaxbn.merge_moments`
+        and :func:`jaxbn.update_running_stats`.
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
@@ -262,6 +266,7 @@ class BatchNorm(_Normalization):
         unbiased_running_var: bool = False,
         update_running_stats: bool | None = None,
         ghost_batch_size: int | None = None,
+        sow_moments: bool = False,
     ):
         if momentum is not None:
             _validation.check_momentum(momentum)
@@ -276,7 +281,7 @@ class BatchNorm(_Normalization):
             use_bias=use_bias, use_scale=use_scale, axis_name=axis_name, axis_index_groups=axis_index_groups,
             use_fast_variance=use_fast_variance, promote_dtype=promote_dtype,
             unbiased_running_var=unbiased_running_var, update_running_stats=update_running_stats,
-            ghost_batch_size=ghost_batch_size,
+            ghost_batch_size=ghost_batch_size, sow_moments=sow_moments,
         )
         self.mean = nnx.BatchStat(jnp.zeros((self.num_features,), jnp.float32))
         self.var = nnx.BatchStat(jnp.ones((self.num_features,), jnp.float32))
@@ -326,10 +331,11 @@ class BatchNorm(_Normalization):
         feature_shape = _validation.feature_shape(x, self.axis)
         state = {**stored, **({} if update else promoted)}  # averaging starts from the stored values
         vectors = _to_feature_shape(self, {k: state[k] for k in ("mean", "var")}, x, feature_shape, "axis")
-        y, new_state = self._normalize(
+        y, new_state, moments = self._normalize(
             x,
             _to_feature_shape(self, params, x, feature_shape, "axis"),
             {**state, **vectors},
+            return_moments=True,
             training=training,
             update_running_stats=update,
             axis=self.axis,
@@ -352,6 +358,8 @@ class BatchNorm(_Normalization):
                         variable.set_value(value)
                 except flax.errors.TraceContextError as err:
                     raise flax.errors.TraceContextError(_CLOSURE_MESSAGE.format(name=type(self).__name__)) from err
+        if self.sow_moments and moments is not None:
+            self.sow(nnx.Intermediate, "batch_moments", moments)
         return y
 
     def _normalize(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:

@@ -164,7 +164,8 @@ def batch_renorm(
     mask: jax.Array | None = None,
     dtype: Any = None,
     ghost_batch_size: int | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return_moments: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]] | tuple[jax.Array, dict[str, jax.Array], stats.Moments | None]:
     r"""Batch renormalization (Ioffe, 2017) with explicit running statistics.
 
     Training normalizes with the batch statistics, then corrects towards the
@@ -197,7 +198,7 @@ def batch_renorm(
     Args:
       x, params, state, training, update_running_stats, axis, momentum,
         unbiased_running_var, epsilon, axis_name, axis_index_groups, mask,
-        dtype, ghost_batch_size: as in :func:`jaxbn.batch_norm` (with ghost
+        dtype, ghost_batch_size, return_moments: as in :func:`jaxbn.batch_norm` (with ghost
         batches, ``r`` and ``d`` are computed per ghost batch). Real inputs
         only in training.
       r_max: >= 1, the bound of ``r`` (``inf``: unbounded); a number or a
@@ -238,5 +239,9 @@ def batch_renorm(
         axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask, dtype=dtype,
         ghost_batch_size=ghost_batch_size, complex_ok=not training, scalars=("count", "steps"),
     )
+    _validation.check_static_bool(return_moments, "return_moments")
     with jax.named_scope("jaxbn.batch_renorm"):
-        return functional.batch_norm_from_checked(call, renorm_correction, (r_max, d_max))
+        y, new_state, moments = functional.batch_norm_from_checked(
+            call, renorm_correction, (r_max, d_max), want_moments=return_moments
+        )
+    return (y, new_state, moments) if return_moments else (y, new_state)

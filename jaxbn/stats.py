@@ -23,7 +23,7 @@ from jax import lax
 
 from jaxbn import _validation
 
-__all__ = ["Moments", "moments", "cross_device_sum", "axis_size"]
+__all__ = ["Moments", "moments", "merge_moments", "cross_device_sum", "axis_size"]
 
 #: A reduction around a shift ``K`` computes ``var = E[(x-K)^2] - (E[x]-K)^2``;
 #: its relative rounding error is that of the sums times
@@ -544,3 +544,51 @@ def _shifted_moments_jvp(plan, primals, tangents):
     safe_count = jnp.maximum(count, 1)
     zeros = jnp.zeros_like(count)
     return out, (zeros, jnp.zeros_like(shift), d_first / safe_count, d_second / safe_count)
+
+
+def merge_moments(parts: Sequence[Moments]) -> Moments:
+    r"""The moments of several batches together, from each batch's :class:`Moments`.
+
+    Exact count-weighted combination (what :func:`moments` of the
+    concatenated batches gives, up to rounding), taken around the first
+    part's shift so that large offsets cancel before they meet the rounding:
+
+    .. math::
+        n = \sum_i n_i, \qquad \mu = \frac{\sum_i n_i \mu_i}{n}, \qquad
+        \sigma^2 = \frac{\sum_i n_i (\sigma_i^2 + (\mu_i - \mu)^2)}{n}.
+
+    Use it to accumulate micro-batches: normalize each with
+    ``batch_norm(..., update_running_stats=False, return_moments=True)``,
+    merge, and apply one :func:`jaxbn.update_running_stats` per optimizer step.
+
+    Args:
+      parts: one or more :class:`Moments` of the same shape (features with no
+        valid element, ``count == 0``, weigh nothing).
+
+    Returns:
+      :class:`Moments` of all parts, with the first part's shift.
+
+    Raises:
+      ValueError: ``parts`` is empty or the shapes differ.
+
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[1.0], [2.0], [3.0], [10.0]])
+    >>> merged = merge_moments([moments(x[:1], 0), moments(x[1:], 0)])
+    >>> merged.mean, merged.var, merged.count
+    (Array([4.], dtype=float32), Array([12.5], dtype=float32), Array([4.], dtype=float32))
+    """
+    parts = list(parts)
+    if not parts or not all(isinstance(part, Moments) for part in parts):
+        raise ValueError(f"parts must be a non-empty sequence of Moments, got {parts!r}.")
+    shapes = {jnp.shape(part.mean) for part in parts}
+    if len(shapes) != 1:
+        raise ValueError(f"parts must all have one shape, got {sorted(shapes)}.")
+    shift = parts[0].shift
+    counts = [part.count for part in parts]
+    total = sum(counts[1:], counts[0])
+    safe = jnp.maximum(total, 1)
+    # each mean relative to the common shift: (K_i - K) + (mean_i - K_i)
+    offsets = [(part.shift - shift) + part.mean_minus_shift for part in parts]
+    offset = sum((n * d for n, d in zip(counts, offsets)), jnp.zeros_like(offsets[0])) / safe
+    spread = sum(n * (part.var + abs_square(d - offset)) for n, part, d in zip(counts, parts, offsets)) / safe
+    return Moments(mean=shift + offset, var=spread, count=total, shift=shift, mean_minus_shift=offset)
