@@ -10,13 +10,15 @@ the same :func:`moments`. The Flax modules in :mod:`jaxbn.linen` and
 :mod:`jaxbn.nnx` own variables and call these functions. Around a trained
 model: :func:`recalibrate` re-estimates running statistics from data and
 :func:`fold_batch_norm` folds eval-mode BatchNorms into the preceding
-``Conv``/``Dense`` for inference.
+``Conv``/``Dense`` for inference, :func:`inspect_batch_norms` compares batch
+and running statistics per layer.
 """
 
 from jaxbn.per_example import group_norm, instance_norm, layer_norm, rms_norm
 from jaxbn._validation import DegenerateBatchWarning
 from jaxbn.functional import batch_norm, batch_norm_init, normalize, update_running_stats
 from jaxbn.fold import fold_batch_norm
+from jaxbn.inspect import inspect_batch_norms
 from jaxbn.recalibrate import recalibrate
 from jaxbn.renorm import batch_renorm, renorm_clipping
 from jaxbn.stats import Moments, merge_moments, moments
@@ -31,6 +33,7 @@ __all__ = [
     "batch_renorm",
     "fold_batch_norm",
     "group_norm",
+    "inspect_batch_norms",
     "instance_norm",
     "layer_norm",
     "merge_moments",

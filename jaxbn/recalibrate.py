@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -27,15 +27,15 @@ from jaxbn import _train_step, _validation, stats
 from jaxbn import linen as jaxbn_linen
 from jaxbn import nnx as jaxbn_nnx
 
-__all__ = ["recalibrate"]
+__all__ = ["recalibrate"]  # the helpers without a leading underscore serve jaxbn.inspect
 
 _SOWN = "jaxbn_recalibrate"
 _NORMALIZE_WITH = ("batch", "running")
 _ESTIMATORS = ("population", "mean_of_batches")
 
 
-class _Pooled(NamedTuple):
-    """One layer's statistics so far, float64 on the host (per feature)."""
+class PooledMoments(NamedTuple):
+    """One layer's statistics so far, float64 on the host (per feature); see :func:`pool_moments`."""
 
     count: np.ndarray  # valid elements
     mean: np.ndarray
@@ -45,18 +45,18 @@ class _Pooled(NamedTuple):
     var_sum: np.ndarray  # ... and of the unbiased batch variances
 
 
-def _pool(pooled: _Pooled | None, count: np.ndarray, mean: np.ndarray, var: np.ndarray) -> _Pooled:
+def pool_moments(pooled: PooledMoments | None, count: np.ndarray, mean: np.ndarray, var: np.ndarray) -> PooledMoments:
     """Adds one batch's (count, mean, biased var) to ``pooled`` (Chan et al.'s exact combination)."""
     count, mean, var = (np.asarray(v, np.float64) for v in (count, mean, var))
     if np.iscomplexobj(mean):
         raise TypeError("recalibrate does not support complex activations.")
     unbiased = var * count / np.maximum(count - 1, 1)
     if pooled is None:
-        return _Pooled(count, mean, var * count, 1, mean, unbiased)
+        return PooledMoments(count, mean, var * count, 1, mean, unbiased)
     total = pooled.count + count
     delta = mean - pooled.mean
     safe = np.maximum(total, 1)
-    return _Pooled(
+    return PooledMoments(
         total,
         pooled.mean + delta * count / safe,
         pooled.m2 + var * count + delta**2 * pooled.count * count / safe,
@@ -66,7 +66,7 @@ def _pool(pooled: _Pooled | None, count: np.ndarray, mean: np.ndarray, var: np.n
     )
 
 
-def _estimate(pooled: _Pooled, estimator: str, unbiased: bool) -> tuple[np.ndarray, np.ndarray]:
+def _estimate(pooled: PooledMoments, estimator: str, unbiased: bool) -> tuple[np.ndarray, np.ndarray]:
     """The running ``(mean, var)`` the pooled statistics give (NaN where no element was valid)."""
     if estimator == "mean_of_batches":  # PyTorch's update_bn: cumulative average of the batch statistics
         return pooled.mean_sum / pooled.batches, pooled.var_sum / pooled.batches
@@ -119,7 +119,7 @@ def _as_args(batch: Any) -> tuple:
     return tuple(batch) if isinstance(batch, tuple) else (batch,)
 
 
-def _check_options(normalize_with: str, estimator: str) -> None:
+def check_options(normalize_with: str, estimator: str) -> None:
     if normalize_with not in _NORMALIZE_WITH:
         raise ValueError(f"normalize_with must be one of {_NORMALIZE_WITH}, got {normalize_with!r}.")
     if estimator not in _ESTIMATORS:
@@ -131,14 +131,15 @@ def _check_options(normalize_with: str, estimator: str) -> None:
 _LINEN_BATCH_NORMS = (nn.BatchNorm, jaxbn_linen.BatchNorm)
 
 
-def _linen_interceptor(normalize_with: str, unbiased: dict[tuple[str, ...], bool]):
-    """Replaces each BatchNorm call by :func:`_normalized`; notes each layer's variance convention."""
+def _linen_interceptor(normalize_with: str, info: dict[tuple[str, ...], dict[str, Any]]):
+    """Replaces each BatchNorm call by :func:`_normalized`; notes each layer's static settings in ``info``."""
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or not isinstance(module, _LINEN_BATCH_NORMS):
             return next_fun(*args, **kwargs)
-        unbiased[tuple(module.path)] = bool(getattr(module, "unbiased_running_var", False))  # static
+        info[tuple(module.path)] = {  # static, noted while tracing
+            "unbiased": bool(getattr(module, "unbiased_running_var", False)), "epsilon": float(module.epsilon)}
         params = {key: module.get_variable("params", key) for key in ("scale", "bias")
                   if module.has_variable("params", key)}
         state = {key: module.get_variable("batch_stats", key) for key in ("mean", "var")}
@@ -152,39 +153,57 @@ def _linen_interceptor(normalize_with: str, unbiased: dict[tuple[str, ...], bool
     return intercept
 
 
-def _recalibrate_linen(model, variables, batches, normalize_with, estimator, progress, call_kwargs):
+def linen_layer_moments(
+    model: nn.Module, variables: Mapping, batches: Iterable, normalize_with: str, call_kwargs: Mapping,
+    info: dict[tuple[str, ...], dict[str, Any]],
+) -> Iterator[dict[tuple[str, ...], list[tuple]]]:
+    """Per batch, ``{layer path: [(count, mean, var) per call]}`` (host arrays) of a linen model's BatchNorms.
+
+    Each layer's ``unbiased_running_var`` and ``epsilon`` are noted in ``info`` while tracing.
+    """
     if not isinstance(variables, Mapping) or "batch_stats" not in variables:
         raise ValueError(
             "variables must be the model's variables with a 'batch_stats' collection (what model.init "
-            f"returns), got {type(variables).__name__} with keys {list(variables) if isinstance(variables, Mapping) else None}."
+            f"returns), got {type(variables).__name__} with keys "
+            f"{list(variables) if isinstance(variables, Mapping) else None}."
         )
-
-    unbiased: dict[tuple[str, ...], bool] = {}
 
     @jax.jit
     def layer_moments(variables, args):
-        with nn.intercept_methods(_linen_interceptor(normalize_with, unbiased)):
+        with nn.intercept_methods(_linen_interceptor(normalize_with, info)):
             _, sown = model.apply(variables, *args, mutable=["intermediates"], **call_kwargs)
         return sown.get("intermediates", {})
 
-    pooled: dict[tuple[str, ...], _Pooled] = {}
-    for batch in _progress(batches, progress, "recalibrate"):
-        for layer, calls in _sown_by_layer(jax.device_get(layer_moments(variables, _as_args(batch)))):
+    for batch in batches:
+        yield {layer: list(calls) for layer, calls in _sown_by_layer(jax.device_get(layer_moments(variables, _as_args(batch))))}
+
+
+def _recalibrate_linen(model, variables, batches, normalize_with, estimator, progress, call_kwargs):
+    info: dict[tuple[str, ...], dict[str, Any]] = {}
+    pooled: dict[tuple[str, ...], PooledMoments] = {}
+    batches = _progress(batches, progress, "recalibrate")
+    for layers in linen_layer_moments(model, variables, batches, normalize_with, call_kwargs, info):
+        for layer, calls in layers.items():
             for moments in calls:  # one (count, mean, var) per call of the layer
-                pooled[layer] = _pool(pooled.get(layer), *moments)
+                pooled[layer] = pool_moments(pooled.get(layer), *moments)
     if not pooled:
         raise ValueError("recalibrate found no BatchNorm call in the model's __call__ with these arguments.")
     batch_stats = _copied(variables["batch_stats"])
     for layer, stats_ in pooled.items():
-        node = batch_stats
-        for key in layer:
-            node = node[key]
-        mean, var = _estimate(stats_, estimator, unbiased.get(layer, False))
+        node = node_at(batch_stats, layer)
+        mean, var = _estimate(stats_, estimator, info[layer]["unbiased"])
         node["mean"] = _written(node["mean"], mean)
         node["var"] = _written(node["var"], var)
         if "count" in node:
             node["count"] = _written(node["count"], np.float64(stats_.batches))
     return {**variables, "batch_stats": batch_stats}
+
+
+def node_at(tree: Mapping, path: tuple) -> Any:
+    """``tree[path[0]][path[1]]...``."""
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 def _sown_by_layer(tree: Mapping, path: tuple[str, ...] = ()) -> Iterable[tuple[tuple[str, ...], tuple]]:
@@ -196,6 +215,11 @@ def _sown_by_layer(tree: Mapping, path: tuple[str, ...] = ()) -> Iterable[tuple[
             yield from _sown_by_layer(value, path + (key,))
 
 
+def unboxed(value: Any) -> Any:
+    """``value`` without its partitioning box, if it has one."""
+    return value.unbox() if isinstance(value, meta.AxisMetadata) else value
+
+
 def _copied(tree: Any) -> Any:
     """A copy of a nest of mappings (the arrays themselves are shared)."""
     return {key: _copied(value) for key, value in tree.items()} if isinstance(tree, Mapping) else tree
@@ -204,7 +228,7 @@ def _copied(tree: Any) -> Any:
 def _written(old: Any, new: np.ndarray) -> Any:
     """``new`` in ``old``'s shape and dtype (and partitioning box); where ``new`` is NaN, ``old`` stays."""
     if isinstance(old, meta.AxisMetadata):
-        return old.replace_boxed(_written(old.unbox(), new))
+        return old.replace_boxed(_written(unboxed(old), new))
     new = np.reshape(new, np.shape(old))
     return jnp.asarray(np.where(np.isnan(new), np.asarray(old, np.float64), new), old.dtype)
 
@@ -238,10 +262,18 @@ def _recording_nnx_batch_norms(normalize_with: str):
             cls.__call__ = call
 
 
-def _recalibrate_nnx(module, batches, normalize_with, estimator, progress, call_kwargs):
+def nnx_batch_norms(module: nnx.Module) -> dict[tuple, nnx.Module]:
+    """The BatchNorm nodes of an nnx module graph, by path."""
     layers = {tuple(path): node for path, node in nnx.iter_graph(module) if isinstance(node, _NNX_BATCH_NORMS)}
     if not layers:
-        raise ValueError(f"recalibrate found no BatchNorm in the {type(module).__name__} module.")
+        raise ValueError(f"found no BatchNorm in the {type(module).__name__} module.")
+    return layers
+
+
+def nnx_layer_moments(
+    module: nnx.Module, batches: Iterable, normalize_with: str, call_kwargs: Mapping
+) -> Iterator[dict[tuple, list[tuple]]]:
+    """Per batch, ``{layer path: [(count, mean, var) per call]}`` (host arrays) of an nnx module's BatchNorms."""
 
     @nnx.jit
     def forward(module, args):
@@ -251,13 +283,20 @@ def _recalibrate_nnx(module, batches, normalize_with, estimator, progress, call_
         module(*args, **call_kwargs)
         return nnx.pop(module, nnx.Intermediate)
 
-    pooled: dict[tuple, _Pooled] = {}
-    with _recording_nnx_batch_norms(normalize_with):
-        for batch in _progress(batches, progress, "recalibrate"):
+    for batch in batches:
+        with _recording_nnx_batch_norms(normalize_with):
             sown = nnx.to_pure_dict(forward(module, _as_args(batch)))
-            for layer, calls in _sown_by_layer(jax.device_get(sown)):
-                for moments in calls:  # one (count, mean, var) per call of the layer
-                    pooled[layer] = _pool(pooled.get(layer), *moments)
+        yield {layer: list(calls) for layer, calls in _sown_by_layer(jax.device_get(sown))}
+
+
+def _recalibrate_nnx(module, batches, normalize_with, estimator, progress, call_kwargs):
+    layers = nnx_batch_norms(module)
+    pooled: dict[tuple, PooledMoments] = {}
+    for moments_by_layer in nnx_layer_moments(module, _progress(batches, progress, "recalibrate"), normalize_with,
+                                              call_kwargs):
+        for layer, calls in moments_by_layer.items():
+            for moments in calls:  # one (count, mean, var) per call of the layer
+                pooled[layer] = pool_moments(pooled.get(layer), *moments)
     for layer, statistics in pooled.items():
         node = layers[layer]
         mean, var = _estimate(statistics, estimator, bool(getattr(node, "unbiased_running_var", False)))
@@ -333,7 +372,7 @@ def recalibrate(
     >>> bool(jnp.allclose(new['batch_stats']['BatchNorm_0']['mean'], h.mean(0), atol=1e-5))
     True
     """
-    _check_options(normalize_with, estimator)
+    check_options(normalize_with, estimator)
     if isinstance(model, nn.Module):
         if batches is None:
             raise TypeError("recalibrate(linen_model, variables, batches): the batches are missing.")

@@ -1,0 +1,167 @@
+"""Batch against running statistics, per BatchNorm: :func:`inspect_batch_norms` and :func:`plot`.
+
+A trained model's running statistics should describe what its layers see at
+inference. For one batch, each BatchNorm (linen or nnx, jaxbn's or flax's)
+reports the moments of its input beside its running statistics, a drift
+score and how many of its features were constant over the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+from flax import linen as nn
+from flax import nnx
+
+from jaxbn.recalibrate import (
+    check_options,
+    linen_layer_moments,
+    nnx_batch_norms,
+    nnx_layer_moments,
+    node_at,
+    pool_moments,
+    unboxed,
+)
+
+__all__ = ["LayerReport", "inspect_batch_norms", "plot"]
+
+
+class LayerReport(NamedTuple):
+    """One BatchNorm's statistics for a batch (NumPy float64 arrays per feature).
+
+    Attributes:
+      path: the module's path in the model.
+      count: valid elements per feature.
+      batch_mean, batch_var: the batch's moments (biased variance).
+      running_mean, running_var: the layer's running statistics.
+      mean_shift: ``(batch_mean - running_mean) / sqrt(running_var + eps)``.
+      log_var_ratio: ``log((batch_var + eps) / (running_var + eps))``.
+      drift: ``sqrt(mean(mean_shift^2 + log_var_ratio^2))`` over features:
+        0 when the running statistics describe the batch; about 1 when the
+        batch mean is one running standard deviation off, or its spread e
+        times (or 1/e times) the running one.
+      dead_features: features whose batch variance is at most ``eps`` (the
+        input is constant over the batch, e.g. a ReLU that never fires).
+    """
+
+    path: tuple
+    count: np.ndarray
+    batch_mean: np.ndarray
+    batch_var: np.ndarray
+    running_mean: np.ndarray
+    running_var: np.ndarray
+    mean_shift: np.ndarray
+    log_var_ratio: np.ndarray
+    drift: float
+    dead_features: int
+
+
+def _report(path, calls, running_mean, running_var, epsilon) -> LayerReport:
+    pooled = None
+    for moments in calls:  # a layer called several times: all its inputs together
+        pooled = pool_moments(pooled, *moments)
+    count = pooled.count
+    safe = np.maximum(count, 1)
+    mean, var = pooled.mean, pooled.m2 / safe
+    running_mean, running_var = (np.asarray(v, np.float64).reshape(mean.shape) for v in (running_mean, running_var))
+    mean_shift = (mean - running_mean) / np.sqrt(running_var + epsilon)
+    log_var_ratio = np.log((var + epsilon) / (running_var + epsilon))
+    valid = count > 0
+    drift = float(np.sqrt(np.mean((mean_shift**2 + log_var_ratio**2)[valid]))) if valid.any() else 0.0
+    return LayerReport(tuple(path), count, mean, var, running_mean, running_var, mean_shift, log_var_ratio, drift,
+                       int(np.sum(valid & (var <= epsilon))))
+
+
+def inspect_batch_norms(
+    model: Any, variables_or_batch: Any, batch: Any = None, *, normalize_with: str = "running", **call_kwargs: Any
+) -> list[LayerReport]:
+    """Compares every BatchNorm's input statistics on ``batch`` with its running statistics.
+
+    The batch runs through the model once (jitted), each BatchNorm
+    normalizing with its running statistics (``normalize_with="running"``,
+    what inference does, the default) or with the batch's (``"batch"``);
+    nothing is updated.
+
+    Args:
+      model: a ``flax.linen`` module or a ``flax.nnx`` module.
+      variables_or_batch: linen: the model's variables; nnx: the batch.
+      batch: linen: the batch (the model's first argument, or a tuple of its
+        positional arguments).
+      normalize_with: ``"running"`` or ``"batch"``.
+      **call_kwargs: keyword arguments of the model's ``__call__``.
+
+    Returns:
+      A :class:`LayerReport` per BatchNorm, in the order they were first called.
+
+    Raises:
+      ValueError: no BatchNorm was called, or ``normalize_with`` is not one of its values.
+
+    >>> import jax, flax.linen as nn, jaxbn.linen
+    >>> from jaxbn.inspect import inspect_batch_norms
+    >>> class Net(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         return jaxbn.linen.BatchNorm(use_running_average=True)(nn.Dense(3)(x))
+    >>> x = jax.random.normal(jax.random.key(0), (64, 2)) + 10.0
+    >>> (report,) = inspect_batch_norms(Net(), Net().init(jax.random.key(1), x), x)
+    >>> report.path, report.drift > 1  # the initial statistics (0, 1) are far from these activations
+    (('BatchNorm_0',), True)
+    """
+    check_options(normalize_with, "population")
+    if isinstance(model, nn.Module):
+        info: dict[tuple, dict[str, Any]] = {}
+        variables = variables_or_batch
+        (layers,) = linen_layer_moments(model, variables, [batch], normalize_with, call_kwargs, info)
+        reports = [
+            _report(path, calls, *(unboxed(node_at(variables["batch_stats"], path)[key])
+                                   for key in ("mean", "var")), info[path]["epsilon"])
+            for path, calls in layers.items()
+        ]
+    elif isinstance(model, nnx.Module):
+        if batch is not None:
+            raise TypeError("inspect_batch_norms(nnx_module, batch): pass the batch as the second argument.")
+        nodes = nnx_batch_norms(model)
+        (layers,) = nnx_layer_moments(model, [variables_or_batch], normalize_with, call_kwargs)
+        reports = [_report(path, calls, nodes[path].mean[...], nodes[path].var[...], nodes[path].epsilon)
+                   for path, calls in layers.items()]
+    else:
+        raise TypeError(f"model must be a flax.linen or flax.nnx module, got {type(model).__name__}.")
+    if not reports:
+        raise ValueError("inspect_batch_norms found no BatchNorm call in the model with these arguments.")
+    return reports
+
+
+def plot(reports: list[LayerReport], path: str | None = None) -> Any:
+    """Bar charts of each layer's drift and dead features (matplotlib, imported here).
+
+    Args:
+      reports: what :func:`inspect_batch_norms` returned.
+      path: a file to save the figure to (PNG, SVG, ... by its suffix), or None.
+
+    Returns:
+      The ``matplotlib.figure.Figure``.
+
+    Raises:
+      ImportError: matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg", force=False)
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("jaxbn.inspect.plot needs matplotlib: pip install matplotlib") from None
+    names = ["/".join(map(str, report.path)) for report in reports]
+    figure = Figure(figsize=(max(6.0, 0.6 * len(reports) + 2), 5), layout="constrained")
+    drift, dead = figure.subplots(2, 1, sharex=True)
+    drift.bar(names, [report.drift for report in reports], color="tab:blue")
+    drift.set_ylabel("drift (batch vs running)")
+    dead.bar(names, [report.dead_features for report in reports], color="tab:red")
+    dead.set_ylabel("dead features")
+    dead.tick_params(axis="x", labelrotation=60)
+    if path is not None:
+        figure.savefig(path)
+    return figure
+
