@@ -27,7 +27,10 @@ from flax.linen import initializers
 
 from jaxbn import _validation, functional, per_example, renorm
 
-__all__ = ["BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
+__all__ = [
+    "BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "batch_norm_overrides",
+    "use_jaxbn",
+]
 
 
 def _affine_params(module: nn.Module, feature_shape: tuple[int, ...], use_scale: bool, use_bias: bool) -> dict:
@@ -451,3 +454,7 @@ class BatchRenorm(BatchNorm):
         if not (callable(self.r_max) or callable(self.d_max)):
             return {}
         return {"steps": self.variable("batch_stats", "steps", lambda: jnp.zeros((), jnp.int32))}
+
+
+# Model-wide switches (method interception): implemented in jaxbn.switches, which imports this module lazily.
+from jaxbn.switches import batch_norm_overrides, use_jaxbn  # noqa: E402

@@ -50,7 +50,10 @@ from flax.nnx.nn import initializers
 
 from jaxbn import _validation, functional, per_example, renorm
 
-__all__ = ["BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
+__all__ = [
+    "BatchNorm", "BatchRenorm", "FrozenParam", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "convert",
+    "freeze", "set_batch_norm", "unfreeze",
+]
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
@@ -309,6 +312,8 @@ class BatchNorm(_Normalization):
         """
         if use_running_average is None:
             use_running_average = self.use_running_average
+        if self.frozen:  # jaxbn.nnx.freeze: running statistics, never updated, whatever the mode
+            use_running_average = True
         if use_running_average is None:
             raise ValueError(
                 f"{type(self).__name__} needs use_running_average: pass it to the constructor, to the call "
@@ -316,6 +321,7 @@ class BatchNorm(_Normalization):
             )
         training = not use_running_average
         update = training if self.update_running_stats is None else self.update_running_stats
+        update = update and not self.frozen
         running = {"mean": self.mean, "var": self.var}
         if self.momentum is None:
             running["count"] = self.count
@@ -366,8 +372,14 @@ class BatchNorm(_Normalization):
         """The functional call: :func:`jaxbn.batch_norm`."""
         return functional.batch_norm(x, params, state, **kwargs)
 
+    #: Set by :func:`jaxbn.nnx.freeze`: normalize with the running statistics and never update them,
+    #: whatever ``use_running_average`` (which ``.train()``/``.eval()``/``set_view`` still set, for
+    #: after :func:`jaxbn.nnx.unfreeze`) says.
+    frozen: bool = False
+
     def set_view(self, use_running_average: bool | None = None) -> None:
-        """Used by ``nnx.view``: sets ``use_running_average`` when given.
+        """Used by ``nnx.view``: sets ``use_running_average`` when given (a frozen layer
+        records it but keeps using its running statistics until unfrozen).
 
         Args:
           use_running_average: normalize with the running statistics.
@@ -650,3 +662,7 @@ class InstanceNorm(_Normalization):
             x, params, feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=dtype,
         )
+
+
+# Model-wide switches (graph walks): implemented in jaxbn.switches, which imports this module lazily.
+from jaxbn.switches import FrozenParam, convert, freeze, set_batch_norm, unfreeze  # noqa: E402
