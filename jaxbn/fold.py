@@ -68,6 +68,18 @@ class _Call:
     done: int = -1  # clock tick at return
 
 
+def _note_norm_call(call: _Call, fix: str) -> None:
+    """Records a BatchNorm call's feature axis; refuses a training-mode call (``fix`` says what to do)."""
+    given = call.args[1] if len(call.args) > 1 else call.kwargs.get("use_running_average")
+    use_running_average = call.module.use_running_average if given is None else given
+    call.feature_axis, call.training = call.module.axis, use_running_average is False
+    if call.training:
+        raise ValueError(
+            f"fold_batch_norm: BatchNorm '{_name(call.path)}' is called in training mode "
+            f"(use_running_average=False); folding uses the running statistics: {fix}."
+        )
+
+
 def _name(path: Sequence[Any]) -> str:
     return "/".join(str(p) for p in path) or "<root>"
 
@@ -280,15 +292,7 @@ def _fold_linen(model: nn.Module, variables: Any, args: tuple, kwargs: dict, pai
         counter[0] += 1
         calls.append(call)
         if kind == "norm":
-            given = call_args[1] if len(call_args) > 1 else call_kwargs.get("use_running_average")
-            use_running_average = module.use_running_average if given is None else given
-            call.feature_axis, call.training = module.axis, use_running_average is False
-            if call.training:
-                raise ValueError(
-                    f"fold_batch_norm: BatchNorm '{_name(call.path)}' is called in training mode "
-                    "(use_running_average=False); folding uses the running statistics, so pass the "
-                    "arguments of an eval-mode call (e.g. train=False)."
-                )
+            _note_norm_call(call, "pass the arguments of an eval-mode call (e.g. train=False)")
         out = next_fun(*call_args, **call_kwargs)
         call.output, call.done = out, counter[0]
         counter[0] += 1
@@ -349,14 +353,7 @@ def _fold_nnx(module: nnx.Module, args: tuple, kwargs: dict, pairs: Any) -> nnx.
             counter[0] += 1
             calls.append(call)
             if kind == "norm":
-                given = call_args[1] if len(call_args) > 1 else call_kwargs.get("use_running_average")
-                use_running_average = self.use_running_average if given is None else given
-                call.feature_axis, call.training = self.axis, use_running_average is False
-                if call.training:
-                    raise ValueError(
-                        f"fold_batch_norm: BatchNorm '{_name(call.path)}' is called in training mode; folding "
-                        "uses the running statistics: call model.eval() first (or pass use_running_average=True)."
-                    )
+                _note_norm_call(call, "call model.eval() first (or pass use_running_average=True)")
             active.add(id(self))
             try:
                 out = original(self, *call_args, **call_kwargs)
