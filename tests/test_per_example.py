@@ -214,7 +214,8 @@ def test_modules_reject_half_precision_statistics_and_ignore_fast_variance(name,
 
 
 # Options flax lacks, appended after flax's fields; their defaults change nothing.
-EXTRA_FIELDS = {"BatchNorm": [("unbiased_running_var", False), ("update_running_stats", None), ("ghost_batch_size", None)]}
+EXTRA_FIELDS = {"BatchNorm": [("unbiased_running_var", False), ("update_running_stats", None), ("ghost_batch_size", None),
+                            ("sow_moments", False)]}
 
 
 @pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm", "BatchNorm"])
