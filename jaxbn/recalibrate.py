@@ -76,8 +76,12 @@ def _estimate(pooled: PooledMoments, estimator: str, unbiased: bool) -> tuple[np
         return np.where(n > 0, pooled.mean, np.nan), np.where(divisor > 0, pooled.m2 / divisor, np.nan)
 
 
-def _normalized(x, params, state, axis, epsilon, dtype, mask, axis_name, axis_index_groups, normalize_with):
-    """The batch's moments and the layer's output, normalized with them or with ``state``."""
+def _normalized(x, params, state, axis, epsilon, dtype, mask, normalize_with):
+    """The batch's moments and the layer's output, normalized with them or with ``state``.
+
+    The model runs under ``jit`` on whole batches (sharded or not: XLA then
+    reduces over the shards), so a layer's ``axis_name`` is not needed here.
+    """
     x = _validation.check_floating(x)
     _, reduction_axes, feature_shape = _validation.feature_axes(x, axis)
     params = {key: jnp.reshape(value, feature_shape) for key, value in params.items()}
@@ -85,10 +89,7 @@ def _normalized(x, params, state, axis, epsilon, dtype, mask, axis_name, axis_in
     compute_dtype = _validation.compute_dtype(x, dtype)
     if mask is not None:
         mask = _validation.check_mask(mask, x.shape)
-    batch = stats.moments(
-        x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
-        dtype=compute_dtype, shift=state["mean"],
-    )
+    batch = stats.moments(x, reduction_axes, mask=mask, dtype=compute_dtype, shift=state["mean"])
     if normalize_with == "batch":
         shift, mean_minus_shift, var = batch.shift, batch.mean_minus_shift, batch.var
     else:
@@ -144,8 +145,7 @@ def _linen_interceptor(normalize_with: str, info: dict[tuple[str, ...], dict[str
                   if module.has_variable("params", key)}
         state = {key: module.get_variable("batch_stats", key) for key in ("mean", "var")}
         moments, y = _normalized(
-            args[0], params, state, module.axis, module.epsilon, module.dtype, kwargs.get("mask"),
-            module.axis_name, module.axis_index_groups, normalize_with,
+            args[0], params, state, module.axis, module.epsilon, module.dtype, kwargs.get("mask"), normalize_with
         )
         module.sow("intermediates", _SOWN, moments)
         return y
@@ -246,10 +246,7 @@ def _recording_nnx_batch_norms(normalize_with: str):
     def recording_call(self, x, use_running_average=None, *, mask=None):
         params = {key: getattr(self, key)[...] for key in ("scale", "bias") if getattr(self, key) is not None}
         state = {"mean": self.mean[...], "var": self.var[...]}
-        moments, y = _normalized(
-            x, params, state, self.axis, self.epsilon, self.dtype, mask, self.axis_name, self.axis_index_groups,
-            normalize_with,
-        )
+        moments, y = _normalized(x, params, state, self.axis, self.epsilon, self.dtype, mask, normalize_with)
         self.sow(nnx.Intermediate, _SOWN, moments)
         return y
 
@@ -327,8 +324,11 @@ def recalibrate(
     statistics (``normalize_with="batch"``, as PyTorch's ``update_bn`` and
     precise BN do) or with the current running statistics (``"running"``),
     and reporting the count, mean and variance of its input's valid elements
-    (``mask=`` as the model passes it; synchronized over ``axis_name`` like
-    the module). The default estimator pools them exactly: the mean and the
+    (``mask=`` as the model passes it). Batches run whole under ``jit``: a
+    batch sharded over devices gives the statistics of the whole batch, and
+    BatchNorms synchronized with ``axis_name`` need no ``shard_map``/``pmap``
+    here (a ``pmap``-style batch ``(devices, per_device, ...)`` is reshaped to
+    ``(devices * per_device, ...)`` first). The default estimator pools them exactly: the mean and the
     (biased; unbiased for a module with ``unbiased_running_var``) variance of
     all valid elements of all batches, combined in float64
     (:math:`\sigma^2 = \sum_b n_b(\sigma_b^2 + (\mu_b - \mu)^2) / \sum_b n_b`).

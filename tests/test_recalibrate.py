@@ -1,5 +1,7 @@
 """jaxbn.recalibrate: running statistics re-estimated from data, linen and nnx, against float64 and PyTorch."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,11 +24,13 @@ class LinenNet(nn.Module):
 
     norm: type = jaxbn.linen.BatchNorm
     momentum: float | None = 0.9
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, mask=None):
-        h = self.norm(use_running_average=True, momentum=self.momentum)(nn.Dense(5)(x), mask=mask)
-        return self.norm(use_running_average=True, momentum=self.momentum)(nn.Dense(4)(nn.relu(h)), mask=mask)
+        norm = functools.partial(self.norm, use_running_average=True, momentum=self.momentum, axis_name=self.axis_name)
+        h = norm()(nn.Dense(5)(x), mask=mask)
+        return norm()(nn.Dense(4)(nn.relu(h)), mask=mask)
 
 
 class NnxNet(nnx.Module):
@@ -103,11 +107,14 @@ def test_masks_count_only_valid_elements_and_cumulative_modules_get_a_count(rng)
 
 @needs_devices
 def test_a_sharded_batch_gives_the_statistics_of_one_device(rng):
+    """Batches sharded over 8 devices, BatchNorms synchronized over an axis name: one device's statistics."""
     batches = _batches(rng, size=2 * N_DEVICES)
     model = LinenNet()
     variables = model.init(jax.random.key(0), batches[0])
     sharding = NamedSharding(jax.make_mesh((N_DEVICES,), ("data",)), P("data"))
-    sharded = jaxbn.recalibrate(model, variables, [jax.device_put(b, sharding) for b in batches], progress=False)
+    synchronized = LinenNet(axis_name="data")  # as a shard_map / pmap training step would build it
+    sharded = jaxbn.recalibrate(synchronized, variables, [jax.device_put(b, sharding) for b in batches],
+                                progress=False)
     single = jaxbn.recalibrate(model, variables, batches, progress=False)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), sharded, single)
 
