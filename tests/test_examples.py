@@ -37,3 +37,12 @@ def test_accuracy_benchmark_runs_and_jaxbn_meets_the_bounds(capsys):
     for offset in module.OFFSETS:
         var_error, output_error = rows[("jaxbn", offset)]
         assert var_error <= 1e-5 and output_error <= 1e-4
+
+
+def test_swa_recalibration_example_lowers_the_drift(capsys):
+    """The SWA example runs; recalibrated statistics describe the averaged network better than stale ones."""
+    pytest.importorskip("sklearn")
+    results = _load("swa_recalibration").main(["--quick"])
+    assert "SWA, recalibrated" in capsys.readouterr().out
+    assert results["SWA, recalibrated"]["drift"] < results["SWA, stale statistics"]["drift"]
+    assert all(row["test_accuracy"] > 0.8 for row in results.values())
