@@ -44,6 +44,9 @@ cumulative average, stays ``None``), and :func:`batch_norm_kwargs` gives the
 :class:`jaxbn.linen.BatchNorm` arguments that continue training as a given
 ``torch.nn.BatchNorm*d`` would (PyTorch averages the unbiased batch variance).
 
+:func:`torch_to_nnx`/:func:`nnx_to_torch` do the same for an nnx module (its
+attribute paths, e.g. ``'layers/0'``), in place.
+
 :func:`compare` runs a batch through both models in eval mode and names the
 first module whose parameters, statistics or output differ.
 
@@ -69,7 +72,9 @@ __all__ = [
     "flax_to_torch",
     "momentum_from_torch",
     "momentum_to_torch",
+    "nnx_to_torch",
     "torch_to_flax",
+    "torch_to_nnx",
 ]
 
 FlaxPath = tuple[str, ...]
@@ -592,6 +597,83 @@ def flax_to_torch(
             "(a module the torch model lacks, or a name that maps elsewhere: see name_map/rule)."
         )
     return out
+
+
+def _nnx_collections(module: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An nnx module's ``{'params', 'batch_stats'}`` with string keys (list indices too), and their pure dicts."""
+    from flax import nnx
+
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"module must be a flax.nnx.Module, got {type(module).__name__}.")
+    pure = {"params": nnx.to_pure_dict(nnx.state(module, nnx.Param)),
+            "batch_stats": nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))}
+
+    def stringify(tree):
+        return {str(key): stringify(value) for key, value in tree.items()} if isinstance(tree, Mapping) else tree
+
+    return {name: stringify(tree) for name, tree in pure.items()}, pure
+
+
+def torch_to_nnx(
+    state_dict: Any,
+    module: Any,
+    *,
+    name_map: Mapping[str, Any] | None = None,
+    rule: Rule | None = default_prefix_rule,
+    cumulative: bool | Iterable[str] | None = None,
+) -> Any:
+    """Loads a PyTorch state dict into an nnx module in place (:func:`torch_to_flax` for nnx).
+
+    The module's ``nnx.Param`` and ``nnx.BatchStat`` variables are the
+    template: paths are attribute names (``'layers/0'`` for an item of a
+    list), with ``name_map``/``rule`` as in :func:`torch_to_flax`.
+
+    Args:
+      state_dict: as :func:`torch_to_flax`'s.
+      module: the ``flax.nnx`` module (jaxbn's or flax's layers) to fill.
+      name_map, rule, cumulative: as in :func:`torch_to_flax`.
+
+    Returns:
+      ``module``, its variables replaced.
+
+    Raises:
+      TypeError / ValueError: as :func:`torch_to_flax`, naming the key.
+    """
+    from flax import nnx
+
+    template, pure = _nnx_collections(module)
+    converted = torch_to_flax(state_dict, template, name_map=name_map, rule=rule, cumulative=cumulative)
+    for collection, variable_type in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
+        state = nnx.state(module, variable_type)
+
+        def keyed(tree, like):  # back to the module's own keys (list indices are ints)
+            return {key: keyed(tree[str(key)], value) if isinstance(value, Mapping) else tree[str(key)]
+                    for key, value in like.items()}
+
+        nnx.replace_by_pure_dict(state, keyed(converted.get(collection, {}), pure[collection]))
+        nnx.update(module, state)
+    return module
+
+
+def nnx_to_torch(
+    module: Any,
+    reference: Any,
+    *,
+    name_map: Mapping[str, Any] | None = None,
+    rule: Rule | None = default_prefix_rule,
+    num_batches_tracked: int | None = None,
+) -> dict[str, Any]:
+    """An nnx module's variables as a PyTorch state dict shaped like ``reference`` (:func:`flax_to_torch` for nnx).
+
+    Args:
+      module: the ``flax.nnx`` module.
+      reference, name_map, rule, num_batches_tracked: as in :func:`flax_to_torch`.
+
+    Returns:
+      The state dict, for ``torch_model.load_state_dict``.
+    """
+    variables, _ = _nnx_collections(module)
+    return flax_to_torch(variables, reference, name_map=name_map, rule=rule, num_batches_tracked=num_batches_tracked)
 
 
 def _like(value: np.ndarray, ref: Any) -> Any:
