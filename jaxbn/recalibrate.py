@@ -102,9 +102,11 @@ def _normalized(x, params, state, axis, epsilon, dtype, mask, normalize_with):
 
 
 def _progress(iterable: Iterable, progress: bool | None, description: str) -> Iterable:
-    """``iterable`` wrapped in a tqdm bar if asked (None: on a terminal, when tqdm is installed)."""
+    """``iterable`` wrapped in a tqdm bar if asked (None: on a terminal, for more than a few batches, when
+    tqdm is installed)."""
     if progress is None:
-        progress = sys.stderr.isatty()
+        few = hasattr(iterable, "__len__") and len(iterable) <= 5
+        progress = sys.stderr.isatty() and not few
     if not progress:
         return iterable
     try:
@@ -349,8 +351,8 @@ def recalibrate(
         argument, or a tuple of its positional arguments.
       normalize_with: ``"batch"`` (default) or ``"running"``.
       estimator: ``"population"`` (default) or ``"mean_of_batches"``.
-      progress: a tqdm progress bar (None: only on a terminal, if tqdm is
-        installed).
+      progress: a tqdm progress bar (None: only on a terminal, for more than
+        5 batches, if tqdm is installed; True needs tqdm).
       **call_kwargs: keyword arguments of the model's ``__call__`` (static,
         e.g. ``train=False``).
 

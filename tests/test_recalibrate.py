@@ -167,3 +167,15 @@ def test_clear_errors():
         jaxbn.recalibrate(dense, {"params": variables["params"]}, [x])
     with pytest.raises(TypeError, match="must be a flax.linen or flax.nnx module"):
         jaxbn.recalibrate(lambda x: x, [x])
+
+
+def test_progress_bar_when_asked(rng, capsys):
+    pytest.importorskip("tqdm")
+    batches = _batches(rng)
+    model = LinenNet()
+    variables = model.init(jax.random.key(0), batches[0])
+    quiet = jaxbn.recalibrate(model, variables, batches)  # not a terminal: no bar
+    assert "recalibrate" not in capsys.readouterr().err
+    shown = jaxbn.recalibrate(model, variables, batches, progress=True)
+    assert "recalibrate" in capsys.readouterr().err
+    jax.tree.map(np.testing.assert_array_equal, quiet, shown)
