@@ -459,9 +459,9 @@ def run_timings(args: argparse.Namespace, names: list[str]) -> dict:
     """
     traffic: dict[tuple[str, str, str], dict[str, list[str]]] = {}
     for mode, (title, _, _) in MODES.items():
-        for dtype in DTYPES:
+        for dtype in args.dtypes:
             cases = {}
-            for layout in LAYOUTS:
+            for layout in args.layouts:
                 spec = Spec(mode, dtype, layout, tuple(args.shape))
                 for name in names:
                     case = cases[name, layout] = build(name, spec)
@@ -602,6 +602,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="NHWC shape (default 64 32 32 128; --quick: 8 8 8 16)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 20; --quick: 3)")
     parser.add_argument("--libs", nargs="+", choices=LIBRARIES, default=LIBRARIES, help="libraries to time")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES), help="dtypes to time")
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS), help="layouts to time")
     parser.add_argument("--quick", action="store_true", help="tiny shape and few reps: a smoke test")
     parser.add_argument("--collectives-only", action="store_true",
                         help="only the collectives section (run with forced host devices)")

@@ -1,0 +1,209 @@
+"""The GPU suite: one command that measures what a device session must record.
+
+    python benchmarks/gpu_suite.py OUT_DIR            # on the GPU machine, from the repository root
+    python benchmarks/gpu_suite.py OUT_DIR --smoke    # the same code on CPU with tiny shapes
+
+It writes ``OUT_DIR/gpu_suite.md`` (also printed) and ``OUT_DIR/gpu_suite.json``:
+
+- the environment: devices, driver (``nvidia-smi``), versions, ``XLA_FLAGS``;
+- micro benchmarks (``bench.py``): bfloat16 (256, 56, 56, 64) and float32
+  (128, 56, 56, 128) NHWC, train forward, forward+backward and inference,
+  for jaxbn, flax.linen (both variance modes), flax.nnx, equinox, PyTorch
+  (cuDNN, channels_last) and a device copy, with ratios and bandwidth as a
+  fraction of the copy's;
+- end-to-end train steps (``e2e.py``, jaxbn vs flax.linen vs no norm): a
+  CIFAR-size ResNet-20 (3 stages x 3 basic blocks, width 16, 32x32, batch
+  128) and a larger ResNet (2 basic blocks per stage, width 64, 112x112,
+  batch 128, bfloat16) standing in for ResNet-50 at 224x224, which would
+  not fit the 8-minute budget;
+- the cost of the per-layer re-shift loop: the same steps with the loop
+  compiled out (``JAXBN_MEASURE_WITHOUT_RESHIFT=1``, a private switch for
+  measuring only: inexact at a poor shift) and with XLA:GPU's command buffers
+  asked to capture ``while`` and conditional ops (``XLA_FLAGS``
+  ``--xla_gpu_enable_command_buffer``; the suite records whether the flag was
+  accepted and the step times).
+
+Each group of measurements that needs its own environment runs in its own
+process (``--group``); a group that fails is recorded with its error and the
+rest still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+HERE = pathlib.Path(__file__).resolve().parent
+COMMAND_BUFFER_FLAG = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"
+
+E2E_MODELS = {
+    "resnet20": ["--batch", "128", "--width", "16", "--blocks", "3", "--image-size", "32", "--dtype", "bfloat16"],
+    "resnet_large": ["--batch", "128", "--width", "64", "--blocks", "2", "--image-size", "112", "--dtype", "bfloat16"],
+}
+MICRO = [  # (shape, dtype)
+    ((256, 56, 56, 64), "bfloat16"),
+    ((128, 56, 56, 128), "float32"),
+]
+MICRO_LIBS = ["jaxbn", "flax", "nnx", "equinox", "torch", "copy"]
+
+
+def _plan(smoke: bool) -> dict[str, dict[str, Any]]:
+    """The groups of measurements: each runs in one process with its own environment."""
+    e2e_reps = ["--quick", "--reps", "2"] if smoke else ["--reps", "30"]
+    models = {"resnet20": E2E_MODELS["resnet20"]} if smoke else E2E_MODELS
+    e2e = {name: (args if not smoke else []) + e2e_reps for name, args in models.items()}
+    micro = [((8, 4, 4, 8), "float32")] if smoke else MICRO
+    groups = {
+        "default": {"env": {}, "micro": micro, "e2e": e2e},
+        "without_reshift": {"env": {"JAXBN_MEASURE_WITHOUT_RESHIFT": "1"}, "micro": [], "e2e": e2e},
+    }
+    if not smoke:
+        groups["command_buffers"] = {"env": {"XLA_FLAGS": COMMAND_BUFFER_FLAG}, "micro": [], "e2e": e2e}
+    return groups
+
+
+def _environment() -> dict[str, Any]:
+    import importlib.metadata
+
+    import jax
+
+    versions = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "equinox", "torch", "jaxbn"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    smi = None
+    if shutil.which("nvidia-smi"):
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv"],
+                             capture_output=True, text=True).stdout.strip()
+    return {
+        "python": platform.python_version(),
+        "versions": versions,
+        "backend": jax.default_backend(),
+        "devices": [f"{d.platform} {d.device_kind}" for d in jax.devices()],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "nvidia_smi": smi,
+    }
+
+
+def _load(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # e2e's dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _captured(function, *args) -> tuple[Any, str]:
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        result = function(*args)
+    return result, buffer.getvalue()
+
+
+def run_group(name: str, group: dict[str, Any], smoke: bool) -> dict[str, Any]:
+    """Runs one group in this process (its environment already set); returns its results."""
+    result: dict[str, Any] = {"environment": _environment(), "micro": [], "e2e": {}}
+    if group["micro"]:
+        bench = _load("bench")
+        for shape, dtype in group["micro"]:
+            argv = ["--shape", *map(str, shape), "--reps", "3" if smoke else "20", "--dtypes", dtype,
+                    "--layouts", "NHWC", "--libs", *(["jaxbn", "copy"] if smoke else MICRO_LIBS)]
+            args = bench.parse_args(argv)
+            names = [n for n, (library, _) in bench.IMPLEMENTATIONS.items() if library in args.libs]
+
+            def micro(args=args, names=names):
+                bench.print_header(args)
+                bench.print_traffic(bench.run_timings(args, names))
+
+            _, text = _captured(micro)
+            result["micro"].append({"shape": list(shape), "dtype": dtype, "output": text})
+    e2e = _load("e2e")
+    for model, argv in group["e2e"].items():
+        start = time.perf_counter()
+        summary, text = _captured(e2e.main, argv)
+        result["e2e"][model] = {
+            "argv": argv,
+            "median_ms": {norm: 1e3 * seconds for norm, seconds in summary["median_s"].items()},
+            "step_ratio": summary.get("step_ratio"),
+            "overhead_ratio": summary.get("overhead_ratio"),
+            "loss_check_passed": summary["loss_check"]["passed"],
+            "wall_s": time.perf_counter() - start,
+            "output": text,
+        }
+    return result
+
+
+def _markdown(results: dict[str, Any], smoke: bool) -> str:
+    lines = [f"# jaxbn GPU suite{' (smoke, CPU)' if smoke else ''}", ""]
+    env = next((g["environment"] for g in results.values() if "environment" in g), {})
+    lines += [f"- devices: {', '.join(env.get('devices', []))}", f"- backend: {env.get('backend')}",
+              f"- versions: {env.get('versions')}", f"- python: {env.get('python')}",
+              f"- nvidia-smi: {env.get('nvidia_smi')}", ""]
+    lines += ["## End-to-end train steps (ms per step, median)", "",
+              "| group | model | jaxbn | flax | none | jaxbn / flax | BN overhead jaxbn / flax |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for group, result in results.items():
+        if "error" in result:
+            lines.append(f"| {group} | error: {result['error']} | | | | | |")
+            continue
+        for model, row in result["e2e"].items():
+            ms = row["median_ms"]
+            lines.append(f"| {group} | {model} | {ms['jaxbn']:.3f} | {ms['flax']:.3f} | {ms['none']:.3f} | "
+                         f"{row['step_ratio']:.3f} | {row['overhead_ratio']:.3f} |")
+    lines += ["", "`default`: jaxbn as shipped; `without_reshift`: the per-layer re-shift loop compiled out; "
+              "`command_buffers`: XLA asked to capture while/conditional ops in command buffers "
+              f"(`{COMMAND_BUFFER_FLAG}`).", ""]
+    for group, result in results.items():
+        for micro in result.get("micro", []):
+            lines += [f"## Micro: {micro['dtype']} {tuple(micro['shape'])} NHWC ({group})", "", "```",
+                      micro["output"].rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=pathlib.Path, help="where gpu_suite.md and gpu_suite.json go")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, few repetitions (CPU, CI)")
+    parser.add_argument("--group", help=argparse.SUPPRESS)  # internal: run one group in this process
+    args = parser.parse_args(argv)
+    plan = _plan(args.smoke)
+    if args.group:
+        print("GPU_SUITE_RESULT " + json.dumps(run_group(args.group, plan[args.group], args.smoke)))
+        return {}
+    results = {}
+    for name, group in plan.items():
+        env = dict(os.environ, **group["env"])
+        if "XLA_FLAGS" in group["env"] and os.environ.get("XLA_FLAGS"):
+            env["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} {group['env']['XLA_FLAGS']}"
+        command = [sys.executable, str(pathlib.Path(__file__).resolve()), str(args.out_dir), "--group", name]
+        command += ["--smoke"] if args.smoke else []
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        marked = [line for line in done.stdout.splitlines() if line.startswith("GPU_SUITE_RESULT ")]
+        if done.returncode or not marked:
+            results[name] = {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+        else:
+            results[name] = json.loads(marked[-1].split(" ", 1)[1])
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    markdown = _markdown(results, args.smoke)
+    (args.out_dir / "gpu_suite.md").write_text(markdown)
+    (args.out_dir / "gpu_suite.json").write_text(json.dumps(results, indent=1))
+    print(markdown)
+    return results
+
+
+if __name__ == "__main__":
+    main()

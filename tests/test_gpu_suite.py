@@ -1,0 +1,24 @@
+"""benchmarks/gpu_suite.py --smoke: the GPU suite's code runs on CPU, so it cannot rot between device sessions."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+SUITE = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_suite.py"
+
+
+def test_smoke_run_writes_markdown_and_json(tmp_path):
+    done = subprocess.run([sys.executable, str(SUITE), str(tmp_path), "--smoke"], capture_output=True, text=True,
+                          timeout=900)  # ~30 s quiet; a hang fails, a loaded machine does not
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert set(results) == {"default", "without_reshift"}
+    for group in results.values():
+        assert "error" not in group, group
+        row = group["e2e"]["resnet20"]
+        assert row["loss_check_passed"] and set(row["median_ms"]) == {"jaxbn", "flax", "none"}
+    assert results["default"]["micro"][0]["dtype"] == "float32"
+    assert "train forward" in results["default"]["micro"][0]["output"]
+    markdown = (tmp_path / "gpu_suite.md").read_text()
+    assert "| without_reshift | resnet20 |" in markdown and markdown in done.stdout
