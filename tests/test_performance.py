@@ -22,7 +22,7 @@ from flax import linen as nn
 import jaxbn
 from jaxbn import stats
 from tests import hlo
-from tests.conftest import structural
+from tests.conftest import N_DEVICES, needs_devices, structural
 
 SHAPE = (32, 16, 16, 64)
 
@@ -156,3 +156,31 @@ def test_fused_and_separate_sums_agree(dtype):
     for a, b, c in zip(fused, separate, default):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
         np.testing.assert_allclose(b, c, rtol=1e-6, atol=1e-5)
+
+
+@needs_devices
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
+def test_accelerator_lowerings_under_shard_map(platform):
+    """Per BatchNorm call, lowered for each backend on 8 devices with axis_name: one re-shift loop, no custom
+    call, and all-reduces 1 forward + 1 backward, plus 1 inside the loop (run only while the shift is poor)."""
+    mesh = jax.make_mesh((N_DEVICES,), ("i",))
+    params, state = jaxbn.batch_norm_init(16)
+
+    def forward(x, p, s):
+        return jaxbn.batch_norm(x, p, s, training=True, axis_name="i")
+
+    def forward_backward(x, p, s):
+        (y, new_state), vjp = jax.vjp(lambda x, p: forward(x, p, s), x, p)
+        return y, new_state, vjp((y, jax.tree_util.tree_map(jnp.zeros_like, new_state)))
+
+    x = jax.device_put(jnp.ones((64, 16)), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("i")))
+    specs = (jax.sharding.PartitionSpec("i"), jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec())
+    for fn, out_specs, all_reduces in (
+        (forward, (specs[0], specs[1]), 2),
+        (forward_backward, (specs[0], specs[1], (specs[0], specs[1])), 3),
+    ):
+        mapped = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=out_specs)
+        text = jax.jit(mapped).trace(x, params, state).lower(lowering_platforms=(platform,)).as_text()
+        assert "custom_call" not in text
+        assert text.count("stablehlo.while") == 1
+        assert text.count("all_reduce") == all_reduces
