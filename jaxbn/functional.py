@@ -296,6 +296,7 @@ class _BatchNormCall(NamedTuple):
     out_dtype: Any
     ghost_batch_size: int | None
     single_value: bool  # one value per feature across devices: no statistics to take
+    want_moments: bool  # return the batch moments, also where nothing is updated
 
 
 def check_batch_norm_args(
@@ -315,11 +316,13 @@ def check_batch_norm_args(
     mask: Any,
     dtype: Any,
     ghost_batch_size: Any,
+    return_moments: Any = False,
     complex_ok: bool = True,
     scalars: tuple[str, ...] = (_COUNT_KEY,),
 ) -> _BatchNormCall:
     """Validates :func:`batch_norm`'s arguments (shared with :func:`jaxbn.batch_renorm`)."""
     _validation.check_static_bool(training, "training")
+    _validation.check_static_bool(return_moments, "return_moments")
     _validation.check_static_bool(update_running_stats, "update_running_stats", none_ok=True)
     _validation.check_static_bool(unbiased_running_var, "unbiased_running_var")
     update = training if update_running_stats is None else update_running_stats
@@ -338,7 +341,7 @@ def check_batch_norm_args(
     if update:
         _check_cumulative_state(checked_state, momentum)
     groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
-    statistics = training or update
+    statistics = training or update or return_moments  # batch statistics are taken (and the mask counts)
     single_value = False
     if statistics and mask is None:
         devices = stats.axis_size(axis_name, groups)
@@ -358,7 +361,7 @@ def check_batch_norm_args(
     return _BatchNormCall(
         function, x, params, checked_state, state, mask if statistics else None, reduction_axes, training, update,
         momentum, unbiased_running_var, epsilon, axis_name, groups, compute_dtype,
-        _validation.output_dtype(x, params, dtype), ghost, single_value,
+        _validation.output_dtype(x, params, dtype), ghost, single_value, return_moments,
     )
 
 
@@ -451,15 +454,15 @@ def batch_norm(
         "batch_norm", x, params, state, training=training, update_running_stats=update_running_stats, axis=axis,
         momentum=momentum, unbiased_running_var=unbiased_running_var, epsilon=epsilon, axis_name=axis_name,
         axis_index_groups=axis_index_groups, mask=mask, dtype=dtype, ghost_batch_size=ghost_batch_size,
+        return_moments=return_moments,
     )
-    _validation.check_static_bool(return_moments, "return_moments")
     with jax.named_scope("jaxbn.batch_norm"):
-        y, new_state, moments = batch_norm_from_checked(call, want_moments=return_moments)
+        y, new_state, moments = batch_norm_from_checked(call)
     return (y, new_state, moments) if return_moments else (y, new_state)
 
 
 def batch_norm_from_checked(
-    call: _BatchNormCall, correction: Any = None, correction_args: tuple = (), want_moments: bool = False
+    call: _BatchNormCall, correction: Any = None, correction_args: tuple = ()
 ) -> tuple[jax.Array, dict[str, jax.Array], stats.Moments | None]:
     """:func:`batch_norm` on validated arguments: ``(y, new_state, batch moments or None)``.
 
@@ -467,7 +470,6 @@ def batch_norm_from_checked(
     ``correction(batch, running_mean, running_var, epsilon, *correction_args)``
     gives per-feature ``(r, d)``: training computes ``γ (x̂ r + d) + β`` (see
     :class:`jaxbn._train_step.StepConfig`); inference is batch norm's.
-    ``want_moments``: the moments are wanted even where the state is not updated.
     """
     x, params, state = call.x, call.params, call.state
     running_mean, running_var = state["mean"], state["var"]
@@ -501,12 +503,12 @@ def batch_norm_from_checked(
         y = y.reshape(x.shape)
     else:
         y = _infer(call)
-        if call.update or want_moments:  # empty features keep their state: no fallback needed
+        if call.update or call.want_moments:  # empty features keep their state: no fallback needed
             batch = stats.moments(
                 lax.stop_gradient(x_stats), axes, mask=mask, axis_name=axis_name,
                 axis_index_groups=axis_index_groups, dtype=call.compute_dtype, shift=shift, reshift=reshift,
             )
-    if not (call.update or want_moments):
+    if not (call.update or call.want_moments):
         return y, call.given_state, None
     if call.ghost_batch_size:
         batch = _ghost.combine_ghost_moments(batch, state["mean"], call.axis_name, call.axis_index_groups)

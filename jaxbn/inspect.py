@@ -21,8 +21,8 @@ from jaxbn.recalibrate import (
     nnx_layer_moments,
     node_at,
     pool_moments,
-    unboxed,
 )
+from jaxbn.linen import unboxed
 
 __all__ = ["LayerReport", "inspect_batch_norms", "plot"]
 

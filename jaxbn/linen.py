@@ -33,6 +33,11 @@ __all__ = [
 ]
 
 
+def unboxed(value: Any) -> Any:
+    """``value`` without its partitioning box (``nn.with_partitioning``), if it has one."""
+    return value.unbox() if isinstance(value, meta.AxisMetadata) else value
+
+
 def _affine_params(module: nn.Module, feature_shape: tuple[int, ...], use_scale: bool, use_bias: bool) -> dict:
     """Creates ``scale`` and ``bias`` as flax does (names, order, shapes, dtype)."""
     params = {}
@@ -43,7 +48,7 @@ def _affine_params(module: nn.Module, feature_shape: tuple[int, ...], use_scale:
     return params
 
 
-def _check_float32_reductions(module: nn.Module, x: Any) -> None:
+def check_float32_reductions(module: nn.Module, x: Any) -> None:
     """Raises where flax's ``force_float32_reductions=False`` would reduce in half precision."""
     if module.force_float32_reductions:
         return
@@ -200,11 +205,12 @@ class BatchNorm(nn.Module):
         with warnings.catch_warnings():
             if initializing:  # a dummy batch of one is usual there, and nothing is estimated
                 warnings.simplefilter("ignore", _validation.DegenerateBatchWarning)
-            y, new_state, moments = self._normalize(
+            sow = self.sow_moments and (training or update)  # only where batch statistics are taken
+            y, new_state, *moments = self.functional_call(
                 x,
                 params,
                 state,
-                return_moments=True,
+                return_moments=sow,
                 training=training,
                 update_running_stats=update,
                 axis=self.axis,
@@ -220,12 +226,12 @@ class BatchNorm(nn.Module):
         if update:
             for key, variable in running.items():
                 variable.value = new_state[key]
-        if self.sow_moments and moments is not None:
-            self.sow("intermediates", "batch_moments", moments)
+        if moments and moments[0] is not None:
+            self.sow("intermediates", "batch_moments", moments[0])
         return y
 
     @nn.nowrap
-    def _normalize(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
+    def functional_call(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
         """The functional call: :func:`jaxbn.batch_norm`."""
         return functional.batch_norm(x, params, state, **kwargs)
 
@@ -269,7 +275,7 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
-        _check_float32_reductions(self, x)
+        check_float32_reductions(self, x)
         params = _affine_params(self, _validation.feature_shape(x, self.feature_axes), self.use_scale, self.use_bias)
         return per_example.layer_norm(
             x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
@@ -306,7 +312,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
-        _check_float32_reductions(self, x)
+        check_float32_reductions(self, x)
         params = _affine_params(self, _validation.feature_shape(x, self.feature_axes), self.use_scale, False)
         return per_example.rms_norm(
             x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
@@ -349,7 +355,7 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
-        _check_float32_reductions(self, x)
+        check_float32_reductions(self, x)
         params = _affine_params(self, _validation.feature_shape(x, -1), self.use_scale, self.use_bias)
         return per_example.group_norm(
             x, params, num_groups=self.num_groups, group_size=self.group_size, reduction_axes=self.reduction_axes,
@@ -389,7 +395,7 @@ class InstanceNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
-        _check_float32_reductions(self, x)
+        check_float32_reductions(self, x)
         params = _affine_params(self, _validation.feature_shape(x, self.feature_axes), self.use_scale, self.use_bias)
         return per_example.instance_norm(
             x, params, feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
@@ -442,7 +448,7 @@ class BatchRenorm(BatchNorm):
     d_max: Any = 5.0
 
     @nn.nowrap
-    def _normalize(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
+    def functional_call(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
         """The functional call: :func:`jaxbn.batch_renorm` at the current limits."""
         step = state.get("steps")
         r_max, d_max = (limit(step) if callable(limit) else limit for limit in (self.r_max, self.d_max))

@@ -337,11 +337,11 @@ class BatchNorm(_Normalization):
         feature_shape = _validation.feature_shape(x, self.axis)
         state = {**stored, **({} if update else promoted)}  # averaging starts from the stored values
         vectors = _to_feature_shape(self, {k: state[k] for k in ("mean", "var")}, x, feature_shape, "axis")
-        y, new_state, moments = self._normalize(
+        y, new_state, *moments = self.functional_call(
             x,
             _to_feature_shape(self, params, x, feature_shape, "axis"),
             {**state, **vectors},
-            return_moments=True,
+            return_moments=self.sow_moments and (training or update),  # only where batch statistics are taken
             training=training,
             update_running_stats=update,
             axis=self.axis,
@@ -364,11 +364,11 @@ class BatchNorm(_Normalization):
                         variable.set_value(value)
                 except flax.errors.TraceContextError as err:
                     raise flax.errors.TraceContextError(_CLOSURE_MESSAGE.format(name=type(self).__name__)) from err
-        if self.sow_moments and moments is not None:
-            self.sow(nnx.Intermediate, "batch_moments", moments)
+        if moments and moments[0] is not None:
+            self.sow(nnx.Intermediate, "batch_moments", moments[0])
         return y
 
-    def _normalize(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
+    def functional_call(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
         """The functional call: :func:`jaxbn.batch_norm`."""
         return functional.batch_norm(x, params, state, **kwargs)
 
@@ -436,7 +436,7 @@ class BatchRenorm(BatchNorm):
         self.r_max = r_max
         self.d_max = d_max
 
-    def _normalize(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
+    def functional_call(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
         """The functional call: :func:`jaxbn.batch_renorm` at the current limits."""
         step = state.get("steps")
         r_max, d_max = (limit(step) if callable(limit) else limit for limit in (self.r_max, self.d_max))

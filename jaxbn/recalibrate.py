@@ -23,8 +23,9 @@ from flax import linen as nn
 from flax import nnx
 from flax.core import meta
 
-from jaxbn import _train_step, _validation, stats
+from jaxbn import _validation, functional
 from jaxbn import linen as jaxbn_linen
+from jaxbn.linen import unboxed
 from jaxbn import nnx as jaxbn_nnx
 
 __all__ = ["recalibrate"]  # the helpers without a leading underscore serve jaxbn.inspect
@@ -77,26 +78,16 @@ def _estimate(pooled: PooledMoments, estimator: str, unbiased: bool) -> tuple[np
 
 
 def _normalized(x, params, state, axis, epsilon, dtype, mask, normalize_with):
-    """The batch's moments and the layer's output, normalized with them or with ``state``.
-
-    The model runs under ``jit`` on whole batches (sharded or not: XLA then
-    reduces over the shards), so a layer's ``axis_name`` is not needed here.
-    """
+    """The batch's moments and the layer's output, normalized with them or with ``state``: batch norm with
+    ``update_running_stats=False``. The model runs under ``jit`` on whole batches (sharded or not: XLA then
+    reduces over the shards), so a layer's ``axis_name`` is not needed here."""
     x = _validation.check_floating(x)
-    _, reduction_axes, feature_shape = _validation.feature_axes(x, axis)
+    feature_shape = _validation.feature_shape(x, axis)
     params = {key: jnp.reshape(value, feature_shape) for key, value in params.items()}
     state = {key: jnp.reshape(value, feature_shape) for key, value in state.items()}
-    compute_dtype = _validation.compute_dtype(x, dtype)
-    if mask is not None:
-        mask = _validation.check_mask(mask, x.shape)
-    batch = stats.moments(x, reduction_axes, mask=mask, dtype=compute_dtype, shift=state["mean"])
-    if normalize_with == "batch":
-        shift, mean_minus_shift, var = batch.shift, batch.mean_minus_shift, batch.var
-    else:
-        shift, mean_minus_shift, var = state["mean"], None, state["var"]
-    y = _train_step.affine_normalize(
-        x, shift, mean_minus_shift, var, params, reduction_axes, epsilon, compute_dtype,
-        _validation.output_dtype(x, params, dtype), mask,
+    y, _, batch = functional.batch_norm(
+        x, params, state, training=normalize_with == "batch", update_running_stats=False, return_moments=True,
+        axis=axis, epsilon=epsilon, mask=mask, dtype=dtype,
     )
     return (batch.count, batch.mean, batch.var), y
 
@@ -215,11 +206,6 @@ def _sown_by_layer(tree: Mapping, path: tuple[str, ...] = ()) -> Iterable[tuple[
             yield path, value
         elif isinstance(value, Mapping):
             yield from _sown_by_layer(value, path + (key,))
-
-
-def unboxed(value: Any) -> Any:
-    """``value`` without its partitioning box, if it has one."""
-    return value.unbox() if isinstance(value, meta.AxisMetadata) else value
 
 
 def _copied(tree: Any) -> Any:

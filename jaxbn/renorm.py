@@ -237,11 +237,9 @@ def batch_renorm(
         "batch_renorm", x, params, state, training=training, update_running_stats=update_running_stats,
         axis=axis, momentum=momentum, unbiased_running_var=unbiased_running_var, epsilon=epsilon,
         axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask, dtype=dtype,
-        ghost_batch_size=ghost_batch_size, complex_ok=not training, scalars=("count", "steps"),
+        ghost_batch_size=ghost_batch_size, return_moments=return_moments, complex_ok=not training,
+        scalars=("count", "steps"),
     )
-    _validation.check_static_bool(return_moments, "return_moments")
     with jax.named_scope("jaxbn.batch_renorm"):
-        y, new_state, moments = functional.batch_norm_from_checked(
-            call, renorm_correction, (r_max, d_max), want_moments=return_moments
-        )
+        y, new_state, moments = functional.batch_norm_from_checked(call, renorm_correction, (r_max, d_max))
     return (y, new_state, moments) if return_moments else (y, new_state)

@@ -54,13 +54,12 @@ def _check_overrides(overrides: Mapping[str, Any]) -> None:
         _validation.check_momentum(overrides["momentum"])
 
 
-def _unboxed(value: Any) -> Any:
-    return value.unbox() if isinstance(value, meta.AxisMetadata) else value
-
-
 def _linen_batch_norm(module: nn.Module, overrides: Mapping[str, Any], x: Any, use_running_average: Any = None, *,
                       mask: Any = None) -> jax.Array:
     """One BatchNorm call (jaxbn's or flax's module) computed by the functional core with ``overrides``."""
+    from jaxbn import linen as jaxbn_linen
+    from jaxbn.linen import unboxed
+
     field = lambda name, default=None: overrides[name] if name in overrides else getattr(module, name, default)  # noqa: E731
     if "use_running_average" in overrides:
         use_running_average = overrides["use_running_average"]
@@ -83,18 +82,18 @@ def _linen_batch_norm(module: nn.Module, overrides: Mapping[str, Any], x: Any, u
                                          "momentum=None)" if name == "count" else "") + "."
             )
     stored = {name: module.get_variable("batch_stats", name) for name in names}
-    state = {name: _unboxed(value) for name, value in stored.items()}
-    params = {name: _unboxed(module.get_variable("params", name)) for name in ("scale", "bias")
+    state = {name: unboxed(value) for name, value in stored.items()}
+    params = {name: unboxed(module.get_variable("params", name)) for name in ("scale", "bias")
               if module.has_variable("params", name)}
     if not field("keep_affine_trainable", True):
         params = jax.lax.stop_gradient(params)
-    from jaxbn import linen as jaxbn_linen
 
     # jaxbn's module computes with its own functional call (BatchRenorm's is batch_renorm)
-    normalize = module._normalize if isinstance(module, jaxbn_linen.BatchNorm) else functional.batch_norm
+    normalize = module.functional_call if isinstance(module, jaxbn_linen.BatchNorm) else functional.batch_norm
     x = x if hasattr(x, "dtype") else jax.numpy.asarray(x)
-    y, new_state, moments = normalize(
-        x, params, state, return_moments=True, training=training, update_running_stats=update,
+    sow = getattr(module, "sow_moments", False) and (training or update)  # only where batch statistics are taken
+    y, new_state, *moments = normalize(
+        x, params, state, return_moments=sow, training=training, update_running_stats=update,
         axis=module.axis, momentum=momentum, unbiased_running_var=getattr(module, "unbiased_running_var", False),
         epsilon=module.epsilon, axis_name=field("axis_name"), axis_index_groups=field("axis_index_groups"),
         mask=mask, dtype=module.dtype, ghost_batch_size=getattr(module, "ghost_batch_size", None),
@@ -104,18 +103,19 @@ def _linen_batch_norm(module: nn.Module, overrides: Mapping[str, Any], x: Any, u
             new = new_state[name]
             module.put_variable("batch_stats", name, old.replace_boxed(new) if isinstance(old, meta.AxisMetadata)
                                 else new)
-    if getattr(module, "sow_moments", False) and moments is not None:
-        module.sow("intermediates", "batch_moments", moments)
+    if moments and moments[0] is not None:
+        module.sow("intermediates", "batch_moments", moments[0])
     return y
 
 
 def _linen_per_example(module: nn.Module, kind: str, x: Any, *, mask: Any = None) -> jax.Array:
     """A flax LayerNorm/RMSNorm/GroupNorm/InstanceNorm call computed by jaxbn with the module's params."""
     from jaxbn import linen as jaxbn_linen
+    from jaxbn.linen import unboxed
 
     x = x if hasattr(x, "dtype") else jax.numpy.asarray(x)
-    jaxbn_linen._check_float32_reductions(module, x)
-    params = {name: _unboxed(module.get_variable("params", name)) for name in ("scale", "bias")
+    jaxbn_linen.check_float32_reductions(module, x)
+    params = {name: unboxed(module.get_variable("params", name)) for name in ("scale", "bias")
               if module.has_variable("params", name)}
     common = dict(epsilon=module.epsilon, mask=mask, axis_name=module.axis_name,
                   axis_index_groups=module.axis_index_groups, dtype=module.dtype)

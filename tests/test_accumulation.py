@@ -73,3 +73,17 @@ def test_modules_sow_their_batch_moments_when_asked(rng):
     _, intermediates = nnx.capture(bn, nnx.Intermediate)(x)
     (sown,) = nnx.to_pure_dict(intermediates)["batch_moments"]
     np.testing.assert_allclose(sown.var, expected.var, rtol=1e-6)
+
+
+def test_moments_in_inference_count_the_mask_and_cost_nothing_unless_asked(rng):
+    """return_moments in inference takes the mask into account; without it inference takes no statistics."""
+    x = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+    mask = jnp.arange(8)[:, None] < 5
+    params, state = jaxbn.batch_norm_init(3)
+    _, same, moments = jaxbn.batch_norm(x, params, state, training=False, mask=mask, return_moments=True)
+    assert same is state
+    np.testing.assert_allclose(moments.mean, x[:5].mean(0), rtol=1e-5, atol=1e-6)
+    module = jaxbn.linen.BatchNorm(use_running_average=True)
+    variables = module.init(jax.random.key(0), x)
+    text = jax.jit(module.apply).lower(variables, x).compile().as_text()
+    assert " while(" not in text  # inference is one elementwise pass: no re-shift loop, no reduction

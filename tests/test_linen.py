@@ -187,5 +187,5 @@ def test_summaries_show_no_helper_rows():
             return jaxbn.linen.BatchRenorm(use_running_average=False, r_max=lambda s: 1.0 + s)(x)
 
     table = Model().tabulate(jax.random.key(0), jnp.ones((2, 3)), show_repeated=True, console_kwargs={"width": 300})
-    assert "_normalize" not in table and "_extra_running_stats" not in table
+    assert "functional_call" not in table and "_extra_running_stats" not in table
     assert table.count("BatchNorm_0") == 1 and table.count("BatchRenorm_0") == 1

@@ -331,6 +331,12 @@ def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
     return tree
 
 
+def _listed(paths: list[tuple[str, ...]], most: int = 8) -> str:
+    """The first ``most`` paths, and how many more, for an error message."""
+    more = f" and {len(paths) - most} more" if len(paths) > most else ""
+    return ", ".join(repr(_show(path)) for path in paths[:most]) + more
+
+
 def _show(path: tuple[str, ...]) -> str:
     return "/".join(path)
 
@@ -478,10 +484,8 @@ def torch_to_flax(
     if expected is not None:
         missing = sorted(path for path in expected if path not in out)
         if missing:
-            listed = ", ".join(repr(_show(path)) for path in missing[:8])
-            more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
             raise ValueError(
-                f"missing keys: the template's {listed}{more} got no value from the state dict "
+                f"missing keys: the template's {_listed(missing)} got no value from the state dict "
                 "(a module the state dict lacks, or a name that maps elsewhere: see name_map/rule; a "
                 "'count' needs the BatchNorm's num_batches_tracked)."
             )
@@ -590,10 +594,8 @@ def flax_to_torch(
             out[key] = _like(value, ref)
     unused = sorted(path for path in flat if path not in used)
     if unused:
-        listed = ", ".join(repr(_show(path)) for path in unused[:8])
-        more = f" and {len(unused) - 8} more" if len(unused) > 8 else ""
         raise ValueError(
-            f"unknown keys: {listed}{more} in variables match no key of the reference state dict "
+            f"unknown keys: {_listed(unused)} in variables match no key of the reference state dict "
             "(a module the torch model lacks, or a name that maps elsewhere: see name_map/rule)."
         )
     return out
