@@ -161,9 +161,9 @@ def _markdown(results: dict[str, Any], smoke: bool) -> str:
             lines.append(f"| {group} | error: {result['error']} | | | | | |")
             continue
         for model, row in result["e2e"].items():
-            ms = row["median_ms"]
-            lines.append(f"| {group} | {model} | {ms['jaxbn']:.3f} | {ms['flax']:.3f} | {ms['none']:.3f} | "
-                         f"{row['step_ratio']:.3f} | {row['overhead_ratio']:.3f} |")
+            cells = [*(row["median_ms"][norm] for norm in ("jaxbn", "flax", "none")),
+                     row["step_ratio"], row["overhead_ratio"]]  # a ratio is None where flax's value is not positive
+            lines.append(f"| {group} | {model} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in cells) + " |")
     lines += ["", "`default`: jaxbn as shipped; `without_reshift`: the per-layer re-shift loop compiled out; "
               "`command_buffers`: XLA asked to capture while/conditional ops in command buffers "
               f"(`{COMMAND_BUFFER_FLAG}`).", ""]
