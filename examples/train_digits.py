@@ -22,18 +22,25 @@ exercised. On GPU or TPU, leave it out; the script uses whatever devices JAX
 sees.
 
 Evaluation uses the running averages (``use_running_average=True``), which is
-what a deployed model would use.
+what a deployed model would use. The script prints a table and writes the
+curves (``train_digits.png``) and the table (``train_digits.md``) to
+``--out`` (default ``examples/figures``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 import time
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (FIGURES, Split, force_cpu_devices, load_digits, markdown_table, progress, pyplot,  # noqa: E402
+                    save_figure, write_report)
 
 NORMS = ("jaxbn", "flax", "none")
 
@@ -80,6 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run on N forced host-platform (CPU) devices; leave out on "
         "GPU/TPU to use the devices JAX sees",
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--out", type=pathlib.Path, default=FIGURES,
+                        help="where train_digits.png (the curves) and train_digits.md (the table) go")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
@@ -90,43 +100,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def force_cpu_devices(n: int) -> None:
-    """Makes JAX present the CPU as ``n`` devices.
-
-    XLA reads ``XLA_FLAGS`` once, when JAX first initialises its backends, so
-    this must run before any JAX computation (ideally before ``import jax``).
-
-    Args:
-        n: Number of host-platform devices.
-    """
-    flag = "--xla_force_host_platform_device_count"
-    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
-    os.environ["XLA_FLAGS"] = " ".join([*kept, f"{flag}={n}"])
-    # Without this a GPU/TPU machine would still pick its accelerator and the
-    # forced CPU devices would go unused.
-    os.environ["JAX_PLATFORMS"] = "cpu"
-
-
-def load_data(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Loads digits as NHWC float32 images in [0, 1] with a fixed split.
-
-    Args:
-        seed: Seed of the stratified 80/20 train/test split.
-
-    Returns:
-        ``(x_train, y_train, x_test, y_test)``.
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    # Pixel values are integers in [0, 16].
-    x = (digits.images / 16.0).astype(np.float32)[..., None]
-    y = digits.target.astype(np.int32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.2, random_state=seed, stratify=y
-    )
-    return x_train, y_train, x_test, y_test
+def load_data(seed: int) -> Split:
+    """Loads digits as NHWC float32 images in [0, 1] with a stratified 80/20 split (seed ``seed``)."""
+    return load_digits(seed, images=True, test_fraction=0.2)
 
 
 def make_model(norm: str) -> Any:
@@ -189,10 +165,11 @@ def train_one(
         batch_size: Global batch size, a multiple of the mesh size.
 
     Returns:
-        ``{'train_loss', 'test_accuracy', 'seconds', 'compile_seconds'}``: the
-        last epoch's mean training loss, the test accuracy with running
-        averages, the wall time of the whole run, and the part of it spent
-        initialising and compiling before the first step.
+        ``{'train_loss', 'test_accuracy', 'seconds', 'compile_seconds',
+        'curves'}``: the last epoch's mean training loss, the test accuracy
+        with running averages, the wall time of the whole run, the part of it
+        spent initialising and compiling before the first step, and
+        ``curves = {'train_loss': [...], 'test_accuracy': [...]}`` per epoch.
     """
     import jax
     import jax.numpy as jnp
@@ -281,12 +258,13 @@ def train_one(
 
     rng = np.random.default_rng(args.seed)
     steps = len(x_train) // batch_size
+    curves: dict[str, list[float]] = {"train_loss": [], "test_accuracy": []}
     for epoch in range(1, args.epochs + 1):
         # Drop the last partial batch: every step has the same shape, so one
         # compiled step serves them all and divides evenly over the devices.
         order = rng.permutation(len(x_train))[: steps * batch_size]
         losses = []
-        for i in range(steps):
+        for i in progress(range(steps), desc=f"{norm} epoch {epoch}", enabled=not args.no_progress):
             idx = order[i * batch_size : (i + 1) * batch_size]
             x = jax.device_put(x_train[idx], sharded)
             y = jax.device_put(y_train[idx], sharded)
@@ -301,6 +279,8 @@ def train_one(
         # One host transfer per epoch, not one per step.
         train_loss = float(np.mean(jax.device_get(losses)))
         test_accuracy = accuracy(state)
+        curves["train_loss"].append(train_loss)
+        curves["test_accuracy"].append(test_accuracy)
         print(
             f"[{norm:>5}] epoch {epoch:3d}  train loss {train_loss:.4f}  "
             f"test accuracy {test_accuracy:.4f}",
@@ -311,6 +291,7 @@ def train_one(
         "test_accuracy": test_accuracy,
         "seconds": time.perf_counter() - start,
         "compile_seconds": compile_seconds,
+        "curves": curves,
     }
 
 
@@ -323,9 +304,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     Returns:
         For each trained normalization, the dict ``train_one`` returns:
-        ``{'train_loss', 'test_accuracy', 'seconds', 'compile_seconds'}``,
-        e.g. ``main(['--norm', 'flax', '--epochs', '1'])['flax']``.
+        ``{'train_loss', 'test_accuracy', 'seconds', 'compile_seconds',
+        'curves'}``, e.g. ``main(['--norm', 'flax', '--epochs', '1'])['flax']``.
     """
+    started = time.perf_counter()
     args = parse_args(argv)
     if args.cpu_devices is not None:
         if "jax" in sys.modules:
@@ -374,15 +356,36 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     norms = NORMS if args.norm == "all" else (args.norm,)
     results = {norm: train_one(norm, data, args, mesh, batch_size) for norm in norms}
 
-    print()
-    print("seconds: wall time of the run; compile: the part before the first step")
-    print(f"{'norm':<6}  {'train loss':>10}  {'test accuracy':>13}  {'seconds':>7}  {'compile':>7}")
-    for norm, r in results.items():
-        print(
-            f"{norm:<6}  {r['train_loss']:>10.4f}  {r['test_accuracy']:>13.4f}  "
-            f"{r['seconds']:>7.1f}  {r['compile_seconds']:>7.1f}"
-        )
+    table = markdown_table(
+        ["norm", "train loss", "test accuracy", "seconds", "compile seconds"],
+        [[norm, r["train_loss"], r["test_accuracy"], f"{r['seconds']:.1f}", f"{r['compile_seconds']:.1f}"]
+         for norm, r in results.items()],
+        digits=4,
+    )
+    print("\nseconds: wall time of the run; compile seconds: the part before the first step")
+    print(table)
+    plot = plot_curves(results, args.out)
+    write_report(
+        args.out, "train_digits", "Digits CNN: jaxbn vs flax.linen BatchNorm vs none", f"{table}\n\n![curves]({plot.name})\n",
+        started=started, argv=argv,
+    )
     return results
+
+
+def plot_curves(results: dict[str, dict[str, Any]], out_dir: pathlib.Path) -> pathlib.Path:
+    """Plots training loss and test accuracy per epoch for each norm; returns the PNG's path."""
+    plt = pyplot()
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for norm, r in results.items():
+        epochs = np.arange(1, len(r["curves"]["train_loss"]) + 1)
+        # jaxbn and flax train to the same numbers: dashes let both curves show.
+        style = {"linestyle": "--"} if norm == "flax" else {}
+        loss_axes.plot(epochs, r["curves"]["train_loss"], marker="o", label=norm, **style)
+        accuracy_axes.plot(epochs, r["curves"]["test_accuracy"], marker="o", label=norm, **style)
+    loss_axes.set(xlabel="epoch", ylabel="mean training loss", yscale="log", title="training loss")
+    accuracy_axes.set(xlabel="epoch", ylabel="test accuracy (running averages)", title="test accuracy")
+    loss_axes.legend()
+    return save_figure(figure, out_dir, "train_digits.png")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,37 @@ def finite_outside_mask(x: jax.Array, mask: jax.Array | None) -> jax.Array:
     return x if mask is None else jnp.where(mask | jnp.isfinite(x), x, 0)
 
 
+@jax.custom_jvp
+def inverse_sqrt(v: jax.Array) -> jax.Array:
+    """``rsqrt(v)``, whose derivative keeps its precision for large ``v`` and is 0 at ``v = inf``.
+
+    autodiff's ``-rsqrt(v) / v / 2`` underflows to 0 in float32 for ``v`` above ~1e25 (a
+    standard deviation above ~4e12 then loses the variance's part of the gradient), and is
+    ``0 * inf = NaN`` for a variance beyond the dtype. The forward is ``lax.rsqrt`` itself.
+    """
+    return lax.rsqrt(v)
+
+
+@inverse_sqrt.defjvp
+def _inverse_sqrt_jvp(primals, tangents):
+    (v,), (dv,) = primals, tangents
+    out = lax.rsqrt(v)
+    # -rsqrt(v)^3 dv / 2, one factor at a time: each intermediate stays near dv's scale over std's
+    return out, jnp.where(out == 0, 0, -0.5 * (out * (out * (out * dv)))).astype(out.dtype)
+
+
+def beyond_range_centered(inverse_std: jax.Array, shift: Any, mean_minus_shift: Any) -> tuple[Any, Any]:
+    """``(shift, mean_minus_shift)``, both 0 where ``inverse_std`` is 0 (a variance beyond the dtype).
+
+    There the normalized value is 0 and the output the bias; centring on 0 keeps
+    an ``x - mean`` beyond the dtype (values of both signs near its maximum)
+    from becoming ``inf * 0 = NaN``. Per-feature selects: no full-size pass.
+    """
+    beyond = inverse_std == 0
+    shift = jnp.where(beyond, 0, shift)
+    return shift, None if mean_minus_shift is None else jnp.where(beyond, 0, mean_minus_shift)
+
+
 def affine_normalize(
     x: jax.Array,
     shift: jax.Array,
@@ -55,7 +86,8 @@ def affine_normalize(
     def expand(v):
         return jnp.expand_dims(jnp.asarray(v, compute_dtype), reduction_axes)
 
-    multiplier = lax.rsqrt(jnp.asarray(var, compute_dtype) + epsilon)
+    multiplier = inverse_sqrt(jnp.asarray(var, compute_dtype) + epsilon)
+    shift, mean_minus_shift = beyond_range_centered(multiplier, shift, mean_minus_shift)
     if "scale" in params:
         multiplier = multiplier * jnp.asarray(params["scale"], compute_dtype)
     y = finite_outside_mask(x, mask).astype(compute_dtype) - expand(shift)
@@ -178,6 +210,11 @@ def _train_fwd(x, scale, bias, config: StepConfig, inputs: StepInputs):
 def _train_bwd(config: StepConfig, residuals: _Residuals, cotangents):
     axes, dtype = config.axes, config.compute_dtype
     batch, inv_std, mask = residuals.batch, residuals.inv_std, residuals.mask
+    # Where the variance is beyond the dtype (inv_std = 0) x_hat is 0, as the forward takes it;
+    # x - shift may overflow there (values of both signs near the maximum): Σ dy x_hat is
+    # selected away, x_hat centred on 0 as in the forward.
+    beyond = inv_std == 0
+    shift, mean_minus_shift = batch.shift, batch.mean_minus_shift
     x, scale = finite_outside_mask(residuals.x, mask), residuals.scale
     dy = cotangents[0]  # the statistics feed only the running average: no gradient
 
@@ -188,10 +225,10 @@ def _train_bwd(config: StepConfig, residuals: _Residuals, cotangents):
     # moments' re-shift, so the subtraction loses at most a few bits.
     local_dy, local_dy_centered = stats.channel_sums(
         [lambda dy, x, k: dy.astype(dtype), lambda dy, x, k: dy.astype(dtype) * (x.astype(dtype) - expand(k))],
-        [dy, x, batch.shift],
+        [dy, x, shift],
         axes,
     )
-    local_dy_xhat = inv_std * (local_dy_centered - batch.mean_minus_shift * local_dy)
+    local_dy_xhat = jnp.where(beyond, 0, inv_std * (local_dy_centered - mean_minus_shift * local_dy))
     sum_dy, sum_dy_xhat = stats.cross_device_sum([local_dy, local_dy_xhat], config.axis_name, config.axis_index_groups)
     # y = x̂ γ + β with x̂ using the statistics of the valid elements, so
     # dx = γ r (dy - m Σdy / n - m x̂ Σ(dy x̂) / n), the sums over all elements.
@@ -205,7 +242,8 @@ def _train_bwd(config: StepConfig, residuals: _Residuals, cotangents):
         local_dscale = r * local_dy_xhat + d * local_dy
         global_dscale = r * sum_dy_xhat + d * sum_dy
     n = jnp.maximum(batch.count, 1)
-    x_hat = ((x.astype(dtype) - expand(batch.shift)) - expand(batch.mean_minus_shift)) * expand(inv_std)
+    shift, mean_minus_shift = beyond_range_centered(inv_std, shift, mean_minus_shift)
+    x_hat = ((x.astype(dtype) - expand(shift)) - expand(mean_minus_shift)) * expand(inv_std)
     correction = expand(sum_dy / n) + x_hat * expand(sum_dy_xhat / n)
     if mask is not None:
         correction = jnp.where(mask, correction, 0)

@@ -28,8 +28,19 @@ class DegenerateBatchWarning(UserWarning):
 
 
 def static_float(value: Any, name: str, expected: str) -> float | None:
-    """``float(value)``, or None for a traced value that cannot be checked."""
+    """``float(value)``, or None for a traced value that cannot be checked.
+
+    A traced value is still checked for what its type says: it must be a real
+    (integer or floating) scalar, which otherwise would broadcast into the
+    results or change the shape of a running state.
+    """
     if isinstance(value, jax.core.Tracer):
+        dtype = value.dtype
+        if np.ndim(value) != 0 or not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+            raise TypeError(
+                f"{name} must be {expected}, got a traced array of shape {np.shape(value)} and dtype {dtype}: "
+                "a traced value may be any real scalar (its range is not checked), not an array."
+            )
         return None
     is_number = isinstance(value, numbers.Real) or (
         isinstance(value, (np.ndarray, np.generic, jax.Array)) and np.ndim(value) == 0
@@ -50,6 +61,16 @@ def check_momentum(momentum: Any) -> None:
         )
 
 
+def check_not_traced(value: Any, name: str) -> None:
+    """Raises ``TypeError`` for a traced ``value`` of an argument that selects the code path at trace time."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a Python bool (or None), got a traced value {value}. It selects the code path at "
+            "trace time; pass it as a static argument (e.g. jax.jit(..., static_argnames=...)), or switch "
+            "inside jit with lax.cond over two calls."
+        )
+
+
 def check_static_bool(value: Any, name: str, *, none_ok: bool = False) -> None:
     """Raises ``TypeError`` unless ``value`` is a Python bool (or None if ``none_ok``)."""
     if isinstance(value, bool) or (none_ok and value is None):
@@ -61,20 +82,24 @@ def check_static_bool(value: Any, name: str, *, none_ok: bool = False) -> None:
 
 
 def check_epsilon(epsilon: Any, dtype: Any = jnp.float32) -> None:
-    """Raises unless ``epsilon`` is a number that stays finite and > 0 in ``dtype``.
+    """Raises unless ``epsilon`` is a number that stays finite and normal (> 0, not subnormal) in ``dtype``.
 
+    XLA flushes subnormal numbers to 0 (on CPU and GPU), so a subnormal
+    epsilon would be 0: ``rsqrt(0 + 0)`` for a constant feature, NaN outputs.
     A traced ``epsilon`` cannot be checked and is let through.
     """
     value = static_float(epsilon, "epsilon", "a positive real number")
     if value is None:
         return
+    info = jnp.finfo(dtype)
     with np.errstate(over="ignore", under="ignore"):
-        in_dtype = float(np.asarray(value, np.dtype(jnp.finfo(dtype).dtype)))
-    if not (in_dtype > 0.0 and np.isfinite(in_dtype)):
+        in_dtype = float(np.asarray(value, np.dtype(info.dtype)))
+    if not (in_dtype >= float(info.tiny) and np.isfinite(in_dtype)):
         raise ValueError(
             f"epsilon must be a finite number > 0 in the {jnp.dtype(dtype)} the statistics are "
-            f"computed in, got {epsilon!r} (which is {in_dtype} there): it is added to the variance "
-            "before the inverse square root. The usual value is 1e-5."
+            f"computed in, and not below its smallest normal number {float(info.tiny):.4g} (XLA flushes "
+            f"subnormal numbers to 0), got {epsilon!r} (which is {in_dtype} there): it is added to the "
+            "variance before the inverse square root. The usual value is 1e-5."
         )
 
 
@@ -155,7 +180,7 @@ def canonicalize_axes(ndim: int, axis: Any, name: str = "axis", *, allow_empty: 
     """Returns ``axis`` (an int or a sequence of ints) as sorted non-negative axes."""
     if ndim == 0:
         raise ValueError(
-            "normalization needs an input with at least one axis, got a 0-d (scalar) input; "
+            "normalization needs an input with at least one axis, got a 0-d (scalar) input x of shape (); "
             "reshape it, e.g. x.reshape(1, -1)."
         )
     axes = (axis,) if not isinstance(axis, Sequence) else tuple(axis)
@@ -249,6 +274,11 @@ def check_feature_arrays(
             )
         value_shape = tuple(np.shape(value))
         if key in scalars:
+            if not (jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating)):
+                raise TypeError(
+                    f"{name}['{key}'] must be an integer or floating scalar (a counter), got dtype {value.dtype}: "
+                    "a boolean counter would stop at 1."
+                )
             if value_shape != ():
                 raise ValueError(f"{name}['{key}'] must be a scalar, got shape {value_shape}.")
         elif value_shape != tuple(feature_shape):
@@ -263,9 +293,11 @@ def check_feature_arrays(
     return checked
 
 
-def feature_axes(x: jax.Array, axis: Any) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """``(feature axes, reduction axes, feature shape)`` of ``x`` for the feature ``axis``."""
-    features = canonicalize_axes(x.ndim, axis)
+def feature_axes(
+    x: jax.Array, axis: Any, name: str = "axis"
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(feature axes, reduction axes, feature shape)`` of ``x`` for the feature ``axis`` (called ``name``)."""
+    features = canonicalize_axes(x.ndim, axis, name)
     reduction = tuple(i for i in range(x.ndim) if i not in features)
     return features, reduction, tuple(x.shape[i] for i in features)
 
@@ -283,7 +315,22 @@ def output_dtype(x: jax.Array, params: Mapping[str, Any], dtype: Any) -> Any:
     return jnp.result_type(x, *params.values())
 
 
-def feature_shape(x: Any, axes: Any) -> tuple[int, ...]:
-    """The sizes of ``x`` along the feature ``axes``: the shape of its parameters."""
+def feature_shape(x: Any, axes: Any, name: str = "axis") -> tuple[int, ...]:
+    """The sizes of ``x`` along the feature ``axes`` (the argument ``name``): the shape of its parameters."""
     x = x if hasattr(x, "shape") and hasattr(x, "ndim") else jnp.asarray(x)
-    return feature_axes(x, axes)[2]
+    return feature_axes(x, axes, name)[2]
+
+
+def check_variable_size(value: Any, size: int, name: str, owner: str) -> None:
+    """Raises unless the stored variable ``value`` (called ``name``) holds ``size`` values, one per feature.
+
+    A variable of another size comes from another layer or model (a checkpoint
+    of a different network, state merged into the wrong module).
+    """
+    shape = tuple(np.shape(value))
+    if int(np.prod(shape)) != size:
+        raise ValueError(
+            f"{owner}: {name} has shape {shape}, but this layer has {size} features: it comes from another "
+            "layer or model (a checkpoint or state of a different network?). Restore the variables of this "
+            "layer, or build the layer with the number of features the variables were created with."
+        )

@@ -141,6 +141,8 @@ def normalize(
     stats_ = _validation.check_feature_arrays(
         {"mean": mean, "var": var}, _STATE_KEYS, _STATE_KEYS, feature_shape, "state"
     )
+    if jnp.iscomplexobj(stats_["var"]):
+        raise TypeError(f"var must be real (the variance E|x - mean|^2), got {stats_['var'].dtype}.")
     with jax.named_scope("jaxbn.normalize"):
         return _train_step.affine_normalize(
             x, stats_["mean"], None, stats_["var"], params, reduction_axes, epsilon, compute_dtype,
@@ -228,6 +230,20 @@ def update_running_stats(
     if not isinstance(batch, stats.Moments):
         raise TypeError(f"batch must be jaxbn.Moments, got {type(batch).__name__}.")
     feature_shape = tuple(jnp.shape(batch.mean))
+    for field in ("mean", "var", "count"):
+        value = getattr(batch, field)
+        dtype = jnp.result_type(value)
+        if not jnp.issubdtype(dtype, jnp.inexact if field == "mean" else jnp.floating):
+            raise TypeError(
+                f"batch.{field} must have a {'floating or complex' if field == 'mean' else 'real floating'} dtype, "
+                f"got {dtype}; pass the Moments that jaxbn.moments, batch_norm(..., return_moments=True) or "
+                "merge_moments returned."
+            )
+        if tuple(jnp.shape(value)) != feature_shape:
+            raise ValueError(
+                f"batch.{field} has shape {tuple(jnp.shape(value))}, but batch.mean has shape {feature_shape}: "
+                "a Moments holds one value per feature in each field."
+            )
     checked = _validation.check_feature_arrays(
         state, _STATE_KEYS, _STATE_KEYS, feature_shape, "state", scalars=(_COUNT_KEY, _STEPS_KEY)
     )
@@ -342,6 +358,13 @@ def check_batch_norm_args(
         _check_cumulative_state(checked_state, momentum)
     groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
     statistics = training or update or return_moments  # batch statistics are taken (and the mask counts)
+    if statistics and math.prod(x.shape[i] for i in reduction_axes) == 0:
+        raise ValueError(
+            f"{function}: x of shape {x.shape} is a zero-size batch: with axis={axis!r} there are no elements "
+            f"along the reduction axes {reduction_axes} to take batch statistics over. Skip the call for an "
+            "empty batch, or normalize it with the running statistics (training=False, "
+            "update_running_stats=False)."
+        )
     single_value = False
     if statistics and mask is None:
         devices = stats.axis_size(axis_name, groups)
@@ -435,7 +458,8 @@ def batch_norm(
 
     Raises:
       TypeError / ValueError: at trace time, for any argument that does not
-        fit, naming it.
+        fit, naming it (a zero-size batch where batch statistics are taken
+        included); see ``docs/errors.md``.
 
     >>> import jax.numpy as jnp
     >>> params, state = batch_norm_init(2)
@@ -474,7 +498,7 @@ def batch_norm_from_checked(
     x, params, state = call.x, call.params, call.state
     running_mean, running_var = state["mean"], state["var"]
     if call.single_value:
-        return _single_value(call)
+        return _single_value(call, correction, correction_args)
     mask, axes, shift = call.mask, call.reduction_axes, running_mean
     axis_name, axis_index_groups, reshift = call.axis_name, call.axis_index_groups, None
     x_stats, params_stats = x, params
@@ -517,26 +541,40 @@ def batch_norm_from_checked(
     return y, _update_running_stats(state, batch, call.momentum, call.unbiased_running_var), batch
 
 
-def _single_value(call: _BatchNormCall) -> tuple[jax.Array, dict[str, jax.Array], stats.Moments]:
+def _single_value(
+    call: _BatchNormCall, correction: Any = None, correction_args: tuple = ()
+) -> tuple[jax.Array, dict[str, jax.Array], stats.Moments]:
     """One value per feature: the batch mean is ``x`` itself and there is no variance.
 
     Training outputs ``(x - x)``-normalized values, exactly the bias, with the
-    gradients flax's autodiff gives (none into ``x`` or the scale). The
+    gradients flax's autodiff gives (none into ``x`` or the scale); a
+    ``correction`` (batch renorm's ``(r, d)``, constants) makes it
+    ``scale * d + bias``, as for any batch whose normalized values are 0. The
     running mean averages ``x`` in; the running variance is kept.
     """
     x, state = call.x, call.state
     mean = x.reshape(state["mean"].shape)
+    dtype = jnp.promote_types(mean.dtype, call.compute_dtype)
+    constant_mean = lax.stop_gradient(mean).astype(dtype)
+    zeros = jnp.zeros(mean.shape, jnp.finfo(dtype).dtype)
+    batch = stats.Moments(mean=constant_mean, var=zeros, count=zeros + 1, shift=constant_mean,
+                          mean_minus_shift=jnp.zeros_like(constant_mean))
     if call.training:
+        params = call.params
+        if correction is not None:  # y = scale (x_hat r + d) + bias, as _train_step folds it
+            epsilon = jnp.asarray(call.epsilon, call.compute_dtype)
+            r, d = correction(batch, state["mean"], state["var"], epsilon, *map(jnp.asarray, correction_args))
+            if "scale" in params:
+                r, d = params["scale"].astype(r.dtype) * r, params["scale"].astype(d.dtype) * d
+            params = {"scale": r, "bias": d + params["bias"].astype(d.dtype) if "bias" in params else d}
+        # x - x in the compute dtype: the two cotangents cancel there, not as half-precision infinities
+        wide = x.astype(call.compute_dtype)
         y = _train_step.affine_normalize(
-            x, mean, None, jnp.zeros_like(state["var"]), call.params, call.reduction_axes, call.epsilon,
-            call.compute_dtype, call.out_dtype,
+            wide, wide.reshape(mean.shape), None, jnp.zeros_like(state["var"]), params, call.reduction_axes,
+            call.epsilon, call.compute_dtype, call.out_dtype,
         )
     else:
         y = _infer(call)
-    dtype = jnp.promote_types(mean.dtype, call.compute_dtype)
-    mean = lax.stop_gradient(mean).astype(dtype)
-    zeros = jnp.zeros(mean.shape, jnp.finfo(dtype).dtype)
-    batch = stats.Moments(mean=mean, var=zeros, count=zeros + 1, shift=mean, mean_minus_shift=jnp.zeros_like(mean))
     if not call.update:
         return y, call.given_state, batch
     # unbiased with n = 1: the variance is kept (n / (n - 1) has no value), the mean averaged

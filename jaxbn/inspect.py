@@ -110,6 +110,8 @@ def inspect_batch_norms(
     """
     check_options(normalize_with, "population")
     if isinstance(model, nn.Module):
+        if batch is None:
+            raise TypeError("inspect_batch_norms(linen_model, variables, batch): the batch is missing.")
         info: dict[tuple, dict[str, Any]] = {}
         variables = variables_or_batch
         (layers,) = linen_layer_moments(model, variables, [batch], normalize_with, call_kwargs, info)

@@ -16,6 +16,7 @@ construction matches), with two that jaxbn treats differently:
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -64,6 +65,30 @@ def check_float32_reductions(module: nn.Module, x: Any) -> None:
         )
 
 
+def _running_variable(module: nn.Module, name: str, shape: tuple[int, ...], init: Any, *init_args: Any) -> Any:
+    """``module.variable("batch_stats", name, init, *init_args)``, refusing a missing or misshapen one.
+
+    flax silently creates a running statistic that the variables passed to
+    ``apply`` lack (when ``batch_stats`` is mutable), which restarts it from its
+    initial value; outside ``init`` that is always a mistake (variables of
+    another model, or only ``{'params': ...}`` passed).
+    """
+    where = f"{type(module).__name__} at '{'/'.join(module.path) or '<root>'}'"
+    if not module.is_initializing():
+        if not module.has_variable("batch_stats", name):
+            hint = (" (momentum=None keeps a 'count' that a BatchNorm created with a numeric momentum lacks)"
+                    if name == "count" else "")
+            raise ValueError(
+                f"{where} has no batch_stats/{name} in the variables it was applied with{hint}: pass the "
+                "variables init returned, with their 'batch_stats' collection, e.g. model.apply({'params': "
+                "..., 'batch_stats': ...}, x, mutable=['batch_stats'])."
+            )
+        _validation.check_variable_size(
+            unboxed(module.get_variable("batch_stats", name)), math.prod(shape), f"batch_stats/{name}", where
+        )
+    return module.variable("batch_stats", name, init, *init_args)
+
+
 def _running_init(module: nn.Module, fill: float, shape: tuple[int, ...], dtype: Any) -> Any:
     """A running statistic filled with ``fill``, boxed as ``scale`` (else ``bias``) if that is boxed.
 
@@ -95,7 +120,9 @@ class BatchNorm(nn.Module):
     statistics, the stable variance, guards against bad data, sharding metadata
     on the running statistics, a complex running mean created at init) is
     listed in the README's "Differences from flax". During ``init``, as in
-    flax, statistics are neither synchronized nor written.
+    flax, statistics are neither synchronized nor written; outside ``init``,
+    variables without this layer's ``batch_stats`` (or with ones of another
+    size) raise a ``ValueError`` instead of starting them afresh.
 
     Attributes:
       use_running_average: normalize with ``batch_stats`` (inference) instead
@@ -181,6 +208,7 @@ class BatchNorm(nn.Module):
         Returns:
           The normalized input, shaped as ``x``.
         """
+        _validation.check_not_traced(use_running_average, "use_running_average")
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
@@ -189,11 +217,11 @@ class BatchNorm(nn.Module):
         stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
         # complex input: a complex running mean (flax's turns complex at the first update)
         mean_dtype = jnp.result_type(stats_dtype, jnp.complex64) if jnp.iscomplexobj(x) else stats_dtype
-        ra_mean = self.variable("batch_stats", "mean", _running_init, self, 0.0, feature_shape, mean_dtype)
-        ra_var = self.variable("batch_stats", "var", _running_init, self, 1.0, feature_shape, stats_dtype)
+        ra_mean = _running_variable(self, "mean", feature_shape, _running_init, self, 0.0, feature_shape, mean_dtype)
+        ra_var = _running_variable(self, "var", feature_shape, _running_init, self, 1.0, feature_shape, stats_dtype)
         running = {"mean": ra_mean, "var": ra_var}
         if self.momentum is None:  # only then, so default variables stay flax's
-            running["count"] = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.float32))
+            running["count"] = _running_variable(self, "count", (), lambda: jnp.zeros((), jnp.float32))
         running.update(self._extra_running_stats())
         params = _affine_params(self, feature_shape, self.use_scale, self.use_bias)
         state = {key: variable.value for key, variable in running.items()}
@@ -276,7 +304,8 @@ class LayerNorm(nn.Module):
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         check_float32_reductions(self, x)
-        params = _affine_params(self, _validation.feature_shape(x, self.feature_axes), self.use_scale, self.use_bias)
+        feature_shape = _validation.feature_shape(x, self.feature_axes, "feature_axes")
+        params = _affine_params(self, feature_shape, self.use_scale, self.use_bias)
         return per_example.layer_norm(
             x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
@@ -313,7 +342,8 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         check_float32_reductions(self, x)
-        params = _affine_params(self, _validation.feature_shape(x, self.feature_axes), self.use_scale, False)
+        feature_shape = _validation.feature_shape(x, self.feature_axes, "feature_axes")
+        params = _affine_params(self, feature_shape, self.use_scale, False)
         return per_example.rms_norm(
             x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
@@ -396,7 +426,8 @@ class InstanceNorm(nn.Module):
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         check_float32_reductions(self, x)
-        params = _affine_params(self, _validation.feature_shape(x, self.feature_axes), self.use_scale, self.use_bias)
+        feature_shape = _validation.feature_shape(x, self.feature_axes, "feature_axes")
+        params = _affine_params(self, feature_shape, self.use_scale, self.use_bias)
         return per_example.instance_norm(
             x, params, feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype,
@@ -459,7 +490,7 @@ class BatchRenorm(BatchNorm):
         """``batch_stats/steps``, only for a callable limit (so the variables stay BatchNorm's)."""
         if not (callable(self.r_max) or callable(self.d_max)):
             return {}
-        return {"steps": self.variable("batch_stats", "steps", lambda: jnp.zeros((), jnp.int32))}
+        return {"steps": _running_variable(self, "steps", (), lambda: jnp.zeros((), jnp.int32))}
 
 
 # Model-wide switches (method interception): implemented in jaxbn.switches, which imports this module lazily.

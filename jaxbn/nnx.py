@@ -170,6 +170,10 @@ def _to_feature_shape(
     to reshape and not ``always``: flax's LayerNorm without parameters ignores
     ``num_features``).
     """
+    for key, value in arrays.items():  # a variable of another layer (e.g. merged or restored state)
+        _validation.check_variable_size(
+            value, module.num_features, f"{key}", f"{type(module).__name__}(num_features={module.num_features})"
+        )
     if (arrays or always) and math.prod(feature_shape) != module.num_features:
         raise ValueError(
             f"{type(module).__name__}(num_features={module.num_features}) got an input of shape "
@@ -310,6 +314,7 @@ class BatchNorm(_Normalization):
         Returns:
           The normalized input, shaped as ``x``.
         """
+        _validation.check_not_traced(use_running_average, "use_running_average")
         if use_running_average is None:
             use_running_average = self.use_running_average
         if self.frozen:  # jaxbn.nnx.freeze: running statistics, never updated, whatever the mode
@@ -492,7 +497,8 @@ class LayerNorm(_Normalization):
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         x, _, params, dtype = _promote(self, x, {}, _values(self, ("scale", "bias")))
-        params = _to_feature_shape(self, params, x, _validation.feature_shape(x, self.feature_axes), "feature_axes")
+        feature_shape = _validation.feature_shape(x, self.feature_axes, "feature_axes")
+        params = _to_feature_shape(self, params, x, feature_shape, "feature_axes")
         return per_example.layer_norm(
             x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=dtype,
@@ -541,7 +547,8 @@ class RMSNorm(_Normalization):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         x, _, params, dtype = _promote(self, x, {}, _values(self, ("scale",)))
-        params = _to_feature_shape(self, params, x, _validation.feature_shape(x, self.feature_axes), "feature_axes")
+        feature_shape = _validation.feature_shape(x, self.feature_axes, "feature_axes")
+        params = _to_feature_shape(self, params, x, feature_shape, "feature_axes")
         return per_example.rms_norm(
             x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=dtype,
@@ -589,7 +596,7 @@ class GroupNorm(_Normalization):
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
         num_groups = per_example.number_of_groups(_check_num_features(num_features, "GroupNorm"), num_groups,
-                                                  group_size)
+                                                  group_size, "channels (num_features)")
         super().__init__(
             num_features, rngs=rngs, param_dtype=param_dtype, disabled=nnx.data(None),
             affine={"scale": _Affine(use_scale, scale_init, scale_metadata),
@@ -657,7 +664,8 @@ class InstanceNorm(_Normalization):
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
         x, _, params, dtype = _promote(self, x, {}, _values(self, ("scale", "bias")))
-        params = _to_feature_shape(self, params, x, _validation.feature_shape(x, self.feature_axes), "feature_axes")
+        feature_shape = _validation.feature_shape(x, self.feature_axes, "feature_axes")
+        params = _to_feature_shape(self, params, x, feature_shape, "feature_axes")
         return per_example.instance_norm(
             x, params, feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=dtype,

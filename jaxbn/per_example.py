@@ -74,6 +74,10 @@ def _normalize_over(
     """
     compute_dtype = _validation.compute_dtype(x, dtype)
     out_dtype = _validation.output_dtype(x, params, dtype)
+    # One cast up front: the gradient's paths (through the statistics and the normalization) then
+    # meet in the compute dtype and round to x's dtype once; cast separately, a float16/bfloat16
+    # cotangent would sum cancelling terms in half precision.
+    x = x.astype(compute_dtype)
     if mask is not None:
         mask = _validation.check_mask(mask, x.shape)
     broadcast_shape = tuple(x.shape[i] if i in feature_axes else 1 for i in range(x.ndim))
@@ -89,9 +93,16 @@ def _normalize_over(
         else:
             shift, mean_minus_shift = jnp.zeros((), compute_dtype), None
             var = keep(batch.var + stats.abs_square(batch.mean))  # E[|x|^2], real for complex x
+        # Normalized first, then scaled: autodiff's scale gradient is then sum(dy * x_hat), which is
+        # 0 where the variance is beyond the dtype (sum(dy * (x - mean)) * 0 would be inf * 0 = NaN).
         y = _train_step.affine_normalize(
-            x, shift, mean_minus_shift, var, params, (), epsilon, compute_dtype, out_dtype, mask
+            x, shift, mean_minus_shift, var, {}, (), epsilon, compute_dtype, compute_dtype, mask
         )
+        if "scale" in params:
+            y = y * jnp.asarray(params["scale"], compute_dtype)
+        if "bias" in params:
+            y = y + jnp.asarray(params["bias"], compute_dtype)
+    y = y.astype(out_dtype)
     return y if out_shape is None else y.reshape(out_shape)
 
 
@@ -216,8 +227,10 @@ def rms_norm(
     )
 
 
-def number_of_groups(channels: int, num_groups: Any, group_size: Any) -> int:
-    """flax GroupNorm's rule: exactly one of the two, dividing the channels."""
+def number_of_groups(
+    channels: int, num_groups: Any, group_size: Any, channels_are: str = "channels of the input (its last axis)"
+) -> int:
+    """flax GroupNorm's rule: exactly one of the two, dividing the channels (``channels_are`` says whose)."""
     num_groups = _validation.positive_int(num_groups, "num_groups", none_ok=True)
     group_size = _validation.positive_int(group_size, "group_size", none_ok=True)
     if (num_groups is None) == (group_size is None):
@@ -229,14 +242,14 @@ def number_of_groups(channels: int, num_groups: Any, group_size: Any) -> int:
     if group_size is not None:
         if channels % group_size:
             raise ValueError(
-                f"group_size={group_size} does not divide the {channels} channels of the input "
-                "(its last axis); choose a divisor of the channel count."
+                f"group_size={group_size} does not divide the {channels} {channels_are}; choose a divisor "
+                "of the channel count."
             )
         return channels // group_size
     if channels % num_groups:
         raise ValueError(
-            f"num_groups={num_groups} does not divide the {channels} channels of the input "
-            "(its last axis); choose a divisor of the channel count, or pass group_size instead."
+            f"num_groups={num_groups} does not divide the {channels} {channels_are}; choose a divisor "
+            "of the channel count, or pass group_size instead."
         )
     return num_groups
 
@@ -292,6 +305,7 @@ def group_norm(
     Array([[-1.,  1., -1.,  1.]], dtype=float32)
     """
     x = _validation.check_inexact(x)
+    _validation.canonicalize_axes(x.ndim, -1)  # a 0-d input has no channel axis: the shared message
     if reduction_axes is None:
         reduction = tuple(range(1, x.ndim)) or (0,)
     else:
@@ -374,12 +388,14 @@ def instance_norm(
             _validation.DegenerateBatchWarning,
             stacklevel=2,
         )
-        # x - x: exactly the bias, with flax's gradients (none into x or scale).
+        # x - x: exactly the bias, with flax's gradients (none into x or scale); in the compute
+        # dtype, where the two cotangents cancel (in float16 they may be opposite infinities).
         broadcast_shape = tuple(x.shape[i] if i in features else 1 for i in range(x.ndim))
         params = {key: jnp.reshape(value, broadcast_shape) for key, value in params.items()}
+        out_dtype, compute_dtype = _validation.output_dtype(x, params, dtype), _validation.compute_dtype(x, dtype)
+        wide = x.astype(compute_dtype)
         return _train_step.affine_normalize(
-            x, x, None, jnp.zeros((), jnp.float32), params, (), epsilon, _validation.compute_dtype(x, dtype),
-            _validation.output_dtype(x, params, dtype),
+            wide, wide, None, jnp.zeros((), jnp.float32), params, (), epsilon, compute_dtype, out_dtype,
         )
     return _normalize_over(
         "instance_norm",

@@ -12,6 +12,7 @@ float64 and written into the running statistics.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -77,12 +78,15 @@ def _estimate(pooled: PooledMoments, estimator: str, unbiased: bool) -> tuple[np
         return np.where(n > 0, pooled.mean, np.nan), np.where(divisor > 0, pooled.m2 / divisor, np.nan)
 
 
-def _normalized(x, params, state, axis, epsilon, dtype, mask, normalize_with):
+def _normalized(x, params, state, axis, epsilon, dtype, mask, normalize_with, owner):
     """The batch's moments and the layer's output, normalized with them or with ``state``: batch norm with
     ``update_running_stats=False``. The model runs under ``jit`` on whole batches (sharded or not: XLA then
-    reduces over the shards), so a layer's ``axis_name`` is not needed here."""
+    reduces over the shards), so a layer's ``axis_name`` is not needed here. ``owner`` names the layer."""
     x = _validation.check_floating(x)
     feature_shape = _validation.feature_shape(x, axis)
+    for collection, arrays in (("params", params), ("batch_stats", state)):
+        for key, value in arrays.items():
+            _validation.check_variable_size(value, math.prod(feature_shape), f"{collection}/{key}", owner)
     params = {key: jnp.reshape(value, feature_shape) for key, value in params.items()}
     state = {key: jnp.reshape(value, feature_shape) for key, value in state.items()}
     y, _, batch = functional.batch_norm(
@@ -107,6 +111,25 @@ def _progress(iterable: Iterable, progress: bool | None, description: str) -> It
             raise ImportError("recalibrate(progress=True) needs tqdm: pip install tqdm") from None
         return iterable
     return tqdm(iterable, desc=description, unit="batch")
+
+
+def check_batches(batches: Any, function: str) -> None:
+    """Raises unless ``batches`` is an iterable (of batches)."""
+    if not isinstance(batches, Iterable):
+        raise TypeError(
+            f"{function}: batches must be an iterable of batches (e.g. a list or a generator), got "
+            f"{type(batches).__name__}; for one batch x pass [x]."
+        )
+
+
+def _nonempty(batches: Iterable, function: str) -> Iterator[Any]:
+    """The batches, raising after the loop if there were none."""
+    empty = True
+    for batch in batches:
+        empty = False
+        yield batch
+    if empty:
+        raise ValueError(f"{function}: batches is empty; pass at least one batch.")
 
 
 def _as_args(batch: Any) -> tuple:
@@ -138,7 +161,8 @@ def _linen_interceptor(normalize_with: str, info: dict[tuple[str, ...], dict[str
                   if module.has_variable("params", key)}
         state = {key: module.get_variable("batch_stats", key) for key in ("mean", "var")}
         moments, y = _normalized(
-            args[0], params, state, module.axis, module.epsilon, module.dtype, kwargs.get("mask"), normalize_with
+            args[0], params, state, module.axis, module.epsilon, module.dtype, kwargs.get("mask"), normalize_with,
+            f"{type(module).__name__} at '{'/'.join(module.path) or '<root>'}'",
         )
         module.sow("intermediates", _SOWN, moments)
         return y
@@ -174,7 +198,7 @@ def linen_layer_moments(
 def _recalibrate_linen(model, variables, batches, normalize_with, estimator, progress, call_kwargs):
     info: dict[tuple[str, ...], dict[str, Any]] = {}
     pooled: dict[tuple[str, ...], PooledMoments] = {}
-    batches = _progress(batches, progress, "recalibrate")
+    batches = _nonempty(_progress(batches, progress, "recalibrate"), "recalibrate")
     for layers in linen_layer_moments(model, variables, batches, normalize_with, call_kwargs, info):
         for layer, calls in layers.items():
             for moments in calls:  # one (count, mean, var) per call of the layer
@@ -234,7 +258,8 @@ def _recording_nnx_batch_norms(normalize_with: str):
     def recording_call(self, x, use_running_average=None, *, mask=None):
         params = {key: getattr(self, key)[...] for key in ("scale", "bias") if getattr(self, key) is not None}
         state = {"mean": self.mean[...], "var": self.var[...]}
-        moments, y = _normalized(x, params, state, self.axis, self.epsilon, self.dtype, mask, normalize_with)
+        moments, y = _normalized(x, params, state, self.axis, self.epsilon, self.dtype, mask, normalize_with,
+                                 type(self).__name__)
         self.sow(nnx.Intermediate, _SOWN, moments)
         return y
 
@@ -277,8 +302,8 @@ def nnx_layer_moments(
 def _recalibrate_nnx(module, batches, normalize_with, estimator, progress, call_kwargs):
     layers = nnx_batch_norms(module)
     pooled: dict[tuple, PooledMoments] = {}
-    for moments_by_layer in nnx_layer_moments(module, _progress(batches, progress, "recalibrate"), normalize_with,
-                                              call_kwargs):
+    batches = _nonempty(_progress(batches, progress, "recalibrate"), "recalibrate")
+    for moments_by_layer in nnx_layer_moments(module, batches, normalize_with, call_kwargs):
         for layer, calls in moments_by_layer.items():
             for moments in calls:  # one (count, mean, var) per call of the layer
                 pooled[layer] = pool_moments(pooled.get(layer), *moments)
@@ -364,11 +389,13 @@ def recalibrate(
     if isinstance(model, nn.Module):
         if batches is None:
             raise TypeError("recalibrate(linen_model, variables, batches): the batches are missing.")
+        check_batches(batches, "recalibrate")
         return _recalibrate_linen(model, variables_or_batches, batches, normalize_with, estimator, progress,
                                   call_kwargs)
     if isinstance(model, nnx.Module):
         if batches is not None:
             raise TypeError("recalibrate(nnx_module, batches): an nnx module holds its variables; pass the batches "
                             "as the second argument.")
+        check_batches(variables_or_batches, "recalibrate")
         return _recalibrate_nnx(model, variables_or_batches, normalize_with, estimator, progress, call_kwargs)
     raise TypeError(f"model must be a flax.linen or flax.nnx module, got {type(model).__name__}.")

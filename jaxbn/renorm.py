@@ -68,6 +68,9 @@ def renorm_correction(
     r = jnp.sqrt((batch.var + epsilon) / (running_var + epsilon))
     d = ((batch.shift - running_mean) + batch.mean_minus_shift) / running_std
     r = jnp.minimum(jnp.maximum(r, 1 / r_max), r_max)
+    # A batch variance beyond the dtype normalizes to x_hat = 0, which r multiplies: 1, not an
+    # unclipped inf (r_max=inf) that would meet the 0 of rsqrt(inf) as inf * 0 = NaN.
+    r = jnp.where(jnp.isposinf(batch.var), 1, r)
     d = jnp.minimum(jnp.maximum(d, -d_max), d_max)
     return lax.stop_gradient(r), lax.stop_gradient(d)
 
@@ -132,10 +135,9 @@ def renorm_clipping(
             )
     dtype = getattr(step, "dtype", None)
     if dtype is None:
-        step = jnp.asarray(step)
-        dtype = step.dtype
-    if jnp.issubdtype(dtype, jnp.bool_) or not jnp.issubdtype(dtype, jnp.number):
-        raise TypeError(f"step must be an integer or float scalar or array, got dtype {dtype}.")
+        dtype = np.asarray(step).dtype if isinstance(step, (str, bytes)) else jnp.asarray(step).dtype
+    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        raise TypeError(f"step must be an integer or float scalar or array, got {step!r} of dtype {dtype}.")
     t = jnp.asarray(step).astype(jnp.float32)
 
     def progress(end):

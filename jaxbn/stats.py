@@ -101,7 +101,7 @@ def axis_size(axis_name: AxisName | None, axis_index_groups: Sequence[Sequence[i
         size = int(lax.axis_size(axis_name))
     except NameError as err:
         raise ValueError(
-            f"axis_name={axis_name!r} is not bound here: {err} Call this function "
+            f"axis_name={axis_name!r} is not bound here ({err}). Call this function "
             f"inside jax.shard_map(..., mesh=...) or jax.pmap(..., axis_name="
             f"{axis_name!r}) (or jax.vmap with that axis_name) whose axes include "
             f"{axis_name!r}. Under plain jax.jit with a sharded batch, pass "
@@ -209,7 +209,9 @@ def varying_like(value: jax.Array, *likes: jax.Array) -> jax.Array:
 
 def abs_square(v: jax.Array) -> jax.Array:
     """``|v|^2``, real for complex ``v`` (flax's ``_abs_sq``); ``v^2`` for real ``v``."""
-    return jnp.square(v.real) + jnp.square(v.imag) if jnp.iscomplexobj(v) else jnp.square(v)
+    # v * v, not jnp.square: the same value, and a derivative v dt + dt v that a 0 cotangent keeps 0
+    # where 2 v overflows (square's 2 v dt is inf * 0 = NaN there)
+    return v.real * v.real + v.imag * v.imag if jnp.iscomplexobj(v) else v * v
 
 
 def _manual_mesh_axes() -> frozenset:
@@ -305,16 +307,19 @@ def _local_sums(
     """This device's ``Σ s(x-K)`` (and ``Σ |s(x-K)|^2``) over the valid elements.
 
     ``reference`` None sums ``x`` itself (no subtraction is traced), ``scale``
-    None multiplies by nothing.
+    None multiplies by nothing. Both sides are scaled before the subtraction
+    (exact: a power of two), so values more than the dtype's maximum apart
+    still give a finite scaled deviation.
     """
     axes, dtype = reduction.axes, reduction.dtype
 
     def centered(x, reference, mask, scale):
         deviation = x.astype(dtype)
-        if reference is not None:
-            deviation = deviation - jnp.expand_dims(reference, axes)
         if scale is not None:
             deviation = deviation * jnp.expand_dims(scale, axes)
+            reference = None if reference is None else reference * scale
+        if reference is not None:
+            deviation = deviation - jnp.expand_dims(reference, axes)
         # where, not a product: masked-out NaN or Inf padding stays out.
         return deviation if mask is None else jnp.where(mask, deviation, 0)
 
@@ -341,22 +346,26 @@ def _finite_or(value: jax.Array, fallback: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(value), value, fallback)
 
 
-def _poor_shift(shift: jax.Array, offset: jax.Array, raw_second: jax.Array, scale: jax.Array) -> jax.Array:
+def _poor_shift(
+    shift: jax.Array, offset: jax.Array, raw_second: jax.Array, scale: jax.Array, near: jax.Array
+) -> jax.Array:
     """Per feature: would another pass make the variance more exact?
 
     True where ``raw_second - |offset|^2`` amplifies rounding by more than
     :data:`CANCELLATION_LIMIT` or a sum overflowed (unless it already was a
-    scaled sum: the variance itself is then beyond the dtype), and the better
-    shift is finite (a NaN batch re-shifts nowhere); or where an unscaled sum
-    overflowed to infinity.
+    scaled sum taken ``near`` the mean, judged in scaled units: the variance
+    itself is then beyond the dtype), and the better shift is finite (a NaN
+    batch re-shifts nowhere); or where an unscaled sum overflowed to infinity.
     """
     overflow = ~jnp.isfinite(raw_second) | jnp.isinf(offset)
     amplified = ~(abs_square(offset) <= (1 - 1 / CANCELLATION_LIMIT) * raw_second) | overflow
-    # A scaled sum that overflowed near the mean: the variance itself is beyond the dtype.
-    beyond_range = overflow & (scale != 1) & jnp.isfinite(abs_square(offset))
+    # A scaled sum that overflowed near the mean: the variance itself is beyond the dtype
+    # (|offset|^2 may overflow too, while small against the spread).
+    beyond_range = overflow & (scale != 1) & near
     move = amplified & ~beyond_range & jnp.isfinite(shift + offset)
     # A first sum that overflowed gives no better shift: the sums are re-taken scaled, in place.
-    rescale = overflow & (scale == 1) & ~jnp.isnan(offset)
+    # (Its mean may be NaN, inf - inf of partial sums; a NaN second moment is NaN data.)
+    rescale = overflow & (scale == 1) & ~jnp.isnan(raw_second)
     return move | rescale
 
 
@@ -378,22 +387,28 @@ def _reshift_until_exact(
     overflow_scale = 2.0 ** -(max_exponent + math.ceil(math.log2(n) / 2))
     one = varying_like(jnp.ones_like(raw_second), offset, raw_second)
 
+    # The carry's scale is signed: its sign says whether the pass was taken near the mean, judged
+    # in scaled units (a fifth, boolean, carry would cost the steady state one more kernel).
     def step(carry):
         shift, offset, raw_second, _, iteration = carry
         better = lax.stop_gradient(_finite_or(shift + offset, shift))
-        # Scale where a re-shifted sum overflowed, or a first sum (no better shift): around a far
-        # shift an overflow may just be the distance, which the re-shift removes.
-        near = jnp.isfinite(abs_square(offset))  # the overflow is not the shift's distance
-        overflow = ~jnp.isfinite(raw_second) & (((iteration > 0) & near) | jnp.isinf(offset))
+        # Scale where a re-shifted sum overflowed, or a first sum (no better shift). Around the
+        # first better shift an overflow may still be the distance of a far shift: its scaled pass
+        # then finds the mean (and the next, unscaled, the variance), one pass more than needed.
+        overflow = ~jnp.isfinite(raw_second) & ((iteration > 0) | ~jnp.isfinite(offset))
         scale = jnp.where(overflow, overflow_scale, one).astype(one.dtype)
-        unscale = jnp.where(overflow, 1 / overflow_scale, one).astype(one.dtype)
+        unscale = 1 / scale  # exact: a power of two
         first, second = _global_sums(reduction, _local_sums(reduction, better, scale))
+        first, second = first / count, second / count  # finite where scaled
+        # judged in scaled units, where a variance beyond the dtype is still finite
+        near = abs_square(first) <= (1 - 1 / CANCELLATION_LIMIT) * second
         # Multiplications, one factor at a time: scale^2 and count * scale^2 are subnormal.
-        return better, first / count * unscale, second / count * unscale * unscale, scale, iteration + 1
+        return better, first * unscale, second * unscale * unscale, jnp.where(near, scale, -scale), iteration + 1
 
     def again(carry):
-        shift, offset, raw_second, scale, iteration = carry
-        return jnp.any(_poor_shift(shift, offset, raw_second, scale)) & (iteration < MAX_RESHIFTS)
+        shift, offset, raw_second, signed_scale, iteration = carry
+        near, scale = signed_scale > 0, jnp.abs(signed_scale)
+        return jnp.any(_poor_shift(shift, offset, raw_second, scale, near)) & (iteration < MAX_RESHIFTS)
 
     if os.environ.get("JAXBN_MEASURE_WITHOUT_RESHIFT") == "1":
         # For benchmarks/gpu_suite.py only: what the loop's predicate costs a step (inexact at a poor shift).
@@ -496,7 +511,8 @@ def moments(
             ) from None
     with jax.named_scope("jaxbn.moments"):
         count, shift, offset, raw_second = _shifted_moments(plan, x, mask, lax.stop_gradient(_finite_or(shift, 0)))
-        var = jnp.maximum(raw_second - abs_square(offset), 0)
+        # A second moment beyond the dtype is a variance beyond it (not inf - inf = NaN).
+        var = jnp.where(jnp.isposinf(raw_second), raw_second, jnp.maximum(raw_second - abs_square(offset), 0))
     return Moments(mean=shift + offset, var=var, count=count, shift=shift, mean_minus_shift=offset)
 
 
@@ -539,6 +555,9 @@ def _shifted_moments_jvp(plan, primals, tangents):
 
     # Linear in dx (no optimization barrier: reverse mode transposes this).
     deviation = x.astype(plan.dtype) - jnp.expand_dims(shift, plan.axes)
+    # A deviation beyond the dtype (values of both signs near its maximum) means a variance beyond
+    # it, whose derivative the normalization does not use: 0, not inf * 0 = NaN in reverse mode.
+    deviation = jnp.where(jnp.isfinite(deviation), deviation, 0)
     dx = dx.astype(plan.dtype)
     if mask is not None:
         deviation, dx = jnp.where(mask, deviation, 0), jnp.where(mask, dx, 0)
@@ -570,7 +589,8 @@ def merge_moments(parts: Sequence[Moments]) -> Moments:
         valid element, ``count == 0``, weigh nothing).
 
     Returns:
-      :class:`Moments` of all parts, with the first part's shift.
+      :class:`Moments` of all parts, with the shift of the first part that
+      has data (per feature; the first part's where none has).
 
     Raises:
       ValueError: ``parts`` is empty or the shapes differ.
@@ -581,18 +601,31 @@ def merge_moments(parts: Sequence[Moments]) -> Moments:
     >>> merged.mean, merged.var, merged.count
     (Array([4.], dtype=float32), Array([12.5], dtype=float32), Array([4.], dtype=float32))
     """
+    if isinstance(parts, Moments):
+        raise TypeError("parts must be a sequence of Moments, got a single Moments; pass a list, e.g. [moments].")
     parts = list(parts)
-    if not parts or not all(isinstance(part, Moments) for part in parts):
+    if not parts:
         raise ValueError(f"parts must be a non-empty sequence of Moments, got {parts!r}.")
+    for i, part in enumerate(parts):
+        if not isinstance(part, Moments):
+            raise TypeError(
+                f"parts must be a non-empty sequence of Moments, but parts[{i}] is a {type(part).__name__}."
+            )
     shapes = {jnp.shape(part.mean) for part in parts}
     if len(shapes) != 1:
         raise ValueError(f"parts must all have one shape, got {sorted(shapes)}.")
-    shift = parts[0].shift
     counts = [part.count for part in parts]
+    # Per feature, the shift of the first part with data: an empty part's shift (and so its
+    # mean) may lie anywhere, and taken as the common shift it would cost the offsets' precision.
+    shift, found = parts[0].shift, counts[0] > 0
+    for part, n in zip(parts[1:], counts[1:]):
+        shift, found = jnp.where(~found & (n > 0), part.shift, shift), found | (n > 0)
     total = sum(counts[1:], counts[0])
     safe = jnp.maximum(total, 1)
-    # each mean relative to the common shift: (K_i - K) + (mean_i - K_i)
-    offsets = [(part.shift - shift) + part.mean_minus_shift for part in parts]
+    # each mean relative to the common shift: (K_i - K) + (mean_i - K_i); an empty part weighs
+    # nothing (where, not a product: its distance squared may overflow, and 0 * inf is NaN)
+    offsets = [jnp.where(n > 0, (part.shift - shift) + part.mean_minus_shift, 0) for n, part in zip(counts, parts)]
     offset = sum((n * d for n, d in zip(counts, offsets)), jnp.zeros_like(offsets[0])) / safe
-    spread = sum(n * (part.var + abs_square(d - offset)) for n, part, d in zip(counts, parts, offsets)) / safe
+    spread = sum(jnp.where(n > 0, n * (part.var + abs_square(d - offset)), 0)
+                 for n, part, d in zip(counts, parts, offsets)) / safe
     return Moments(mean=shift + offset, var=spread, count=total, shift=shift, mean_minus_shift=offset)

@@ -6,9 +6,22 @@ constants and markers here depend on that.
 
 import zlib
 
+import hypothesis
 import jax
 import numpy as np
 import pytest
+
+# Property tests: CI searches a modest, fixed set of examples (derandomized, so a run is repeatable and its time
+# known); `pytest --hypothesis-profile=long` searches ten times as many, newly drawn each run.
+hypothesis.settings.register_profile(
+    "ci", max_examples=10, deadline=None, derandomize=True, database=None, print_blob=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.data_too_large],
+)
+hypothesis.settings.register_profile(
+    "long", max_examples=100, deadline=None, print_blob=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.data_too_large],
+)
+hypothesis.settings.load_profile("ci")
 
 #: The forced host devices the multi-device tests spread a batch over.
 N_DEVICES = 8

@@ -23,32 +23,11 @@ def _train(x=X, params=None, state=None, **kwargs):
     )
 
 
-@pytest.mark.parametrize(
-    "state, error, match",
-    [
-        ({"mean": jnp.array([0, 10, 0]), "var": jnp.ones(3)}, TypeError, r"state\['mean'\] must have a floating dtype, got int32"),
-        ({"mean": jnp.zeros(3), "var": jnp.ones(3, bool)}, TypeError, r"state\['var'\] must have a floating dtype, got bool"),
-        ({"mean": jnp.zeros(3, jnp.float16), "var": jnp.ones(3, jnp.float16)}, TypeError, r"state\['mean'\] is float16"),
-        ({"mean": jnp.zeros(3), "var": jnp.ones(3, jnp.complex64)}, TypeError, r"state\['var'\] must be real"),
-    ],
-)
-def test_state_of_the_wrong_dtype_is_refused(state, error, match):
-    with pytest.raises(error, match=match):
-        _train(state=state)
-
-
 def test_bfloat16_state_is_updated_in_float32_and_keeps_its_dtype():
     state = {"mean": jnp.zeros(3, jnp.bfloat16), "var": jnp.ones(3, jnp.bfloat16)}
     _, new_state = _train(state=state, momentum=0.0)
     assert new_state["mean"].dtype == new_state["var"].dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(new_state["mean"], np.float32), X.mean(0), rtol=1e-2)
-
-
-@pytest.mark.parametrize("epsilon", [1e-50, 1e39, 0.0, -1.0, float("nan"), float("inf")])
-def test_epsilon_must_be_positive_and_finite_in_the_compute_dtype(epsilon):
-    for call in (lambda: _train(epsilon=epsilon), lambda: jaxbn.layer_norm(X, epsilon=epsilon)):
-        with pytest.raises(ValueError, match=r"epsilon must be a finite number > 0 in the float32"):
-            call()
 
 
 def test_traced_epsilon_works_in_training_and_inference():
@@ -61,13 +40,6 @@ def test_traced_epsilon_works_in_training_and_inference():
         grad = jax.grad(lambda x, eps: jnp.sum(jnp.sin(jaxbn.batch_norm(
             x, {}, jaxbn.batch_norm_init(3)[1], training=True, epsilon=eps)[0])))
         assert np.isfinite(jax.jit(grad)(X, jnp.float32(1e-3))).all()
-
-
-@pytest.mark.parametrize("mask", [jnp.array([[1.0], [0.5], [0.0], [1.0]] * 2), jnp.ones((8, 1), jnp.int32)])
-def test_a_non_boolean_mask_is_refused(mask):
-    for call in (lambda: _train(mask=mask), lambda: jaxbn.layer_norm(X, mask=mask), lambda: jaxbn.moments(X, 0, mask=mask)):
-        with pytest.raises(TypeError, match=r"mask must be a boolean array .* mask.astype\(bool\)"):
-            call()
 
 
 def test_array_likes_and_numpy_integers_are_accepted():

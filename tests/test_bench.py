@@ -90,7 +90,7 @@ def test_quick_reports_missing_libraries_instead_of_failing(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(
             f"raise ModuleNotFoundError('No module named {name}', name='{name}')\n")
-    output = _run("--libs", "equinox", "haiku", "copy", pythonpath=tmp_path)
+    output = _run("--libs", "equinox", "haiku", "copy", "--dtypes", "float32", "--layouts", "NHWC", pythonpath=tmp_path)
     _, *rows = _section(output, "train forward (y + new running stats), float32")
     notes = {row[0]: row[-1] for row in rows if row[1] == "NHWC"}
     assert notes["equinox"] == "equinox not installed" and notes["haiku"] == "haiku not installed"

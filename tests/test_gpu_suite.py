@@ -1,6 +1,11 @@
-"""benchmarks/gpu_suite.py --smoke: the GPU suite's code runs on CPU, so it cannot rot between device sessions."""
+"""benchmarks/gpu_suite.py --smoke: the GPU suite's code runs on CPU, so it cannot rot between device sessions.
+
+The smoke run also runs benchmarks/e2e.py --quick (in each group's process): its
+checks here cover e2e.py too. Nothing looks at how long a step took.
+"""
 
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -18,6 +23,9 @@ def test_smoke_run_writes_markdown_and_json(tmp_path):
         assert "error" not in group, group
         row = group["e2e"]["resnet20"]
         assert row["loss_check_passed"] and set(row["median_ms"]) == {"jaxbn", "flax", "none"}
+        assert all(math.isfinite(ms) for ms in row["median_ms"].values())
+        assert "initial variables identical: yes" in row["output"] and "): passed" in row["output"]
+        assert "BN overhead jaxbn / flax" in row["output"]
     assert results["default"]["micro"][0]["dtype"] == "float32"
     assert "train forward" in results["default"]["micro"][0]["output"]
     markdown = (tmp_path / "gpu_suite.md").read_text()

@@ -125,38 +125,3 @@ def test_moments_under_vmap_axis_name_equals_global(rng):
     np.testing.assert_allclose(m.mean[0], whole.mean, rtol=1e-7)
     np.testing.assert_allclose(m.var[0], whole.var, rtol=1e-5)
     np.testing.assert_array_equal(m.count[0], [20.0] * 3)
-
-
-@pytest.mark.parametrize(
-    "kwargs, error, message",
-    [
-        (dict(axes=4), ValueError, "out of range"),
-        (dict(axes=(0, -3)), ValueError, "same axis twice"),
-        (dict(axes=0.5), TypeError, "int or a sequence"),
-        (dict(axes=0, mask=np.ones((3,), bool)), ValueError, "does not broadcast"),
-        (dict(axes=0, shift=np.zeros(5)), ValueError, "shift of shape"),
-        (dict(axes=0, dtype=jnp.int32), TypeError, "floating dtype"),
-        (dict(axes=0, axis_name="batch"), ValueError, "not bound"),
-        (dict(axes=0, axis_index_groups=[[0]]), ValueError, "without axis_name"),
-    ],
-)
-def test_invalid_arguments_raise_at_trace_time(kwargs, error, message):
-    """Bad axes, masks, shifts, dtypes and axis names raise with a message that says why."""
-    x = jnp.ones((4, 2, 2), jnp.float32)
-    kwargs = dict(kwargs)
-    axes = kwargs.pop("axes")
-    with pytest.raises(error, match=message):
-        jax.jit(lambda x: stats.moments(x, axes, **kwargs)).lower(x)
-
-
-@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
-def test_non_floating_input_is_a_type_error(dtype):
-    """Integer and boolean inputs are refused with the fix in the message."""
-    with pytest.raises(TypeError, match="floating dtype.*astype"):
-        stats.moments(jnp.ones((4, 2), dtype), 0)
-
-
-def test_unbound_axis_name_says_how_to_fix():
-    """The error for an unbound axis name points at shard_map/pmap and at axis_name=None."""
-    with pytest.raises(ValueError, match=r"shard_map.*pmap.*axis_name=None"):
-        stats.moments(jnp.ones((4, 2)), 0, axis_name="data")

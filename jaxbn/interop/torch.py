@@ -180,6 +180,8 @@ def _to_numpy(value: Any, key: str) -> np.ndarray:
             import jax.numpy as jnp
 
             return tensor.float().numpy().astype(jnp.bfloat16)
+        if tensor.is_complex():
+            raise TypeError(f"state dict entry {key!r} has dtype {tensor.dtype}; expected a real tensor or array.")
         return tensor.numpy().copy()
     if isinstance(value, (np.ndarray, np.generic, numbers.Number)) or hasattr(value, "__array__"):
         array = np.asarray(value)
