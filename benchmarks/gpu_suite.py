@@ -65,7 +65,9 @@ def _plan(smoke: bool) -> dict[str, dict[str, Any]]:
     micro = [((8, 4, 4, 8), "float32")] if smoke else MICRO
     groups = {
         "default": {"env": {}, "micro": micro, "e2e": e2e},
-        "without_reshift": {"env": {"JAXBN_MEASURE_WITHOUT_RESHIFT": "1"}, "micro": [], "e2e": e2e},
+        # (smoke: the switch's path through the micro benchmark; the e2e code is the default group's)
+        "without_reshift": {"env": {"JAXBN_MEASURE_WITHOUT_RESHIFT": "1"}, "micro": micro if smoke else [],
+                            "e2e": {} if smoke else e2e},
     }
     if not smoke:
         groups["command_buffers"] = {"env": {"XLA_FLAGS": COMMAND_BUFFER_FLAG}, "micro": [], "e2e": e2e}

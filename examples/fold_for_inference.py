@@ -20,11 +20,11 @@ and with a bias on each convolution. The script checks:
   so the gain can be small. The script counts the operations XLA compiled
   each network into, and the table says what this machine gives.
 
-Measured on 2026-12-01 (2 CPU cores shared with other work, so the timings
-are noisy): the folded logits are within 3e-7 (relative) of the unfolded
-ones, all 450 predictions agree; XLA:CPU compiled both into the same
-operations on activations, and the folded network was 1.02x-1.12x faster,
-consistently so only at batch 1.
+Measured on 2026-12-01 (2 CPU cores): the folded logits are within 3e-7
+(relative) of the unfolded ones, all 450 predictions agree; XLA:CPU compiled
+both into the same operations on activations, and the folded network was
+1.01x-1.07x faster, the timings noisy from run to run (``examples/README.md``
+has the table of the committed run).
 
 Usage::
 

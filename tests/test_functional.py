@@ -200,7 +200,7 @@ def test_gradients_pass_numerical_check_orders_1_and_2():
         mask = jnp.array([[1], [1], [0], [1], [1], [1]], bool)
         for kw in ({}, {"mask": mask}):
             f = lambda x, scale, bias: _loss(x, {"scale": scale, "bias": bias}, state, **kw)[0]
-            check_grads(f, (x, params["scale"], params["bias"]), order=2, modes=("rev",), eps=1e-4)
+            check_grads(jax.jit(f), (x, params["scale"], params["bias"]), order=2, modes=("rev",), eps=1e-4)
 
 
 def test_init_rejects_bad_feature_counts():

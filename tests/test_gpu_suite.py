@@ -19,17 +19,17 @@ def test_smoke_run_writes_markdown_and_json(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert set(results) == {"default", "without_reshift"}
-    for group in results.values():
-        assert "error" not in group, group
-        row = group["e2e"]["resnet20"]
-        assert row["loss_check_passed"] and set(row["median_ms"]) == {"jaxbn", "flax", "none"}
-        assert all(math.isfinite(ms) for ms in row["median_ms"].values())
-        assert "initial variables identical: yes" in row["output"] and "): passed" in row["output"]
-        assert "BN overhead jaxbn / flax" in row["output"]
-    assert results["default"]["micro"][0]["dtype"] == "float32"
-    assert "train forward" in results["default"]["micro"][0]["output"]
+    assert all("error" not in group for group in results.values()), results
+    row = results["default"]["e2e"]["resnet20"]
+    assert row["loss_check_passed"] and set(row["median_ms"]) == {"jaxbn", "flax", "none"}
+    assert all(math.isfinite(ms) for ms in row["median_ms"].values())
+    assert "initial variables identical: yes" in row["output"] and "): passed" in row["output"]
+    assert "BN overhead jaxbn / flax" in row["output"]
+    for group in results.values():  # the smoke runs the re-shift switch's path through the micro benchmark
+        assert group["micro"][0]["dtype"] == "float32" and "train forward" in group["micro"][0]["output"]
     markdown = (tmp_path / "gpu_suite.md").read_text()
-    assert "| without_reshift | resnet20 |" in markdown and markdown in done.stdout
+    assert "| default | resnet20 |" in markdown and "## Micro: float32 (8, 4, 4, 8) NHWC (without_reshift)" in markdown
+    assert markdown in done.stdout
 
 
 def test_markdown_writes_n_a_for_a_ratio_that_does_not_exist():

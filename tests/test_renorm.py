@@ -236,7 +236,7 @@ def test_gradients_pass_numerical_check_orders_1_and_2():
                                           d_max=1.0, **kw)
                 return jnp.sum(w * jnp.sin(y))
 
-            check_grads(f, (x, params["scale"], params["bias"]), order=2, modes=("rev",), eps=1e-4)
+            check_grads(jax.jit(f), (x, params["scale"], params["bias"]), order=2, modes=("rev",), eps=1e-4)
 
 
 def test_schedule_values_and_traced_step():
