@@ -342,7 +342,7 @@ class BatchNorm(_Normalization):
         feature_shape = _validation.feature_shape(x, self.axis)
         state = {**stored, **({} if update else promoted)}  # averaging starts from the stored values
         vectors = _to_feature_shape(self, {k: state[k] for k in ("mean", "var")}, x, feature_shape, "axis")
-        y, new_state, *moments = self.functional_call(
+        y, new_state, *moments = self._functional_call(
             x,
             _to_feature_shape(self, params, x, feature_shape, "axis"),
             {**state, **vectors},
@@ -373,7 +373,7 @@ class BatchNorm(_Normalization):
             self.sow(nnx.Intermediate, "batch_moments", moments[0])
         return y
 
-    def functional_call(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
+    def _functional_call(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
         """The functional call: :func:`jaxbn.batch_norm`."""
         return functional.batch_norm(x, params, state, **kwargs)
 
@@ -441,7 +441,7 @@ class BatchRenorm(BatchNorm):
         self.r_max = r_max
         self.d_max = d_max
 
-    def functional_call(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
+    def _functional_call(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
         """The functional call: :func:`jaxbn.batch_renorm` at the current limits."""
         step = state.get("steps")
         r_max, d_max = (limit(step) if callable(limit) else limit for limit in (self.r_max, self.d_max))

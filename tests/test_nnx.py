@@ -664,3 +664,19 @@ def test_per_example_vmap_with_one_value_per_feature():
     np.testing.assert_allclose(results["jaxbn"][0], results["flax"][0], atol=1e-6)
     np.testing.assert_allclose(results["jaxbn"][1], results["flax"][1], rtol=1e-6)  # the means move alike
     np.testing.assert_array_equal(results["jaxbn"][2], jnp.ones((5, 3)))  # flax's variances go towards 0
+
+
+def test_tabulate_shows_no_helper_rows():
+    """nnx.tabulate wraps every public method: jaxbn's modules expose none beyond flax's, so only the layers show."""
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.bn = jaxbn.nnx.BatchNorm(3, rngs=rngs)
+            self.renorm = jaxbn.nnx.BatchRenorm(3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.renorm(self.bn(x))
+
+    table = nnx.tabulate(Model(nnx.Rngs(0)), jnp.ones((4, 3)), console_kwargs={"width": 300})
+    assert "functional_call" not in table
+    assert "bn" in table and "renorm" in table
