@@ -52,8 +52,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (batch_indices, check_args, example_parser, load_digits, markdown_table,  # noqa: E402
-                    mean_and_spread, progress, pyplot, save_figure, write_report)
+from common import (batch_indices, check_args, differs, example_parser, load_digits,  # noqa: E402
+                    markdown_table, mean_and_spread, progress, pyplot, save_figure, write_report)
 
 NAME = "activations"
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
@@ -222,11 +222,6 @@ def plot_training(results: dict, steps: np.ndarray, n_test: int, out) -> Any:
     grid[1, 0].set_ylabel("|Δ probe mean| / probe std (mean over units)")
     figure.tight_layout()
     return save_figure(figure, out, f"{NAME}_training.png")
-
-
-def differs(a: np.ndarray, b: np.ndarray, resolution: float) -> bool:
-    """Whether two per-seed results differ by more than the sum of their stds over seeds (and ``resolution``)."""
-    return abs(float(np.mean(a) - np.mean(b))) > max(float(np.std(a) + np.std(b)), resolution)
 
 
 def findings(rows: dict, n_test: int) -> str:

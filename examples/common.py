@@ -160,6 +160,16 @@ def mean_and_spread(values: Sequence[float]) -> str:
     return f"{values.mean():.3f} ± {values.std():.3f}"
 
 
+def differs(a: Sequence[float], b: Sequence[float], resolution: float) -> bool:
+    """Whether two per-seed results differ by more than the sum of their stds over seeds (and ``resolution``).
+
+    >>> differs([0.90, 0.92], [0.97, 0.99], resolution=1 / 360), differs([0.90, 0.95], [0.93], 1 / 360)
+    (True, False)
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return abs(float(a.mean() - b.mean())) > max(float(a.std() + b.std()), resolution)
+
+
 def save_figure(figure: Any, out_dir: pathlib.Path, name: str) -> pathlib.Path:
     """Writes a matplotlib figure as ``out_dir/name``, closes it and returns the path.
 

@@ -62,6 +62,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import force_cpu_devices  # noqa: E402
+
 MODES = ("jit", "shard_map", "pmap")
 FEATURES, HIDDEN = 8, 16
 LEARNING_RATE, SGD_MOMENTUM, BN_MOMENTUM = 0.1, 0.9, 0.9
@@ -311,14 +314,6 @@ def train(mode: str, *, steps: int, batch: int, valid, seed: int, devices=None) 
 
 # ----------------------------------------------------------------------------
 # One process of a run, and the local launcher.
-
-
-def force_cpu_devices(n: int) -> None:
-    """Makes the CPU appear as ``n`` devices; must run before JAX initialises its backends."""
-    flag = "--xla_force_host_platform_device_count"
-    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
-    os.environ["XLA_FLAGS"] = " ".join([*kept, f"{flag}={n}"])
-    os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def run_process(args: argparse.Namespace) -> dict[str, dict[str, np.ndarray]]:

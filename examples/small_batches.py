@@ -60,8 +60,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (batch_indices, check_args, example_parser, load_digits, markdown_table,  # noqa: E402
-                    mean_and_spread, progress, pyplot, save_figure, write_report)
+from common import (batch_indices, check_args, differs, example_parser, load_digits,  # noqa: E402
+                    markdown_table, mean_and_spread, progress, pyplot, save_figure, write_report)
 
 NAME = "small_batches"
 BATCH_SIZES = (2, 4, 8, 32, 128)
@@ -205,11 +205,6 @@ def plot(results: dict, batch_sizes: tuple[int, ...], seeds: int, out) -> Any:
     right.set_ylabel("accuracy: running averages − batch statistics")
     right.set_title("Train/inference gap on test batches of the training size")
     return save_figure(figure, out, f"{NAME}.png")
-
-
-def differs(a: np.ndarray, b: np.ndarray, resolution: float) -> bool:
-    """Whether two per-seed results differ by more than the sum of their stds over seeds (and ``resolution``)."""
-    return abs(float(np.mean(a) - np.mean(b))) > max(float(np.std(a) + np.std(b)), resolution)
 
 
 def findings(results: dict, batch_sizes: tuple[int, ...], n_test: int) -> str:

@@ -179,3 +179,13 @@ def test_activations_example_runs_every_activation_and_placement(capsys, tmp_pat
     for name in ("activations_percentiles.png", "activations_training.png"):
         assert (tmp_path / name).stat().st_size > 0 and f"]({name})" in report
     assert "What this shows" in report
+
+
+def test_common_helpers_examples_hold():
+    """The >>> examples of examples/common.py (the helpers every example shares) give what they show."""
+    import doctest
+
+    import common
+
+    result = doctest.testmod(common)
+    assert result.attempted >= 3 and result.failed == 0
