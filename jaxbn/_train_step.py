@@ -132,6 +132,7 @@ class StepConfig(NamedTuple):
     out_dtype: Any
     reshift: bool | None = None
     correction: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+    moments_gradient: bool = False  # differentiate the batch moments returned (else they only feed the state)
 
 
 class StepInputs(NamedTuple):
@@ -216,7 +217,7 @@ def _train_bwd(config: StepConfig, residuals: _Residuals, cotangents):
     beyond = inv_std == 0
     shift, mean_minus_shift = batch.shift, batch.mean_minus_shift
     x, scale = finite_outside_mask(residuals.x, mask), residuals.scale
-    dy = cotangents[0]  # the statistics feed only the running average: no gradient
+    dy, batch_cotangent = cotangents
 
     def expand(v):
         return jnp.expand_dims(v, axes)
@@ -229,7 +230,26 @@ def _train_bwd(config: StepConfig, residuals: _Residuals, cotangents):
         axes,
     )
     local_dy_xhat = jnp.where(beyond, 0, inv_std * (local_dy_centered - mean_minus_shift * local_dy))
-    sum_dy, sum_dy_xhat = stats.cross_device_sum([local_dy, local_dy_xhat], config.axis_name, config.axis_index_groups)
+    axis_name = config.axis_name
+    names = () if axis_name is None else (axis_name if isinstance(axis_name, tuple) else (axis_name,))
+    # The statistics' cotangents ride in the one collective where autodiff through the psum that
+    # made the statistics would sum them (pmap, vmap, unchecked shard_map); inside a checked
+    # shard_map they are invariant: already the whole batch's.
+    moments_cotangent = {}
+    if config.moments_gradient:  # mean_minus_shift is the mean less a constant: its cotangent is the mean's too
+        moments_cotangent = {"mean": batch_cotangent.mean + batch_cotangent.mean_minus_shift,
+                             "var": batch_cotangent.var}
+    summed = _summed_axes(names, list(moments_cotangent.values()), residuals.x)
+    together = summed == names
+    sum_dy, sum_dy_xhat, *totals = stats.cross_device_sum(
+        [local_dy, local_dy_xhat]
+        + [stats.varying_like(c.astype(dtype), local_dy) for c in moments_cotangent.values() if together],
+        axis_name, config.axis_index_groups,
+    )
+    if together:
+        moments_cotangent = dict(zip(moments_cotangent, totals))
+    elif summed:  # a tuple of names, only part of them checked: a second, per-feature collective
+        moments_cotangent = {k: lax.psum(c, summed) for k, c in moments_cotangent.items()}
     # y = x̂ γ + β with x̂ using the statistics of the valid elements, so
     # dx = γ r (dy - m Σdy / n - m x̂ Σ(dy x̂) / n), the sums over all elements.
     gain = inv_std if scale is None else inv_std * scale.astype(dtype)
@@ -247,9 +267,18 @@ def _train_bwd(config: StepConfig, residuals: _Residuals, cotangents):
     correction = expand(sum_dy / n) + x_hat * expand(sum_dy_xhat / n)
     if mask is not None:
         correction = jnp.where(mask, correction, 0)
-    dx = (expand(gain) * (dy.astype(dtype) - correction)).astype(x.dtype)
-    axis_name = config.axis_name
-    names = () if axis_name is None else (axis_name if isinstance(axis_name, tuple) else (axis_name,))
+    dx = expand(gain) * (dy.astype(dtype) - correction)
+    if moments_cotangent:
+        # d mean / dx_i = m_i / n and d var / dx_i = 2 m_i (x_i - mean) / n, with
+        # x_i - mean = x̂_i sqrt(var + eps) (0 where the variance is beyond the dtype)
+        from_moments = 0
+        if "mean" in moments_cotangent:
+            from_moments = expand(moments_cotangent["mean"] / n)
+        if "var" in moments_cotangent:
+            std = jnp.where(beyond, 0, 1 / jnp.where(beyond, 1, inv_std))
+            from_moments = from_moments + x_hat * expand(2 * moments_cotangent["var"] * std / n)
+        dx = dx + (from_moments if mask is None else jnp.where(mask, from_moments, 0))
+    dx = dx.astype(x.dtype)
 
     def parameter_grad(primal, local, global_):
         if primal is None:
@@ -264,6 +293,12 @@ def _train_bwd(config: StepConfig, residuals: _Residuals, cotangents):
     )
 
 
+def _summed_axes(names: tuple, cotangents: list, x: jax.Array) -> tuple:
+    """The axes over which autodiff would sum a statistic's cotangent: all but the checked invariant ones."""
+    invariant = frozenset().union(*(stats.varying_axes(x) - stats.varying_axes(c) for c in cotangents))
+    return tuple(name for name in names if name not in invariant)
+
+
 _train.defvjp(_train_fwd, _train_bwd)
 
 
@@ -273,9 +308,10 @@ def batch_norm_train(
     """Training-mode batch norm with batch statistics: ``(y, batch Moments)``.
 
     Differentiable in reverse mode (to any order) with respect to ``x`` and the
-    parameters; ``inputs`` and the statistics returned carry no gradient.
-    Arguments are as validated by :func:`jaxbn.batch_norm`.
+    parameters, through ``y`` and, with ``config.moments_gradient``, the batch
+    mean and variance returned (as :func:`jaxbn.moments` is); ``inputs`` carry
+    no gradient. Arguments are as validated by :func:`jaxbn.batch_norm`.
     """
     inputs = jax.tree_util.tree_map(lax.stop_gradient, inputs)
     y, batch = _train(x, params.get("scale"), params.get("bias"), config, inputs)
-    return y, jax.tree_util.tree_map(lax.stop_gradient, batch)
+    return y, batch if config.moments_gradient else jax.tree_util.tree_map(lax.stop_gradient, batch)

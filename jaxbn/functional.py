@@ -451,7 +451,9 @@ def batch_norm(
         group of that many consecutive examples with its own statistics.
       return_moments: also return the batch's :class:`jaxbn.Moments` (None
         where no batch statistics were taken), e.g. to accumulate micro-batches
-        with :func:`jaxbn.merge_moments` and :func:`update_running_stats`.
+        with :func:`jaxbn.merge_moments` and :func:`update_running_stats`;
+        differentiable as :func:`jaxbn.moments` is (the returned running
+        statistics are not).
 
     Returns:
       ``(y, new_state)``, or ``(y, new_state, moments)``.
@@ -515,7 +517,7 @@ def batch_norm_from_checked(
         reshift = True if x_stats.shape[0] > 1 else None
     config = _train_step.StepConfig(
         axes, axis_name, axis_index_groups, jnp.dtype(call.compute_dtype), jnp.dtype(call.out_dtype), reshift,
-        correction if call.training else None,
+        correction if call.training else None, call.want_moments,
     )
     inputs = _train_step.StepInputs(
         shift, jnp.asarray(call.epsilon, call.compute_dtype), mask, running_mean, running_var,
@@ -529,7 +531,7 @@ def batch_norm_from_checked(
         y = _infer(call)
         if call.update or call.want_moments:  # empty features keep their state: no fallback needed
             batch = stats.moments(
-                lax.stop_gradient(x_stats), axes, mask=mask, axis_name=axis_name,
+                x_stats, axes, mask=mask, axis_name=axis_name,
                 axis_index_groups=axis_index_groups, dtype=call.compute_dtype, shift=shift, reshift=reshift,
             )
     if not (call.update or call.want_moments):
@@ -553,17 +555,17 @@ def _single_value(
     running mean averages ``x`` in; the running variance is kept.
     """
     x, state = call.x, call.state
-    mean = x.reshape(state["mean"].shape)
-    dtype = jnp.promote_types(mean.dtype, call.compute_dtype)
-    constant_mean = lax.stop_gradient(mean).astype(dtype)
+    dtype = jnp.promote_types(x.dtype, call.compute_dtype)
+    mean = x.reshape(state["mean"].shape).astype(dtype)  # differentiable: d mean / dx = 1
+    shift = lax.stop_gradient(mean)
     zeros = jnp.zeros(mean.shape, jnp.finfo(dtype).dtype)
-    batch = stats.Moments(mean=constant_mean, var=zeros, count=zeros + 1, shift=constant_mean,
-                          mean_minus_shift=jnp.zeros_like(constant_mean))
+    batch = stats.Moments(mean=mean, var=zeros, count=zeros + 1, shift=shift, mean_minus_shift=mean - shift)
     if call.training:
         params = call.params
         if correction is not None:  # y = scale (x_hat r + d) + bias, as _train_step folds it
             epsilon = jnp.asarray(call.epsilon, call.compute_dtype)
-            r, d = correction(batch, state["mean"], state["var"], epsilon, *map(jnp.asarray, correction_args))
+            constants = jax.tree_util.tree_map(lax.stop_gradient, batch)  # (r, d) carry no gradient
+            r, d = correction(constants, state["mean"], state["var"], epsilon, *map(jnp.asarray, correction_args))
             if "scale" in params:
                 r, d = params["scale"].astype(r.dtype) * r, params["scale"].astype(d.dtype) * d
             params = {"scale": r, "bias": d + params["bias"].astype(d.dtype) if "bias" in params else d}
@@ -597,7 +599,7 @@ def _train_with_batch_statistics(
     The step's hand-written backward assumes real inputs; complex ones are
     differentiated by JAX through :func:`jaxbn.stats.moments` and the same
     :func:`jaxbn._train_step.affine_normalize` (correct, at autodiff's memory
-    traffic). The statistics returned carry no gradient.
+    traffic).
     """
     if not jnp.iscomplexobj(x):
         return _train_step.batch_norm_train(x, params, config, inputs)
@@ -610,4 +612,4 @@ def _train_with_batch_statistics(
         x, batch.shift, batch.mean_minus_shift, batch.var, params, config.axes, inputs.epsilon,
         config.compute_dtype, config.out_dtype, inputs.mask,
     )
-    return y, jax.tree_util.tree_map(lax.stop_gradient, batch)
+    return y, batch

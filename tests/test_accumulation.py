@@ -87,3 +87,165 @@ def test_moments_in_inference_count_the_mask_and_cost_nothing_unless_asked(rng):
     variables = module.init(jax.random.key(0), x)
     text = jax.jit(module.apply).lower(variables, x).compile().as_text()
     assert " while(" not in text  # inference is one elementwise pass: no re-shift loop, no reduction
+
+
+# -- the returned moments are differentiable (a loss on batch statistics gets its gradient) -------------------------
+
+_W = np.array([0.7, -1.3, 0.4], np.float32)
+
+
+def _moments_loss(moments):
+    # mean, var and mean_minus_shift (linear in it: its value depends on the shift taken, its gradient does not)
+    return jnp.sum(_W * moments.mean) + jnp.sum(_W ** 2 * moments.var) + jnp.sum(_W[::-1] * moments.mean_minus_shift)
+
+
+def _output_loss(y):
+    return 0.1 * jnp.sum(jnp.asarray(y, jnp.float32) ** 3)
+
+
+def _group_moments(x, ghost, **kwargs):
+    """Ghost batches' moments, as batch_norm averages them: jaxbn.moments per group, averaged."""
+    groups = x.reshape((x.shape[0] // ghost, ghost) + x.shape[1:])
+    parts = jaxbn.moments(groups, 1, **kwargs)
+    mean, var = parts.mean.mean(0), parts.var.mean(0)
+    return jaxbn.Moments(mean, var, jnp.sum(parts.count, 0), parts.shift[0], mean - parts.shift[0])
+
+
+_CASES = {
+    "training": (dict(training=True), lambda x: jaxbn.moments(x, 0)),
+    "mask": (dict(training=True, mask=(np.arange(12) % 3 != 0)[:, None]),
+             lambda x: jaxbn.moments(x, 0, mask=(np.arange(12) % 3 != 0)[:, None])),
+    "ghost": (dict(training=True, ghost_batch_size=4), lambda x: _group_moments(x, 4)),
+    "inference": (dict(training=False), lambda x: jaxbn.moments(x, 0)),
+    "unbiased": (dict(training=True, unbiased_running_var=True), lambda x: jaxbn.moments(x, 0)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CASES))
+@pytest.mark.parametrize("normalizer", ["batch_norm", "batch_renorm"])
+def test_returned_moments_carry_the_gradient_of_jaxbn_moments(case, normalizer, rng):
+    """grad of a loss on the output and the returned moments = that of the output plus jaxbn.moments' own."""
+    kwargs, reference_moments = _CASES[case]
+    x = jnp.asarray(rng.normal(size=(12, 3)) * 2 + 3, jnp.float32)
+    params, state = jaxbn.batch_norm_init(3)
+    params["scale"] = params["scale"] * 1.5
+    state["mean"] = state["mean"] + 2.5  # the running mean is the shift: a cotangent of mean_minus_shift matters
+    function = getattr(jaxbn, normalizer)
+    if normalizer == "batch_renorm":
+        if "ghost_batch_size" in kwargs:
+            pytest.skip("batch_renorm has no ghost batches")
+        kwargs = dict(kwargs, r_max=1.5, d_max=0.5)
+
+    def loss(x):
+        y, _, moments = function(x, params, state, momentum=0.9, return_moments=True, **kwargs)
+        return _output_loss(y) + _moments_loss(moments)
+
+    def reference(x):
+        y, _ = function(x, params, state, momentum=0.9, **kwargs)
+        return _output_loss(y) + _moments_loss(reference_moments(x))
+
+    got, want = jax.jit(jax.grad(loss))(x), jax.jit(jax.grad(reference))(x)
+    assert np.abs(np.asarray(jax.grad(lambda x: _moments_loss(reference_moments(x)))(x))).max() > 0.1
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_the_moments_of_one_value_per_feature_carry_the_gradient(rng):
+    """One value per feature: the mean is x itself (gradient 1), the variance 0 (gradient 0)."""
+    x = jnp.asarray(rng.normal(size=(1, 3)), jnp.float32)
+    params, state = jaxbn.batch_norm_init(3)
+    with pytest.warns(jaxbn.DegenerateBatchWarning):
+        grad = jax.grad(lambda x: _moments_loss(
+            jaxbn.batch_norm(x, params, state, training=True, return_moments=True)[2]))(x)
+    np.testing.assert_allclose(grad, (_W + _W[::-1])[None], rtol=1e-6)
+
+
+def test_complex_moments_carry_the_gradient(rng):
+    """Complex input (differentiated by autodiff, not the custom VJP): the same as jaxbn.moments."""
+    x = jnp.asarray(rng.normal(size=(8, 3)) + 1j * rng.normal(size=(8, 3)) + 2, jnp.complex64)
+    params, state = jaxbn.batch_norm_init(3, dtype=jnp.complex64)
+
+    def loss(moments):
+        return jnp.sum(jnp.abs(moments.mean) ** 2) + jnp.sum(_W * moments.var)
+
+    got = jax.grad(lambda x: loss(jaxbn.batch_norm(x, params, state, training=True, return_moments=True)[2]))(x)
+    want = jax.grad(lambda x: loss(jaxbn.moments(x, 0)))(x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_moments_gradient_alone_and_running_statistics_carry_none(dtype, rng):
+    """Only the moments differentiated (no output cotangent); the updated running statistics carry no gradient.
+
+    The running statistics are state, as PyTorch's buffers (flax differentiates its updated running mean: the
+    README's "Differences from flax" lists it).
+    """
+    x = jnp.asarray(rng.normal(size=(16, 3)) + 1, dtype)
+    params, state = jaxbn.batch_norm_init(3)
+    got = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, params, state, training=True, return_moments=True)[2].var))(x)
+    want = jax.grad(lambda x: jnp.sum(jaxbn.moments(x, 0).var))(x)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-3)
+    for key in ("mean", "var"):
+        running = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, params, state, training=True)[1][key]))(x)
+        # exactly 0 by construction: the update stops the gradient, so no arithmetic produces this zero
+        assert not np.any(np.asarray(running, np.float32))
+
+
+def _cross_device_runs():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((4,), ("i",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def shard(x):
+        return jax.device_put(x.reshape((-1,) + x.shape[2:]), NamedSharding(mesh, P("i")))
+
+    def shard_map(check):
+        return lambda f, x: jax.shard_map(jax.grad(f), mesh=mesh, in_specs=P("i"), out_specs=P("i"),
+                                          check_vma=check)(shard(x)).reshape(x.shape)
+
+    return {
+        "pmap": lambda f, x: jax.pmap(jax.grad(f), axis_name="i", devices=jax.devices()[:4])(x),
+        "vmap": lambda f, x: jax.vmap(jax.grad(f), axis_name="i")(x),
+        "shard_map": shard_map(True),
+        "shard_map_unchecked": shard_map(False),
+    }
+
+
+@pytest.mark.parametrize("setup", ["pmap", "vmap", "shard_map", "shard_map_unchecked"])
+def test_moments_gradient_across_devices_equals_autodiff_through_jaxbn_moments(setup, rng):
+    """Under each device setup the moments' gradient is what autodiff through jaxbn.moments' psum gives."""
+    x = jnp.asarray(rng.normal(size=(4, 5, 3)) * 2 + 3, jnp.float32)
+    params, state = jaxbn.batch_norm_init(3)
+
+    def loss(x):
+        y, _, moments = jaxbn.batch_norm(x, params, state, training=True, axis_name="i", return_moments=True)
+        return _output_loss(y) + _moments_loss(moments)
+
+    def reference(x):
+        y, _ = jaxbn.batch_norm(x, params, state, training=True, axis_name="i")
+        return _output_loss(y) + _moments_loss(jaxbn.moments(x, 0, axis_name="i"))
+
+    run = _cross_device_runs()[setup]
+    np.testing.assert_allclose(run(loss, x), run(reference, x), rtol=2e-5, atol=2e-5)
+
+
+def test_sown_moments_carry_the_gradient(rng):
+    """The modules' sow_moments give the same differentiable moments (linen and nnx)."""
+    x = jnp.asarray(rng.normal(size=(8, 3)) + 2, jnp.float32)
+    want = jax.grad(lambda x: _moments_loss(jaxbn.moments(x, 0)))(x)
+    module = jaxbn.linen.BatchNorm(use_running_average=False, sow_moments=True)
+    variables = module.init(jax.random.key(0), x)
+
+    def linen_loss(x):
+        _, collections = module.apply(variables, x, mutable=["batch_stats", "intermediates"])
+        return _moments_loss(collections["intermediates"]["batch_moments"][0])
+
+    np.testing.assert_allclose(jax.grad(linen_loss)(x), want, rtol=1e-5, atol=1e-6)
+    if not hasattr(nnx, "capture"):
+        pytest.skip("this flax has no nnx.capture")
+    bn = jaxbn.nnx.BatchNorm(3, sow_moments=True, rngs=nnx.Rngs(0))
+
+    def nnx_loss(bn, x):
+        _, intermediates = nnx.capture(bn, nnx.Intermediate)(x)
+        return _moments_loss(nnx.to_pure_dict(intermediates)["batch_moments"][0])
+
+    np.testing.assert_allclose(nnx.grad(nnx_loss, argnums=1)(bn, x), want, rtol=1e-5, atol=1e-6)
