@@ -137,6 +137,11 @@ def inspect_batch_norms(
 def plot(reports: list[LayerReport], path: str | None = None) -> Any:
     """Bar charts of each layer's drift and dead features (matplotlib, imported here).
 
+    The layers run top to bottom in the order of ``reports``, their paths
+    written horizontally; the figure grows with their number and the length
+    of their names. When no layer has a dead feature, the second panel says
+    "no dead features" instead of drawing empty bars.
+
     Args:
       reports: what :func:`inspect_batch_norms` returned.
       path: a file to save the figure to (PNG, SVG, ... by its suffix), or None.
@@ -146,6 +151,13 @@ def plot(reports: list[LayerReport], path: str | None = None) -> Any:
 
     Raises:
       ImportError: matplotlib is not installed.
+
+    >>> import numpy as np
+    >>> from jaxbn.inspect import LayerReport, plot
+    >>> z = np.zeros(2)
+    >>> figure = plot([LayerReport(("stem",), z, z, z, z, z, z, z, 0.5, 0)])
+    >>> [text.get_text() for text in figure.axes[1].texts]
+    ['no dead features']
     """
     try:
         import matplotlib
@@ -153,17 +165,28 @@ def plot(reports: list[LayerReport], path: str | None = None) -> Any:
         if path is not None:
             matplotlib.use("Agg", force=False)
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise ImportError("jaxbn.inspect.plot needs matplotlib: pip install matplotlib") from None
-    names = ["/".join(map(str, report.path)) for report in reports]
-    figure = Figure(figsize=(max(6.0, 0.6 * len(reports) + 2), 5), layout="constrained")
-    drift, dead = figure.subplots(2, 1, sharex=True)
-    drift.bar(names, [report.drift for report in reports], color="tab:blue")
-    drift.set_ylabel("drift (batch vs running)")
-    dead.bar(names, [report.dead_features for report in reports], color="tab:red")
-    dead.set_ylabel("dead features")
-    dead.tick_params(axis="x", labelrotation=60)
+    names = ["/".join(map(str, report.path)) or "<root>" for report in reports]
+    rows = np.arange(len(reports))
+    longest = max((len(name) for name in names), default=0)
+    figure = Figure(figsize=(6.0 + 0.075 * longest, 1.5 + 0.3 * max(len(reports), 3)), layout="constrained")
+    drift, dead = figure.subplots(1, 2, sharey=True, width_ratios=(2, 1))
+    drift.barh(rows, [report.drift for report in reports], color="tab:blue")
+    drift.set_yticks(rows, names)
+    drift.invert_yaxis()  # the first layer on top
+    drift.set_xlabel("drift (batch vs running)")
+    counts = [report.dead_features for report in reports]
+    if any(counts):
+        dead.barh(rows, counts, color="tab:red")
+        dead.xaxis.set_major_locator(MaxNLocator(integer=True))
+    else:
+        dead.text(0.5, 0.5, "no dead features", transform=dead.transAxes, ha="center", va="center",
+                  color="tab:gray")
+        dead.tick_params(axis="x", bottom=False, labelbottom=False)
+    dead.set_xlabel("dead features")
+    dead.tick_params(axis="y", left=False)
     if path is not None:
         figure.savefig(path)
     return figure
-

@@ -96,25 +96,41 @@ def _normalized(x, params, state, axis, epsilon, dtype, mask, normalize_with, ow
     return (batch.count, batch.mean, batch.var), y
 
 
+def _on_terminal() -> bool:
+    """Whether stderr is a terminal (False where there is no stderr, e.g. pythonw, or it is closed)."""
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
 def _progress(iterable: Iterable, progress: bool | None, description: str) -> Iterable:
-    """``iterable`` wrapped in a tqdm bar if asked (None: on a terminal, for more than a few batches, when
-    tqdm is installed)."""
+    """``iterable`` wrapped in a tqdm bar if asked. None (the default): on a terminal, for more than a few
+    batches, if tqdm is installed (never an error); True: always, raising if tqdm is missing."""
     if progress is None:
         few = hasattr(iterable, "__len__") and len(iterable) <= 5
-        progress = sys.stderr.isatty() and not few
-    if not progress:
+        if few or not _on_terminal():
+            return iterable
+    elif not progress:
         return iterable
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        if progress is True:
-            raise ImportError("recalibrate(progress=True) needs tqdm: pip install tqdm") from None
-        return iterable
+        if progress is None:
+            return iterable
+        raise ImportError("recalibrate(progress=True) needs tqdm: pip install tqdm (or pass progress=None or "
+                          "False)") from None
     return tqdm(iterable, desc=description, unit="batch")
 
 
 def check_batches(batches: Any, function: str) -> None:
-    """Raises unless ``batches`` is an iterable (of batches)."""
+    """Raises unless ``batches`` is an iterable of batches (not one array, whose rows iteration would give)."""
+    if hasattr(batches, "shape") and hasattr(batches, "ndim"):  # jax, numpy, torch ... arrays
+        raise TypeError(
+            f"{function}: batches must be an iterable of batches (e.g. [x] or a data loader), got one array "
+            f"({type(batches).__name__}) of shape {tuple(batches.shape)}, which would be iterated row by row; "
+            f"for one batch x pass [x] (for the rows of a stacked array as batches, list(x))."
+        )
     if not isinstance(batches, Iterable):
         raise TypeError(
             f"{function}: batches must be an iterable of batches (e.g. a list or a generator), got "
@@ -174,9 +190,11 @@ def linen_layer_moments(
     model: nn.Module, variables: Mapping, batches: Iterable, normalize_with: str, call_kwargs: Mapping,
     info: dict[tuple[str, ...], dict[str, Any]],
 ) -> Iterator[dict[tuple[str, ...], list[tuple]]]:
-    """Per batch, ``{layer path: [(count, mean, var) per call]}`` (host arrays) of a linen model's BatchNorms.
+    """Per batch, ``{layer path: [(count, mean, var) per call]}`` (host arrays) of a linen model's BatchNorms,
+    in the order the layers are first called.
 
-    Each layer's ``unbiased_running_var`` and ``epsilon`` are noted in ``info`` while tracing.
+    Each layer's ``unbiased_running_var`` and ``epsilon`` are noted in ``info`` (empty when passed) while
+    tracing, in that order.
     """
     if not isinstance(variables, Mapping) or "batch_stats" not in variables:
         raise ValueError(
@@ -192,7 +210,8 @@ def linen_layer_moments(
         return sown.get("intermediates", {})
 
     for batch in batches:
-        yield {layer: list(calls) for layer, calls in _sown_by_layer(jax.device_get(layer_moments(variables, _as_args(batch))))}
+        sown = _sown_by_layer(jax.device_get(layer_moments(variables, _as_args(batch))))
+        yield _in_call_order({layer: list(calls) for layer, calls in sown}, info)
 
 
 def _recalibrate_linen(model, variables, batches, normalize_with, estimator, progress, call_kwargs):
@@ -214,6 +233,13 @@ def _recalibrate_linen(model, variables, batches, normalize_with, estimator, pro
         if "count" in node:
             node["count"] = _written(node["count"], np.float64(stats_.batches))
     return {**variables, "batch_stats": batch_stats}
+
+
+def _in_call_order(layers: dict[tuple, list], order: Iterable[tuple]) -> dict[tuple, list]:
+    """``layers`` reordered as ``order`` lists their paths (the sown tree is sorted by name: ``BatchNorm_10``
+    before ``BatchNorm_2``); any path ``order`` lacks comes last."""
+    ordered = {layer: layers[layer] for layer in order if layer in layers}
+    return {**ordered, **{layer: calls for layer, calls in layers.items() if layer not in ordered}}
 
 
 def node_at(tree: Mapping, path: tuple) -> Any:
@@ -251,11 +277,13 @@ _NNX_BATCH_NORMS = (nnx.BatchNorm, jaxbn_nnx.BatchNorm)
 
 
 @contextlib.contextmanager
-def _recording_nnx_batch_norms(normalize_with: str):
-    """Makes every nnx BatchNorm's ``__call__`` sow its input's moments (restored on exit)."""
+def _recording_nnx_batch_norms(normalize_with: str, called: list[nnx.Module]):
+    """Makes every nnx BatchNorm's ``__call__`` sow its input's moments and append itself to ``called``
+    (restored on exit)."""
     originals = {cls: cls.__call__ for cls in _NNX_BATCH_NORMS}
 
     def recording_call(self, x, use_running_average=None, *, mask=None):
+        called.append(self)
         params = {key: getattr(self, key)[...] for key in ("scale", "bias") if getattr(self, key) is not None}
         state = {"mean": self.mean[...], "var": self.var[...]}
         moments, y = _normalized(x, params, state, self.axis, self.epsilon, self.dtype, mask, normalize_with,
@@ -283,20 +311,30 @@ def nnx_batch_norms(module: nnx.Module) -> dict[tuple, nnx.Module]:
 def nnx_layer_moments(
     module: nnx.Module, batches: Iterable, normalize_with: str, call_kwargs: Mapping
 ) -> Iterator[dict[tuple, list[tuple]]]:
-    """Per batch, ``{layer path: [(count, mean, var) per call]}`` (host arrays) of an nnx module's BatchNorms."""
+    """Per batch, ``{layer path: [(count, mean, var) per call]}`` (host arrays) of an nnx module's BatchNorms,
+    in the order the layers are first called."""
+    called: list[nnx.Module] = []  # the BatchNorms inside the trace, as they are called
+    order: dict[tuple, None] = {}  # their paths, noted while tracing
+
+    def run(module, *args):
+        paths = {id(node): tuple(path) for path, node in nnx.iter_graph(module) if isinstance(node, _NNX_BATCH_NORMS)}
+        called.clear()
+        module(*args, **call_kwargs)
+        order.update((paths[id(node)], None) for node in called if id(node) in paths)
+        called.clear()
 
     @nnx.jit
     def forward(module, args):
         if hasattr(nnx, "capture"):  # flax >= 0.12.x: sown values come back from the call
-            _, sown = nnx.capture(lambda module, *args: module(*args, **call_kwargs), nnx.Intermediate)(module, *args)
+            _, sown = nnx.capture(run, nnx.Intermediate)(module, *args)
             return sown
-        module(*args, **call_kwargs)
+        run(module, *args)
         return nnx.pop(module, nnx.Intermediate)
 
     for batch in batches:
-        with _recording_nnx_batch_norms(normalize_with):
+        with _recording_nnx_batch_norms(normalize_with, called):
             sown = nnx.to_pure_dict(forward(module, _as_args(batch)))
-        yield {layer: list(calls) for layer, calls in _sown_by_layer(jax.device_get(sown))}
+        yield _in_call_order({layer: list(calls) for layer, calls in _sown_by_layer(jax.device_get(sown))}, order)
 
 
 def _recalibrate_nnx(module, batches, normalize_with, estimator, progress, call_kwargs):
@@ -358,12 +396,14 @@ def recalibrate(
       model: a ``flax.linen`` module, or a ``flax.nnx`` module (updated in place).
       variables_or_batches: linen: the model's variables (with
         ``'batch_stats'``); nnx: the batches.
-      batches: linen: an iterable of batches. Each batch is the model's first
+      batches: linen: an iterable of batches (a list, a data loader; one
+        array is refused: pass ``[x]``). Each batch is the model's first
         argument, or a tuple of its positional arguments.
       normalize_with: ``"batch"`` (default) or ``"running"``.
       estimator: ``"population"`` (default) or ``"mean_of_batches"``.
-      progress: a tqdm progress bar (None: only on a terminal, for more than
-        5 batches, if tqdm is installed; True needs tqdm).
+      progress: a tqdm progress bar. None (default): on a terminal, for more
+        than 5 batches, if tqdm is installed (without it, no bar and no
+        error); True: always, raising ImportError without tqdm; False: never.
       **call_kwargs: keyword arguments of the model's ``__call__`` (static,
         e.g. ``train=False``).
 
@@ -372,6 +412,8 @@ def recalibrate(
 
     Raises:
       ValueError: no BatchNorm was called, or an option is not one of its values.
+      TypeError: the batches are one array (or not iterable), not an iterable of batches.
+      ImportError: ``progress=True`` without tqdm installed.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn, jaxbn.linen
     >>> class Net(nn.Module):

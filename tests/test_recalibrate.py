@@ -1,6 +1,8 @@
 """jaxbn.recalibrate: running statistics re-estimated from data, linen and nnx, against float64 and PyTorch."""
 
 import functools
+import io
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +104,7 @@ def test_masks_count_only_valid_elements_and_cumulative_modules_get_a_count(rng)
                           masks=masks)
     np.testing.assert_allclose(new["batch_stats"]["BatchNorm_0"]["var"], expected[0][1], rtol=1e-5)
     np.testing.assert_allclose(new["batch_stats"]["BatchNorm_1"]["mean"], expected[1][0], rtol=1e-5, atol=1e-5)
+    # exact by construction: the count is the number of batches, a small integer, written as a float
     assert float(new["batch_stats"]["BatchNorm_0"]["count"]) == len(batches)
 
 
@@ -178,4 +181,61 @@ def test_progress_bar_when_asked(rng, capsys):
     assert "recalibrate" not in capsys.readouterr().err
     shown = jaxbn.recalibrate(model, variables, batches, progress=True)
     assert "recalibrate" in capsys.readouterr().err
-    jax.tree.map(np.testing.assert_array_equal, quiet, shown)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7), quiet, shown)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_default_progress_without_tqdm_on_a_terminal_shows_no_bar_and_does_not_fail(rng, monkeypatch):
+    """A plain install has no tqdm: on a terminal, the default (progress=None) runs without a bar; only an
+    explicit progress=True asks for tqdm, with an ImportError that says how to get it."""
+    batches = _batches(rng, count=8)  # more than 5: on a terminal the default would show a bar
+    model = LinenNet()
+    variables = model.init(jax.random.key(0), batches[0])
+    expected = jaxbn.recalibrate(model, variables, batches, progress=False)
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm / tqdm.auto raise ImportError
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    new = jaxbn.recalibrate(model, variables, batches)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7), new, expected)
+    assert terminal.getvalue() == ""
+    module = NnxNet(nnx.Rngs(0))
+    module.eval()
+    assert jaxbn.recalibrate(module, batches) is module
+    with pytest.raises(ImportError, match=r"progress=True\) needs tqdm: pip install tqdm"):
+        jaxbn.recalibrate(model, variables, batches, progress=True)
+
+
+def test_default_progress_without_stderr_does_not_fail(rng, monkeypatch):
+    """Where there is no stderr (pythonw: sys.stderr is None), the default asks no terminal and runs."""
+    batches = _batches(rng, count=8)
+    model = LinenNet()
+    variables = model.init(jax.random.key(0), batches[0])
+    monkeypatch.setattr(sys, "stderr", None)
+    new = jaxbn.recalibrate(model, variables, batches)
+    monkeypatch.undo()
+    expected = jaxbn.recalibrate(model, variables, batches, progress=False)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7), new, expected)
+
+
+@pytest.mark.parametrize("array", [jnp.ones, np.ones], ids=["jax", "numpy"])
+def test_one_array_instead_of_an_iterable_of_batches_is_refused(array):
+    """recalibrate(model, variables, x) would iterate over x's rows (ending in a shape error deep in flax, or
+    silently in statistics of single rows): a TypeError asks for [x], linen and nnx."""
+    x = array((16, 3), np.float32)
+    model = LinenNet()
+    variables = model.init(jax.random.key(0), x)
+    message = r"batches must be an iterable of batches \(e\.g\. \[x\] or a data loader\), got one array .*\(16, 3\)"
+    with pytest.raises(TypeError, match=message):
+        jaxbn.recalibrate(model, variables, x, progress=False)
+    module = NnxNet(nnx.Rngs(0))
+    module.eval()
+    before = np.asarray(module.bn1.mean[...])
+    with pytest.raises(TypeError, match=message):
+        jaxbn.recalibrate(module, x, progress=False)
+    np.testing.assert_array_equal(module.bn1.mean[...], before)  # refused before anything ran: unchanged
+    jaxbn.recalibrate(module, [x], progress=False)  # the fix the message names
