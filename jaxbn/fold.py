@@ -5,32 +5,44 @@ output directly, multiplies the layer's kernel by the BatchNorm's per-feature
 factor and moves the running mean, epsilon and affine parameters into the
 layer's bias. The result is the same network *without* those BatchNorm layers:
 
-- flax.linen: the variables of that network (the BatchNorm entries removed
-  from every collection, the folded layers' ``kernel``/``bias`` replaced);
-  apply them with the model built without the BatchNorms and with a bias on
-  each folded layer (e.g. ``use_bias=True`` where it was ``use_bias=False``).
+- flax.linen: a :class:`FoldedLinen` ``(model, variables)``. ``variables``
+  are the folded variables (the BatchNorm entries removed from every
+  collection, the folded layers' ``kernel``/``bias`` replaced, a bias added
+  where a layer had none); ``model`` is a :class:`FoldedModel` that wraps the
+  original model and runs them, ``folded.model.apply(folded.variables, x)``:
+  through ``flax.linen.intercept_methods`` each folded BatchNorm returns its
+  input and each folded layer built with ``use_bias=False`` adds its folded
+  bias. No class or source is edited.
 - flax.nnx: a new module (the input is left untouched) in which each folded
   BatchNorm is replaced by :class:`FoldedBatchNorm`, which returns its input,
   and each folded layer carries the folded kernel and a bias.
+
+The forward pass is traced (``jax.make_jaxpr``), not run: folding changes a
+layer's output, so it is refused whenever that output has any use besides its
+BatchNorm that reaches the model's outputs (another module, or plain code such
+as a residual ``bn(h) + h``), and for modules inside lifted transforms
+(``nn.scan``, ``nn.remat``, ...).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
-from flax.core import meta
+from flax.core import meta, tracers
+from jax.extend import core as jex_core
 
 from jaxbn import linen as _jaxbn_linen
 from jaxbn import nnx as _jaxbn_nnx
 
-__all__ = ["FoldedBatchNorm", "fold_batch_norm"]
+__all__ = ["FoldedBatchNorm", "FoldedLinen", "FoldedModel", "fold_batch_norm"]
 
 _LINEN_LAYERS = (nn.Conv, nn.Dense)
 _LINEN_NORMS = (nn.BatchNorm, _jaxbn_linen.BatchNorm)
@@ -62,17 +74,23 @@ class _Call:
     kind: str  # 'layer', 'norm' or 'other'
     args: tuple
     kwargs: dict
+    lifted: bool = False  # called inside a transform within the model (nn.scan, nn.remat, ...)
+    probe: int = -1  # layers: which probe was added to the output (-1: none)
     output: Any = None
     feature_axis: Any = None  # norms: the axis argument
     training: bool | None = None  # norms: True when called in training mode
     done: int = -1  # clock tick at return
 
 
+def _training(module: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a BatchNorm call ``module(*args, **kwargs)`` uses batch statistics."""
+    given = args[1] if len(args) > 1 else kwargs.get("use_running_average")
+    return (module.use_running_average if given is None else given) is False
+
+
 def _note_norm_call(call: _Call, fix: str) -> None:
     """Records a BatchNorm call's feature axis; refuses a training-mode call (``fix`` says what to do)."""
-    given = call.args[1] if len(call.args) > 1 else call.kwargs.get("use_running_average")
-    use_running_average = call.module.use_running_average if given is None else given
-    call.feature_axis, call.training = call.module.axis, use_running_average is False
+    call.feature_axis, call.training = call.module.axis, _training(call.module, call.args, call.kwargs)
     if call.training:
         raise ValueError(
             f"fold_batch_norm: BatchNorm '{_name(call.path)}' is called in training mode "
@@ -82,6 +100,109 @@ def _note_norm_call(call: _Call, fix: str) -> None:
 
 def _name(path: Sequence[Any]) -> str:
     return "/".join(str(p) for p in path) or "<root>"
+
+
+class _Recorder:
+    """Records the module calls of one traced forward pass and puts a probe on each layer's output.
+
+    With ``probes`` (one traced zero per layer call outside lifted transforms,
+    in call order; None on the first pass, which only collects their shapes)
+    a layer hands ``output + probe`` to the code that called it, and a
+    BatchNorm handed exactly that object computes on ``output`` itself: in the
+    traced program every other use of the output depends on the probe, the
+    BatchNorm's does not.
+    """
+
+    def __init__(self, fix: str):
+        self.fix = fix  # what to do about a training-mode BatchNorm
+        self.probes: list[Any] | None = None
+        self.trace: Any = None  # the trace of the forward pass itself (set when the pass starts)
+        self.calls: list[_Call] = []
+        self.clock = 0
+        self.shapes: list[jax.ShapeDtypeStruct] = []  # the probed layers' outputs, in call order
+        self.unprobed: dict[int, tuple[Any, Any]] = {}  # id(output + probe) -> (output + probe, output)
+
+    def __call__(self, path: Sequence[Any], module: Any, kind: str, args: tuple, kwargs: dict,
+                 run: Callable[..., Any]) -> Any:
+        if kind == "norm" and not args and "x" in kwargs:  # bn(x=h): the input positional, as the checks read it
+            kwargs = dict(kwargs)
+            args = (kwargs.pop("x"),)
+        call = _Call(self.clock, tuple(path), module, kind, args, dict(kwargs))
+        call.lifted = tracers.current_trace() != self.trace
+        self.clock += 1
+        self.calls.append(call)
+        if kind == "norm":
+            _note_norm_call(call, self.fix)
+            if args and id(args[0]) in self.unprobed:
+                args = (self.unprobed[id(args[0])][1], *args[1:])
+        out = run(*args, **kwargs)
+        if kind == "layer" and not call.lifted and isinstance(out, jax.Array):
+            call.probe = len(self.shapes)
+            self.shapes.append(jax.ShapeDtypeStruct(jnp.shape(out), out.dtype))
+            if self.probes is not None:
+                if call.probe >= len(self.probes) or self.probes[call.probe].shape != jnp.shape(out):
+                    raise ValueError(
+                        f"fold_batch_norm: the model's forward pass called different layers when traced twice "
+                        f"(at '{_name(call.path)}'); folding needs a forward pass that is the same every time."
+                    )
+                probed = out + self.probes[call.probe]
+                self.unprobed[id(probed)] = (probed, out)
+                out = probed
+        call.output, call.done = out, self.clock
+        self.clock += 1
+        return out
+
+
+def _reached(jaxpr: Any) -> set[int]:
+    """The inputs of ``jaxpr`` that its outputs depend on.
+
+    Conservative: an equation with any dependent input makes all its outputs
+    dependent, whatever it computes (higher-order ones such as ``pjit``,
+    ``scan`` or ``custom_jvp_call`` included), so a use that is numerically
+    zero counts too; equations whose results reach no output do not.
+    """
+    depends: dict[Any, int] = {v: 1 << i for i, v in enumerate(jaxpr.invars)}
+    for eqn in jaxpr.eqns:
+        mask = 0
+        for v in eqn.invars:
+            if isinstance(v, jex_core.Var):
+                mask |= depends.get(v, 0)
+        if mask:
+            for v in eqn.outvars:
+                depends[v] = depends.get(v, 0) | mask
+    reached = 0
+    for v in jaxpr.outvars:
+        if isinstance(v, jex_core.Var):
+            reached |= depends.get(v, 0)
+    return {i for i in range(len(jaxpr.invars)) if reached >> i & 1}
+
+
+def _trace(forward: Callable[[_Recorder], Any], fix: str) -> tuple[list[_Call], set[int]]:
+    """Traces ``forward(recorder)`` twice: for the layers' output shapes, then with a probe on each.
+
+    Returns the calls of the second pass and the probes that the outputs of
+    ``forward`` (its array leaves) depend on.
+    """
+
+    def traced(recorder: _Recorder) -> Callable[[Any], list[Any]]:
+        def run(probes: list[Any] | None) -> list[Any]:
+            recorder.probes, recorder.trace = probes, tracers.current_trace()
+            return [leaf for leaf in jax.tree_util.tree_leaves(forward(recorder)) if isinstance(leaf, jax.Array)]
+
+        return run
+
+    first, second = _Recorder(fix), _Recorder(fix)
+    try:
+        jax.eval_shape(traced(first), None)
+        closed = jax.make_jaxpr(traced(second))(first.shapes)
+    except jax.errors.JAXTypeError as err:
+        raise ValueError(
+            "fold_batch_norm: model: its forward pass cannot be traced (it needs concrete values, "
+            f"{type(err).__name__}); fold_batch_norm traces it, as jax.jit does, to find which BatchNorm "
+            "follows which layer and every other use of the layer's output. Make the model traceable "
+            "(e.g. jnp.where or jax.lax.cond instead of a Python if on an array) to fold it."
+        ) from err
+    return second.calls, _reached(closed.jaxpr)
 
 
 def _as_path(value: Any, argument: str) -> tuple[str, ...]:
@@ -129,6 +250,19 @@ def _producer_message(norm: _Call, calls: list[_Call]) -> str:
     return f"its input is not the output of any {_LAYER_NAMES} (none was called before it)"
 
 
+def _refuse_lifted(call: _Call, calls: list[_Call]) -> None:
+    """Refuses a module called inside a transform within the model, naming the transformed module."""
+    if not call.lifted:
+        return
+    outer = min((c for c in calls if c.lifted and call.path[: len(c.path)] == c.path), key=lambda c: len(c.path))
+    raise ValueError(
+        f"fold_batch_norm: '{_name(call.path)}' ({type(call.module).__name__}) runs inside a lifted transform "
+        f"within the model (the module at '{_name(outer.path)}' is wrapped in nn.scan, nn.vmap, nn.remat, "
+        "nn.jit, an nnx transform, ...); folding modules inside lifted transforms is not supported, so it is "
+        "refused. Pass pairs=[...] to fold only BatchNorms outside them."
+    )
+
+
 def _match(calls: list[_Call], pairs: list | None) -> list[tuple[_Call, _Call]]:
     """The (layer call, norm call) pairs to fold, checked."""
     by_path: dict[tuple[str, ...], list[_Call]] = {}
@@ -140,6 +274,7 @@ def _match(calls: list[_Call], pairs: list | None) -> list[tuple[_Call, _Call]]:
             raise ValueError("fold_batch_norm: the forward pass called no BatchNorm; there is nothing to fold.")
         wanted = []
         for norm in norms:
+            _refuse_lifted(norm, calls)
             layer = [c for c in calls if c.kind == "layer" and c.output is norm.args[0] and 0 <= c.done < norm.index]
             if not layer:
                 raise ValueError(
@@ -164,6 +299,8 @@ def _match(calls: list[_Call], pairs: list | None) -> list[tuple[_Call, _Call]]:
                 )
             if norm.kind != "norm":
                 raise ValueError(f"pairs: '{_name(norm_path)}' is a {type(norm.module).__name__}, not a BatchNorm.")
+            _refuse_lifted(layer, calls)
+            _refuse_lifted(norm, calls)
             if norm.args[0] is not layer.output:
                 raise ValueError(
                     f"pairs: ('{_name(layer_path)}', '{_name(norm_path)}') does not match: BatchNorm "
@@ -174,6 +311,7 @@ def _match(calls: list[_Call], pairs: list | None) -> list[tuple[_Call, _Call]]:
     seen: dict[tuple[str, ...], str] = {}
     for layer, norm in wanted:
         for call in (layer, norm):
+            _refuse_lifted(call, calls)
             key = tuple(str(p) for p in call.path)
             if len(by_path[key]) > 1:
                 raise ValueError(
@@ -217,6 +355,18 @@ def _match(calls: list[_Call], pairs: list | None) -> list[tuple[_Call, _Call]]:
         if jnp.iscomplexobj(x):
             raise TypeError(f"fold_batch_norm: BatchNorm '{_name(norm.path)}' has a complex input; not supported.")
     return wanted
+
+
+def _refuse_other_uses(wanted: list[tuple[_Call, _Call]], reached: set[int], outputs: str) -> None:
+    """Refuses a pair whose layer output has a use besides its BatchNorm that reaches ``outputs``."""
+    for layer, norm in wanted:
+        if layer.probe < 0 or layer.probe in reached:
+            raise ValueError(
+                f"fold_batch_norm: the output of '{_name(layer.path)}' is used besides BatchNorm "
+                f"'{_name(norm.path)}' (by code outside module calls, e.g. a residual bn(h) + h), and that use "
+                f"reaches {outputs}; folding would change it too, so it is refused. Pass pairs=[...] to fold "
+                "only the others."
+            )
 
 
 def _fold_arrays(kernel, bias, mean, var, scale, beta, epsilon, where: str):
@@ -271,7 +421,106 @@ def _remove(tree: dict, path: tuple[str, ...]) -> None:
         del tree[path[0]]
 
 
-def _fold_linen(model: nn.Module, variables: Any, args: tuple, kwargs: dict, pairs: Any) -> Any:
+class FoldedModel(nn.Module):
+    """A linen model run with its folded BatchNorms removed: the ``model`` :func:`fold_batch_norm` returns.
+
+    Apply it to the folded variables with the original model's arguments,
+    ``folded.model.apply(folded.variables, *args, **kwargs)``. It shares
+    ``module``'s scope (``flax.linen.share_scope``), so paths and variables
+    are ``module``'s, and calls ``module`` under
+    ``flax.linen.intercept_methods``: the BatchNorm at each path in
+    ``batch_norms`` returns its input, and the layer at each path in
+    ``layers`` that was built with ``use_bias=False`` adds its folded bias,
+    ``params/<layer>/bias``, to its output (a layer with a bias reads the
+    folded one itself). No class or source is edited. Paths are relative to
+    the ``FoldedModel``, so it also runs as a submodule of a larger model
+    (``folded.model.clone(parent=self)`` in a compact method). It refuses
+    (ValueError) a folded BatchNorm called in training mode, variables that
+    still hold a folded BatchNorm's ``batch_stats`` (the unfolded ones), and
+    variables without a folded bias (``init`` included: it runs folded
+    variables, it does not make them).
+
+    Attributes:
+      module: the original model.
+      layers: the folded layers' paths, e.g. ``(('block', 'Conv_0'),)``.
+      batch_norms: the folded BatchNorms' paths, in the same order.
+    """
+
+    module: nn.Module
+    layers: tuple[tuple[str, ...], ...] = ()
+    batch_norms: tuple[tuple[str, ...], ...] = ()
+
+    def setup(self) -> None:
+        nn.share_scope(self, self.module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``module(*args, **kwargs)`` with the folded BatchNorms as the identity and the folded biases added."""
+        layers = frozenset(tuple(p) for p in self.layers)
+        norms = frozenset(tuple(p) for p in self.batch_norms)
+        with nn.intercept_methods(functools.partial(_run_folded, tuple(self.path), layers, norms)):
+            return self.module(*args, **kwargs)
+
+
+def _run_folded(prefix: tuple, layers: frozenset, norms: frozenset, next_fun: Callable[..., Any], args: tuple,
+                kwargs: dict, context: Any) -> Any:
+    """:class:`FoldedModel`'s interceptor: folded BatchNorms return their input, bias-less folded layers add one.
+
+    Paths are relative to the :class:`FoldedModel` (``prefix``), so it also works as a submodule.
+    """
+    module = context.module
+    path = tuple(module.path)
+    if context.method_name != "__call__" or path[: len(prefix)] != prefix:
+        return next_fun(*args, **kwargs)
+    path = path[len(prefix):]
+    if path in norms and isinstance(module, _LINEN_NORMS):
+        if _training(module, args, kwargs):
+            raise ValueError(
+                f"FoldedModel: BatchNorm '{_name(path)}' is folded into the layer before it (it runs as the "
+                "identity), so it cannot be called in training mode (use_running_average=False); call the "
+                "folded model in eval mode (e.g. train=False)."
+            )
+        if module.has_variable("batch_stats", "mean"):
+            raise ValueError(
+                f"FoldedModel: the variables hold the batch_stats of BatchNorm '{_name(path)}', which is folded: "
+                "apply the folded model to the folded variables (fold_batch_norm(...).variables), not to the "
+                "original ones."
+            )
+        return args[0] if args else kwargs["x"]
+    out = next_fun(*args, **kwargs)
+    if path in layers and isinstance(module, _LINEN_LAYERS) and not module.use_bias:
+        bias = module.get_variable("params", "bias")
+        if bias is None and module.is_initializing():
+            raise ValueError(
+                f"FoldedModel: cannot init the folded bias of '{_name(path)}': a folded model only runs the "
+                "variables fold_batch_norm folded (fold_batch_norm(...).variables); init the original model."
+            )
+        if bias is None:
+            raise ValueError(
+                f"FoldedModel: the variables lack params/{_name(path)}/bias, the folded bias of '{_name(path)}' "
+                "(built with use_bias=False): apply the folded model to the folded variables "
+                "(fold_batch_norm(...).variables), not to the original ones."
+            )
+        out = out + jnp.asarray(_unbox(bias), out.dtype)
+    return out
+
+
+class FoldedLinen(NamedTuple):
+    """What :func:`fold_batch_norm` returns for a linen model: run it as ``model.apply(variables, *args, **kwargs)``.
+
+    Attributes:
+      model: a :class:`FoldedModel` wrapping the original model.
+      variables: the folded variables (a ``FrozenDict`` if the input was one).
+        They fit only ``model``: a hand-written network must have exactly
+        these variables, a bias on every folded layer and no folded BatchNorm,
+        and flax does not check that it reads them all (a layer with
+        ``use_bias=False`` silently ignores its folded bias).
+    """
+
+    model: FoldedModel
+    variables: Any
+
+
+def _fold_linen(model: nn.Module, variables: Any, args: tuple, kwargs: dict, pairs: Any) -> FoldedLinen:
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise TypeError(
             "fold_batch_norm(linen_model, variables, *args): variables must be the model's variables "
@@ -280,27 +529,23 @@ def _fold_linen(model: nn.Module, variables: Any, args: tuple, kwargs: dict, pai
         )
     if not args:
         raise TypeError("fold_batch_norm(linen_model, variables, *args): pass a sample input after the variables.")
-    calls: list[_Call] = []
-    counter = [0]
+    checked = _check_pairs(pairs)
 
-    def interceptor(next_fun, call_args, call_kwargs, context):
-        if context.method_name != "__call__":
-            return next_fun(*call_args, **call_kwargs)
-        module = context.module
-        kind = "layer" if isinstance(module, _LINEN_LAYERS) else "norm" if isinstance(module, _LINEN_NORMS) else "other"
-        call = _Call(counter[0], tuple(module.path), module, kind, call_args, dict(call_kwargs))
-        counter[0] += 1
-        calls.append(call)
-        if kind == "norm":
-            _note_norm_call(call, "pass the arguments of an eval-mode call (e.g. train=False)")
-        out = next_fun(*call_args, **call_kwargs)
-        call.output, call.done = out, counter[0]
-        counter[0] += 1
-        return out
+    def forward(recorder: _Recorder) -> Any:
+        def interceptor(next_fun, call_args, call_kwargs, context):
+            if context.method_name != "__call__":
+                return next_fun(*call_args, **call_kwargs)
+            module = context.module
+            is_layer, is_norm = isinstance(module, _LINEN_LAYERS), isinstance(module, _LINEN_NORMS)
+            kind = "layer" if is_layer else "norm" if is_norm else "other"
+            return recorder(module.path, module, kind, call_args, call_kwargs, next_fun)
 
-    with nn.intercept_methods(interceptor):
-        model.apply(variables, *args, **kwargs)
-    wanted = _match(calls, _check_pairs(pairs))
+        with nn.intercept_methods(interceptor):
+            return model.apply(variables, *args, **kwargs)
+
+    calls, reached = _trace(forward, "pass the arguments of an eval-mode call (e.g. train=False)")
+    wanted = _match(calls, checked)
+    _refuse_other_uses(wanted, reached, "what the model returns")
 
     frozen = isinstance(variables, flax.core.FrozenDict)
     folded = flax.core.unfreeze(variables)  # a fresh nested dict
@@ -323,7 +568,11 @@ def _fold_linen(model: nn.Module, variables: Any, args: tuple, kwargs: dict, pai
             _remove(folded[name], np_)
             if name != "params" and not folded[name]:
                 del folded[name]
-    return flax.core.freeze(folded) if frozen else folded
+    folded_model = FoldedModel(
+        model, layers=tuple(tuple(layer.path) for layer, _ in wanted),
+        batch_norms=tuple(tuple(norm.path) for _, norm in wanted),
+    )
+    return FoldedLinen(folded_model, flax.core.freeze(folded) if frozen else folded)
 
 
 # ----------------------------------------------------------------------------- nnx
@@ -338,49 +587,53 @@ def _child(parent: Any, key: Any) -> Any:
 def _fold_nnx(module: nnx.Module, args: tuple, kwargs: dict, pairs: Any) -> nnx.Module:
     if not args:
         raise TypeError("fold_batch_norm(nnx_module, *args): pass a sample input to call the module with.")
+    checked = _check_pairs(pairs)
     model = nnx.clone(module)
-    paths = {id(m): path for path, m in nnx.iter_modules(model)}
-    calls: list[_Call] = []
-    counter = [0]
-    active: set[int] = set()
-
-    def wrap(original):
-        def wrapper(self, *call_args, **call_kwargs):
-            if id(self) not in paths or id(self) in active:
-                return original(self, *call_args, **call_kwargs)
-            kind = "layer" if isinstance(self, _NNX_LAYERS) else "norm" if isinstance(self, _NNX_NORMS) else "other"
-            call = _Call(counter[0], paths[id(self)], self, kind, call_args, dict(call_kwargs))
-            counter[0] += 1
-            calls.append(call)
-            if kind == "norm":
-                _note_norm_call(call, "call model.eval() first (or pass use_running_average=True)")
-            active.add(id(self))
-            try:
-                out = original(self, *call_args, **call_kwargs)
-            finally:
-                active.discard(id(self))
-            call.output, call.done = out, counter[0]
-            counter[0] += 1
-            return out
-
-        return wrapper
-
+    graphdef, state = nnx.split(model)
     patched = {}
     for m in {type(m) for m in (mod for _, mod in nnx.iter_modules(model))}:
         owner = next((k for k in m.__mro__ if "__call__" in k.__dict__), None)
         if owner is not None and owner not in patched and owner is not object:
             patched[owner] = owner.__dict__["__call__"]
-    try:
-        for owner, original in patched.items():
-            owner.__call__ = wrap(original)
-        model(*args, **kwargs)
-    finally:
-        for owner, original in patched.items():
-            owner.__call__ = original
-    wanted = _match(calls, _check_pairs(pairs))
 
+    def forward(recorder: _Recorder) -> Any:
+        traced = nnx.merge(graphdef, state, copy=True)  # new Variables: the trace leaves `model` alone
+        paths = {id(m): path for path, m in nnx.iter_modules(traced)}
+        active: set[int] = set()
+
+        def wrap(original):
+            def wrapper(self, *call_args, **call_kwargs):
+                if id(self) not in paths or id(self) in active:
+                    return original(self, *call_args, **call_kwargs)
+                kind = "layer" if isinstance(self, _NNX_LAYERS) else "norm" if isinstance(self, _NNX_NORMS) else "other"
+
+                def run(*run_args, **run_kwargs):
+                    active.add(id(self))
+                    try:
+                        return original(self, *run_args, **run_kwargs)
+                    finally:
+                        active.discard(id(self))
+
+                return recorder(paths[id(self)], self, kind, call_args, call_kwargs, run)
+
+            return wrapper
+
+        try:
+            for owner, original in patched.items():
+                owner.__call__ = wrap(original)
+            out = traced(*args, **kwargs)
+        finally:
+            for owner, original in patched.items():
+                owner.__call__ = original
+        return out, nnx.state(traced)
+
+    calls, reached = _trace(forward, "call model.eval() first (or pass use_running_average=True)")
+    wanted = _match(calls, checked)
+    _refuse_other_uses(wanted, reached, "what the module returns or its state")
+
+    modules = {tuple(path): m for path, m in nnx.iter_modules(model)}
     for layer_call, norm_call in wanted:
-        layer, norm = layer_call.module, norm_call.module
+        layer, norm = modules[layer_call.path], modules[norm_call.path]
         new_kernel, new_bias = _fold_arrays(
             layer.kernel[...], None if layer.bias is None else layer.bias[...], norm.mean[...], norm.var[...],
             None if norm.scale is None else norm.scale[...], None if norm.bias is None else norm.bias[...],
@@ -430,30 +683,41 @@ def fold_batch_norm(model: Any, *args: Any, pairs: Sequence[tuple[Any, Any]] | N
     least float32 in PyTorch's order (``fuse_conv_bn_weights``) and cast back
     to the kernel's / bias's dtype.
 
-    Two forms, both running one forward pass (eagerly, not under ``jit``) on
-    the sample arguments to find which BatchNorm consumes which layer's output:
+    Two forms, both tracing one forward pass on the sample arguments (with
+    ``jax.make_jaxpr``: the model must be traceable, as under ``jax.jit``) to
+    find which BatchNorm consumes which layer's output, and what else does:
 
     - ``fold_batch_norm(linen_model, variables, *args, pairs=None, **kwargs)``
-      applies ``linen_model.apply(variables, *args, **kwargs)`` under
-      ``flax.linen.intercept_methods`` and returns new **variables** of the
-      same network without the folded BatchNorms: their entries are removed
-      from every collection (``params``, ``batch_stats``, ...; dicts left
-      empty go too) and the layers' ``kernel``/``bias`` are replaced (a layer
-      without bias gets ``params/.../bias``). Apply them with the model built
-      without those BatchNorms and with ``use_bias=True`` on the folded layers.
-      A ``FrozenDict`` in gives a ``FrozenDict`` out; metadata boxes are kept.
-    - ``fold_batch_norm(nnx_module, *args, pairs=None, **kwargs)`` calls a
-      clone of the module with ``(*args, **kwargs)`` and returns that clone,
-      folded: each folded BatchNorm is replaced by :class:`FoldedBatchNorm`
-      (the identity, holding no state) and each layer holds the folded kernel
-      and a bias (``use_bias`` set True). The module passed in is not changed.
+      traces ``linen_model.apply(variables, *args, **kwargs)`` under
+      ``flax.linen.intercept_methods`` and returns a :class:`FoldedLinen`
+      ``(model, variables)``; run it as ``folded.model.apply(folded.variables,
+      *args, **kwargs)``. ``variables`` are those of the network without the
+      folded BatchNorms: their entries are removed from every collection
+      (``params``, ``batch_stats``, ...; dicts left empty go too) and the
+      layers' ``kernel``/``bias`` are replaced (a layer without bias gets
+      ``params/.../bias``); a ``FrozenDict`` in gives a ``FrozenDict`` out,
+      metadata boxes are kept. ``model`` is a :class:`FoldedModel` wrapping
+      ``linen_model``: the folded BatchNorms return their input and folded
+      layers built with ``use_bias=False`` add their folded bias. **Apply
+      ``variables`` only through ``model``**: flax does not check that a
+      model reads every variable, so a hand-written network whose folded
+      layer keeps ``use_bias=False`` silently drops that bias.
+    - ``fold_batch_norm(nnx_module, *args, pairs=None, **kwargs)`` returns a
+      folded clone of the module: each folded BatchNorm is replaced by
+      :class:`FoldedBatchNorm` (the identity, holding no state) and each
+      layer holds the folded kernel and a bias (``use_bias`` set True). The
+      module passed in is not changed.
 
     BatchNorm means ``flax.linen.BatchNorm`` / ``flax.nnx.BatchNorm`` and
     jaxbn's drop-ins (and ``BatchRenorm``, whose inference is BatchNorm's);
     layers are ``linen.Conv`` / ``linen.Dense`` and ``nnx.Conv`` /
     ``nnx.Linear`` (NHWC / features last, as flax computes them). The
     BatchNorm's feature axis must be the last axis of its input, the layer's
-    output features.
+    output features, and the layer's output must have no other use that
+    reaches the model's outputs (nnx: or its state): another module, or plain
+    code such as a residual ``bn(h) + h`` (checked on the traced program,
+    conservatively: any use counts, even one that adds zero; code whose result
+    is unused does not).
 
     Args:
       model: a ``flax.linen.Module`` or a ``flax.nnx.Module``.
@@ -467,7 +731,7 @@ def fold_batch_norm(model: Any, *args: Any, pairs: Sequence[tuple[Any, Any]] | N
       **kwargs: keyword arguments of the sample call.
 
     Returns:
-      linen: the folded variables (a dict); nnx: the folded module.
+      linen: a :class:`FoldedLinen` ``(model, variables)``; nnx: the folded module.
 
     Raises:
       ValueError: a BatchNorm does not consume a layer output directly (the
@@ -477,8 +741,10 @@ def fold_batch_norm(model: Any, *args: Any, pairs: Sequence[tuple[Any, Any]] | N
         a BatchNorm that does not consume that layer's output; a BatchNorm
         runs in training mode; its feature axis is not the layer's output
         feature axis (e.g. ``axis=1``, NCHW, on a 4-D input); a paired module
-        is called more than once; the layer output also feeds another module;
-        the forward pass calls no BatchNorm.
+        is called more than once, or inside a lifted transform (``nn.scan``,
+        ``nn.remat``, ...); the layer output also feeds another module or
+        other code that reaches the outputs; the forward pass calls no
+        BatchNorm, or cannot be traced.
       TypeError: ``model`` is neither a linen nor an nnx module, linen
         ``variables`` are not a mapping with ``'params'``, no sample input is
         given, ``pairs`` is malformed, or a BatchNorm input is complex.
@@ -486,19 +752,28 @@ def fold_batch_norm(model: Any, *args: Any, pairs: Sequence[tuple[Any, Any]] | N
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from jaxbn.linen import BatchNorm
     >>> class Net(nn.Module):
-    ...     folded: bool = False
     ...     @nn.compact
     ...     def __call__(self, x):
-    ...         x = nn.Dense(4, use_bias=self.folded)(x)
-    ...         return x if self.folded else BatchNorm(use_running_average=True)(x)
+    ...         x = nn.Dense(4, use_bias=False)(x)
+    ...         return BatchNorm(use_running_average=True)(x)
     >>> x = jax.random.normal(jax.random.key(0), (5, 3))
     >>> variables = Net().init(jax.random.key(1), x)
     >>> variables['batch_stats']['BatchNorm_0']['mean'] = jnp.arange(4.0)
     >>> folded = fold_batch_norm(Net(), variables, x)
-    >>> jax.tree.map(jnp.shape, folded)
+    >>> jax.tree.map(jnp.shape, folded.variables)
     {'params': {'Dense_0': {'bias': (4,), 'kernel': (3, 4)}}}
-    >>> bool(jnp.allclose(Net(folded=True).apply(folded, x), Net().apply(variables, x), atol=1e-5))
+    >>> y = folded.model.apply(folded.variables, x)  # the Dense keeps use_bias=False: the wrapper adds the bias
+    >>> bool(jnp.allclose(y, Net().apply(variables, x), atol=1e-5))
     True
+
+    nnx: a folded copy of the module.
+
+    >>> from flax import nnx
+    >>> net = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
+    ...                      nnx.BatchNorm(4, use_running_average=True, rngs=nnx.Rngs(0)))
+    >>> fast = fold_batch_norm(net, x)
+    >>> type(fast.layers[1]).__name__, bool(jnp.allclose(fast(x), net(x), atol=1e-5))
+    ('FoldedBatchNorm', True)
     """
     if isinstance(model, nn.Module):
         if not args:
