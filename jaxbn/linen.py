@@ -12,6 +12,10 @@ construction matches), with two that jaxbn treats differently:
   flax); in the other modules, False (half-precision statistics in flax) raises
   ``NotImplementedError`` for a half-precision input and changes nothing
   otherwise.
+
+By default BatchNorm's running statistics are float32, as flax's, or float64
+for a float64 ``param_dtype`` under ``jax_enable_x64`` (flax's start in float32
+and turn float64 at the first float64 update).
 """
 
 from __future__ import annotations
@@ -47,6 +51,23 @@ def _affine_params(module: nn.Module, feature_shape: tuple[int, ...], use_scale:
     if use_bias:
         params["bias"] = module.param("bias", module.bias_init, feature_shape, module.param_dtype)
     return params
+
+
+def running_stats_dtype(param_dtype: Any) -> Any:
+    """The dtype BatchNorm keeps its running statistics in: float32, or ``param_dtype`` where it is wider.
+
+    float64 for a float64 ``param_dtype`` under ``jax_enable_x64`` (float32
+    without it, as JAX's arrays); float32 for bfloat16, float16 and float32
+    (statistics are never kept in half precision); the real dtype of a
+    complex ``param_dtype``.
+
+    >>> running_stats_dtype(jnp.bfloat16)
+    dtype('float32')
+    """
+    if param_dtype is None or not jnp.issubdtype(param_dtype, jnp.inexact):
+        return jnp.dtype(jnp.float32)
+    real = jnp.finfo(param_dtype).dtype
+    return jax.dtypes.canonicalize_dtype(jnp.promote_types(jnp.float32, real))
 
 
 def check_float32_reductions(module: nn.Module, x: Any) -> None:
@@ -132,7 +153,8 @@ class BatchNorm(nn.Module):
         cumulative average (adds ``batch_stats/count``).
       epsilon: added to the variance, > 0.
       dtype: output dtype (default: promotion of input and params).
-      param_dtype: dtype of ``scale`` and ``bias``.
+      param_dtype: dtype of ``scale`` and ``bias``, and of the running
+        statistics where wider than float32 (float64 under x64).
       use_bias: learn a bias β.
       use_scale: learn a scale γ.
       bias_init: initializer for the bias (zeros).
@@ -214,7 +236,7 @@ class BatchNorm(nn.Module):
         )
         x = jnp.asarray(x) if not hasattr(x, "dtype") else x
         feature_shape = _validation.feature_shape(x, self.axis)
-        stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        stats_dtype = running_stats_dtype(self.param_dtype) if self.force_float32_reductions else self.param_dtype
         # complex input: a complex running mean (flax's turns complex at the first update)
         mean_dtype = jnp.result_type(stats_dtype, jnp.complex64) if jnp.iscomplexobj(x) else stats_dtype
         ra_mean = _running_variable(self, "mean", feature_shape, _running_init, self, 0.0, feature_shape, mean_dtype)
@@ -443,7 +465,7 @@ class BatchRenorm(BatchNorm):
     norm's. The fields (``ghost_batch_size`` included: ``r`` and ``d`` per
     ghost batch), call signature and variables are :class:`BatchNorm`'s (so a
     BatchNorm checkpoint loads, and ``r_max=1, d_max=0`` is BatchNorm
-    exactly), plus two fields:
+    to rounding), plus two fields:
 
     - ``r_max`` (>= 1) and ``d_max`` (>= 0): the clipping limits, each a
       number, or a callable ``step -> value`` evaluated at a step counter the

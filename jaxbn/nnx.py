@@ -4,7 +4,8 @@ Each class takes :mod:`flax.nnx`'s constructor arguments in flax's order
 (``num_features`` first, ``rngs`` required, ``scale_metadata`` /
 ``bias_metadata`` passed to the :class:`~flax.nnx.Param`), creates the same
 variables under the same names and types (``scale``/``bias`` as
-``nnx.Param``; BatchNorm's ``mean``/``var`` as ``nnx.BatchStat`` in float32)
+``nnx.Param``; BatchNorm's ``mean``/``var`` as ``nnx.BatchStat`` in float32,
+float64 only for a float64 ``param_dtype`` under ``jax_enable_x64``)
 and draws the same keys from ``rngs``, so ``nnx.state``, ``nnx.split`` /
 ``nnx.merge``, ``nnx.jit``, ``nnx.grad``, ``nnx.Optimizer`` and checkpoints
 treat a model exactly as with flax's modules. A module here owns its variables
@@ -27,7 +28,7 @@ What jaxbn does differently, as in :mod:`jaxbn.linen`:
 
 ``promote_dtype`` behaves as flax's: with the default, the output dtype is
 ``dtype`` or the promotion of the input and the module's variables (for
-BatchNorm that includes the float32 running statistics, as in flax), and jaxbn
+BatchNorm that includes the running statistics, as in flax), and jaxbn
 keeps the input in its own dtype internally (so a bfloat16 training step saves
 bfloat16 activations); a custom function is applied to ``(x, mean, var, scale,
 bias)`` (BatchNorm) or ``(x, scale, bias)`` as flax applies it, except that
@@ -49,6 +50,7 @@ from flax.nnx.nn import dtypes as _flax_dtypes
 from flax.nnx.nn import initializers
 
 from jaxbn import _validation, functional, per_example, renorm
+from jaxbn.linen import running_stats_dtype
 
 __all__ = [
     "BatchNorm", "BatchRenorm", "FrozenParam", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "convert",
@@ -188,7 +190,8 @@ class BatchNorm(_Normalization):
     """Drop-in replacement for :class:`flax.nnx.BatchNorm`; calls :func:`jaxbn.batch_norm`.
 
     Same constructor arguments (in flax's order), same variables (``scale``,
-    ``bias``: ``nnx.Param``; ``mean``, ``var``: float32 ``nnx.BatchStat``),
+    ``bias``: ``nnx.Param``; ``mean``, ``var``: float32 ``nnx.BatchStat``,
+    float64 for a float64 ``param_dtype`` under x64, where flax's stay float32),
     same ``use_running_average`` switch (from the constructor, the call, or
     ``.train()`` / ``.eval()`` / ``nnx.view``). The options flax lacks
     default to flax's behaviour and variables (``momentum=None`` adds a float32
@@ -206,7 +209,8 @@ class BatchNorm(_Normalization):
       epsilon: > 0, added to the variance.
       dtype: output dtype (default: the promotion of the input and the
         variables, as flax).
-      param_dtype: dtype of ``scale`` and ``bias``.
+      param_dtype: dtype of ``scale`` and ``bias``, and of ``mean`` and
+        ``var`` where wider than float32 (float64 under x64).
       use_bias: learn a bias β.
       use_scale: learn a scale γ.
       bias_init: initializer of the bias (zeros).
@@ -290,8 +294,9 @@ class BatchNorm(_Normalization):
             unbiased_running_var=unbiased_running_var, update_running_stats=update_running_stats,
             ghost_batch_size=ghost_batch_size, sow_moments=sow_moments,
         )
-        self.mean = nnx.BatchStat(jnp.zeros((self.num_features,), jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones((self.num_features,), jnp.float32))
+        stats_dtype = running_stats_dtype(param_dtype)  # float32, or a wider param_dtype (float64)
+        self.mean = nnx.BatchStat(jnp.zeros((self.num_features,), stats_dtype))
+        self.var = nnx.BatchStat(jnp.ones((self.num_features,), stats_dtype))
         if momentum is None:  # only then, so a default module's state stays flax's
             self.count = nnx.BatchStat(jnp.zeros((), jnp.float32))
         _shard_like_params(self, ("mean", "var"), ("scale", "bias"))
@@ -400,7 +405,7 @@ class BatchRenorm(BatchNorm):
     gradient-free corrections from the batch towards the running statistics
     (see :func:`jaxbn.batch_renorm`); inference is batch norm's. The
     arguments and variables are :class:`BatchNorm`'s (so a BatchNorm
-    checkpoint loads, and ``r_max=1, d_max=0`` is BatchNorm exactly; with
+    checkpoint loads, and ``r_max=1, d_max=0`` is BatchNorm (to rounding); with
     ``ghost_batch_size``, ``r`` and ``d`` are per ghost batch), plus two, as
     :class:`jaxbn.linen.BatchRenorm`:
 

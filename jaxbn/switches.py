@@ -3,7 +3,8 @@
 linen (:func:`batch_norm_overrides`, :func:`use_jaxbn`): context managers that
 intercept every normalization call (``nn.intercept_methods``) and compute it
 with jaxbn's functional core, reading and writing the module's own variables
-where the module keeps them. nnx (:func:`freeze`, :func:`unfreeze`,
+where the module keeps them; what is in force is part of ``jax.jit``'s cache
+key. nnx (:func:`freeze`, :func:`unfreeze`,
 :func:`set_batch_norm`, :func:`convert`): graph walks that set attributes on, or
 replace, the layers of a module.
 
@@ -16,13 +17,13 @@ import it).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import inspect
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 from flax import linen as nn
 from flax import nnx
 from flax.core import meta
@@ -35,13 +36,42 @@ from jaxbn import _validation, functional, per_example
 OVERRIDES = ("use_running_average", "update_running_stats", "momentum", "axis_name", "axis_index_groups",
              "keep_affine_trainable")
 
-# (overrides in force, whether flax's normalization layers are computed by jaxbn)
-_ACTIVE: contextvars.ContextVar[tuple[Mapping[str, Any], bool]] = contextvars.ContextVar(
-    "jaxbn_switches", default=({}, False)
-)
+# What is in force, as one hashable value: (the overrides as sorted (name, value) pairs, whether flax's
+# normalization layers are computed by jaxbn). A JAX user context, so it is part of the cache key of
+# jax.jit (and of the other transforms' caches): a function traced inside a block is traced again
+# outside it and vice versa, and the interception reads the very value that keyed the trace. Local to
+# each thread, as JAX's configuration.
+_ACTIVE = jax.make_user_context(((), False))
 
 
-def _check_overrides(overrides: Mapping[str, Any]) -> None:
+def _in_force() -> tuple[dict[str, Any], bool]:
+    """The overrides in force and whether flax's normalization layers are computed by jaxbn."""
+    items, convert = _ACTIVE.value
+    return dict(items), convert
+
+
+def _hashable(name: str, value: Any) -> Any:
+    """``value`` as part of a cache key: sequences of names or groups as tuples, a 0-d momentum array as a float."""
+    if name == "axis_index_groups" and isinstance(value, (list, tuple, np.ndarray)):
+        value = tuple(tuple(group) if isinstance(group, (list, tuple, np.ndarray)) else group for group in value)
+    elif name == "axis_name" and isinstance(value, list):
+        value = tuple(value)
+    elif name == "momentum" and isinstance(value, (np.ndarray, np.generic, jax.Array)) and \
+            not isinstance(value, jax.core.Tracer):
+        value = float(value)  # checked above: a real scalar
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(
+            f"batch_norm_overrides: {name}={value!r} is not a static Python value. The overrides are part "
+            "of jax.jit's cache key, so they must be hashable and known when the block is entered: a number, "
+            "a bool, an axis name, groups as lists or tuples of ints (not a jax.Array or a traced value)."
+        ) from None
+    return value
+
+
+def _check_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Raises for an unknown or invalid override; returns the overrides with hashable values."""
     unknown = sorted(set(overrides) - set(OVERRIDES))
     if unknown:
         raise TypeError(f"batch_norm_overrides got unknown override(s) {unknown}; the overrides are {list(OVERRIDES)}.")
@@ -52,6 +82,7 @@ def _check_overrides(overrides: Mapping[str, Any]) -> None:
         _validation.check_static_bool(overrides["update_running_stats"], "update_running_stats", none_ok=True)
     if overrides.get("momentum") is not None:
         _validation.check_momentum(overrides["momentum"])
+    return {name: _hashable(name, value) for name, value in overrides.items()}
 
 
 def _linen_batch_norm(module: nn.Module, overrides: Mapping[str, Any], x: Any, use_running_average: Any = None, *,
@@ -141,7 +172,7 @@ def _intercept(next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)
     from jaxbn import linen as jaxbn_linen
 
-    overrides, convert = _ACTIVE.get()
+    overrides, convert = _in_force()
     if isinstance(module, jaxbn_linen.BatchNorm) or (isinstance(module, nn.BatchNorm) and (overrides or convert)):
         if not overrides and isinstance(module, jaxbn_linen.BatchNorm):
             return next_fun(*args, **kwargs)
@@ -155,13 +186,10 @@ def _intercept(next_fun, args, kwargs, context):
 
 @contextlib.contextmanager
 def _switched(overrides: Mapping[str, Any], convert: bool) -> Iterator[None]:
-    outer, outer_convert = _ACTIVE.get()
-    token = _ACTIVE.set(({**outer, **overrides}, outer_convert or convert))
-    try:
-        with nn.intercept_methods(_intercept):
-            yield
-    finally:
-        _ACTIVE.reset(token)
+    outer, outer_convert = _in_force()
+    merged = {**outer, **overrides}  # the inner block wins per name
+    with _ACTIVE((tuple(sorted(merged.items())), outer_convert or convert)), nn.intercept_methods(_intercept):
+        yield
 
 
 def batch_norm_overrides(**overrides: Any) -> contextlib.AbstractContextManager[None]:
@@ -172,10 +200,16 @@ def batch_norm_overrides(**overrides: Any) -> contextlib.AbstractContextManager[
     with the module's own fields and variables, except the overridden ones;
     the running statistics are written back (in the module's ``batch_stats``)
     only when that collection is mutable. Blocks nest (the inner one wins per
-    name). The model's source is untouched; the interception happens when the
-    model is traced, so enter the block inside the function you ``jax.jit``.
+    name). The model's source is untouched. Enter the block inside the
+    function you ``jax.jit`` or around its call: what is in force is part of
+    ``jax.jit``'s cache key (local to the thread), so a jitted step runs as the
+    block says inside it and as the model says after it (it is traced once per
+    set of overrides). Only a function compiled ahead of time
+    (``jax.jit(f).lower(...).compile()``) keeps what was in force when it was
+    lowered.
 
-    Overrides (keyword only, see ``OVERRIDES``):
+    Overrides (keyword only, see ``OVERRIDES``; Python values, since they key
+    the cache):
 
     - ``use_running_average``: normalize with the running statistics (also
       overrides the call argument).
@@ -184,7 +218,8 @@ def batch_norm_overrides(**overrides: Any) -> contextlib.AbstractContextManager[
       update_running_stats=False``.
     - ``momentum``: a float in [0, 1] (None only for a module created with
       ``momentum=None``, which has ``batch_stats/count``).
-    - ``axis_name`` / ``axis_index_groups``: synchronize the statistics.
+    - ``axis_name`` / ``axis_index_groups``: synchronize the statistics
+      (groups as lists or tuples of ints).
     - ``keep_affine_trainable``: False stops the gradient of ``scale`` and
       ``bias`` (they get zero gradients; with weight decay, also mask them
       out of the optimizer, e.g. ``optax.masked``).
@@ -193,13 +228,17 @@ def batch_norm_overrides(**overrides: Any) -> contextlib.AbstractContextManager[
     >>> bn = nn.BatchNorm(use_running_average=False)
     >>> x = jnp.arange(6.0).reshape(3, 2)
     >>> variables = bn.init(jax.random.key(0), x)
+    >>> step = jax.jit(lambda variables, x: bn.apply(variables, x, mutable=['batch_stats']))
     >>> with jaxbn.linen.batch_norm_overrides(use_running_average=True, update_running_stats=False):
-    ...     y, updates = bn.apply(variables, x, mutable=['batch_stats'])
-    >>> bool((y == x / jnp.sqrt(1 + 1e-5)).all()), bool((updates['batch_stats']['mean'] == 0).all())
-    (True, True)
+    ...     y, updates = step(variables, x)  # frozen: normalized with the running (0, 1), not updated
+    >>> bool(jnp.allclose(y, x / jnp.sqrt(1 + 1e-5)))
+    True
+    >>> bool((updates['batch_stats']['mean'] == 0).all())  # exact: the stored zeros, not written
+    True
+    >>> step(variables, x)[1]['batch_stats']['mean']  # after the block: training, 0.01 * the batch mean
+    Array([0.02, 0.03], dtype=float32)
     """
-    _check_overrides(overrides)
-    return _switched(overrides, convert=False)
+    return _switched(_check_overrides(overrides), convert=False)
 
 
 def use_jaxbn() -> contextlib.AbstractContextManager[None]:
@@ -210,9 +249,23 @@ def use_jaxbn() -> contextlib.AbstractContextManager[None]:
     subclasses) runs jaxbn's functional core with the module's fields and
     variables (the same ``params``/``batch_stats``, so checkpoints are kept),
     like PyTorch's ``convert_sync_batchnorm`` without rebuilding the model:
-    count-weighted statistics across devices, masks, the stable variance.
-    ``init`` runs flax's modules unchanged. Combine with
-    :func:`batch_norm_overrides` to also set e.g. ``axis_name``.
+    count-weighted statistics across devices, masks, the stable variance,
+    running statistics that skip a non-finite batch. ``init`` runs flax's
+    modules unchanged. Combine with :func:`batch_norm_overrides` to also set
+    e.g. ``axis_name``. As there, the block may be entered inside the jitted
+    function or around its call (it is part of ``jax.jit``'s cache key).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn.linen
+    >>> bn = nn.BatchNorm(use_running_average=False)
+    >>> x = jnp.arange(6.0).reshape(3, 2).at[0, 0].set(jnp.nan)
+    >>> variables = bn.init(jax.random.key(0), x)
+    >>> step = jax.jit(lambda variables, x: bn.apply(variables, x, mutable=['batch_stats'])[1])
+    >>> with jaxbn.linen.use_jaxbn():
+    ...     updates = step(variables, x)  # jaxbn: a NaN batch leaves the running statistics alone
+    >>> bool(jnp.isfinite(updates['batch_stats']['mean']).all())
+    True
+    >>> bool(jnp.isfinite(step(variables, x)['batch_stats']['mean']).all())  # flax's, after the block
+    False
     """
     return _switched({}, convert=True)
 
@@ -348,27 +401,55 @@ def convert(module: Any) -> Any:
     these classes) found by a graph walk (attributes, lists, dicts, nested
     modules) becomes the jaxbn layer with the same arguments and the same
     variable objects (so ``nnx.state`` is unchanged: values, types, metadata).
-    The model is changed in place; the result is returned (a new object when
-    ``module`` itself is such a layer).
+    A layer held in several places (weight tying) becomes one jaxbn layer that
+    every place holds. The model is changed in place, and only once every
+    layer is known to be replaceable (a layer in a tuple raises a
+    ``TypeError`` and leaves the model untouched); the result is returned (a
+    new object when ``module`` itself is such a layer).
+
+    >>> from flax import nnx
+    >>> import jaxbn.nnx
+    >>> bn = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    >>> model = nnx.Sequential(nnx.Linear(3, 3, rngs=nnx.Rngs(0)), bn, bn)  # one BatchNorm, used twice
+    >>> model = jaxbn.nnx.convert(model)
+    >>> type(model.layers[1]).__name__, model.layers[1] is model.layers[2]
+    ('BatchNorm', True)
+    >>> type(model.layers[1]).__module__
+    'jaxbn.nnx'
     """
     table = _flax_nnx_norms()
     if type(module) in table:
         return _converted(module, table[type(module)])
     if not isinstance(module, nnx.Module):
         raise TypeError(f"convert takes a flax.nnx module, got {type(module).__name__}.")
-    found = [(tuple(path), node) for path, node in nnx.iter_graph(module) if type(node) in table and path]
-    replaced: dict[int, nnx.Module] = {}
-    for path, node in found:
-        new = replaced.setdefault(id(node), _converted(node, table[type(node)]))
-        parent = module
-        for key in path[:-1]:
-            parent = getattr(parent, key) if isinstance(parent, nnx.Module) and isinstance(key, str) else parent[key]
-        key = path[-1]
-        if isinstance(parent, nnx.Module) and isinstance(key, str):
-            setattr(parent, key, new)
-        elif isinstance(parent, tuple):
-            raise TypeError(f"convert: cannot replace the layer at {'/'.join(map(str, path))} inside a tuple; "
-                            "hold the layers in a list (nnx.List) or dict.")
+    # every place that holds such a layer: each container once (a shared one is changed once for all
+    # that hold it), each of its entries that is such a layer (a layer held twice is found twice)
+    places = []
+    for path, node in nnx.iter_graph(module, graph=True):
+        if isinstance(node, nnx.Variable) or not isinstance(node, (nnx.Pytree, list, dict, tuple)):
+            continue
+        for key, child in nnx.iter_children(node, graph=True):
+            if type(child) not in table:
+                continue
+            if not isinstance(node, (nnx.Pytree, list, dict)):
+                raise TypeError(
+                    f"convert: cannot replace the {type(child).__name__} at {'/'.join(map(str, (*path, key)))} "
+                    f"inside a {type(node).__name__}; hold the layers in a list (nnx.List) or dict (nnx.Dict). "
+                    "Nothing was converted."
+                )
+            places.append((node, key, child, (*path, key)))
+    replaced: dict[int, nnx.Module] = {}  # one jaxbn layer per flax layer, built before anything changes
+    for _, _, layer, path in places:
+        if id(layer) not in replaced:
+            try:
+                replaced[id(layer)] = _converted(layer, table[type(layer)])
+            except (TypeError, ValueError) as err:  # jaxbn's checks at construction, e.g. of momentum
+                error = TypeError if isinstance(err, TypeError) else ValueError
+                raise error(f"convert: the {type(layer).__name__} at {'/'.join(map(str, path))}: {err} "
+                            "Nothing was converted.") from err
+    for parent, key, layer, _ in places:
+        if isinstance(parent, nnx.Pytree) and isinstance(key, str):
+            setattr(parent, key, replaced[id(layer)])
         else:
-            parent[key] = new
+            parent[key] = replaced[id(layer)]
     return module

@@ -59,9 +59,10 @@ def test_parity_with_flax_two_pass(dtype, axis, use_scale, use_bias, rng):
             np.testing.assert_allclose(y, y_ref, **tol)
             assert y.dtype == y_ref.dtype
             jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, **grad_tol), grads, grads_ref)
-        # flax stores batch_stats in float32 even under x64 (force_float32_reductions), as
-        # does jaxbn; flax's update then silently promotes them to float64, jaxbn's keeps
-        # the stored dtype, so the running statistics agree to float32 precision.
+        # flax's init stores batch_stats in float32 even under x64 (jaxbn's: float64 for a float64
+        # param_dtype, test_float64_param_dtype_keeps_float64_running_stats); applied to flax's
+        # variables, flax's update silently promotes them to float64, jaxbn's keeps the stored
+        # dtype, so the running statistics agree to float32 precision.
         assert ours_stats["mean"].dtype == variables["batch_stats"]["mean"].dtype
         for key in ("mean", "var"):
             np.testing.assert_allclose(ours_stats[key], theirs_stats[key], rtol=1e-5, atol=1e-6)
@@ -89,6 +90,7 @@ def test_checkpoints_swap_both_ways(rng):
     x = jnp.asarray(rng.normal(size=(8, 5)) + 1.0, jnp.float32)
     flax_vars = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
     ours_vars = jaxbn.linen.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+    # exact by construction: both initialize with ones and zeros
     jax.tree_util.tree_map(np.testing.assert_array_equal, flax_vars, ours_vars)
     assert jax.tree_util.tree_map(lambda a: a.dtype, flax_vars) == jax.tree_util.tree_map(lambda a: a.dtype, ours_vars)
     _, flax_updates = nn.BatchNorm(use_running_average=False, use_fast_variance=False).apply(
@@ -103,12 +105,13 @@ def test_init_neither_syncs_nor_updates():
     """init leaves batch_stats at (0, 1), needs no bound axis_name, and takes a batch of one silently."""
     module = jaxbn.linen.BatchNorm(use_running_average=False, axis_name="batch")
     variables = module.init(jax.random.key(0), jnp.ones((4, 3)) * 7)
+    # exact by construction: the initial zeros and ones, not written by init
     np.testing.assert_array_equal(variables["batch_stats"]["mean"], np.zeros(3))
     np.testing.assert_array_equal(variables["batch_stats"]["var"], np.ones(3))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         y, _ = jaxbn.linen.BatchNorm(use_running_average=False).init_with_output(jax.random.key(0), jnp.ones((1, 3)))
-    np.testing.assert_array_equal(y, jnp.zeros((1, 3)))  # the bias, as flax
+    np.testing.assert_array_equal(y, jnp.zeros((1, 3)))  # the bias, as flax (exact: x - mean is 0 for one value)
 
 
 def test_call_argument_overrides_field_as_in_flax(rng):
@@ -134,6 +137,7 @@ def test_mask_and_guard_reach_the_module(rng):
     np.testing.assert_allclose(updates["batch_stats"]["var"], var, rtol=1e-5)
     x[0, 0] = np.nan
     _, updates = module.apply(variables, x, mutable=["batch_stats"])
+    # exact by construction: a non-finite batch is skipped, the stored values are kept
     jax.tree_util.tree_map(np.testing.assert_array_equal, updates["batch_stats"], variables["batch_stats"])
 
 
@@ -189,3 +193,45 @@ def test_summaries_show_no_helper_rows():
     table = Model().tabulate(jax.random.key(0), jnp.ones((2, 3)), show_repeated=True, console_kwargs={"width": 300})
     assert "functional_call" not in table and "_extra_running_stats" not in table
     assert table.count("BatchNorm_0") == 1 and table.count("BatchRenorm_0") == 1
+
+
+@pytest.mark.parametrize("cls", [jaxbn.linen.BatchNorm, jaxbn.linen.BatchRenorm])
+def test_float64_param_dtype_keeps_float64_running_stats(cls, rng):
+    """Under x64 a float64 param_dtype gives float64 running statistics from init on (flax's are
+    float64 after a float64 update, and from init with force_float32_reductions=False, where they
+    equal jaxbn's to float64 precision), exact against float64 NumPy; bfloat16 and float32
+    param_dtypes keep flax's float32 (force_float32_reductions=False: param_dtype, as flax);
+    without x64 float64 means float32."""
+    kwargs = dict(use_running_average=False, momentum=0.8)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(8, 3)) * 2 + 5, jnp.float64)
+        for force_float32 in (True, False):
+            ours = cls(param_dtype=jnp.float64, force_float32_reductions=force_float32, **kwargs)
+            theirs = nn.BatchNorm(param_dtype=jnp.float64, force_float32_reductions=force_float32,
+                                  use_fast_variance=False, **kwargs)
+            variables = ours.init(jax.random.key(0), x)
+            assert {v.dtype for v in jax.tree.leaves(variables["batch_stats"])} == {jnp.dtype(jnp.float64)}
+            stats, flax_stats = variables["batch_stats"], theirs.init(jax.random.key(0), x)["batch_stats"]
+            for step in range(2):
+                _, stats = ours.apply({**variables, "batch_stats": stats}, x, mutable=["batch_stats"])
+                _, flax_stats = theirs.apply({**variables, "batch_stats": flax_stats}, x, mutable=["batch_stats"])
+                stats, flax_stats = stats["batch_stats"], flax_stats["batch_stats"]
+                for key in ("mean", "var"):
+                    assert stats[key].dtype == flax_stats[key].dtype == jnp.float64
+                    if not force_float32:  # (else flax's first update, from float32, rounds momentum to float32)
+                        np.testing.assert_allclose(stats[key], flax_stats[key], rtol=1e-12, atol=1e-12)
+            mean, var = reference.batch_stats(x)
+            np.testing.assert_allclose(stats["mean"], 0.36 * mean, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(stats["var"], 0.64 + 0.36 * var, rtol=1e-12, atol=1e-12)
+        for param_dtype, force_float32, expected in (
+            (jnp.bfloat16, True, jnp.float32), (jnp.float32, True, jnp.float32), (jnp.bfloat16, False, jnp.bfloat16),
+        ):
+            kw = dict(param_dtype=param_dtype, force_float32_reductions=force_float32, **kwargs)
+            stats = cls(**kw).init(jax.random.key(0), x)["batch_stats"]
+            flax_stats = nn.BatchNorm(**kw).init(jax.random.key(0), x)["batch_stats"]
+            assert stats["mean"].dtype == stats["var"].dtype == flax_stats["mean"].dtype == expected
+    x = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # float64 requested without x64: JAX warns (for the params)
+        stats = cls(param_dtype=jnp.float64, **kwargs).init(jax.random.key(0), x)["batch_stats"]
+    assert stats["mean"].dtype == stats["var"].dtype == jnp.float32
