@@ -102,7 +102,7 @@ def combine_ghost_moments(
     """
     count = jnp.sum(batch.count, 0)
     if axis_name is None:
-        # weights n_k / N: one group (g = B) gives its statistics bit for bit
+        # weights n_k / N: one group (g = B) gives its own statistics (to rounding)
         weight = batch.count / jnp.maximum(count, 1)
         mean, var = jnp.sum(weight * batch.mean, 0), jnp.sum(weight * batch.var, 0)
     else:

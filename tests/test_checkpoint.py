@@ -47,7 +47,12 @@ def _run_worker(scenario: str, directory: pathlib.Path) -> None:
 
 
 def _assert_bitwise_equal(actual: dict, expected: dict) -> None:
-    """Same keys, and per key the same dtype, shape and bits."""
+    """Same keys, and per key the same dtype, shape and bits.
+
+    Only for values equal by construction: a checkpoint restore or a copy (the same bytes), constant
+    initializers, or the same compiled train step run on the same (restored) inputs on this machine (XLA is
+    deterministic). Anything computed by two different programs is compared to rounding.
+    """
     assert sorted(actual) == sorted(expected)
     for key in expected:
         a, e = np.asarray(actual[key]), np.asarray(expected[key])
@@ -74,6 +79,7 @@ def test_linen_resume_in_new_process_is_bitwise_identical(linen_run):
     directory, saved, uninterrupted = linen_run
     resumed = dict(np.load(directory / "resumed.npz"))
     assert any("batch_stats" in key for key in resumed) and any(".trace" in key for key in resumed)
+    # exact: the restore gives the saved bytes, and the resumed steps run the same jitted step on them
     _assert_bitwise_equal(resumed, uninterrupted)
     # Resuming changed everything that trains, so the equality above is not the checkpoint echoed back.
     for key in uninterrupted:
@@ -84,7 +90,7 @@ def test_linen_resume_in_new_process_is_bitwise_identical(linen_run):
 def test_linen_sharded_restore_places_each_array_as_annotated(linen_run):
     """Restored onto a ('data', 'model') mesh: the saved values, features split over 'model', stats like scale."""
     directory, saved, _ = linen_run
-    _assert_bitwise_equal(dict(np.load(directory / "sharded_restored.npz")), saved)
+    _assert_bitwise_equal(dict(np.load(directory / "sharded_restored.npz")), saved)  # exact: a restore
     specs = json.loads((directory / "sharded_specs.json").read_text())
     model_size = N_DEVICES // 2
     expected = {
@@ -168,13 +174,13 @@ def test_flax_checkpoint_loads_into_jaxbn_and_back(tmp_path, rng):
     flax_vars = flax_step(_Net(nn.BatchNorm).init(jax.random.key(0), x[0], train=False), x[0])
     loaded = _save_restore(tmp_path / "flax", flax_vars, jaxbn_abstract)
     assert jax.tree.structure(loaded) == jax.tree.structure(flax_vars)
-    _assert_bitwise_equal(worker.flat(loaded), worker.flat(flax_vars))
+    _assert_bitwise_equal(worker.flat(loaded), worker.flat(flax_vars))  # exact: a restore
     np.testing.assert_allclose(jaxbn_eval(loaded, x[1]), flax_eval(flax_vars, x[1]), rtol=1e-5, atol=1e-5)
 
     trained = jaxbn_step(jaxbn_step(loaded, x[1]), x[2])
     back = _save_restore(tmp_path / "jaxbn", trained, flax_abstract)
     assert jax.tree.structure(back) == jax.tree.structure(flax_vars)
-    _assert_bitwise_equal(worker.flat(back), worker.flat(trained))
+    _assert_bitwise_equal(worker.flat(back), worker.flat(trained))  # exact: a restore
     assert not np.array_equal(back["batch_stats"]["BatchNorm_0"]["mean"],  # jaxbn's steps changed it
                               flax_vars["batch_stats"]["BatchNorm_0"]["mean"])
     np.testing.assert_allclose(flax_eval(back, x[0]), jaxbn_eval(trained, x[0]), rtol=1e-5, atol=1e-5)
@@ -234,7 +240,7 @@ def test_unannotated_running_stats_stay_plain_arrays(rng):
     theirs = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
     assert all(type(leaf) is type(jnp.zeros(1)) for leaf in jax.tree.leaves(ours, is_leaf=meta.is_axis_metadata))
     assert jax.tree.structure(ours) == jax.tree.structure(theirs)
-    _assert_bitwise_equal(worker.flat(ours), worker.flat(theirs))
+    _assert_bitwise_equal(worker.flat(ours), worker.flat(theirs))  # exact: constant inits (ones, zeros)
 
 
 @pytest.mark.parametrize("name", ["partitioned", "logical"])
@@ -272,7 +278,7 @@ def test_running_stats_shard_like_scale(name, tmp_path, rng):
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.unbox(abstract), shardings)
     restored = _save_restore(tmp_path / "stats", state, target)
-    _assert_bitwise_equal(worker.flat(restored), worker.flat(state))
+    _assert_bitwise_equal(worker.flat(restored), worker.flat(state))  # exact: a restore
     for key in ("mean", "var"):
         assert restored["batch_stats"][key].sharding.is_equivalent_to(features, 1)
 
@@ -298,6 +304,7 @@ def test_nnx_resume_in_new_process_is_bitwise_identical(nnx_run):
     directory, saved, uninterrupted = nnx_run
     resumed = dict(np.load(directory / "resumed.npz"))
     assert "['model']['bn']['mean']" in resumed and "['optimizer']['step']" in resumed
+    # exact: the restore gives the saved bytes, and the resumed steps run the same jitted step on them
     _assert_bitwise_equal(resumed, uninterrupted)
     for key in uninterrupted:  # everything trains, so the checkpoint is not merely echoed back
         assert not np.array_equal(saved[key], uninterrupted[key]), key
@@ -329,7 +336,7 @@ def test_flax_nnx_state_loads_into_jaxbn_nnx_and_back(tmp_path):
     flax_state = nnx.state(theirs)
     loaded = _save_restore(tmp_path / "flax", flax_state, jaxbn_abstract)
     assert jax.tree.structure(loaded) == jax.tree.structure(flax_state)
-    _assert_bitwise_equal(worker.flat(nnx.to_pure_dict(loaded)), worker.flat(nnx.to_pure_dict(flax_state)))
+    _assert_bitwise_equal(worker.flat(nnx.to_pure_dict(loaded)), worker.flat(nnx.to_pure_dict(flax_state)))  # restore
     nnx.update(ours, loaded)
     np.testing.assert_allclose(_nnx_eval(ours, x), _nnx_eval(theirs, x), rtol=1e-5, atol=1e-5)
 
@@ -337,7 +344,7 @@ def test_flax_nnx_state_loads_into_jaxbn_nnx_and_back(tmp_path):
     jaxbn_state = nnx.state(ours)
     back = _save_restore(tmp_path / "jaxbn", jaxbn_state, flax_abstract)
     assert jax.tree.structure(back) == jax.tree.structure(flax_state)
-    _assert_bitwise_equal(worker.flat(nnx.to_pure_dict(back)), worker.flat(nnx.to_pure_dict(jaxbn_state)))
+    _assert_bitwise_equal(worker.flat(nnx.to_pure_dict(back)), worker.flat(nnx.to_pure_dict(jaxbn_state)))  # restore
     assert not np.array_equal(back["bn"]["mean"][...], flax_state["bn"]["mean"][...])
     nnx.update(theirs, back)
     np.testing.assert_allclose(_nnx_eval(theirs, x), _nnx_eval(ours, x), rtol=1e-5, atol=1e-5)
@@ -375,6 +382,7 @@ def test_nnx_running_stats_shard_like_scale(name, tmp_path, rng):
         nnx.eval_shape(lambda: jaxbn.nnx.BatchNorm(FEATURES, momentum=0.9, rngs=nnx.Rngs(0), **kwargs))
     )
     restored = _save_restore(tmp_path / "stats", nnx.state(plain), abstract)
+    # exact: a restore of the saved state
     _assert_bitwise_equal(worker.flat(nnx.to_pure_dict(restored)), worker.flat(nnx.to_pure_dict(nnx.state(plain))))
     for key in ("mean", "var"):
         assert restored[key][...].sharding.is_equivalent_to(features, 1)

@@ -34,10 +34,15 @@ What is compared, on every device:
   ``device`` steps zeros instead of garbage; the sequence ends with skipped
   steps so the program and its length are the same): every running state
   after every step, the final parameters and ``count``. A removed step must
-  leave every state exactly as it was, and a masked shard must contribute
-  exact zeros, so nothing may differ. The modules' states also equal the
-  functional one's bit for bit, and all 8 devices hold identical states and
-  parameters.
+  leave every state exactly as it was (the old value selected), and a masked
+  shard must contribute exact zeros (selected), so the same program sees the
+  same numbers and nothing may differ. All 8 devices hold identical states and
+  parameters (every device gets the same all-reduced sums and runs the same
+  program on them).
+- **To rounding** (``rtol=1e-6, atol=1e-6``), the modules' states against the
+  functional one's: the linen and nnx updates are traced outside
+  ``value_and_grad``, so they are other programs (and fusions) computing the
+  same statistics.
 - **To rounding** against a single-device run (plain ``jit``, no mask, no
   ``axis_name``) on exactly the remaining examples (all 32 of a clean step,
   the 28 valid ones of a ``device`` step): the running statistics to
@@ -156,6 +161,7 @@ def _train_step(params, states, linen_params, x, mask, target, *, axis_name):
     checks = {
         "applied": finite,
         "dx_finite": jnp.all(jnp.isfinite(dx)),
+        # exact: a masked-out element's gradient is a zero selected by the mask, not computed
         "masked_dx_zero": jnp.all(jnp.where(mask, True, dx == 0.0)),
     }
     return new_params, {"ema": ema, "cumulative": cumulative, "linen": linen, "nnx": nnx_state}, checks
@@ -216,6 +222,7 @@ def _single_device_soak(params, states, linen_params, xs, targets, drop):
 
 
 def _assert_bitwise(a, b, what):
+    """Same bits (NaN matching NaN): only for values guaranteed equal by construction (see the module docstring)."""
     for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
         u, v = np.asarray(u), np.asarray(v)
         assert u.shape == v.shape, (what, path)
@@ -244,7 +251,9 @@ def test_random_faults_lose_nothing_on_any_device():
                skip)
     ref_params, ref_states, ref_trajectory, _ = jax.device_get(ref)
 
-    # Bit for bit, on every device: final parameters and states, and the state after every step.
+    # Bit for bit, on every device: final parameters and states, and the state after every step. Exact by
+    # construction: one compiled program, run on inputs that differ only where the mask selects zeros,
+    # with removed steps selecting the old state.
     _assert_bitwise(got_params, ref_params, "params")
     _assert_bitwise(got_states, ref_states, "states")
     index = np.cumsum(kept) - 1  # the clean step whose state each faulty step must have
@@ -254,14 +263,19 @@ def test_random_faults_lose_nothing_on_any_device():
         _assert_bitwise(got, want, f"trajectory[{name!r}]")
     # A removed step leaves the state exactly as it was (also at the very start).
     first = index < 0
-    for key, value in states["ema"].items():
+    for key, value in states["ema"].items():  # exact: the initial state selected unchanged
         assert (trajectory["ema"][key][:, first] == np.asarray(value)).all()
-    # The linen module's state is the functional one's; every device holds the same state.
-    _assert_bitwise(trajectory["linen"], trajectory["ema"], "linen vs functional")
+    # The modules' states are the functional one's, to rounding: other programs (traced outside
+    # value_and_grad, fused differently) computing the same statistics.
     nnx_stats = {key: trajectory["nnx"][key] for key in ("mean", "var")}
-    _assert_bitwise(nnx_stats, trajectory["ema"], "nnx vs functional")
+    for name, tree in (("linen", trajectory["linen"]), ("nnx", nnx_stats)):
+        for key in ("mean", "var"):
+            np.testing.assert_allclose(tree[key], trajectory["ema"][key], rtol=1e-6, atol=1e-6,
+                                       err_msg=f"{name} vs functional: {key}")
+    # Every device holds the same state, bit for bit: the same program on the same all-reduced sums.
     for tree in (got_params, got_states):
         _assert_bitwise(jax.tree.map(lambda v: v[1:], tree), jax.tree.map(lambda v: v[:-1], tree), "across devices")
+    # exact: a count of kept steps (a small integer, each step adds exactly 1)
     np.testing.assert_array_equal(got_states["cumulative"]["count"], n_kept)
     assert all(np.isfinite(v).all() for v in jax.tree.leaves(trajectory))
 
@@ -278,6 +292,6 @@ def test_random_faults_lose_nothing_on_any_device():
         for key in ("mean", "var"):
             np.testing.assert_allclose(got_states[name][key], np.broadcast_to(ref1_states[name][key], (N_DEVICES, 3)),
                                        rtol=2e-6, atol=1e-6, err_msg=f"{name}/{key}")
-    np.testing.assert_array_equal(ref1_states["cumulative"]["count"], n_kept)
+    np.testing.assert_array_equal(ref1_states["cumulative"]["count"], n_kept)  # exact: a count of steps
     for got, want in zip(jax.tree.leaves(got_params), jax.tree.leaves(ref1_params), strict=True):
         np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=1e-5, atol=1e-6)

@@ -88,12 +88,14 @@ def test_non_finite_batch_leaves_state_unchanged_and_recovers(bad, rng):
     step = jax.jit(functools.partial(jaxbn.batch_norm, training=True))
     y, state = step(poisoned, params, state0)
     assert not np.isfinite(np.asarray(y)).all()
+    # exact: the update is skipped, the old state selected unchanged
     np.testing.assert_array_equal(state["mean"], state0["mean"])
     np.testing.assert_array_equal(state["var"], state0["var"])
     clean_state = state0
     for x in clean[1:]:
         _, state = step(x, params, state)
         _, clean_state = step(x, params, clean_state)
+    # exact: the same compiled `step` run on the same inputs (the states start equal bit for bit)
     np.testing.assert_array_equal(state["mean"], clean_state["mean"])
     np.testing.assert_array_equal(state["var"], clean_state["var"])
 
@@ -104,6 +106,7 @@ def test_fully_masked_batch_and_channel_keep_their_state(rng):
     params, state = jaxbn.batch_norm_init(3)
     y, new = jaxbn.batch_norm(x, params, state, training=True, mask=jnp.zeros((6, 1), bool))
     assert np.isfinite(np.asarray(y)).all()
+    # exact: no valid element, the update is skipped and the old state selected unchanged
     np.testing.assert_array_equal(new["mean"], state["mean"])
     np.testing.assert_array_equal(new["var"], state["var"])
     mask = np.ones((6, 3), bool)

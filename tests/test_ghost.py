@@ -137,12 +137,13 @@ def _ghost_loss(ghost, axis, mask=None, **kwargs):
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_ghost_size_equal_to_batch_is_batch_norm_bitwise(layout, masked):
-    """g = B compiles to the same arithmetic as plain batch norm: y, state and gradients agree bitwise.
+def test_ghost_size_equal_to_batch_is_batch_norm(layout, masked):
+    """g = B is plain batch norm: y, state and gradients agree to float32 rounding.
 
     The ghost view only adds a size-1 axis (a bitcast) and broadcasts the
-    parameters to shape (1, C), so every sum runs over the same elements in
-    the same order.
+    parameters to shape (1, C), so every sum runs over the same elements; but
+    the two are different programs, which XLA may fuse (and so round)
+    differently on another backend: not compared bit for bit.
     """
     axis, shape = LAYOUTS[layout]
     x, params, state = _data(shape, axis)
@@ -155,8 +156,8 @@ def test_ghost_size_equal_to_batch_is_batch_norm_bitwise(layout, masked):
         grad = jax.value_and_grad(_ghost_loss(ghost, axis, mask), argnums=(0, 1), has_aux=True)
         (_, (y, new_state)), grads = jax.jit(grad)(*args)
         results.append((y, new_state, grads))
-    for plain, ghost in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
-        np.testing.assert_array_equal(plain, ghost)
+    for plain, ghost in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
+        np.testing.assert_allclose(ghost, plain, rtol=1e-6, atol=1e-6 * np.abs(plain).max())
 
 
 def _jnp_ghost_reference(x, params, ghost, axis, mask):
@@ -205,11 +206,11 @@ def test_non_finite_ghost_batch_keeps_whole_state():
     y = np.asarray(y)
     assert np.isnan(y[4:8, ..., 1]).all() and np.isfinite(np.delete(y, np.s_[4:8], 0)).all()
     assert np.isfinite(y[4:8, ..., [0, 2, 3]]).all()
-    for key in state:
+    for key in state:  # exact: the update is skipped, the old state selected unchanged
         np.testing.assert_array_equal(new_state[key], state[key])
     _, cumulative = jaxbn.batch_norm(jnp.asarray(x, jnp.float32), params, {**state, "count": jnp.float32(3)},
                                      training=True, momentum=None, ghost_batch_size=4)
-    assert cumulative["count"] == 3
+    assert cumulative["count"] == 3  # exact: a count (small integer), kept unchanged
 
 
 def test_fully_masked_ghost_batch_has_no_weight():
@@ -236,10 +237,12 @@ def test_inference_and_reestimation():
     x = jnp.asarray(x, jnp.float32)
     plain = jaxbn.batch_norm(x[:5], params, state, training=False, axis=axis)
     ghost = jaxbn.batch_norm(x[:5], params, state, training=False, axis=axis, ghost_batch_size=4)
+    # exact: inference drops ghost_batch_size at validation, so both calls run the same eager ops on the same inputs
     np.testing.assert_array_equal(plain[0], ghost[0])
     assert ghost[1] is state
     y, new_state = jaxbn.batch_norm(x, params, state, training=False, update_running_stats=True, axis=axis,
                                     momentum=MOMENTUM, ghost_batch_size=4)
+    # exact: y is the inference transform, the same eager ops on the same inputs (the update only adds statistics)
     np.testing.assert_array_equal(y, jaxbn.batch_norm(x, params, state, training=False, axis=axis)[0])
     _, trained_state = _step(4, axis)(x, params, state)
     for key in state:

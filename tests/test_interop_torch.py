@@ -4,7 +4,8 @@ The same ResNet (conv-bn-relu stem, two BasicBlocks, the second with a
 stride-2 conv+bn downsample, global average pool, linear) is built in PyTorch
 (NCHW) and in Flax linen with jaxbn's BatchNorm (NHWC). After converting, the
 two must compute the same in eval mode and train to the same running
-statistics; conversions must round-trip exactly.
+statistics; conversions must round-trip exactly (they copy and transpose values, never compute them, so
+exact comparisons of converted values are exact by construction; what was computed is compared to rounding).
 """
 
 import functools
@@ -246,7 +247,7 @@ def test_three_training_steps_give_the_same_running_statistics(rng, torch_moment
     batches = _batches(rng, 5)
     _torch_train(torch_model, batches[:2])  # start from trained weights and statistics
     variables = before = interop.torch_to_flax(torch_model, template)
-    if torch_momentum is None:
+    if torch_momentum is None:  # exact: a count of batches (a small integer), converted from num_batches_tracked
         assert float(variables["batch_stats"]["layer2_0"]["downsample_1"]["count"]) == 2.0
     else:
         assert "count" not in variables["batch_stats"]["layer2_0"]["downsample_1"]
@@ -259,7 +260,7 @@ def test_three_training_steps_give_the_same_running_statistics(rng, torch_moment
     )  # the statistics moved
     _assert_trees_close(variables["batch_stats"], expected["batch_stats"], rtol=1e-5, atol=1e-6)
     _assert_trees_close(variables["params"], expected["params"], rtol=1e-4, atol=1e-6)
-    if torch_momentum is None:
+    if torch_momentum is None:  # exact: a count of batches, 2 + 1 + 1 + 1 in small integers
         assert float(variables["batch_stats"]["bn1"]["count"]) == 5.0
         back = interop.flax_to_torch(variables, torch_model)
         assert back["bn1.num_batches_tracked"].dtype == torch.int64
@@ -275,7 +276,7 @@ def test_round_trip_flax_torch_flax_is_exact(rng):
     again = interop.torch_to_flax(torch_model.state_dict(), template)
     a, b = _flat(again), _flat(variables)
     assert a.keys() == b.keys()
-    for key in a:
+    for key in a:  # exact: the conversions copy and transpose, the same bits come back
         assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
 
 
@@ -289,12 +290,13 @@ def test_round_trip_torch_flax_torch_state_dict_equal(rng):
     assert list(restored) == list(original)
     for key, value in original.items():
         assert isinstance(restored[key], torch.Tensor) and restored[key].dtype == value.dtype, key
-        assert torch.equal(restored[key], value), key
+        assert torch.equal(restored[key], value), key  # exact: copied and transposed, not computed
     # without num_batches_tracked the reference's counter is kept
     assert int(interop.flax_to_torch(variables, fresh)["bn1.num_batches_tracked"]) == 0
     # NumPy in, NumPy out
     as_numpy = interop.flax_to_torch(variables, {k: v.numpy() for k, v in original.items()})
-    assert all(isinstance(v, np.ndarray) and np.array_equal(v, original[k].numpy()) for k, v in as_numpy.items())
+    assert all(isinstance(v, np.ndarray) and np.array_equal(v, original[k].numpy())  # exact: copies
+               for k, v in as_numpy.items())
 
 
 # --------------------------------------------------------------------------- layouts
@@ -315,7 +317,7 @@ def test_conv_kernels_compute_the_same(rng, dims, groups):
     got = flax_conv.apply(variables, jnp.asarray(np.moveaxis(x, 1, -1)))
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
     back = interop.flax_to_torch(variables, conv)
-    assert all(torch.equal(back[k], v) for k, v in conv.state_dict().items())
+    assert all(torch.equal(back[k], v) for k, v in conv.state_dict().items())  # exact: a round trip of copies
 
 
 def test_linear_and_batchnorm1d(rng):
@@ -323,6 +325,7 @@ def test_linear_and_batchnorm1d(rng):
     model[1].running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
     model[1].running_var.copy_(torch.tensor([0.25, 4.0, 1.5]))
     variables = interop.torch_to_flax(model, name_map={"0": ("fc",), "1": "bn"})
+    # exact: the kernel is the weight transposed, the same values
     np.testing.assert_array_equal(variables["params"]["fc"]["kernel"], model[0].weight.detach().numpy().T)
 
     class Model(nn.Module):
@@ -416,6 +419,9 @@ def test_errors_for_inputs_that_are_not_state_dicts(tmp_path):
 
 
 def test_momentum_conversion_and_batch_norm_kwargs():
+    # Exact by construction: host Python floats, 1 - m rounded to 15 significant digits and parsed (correctly
+    # rounded, the same on every platform), so decimal momenta convert to the float of the decimal literal;
+    # epsilon is passed through unchanged.
     assert interop.momentum_from_torch(0.1) == 0.9 and interop.momentum_to_torch(0.9) == 0.1
     assert interop.momentum_from_torch(0.0) == 1.0 and interop.momentum_to_torch(0.999) == pytest.approx(1e-3)
     assert interop.momentum_from_torch(None) is None and interop.momentum_to_torch(None) is None
@@ -470,5 +476,5 @@ def test_nnx_module_loads_a_torch_state_dict_and_exports_it_back(rng):
     expected = torch_model(torch.tensor(x)).detach().numpy().transpose(0, 2, 3, 1)
     np.testing.assert_allclose(stem(jnp.asarray(x.transpose(0, 2, 3, 1))), expected, rtol=1e-5, atol=1e-6)
     back = nnx_to_torch(stem, torch_model, name_map=name_map)
-    for key, value in torch_model.state_dict().items():
+    for key, value in torch_model.state_dict().items():  # exact: loaded and exported copies, not computed
         np.testing.assert_array_equal(np.asarray(back[key]), value.numpy(), err_msg=key)

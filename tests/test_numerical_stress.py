@@ -167,10 +167,12 @@ def _check(case, dtype, make, epsilon):
 
     y, new_state, dx, dparams = results["batch_norm"]
     ab.check(f"{case}: batch_norm output", y, ref.y, ab.output_tolerance(ref, scale, bias, compute, out), out, fits_b)
-    np.testing.assert_array_equal(ab.values(y)[beyond_b], bias[beyond_b])  # normalized value 0
+    # exact: a variance beyond the dtype gives rsqrt = 0, so the normalized value is a product with exactly 0
+    # (the centring selected to 0) and the output the bias itself
+    np.testing.assert_array_equal(ab.values(y)[beyond_b], bias[beyond_b])
     ab.check(f"{case}: batch_norm dx", dx, ref.dx, ab.dx_tolerance(ref, reduction, compute, dtype), dtype, fits_b)
-    np.testing.assert_array_equal(ab.values(dx)[beyond_b], 0)
-    if beyond.any():  # the batch's statistics are not finite: the state is kept, whole
+    np.testing.assert_array_equal(ab.values(dx)[beyond_b], 0)  # exact: a product with the gain rsqrt = 0
+    if beyond.any():  # the batch's statistics are not finite: the state is kept, whole (selected: exact)
         for key in state:
             np.testing.assert_array_equal(new_state[key], state[key])
     else:
@@ -182,7 +184,8 @@ def _check(case, dtype, make, epsilon):
         tolerance = ab.sum_tolerance(terms.sum(reduction), exact, reduction, compute, compute)
         where = fits.reshape(4) if key == "scale" else None
         ab.check(f"{case}: batch_norm d{key}", dparams[key], exact, tolerance, compute, where)
-    np.testing.assert_array_equal(ab.values(dparams["scale"])[beyond.reshape(4)], 0)  # x_hat = 0 there
+    # exact: x_hat = 0 there (selected), so every term of the sum is 0
+    np.testing.assert_array_equal(ab.values(dparams["scale"])[beyond.reshape(4)], 0)
 
     y_renorm = results["batch_renorm"][0]
     ab.check(f"{case}: batch_renorm output", y_renorm, renorm_ref.y,
@@ -217,6 +220,7 @@ def _check(case, dtype, make, epsilon):
         representable = np.abs(r.dx) < float(jnp.finfo(dtype).max) / 2  # (float16 dx = r dy may exceed 65504)
         assert np.isfinite(dxv[representable]).all(), f"{case}: {name} dx is not finite"
         assert np.isfinite(ab.values(dparams["scale"])).all(), f"{case}: {name} dscale is not finite"
+        # exact, as for batch norm: beyond the dtype the normalized value is a product with rsqrt = 0
         np.testing.assert_array_equal(yv[beyond_v], (0 if bias_v is None else bias_v)[beyond_v] if centred else 0)
 
 
@@ -268,6 +272,8 @@ def test_renorm_without_limits_on_a_variance_beyond_float32():
         return jnp.sum(y), y
 
     (_, y), (dx, dparams) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(x, params)
-    np.testing.assert_array_equal(y, np.full((16, 2), 5.0, np.float32))  # scale * d + bias, d clipped to 5
+    # Exact by construction: x_hat = 0 (rsqrt(inf) = 0, r selected as 1), d clipped to exactly 5 (a select),
+    # scale 1 and bias 0: y = 1 * 5 + 0; dx a product with the gain 0; dscale a sum of 16 fives (small integers).
+    np.testing.assert_array_equal(y, np.full((16, 2), 5.0, np.float32))
     np.testing.assert_array_equal(dx, 0)
     np.testing.assert_array_equal(dparams["scale"], 16 * 5.0)

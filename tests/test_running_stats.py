@@ -42,7 +42,7 @@ def test_cumulative_average_is_mean_of_batch_statistics_and_matches_torch(unbias
     means, variances = zip(*(reference.batch_stats(x, axis=1) for x in batches))
     count = NCHW[0] * NCHW[2] * NCHW[3]
     expected_var = np.mean(variances, 0) * (count / (count - 1) if unbiased else 1)
-    assert state["count"] == len(batches) and state["count"].dtype == jnp.float32
+    assert state["count"] == len(batches) and state["count"].dtype == jnp.float32  # exact: a count of batches
     np.testing.assert_allclose(state["mean"], np.mean(means, 0), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(state["var"], expected_var, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(state["mean"], module.running_mean.numpy(), rtol=1e-6, atol=1e-6)
@@ -90,7 +90,7 @@ def test_guard_keeps_cumulative_state_and_count(bad, rng):
     else:
         mask = np.zeros((4, 1), bool)
     _, new = jaxbn.batch_norm(x, params, state, training=True, momentum=None, mask=mask)
-    for key in ("mean", "var", "count"):
+    for key in ("mean", "var", "count"):  # exact: the update is skipped, the old state selected unchanged
         np.testing.assert_array_equal(new[key], state[key])
 
 
@@ -114,7 +114,7 @@ def test_switch_combinations_follow_the_table(training, update, rng):
         np.testing.assert_allclose(new["mean"], 0.75 * state["mean"] + 0.25 * batch_mean, rtol=1e-6)
         np.testing.assert_allclose(new["var"], 0.75 * state["var"] + 0.25 * batch_var, rtol=1e-6)
     else:
-        for key in state:
+        for key in state:  # exact: no update, the state passed through unchanged
             np.testing.assert_array_equal(new[key], state[key])
     if update is False:  # outside jit the state object itself comes back
         assert jaxbn.batch_norm(x, params, state, training=training, update_running_stats=False)[1] is state
@@ -171,7 +171,7 @@ def test_unbiased_factor_uses_global_count_across_devices(training, rng):
     for d in range(8):  # every device holds the same state
         np.testing.assert_allclose(new["mean"][d], mean, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(new["var"][d], _unbiased(var, n), rtol=1e-6)
-        assert new["count"][d] == 1
+        assert new["count"][d] == 1  # exact: a count of updates, 0 + 1
 
 
 def _linen_update(module, variables, x, **kwargs):
@@ -185,7 +185,7 @@ def test_linen_default_variables_stay_flax_and_options_match_functional(rng):
     ours = jaxbn.linen.BatchNorm(use_running_average=False).init(key, x)
     theirs = nn.BatchNorm(use_running_average=False).init(key, x)
     assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(theirs)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, ours, theirs)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, ours, theirs)  # exact: constant inits (ones, zeros)
 
     params, state = jaxbn.batch_norm_init(3, cumulative=True)
     module = jaxbn.linen.BatchNorm(use_running_average=False, momentum=None, unbiased_running_var=True)

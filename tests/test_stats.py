@@ -23,7 +23,7 @@ def test_moments_match_float64_reference(dtype, rtol, axes, rng):
         axes_t = (axes,) if isinstance(axes, int) else axes
         np.testing.assert_allclose(m.mean, values.mean(axes_t), rtol=rtol, atol=rtol)
         np.testing.assert_allclose(m.var, values.var(axes_t), rtol=rtol * 10)
-        np.testing.assert_array_equal(m.count, np.prod([x.shape[a] for a in axes_t]))
+        np.testing.assert_array_equal(m.count, np.prod([x.shape[a] for a in axes_t]))  # exact: a count of elements
         expected_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
         assert m.mean.dtype == m.var.dtype == m.count.dtype == expected_dtype
 
@@ -36,7 +36,7 @@ def test_mask_counts_and_statistics_match_reference(rng):
     mean, var = reference.batch_stats(x, axis=-1, mask=mask)
     np.testing.assert_allclose(m.mean, mean, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(m.var, var, rtol=1e-5)
-    np.testing.assert_array_equal(m.count, mask.sum(0))
+    np.testing.assert_array_equal(m.count, mask.sum(0))  # exact: counts of elements (small integers)
 
 
 def test_masked_out_nan_does_not_reach_statistics():
@@ -45,6 +45,8 @@ def test_masked_out_nan_does_not_reach_statistics():
     x[0, 0], x[1, 1] = np.nan, np.inf
     mask = np.array([[False], [False], [True], [True]])
     m = stats.moments(jnp.asarray(x), 0, mask=mask)
+    # exact: the padding is selected away (where, not a product), and the statistics of two ones are small-integer
+    # arithmetic: (1 + 1) / 2 = 1 and 0 variance
     np.testing.assert_array_equal(m.mean, [1.0, 1.0])
     np.testing.assert_array_equal(m.var, [0.0, 0.0])
 
@@ -55,6 +57,7 @@ def test_empty_channel_has_zero_count_and_no_nan(rng):
     mask = jnp.array([[True, False, True]])
     shift = jnp.array([0.5, 7.0, -1.0])
     m = stats.moments(x, 0, mask=mask, shift=shift)
+    # exact by construction: no element counted, sums of no element are 0, and mean = shift + 0 / 1
     assert float(m.count[1]) == 0.0
     assert float(m.mean[1]) == 7.0 and float(m.var[1]) == 0.0
     grad = jax.grad(lambda x: jnp.sum(stats.moments(x, 0, mask=jnp.zeros((1, 3), bool)).var))(x)
@@ -110,7 +113,7 @@ def test_cross_device_sum_is_one_psum_under_vmap():
     """Stacked values are summed over the named axis; without a name they pass through."""
     a = jnp.arange(4.0)
     summed = jax.vmap(lambda v: stats.cross_device_sum([v, -v], "d"), axis_name="d")(a)
-    np.testing.assert_array_equal(summed[0], [6.0] * 4)
+    np.testing.assert_array_equal(summed[0], [6.0] * 4)  # exact: 0 + 1 + 2 + 3 in small integers
     np.testing.assert_array_equal(summed[1], [-6.0] * 4)
     assert stats.cross_device_sum([a], None)[0] is a
     jaxpr = jax.make_jaxpr(jax.vmap(lambda v: stats.cross_device_sum([v, v, v], "d"), axis_name="d"))(a)
@@ -124,4 +127,4 @@ def test_moments_under_vmap_axis_name_equals_global(rng):
     whole = stats.moments(x.reshape(20, 3), 0)
     np.testing.assert_allclose(m.mean[0], whole.mean, rtol=1e-7)
     np.testing.assert_allclose(m.var[0], whole.var, rtol=1e-5)
-    np.testing.assert_array_equal(m.count[0], [20.0] * 3)
+    np.testing.assert_array_equal(m.count[0], [20.0] * 3)  # exact: a count of elements

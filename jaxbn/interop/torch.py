@@ -538,7 +538,7 @@ def flax_to_torch(
     >>> back = flax_to_torch(variables, torch_model, name_map=name_map)
     >>> list(back) == list(torch_model.state_dict())
     True
-    >>> all(torch.equal(back[k], v) for k, v in torch_model.state_dict().items())
+    >>> all(torch.equal(back[k], v) for k, v in torch_model.state_dict().items())  # copies: the same bits
     True
     """
     if not isinstance(variables, Mapping):
