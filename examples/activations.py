@@ -277,7 +277,7 @@ def findings(rows: dict, n_test: int) -> str:
 
 def main(argv: list[str] | None = None) -> dict[tuple[str, str], dict[str, np.ndarray]]:
     started = time.perf_counter()
-    parser = example_parser(__doc__.split("\n\n")[0], seeds=5)
+    parser = example_parser(__doc__.split("\n\n")[0], NAME, seeds=5)
     parser.add_argument("--steps", type=int, default=3000, help="training steps (batch 64)")
     parser.add_argument("--checkpoints", type=int, default=60, help="measurements over training (after init)")
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9), every setting")

@@ -1,10 +1,18 @@
 """What the examples share: the digits data, progress bars, result tables and figures.
 
 Copy this file next to an example to run it elsewhere. Every example takes
-the arguments of :func:`example_parser` (``--quick``, ``--seeds``, ``--out``,
-``--no-progress``), prints a markdown table, and writes its figures and a
-report (``OUT/<name>.md``: the command, the date, the wall time and the
-table) with :func:`write_report`.
+the arguments of :func:`example_parser` (``--quick``, ``--seeds`` where it
+averages over seeds, ``--out``, ``--update-committed``, ``--no-progress``),
+prints a markdown table, and writes its figures and a report
+(``OUT/<name>.md``: the command, the date, the wall time and the table) with
+:func:`write_report`, which prints where they went.
+
+``OUT`` is by default a folder of the system's temporary directory
+(:func:`default_out`), outside the repository: trying an example never
+touches the committed results. ``--update-committed`` regenerates those:
+``examples/figures`` (:data:`FIGURES`), or ``examples/figures/quick``
+(:data:`QUICK_FIGURES`) with ``--quick``, whose reports the test suite
+compares with reruns of the quick modes.
 """
 
 from __future__ import annotations
@@ -15,12 +23,18 @@ import os
 import pathlib
 import shlex
 import sys
+import tempfile
 import time
 from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+#: The committed full-mode reports and figures (shown in examples/README.md).
 FIGURES = pathlib.Path(__file__).resolve().parent / "figures"
+#: The committed quick-mode reports, which tests/test_examples.py compares with reruns.
+QUICK_FIGURES = FIGURES / "quick"
+
+_saved: list[pathlib.Path] = []  # the figures saved since the last report, which write_report lists
 
 
 class Split(NamedTuple):
@@ -32,27 +46,48 @@ class Split(NamedTuple):
     y_test: np.ndarray
 
 
-def example_parser(description: str, *, seeds: int = 3) -> argparse.ArgumentParser:
+def default_out(name: str) -> pathlib.Path:
+    """Where an example writes by default: ``<temp dir>/jaxbn-examples/<name>``, outside the repository."""
+    return pathlib.Path(tempfile.gettempdir()) / "jaxbn-examples" / name
+
+
+def example_parser(description: str, name: str, *, seeds: int | None = 3) -> argparse.ArgumentParser:
     """Returns a parser with the arguments every example takes; an example adds its own.
 
     Args:
       description: the example's one-line description.
-      seeds: the default number of seeds.
+      name: the example's name (``examples/<name>.py``): it names the report and the default output folder.
+      seeds: the default number of seeds; None: the example takes no ``--seeds`` (it runs each setting once).
     """
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.set_defaults(example_name=name)
     parser.add_argument("--quick", action="store_true",
                         help="a tiny run that checks the code works (the test suite uses it); its numbers mean little")
-    parser.add_argument("--seeds", type=int, default=seeds, help="independent runs per setting")
-    parser.add_argument("--out", type=pathlib.Path, default=FIGURES, help="where the PNGs and the report go")
+    if seeds is not None:
+        parser.add_argument("--seeds", type=int, default=seeds, help="independent runs per setting")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=pathlib.Path, default=None,
+                       help=f"where the PNGs and the report go (default: {default_out(name)}, outside the repository)")
+    where.add_argument("--update-committed", action="store_true",
+                       help=f"write into {FIGURES.parent.name}/{FIGURES.name} ({FIGURES.parent.name}/{FIGURES.name}/"
+                            f"{QUICK_FIGURES.name} with --quick): regenerate the committed report and figures")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """Rejects a non-positive ``--seeds`` through ``parser.error``; returns ``args``."""
-    if args.seeds < 1:
+    """Rejects a non-positive ``--seeds`` through ``parser.error``, sets ``args.out``; returns ``args``.
+
+    ``args.out`` becomes :data:`FIGURES` (:data:`QUICK_FIGURES` with ``--quick``) under
+    ``--update-committed``, else :func:`default_out` unless ``--out`` was given.
+    """
+    if getattr(args, "seeds", 1) < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.update_committed:
+        args.out = QUICK_FIGURES if args.quick else FIGURES
+    elif args.out is None:
+        args.out = default_out(args.example_name)
     return args
 
 
@@ -183,6 +218,7 @@ def save_figure(figure: Any, out_dir: pathlib.Path, name: str) -> pathlib.Path:
     figure.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(figure)
     shrink_png(path)
+    _saved.append(path)
     return path
 
 
@@ -207,7 +243,10 @@ def pyplot():
 
 def write_report(out_dir: pathlib.Path, name: str, title: str, body: str, *, started: float,
                  argv: Sequence[str] | None) -> pathlib.Path:
-    """Writes ``out_dir/name.md``: the title, the command, the date, the wall time and ``body``.
+    """Writes ``out_dir/name.md``: the title, the command, the date, the wall time and ``body``; prints the files.
+
+    The printed line, ``wrote <files> in <out_dir>``, lists the report and the figures
+    :func:`save_figure` wrote to ``out_dir`` since the last report.
 
     Args:
       out_dir: the output folder.
@@ -225,4 +264,7 @@ def write_report(out_dir: pathlib.Path, name: str, title: str, body: str, *, sta
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.md"
     path.write_text(header + body.rstrip() + "\n")
+    written = [p.name for p in dict.fromkeys(_saved) if p.parent == out_dir] + [path.name]
+    _saved.clear()
+    print(f"\nwrote {', '.join(written)} in {out_dir}", flush=True)
     return path

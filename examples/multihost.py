@@ -41,10 +41,16 @@ these arguments change; the training code is the same.
 Options: ``--steps`` (3), ``--batch`` (global batch, 48; a multiple of the
 number of devices), ``--valid`` (comma-separated numbers of valid examples in
 each of ``len(valid)`` equal blocks of the global batch; with one block per
-process, process k holds ``valid[k]``), ``--modes``, ``--seed``, ``--out DIR``
-(each process writes ``DIR/process_K.npz``). ``main(argv)`` returns the
-results as a dict ``{mode: {name: array}}`` (with ``--launch``, a list of
-them, one per process).
+process, process k holds ``valid[k]``), ``--modes``, ``--seed``, ``--quick``
+(2 steps), and ``--out DIR``: a one-process run or ``--launch`` writes its
+report, ``multihost.md`` (the losses of every process and mode, and whether
+they agree), there, and each process of a multi-process run started by hand
+writes ``DIR/process_K.npz``. The default ``DIR`` is a folder of the system's
+temporary directory (printed); ``--update-committed`` writes the report to
+``examples/figures`` (``examples/figures/quick`` with ``--quick``).
+``--no-progress`` is accepted like in the other examples (there are no
+progress bars here). ``main(argv)`` returns the results as a dict ``{mode:
+{name: array}}`` (with ``--launch``, a list of them, one per process).
 """
 
 from __future__ import annotations
@@ -63,8 +69,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import force_cpu_devices  # noqa: E402
+from common import check_args, example_parser, force_cpu_devices, markdown_table, write_report  # noqa: E402
 
+NAME = "multihost"
 MODES = ("jit", "shard_map", "pmap")
 FEATURES, HIDDEN = 8, 16
 LEARNING_RATE, SGD_MOMENTUM, BN_MOMENTUM = 0.1, 0.9, 0.9
@@ -73,9 +80,8 @@ PADDING = 1e3  # the value of invalid examples: it must not reach the statistics
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parses command-line arguments (``None`` reads ``sys.argv``)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n", 1)[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    # --quick, --out, --update-committed, --no-progress; no --seeds: every process and mode must agree on one seed.
+    parser = example_parser(__doc__.split("\n\n", 1)[0], NAME, seeds=None)
     parser.add_argument("--launch", type=int, metavar="N", help="start N local processes on 127.0.0.1")
     parser.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process runs)")
     parser.add_argument("--num-processes", type=int, default=1)
@@ -88,9 +94,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--valid", help="valid examples per block of the global batch, e.g. 16,9,3")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="directory for process_K.npz")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds --launch waits")
-    args = parser.parse_args(argv)
+    args = check_args(parser, parser.parse_args(argv))
+    if args.quick:
+        args.steps = 2
     args.modes = tuple(args.modes.split(","))
     if not set(args.modes) <= set(MODES):
         parser.error(f"--modes must be a subset of {MODES}, got {args.modes}")
@@ -102,6 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          f"must be equal and each count in [0, {block}]")
     if args.launch is not None and args.launch < 1:
         parser.error(f"--launch must be >= 1, got {args.launch}")
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.num_processes > 1 and not args.coordinator:
         parser.error("--num-processes > 1 needs --coordinator HOST:PORT (or use --auto)")
     return args
@@ -317,7 +326,7 @@ def train(mode: str, *, steps: int, batch: int, valid, seed: int, devices=None) 
 
 
 def run_process(args: argparse.Namespace) -> dict[str, dict[str, np.ndarray]]:
-    """Initialises ``jax.distributed`` if asked, trains every mode, and writes ``--out``."""
+    """Initialises ``jax.distributed`` if asked, trains every mode; a multi-process run writes OUT/process_K.npz."""
     if args.cpu_devices is not None:
         force_cpu_devices(args.cpu_devices)
     import jax
@@ -345,9 +354,12 @@ def run_process(args: argparse.Namespace) -> dict[str, dict[str, np.ndarray]]:
         for mode, result in results.items():
             print(f"process {jax.process_index()} {mode:9s} losses " + " ".join(f"{v:.6f}" for v in result["loss"]),
                   flush=True)
-        if args.out:
-            np.savez(os.path.join(args.out, f"process_{jax.process_index()}.npz"),
-                     **{f"{mode}:{key}": value for mode, result in results.items() for key, value in result.items()})
+        if distributed:  # how the launcher (or a user of a cluster run) collects each process's results
+            os.makedirs(args.out, exist_ok=True)
+            path = os.path.join(args.out, f"process_{jax.process_index()}.npz")
+            np.savez(path, **{f"{mode}:{key}": value
+                              for mode, result in results.items() for key, value in result.items()})
+            print(f"process {jax.process_index()} wrote {path}", flush=True)
     finally:
         if distributed:
             jax.distributed.shutdown()
@@ -438,16 +450,70 @@ def compare(results: list[dict[str, dict[str, np.ndarray]]], rtol: float = 1e-6)
     return problems
 
 
+def largest_difference(results: list[dict[str, dict[str, np.ndarray]]]) -> float:
+    """The largest difference of any (process, mode) result from the first, over max(1, the array's magnitude)."""
+    reference = results[0][next(iter(results[0]))]
+    return max(float(np.max(np.abs(result[key] - expected))) / max(1.0, float(np.max(np.abs(expected))))
+               for per_mode in results for result in per_mode.values() for key, expected in reference.items())
+
+
+def report(args: argparse.Namespace, results: list[dict[str, dict[str, np.ndarray]]], devices: str,
+           problems: list[str], started: float, argv: list[str] | None) -> None:
+    """Writes ``multihost.md`` to ``args.out``: the setup, every process's and mode's losses, and the verdict."""
+    valid = "" if args.valid is None else f", valid examples per block {','.join(map(str, args.valid))}"
+    setup = (f"{len(results)} process(es), {devices}; global batch {args.batch}{valid}; {args.steps} SGD steps "
+             f"(lr {LEARNING_RATE}, momentum {SGD_MOMENTUM}), BatchNorm momentum {BN_MOMENTUM}, seed {args.seed}.")
+    table = markdown_table(["process", "mode", *(f"loss, step {i + 1}" for i in range(args.steps))],
+                           [[k, mode, *(f"{v:.6f}" for v in result["loss"])]
+                            for k, per_mode in enumerate(results) for mode, result in per_mode.items()])
+    first = results[0][args.modes[0]]
+    stats = markdown_table(["running statistic", "values"],
+                           [[key.removeprefix("batch_stats/"), np.array2string(first[key], precision=4,
+                                                                              max_line_width=10**6)]
+                            for key in sorted(first) if key.startswith("batch_stats/")])
+    verdict = (f"Every process and mode ends with the same losses, parameters and running statistics: the largest "
+               f"difference from process 0's {args.modes[0]} run is {largest_difference(results):.1e} of the "
+               "array's magnitude (at least 1), within float32 rounding (rtol 1e-6)." if not problems else
+               "The processes or modes DISAGREE beyond rtol 1e-6:\n\n" + "\n".join(f"- {p}" for p in problems))
+    body = (f"{setup}\n\n{table}\n\nRunning statistics after the last step (process 0, {args.modes[0]}):\n\n"
+            f"{stats}\n\n**What this shows.** {verdict}\n")
+    write_report(args.out, NAME, "Data-parallel BatchNorm on one or several processes", body, started=started,
+                 argv=argv)
+
+
+def strip_options(argv: list[str], with_value: tuple[str, ...], flags: tuple[str, ...]) -> list[str]:
+    """``argv`` without the options ``with_value`` (``--opt V`` or ``--opt=V``) and the ``flags``."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in with_value:
+            skip = True
+        elif a not in flags and not any(a.startswith(f"{o}=") for o in with_value):
+            kept.append(a)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> Any:
-    """Runs one process (the default) or, with ``--launch N``, N local processes."""
+    """Runs one process (the default) or, with ``--launch N``, N local processes; writes the report of either."""
+    started = time.perf_counter()
     args = parse_args(argv)
     if args.launch is None:
-        return run_process(args)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    child_argv = [a for i, a in enumerate(argv)  # the same options without --launch N
-                  if not a.startswith("--launch") and (i == 0 or argv[i - 1] != "--launch")]
+        results = run_process(args)
+        if not (args.auto or args.num_processes > 1):  # a process of a multi-process run leaves process_K.npz
+            import jax
+
+            problems = compare([results])
+            print("all modes agree" if not problems else "DISAGREE:\n" + "\n".join(problems))
+            report(args, [results], f"{jax.device_count()} {jax.devices()[0].platform} device(s)", problems,
+                   started, argv)
+        return results
+    full_argv = list(sys.argv[1:] if argv is None else argv)
+    # The children take the same options, less --launch N and where the results go (launch passes --out).
+    child_argv = strip_options(full_argv, ("--launch", "--out"), ("--update-committed",))
+    cpu_devices = 4
     with tempfile.TemporaryDirectory() as out:
-        results = launch(args.launch, child_argv, out, timeout=args.timeout)
+        results = launch(args.launch, child_argv, out, cpu_devices=cpu_devices, timeout=args.timeout)
         for k in range(args.launch):
             with open(os.path.join(out, f"process_{k}.out")) as f:
                 print(f.read(), end="")
@@ -457,6 +523,7 @@ def main(argv: list[str] | None = None) -> Any:
             print(f"{key}: {np.array2string(first[key], precision=4, max_line_width=120)}")
     problems = compare(results)
     print("all processes and modes agree" if not problems else "DISAGREE:\n" + "\n".join(problems))
+    report(args, results, f"{cpu_devices} cpu devices each", problems, started, argv)
     return results
 
 

@@ -287,7 +287,7 @@ def findings(results: dict, batch_sizes: tuple[int, ...], n_test: int) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, dict[int, dict[str, np.ndarray]]]:
     started = time.perf_counter()
-    parser = example_parser(__doc__.split("\n\n")[0])
+    parser = example_parser(__doc__.split("\n\n")[0], NAME)
     parser.add_argument("--epochs", type=float, default=30, help="passes over the training set at every batch size")
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate at batch 128, scaled linearly")
     args = check_args(parser, parser.parse_args(argv))

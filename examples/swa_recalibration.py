@@ -16,10 +16,13 @@ with the test loss and how far each BatchNorm's running statistics are from
 the statistics of its inputs on the test set (``jaxbn.inspect_batch_norms``'s
 drift, the largest over the layers), at two learning rates over several
 seeds. It writes ``swa_recalibration.png`` (the drift per layer) and
-``swa_recalibration.md``; the measured results are in ``examples/README.md``.
+``swa_recalibration.md`` to ``--out`` (default: a folder of the system's
+temporary directory; it prints which); the measured results are in
+``examples/README.md``.
 
     python examples/swa_recalibration.py            # 12 epochs, SWA over the last 6, 3 seeds
     python examples/swa_recalibration.py --quick    # a few seconds
+    python examples/swa_recalibration.py --update-committed   # rewrites examples/figures/swa_recalibration.*
 """
 
 from __future__ import annotations
@@ -39,15 +42,14 @@ VARIANTS = ("final network", "SWA, stale statistics", "SWA, recalibrated")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = example_parser(__doc__.split("\n\n")[0], seeds=3)
+    parser = example_parser(__doc__.split("\n\n")[0], "swa_recalibration", seeds=3)
     parser.add_argument("--epochs", type=int, default=12, help="training epochs")
     parser.add_argument("--swa-epochs", type=int, default=6, help="average the weights of the last N epochs")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.05, 0.5], help="SGD learning rates (momentum 0.9)")
-    args = parser.parse_args(argv)
+    args = check_args(parser, parser.parse_args(argv))
     if args.quick:
         args.epochs, args.swa_epochs, args.seeds, args.lrs = 3, 2, 1, args.lrs[:1]
-    check_args(parser, args)
     if not 1 <= args.swa_epochs <= args.epochs:
         parser.error(f"--swa-epochs must lie in [1, --epochs={args.epochs}], got {args.swa_epochs}")
     return args

@@ -15,6 +15,7 @@ Usage::
     python examples/train_digits.py                      # jaxbn vs flax vs none
     python examples/train_digits.py --norm jaxbn --epochs 5
     python examples/train_digits.py --cpu-devices 8      # 8 fake CPU devices
+    python examples/train_digits.py --quick              # one epoch: checks the code runs
 
 ``--cpu-devices N`` is for a laptop without accelerators: it makes the CPU
 show up as N devices (and selects the CPU platform) so the sharded path is
@@ -24,7 +25,9 @@ sees.
 Evaluation uses the running averages (``use_running_average=True``), which is
 what a deployed model would use. The script prints a table and writes the
 curves (``train_digits.png``) and the table (``train_digits.md``) to
-``--out`` (default ``examples/figures``).
+``--out`` (default: a folder of the system's temporary directory, which it
+prints; ``--update-committed`` rewrites the committed ones in
+``examples/figures``).
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (FIGURES, Split, force_cpu_devices, load_digits, markdown_table, progress, pyplot,  # noqa: E402
-                    save_figure, write_report)
+from common import (Split, check_args, example_parser, force_cpu_devices, load_digits, markdown_table,  # noqa: E402
+                    progress, pyplot, save_figure, write_report)
 
 NORMS = ("jaxbn", "flax", "none")
 
@@ -54,10 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     Returns:
         The parsed arguments.
     """
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n", 1)[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    # --quick, --out, --update-committed, --no-progress; no --seeds: --seed picks the one run's seed.
+    parser = example_parser(__doc__.split("\n\n", 1)[0], "train_digits", seeds=None)
     parser.add_argument(
         "--norm",
         choices=(*NORMS, "all"),
@@ -87,10 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run on N forced host-platform (CPU) devices; leave out on "
         "GPU/TPU to use the devices JAX sees",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--out", type=pathlib.Path, default=FIGURES,
-                        help="where train_digits.png (the curves) and train_digits.md (the table) go")
-    args = parser.parse_args(argv)
+    args = check_args(parser, parser.parse_args(argv))
+    if args.quick:
+        args.epochs = 1
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
     if args.batch_size < 1:
@@ -362,12 +362,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
          for norm, r in results.items()],
         digits=4,
     )
-    print("\nseconds: wall time of the run; compile seconds: the part before the first step")
-    print(table)
+    setup = (f"{n_devices} {devices[0].platform} device(s), global batch {batch_size}, {args.epochs} epoch(s) of SGD "
+             f"(lr {args.lr:g}, momentum 0.9), seed {args.seed}; test accuracy with the running averages; seconds: "
+             "wall time of the run; compile seconds: the part before the first step.")
+    print(f"\n{setup}\n\n{table}")
     plot = plot_curves(results, args.out)
     write_report(
-        args.out, "train_digits", "Digits CNN: jaxbn vs flax.linen BatchNorm vs none", f"{table}\n\n![curves]({plot.name})\n",
-        started=started, argv=argv,
+        args.out, "train_digits", "Digits CNN: jaxbn vs flax.linen BatchNorm vs none",
+        f"{setup}\n\n{table}\n\n![curves]({plot.name})\n", started=started, argv=argv,
     )
     return results
 
