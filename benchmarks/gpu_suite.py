@@ -16,16 +16,25 @@ It writes ``OUT_DIR/gpu_suite.md`` (also printed) and ``OUT_DIR/gpu_suite.json``
   128) and a larger ResNet (2 basic blocks per stage, width 64, 112x112,
   batch 128, bfloat16) standing in for ResNet-50 at 224x224, which would
   not fit the 8-minute budget;
-- the cost of the per-layer re-shift loop: the same steps with the loop
-  compiled out (``JAXBN_MEASURE_WITHOUT_RESHIFT=1``, a private switch for
-  measuring only: inexact at a poor shift) and with XLA:GPU's command buffers
-  asked to capture ``while`` and conditional ops (``XLA_FLAGS``
-  ``--xla_gpu_enable_command_buffer``; the suite records whether the flag was
-  accepted and the step times).
+- the statistics design against the one it replaced. The default group times
+  jaxbn as shipped: two passes around an element of the batch, with no
+  data-dependent control flow (on a GPU pass one's two sums fuse into one
+  read, so the statistics read x twice). The ``reshift_loop`` group times the
+  replaced design (``benchmarks/_reshift_loop.py``: sums around the running
+  mean, re-taken in a ``while`` loop while the shift is poor): fewer bytes,
+  one fused read for the statistics, but a data-dependent ``while`` per layer,
+  a host round trip on XLA:GPU. The first GPU run decides between them (micro:
+  jaxbn and the copy; end to end: both models);
+- the default with XLA:GPU's command buffers asked to capture ``while`` and
+  conditional ops (``XLA_FLAGS`` ``--xla_gpu_enable_command_buffer``; the suite
+  records whether the flag was accepted and the step times).
 
 Each group of measurements that needs its own environment runs in its own
 process (``--group``); a group that fails is recorded with its error and the
-rest still run.
+rest still run. A group's ``install`` names a module of ``benchmarks/`` whose
+``install()`` its process calls before measuring: a private measuring switch
+of this suite (the library reads no environment variable for it), which
+swaps what ``jaxbn.stats`` computes in that process only.
 """
 
 from __future__ import annotations
@@ -65,9 +74,10 @@ def _plan(smoke: bool) -> dict[str, dict[str, Any]]:
     micro = [((8, 4, 4, 8), "float32")] if smoke else MICRO
     groups = {
         "default": {"env": {}, "micro": micro, "e2e": e2e},
-        # (smoke: the switch's path through the micro benchmark; the e2e code is the default group's)
-        "without_reshift": {"env": {"JAXBN_MEASURE_WITHOUT_RESHIFT": "1"}, "micro": micro if smoke else [],
-                            "e2e": {} if smoke else e2e},
+        # the replaced statistics design, swapped in by its process (smoke: the install's path through the
+        # micro benchmark; the e2e code is the default group's)
+        "reshift_loop": {"env": {}, "install": "_reshift_loop", "micro": micro, "micro_libs": ["jaxbn", "copy"],
+                         "e2e": {} if smoke else e2e},
     }
     if not smoke:
         groups["command_buffers"] = {"env": {"XLA_FLAGS": COMMAND_BUFFER_FLAG}, "micro": [], "e2e": e2e}
@@ -118,12 +128,18 @@ def _captured(function, *args) -> tuple[Any, str]:
 
 def run_group(name: str, group: dict[str, Any], smoke: bool) -> dict[str, Any]:
     """Runs one group in this process (its environment already set); returns its results."""
-    result: dict[str, Any] = {"environment": _environment(), "micro": [], "e2e": {}}
+    if group.get("install"):  # before anything is traced: jaxbn.stats takes its statistics the installed way
+        _load(group["install"]).install()
+    from jaxbn import stats
+
+    statistics = f"{stats._statistics.__module__}.{stats._statistics.__name__}"
+    result: dict[str, Any] = {"environment": _environment(), "statistics": statistics, "micro": [], "e2e": {}}
     if group["micro"]:
         bench = _load("bench")
+        libs = ["jaxbn", "copy"] if smoke else group.get("micro_libs", MICRO_LIBS)
         for shape, dtype in group["micro"]:
             argv = ["--shape", *map(str, shape), "--reps", "3" if smoke else "20", "--dtypes", dtype,
-                    "--layouts", "NHWC", "--libs", *(["jaxbn", "copy"] if smoke else MICRO_LIBS)]
+                    "--layouts", "NHWC", "--libs", *libs]
             args = bench.parse_args(argv)
             names = [n for n, (library, _) in bench.IMPLEMENTATIONS.items() if library in args.libs]
 
@@ -166,9 +182,13 @@ def _markdown(results: dict[str, Any], smoke: bool) -> str:
             cells = [*(row["median_ms"][norm] for norm in ("jaxbn", "flax", "none")),
                      row["step_ratio"], row["overhead_ratio"]]  # a ratio is None where flax's value is not positive
             lines.append(f"| {group} | {model} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in cells) + " |")
-    lines += ["", "`default`: jaxbn as shipped; `without_reshift`: the per-layer re-shift loop compiled out; "
-              "`command_buffers`: XLA asked to capture while/conditional ops in command buffers "
-              f"(`{COMMAND_BUFFER_FLAG}`).", ""]
+    lines += ["", "`default`: jaxbn as shipped (two-pass statistics, no data-dependent control flow); "
+              "`reshift_loop`: the replaced design (sums around the running mean, a `while` re-shift loop per "
+              "layer; benchmarks/_reshift_loop.py); `command_buffers`: the default with XLA asked to capture "
+              f"while/conditional ops in command buffers (`{COMMAND_BUFFER_FLAG}`).", ""]
+    lines += [f"- statistics of `{group}`: `{result['statistics']}`" for group, result in results.items()
+              if "statistics" in result]
+    lines += [""]
     for group, result in results.items():
         for micro in result.get("micro", []):
             lines += [f"## Micro: {micro['dtype']} {tuple(micro['shape'])} NHWC ({group})", "", "```",

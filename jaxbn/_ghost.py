@@ -70,23 +70,18 @@ def ghost_view(
     return x, mask, axes, params, jnp.broadcast_to(shift, (groups,) + shift.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _broadcast_to_groups(value: jax.Array, groups: int) -> jax.Array:
-    """``value`` repeated along a new leading axis of size ``groups``; its VJP sums over it."""
+    """``value`` repeated along a new leading axis of size ``groups``; its transpose sums over it."""
     return jnp.broadcast_to(value, (groups,) + value.shape)
 
 
-def _broadcast_to_groups_fwd(value, groups):
-    return _broadcast_to_groups(value, groups), None
-
-
-def _broadcast_to_groups_bwd(groups, _, cotangent):
-    # The barrier keeps XLA from folding this sum into the per-group reduction
-    # that made the cotangent, which would read dy once more (1S) for it.
-    return (jnp.sum(lax.optimization_barrier(cotangent), 0),)
-
-
-_broadcast_to_groups.defvjp(_broadcast_to_groups_fwd, _broadcast_to_groups_bwd)
+@_broadcast_to_groups.defjvp
+def _broadcast_to_groups_jvp(groups, primals, tangents):
+    # The barrier (transposed: on the cotangent, before the sum) keeps XLA from folding this
+    # sum into the per-group reduction that made the cotangent, which would read dy once more (1S).
+    (value,), (tangent,) = primals, tangents
+    return _broadcast_to_groups(value, groups), lax.optimization_barrier(jnp.broadcast_to(tangent, (groups,) + tangent.shape))
 
 
 def combine_ghost_moments(

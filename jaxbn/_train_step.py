@@ -1,14 +1,17 @@
-"""The passes over the activation tensor: normalization and the batch-norm step's VJP.
+"""The passes over the activation tensor: normalization and the batch-norm step's derivatives.
 
 Batch norm is memory-bound, so what matters is how often the full tensor is
 read and written. With S its size in bytes, the floor is 3S for the training
 forward (statistics, then normalize), 5S for the backward (two reductions over
-x and dy, then dx) and 2S for inference; XLA:CPU reads x once per sum (4S /
-10S). Autodiff of the forward does not get there: it saves or recomputes
+x and dy, then dx) and 2S for inference; the statistics take two passes (no
+data-dependent control flow), and XLA:CPU reads x once per sum (5S / 11S). Autodiff of the forward does not get there: it saves or recomputes
 full-size intermediates (x - mean, x̂, float32 copies of bfloat16 tensors).
-:func:`batch_norm_train` is a ``jax.custom_vjp`` that saves only ``x`` (in its
-own dtype) and per-feature vectors, and whose backward is one pair of
-reductions, one cross-device sum and one elementwise pass.
+:func:`batch_norm_train` is a ``jax.custom_jvp`` whose tangent is linear and
+written so that JAX's transpose of it is the backward one would write by hand:
+one pair of reductions (of dy and of dy (x - K)), one cross-device sum and one
+elementwise pass. Under a ``jax.checkpoint`` that saves only the batch
+statistics, reverse mode keeps ``x`` (in its own dtype) and per-feature
+vectors; forward mode (``jvp``, ``jacfwd``, ``linearize``) works as well.
 
 Variants of the batch-statistics step (batch renormalization today) plug in
 through :attr:`StepConfig.correction`: a per-feature ``(r, d)`` with
@@ -25,6 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxbn import stats
 
@@ -117,7 +121,7 @@ def fill_empty_features(batch: stats.Moments, running_mean: jax.Array, running_v
 
 
 class StepConfig(NamedTuple):
-    """Static configuration of one training step (hashable: the custom VJP's static argument).
+    """Static configuration of one training step (hashable: the custom JVP's static argument).
 
     ``correction``, if set, is a batch-statistics variant:
     ``correction(batch, running_mean, running_var, epsilon, *correction_args)``
@@ -130,7 +134,6 @@ class StepConfig(NamedTuple):
     axis_index_groups: tuple[tuple[int, ...], ...] | None
     compute_dtype: Any
     out_dtype: Any
-    reshift: bool | None = None
     correction: Callable[..., tuple[jax.Array, jax.Array]] | None = None
     moments_gradient: bool = False  # differentiate the batch moments returned (else they only feed the state)
 
@@ -146,44 +149,34 @@ class StepInputs(NamedTuple):
     correction_args: tuple = ()
 
 
-class _Residuals(NamedTuple):
-    x: jax.Array
-    scale: jax.Array | None
-    bias: jax.Array | None
-    mask: jax.Array | None
-    batch: stats.Moments
-    inv_std: jax.Array
-    correction: tuple[jax.Array, jax.Array] | None
-
-
-def _parameter_cotangent(local, global_, primal, axis_names):
-    """The gradient of a parameter, typed as JAX expects it.
-
-    Autodiff gives each device the gradient of its own loss (``local``). Inside
-    ``shard_map`` with replicated (invariant) parameters, JAX requires the
-    cotangent to be invariant too, that is, summed over the axes the parameter
-    does not vary over: over the statistics axes that sum is ``global_``, which
-    the backward's one collective has already computed.
-    """
-    missing = stats.varying_axes(local) - stats.varying_axes(primal)
-    if not missing:
-        return local
-    if missing == frozenset(axis_names):
-        return global_
-    return lax.psum(local, tuple(sorted(missing, key=str)))
-
-
 def _batch_statistics(x: jax.Array, config: StepConfig, inputs: StepInputs) -> stats.Moments:
     batch = stats.moments(
         x, config.axes, mask=inputs.mask, axis_name=config.axis_name, axis_index_groups=config.axis_index_groups,
-        dtype=config.compute_dtype, shift=inputs.shift, reshift=config.reshift,
+        dtype=config.compute_dtype, shift=inputs.shift,
     )
     if inputs.mask is not None or x.size == 0:  # only then can a feature be empty
         batch = fill_empty_features(batch, inputs.running_mean, inputs.running_var)
     return batch
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _cpu_barrier(*values):
+    """``values`` behind an ``optimization_barrier`` on XLA:CPU, as they are elsewhere.
+
+    As in :func:`jaxbn.stats.channel_sums`: XLA:CPU's library reductions absorb only
+    elementwise work nothing else shares, so there each sum gets its own view of its
+    operands; XLA:GPU/TPU fuse sibling reductions of one input into one pass, which a
+    barrier would prevent. Linear in each value (a barrier transposes to a barrier), so
+    it may stand in a tangent.
+    """
+    return lax.platform_dependent(*values, cpu=lambda *v: tuple(lax.optimization_barrier(v)), default=lambda *v: v)
+
+
+#: The checkpoint name of the per-feature values the step's derivatives read
+#: (besides ``x``): the only residuals reverse mode saves.
+_RESIDUAL = "jaxbn_train_step"
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _train(x, scale, bias, config, inputs):
     return _train_fwd(x, scale, bias, config, inputs)[0]
 
@@ -204,102 +197,100 @@ def _train_fwd(x, scale, bias, config: StepConfig, inputs: StepInputs):
         x, batch.shift, batch.mean_minus_shift, batch.var, params, config.axes, epsilon, dtype, config.out_dtype,
         inputs.mask,
     )
-    inv_std = lax.rsqrt(batch.var + epsilon)
-    return (y, batch), _Residuals(x, scale, bias, inputs.mask, batch, inv_std, correction)
+    return (y, batch), correction
 
 
-def _train_bwd(config: StepConfig, residuals: _Residuals, cotangents):
-    axes, dtype = config.axes, config.compute_dtype
-    batch, inv_std, mask = residuals.batch, residuals.inv_std, residuals.mask
-    # Where the variance is beyond the dtype (inv_std = 0) x_hat is 0, as the forward takes it;
-    # x - shift may overflow there (values of both signs near the maximum): Σ dy x_hat is
-    # selected away, x_hat centred on 0 as in the forward.
+@_train.defjvp
+def _train_jvp(config: StepConfig, primals, tangents):
+    """The step's derivative, linear in the tangents and shaped so that its transpose is the
+    hand-written backward: two sums (of dy and of dy (x - K)), one collective, one pass for dx.
+
+    With x̂ = ((x - K) - (μ - K)) / σ, S1 = Σ m dx and S2 = Σ m x̂ dx (the sums over the valid
+    elements m, of every device):
+
+        dy = G dx + A + x̂ B,  G = γ r / σ,  A = -G S1 / n + d dγ + dβ,  B = -G S2 / n + r dγ,
+        d mean = S1 / n,  d var = 2 σ S2 / n,
+
+    written with (x - K) in place of x̂ (A and B absorb the constant), so that the transpose's
+    sums are Σ dy and Σ dy (x - K): the backward reads x and dy twice and writes dx once.
+    Only per-feature values and x are residuals (``_RESIDUAL``, see :func:`batch_norm_train`).
+    """
+    x, scale, bias, inputs = primals
+    dx, dscale, dbias, _ = tangents
+    axes, dtype, mask = config.axes, config.compute_dtype, inputs.mask
+    y, batch = _train(x, scale, bias, config, inputs)
+
+    # the residuals: the batch statistics (per feature); all else is recomputed from them and x
+    batch = jax.tree_util.tree_map(functools.partial(checkpoint_name, name=_RESIDUAL), batch)
+    inv_std = inverse_sqrt(batch.var + inputs.epsilon)
     beyond = inv_std == 0
-    shift, mean_minus_shift = batch.shift, batch.mean_minus_shift
-    x, scale = finite_outside_mask(residuals.x, mask), residuals.scale
-    dy, batch_cotangent = cotangents
+    shift, mean_minus_shift = beyond_range_centered(inv_std, batch.shift, batch.mean_minus_shift)
+    r = d = None
+    gain = inv_std if scale is None else inv_std * scale.astype(dtype)
+    if config.correction is not None:
+        r, d = config.correction(
+            batch, inputs.running_mean, inputs.running_var, inputs.epsilon, *inputs.correction_args
+        )
+        gain = gain * r
+    n = jnp.maximum(batch.count, 1)
+    std = jnp.where(beyond, 0, 1 / jnp.where(beyond, 1, inv_std))
 
     def expand(v):
         return jnp.expand_dims(v, axes)
 
-    # Σ dy x̂ = inv_std (Σ dy (x - K) - (μ - K) Σ dy): |μ - K| is small after
-    # moments' re-shift, so the subtraction loses at most a few bits.
-    local_dy, local_dy_centered = stats.channel_sums(
-        [lambda dy, x, k: dy.astype(dtype), lambda dy, x, k: dy.astype(dtype) * (x.astype(dtype) - expand(k))],
-        [dy, x, shift],
-        axes,
+    dx = dx.astype(dtype)  # once: a half-precision cotangent is rounded once, at the end
+    # x̂ itself, not (x - K) and a per-feature 1/σ: the transpose's dx pass multiplies x̂ by a
+    # per-feature factor of dy's scale (a factor 1/σ² would underflow for σ beyond ~1e13 in float32)
+    x_hat = ((finite_outside_mask(x, mask).astype(dtype) - expand(shift)) - expand(mean_minus_shift)) * expand(inv_std)
+    valid_dx = dx if mask is None else jnp.where(mask, dx, 0)
+    local = [jnp.sum(valid_dx, axes), jnp.sum(x_hat * valid_dx, axes)]
+    sum_dx, sum_dx_xhat = stats.cross_device_sum(local, config.axis_name, config.axis_index_groups)
+    a = -gain * sum_dx / n
+    b = -gain * sum_dx_xhat / n
+    if dscale is not None and scale is not None:
+        dscale = dscale.astype(dtype)
+        a = a if d is None else a + d * dscale
+        b = b + (dscale if r is None else r * dscale)
+    if dbias is not None and bias is not None:
+        a = a + dbias.astype(dtype)
+    # x̂ b = (x - K) (b / σ) - (μ - K) b / σ, around the shift as the forward took it (not centred on 0 where the variance is beyond the
+    # dtype: no per-feature select between the sum and its operands), x - K may overflow there;
+    # b is 0 there, selected, so the transpose selects Σ dy (x - K) away (as the backward did).
+    # The transpose's Σ dy (x - c) is taken around c = K, moments' shift (the rounded batch mean).
+    centre, centre_offset = batch.shift, batch.mean_minus_shift
+    b = jnp.where(beyond, 0, inv_std * b)
+    a = a - jnp.where(beyond, 0, centre_offset * b)
+    # one cast to x's varying mesh axes (checked shard_map with replicated parameters), so that
+    # the transpose sums both per-feature cotangents in one collective
+    if stats.varying_axes(x_hat) - (stats.varying_axes(a) & stats.varying_axes(b)):
+        a, b = stats.varying_like(jnp.stack([a, b]), x_hat)
+    # the transpose's Σ dy (x - K) reads its own view of x (XLA:CPU's library reductions absorb
+    # only elementwise work nothing else shares; see stats.channel_sums)
+    (x_view,) = _cpu_barrier(x)
+    centered_view = finite_outside_mask(x_view, mask).astype(dtype) - expand(centre)
+    # and each of the transpose's two sums its own view of dy (a barrier's transpose is a barrier
+    # on the cotangent, chained as in channel_sums): a half-precision dy is converted inside each
+    # kernel, never copied to float32. The price: in forward mode a half-precision tangent is the
+    # sum of three rounded terms.
+    out = y.dtype
+    (dy_b,) = _cpu_barrier((centered_view * expand(b)).astype(out))
+    # (broadcast, then cast: the transpose sums a float32 cotangent)
+    (dy_ab,) = _cpu_barrier(jnp.broadcast_to(expand(a), dy_b.shape).astype(out) + dy_b)
+    dy = (expand(gain) * dx).astype(out) + dy_ab
+    mean_tangent = sum_dx / n
+    batch_tangent = stats.Moments(
+        mean=mean_tangent.astype(batch.mean.dtype),
+        var=(2 * std * sum_dx_xhat / n).astype(batch.var.dtype),
+        count=jnp.zeros_like(batch.count),
+        shift=jnp.zeros_like(batch.shift),
+        mean_minus_shift=mean_tangent.astype(batch.mean_minus_shift.dtype),
     )
-    local_dy_xhat = jnp.where(beyond, 0, inv_std * (local_dy_centered - mean_minus_shift * local_dy))
-    axis_name = config.axis_name
-    names = () if axis_name is None else (axis_name if isinstance(axis_name, tuple) else (axis_name,))
-    # The statistics' cotangents ride in the one collective where autodiff through the psum that
-    # made the statistics would sum them (pmap, vmap, unchecked shard_map); inside a checked
-    # shard_map they are invariant: already the whole batch's.
-    moments_cotangent = {}
-    if config.moments_gradient:  # mean_minus_shift is the mean less a constant: its cotangent is the mean's too
-        moments_cotangent = {"mean": batch_cotangent.mean + batch_cotangent.mean_minus_shift,
-                             "var": batch_cotangent.var}
-    summed = _summed_axes(names, list(moments_cotangent.values()), residuals.x)
-    together = summed == names
-    sum_dy, sum_dy_xhat, *totals = stats.cross_device_sum(
-        [local_dy, local_dy_xhat]
-        + [stats.varying_like(c.astype(dtype), local_dy) for c in moments_cotangent.values() if together],
-        axis_name, config.axis_index_groups,
-    )
-    if together:
-        moments_cotangent = dict(zip(moments_cotangent, totals))
-    elif summed:  # a tuple of names, only part of them checked: a second, per-feature collective
-        moments_cotangent = {k: lax.psum(c, summed) for k, c in moments_cotangent.items()}
-    # y = x̂ γ + β with x̂ using the statistics of the valid elements, so
-    # dx = γ r (dy - m Σdy / n - m x̂ Σ(dy x̂) / n), the sums over all elements.
-    gain = inv_std if scale is None else inv_std * scale.astype(dtype)
-    local_dscale, global_dscale = local_dy_xhat, sum_dy_xhat
-    if residuals.correction is not None:
-        # y = γ (x̂ r + d) + β with constant r, d: dx is batch norm's with gain
-        # γ r, and dγ = r Σdy x̂ + d Σdy.
-        r, d = residuals.correction
-        gain = gain * r
-        local_dscale = r * local_dy_xhat + d * local_dy
-        global_dscale = r * sum_dy_xhat + d * sum_dy
-    n = jnp.maximum(batch.count, 1)
-    shift, mean_minus_shift = beyond_range_centered(inv_std, shift, mean_minus_shift)
-    x_hat = ((x.astype(dtype) - expand(shift)) - expand(mean_minus_shift)) * expand(inv_std)
-    correction = expand(sum_dy / n) + x_hat * expand(sum_dy_xhat / n)
-    if mask is not None:
-        correction = jnp.where(mask, correction, 0)
-    dx = expand(gain) * (dy.astype(dtype) - correction)
-    if moments_cotangent:
-        # d mean / dx_i = m_i / n and d var / dx_i = 2 m_i (x_i - mean) / n, with
-        # x_i - mean = x̂_i sqrt(var + eps) (0 where the variance is beyond the dtype)
-        from_moments = 0
-        if "mean" in moments_cotangent:
-            from_moments = expand(moments_cotangent["mean"] / n)
-        if "var" in moments_cotangent:
-            std = jnp.where(beyond, 0, 1 / jnp.where(beyond, 1, inv_std))
-            from_moments = from_moments + x_hat * expand(2 * moments_cotangent["var"] * std / n)
-        dx = dx + (from_moments if mask is None else jnp.where(mask, from_moments, 0))
-    dx = dx.astype(x.dtype)
-
-    def parameter_grad(primal, local, global_):
-        if primal is None:
-            return None
-        return _parameter_cotangent(local, global_, primal, names).astype(primal.dtype)
-
-    return (
-        dx,
-        parameter_grad(scale, local_dscale, global_dscale),
-        parameter_grad(residuals.bias, local_dy, sum_dy),
-        None,
-    )
+    return (y, batch), (dy, batch_tangent)
 
 
-def _summed_axes(names: tuple, cotangents: list, x: jax.Array) -> tuple:
-    """The axes over which autodiff would sum a statistic's cotangent: all but the checked invariant ones."""
-    invariant = frozenset().union(*(stats.varying_axes(x) - stats.varying_axes(c) for c in cotangents))
-    return tuple(name for name in names if name not in invariant)
-
-
-_train.defvjp(_train_fwd, _train_bwd)
+#: Reverse mode keeps x and the named per-feature values, and recomputes the elementwise
+#: (x - K) in the backward instead of saving a full-size intermediate.
+_step = jax.checkpoint(_train, static_argnums=(3,), prevent_cse=False, policy=jax.checkpoint_policies.save_only_these_names(_RESIDUAL))
 
 
 def batch_norm_train(
@@ -307,11 +298,11 @@ def batch_norm_train(
 ) -> tuple[jax.Array, stats.Moments]:
     """Training-mode batch norm with batch statistics: ``(y, batch Moments)``.
 
-    Differentiable in reverse mode (to any order) with respect to ``x`` and the
+    Differentiable in forward and reverse mode (to any order) with respect to ``x`` and the
     parameters, through ``y`` and, with ``config.moments_gradient``, the batch
     mean and variance returned (as :func:`jaxbn.moments` is); ``inputs`` carry
     no gradient. Arguments are as validated by :func:`jaxbn.batch_norm`.
     """
     inputs = jax.tree_util.tree_map(lax.stop_gradient, inputs)
-    y, batch = _train(x, params.get("scale"), params.get("bias"), config, inputs)
+    y, batch = _step(x, params.get("scale"), params.get("bias"), config, inputs)
     return y, batch if config.moments_gradient else jax.tree_util.tree_map(lax.stop_gradient, batch)

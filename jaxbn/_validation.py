@@ -205,7 +205,7 @@ def check_mask(mask: Any, shape: tuple[int, ...]) -> jax.Array:
     """Returns ``mask`` as a boolean array, raising unless it broadcasts to ``shape``."""
     mask_shape = np.shape(mask)
     try:
-        broadcast = np.broadcast_shapes(mask_shape, shape)
+        broadcast = jnp.broadcast_shapes(mask_shape, tuple(shape))  # jax's: symbolic dimensions too
     except ValueError:
         broadcast = None
     if broadcast != tuple(shape):

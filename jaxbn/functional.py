@@ -426,8 +426,8 @@ def batch_norm(
     with no valid element under ``mask`` is normalized with the running
     statistics and keeps them; a batch with one value per feature outputs the
     bias, updates the running mean and keeps the running variance (with a
-    :class:`jaxbn.DegenerateBatchWarning`). Training is a custom VJP that
-    saves only ``x``: reverse mode to any order, no forward mode.
+    :class:`jaxbn.DegenerateBatchWarning`). Training is a custom JVP that
+    saves only ``x`` for reverse mode: forward and reverse mode to any order.
 
     Args:
       x: floating or complex input, e.g. NHWC (``axis=-1``) or NCHW (``axis=1``).
@@ -502,7 +502,7 @@ def batch_norm_from_checked(
     if call.single_value:
         return _single_value(call, correction, correction_args)
     mask, axes, shift = call.mask, call.reduction_axes, running_mean
-    axis_name, axis_index_groups, reshift = call.axis_name, call.axis_index_groups, None
+    axis_name, axis_index_groups = call.axis_name, call.axis_index_groups
     x_stats, params_stats = x, params
     if call.ghost_batch_size:
         # Ghost groups as an extra feature axis: (B, ...) -> (B/g, g, ...), statistics
@@ -512,11 +512,8 @@ def batch_norm_from_checked(
         )
         running_mean, running_var = (jnp.broadcast_to(v, shift.shape) for v in (running_mean, running_var))
         axis_name, axis_index_groups = None, None
-        # Several groups: two passes, so that no re-shift decision spans groups
-        # (under jit with the batch sharded it would span devices: a collective).
-        reshift = True if x_stats.shape[0] > 1 else None
     config = _train_step.StepConfig(
-        axes, axis_name, axis_index_groups, jnp.dtype(call.compute_dtype), jnp.dtype(call.out_dtype), reshift,
+        axes, axis_name, axis_index_groups, jnp.dtype(call.compute_dtype), jnp.dtype(call.out_dtype),
         correction if call.training else None, call.want_moments,
     )
     inputs = _train_step.StepInputs(
@@ -532,7 +529,7 @@ def batch_norm_from_checked(
         if call.update or call.want_moments:  # empty features keep their state: no fallback needed
             batch = stats.moments(
                 x_stats, axes, mask=mask, axis_name=axis_name,
-                axis_index_groups=axis_index_groups, dtype=call.compute_dtype, shift=shift, reshift=reshift,
+                axis_index_groups=axis_index_groups, dtype=call.compute_dtype, shift=shift,
             )
     if not (call.update or call.want_moments):
         return y, call.given_state, None
@@ -594,7 +591,7 @@ def _infer(call: _BatchNormCall) -> jax.Array:
 def _train_with_batch_statistics(
     x: jax.Array, params: Params, config: _train_step.StepConfig, inputs: _train_step.StepInputs
 ) -> tuple[jax.Array, stats.Moments]:
-    """Training-mode normalization: the custom-VJP step, or autodiff for complex ``x``.
+    """Training-mode normalization: the custom-JVP step, or autodiff for complex ``x``.
 
     The step's hand-written backward assumes real inputs; complex ones are
     differentiated by JAX through :func:`jaxbn.stats.moments` and the same
@@ -605,7 +602,7 @@ def _train_with_batch_statistics(
         return _train_step.batch_norm_train(x, params, config, inputs)
     batch = stats.moments(
         x, config.axes, mask=inputs.mask, axis_name=config.axis_name, axis_index_groups=config.axis_index_groups,
-        dtype=config.compute_dtype, shift=lax.stop_gradient(inputs.shift), reshift=config.reshift,
+        dtype=config.compute_dtype, shift=lax.stop_gradient(inputs.shift),
     )
     batch = _train_step.fill_empty_features(batch, inputs.running_mean, inputs.running_var)
     y = _train_step.affine_normalize(

@@ -56,9 +56,9 @@ def renorm_correction(
 
     ``r = clip(σ_B / σ, 1/r_max, r_max)`` and ``d = clip((μ_B - μ) / σ, -d_max,
     d_max)`` with ``σ_B = sqrt(var_B + eps)`` and ``σ = sqrt(var + eps)`` from
-    the running statistics. ``μ_B - μ`` is taken as ``(K - μ) + (μ_B - K)``,
-    exact at any offset since ``K`` (the shift) is the running mean unless
-    :func:`jaxbn.stats.moments` re-shifted.
+    the running statistics. ``μ_B - μ`` is taken as ``(K - μ) + (μ_B - K)``
+    with ``K`` the batch's rounded mean (:class:`jaxbn.Moments`' shift), so the
+    rest of the batch mean is not lost at a large offset.
     """
     dtype = batch.var.dtype
     running_mean, running_var, r_max, d_max = (

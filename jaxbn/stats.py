@@ -1,11 +1,12 @@
 """Statistics: the one place in jaxbn that reduces.
 
-Every normalizer gets its mean and variance from :func:`moments`; every sum
-over the batch on a device is taken by :func:`channel_sums`, and every value
-that crosses devices goes through :func:`cross_device_sum`. So "one collective
-per layer per direction", "count-weighted across devices" and "no float32 copy
-of a bfloat16 tensor" are properties of this file alone; the training step's
-backward (``_train_step.py``) uses the same two helpers.
+Every normalizer gets its mean and variance from :func:`moments`: two passes
+per device around an element of its batch, no data-dependent control flow.
+Every sum over the batch on a device is taken by :func:`channel_sums`; the
+statistics cross devices in one :func:`all_gather` (merged by
+:func:`merge_stacked`), the backward's sums in one :func:`cross_device_sum`.
+So "one collective per layer per direction", "count-weighted across devices"
+and "no float32 copy of a bfloat16 tensor" are properties of this file alone.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -24,22 +24,7 @@ from jax import lax
 
 from jaxbn import _validation
 
-__all__ = ["Moments", "moments", "merge_moments", "cross_device_sum", "axis_size"]
-
-#: A reduction around a shift ``K`` computes ``var = E[(x-K)^2] - (E[x]-K)^2``;
-#: its relative rounding error is that of the sums times
-#: ``E[(x-K)^2] / var``. When that amplification would exceed this limit the
-#: sums are taken again around the better mean. 8 keeps float32 variances within
-#: about 1e-6 of a float64 reference (XLA's float32 sums are accurate to ~1e-7),
-#: and it tolerates a shift that is off by up to sqrt(7) ~ 2.6 standard
-#: deviations, which a running mean satisfies once training has warmed up.
-CANCELLATION_LIMIT = 8.0
-
-#: Each re-shift moves the shift to within about 1e-6 |K - mean| of the mean
-#: (float32 rounding of the sums), so a few reach any finite float32 offset;
-#: the bound only stops a loop that cannot converge.
-MAX_RESHIFTS = 16
-
+__all__ = ["Moments", "moments", "merge_moments", "merge_stacked", "all_gather", "cross_device_sum", "axis_size"]
 
 class Moments(NamedTuple):
     """Per-feature statistics of a batch, as returned by :func:`moments`.
@@ -168,25 +153,21 @@ def cross_device_sum(
     if manual and in_device and axis_index_groups is None:
         # Inside shard_map, a psum over a vmap axis trips JAX's varying-axes
         # check (which knows mesh axes only); it is a reduction on the device,
-        # so take it with the check off, then one collective over the mesh axes.
-        with _unchecked_varying_axes():
-            stacked = lax.psum(stacked, in_device)
+        # so take it with the check off, after the one collective over the mesh
+        # axes: its input is then invariant, as the unchecked psum types its
+        # output, so that reverse mode (which transposes this with the check
+        # on, when it differentiates a tangent that went through here) agrees.
         names = tuple(name for name in names if name in manual)
-        if not names:
-            return list(stacked)
-        return list(lax.psum(stacked, names))
+        if names:
+            stacked = lax.psum(stacked, names)
+        with _unchecked_varying_axes():
+            return list(lax.psum(stacked, in_device))
     try:
         return list(lax.psum(stacked, axis_name, axis_index_groups=axis_index_groups))
     except NotImplementedError as err:
         if axis_index_groups is None:
             raise
-        raise NotImplementedError(
-            f"axis_index_groups={axis_index_groups!r} with axis_name={axis_name!r}: JAX implements "
-            "axis_index_groups under pmap only, not inside shard_map. For statistics over "
-            "sub-groups of devices, factor the mesh axis instead, e.g. jax.make_mesh((replicas, "
-            "group_size), ('replica', 'group')) with the batch sharded over ('replica', 'group'), "
-            "and pass axis_name='group' (see the README's 'Sub-group statistics')."
-        ) from err
+        raise NotImplementedError(_GROUPS_IN_SHARD_MAP.format(groups=axis_index_groups, name=axis_name)) from err
 
 
 def varying_axes(value: Any) -> frozenset:
@@ -278,147 +259,218 @@ def channel_sums(
     return lax.platform_dependent(*operands, cpu=separate, default=fused)
 
 
-class _Reduction(NamedTuple):
-    """What every pass of one :func:`moments` call reduces, and how."""
-
-    x: jax.Array
-    mask: jax.Array | None
-    axes: tuple[int, ...]
-    dtype: Any  # of the sums: at least float32
-    axis_name: AxisName | None
-    axis_index_groups: tuple[tuple[int, ...], ...] | None
-
-
 class _Plan(NamedTuple):
     """The static part of a :func:`moments` call (hashable)."""
 
     axes: tuple[int, ...]
-    dtype: Any
+    dtype: Any  # of the statistics: at least float32
     real_dtype: Any
     axis_name: AxisName | None
     axis_index_groups: tuple[tuple[int, ...], ...] | None
-    shifted: bool  # False: the first sums are of x itself
-    reshift: bool | None
 
 
-def _local_sums(
-    reduction: _Reduction, reference: jax.Array | None, scale: jax.Array | None = None, second: bool = True
-) -> list[jax.Array]:
-    """This device's ``Σ s(x-K)`` (and ``Σ |s(x-K)|^2``) over the valid elements.
-
-    ``reference`` None sums ``x`` itself (no subtraction is traced), ``scale``
-    None multiplies by nothing. Both sides are scaled before the subtraction
-    (exact: a power of two), so values more than the dtype's maximum apart
-    still give a finite scaled deviation.
-    """
-    axes, dtype = reduction.axes, reduction.dtype
-
-    def centered(x, reference, mask, scale):
-        deviation = x.astype(dtype)
-        if scale is not None:
-            deviation = deviation * jnp.expand_dims(scale, axes)
-            reference = None if reference is None else reference * scale
-        if reference is not None:
-            deviation = deviation - jnp.expand_dims(reference, axes)
-        # where, not a product: masked-out NaN or Inf padding stays out.
-        return deviation if mask is None else jnp.where(mask, deviation, 0)
-
-    summands = [centered] + ([lambda *ops: abs_square(centered(*ops))] if second else [])
-    return list(channel_sums(summands, [reduction.x, reference, reduction.mask, scale], axes))
-
-
-def _global_sums(reduction: _Reduction, local: Sequence[jax.Array]) -> list[jax.Array]:
-    """``local`` summed over devices in one collective (a complex sum as its two parts)."""
-    parts, widths = [], []
-    for value in local:
-        is_complex = jnp.iscomplexobj(value)
-        parts += [value.real, value.imag] if is_complex else [value]
-        widths.append(2 if is_complex else 1)
-    summed = cross_device_sum(parts, reduction.axis_name, reduction.axis_index_groups)
-    result, i = [], 0
-    for width in widths:
-        result.append(summed[i] if width == 1 else lax.complex(summed[i], summed[i + 1]))
-        i += width
-    return result
-
-
-def _finite_or(value: jax.Array, fallback: jax.Array) -> jax.Array:
+def _finite_or(value: jax.Array, fallback: Any) -> jax.Array:
     return jnp.where(jnp.isfinite(value), value, fallback)
 
 
-def _poor_shift(
-    shift: jax.Array, offset: jax.Array, raw_second: jax.Array, scale: jax.Array, near: jax.Array
-) -> jax.Array:
-    """Per feature: would another pass make the variance more exact?
+def _data_shift(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...], fallback: jax.Array) -> jax.Array:
+    """Per feature, the batch's first element along ``axes`` where it is valid and finite, else ``fallback``.
 
-    True where ``raw_second - |offset|^2`` amplifies rounding by more than
-    :data:`CANCELLATION_LIMIT` or a sum overflowed (unless it already was a
-    scaled sum taken ``near`` the mean, judged in scaled units: the variance
-    itself is then beyond the dtype), and the better shift is finite (a NaN
-    batch re-shifts nowhere); or where an unscaled sum overflowed to infinity.
+    An element of the batch lies within ``sqrt(n)`` standard deviations of its mean (and typically
+    within a few), so sums around it lose nothing to an offset, whatever the running mean.
     """
-    overflow = ~jnp.isfinite(raw_second) | jnp.isinf(offset)
-    amplified = ~(abs_square(offset) <= (1 - 1 / CANCELLATION_LIMIT) * raw_second) | overflow
-    # A scaled sum that overflowed near the mean: the variance itself is beyond the dtype
-    # (|offset|^2 may overflow too, while small against the spread).
-    beyond_range = overflow & (scale != 1) & near
-    move = amplified & ~beyond_range & jnp.isfinite(shift + offset)
-    # A first sum that overflowed gives no better shift: the sums are re-taken scaled, in place.
-    # (Its mean may be NaN, inf - inf of partial sums; a NaN second moment is NaN data.)
-    rescale = overflow & (scale == 1) & ~jnp.isnan(raw_second)
-    return move | rescale
+    if any(isinstance(x.shape[i], int) and x.shape[i] == 0 for i in axes):  # no element to take
+        return fallback
+    if mask is None:
+        value = _first_along(x, axes).astype(fallback.dtype)
+        return jnp.where(jnp.isfinite(value), value, fallback)
+    value, found = _first_valid(x, jnp.broadcast_to(mask, x.shape), axes)
+    value = value.astype(fallback.dtype)
+    return jnp.where(found & jnp.isfinite(value), value, fallback)
 
 
-def _reshift_until_exact(
-    reduction: _Reduction, shift: jax.Array, offset: jax.Array, raw_second: jax.Array, count: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Re-takes the sums around the better mean while :func:`_poor_shift` holds anywhere.
+def _first_valid(x: jax.Array, mask: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Per feature, the first valid element of ``x`` along ``axes`` (in index order) and whether there is one.
 
-    The steady state (a good shift) evaluates the test once and runs no pass.
-    A second sum that overflows again after a re-shift is re-taken with the
-    deviations scaled by a power of two, so any variance the dtype can
-    represent is found. Every device sees the same global sums and so takes
-    the same decision.
+    A reduction over the mask's positions (which reads the mask, not ``x``), then a gather of one
+    element per feature.
     """
-    n = max(1, math.prod(reduction.x.shape[i] for i in reduction.axes) * axis_size(
-        reduction.axis_name, reduction.axis_index_groups))
-    # Deviations up to twice the dtype's maximum, squared and summed n times, stay finite.
-    max_exponent = math.ceil(math.log2(jnp.finfo(offset.real.dtype).max)) // 2 + 1
-    overflow_scale = 2.0 ** -(max_exponent + math.ceil(math.log2(n) / 2))
-    one = varying_like(jnp.ones_like(raw_second), offset, raw_second)
+    position = jnp.zeros(x.shape, jnp.int32)
+    for axis in axes:
+        position = position * x.shape[axis] + lax.broadcasted_iota(jnp.int32, x.shape, axis)
+    none = math.prod(x.shape[i] for i in axes)
+    first = jnp.min(jnp.where(mask, position, none), axes)
+    found = first < none
+    first = first_flat = jnp.where(found, first, 0)
+    feature_axes = [i for i in range(x.ndim) if i not in axes]
+    index = [None] * x.ndim
+    for axis in reversed(axes):
+        index[axis], first = first % x.shape[axis], first // x.shape[axis]
+    for k, axis in enumerate(feature_axes):
+        index[axis] = lax.broadcasted_iota(jnp.int32, found.shape, k)
+    if any(getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) or ()):
+        # explicitly sharded: a gather would cross devices; a sum of the one selected element per
+        # feature (exact: the others add 0) reduces where the data lies, as the statistics do
+        chosen = position == jnp.expand_dims(jnp.where(found, first_flat, -1), axes)
+        return jnp.sum(jnp.where(chosen, x, 0), axes), found
+    return x[tuple(index)], found
 
-    # The carry's scale is signed: its sign says whether the pass was taken near the mean, judged
-    # in scaled units (a fifth, boolean, carry would cost the steady state one more kernel).
-    def step(carry):
-        shift, offset, raw_second, _, iteration = carry
-        better = lax.stop_gradient(_finite_or(shift + offset, shift))
-        # Scale where a re-shifted sum overflowed, or a first sum (no better shift). Around the
-        # first better shift an overflow may still be the distance of a far shift: its scaled pass
-        # then finds the mean (and the next, unscaled, the variance), one pass more than needed.
-        overflow = ~jnp.isfinite(raw_second) & ((iteration > 0) | ~jnp.isfinite(offset))
-        scale = jnp.where(overflow, overflow_scale, one).astype(one.dtype)
-        unscale = 1 / scale  # exact: a power of two
-        first, second = _global_sums(reduction, _local_sums(reduction, better, scale))
-        first, second = first / count, second / count  # finite where scaled
-        # judged in scaled units, where a variance beyond the dtype is still finite
-        near = abs_square(first) <= (1 - 1 / CANCELLATION_LIMIT) * second
-        # Multiplications, one factor at a time: scale^2 and count * scale^2 are subnormal.
-        return better, first * unscale, second * unscale * unscale, jnp.where(near, scale, -scale), iteration + 1
 
-    def again(carry):
-        shift, offset, raw_second, signed_scale, iteration = carry
-        near, scale = signed_scale > 0, jnp.abs(signed_scale)
-        return jnp.any(_poor_shift(shift, offset, raw_second, scale, near)) & (iteration < MAX_RESHIFTS)
+def _first_along(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``x`` at index 0 of each of ``axes`` (removed). An axis sharded explicitly (``jax.sharding``'s
+    explicit mode) cannot be sliced: there the element is gathered, replicated (one small collective)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = tuple(getattr(sharding, "spec", None) or ())
+    for axis in axes:
+        if axis < len(spec) and spec[axis] is not None:
+            spec = tuple(None if i == axis else part for i, part in enumerate(spec))
+            out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+            x = x.at[(slice(None),) * axis + (np.array([0]),)].get(out_sharding=out)
+        else:
+            x = lax.slice_in_dim(x, 0, 1, axis=axis)
+    return jnp.squeeze(x, axes)
 
-    if os.environ.get("JAXBN_MEASURE_WITHOUT_RESHIFT") == "1":
-        # For benchmarks/gpu_suite.py only: what the loop's predicate costs a step (inexact at a poor shift).
-        return shift, offset, raw_second
-    # Inside shard_map the sums may vary over mesh axes the shift does not (a
-    # replicated running mean, statistics over a sub-group axis): the loop's
-    # carry must keep one type.
-    shift = varying_like(shift, offset, raw_second)
-    carry = lax.while_loop(again, step, (shift, offset, raw_second, one, jnp.zeros((), jnp.int32)))
-    return carry[0], carry[1], carry[2]
+
+def _exponent(value: jax.Array) -> jax.Array:
+    """``floor(log2 |value|)`` of a real floating array (0 and subnormals: the least normal exponent - 1;
+    Inf and NaN: the greatest + 1), read from the bits: a few integer instructions."""
+    info = jnp.finfo(value.dtype)
+    bits = lax.bitcast_convert_type(jnp.abs(value), _INT[info.bits])
+    return (bits >> info.nmant).astype(jnp.int32) - (info.maxexp - 1)
+
+
+def _power_of_two(exponent: jax.Array, dtype: Any) -> jax.Array:
+    """``2^exponent`` in ``dtype``, exact, built from the bits; ``exponent`` in the normal range."""
+    info = jnp.finfo(dtype)
+    biased = (exponent + (info.maxexp - 1)).astype(_INT[info.bits])
+    return lax.bitcast_convert_type(biased << info.nmant, info.dtype)
+
+
+_INT = {32: jnp.int32, 64: jnp.int64}
+
+
+def _local_moments(
+    plan: _Plan, x: jax.Array, mask: jax.Array | None, fallback: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """This device's ``(count, shift K, mean - K, variance)``: two passes around an element of its data.
+
+    Pass one sums ``d = x - K`` and ``|d|``; pass two ``|s (d - mean(d))|^2``, with ``s`` the
+    power of two that puts ``(Σ|d|)^2`` just below the dtype's maximum: no square overflows,
+    and none that matters underflows. No step depends on a decision taken from the data. XLA:CPU
+    reads ``x`` once per sum (3 reads), GPUs and TPUs fuse pass one into one read.
+    """
+    axes, dtype, real = plan.axes, plan.dtype, plan.real_dtype
+    shift = _data_shift(x, mask, axes, fallback)
+    size = math.prod(x.shape[i] for i in axes)
+    top = jnp.finfo(real).maxexp - 1  # the greatest normal exponent
+    # d = s0 (x - K), both sides scaled first: n |x - K| <= 2^(e(K) + 2 + log2 n) stays below the maximum
+    # (s0 = 1 unless |K| n is near it: values of both signs near the maximum differ by more than it)
+    log_size = jnp.ceil(jnp.log2(jnp.maximum(jnp.asarray(size, real), 1))).astype(jnp.int32)
+    e0 = -jnp.clip(_exponent(shift.real if jnp.iscomplexobj(shift) else shift) + 2 + log_size - top, 0, top)
+    s0 = _power_of_two(e0, real)
+
+    def deviation(x, shift, mask, s0, offset, s2):
+        d = x.astype(dtype) * jnp.expand_dims(s0, axes) - jnp.expand_dims(shift * s0, axes)
+        if offset is not None:
+            d = (d - jnp.expand_dims(offset, axes)) * jnp.expand_dims(s2, axes)
+        # where, not a product: masked-out NaN or Inf padding stays out.
+        return d if mask is None else jnp.where(mask, d, 0)
+
+    first, spread = channel_sums([deviation, lambda *ops: jnp.abs(deviation(*ops))],
+                                 [x, shift, mask, s0, None, None], axes)
+    if mask is None:
+        count = jnp.full(shift.shape, jnp.asarray(size, real), real)
+    else:
+        count = jnp.sum(jnp.broadcast_to(mask, x.shape), axes, dtype=real)
+    safe_count = jnp.maximum(count, 1)  # an empty feature: sums 0, so mean = K and var = 0
+    offset0 = first / safe_count  # mean - K, in units of s0
+    # s2: Σ|s2 (d - mean(d))|^2 <= (Σ|s2 (d - mean(d))|)^2 <= (2 s2 Σ|d|)^2, kept below 2^(top - 1)
+    e2 = jnp.clip(top // 2 - 2 - _exponent(spread), 1 - top, top)
+    s2 = _power_of_two(e2, real)
+    second, = channel_sums([lambda *ops: abs_square(deviation(*ops))], [x, shift, mask, s0, offset0, s2], axes)
+    # First sums beyond the dtype: values far beyond |K| near the maximum, a variance beyond it
+    beyond = jnp.isposinf(spread) & ~jnp.isnan(first)
+    offset0, second = jnp.where(beyond, 0, offset0), jnp.where(beyond, jnp.inf, second)
+    # Unscaled one power of two at a time, by multiplications (a/s/s would be rewritten a/(s*s), and
+    # s*s may be beyond the dtype where the variance is not).
+    u0, u2 = _power_of_two(-e0, real), _power_of_two(-e2, real)
+    # The mean as (its rounding, the rest): K + offset may be representable where offset is not.
+    mean = _finite_or((shift * s0 + offset0) * u0, shift)
+    offset = ((shift * s0 - mean * s0) + offset0) * u0
+    var = second / safe_count * u2 * u2 * u0 * u0
+    return count, mean, offset, var
+
+
+def _merge_devices(plan: _Plan, count, shift, offset, var) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Every device's moments, gathered in ONE collective and merged in device order (identical everywhere)."""
+    is_complex = jnp.iscomplexobj(shift)
+    parts = [count, shift.real, shift.imag, offset.real, offset.imag, var] if is_complex else [count, shift, offset, var]
+    gathered = all_gather(jnp.stack(parts), plan.axis_name, plan.axis_index_groups)
+    if is_complex:
+        count, shift_re, shift_im, offset_re, offset_im, var = (gathered[:, i] for i in range(6))
+        shift, offset = lax.complex(shift_re, shift_im), lax.complex(offset_re, offset_im)
+    else:
+        count, shift, offset, var = (gathered[:, i] for i in range(4))
+    return merge_stacked(count, shift, offset, var)
+
+
+def merge_stacked(count, shift, offset, var) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(count, shift, mean - shift, var)`` of parts stacked on axis 0, merged into one (Chan et al.).
+
+    Around the shift of the first part with data (per feature), so that large offsets cancel
+    before they meet the rounding; parts without data weigh nothing, whatever they hold.
+    """
+    has_data = count > 0
+    first = jnp.argmax(has_data, axis=0)  # 0 where no part has data
+    common = jnp.take_along_axis(shift, first[None], axis=0)[0]
+    total = jnp.sum(count, 0)
+    weight = count / jnp.maximum(total, 1)
+    # where, not a product: an empty part's distance may be anything, and 0 * inf is NaN
+    distance = jnp.where(has_data, (shift - common) + offset, 0)
+    merged_offset = jnp.sum(weight * distance, 0)
+    spread = jnp.where(has_data, weight * (var + abs_square(distance - merged_offset)), 0)
+    return total, common, merged_offset, jnp.sum(spread, 0)
+
+
+def all_gather(value: jax.Array, axis_name: AxisName, axis_index_groups: Any = None) -> jax.Array:
+    """``value`` of every device along ``axis_name`` (a name or tuple), stacked on a new axis 0, identical everywhere.
+
+    ONE collective. Inside ``shard_map`` a tuple may name ``vmap`` axes beside mesh axes: those
+    are gathered on the device first.
+    """
+    axis_size(axis_name, axis_index_groups)  # a clear error for an unbound name
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    manual = _manual_mesh_axes()
+    if not manual or axis_index_groups is not None:
+        if axis_index_groups is not None:
+            # JAX refuses groups in a psum inside shard_map (not under pmap) but not in an
+            # all_gather: ask the psum (dead code, removed by XLA) for the same, clear, refusal
+            try:
+                lax.psum(jnp.zeros((), value.dtype), axis_name, axis_index_groups=axis_index_groups)
+            except NotImplementedError as err:
+                raise NotImplementedError(_GROUPS_IN_SHARD_MAP.format(groups=axis_index_groups, name=axis_name)) from err
+        return lax.all_gather(value, axis_name, axis_index_groups=axis_index_groups)
+    original = value.shape
+    in_device = tuple(name for name in names if name not in manual)
+    mesh = tuple(name for name in names if name in manual)
+    if in_device:
+        with _unchecked_varying_axes():
+            value = lax.all_gather(value, in_device)
+    if mesh:
+        missing = frozenset(mesh) - varying_axes(value)
+        if missing:  # a replicated input: each device still contributes its copy
+            value = lax.pcast(value, tuple(sorted(missing, key=str)), to="varying")
+        # invariant: every device holds the same values, and may return them as replicated
+        value = lax.all_gather(value, mesh, to="invarying")
+    return value.reshape((-1,) + original)
+
+
+_GROUPS_IN_SHARD_MAP = (
+    "axis_index_groups={groups!r} with axis_name={name!r}: JAX implements axis_index_groups under pmap "
+    "only, not inside shard_map. For statistics over sub-groups of devices, factor the mesh axis instead, "
+    "e.g. jax.make_mesh((replicas, group_size), ('replica', 'group')) with the batch sharded over "
+    "('replica', 'group'), and pass axis_name='group' (see the README's 'Sub-group statistics')."
+)
 
 
 def moments(
@@ -430,25 +482,17 @@ def moments(
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     dtype: Any = None,
     shift: jax.Array | None = None,
-    reshift: bool | None = None,
 ) -> Moments:
-    r"""Mean and variance over ``axes``, exact across devices and at large offsets.
+    r"""Mean and variance over ``axes``, exact across devices and at any offset.
 
-    With ``K`` the shift (identical on every device), each device sums over its
-    valid elements ``n_i = Σ 1``, ``S_{1,i} = Σ (x - K)``, ``S_{2,i} = Σ (x - K)^2``;
-    one ``psum`` of the stacked sums gives the global ones, and
-
-    .. math::
-        \mu = K + S_1/n, \qquad \sigma^2 = S_2/n - (S_1/n)^2 .
-
-    Weighting by counts makes masked or padded batches with different numbers
-    of valid elements per device give exactly the statistics of all valid
-    elements together. The rounding of the sums is amplified by
-    ``(S_2/n) / σ^2``; where that exceeds :data:`CANCELLATION_LIMIT` in any
-    feature (a shift far from the mean), the sums are taken again around the
-    better mean until it does not, so the variance is exact for any finite
-    shift (a non-finite one is replaced by 0). Complex input has a complex mean
-    and the real variance ``E|x - μ|^2``.
+    Each device takes two passes over its valid elements around ``K``, an element of its own
+    batch (the first along ``axes``): the mean ``\mu_i = K + \sum (x - K) / n_i``, then
+    ``\sigma_i^2 = \sum |x - \mu_i|^2 / n_i``. With ``axis_name`` one ``all_gather`` brings every
+    device's ``(n_i, K, \mu_i - K, \sigma_i^2)`` to every device, which merges them in device
+    order (:func:`merge_moments`'s formula), so devices holding different numbers of valid
+    elements give exactly the statistics of all valid elements together. No step depends on the
+    running mean or on a decision taken from the data. Complex input has a complex mean and the
+    real variance ``E|x - \mu|^2``.
 
     Args:
       x: floating or complex input; bfloat16/float16 are reduced in float32.
@@ -460,12 +504,9 @@ def moments(
         ``jit`` with a sharded batch, where XLA reduces globally.
       axis_index_groups: optional subgroups of ``axis_name`` (pmap only).
       dtype: optional minimum dtype for the statistics (always at least float32).
-      shift: optional reference point ``K``, broadcastable to the reduced shape;
-        no gradient flows into it.
-      reshift: None: re-shift while the test above fails on any feature (one
-        global decision). True: always two passes (the mean around ``shift``,
-        then both sums around it), with no decision shared between features.
-        False: trust ``shift`` (one pass).
+      shift: optional reference point broadcastable to the reduced shape, used
+        for a feature whose first element is masked out or not finite (0 if
+        not given); no gradient flows into it.
 
     Returns:
       :class:`Moments` with arrays of shape ``x.shape`` without ``axes``.
@@ -484,7 +525,6 @@ def moments(
     Array([1., 1.], dtype=float32)
     """
     x = _validation.check_inexact(x)
-    _validation.check_static_bool(reshift, "reshift", none_ok=True)
     is_complex = jnp.issubdtype(x.dtype, jnp.complexfloating)
     _validation.check_dtype(dtype, complex_ok=is_complex)
     axes = _validation.canonicalize_axes(x.ndim, axes, name="axes", allow_empty=True)
@@ -498,7 +538,7 @@ def moments(
     if mask is not None:
         mask = _validation.check_mask(mask, x.shape)
     groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
-    plan = _Plan(axes, jnp.dtype(stats_dtype), jnp.dtype(real_dtype), axis_name, groups, shift is not None, reshift)
+    plan = _Plan(axes, jnp.dtype(stats_dtype), jnp.dtype(real_dtype), axis_name, groups)
     if shift is None:
         shift = jnp.zeros(feature_shape, stats_dtype)
     else:
@@ -510,63 +550,61 @@ def moments(
                 f"shape {feature_shape} (the input shape {x.shape} without axes {axes})."
             ) from None
     with jax.named_scope("jaxbn.moments"):
-        count, shift, offset, raw_second = _shifted_moments(plan, x, mask, lax.stop_gradient(_finite_or(shift, 0)))
-        # A second moment beyond the dtype is a variance beyond it (not inf - inf = NaN).
-        var = jnp.where(jnp.isposinf(raw_second), raw_second, jnp.maximum(raw_second - abs_square(offset), 0))
+        count, shift, offset, var = _shifted_moments(plan, x, mask, lax.stop_gradient(_finite_or(shift, 0)))
     return Moments(mean=shift + offset, var=var, count=count, shift=shift, mean_minus_shift=offset)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _shifted_moments(
-    plan: _Plan, x: jax.Array, mask: jax.Array | None, shift: jax.Array
+    plan: _Plan, x: jax.Array, mask: jax.Array | None, fallback: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``(count, final shift K, E[x - K], E|x - K|^2)`` over the valid elements.
+    """``(count, shift K, mean - K, variance)`` over the valid elements of every device.
 
-    Differentiated by :func:`_shifted_moments_jvp`: the derivatives at the
-    final shift, so no derivative goes through the re-shift loop.
+    Differentiated by :func:`_shifted_moments_jvp`: ``K`` is a constant, the mean and the
+    variance carry the derivatives.
     """
-    reduction = _Reduction(x, mask, plan.axes, plan.dtype, plan.axis_name, plan.axis_index_groups)
-    local = _local_sums(reduction, shift if plan.shifted else None, second=not plan.reshift)
-    if mask is None:
-        size = math.prod(x.shape[i] for i in plan.axes) * axis_size(plan.axis_name, plan.axis_index_groups)
-        count = jnp.full(shift.shape, size, plan.real_dtype)
-        sums = _global_sums(reduction, local)
-    else:
-        local_count = jnp.sum(jnp.broadcast_to(mask, x.shape), plan.axes, dtype=plan.real_dtype)
-        count, *sums = _global_sums(reduction, [local_count, *local])
-    # Empty features divide by 1: their sums are 0, so mean = shift, var = 0.
-    safe_count = jnp.maximum(count, 1)
-    if plan.reshift:  # always re-center: no decision shared between features
-        shift = lax.stop_gradient(_finite_or(shift + sums[0] / safe_count, shift))
-        sums = _global_sums(reduction, _local_sums(reduction, shift))
-    offset, raw_second = sums[0] / safe_count, sums[1] / safe_count
-    if plan.reshift is None:
-        shift, offset, raw_second = _reshift_until_exact(reduction, shift, offset, raw_second, safe_count)
-    return count, shift, offset, raw_second
+    return _statistics(plan, x, mask, fallback)
+
+
+def _two_pass_statistics(plan: _Plan, x: jax.Array, mask: jax.Array | None, fallback: jax.Array):
+    """Each device's two-pass moments, merged over ``plan.axis_name`` in one collective."""
+    count, shift, offset, var = _local_moments(plan, x, mask, fallback)
+    if plan.axis_name is not None:
+        count, shift, offset, var = _merge_devices(plan, count, shift, offset, var)
+    return count, shift, offset, var
+
+
+# What _shifted_moments computes; benchmarks/_reshift_loop.py swaps in the loop design to time it.
+_statistics = _two_pass_statistics
 
 
 @_shifted_moments.defjvp
 def _shifted_moments_jvp(plan, primals, tangents):
-    x, mask, shift = primals
-    count, shift, offset, raw_second = out = _shifted_moments(plan, x, mask, shift)
-    shift = lax.stop_gradient(shift)
-    reduction = _Reduction(x, mask, plan.axes, plan.dtype, plan.axis_name, plan.axis_index_groups)
+    x, mask, fallback = primals
+    count, shift, offset, var = out = _shifted_moments(plan, x, mask, fallback)
+    shift, offset = lax.stop_gradient(shift), lax.stop_gradient(offset)
     dx = tangents[0]
 
     # Linear in dx (no optimization barrier: reverse mode transposes this).
-    deviation = x.astype(plan.dtype) - jnp.expand_dims(shift, plan.axes)
+    centered = (x.astype(plan.dtype) - jnp.expand_dims(shift, plan.axes)) - jnp.expand_dims(offset, plan.axes)
     # A deviation beyond the dtype (values of both signs near its maximum) means a variance beyond
     # it, whose derivative the normalization does not use: 0, not inf * 0 = NaN in reverse mode.
-    deviation = jnp.where(jnp.isfinite(deviation), deviation, 0)
+    centered = jnp.where(jnp.isfinite(centered), centered, 0)
     dx = dx.astype(plan.dtype)
     if mask is not None:
-        deviation, dx = jnp.where(mask, deviation, 0), jnp.where(mask, dx, 0)
+        centered, dx = jnp.where(mask, centered, 0), jnp.where(mask, dx, 0)
     # d|d|^2 = 2 Re(conj(d) dd): 2 d dd for real input
-    d_square = 2 * (deviation.conj() * dx).real if jnp.iscomplexobj(deviation) else 2 * deviation * dx
-    d_first, d_second = _global_sums(reduction, [jnp.sum(dx, plan.axes), jnp.sum(d_square, plan.axes)])
+    d_square = 2 * (centered.conj() * dx).real if jnp.iscomplexobj(centered) else 2 * centered * dx
+    sums = [jnp.sum(dx, plan.axes), jnp.sum(d_square, plan.axes)]
+    if jnp.iscomplexobj(sums[0]):
+        d_mean_re, d_mean_im, d_var = cross_device_sum([sums[0].real, sums[0].imag, sums[1]], plan.axis_name,
+                                                       plan.axis_index_groups)
+        d_mean = lax.complex(d_mean_re, d_mean_im)
+    else:
+        d_mean, d_var = cross_device_sum(sums, plan.axis_name, plan.axis_index_groups)
     safe_count = jnp.maximum(count, 1)
     zeros = jnp.zeros_like(count)
-    return out, (zeros, jnp.zeros_like(shift), d_first / safe_count, d_second / safe_count)
+    return out, (zeros, jnp.zeros_like(shift), d_mean / safe_count, d_var / safe_count)
 
 
 def merge_moments(parts: Sequence[Moments]) -> Moments:
@@ -614,18 +652,7 @@ def merge_moments(parts: Sequence[Moments]) -> Moments:
     shapes = {jnp.shape(part.mean) for part in parts}
     if len(shapes) != 1:
         raise ValueError(f"parts must all have one shape, got {sorted(shapes)}.")
-    counts = [part.count for part in parts]
-    # Per feature, the shift of the first part with data: an empty part's shift (and so its
-    # mean) may lie anywhere, and taken as the common shift it would cost the offsets' precision.
-    shift, found = parts[0].shift, counts[0] > 0
-    for part, n in zip(parts[1:], counts[1:]):
-        shift, found = jnp.where(~found & (n > 0), part.shift, shift), found | (n > 0)
-    total = sum(counts[1:], counts[0])
-    safe = jnp.maximum(total, 1)
-    # each mean relative to the common shift: (K_i - K) + (mean_i - K_i); an empty part weighs
-    # nothing (where, not a product: its distance squared may overflow, and 0 * inf is NaN)
-    offsets = [jnp.where(n > 0, (part.shift - shift) + part.mean_minus_shift, 0) for n, part in zip(counts, parts)]
-    offset = sum((n * d for n, d in zip(counts, offsets)), jnp.zeros_like(offsets[0])) / safe
-    spread = sum(jnp.where(n > 0, n * (part.var + abs_square(d - offset)), 0)
-                 for n, part, d in zip(counts, parts, offsets)) / safe
+    fields = [jnp.stack(jnp.broadcast_arrays(*(getattr(part, name) for part in parts)))
+              for name in ("count", "shift", "mean_minus_shift", "var")]
+    total, shift, offset, spread = merge_stacked(*fields)
     return Moments(mean=shift + offset, var=spread, count=total, shift=shift, mean_minus_shift=offset)

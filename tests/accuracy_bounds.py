@@ -6,8 +6,8 @@ Every bound has the form ``rounding of the result's own dtype + C * u * (scale o
   2^-24 float32, 2^-53 float64): rounding the exact answer costs that much, so no bound can be lower.
 * ``u``: the unit roundoff of the dtype jaxbn computes in (float32 for float16/bfloat16/float32
   inputs, float64 for float64), and ``C = STATISTICS_FACTOR = 64``: a sum of up to MAX_GROUP terms
-  rounds by at most ``n u`` relative to the sum of magnitudes (and the re-shift keeps the
-  variance's cancellation below 8x); the errors measured stay below ``6 u``.
+  rounds by at most ``n u`` relative to the sum of magnitudes (the variance is a sum of squares
+  around the mean itself: no cancellation amplifies it); the errors measured stay below ``6 u``.
 * the scale of the terms: what the result is built from (``|scale| (1 + |x_hat|) + |bias|`` for an
   output), so that a bound is relative where the answer is large and absolute where it is 0.
 

@@ -15,9 +15,9 @@ likewise for ``jax.pmap``) is a list of computations::
 computations an instruction calls unconditionally (``calls=``, ``to_apply=``,
 ``condition=``, ``called_computations=``) but, unless asked, not the branches
 of a ``conditional`` (``branch_computations=``, ``true_computation=``,
-``false_computation=``) nor the ``body=`` of a ``while`` (jaxbn's only loop is
-the re-shift, which the steady state runs zero times): what it counts is what
-every execution runs. Each
+``false_computation=``) nor the ``body=`` of a ``while`` (jaxbn traces neither;
+a test that builds them counts the code only some executions run apart): what
+it counts is what every execution runs. Each
 reachable computation is counted once, so this is a static count of
 instructions, and an async pair (``all-reduce-start`` / ``all-reduce-done``, or
 ``async-start`` / ``async-done`` sharing a wrapped computation) counts as one.
@@ -191,6 +191,8 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, 
 _NOT_KERNELS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "conditional",
                 "while", "call", "after-all", "partition-id", "replica-id"}
 _NAMED = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_PARAMETER = re.compile(r"\bparameter\((\d+)\)")
+_FUSED = re.compile(r"\bcalls=%?([\w.\-]+)")
 
 
 def _type_bytes(type_text: str) -> int:
@@ -203,16 +205,94 @@ def _type_bytes(type_text: str) -> int:
     return total
 
 
+def _operand_names(rest: str, opcode: str) -> list[str]:
+    """The names of the operands of the instruction whose text after '=' is ``rest``."""
+    operands = rest[rest.index(f" {opcode}(") + len(opcode) + 2 :]
+    depth, end = 1, 0
+    for end, char in enumerate(operands):
+        depth += (char == "(") - (char == ")")
+        if depth == 0:
+            break
+    return re.findall(r"%([\w.\-]+)", operands[:end])
+
+
+def _type_text(rest: str, opcode: str | None) -> str:
+    return rest[: rest.index(f" {opcode}(")] if opcode and f" {opcode}(" in rest else ""
+
+
+def _elements(type_text: str) -> int:
+    total = 0
+    for _, dims in _ARRAY_TYPE.findall(type_text):
+        size = 1
+        for dim in filter(None, dims.split(",")):
+            size *= int(dim)
+        total += size
+    return total
+
+
+def _sliced_parameters(lines: list[str]) -> dict[int, int]:
+    """For a fused computation: ``{parameter index: bytes read}`` for each parameter that reaches the
+    rest of the computation only through static ``slice`` instructions, possibly after element-wise
+    ``convert``/``bitcast`` steps: a fused kernel computes those on the sliced elements only, so it
+    reads the slices' elements of the parameter, not the whole operand."""
+    parameters: dict[str, tuple[int, str]] = {}
+    uses: dict[str, list[tuple[str, str | None, str]]] = {}
+    gather_operands: dict[str, str] = {}  # gather -> the operand it gathers from
+    for line in lines:
+        named = _NAMED.match(line)
+        if not named:
+            continue
+        name, rest = named.groups()
+        opcode = _opcode(rest)
+        if opcode == "parameter":
+            parameters[name] = (int(_PARAMETER.search(rest).group(1)), _type_text(rest, opcode))
+        elif opcode is not None and f" {opcode}(" in rest:
+            operands = _operand_names(rest, opcode)
+            if opcode == "gather" and operands:
+                gather_operands[name] = operands[0]
+            for operand in operands:
+                uses.setdefault(operand, []).append((name, opcode, _type_text(rest, opcode)))
+
+    def demanded(name: str, elements: int) -> int | None:
+        """Elements of ``name`` (of ``elements`` in all) the computation reads; None: all of them."""
+        total = 0
+        for user, opcode, type_text in uses.get(name, []) or [("", None, "")]:
+            if opcode in ("slice", "gather"):  # at most one element of the operand per output element
+                if opcode == "gather" and gather_operands.get(user) != name:  # the indices, not the data
+                    return None
+                more = demanded(user, _elements(type_text))
+                total += _elements(type_text) if more is None else more
+            elif opcode in ("convert", "bitcast") and _elements(type_text) == elements:
+                more = demanded(user, elements)
+                if more is None:
+                    return None
+                total += more
+            else:
+                return None
+        return total
+
+    result = {}
+    for name, (index, type_text) in parameters.items():
+        elements = _elements(type_text)
+        read = demanded(name, elements) if elements else None
+        if read is not None and read < elements:
+            result[index] = _type_bytes(type_text) * read // elements
+    return result
+
+
 def memory_traffic(hlo_text: str) -> tuple[int, int]:
     """Bytes read and written by the kernels one steady-state execution runs, and their number.
 
     Each kernel (a fusion, a library call, a reduce, a copy, ...) of the ENTRY
     computation is charged the bytes of its operands plus those of its output;
-    bookkeeping instructions (parameters, tuples, bitcasts) are free. A
+    bookkeeping instructions (parameters, tuples, bitcasts) are free. A fusion
+    operand that the fused computation only slices or gathers from (``slice``,
+    ``gather``, perhaps after element-wise converts) is charged the bytes
+    taken: one element per feature of x does not read x. A
     ``conditional`` is charged its cheapest branch and a ``while`` loop its
-    condition only: the steady state takes no re-shift. This is the
-    static traffic model of the performance issue: a kernel that reads x and
-    writes y costs 2S for a tensor of S bytes.
+    condition only (zero trips). This is the static traffic model of the
+    performance issue: a kernel that reads x and writes y costs 2S for a
+    tensor of S bytes.
 
     Returns:
       ``(bytes, kernels)``.
@@ -228,7 +308,7 @@ def memory_traffic(hlo_text: str) -> tuple[int, int]:
                 continue
             name, rest = named.groups()
             opcode = _opcode(rest)
-            type_text = rest[: rest.index(f" {opcode}(")] if opcode and f" {opcode}(" in rest else ""
+            type_text = _type_text(rest, opcode)
             types[name] = type_text
             if opcode in ("conditional", "while"):  # the cheapest branch; a loop's zero trips
                 edges = _BRANCH_EDGES if opcode == "conditional" else _CALL_EDGES
@@ -238,14 +318,13 @@ def memory_traffic(hlo_text: str) -> tuple[int, int]:
                 continue
             if opcode is None or opcode in _NOT_KERNELS:
                 continue
-            operands = rest[rest.index(f" {opcode}(") + len(opcode) + 2 :]
-            depth, end = 1, 0
-            for end, char in enumerate(operands):
-                depth += (char == "(") - (char == ")")
-                if depth == 0:
-                    break
-            names = re.findall(r"%([\w.\-]+)", operands[:end])
-            traffic += _type_bytes(type_text) + sum(_type_bytes(types.get(n, "")) for n in names)
+            read = [_type_bytes(types.get(n, "")) for n in _operand_names(rest, opcode)]
+            fused = _FUSED.search(rest) if opcode == "fusion" else None
+            if fused:
+                for index, sliced in _sliced_parameters(bodies.get(fused.group(1), [])).items():
+                    if index < len(read):
+                        read[index] = min(read[index], sliced)
+            traffic += _type_bytes(type_text) + sum(read)
             kernels += 1
         return traffic, kernels
 

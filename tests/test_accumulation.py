@@ -86,7 +86,7 @@ def test_moments_in_inference_count_the_mask_and_cost_nothing_unless_asked(rng):
     module = jaxbn.linen.BatchNorm(use_running_average=True)
     variables = module.init(jax.random.key(0), x)
     text = jax.jit(module.apply).lower(variables, x).compile().as_text()
-    assert " while(" not in text  # inference is one elementwise pass: no re-shift loop, no reduction
+    assert " while(" not in text  # inference is one elementwise pass: no loop, no reduction
 
 
 # -- the returned moments are differentiable (a loss on batch statistics gets its gradient) -------------------------
@@ -129,7 +129,7 @@ def test_returned_moments_carry_the_gradient_of_jaxbn_moments(case, normalizer, 
     x = jnp.asarray(rng.normal(size=(12, 3)) * 2 + 3, jnp.float32)
     params, state = jaxbn.batch_norm_init(3)
     params["scale"] = params["scale"] * 1.5
-    state["mean"] = state["mean"] + 2.5  # the running mean is the shift: a cotangent of mean_minus_shift matters
+    state["mean"] = state["mean"] + 2.5  # a running mean far from the batch: the moments must not depend on it
     function = getattr(jaxbn, normalizer)
     if normalizer == "batch_renorm":
         if "ghost_batch_size" in kwargs:
@@ -212,7 +212,7 @@ def _cross_device_runs():
 
 @pytest.mark.parametrize("setup", ["pmap", "vmap", "shard_map", "shard_map_unchecked"])
 def test_moments_gradient_across_devices_equals_autodiff_through_jaxbn_moments(setup, rng):
-    """Under each device setup the moments' gradient is what autodiff through jaxbn.moments' psum gives."""
+    """Under each device setup the moments' gradient is what autodiff through jaxbn.moments' collectives gives."""
     x = jnp.asarray(rng.normal(size=(4, 5, 3)) * 2 + 3, jnp.float32)
     params, state = jaxbn.batch_norm_init(3)
 

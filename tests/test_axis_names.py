@@ -84,13 +84,25 @@ def _numpy(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-def _assert_same(result, expected):
-    """``(y, new_state, dx, dparams)`` equal to a single-device result, to float32 rounding."""
+def _assert_same(result, expected, state):
+    """``(y, new_state, dx, dparams)`` equal to a single-device result, to float32 rounding.
+
+    ``state`` is the running state both started from.
+    """
     (y, new_state, dx, dparams), (y1, state1, dx1, dp1) = result, expected
     np.testing.assert_allclose(y, y1, atol=1e-5)
     np.testing.assert_allclose(dx, dx1, atol=1e-5)
-    for key in ("mean", "var"):
-        np.testing.assert_allclose(new_state[key], state1[key], rtol=1e-6)
+    # The new running mean MOMENTUM * old + (1 - MOMENTUM) * batch_mean may cancel to far below its
+    # terms (e.g. 0.016 from terms near 0.3): its relative error is then unbounded, and the order in
+    # which the devices' statistics are merged may move it by an ulp of the terms. Each result rounds
+    # the terms by at most half an ulp (u = eps / 2) of their magnitude, so the two differ by at
+    # most eps * (|MOMENTUM * old| + |(1 - MOMENTUM) * batch_mean|): that absolute tolerance, no more.
+    old = MOMENTUM * np.abs(np.asarray(state["mean"], np.float64))
+    terms = old + np.abs(np.asarray(state1["mean"], np.float64) - MOMENTUM * np.asarray(state["mean"], np.float64))
+    eps = np.finfo(np.float32).eps
+    np.testing.assert_array_less(np.abs(np.asarray(new_state["mean"], np.float64) - state1["mean"]),
+                                 np.maximum(1e-6 * np.abs(np.asarray(state1["mean"], np.float64)), eps * terms))
+    np.testing.assert_allclose(new_state["var"], state1["var"], rtol=1e-6)
     for key in ("scale", "bias"):
         np.testing.assert_allclose(dparams[key], dp1[key], rtol=1e-5, atol=1e-5)
 
@@ -157,18 +169,25 @@ def test_axis_index_groups_inside_shard_map_says_what_to_do():
 
 
 def test_tuple_of_mesh_axes_under_shard_map_equals_global_batch():
-    """axis_name=('replica', 'group') reduces over all 8 devices: one all-reduce per direction."""
+    """axis_name=('replica', 'group') reduces over all 8 devices: one all-gather forward, one all-reduce backward."""
     x, w, params, state = _data(2, (16, 5, CHANNELS))
     y, new_state, dx, dparams = _factored_step(("replica", "group"))(x, w, params, state)
     y1, state1, dx1, dp1 = _single(x, w, params, state)
-    _assert_same((y, new_state, dx, dparams), (y1, state1, dx1, dp1))
+    _assert_same((y, new_state, dx, dparams), (y1, state1, dx1, dp1), state)
     spec = NamedSharding(FACTORED, P(("replica", "group")))
     step = jax.jit(jax.shard_map(
         functools.partial(_train, axis_name=("replica", "group")), mesh=FACTORED,
         in_specs=(spec.spec, spec.spec, P(), P()), out_specs=(spec.spec, P(), spec.spec, P()),
     ))
     text = step.lower(jax.device_put(x, spec), jax.device_put(w, spec), params, state).compile().as_text()
-    assert hlo.count_collectives(text) == 2
+    _assert_one_collective_per_direction(text)
+
+
+def _assert_one_collective_per_direction(text):
+    """The forward's statistics in ONE all-gather, the backward's sums in ONE all-reduce, no loop."""
+    assert hlo.count_collectives(text, op="all-gather") == 1
+    assert hlo.count_collectives(text) == 1
+    assert " while(" not in text
 
 
 def _vmapped_step(x, w, params, state):
@@ -201,12 +220,13 @@ def test_vmap_axis_beside_mesh_axis_under_shard_map_with_checks_on():
     y, new_state, dx, dparams = _numpy(_vmap_in_shard_map()(*args))
     y1, state1, dx1, dp1 = _single(x, w, params, state)
     # Lane l of device d holds rows [d*4 + 2l, d*4 + 2l + 2): the same rows as the global batch.
-    _assert_same((y, new_state, dx, dparams), (y1, state1, dx1, dp1))
+    _assert_same((y, new_state, dx, dparams), (y1, state1, dx1, dp1), state)
     text = _vmap_in_shard_map().lower(*args).compile().as_text()
-    # One forward, one backward: each lane's parameter gradient must also be
-    # summed over 'i' (a lane differentiates its own loss), and XLA combines
-    # that sum with the backward's [Σdy, Σdy·x̂] into the same all-reduce.
-    assert hlo.count_collectives(text) == 2
+    # Forward: the lanes' statistics gathered on the device, then one all-gather over 'i'.
+    # Backward: each lane's parameter gradient must also be summed over 'i' (a lane
+    # differentiates its own loss), and XLA combines that sum with the backward's
+    # [Σdy, Σdy·x̂] into the same all-reduce.
+    _assert_one_collective_per_direction(text)
 
 
 # Per-example norms across devices: features sharded (layer/RMS), or the spatial axis (group/instance).

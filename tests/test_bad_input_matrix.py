@@ -363,8 +363,6 @@ row("static", "batch_norm_unbiased", call(BN, X, PARAMS, STATE, unbiased_running
     r"unbiased_running_var must be a Python bool, got 0\.")
 row("static", "batch_renorm_return_moments", call(BRN, X, PARAMS, STATE, return_moments=None), TypeError,
     r"return_moments must be a Python bool, got None")
-row("static", "moments_reshift", call(jaxbn.moments, X, 0, reshift=1), TypeError,
-    r"reshift must be a Python bool or None, got 1\.")
 row("static", "update_running_stats", call(jaxbn.update_running_stats, STATE, MOMENTS, unbiased_running_var="no"),
     TypeError, r"unbiased_running_var must be a Python bool, got 'no'")
 row("static", "nnx.BatchNorm", lambda: N.BatchNorm(3, update_running_stats=1, rngs=R()), TypeError,
@@ -398,8 +396,6 @@ row("traced", "update_running_stats_momentum",
     SCALAR.format("momentum", r"\(2, 3\)"))
 row("traced", "moments_axes", traced(lambda x, a: jaxbn.moments(x, a), X, 0), TypeError,
     r"axes must be an int or a sequence of ints, got JitTracer")
-row("traced", "moments_reshift", traced(lambda x, r: jaxbn.moments(x, 0, reshift=r), X, True), TypeError,
-    SELECTS.format("reshift"))
 row("traced", "layer_norm_axes", traced(lambda x, a: jaxbn.layer_norm(x, reduction_axes=a), X4, -1), TypeError,
     r"reduction_axes must be an int or a sequence of ints, got JitTracer")
 row("traced", "rms_norm_epsilon", traced(jaxbn.rms_norm, X4, epsilon=jnp.ones(4)), TypeError,

@@ -7,8 +7,19 @@ program, the bytes of their operands and outputs, in units of S (the bytes of
 the activation tensor). Floors: 3S train forward, 8S forward+backward, 2S
 inference.
 
-XLA:CPU's library reductions read x once per sum: 4S / 10S / 2S. flax's
-default compiles to 4S / 15S (float32) and 9S / 29S (bfloat16) here.
+jaxbn compiles to 5S / 11S / 2S here, in float32 and bfloat16. The statistics
+take two passes around an element of the batch, with no data-dependent control
+flow: pass one sums x - K and |x - K|, pass two |x - mean|^2. XLA:CPU's library
+reductions read x once per sum, so the statistics read x three times (GPUs and
+TPUs fuse pass one's two sums into one read, 1S less); the normalization reads
+x and writes y (2S). The backward adds 6S: dy read for the bias gradient's
+sum, x and dy for the scale gradient's, and x and dy read with dx written.
+(The replaced design, sums around the running mean re-taken in a `while` loop
+while the shift was poor, compiled to 4S / 10S / 2S here: one read less, one
+loop per layer.) flax's default compiles to 4S / 15S (float32) and 9S / 29S
+(bfloat16) here: its float32 forward, one fused pass of E[x] and E[x^2]
+(inexact at large offsets), moves 1S less than jaxbn's; its forward+backward
+4S (float32) and 18S (bfloat16) more.
 """
 
 import re
@@ -64,14 +75,15 @@ def _flax_forward_backward(dtype):
 
 
 # (traffic in S, kernels) reached on XLA:CPU with jax 0.10; kernels include the
-# small per-feature ones (the re-shift test, the guard, the state update).
-EXPECTED = {"forward": (4.0, 17), "forward_backward": (10.0, 21), "inference": (2.0, 2)}
+# small per-feature ones (the data shift and the scales of the two passes, the merge
+# of the sums, the guard, the state update).
+EXPECTED = {"forward": (5.0, 18), "forward_backward": (11.0, 23), "inference": (2.0, 2)}
 
 
 @structural
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_traffic_and_kernels_are_pinned(dtype):
-    """Traffic stays at 4S / 10S / 2S, with at most the pinned kernels."""
+    """Traffic stays at 5S / 11S / 2S, with at most the pinned kernels."""
     size = np.prod(SHAPE) * jnp.dtype(dtype).itemsize
     for mode, compiled in _programs(dtype).items():
         traffic, kernels = hlo.memory_traffic(compiled.as_text())
@@ -80,19 +92,47 @@ def test_traffic_and_kernels_are_pinned(dtype):
         assert kernels <= expected_kernels, (mode, kernels)
 
 
+def _no_control_flow(text):
+    """No ``while`` and no ``conditional`` anywhere in compiled HLO text (any computation)."""
+    return text.count(" while(") == 0 and text.count(" conditional(") == 0
+
+
+@pytest.mark.parametrize("case", ["batch_norm", "masked", "ghost", "layer_norm"])
+def test_no_data_dependent_control_flow_in_training(case):
+    """The training step compiles to straight-line code: no ``while``, no ``conditional``, forward or
+    forward+backward (a data-dependent loop is a host round trip per layer on XLA:GPU)."""
+    shape = (32, 4, 4, 16)
+    params, state = jaxbn.batch_norm_init(shape[-1])
+    mask = jnp.arange(shape[0]).reshape(-1, 1, 1, 1) < 20  # a real mask: some examples padded
+
+    def forward(x, p):
+        if case == "layer_norm":
+            return jaxbn.layer_norm(x, p, reduction_axes=(1, 2, 3), feature_axes=-1)
+        kwargs = {"mask": mask} if case == "masked" else {"ghost_batch_size": 8} if case == "ghost" else {}
+        return jaxbn.batch_norm(x, p, state, training=True, **kwargs)
+
+    def forward_backward(x, p, dy):
+        out, vjp = jax.vjp(forward, x, p)
+        return out, vjp(jax.tree.map(lambda o: dy if o.shape == dy.shape else jnp.zeros_like(o), out))
+
+    x = jnp.zeros(shape)
+    for fn, args in ((forward, (x, params)), (forward_backward, (x, params, x))):
+        text = jax.jit(fn).lower(*args).compile().as_text()
+        assert _no_control_flow(text), (case, fn.__name__)
+
+
 @structural
-def test_one_reshift_loop_per_training_call():
-    """The training forward has one data-dependent control-flow op (the re-shift loop); nothing else."""
-    for mode, compiled in _programs(jnp.float32).items():
-        text = compiled.as_text()
-        assert text.count(" conditional(") == 0, mode
-        assert text.count(" while(") == (0 if mode == "inference" else 1), mode
+def test_no_control_flow_in_the_pinned_programs():
+    """The programs whose traffic is pinned hold no loop or conditional either (nothing uncounted)."""
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for mode, compiled in _programs(dtype).items():
+            assert _no_control_flow(compiled.as_text()), (dtype, mode)
 
 
 @pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
 def test_no_custom_call_in_any_lowering(platform):
-    """jaxbn is pure JAX: the training step lowers to no custom call on any backend, and to one
-    data-dependent loop (the re-shift; channel_sums' per-backend choice is a case on a constant)."""
+    """jaxbn is pure JAX: the training step lowers to no custom call on any backend, and to no loop
+    and no data-dependent branch (channel_sums' per-backend choice is a case on a constant)."""
     params, state = jaxbn.batch_norm_init(SHAPE[-1])
 
     def step(x, p, s):
@@ -102,18 +142,23 @@ def test_no_custom_call_in_any_lowering(platform):
     x = jnp.zeros(SHAPE)
     text = jax.jit(step).trace(x, params, state).lower(lowering_platforms=(platform,)).as_text()
     assert "custom_call" not in text
-    assert text.count("stablehlo.while") == 1
+    assert "stablehlo.while" not in text and "stablehlo.if" not in text
 
 
 @structural
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_less_traffic_and_temp_memory_than_flax(dtype):
-    """Forward+backward moves at least a third less than flax's default and needs no more temp memory."""
+    """Forward+backward moves at least a quarter less than flax's default, and its temp memory holds
+    per-feature vectors only (no tensor of x's size: flax's bfloat16 default holds a float32 copy)."""
     ours = _programs(dtype)["forward_backward"]
     theirs = _flax_forward_backward(dtype)
-    # 10S vs 15S in float32 (vs 29S in bfloat16), per-feature vectors aside
-    assert hlo.memory_traffic(ours.as_text())[0] <= 0.67 * hlo.memory_traffic(theirs.as_text())[0]
-    assert ours.memory_analysis().temp_size_in_bytes <= theirs.memory_analysis().temp_size_in_bytes
+    # 11S vs 15S in float32 (0.73), 11S vs 29S in bfloat16 (0.38), per-feature vectors aside
+    assert hlo.memory_traffic(ours.as_text())[0] <= 0.75 * hlo.memory_traffic(theirs.as_text())[0]
+    size = np.prod(SHAPE) * jnp.dtype(dtype).itemsize
+    temp, flax_temp = ours.memory_analysis().temp_size_in_bytes, theirs.memory_analysis().temp_size_in_bytes
+    # a few KB in both dtypes (flax's float32: 1.5 KB, its bfloat16: 2S of float32 x)
+    assert temp <= size / 100, temp
+    assert temp <= max(flax_temp, size / 100), (temp, flax_temp)
 
 
 @structural
@@ -127,17 +172,52 @@ def test_bfloat16_tensors_stay_bfloat16():
 
 @structural
 def test_masked_training_traffic():
-    """A mask costs one materialized pass in the forward (6S), none in the backward.
+    """A mask costs one materialized tensor per statistics pass in the forward (9S), none in the backward (15S).
 
     XLA:CPU's library reductions do not absorb the select that keeps masked-out
-    (possibly NaN) elements out of the sums, so `where(mask, x - K, 0)` is
-    written once and read by both sums.
+    (possibly NaN) elements out of the sums, so pass one writes `where(mask, x - K, 0)`
+    once and both its sums read it (4S instead of 2S), and pass two writes and reads
+    its masked deviations (3S instead of 1S).
     """
     mask = jnp.ones((SHAPE[0], 1, 1, 1), bool)
     size = np.prod(SHAPE) * 4
     compiled = _programs(jnp.float32, mask=mask)
-    assert hlo.memory_traffic(compiled["forward"].as_text())[0] / size <= 6.05
-    assert hlo.memory_traffic(compiled["forward_backward"].as_text())[0] / size <= 12.05
+    assert hlo.memory_traffic(compiled["forward"].as_text())[0] / size <= 9.05
+    assert hlo.memory_traffic(compiled["forward_backward"].as_text())[0] / size <= 15.05
+
+
+def test_traffic_model_charges_a_sliced_operand_its_slice():
+    """tests/hlo.py: a fusion that only slices an operand (after element-wise converts) reads the slice;
+    one that also uses the whole operand reads all of it. (jaxbn's data shift slices one element per
+    feature out of x: 1S in the model without this, a few bytes in fact.)"""
+    text = """HloModule m
+
+%sliced (p0: bf16[64,16], p1: f32[16]) -> f32[16] {
+  %p0 = bf16[64,16]{1,0} parameter(0)
+  %c = f32[64,16]{1,0} convert(%p0)
+  %s = f32[1,16]{1,0} slice(%c), slice={[0:1], [0:16]}
+  %b = f32[16]{0} bitcast(%s)
+  %p1 = f32[16]{0} parameter(1)
+  ROOT %a = f32[16]{0} add(%b, %p1)
+}
+
+%whole (q0: bf16[64,16]) -> bf16[64,16] {
+  %q0 = bf16[64,16]{1,0} parameter(0)
+  %t = bf16[1,16]{1,0} slice(%q0), slice={[0:1], [0:16]}
+  ROOT %n = bf16[64,16]{1,0} negate(%q0)
+}
+
+ENTRY %main (x: bf16[64,16], k: f32[16]) -> (f32[16], bf16[64,16]) {
+  %x = bf16[64,16]{1,0} parameter(0)
+  %k = f32[16]{0} parameter(1)
+  %f = f32[16]{0} fusion(%x, %k), kind=kLoop, calls=%sliced
+  %g = bf16[64,16]{1,0} fusion(%x), kind=kLoop, calls=%whole
+  ROOT %r = (f32[16]{0}, bf16[64,16]{1,0}) tuple(%f, %g)
+}
+"""
+    traffic, kernels = hlo.memory_traffic(text)
+    # %f: 16 bf16 read + 16 f32 read + 16 f32 written; %g: x read and written
+    assert (traffic, kernels) == ((32 + 64 + 64) + 2 * 64 * 16 * 2, 2)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -161,8 +241,9 @@ def test_fused_and_separate_sums_agree(dtype):
 @needs_devices
 @pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
 def test_accelerator_lowerings_under_shard_map(platform):
-    """Per BatchNorm call, lowered for each backend on 8 devices with axis_name: one re-shift loop, no custom
-    call, and all-reduces 1 forward + 1 backward, plus 1 inside the loop (run only while the shift is poor)."""
+    """Per BatchNorm call, lowered for each backend on 8 devices with axis_name: no loop, no custom call;
+    the forward's one collective is an all-gather (every device's count, shift, mean - shift and variance,
+    merged in device order), the backward's one an all-reduce (the two gradient sums)."""
     mesh = jax.make_mesh((N_DEVICES,), ("i",))
     params, state = jaxbn.batch_norm_init(16)
 
@@ -176,11 +257,19 @@ def test_accelerator_lowerings_under_shard_map(platform):
     x = jax.device_put(jnp.ones((64, 16)), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("i")))
     specs = (jax.sharding.PartitionSpec("i"), jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec())
     for fn, out_specs, all_reduces in (
-        (forward, (specs[0], specs[1]), 2),
-        (forward_backward, (specs[0], specs[1], (specs[0], specs[1])), 3),
+        (forward, (specs[0], specs[1]), 0),
+        (forward_backward, (specs[0], specs[1], (specs[0], specs[1])), 1),
     ):
-        mapped = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=out_specs)
-        text = jax.jit(mapped).trace(x, params, state).lower(lowering_platforms=(platform,)).as_text()
+        mapped = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=out_specs))
+        text = mapped.trace(x, params, state).lower(lowering_platforms=(platform,)).as_text()
         assert "custom_call" not in text
-        assert text.count("stablehlo.while") == 1
-        assert text.count("all_reduce") == all_reduces
+        assert "stablehlo.while" not in text and "stablehlo.if" not in text
+        assert text.count('"stablehlo.all_gather"') == 1
+        assert text.count('"stablehlo.all_reduce"') == all_reduces
+        for op in ("reduce_scatter", "collective_permute", "all_to_all"):
+            assert f'"stablehlo.{op}"' not in text
+        if platform == "cpu":  # and so the compiled program, loop bodies and branches included
+            compiled = mapped.lower(x, params, state).compile().as_text()
+            assert _no_control_flow(compiled)
+            assert hlo.count_collectives(compiled, "all-gather", include_branches=True) == 1
+            assert hlo.count_collectives(compiled, "all-reduce", include_branches=True) == all_reduces

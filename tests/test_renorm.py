@@ -4,7 +4,7 @@ Every result is compared with a float64 NumPy implementation of the paper's
 equations (below); ``r_max=1, d_max=0`` must be batch norm (to rounding: the two
 are different programs, which XLA may fuse and round differently), and the
 multi-device runs must equal the single-device run on the global batch with
-batch norm's one all-reduce per direction.
+batch norm's collectives: one all-gather forward, one all-reduce backward.
 """
 
 import functools
@@ -402,7 +402,8 @@ def _distributed_step(kind, axis):
             per_device = lambda a: a.reshape((N_DEVICES, -1) + a.shape[1:])
             y, new_state, dx, dparams = step(per_device(x), per_device(w), p, s)
             merge = lambda a: a.reshape((-1,) + a.shape[2:])
-            # every device holds the same state, bit for bit: the same program on the same all-reduced sums
+            # every device holds the same state, bit for bit: the same program merging the same gathered
+            # statistics in the same (device) order
             for value in jax.tree.leaves(new_state):
                 np.testing.assert_array_equal(value, np.broadcast_to(value[0], value.shape))
             # each device differentiates its own loss: the parameter gradient is their sum
@@ -438,8 +439,8 @@ def test_distributed_equals_global_batch(kind, layout):
 
 
 @multidevice
-def test_one_all_reduce_per_direction_under_pmap():
-    """Compiled pmap HLO: 1 all-reduce forward, 2 forward+backward (plus batch norm's re-shift branch)."""
+def test_one_collective_per_direction_under_pmap():
+    """Compiled pmap HLO, as batch norm: 1 all-gather forward, plus 1 all-reduce backward, no loop."""
     x = jnp.ones((N_DEVICES, 4, 3))
     params, state = jaxbn.batch_norm_init(3)
 
@@ -449,11 +450,13 @@ def test_one_all_reduce_per_direction_under_pmap():
     def loss(x, p, s):
         return jnp.sum(jnp.sin(forward(x, p, s)[0]))
 
-    for fn, outside in ((forward, 1), (jax.grad(loss, argnums=(0, 1)), 2)):
+    for fn, all_reduces in ((forward, 0), (jax.grad(loss, argnums=(0, 1)), 1)):
         text = hlo.compiled_text(jax.pmap(fn, axis_name="i", in_axes=(0, None, None)), x, params, state)
-        assert hlo.count_collectives(text) == outside
-        assert hlo.count_in_branches(text) == 1  # the forward's re-shift for a poor shift, as batch norm
-        assert hlo.count_collectives(text, op="all-gather") == 0
+        assert hlo.count_collectives(text, op="all-gather") == 1  # every device's (count, K, mean - K, var)
+        assert hlo.count_collectives(text) == all_reduces  # the backward's [Σdy, Σdy·x̂]
+        assert " while(" not in text and " conditional(" not in text  # nothing decided from the data
+        for op in ("all-gather", "all-reduce"):
+            assert hlo.count_in_branches(text, op=op) == 0
 
 
 # --- linen ------------------------------------------------------------------------------------

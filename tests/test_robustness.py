@@ -238,7 +238,7 @@ def test_constant_features_at_the_float32_maximum():
     x = jnp.full((8, 2), 3e38, jnp.float32).at[:, 1].set(-3e38)
     params = {"bias": jnp.array([1.0, -1.0])}
     y, new_state = jaxbn.batch_norm(x, params, jaxbn.batch_norm_init(2)[1], training=True, momentum=0.5)
-    # to rounding: x - mean is 0 only if the (re-shifted) mean comes out as 3e38 exactly, which depends
+    # to rounding: x - mean is 0 only if the mean comes out as 3e38 exactly, which depends
     # on the order of the sums; the bias is of order 1
     np.testing.assert_allclose(y, jnp.broadcast_to(params["bias"], (8, 2)), rtol=0, atol=1e-6)
     np.testing.assert_allclose(new_state["mean"], [1.5e38, -1.5e38], rtol=1e-6)
@@ -257,19 +257,53 @@ def test_a_variance_beyond_float32_leaves_the_state_unchanged():
 # -- transforms see the same --------------------------------------------------------------------
 
 
-def test_reshift_loop_under_vmap_and_shard_map():
-    """The re-shift loop works per example under vmap and with one decision under shard_map."""
-    x = _normal(10, (N_DEVICES * 4, 3), scale=0.01)
-    shift = jnp.full(3, 1e8)
-    expected = reference.batch_stats(x)[1]
-    per_example = jax.vmap(lambda row: jaxbn.moments(row, 0, shift=shift).var)(jnp.asarray(x).reshape(8, 4, 3))
-    np.testing.assert_allclose(per_example, np.stack([reference.batch_stats(r)[1] for r in x.reshape(8, 4, 3)]),
-                               rtol=1e-4)
+@pytest.mark.parametrize("offset, shift", [(0.0, 1e8), (1e4, 0.0), (-3e4, 1e10)])
+def test_exact_statistics_at_far_shifts_under_vmap_and_shard_map(offset, shift):
+    """Data far from the given shift, or far from 0: the statistics still match float64 per example
+    under vmap, over a vmap axis_name and over shard_map's devices (parts of different means merged)."""
+    parts = N_DEVICES
+    x = _normal(10, (parts * 4, 3), scale=0.01, offset=offset)
+    x = x + np.repeat(np.arange(parts, dtype=np.float32) * 0.03, 4)[:, None]  # the parts' means differ
+    x_parts = jnp.asarray(x).reshape(parts, 4, 3)
+    shift = jnp.full(3, shift, jnp.float32)
+    mean, var = reference.batch_stats(x, axis=1)
+
+    def check(result, mean, var, rtol):
+        np.testing.assert_allclose(result.var, var, rtol=rtol)
+        np.testing.assert_allclose(result.mean, mean, rtol=1e-6, atol=1e-6)
+
+    per_example = jax.vmap(lambda part: jaxbn.moments(part, 0, shift=shift))(x_parts)
+    expected = [reference.batch_stats(part, axis=1) for part in x.reshape(parts, 4, 3)]
+    check(per_example, np.stack([m for m, _ in expected]), np.stack([v for _, v in expected]), rtol=1e-4)
+    merged = jax.vmap(lambda part: jaxbn.moments(part, 0, shift=shift, axis_name="b"), axis_name="b")(x_parts)
+    check(merged, np.broadcast_to(mean, (parts, 3)), np.broadcast_to(var, (parts, 3)), rtol=1e-5)
+
     mesh = jax.make_mesh((N_DEVICES,), ("i",))
-    f = jax.shard_map(lambda x: jaxbn.moments(x, 0, shift=shift, axis_name="i").var, mesh=mesh,
+    f = jax.shard_map(lambda x: jaxbn.moments(x, 0, shift=shift, axis_name="i"), mesh=mesh,
                       in_specs=P("i"), out_specs=P())
-    x_sharded = jax.device_put(jnp.asarray(x), jax.sharding.NamedSharding(mesh, P("i")))
-    np.testing.assert_allclose(f(x_sharded), expected, rtol=1e-5)
+    check(f(jax.device_put(jnp.asarray(x), jax.sharding.NamedSharding(mesh, P("i")))), mean, var, rtol=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        jax.jit(lambda x: jaxbn.moments(x, 0, shift=shift).var)(jnp.asarray(x))
+        check(jax.jit(lambda x: jaxbn.moments(x, 0, shift=shift))(jnp.asarray(x)), mean, var, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_a_masked_out_first_element_with_a_far_running_mean_keeps_the_variance(layout, rng):
+    """The statistics are taken around the first *valid* element: padding first and a far (cold or bad) running
+    mean do not lose the variance of data with std 0.01 (around 1e8, float32 rounds x - 1e8 to -1e8)."""
+    x = rng.normal(size=(8, 3, 3, 4)) * 0.01
+    mask = rng.random((8, 3, 3, 1)) > 0.5
+    mask[0] = False  # the first example is padding
+    axes, feature = ((0, 1, 2), -1) if layout == "NHWC" else ((0, 2, 3), 1)
+    if layout == "NCHW":
+        x, mask = np.moveaxis(x, -1, 1), np.moveaxis(mask, -1, 1)
+    valid = np.broadcast_to(mask, x.shape)
+    want = np.array([np.take(x, c, feature)[np.take(valid, c, feature)].astype(np.float64).var() for c in range(4)])
+    moments = jax.jit(lambda x, m: jaxbn.moments(x, axes, mask=m, shift=jnp.full(4, 1e8)))(
+        jnp.asarray(x, jnp.float32), jnp.asarray(mask))
+    np.testing.assert_allclose(moments.var, want, rtol=1e-5)
+    params, state = jaxbn.batch_norm_init(4)
+    state["mean"] = jnp.full(4, 1e8)
+    _, new_state = jaxbn.batch_norm(jnp.asarray(x, jnp.float32), params, state, training=True, axis=feature,
+                                    mask=jnp.asarray(mask), momentum=0.0)
+    np.testing.assert_allclose(new_state["var"], want, rtol=1e-5)
