@@ -403,6 +403,14 @@ def _local_moments(
 
 def _merge_devices(plan: _Plan, count, shift, offset, var) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Every device's moments, gathered in ONE collective and merged in device order (identical everywhere)."""
+    names = plan.axis_name if isinstance(plan.axis_name, tuple) else (plan.axis_name,)
+    manual = _manual_mesh_axes()
+    lanes = tuple(name for name in names if manual and name not in manual)
+    if lanes:  # vmap axes inside shard_map: the mesh first, then the lanes on the device
+        mesh = tuple(name for name in names if name in manual)
+        if mesh:
+            count, shift, offset, var = _merge_devices(plan._replace(axis_name=mesh), count, shift, offset, var)
+        return _merge_lanes(lanes, count, shift, offset, var)
     is_complex = jnp.iscomplexobj(shift)
     parts = [count, shift.real, shift.imag, offset.real, offset.imag, var] if is_complex else [count, shift, offset, var]
     gathered = all_gather(jnp.stack(parts), plan.axis_name, plan.axis_index_groups)
@@ -412,6 +420,25 @@ def _merge_devices(plan: _Plan, count, shift, offset, var) -> tuple[jax.Array, j
     else:
         count, shift, offset, var = (gathered[:, i] for i in range(4))
     return merge_stacked(count, shift, offset, var)
+
+
+def _merge_lanes(lanes: tuple, count, shift, offset, var) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The moments of ``vmap`` lanes inside ``shard_map`` merged with sums over the lanes (reductions on the
+    device, not collectives; a psum passes shard_map's varying-axes check where an all_gather does not):
+    around the count-weighted mean of the lanes' shifts, then the offsets, then the spreads."""
+
+    def total(v):
+        with _unchecked_varying_axes():
+            return lax.psum(v, lanes)
+
+    n = total(count)
+    safe = jnp.maximum(n, 1)
+    weight = count / safe
+    common = total(weight * shift)
+    distance = jnp.where(count > 0, (shift - common) + offset, 0)
+    merged = total(weight * distance)
+    spread = total(jnp.where(count > 0, weight * (var + abs_square(distance - merged)), 0))
+    return n, common, merged, spread
 
 
 def merge_stacked(count, shift, offset, var) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -453,15 +480,15 @@ def all_gather(value: jax.Array, axis_name: AxisName, axis_index_groups: Any = N
     original = value.shape
     in_device = tuple(name for name in names if name not in manual)
     mesh = tuple(name for name in names if name in manual)
-    if in_device:
-        with _unchecked_varying_axes():
-            value = lax.all_gather(value, in_device)
     if mesh:
         missing = frozenset(mesh) - varying_axes(value)
         if missing:  # a replicated input: each device still contributes its copy
             value = lax.pcast(value, tuple(sorted(missing, key=str)), to="varying")
         # invariant: every device holds the same values, and may return them as replicated
         value = lax.all_gather(value, mesh, to="invarying")
+    if in_device:
+        raise ValueError(f"all_gather over vmap axes {in_device} inside shard_map: merge them with psums "
+                         "(jaxbn.stats._merge_devices does).")
     return value.reshape((-1,) + original)
 
 
