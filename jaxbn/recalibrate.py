@@ -12,6 +12,7 @@ float64 and written into the running statistics.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 from collections.abc import Iterable, Iterator, Mapping
@@ -203,15 +204,28 @@ def linen_layer_moments(
             f"{list(variables) if isinstance(variables, Mapping) else None}."
         )
 
+    try:  # one jitted forward per model and options, so a second call compiles nothing
+        layer_moments, traced = _linen_forward(model, normalize_with, tuple(sorted(call_kwargs.items())))
+    except TypeError:  # an unhashable model or keyword argument: a forward for this call only
+        layer_moments, traced = _linen_forward.__wrapped__(model, normalize_with, tuple(call_kwargs.items()))
+    for batch in batches:
+        sown = _sown_by_layer(jax.device_get(layer_moments(variables, _as_args(batch))))
+        info.update(traced)  # noted while tracing (the first call with these shapes)
+        yield _in_call_order({layer: list(calls) for layer, calls in sown}, info)
+
+
+@functools.lru_cache(maxsize=32)
+def _linen_forward(model: nn.Module, normalize_with: str, call_kwargs: tuple) -> tuple[Any, dict]:
+    """A jitted forward sowing each BatchNorm's moments, and the per-layer facts its tracing notes."""
+    info: dict[tuple[str, ...], dict[str, Any]] = {}
+
     @jax.jit
     def layer_moments(variables, args):
         with nn.intercept_methods(_linen_interceptor(normalize_with, info)):
-            _, sown = model.apply(variables, *args, mutable=["intermediates"], **call_kwargs)
+            _, sown = model.apply(variables, *args, mutable=["intermediates"], **dict(call_kwargs))
         return sown.get("intermediates", {})
 
-    for batch in batches:
-        sown = _sown_by_layer(jax.device_get(layer_moments(variables, _as_args(batch))))
-        yield _in_call_order({layer: list(calls) for layer, calls in sown}, info)
+    return layer_moments, info
 
 
 def _recalibrate_linen(model, variables, batches, normalize_with, estimator, progress, call_kwargs):

@@ -239,3 +239,27 @@ def test_one_array_instead_of_an_iterable_of_batches_is_refused(array):
         jaxbn.recalibrate(module, x, progress=False)
     np.testing.assert_array_equal(module.bn1.mean[...], before)  # refused before anything ran: unchanged
     jaxbn.recalibrate(module, [x], progress=False)  # the fix the message names
+
+
+def test_recalibrating_a_linen_model_twice_compiles_once(caplog):
+    """The second call on the same model (new variables, same shapes) reuses the first call's compiled forward."""
+    import logging
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jaxbn.linen.BatchNorm(use_running_average=True)(nn.Dense(4)(x))
+
+    batches = [jnp.full((8, 3), float(i)) + jnp.arange(3.0) for i in range(3)]
+    variables = Net().init(jax.random.key(0), batches[0])
+    first = jaxbn.recalibrate(Net(), variables, batches, progress=False)
+    previous = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="jax"):
+            second = jaxbn.recalibrate(Net(), first, batches, progress=False)
+    finally:
+        jax.config.update("jax_log_compiles", previous)
+    compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling ")]
+    assert not [m for m in compiled if "layer_moments" in m], compiled
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), first, second)
