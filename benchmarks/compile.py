@@ -82,9 +82,9 @@ import jaxbn.nnx
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.bench import _reexec_with_huge_pages  # noqa: E402  (one copy of it)
 from tests.hlo import parse_computations  # noqa: E402
 
-HUGE_PAGES = "glibc.malloc.hugetlb=1"
 NORMS = ("jaxbn", "flax")
 FAMILIES = ("linen", "nnx")
 LINEN_NORMS = {"jaxbn": jaxbn.linen.BatchNorm, "flax": nn.BatchNorm}
@@ -733,14 +733,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.json.write_text(json.dumps(results, indent=1, default=str))
         print(f"\nwrote {args.json}")
     return results
-
-
-def _reexec_with_huge_pages() -> None:
-    """glibc reads GLIBC_TUNABLES only at startup: set it and start again."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" not in tunables:
-        env = dict(os.environ, GLIBC_TUNABLES=f"{tunables}:{HUGE_PAGES}".lstrip(":"))
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 if __name__ == "__main__":

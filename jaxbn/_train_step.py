@@ -135,7 +135,6 @@ class StepConfig(NamedTuple):
     compute_dtype: Any
     out_dtype: Any
     correction: Callable[..., tuple[jax.Array, jax.Array]] | None = None
-    moments_gradient: bool = False  # differentiate the batch moments returned (else they only feed the state)
 
 
 class StepInputs(NamedTuple):
@@ -299,10 +298,8 @@ def batch_norm_train(
     """Training-mode batch norm with batch statistics: ``(y, batch Moments)``.
 
     Differentiable in forward and reverse mode (to any order) with respect to ``x`` and the
-    parameters, through ``y`` and, with ``config.moments_gradient``, the batch
-    mean and variance returned (as :func:`jaxbn.moments` is); ``inputs`` carry
-    no gradient. Arguments are as validated by :func:`jaxbn.batch_norm`.
+    parameters, through ``y`` and the batch mean and variance returned (as
+    :func:`jaxbn.moments` is); ``inputs`` carry no gradient. Arguments are as validated by :func:`jaxbn.batch_norm`.
     """
     inputs = jax.tree_util.tree_map(lax.stop_gradient, inputs)
-    y, batch = _step(x, params.get("scale"), params.get("bias"), config, inputs)
-    return y, batch if config.moments_gradient else jax.tree_util.tree_map(lax.stop_gradient, batch)
+    return _step(x, params.get("scale"), params.get("bias"), config, inputs)

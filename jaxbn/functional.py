@@ -514,7 +514,7 @@ def batch_norm_from_checked(
         axis_name, axis_index_groups = None, None
     config = _train_step.StepConfig(
         axes, axis_name, axis_index_groups, jnp.dtype(call.compute_dtype), jnp.dtype(call.out_dtype),
-        correction if call.training else None, call.want_moments,
+        correction if call.training else None,
     )
     inputs = _train_step.StepInputs(
         shift, jnp.asarray(call.epsilon, call.compute_dtype), mask, running_mean, running_var,

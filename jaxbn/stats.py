@@ -423,22 +423,15 @@ def _merge_devices(plan: _Plan, count, shift, offset, var) -> tuple[jax.Array, j
 
 
 def _merge_lanes(lanes: tuple, count, shift, offset, var) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """The moments of ``vmap`` lanes inside ``shard_map`` merged with sums over the lanes (reductions on the
-    device, not collectives; a psum passes shard_map's varying-axes check where an all_gather does not):
-    around the count-weighted mean of the lanes' shifts, then the offsets, then the spreads."""
+    """The moments of ``vmap`` lanes inside ``shard_map``, merged with sums over the lanes (reductions on
+    the device, not collectives; a psum passes shard_map's varying-axes check where an all_gather does
+    not), around the count-weighted mean of the lanes' shifts."""
 
     def total(v):
         with _unchecked_varying_axes():
             return lax.psum(v, lanes)
 
-    n = total(count)
-    safe = jnp.maximum(n, 1)
-    weight = count / safe
-    common = total(weight * shift)
-    distance = jnp.where(count > 0, (shift - common) + offset, 0)
-    merged = total(weight * distance)
-    spread = total(jnp.where(count > 0, weight * (var + abs_square(distance - merged)), 0))
-    return n, common, merged, spread
+    return _merge(count, shift, offset, var, total, lambda weight: total(weight * shift))
 
 
 def merge_stacked(count, shift, offset, var) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -447,27 +440,37 @@ def merge_stacked(count, shift, offset, var) -> tuple[jax.Array, jax.Array, jax.
     Around the shift of the first part with data (per feature), so that large offsets cancel
     before they meet the rounding; parts without data weigh nothing, whatever they hold.
     """
-    has_data = count > 0
-    first = jnp.argmax(has_data, axis=0)  # 0 where no part has data
+    first = jnp.argmax(count > 0, axis=0)  # 0 where no part has data
     common = jnp.take_along_axis(shift, first[None], axis=0)[0]
-    total = jnp.sum(count, 0)
-    weight = count / jnp.maximum(total, 1)
+    return _merge(count, shift, offset, var, lambda v: jnp.sum(v, 0), lambda weight: common)
+
+
+def _merge(count, shift, offset, var, total, common) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Chan's merge of parts, summed by ``total``, around ``common(weights)``, a shift near every part's."""
+    has_data = count > 0
+    n = total(count)
+    weight = count / jnp.maximum(n, 1)
+    reference = common(weight)
     # where, not a product: an empty part's distance may be anything, and 0 * inf is NaN
-    distance = jnp.where(has_data, (shift - common) + offset, 0)
-    merged_offset = jnp.sum(weight * distance, 0)
-    spread = jnp.where(has_data, weight * (var + abs_square(distance - merged_offset)), 0)
-    return total, common, merged_offset, jnp.sum(spread, 0)
+    distance = jnp.where(has_data, (shift - reference) + offset, 0)
+    merged_offset = total(weight * distance)
+    spread = total(jnp.where(has_data, weight * (var + abs_square(distance - merged_offset)), 0))
+    return n, reference, merged_offset, spread
 
 
 def all_gather(value: jax.Array, axis_name: AxisName, axis_index_groups: Any = None) -> jax.Array:
     """``value`` of every device along ``axis_name`` (a name or tuple), stacked on a new axis 0, identical everywhere.
 
-    ONE collective. Inside ``shard_map`` a tuple may name ``vmap`` axes beside mesh axes: those
-    are gathered on the device first.
+    ONE collective. Inside ``shard_map`` it gathers over mesh axes only (a ``vmap`` axis there trips
+    the varying-axes check; :func:`_merge_lanes` sums over those instead).
     """
     axis_size(axis_name, axis_index_groups)  # a clear error for an unbound name
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
     manual = _manual_mesh_axes()
+    in_device = tuple(name for name in names if manual and name not in manual)
+    if in_device:
+        raise ValueError(f"all_gather over vmap axes {in_device} inside shard_map: merge them with psums "
+                         "(jaxbn.stats._merge_devices does).")
     if not manual or axis_index_groups is not None:
         if axis_index_groups is not None:
             # JAX refuses groups in a psum inside shard_map (not under pmap) but not in an
@@ -478,18 +481,11 @@ def all_gather(value: jax.Array, axis_name: AxisName, axis_index_groups: Any = N
                 raise NotImplementedError(_GROUPS_IN_SHARD_MAP.format(groups=axis_index_groups, name=axis_name)) from err
         return lax.all_gather(value, axis_name, axis_index_groups=axis_index_groups)
     original = value.shape
-    in_device = tuple(name for name in names if name not in manual)
-    mesh = tuple(name for name in names if name in manual)
-    if mesh:
-        missing = frozenset(mesh) - varying_axes(value)
-        if missing:  # a replicated input: each device still contributes its copy
-            value = lax.pcast(value, tuple(sorted(missing, key=str)), to="varying")
-        # invariant: every device holds the same values, and may return them as replicated
-        value = lax.all_gather(value, mesh, to="invarying")
-    if in_device:
-        raise ValueError(f"all_gather over vmap axes {in_device} inside shard_map: merge them with psums "
-                         "(jaxbn.stats._merge_devices does).")
-    return value.reshape((-1,) + original)
+    missing = frozenset(names) - varying_axes(value)
+    if missing:  # a replicated input: each device still contributes its copy
+        value = lax.pcast(value, tuple(sorted(missing, key=str)), to="varying")
+    # invariant: every device holds the same values, and may return them as replicated
+    return lax.all_gather(value, names, to="invarying").reshape((-1,) + original)
 
 
 _GROUPS_IN_SHARD_MAP = (
