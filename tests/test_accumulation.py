@@ -210,7 +210,8 @@ def _cross_device_runs():
     }
 
 
-@pytest.mark.parametrize("setup", ["pmap", "vmap", "shard_map", "shard_map_unchecked"])
+@pytest.mark.parametrize("setup", ["pmap", "vmap", *(pytest.param(s, marks=pytest.mark.slow)  # ~30-50 s each, eager
+                                                      for s in ("shard_map", "shard_map_unchecked"))])
 def test_moments_gradient_across_devices_equals_autodiff_through_jaxbn_moments(setup, rng):
     """Under each device setup the moments' gradient is what autodiff through jaxbn.moments' collectives gives."""
     x = jnp.asarray(rng.normal(size=(4, 5, 3)) * 2 + 3, jnp.float32)

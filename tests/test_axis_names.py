@@ -297,7 +297,7 @@ def _alt_step(name, kind):
     return run
 
 
-@pytest.mark.parametrize("kind", ["pmap", "shard_map", "jit_sharded"])
+@pytest.mark.parametrize("kind", [pytest.param("pmap", marks=pytest.mark.slow), "shard_map", "jit_sharded"])
 @pytest.mark.parametrize("name", sorted(ALTERNATIVES))
 def test_per_example_norm_over_sharded_axis_equals_unsharded(name, kind):
     """Statistics reduced over the device axis equal those of the unsharded tensor, grads too."""

@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test runs benchmarks/bench.py --quick in a subprocess
+
 BENCH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
 MODES = ("train forward", "forward+backward", "inference")
 TRAFFIC = re.compile(r"^\d+\.\d\dS$")

@@ -74,6 +74,7 @@ def linen_run(tmp_path_factory):
     return directory, worker.flat(saved), worker.flat(uninterrupted)
 
 
+@pytest.mark.slow  # its fixture resumes in a new process
 def test_linen_resume_in_new_process_is_bitwise_identical(linen_run):
     """params, batch_stats and momentum after save -> new process -> restore -> resume equal the uninterrupted run's."""
     directory, saved, uninterrupted = linen_run
@@ -87,6 +88,7 @@ def test_linen_resume_in_new_process_is_bitwise_identical(linen_run):
             assert not np.array_equal(saved[key], uninterrupted[key]), key
 
 
+@pytest.mark.slow  # its fixture resumes in a new process
 def test_linen_sharded_restore_places_each_array_as_annotated(linen_run):
     """Restored onto a ('data', 'model') mesh: the saved values, features split over 'model', stats like scale."""
     directory, saved, _ = linen_run
@@ -108,6 +110,7 @@ def test_linen_sharded_restore_places_each_array_as_annotated(linen_run):
         assert got["shard_shape"] == shard, key
 
 
+@pytest.mark.slow  # its fixture resumes in a new process
 def test_linen_sharded_resume_matches_uninterrupted(linen_run):
     """Training on resumes on the mesh (batch over 'data', features over 'model') as on one device."""
     directory, _, uninterrupted = linen_run
@@ -299,6 +302,7 @@ def nnx_run(tmp_path_factory):
     return directory, saved, worker.nnx_flat(model, optimizer)
 
 
+@pytest.mark.slow  # its fixture resumes in a new process
 def test_nnx_resume_in_new_process_is_bitwise_identical(nnx_run):
     """Model state, momentum and step restored into an nnx.eval_shape model in a new process resume bitwise."""
     directory, saved, uninterrupted = nnx_run
@@ -325,6 +329,7 @@ def _nnx_eval(model, x):
     return y
 
 
+@pytest.mark.slow  # ~5 s; test_nnx.py's state swaps and the linen checkpoint test stay
 def test_flax_nnx_state_loads_into_jaxbn_nnx_and_back(tmp_path):
     """flax.nnx.BatchNorm's nnx.state restores into jaxbn.nnx.BatchNorm's abstract model and back, bits intact."""
     theirs, flax_abstract = _nnx_model(nnx.BatchNorm)

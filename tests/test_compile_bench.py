@@ -76,6 +76,7 @@ def test_instruction_counter_counts_every_line_of_every_computation_and_those_in
     assert bench.loop_instructions(LOOP_HLO) == 9
 
 
+@pytest.mark.slow  # runs benchmarks/compile.py --quick
 def test_every_compile_row_has_positive_times_and_instruction_counts(quick):
     results, _ = quick
     for family in FAMILIES:
@@ -93,6 +94,7 @@ def test_every_compile_row_has_positive_times_and_instruction_counts(quick):
         assert check["same_init"] and check["passed"], check
 
 
+@pytest.mark.slow  # runs benchmarks/compile.py --quick
 def test_every_eager_row_has_both_libraries_timed_and_counted(quick):
     results, _ = quick
     assert set(results["eager"]) == EAGER_ROWS
@@ -104,6 +106,7 @@ def test_every_eager_row_has_both_libraries_timed_and_counted(quick):
         assert row["ratio"] > 0
 
 
+@pytest.mark.slow  # runs benchmarks/compile.py --quick
 def test_targets_cover_every_ratio_and_the_json_holds_the_results(quick):
     results, written = quick
     assert [t["metric"] for t in results["targets"]] == ["compile", "lower", "instructions"] * 2 + ["eager"] * 4

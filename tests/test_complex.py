@@ -66,7 +66,7 @@ def _feature_shape(shape, axis):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+@pytest.mark.parametrize("dtype", [np.complex64, pytest.param(np.complex128, marks=pytest.mark.slow)])  # x64: slow tier
 def test_moments_match_complex128_reference(dtype, masked):
     """Mean complex, variance real and exact at a large complex offset, count real."""
     z = _complex((64, 5), offset=1e4 - 3e3j, dtype=dtype)
@@ -88,6 +88,7 @@ def test_moments_match_complex128_reference(dtype, masked):
             np.testing.assert_allclose(m.count, (~np.isnan(z.real) if mask is None else mask).sum(0))
 
 
+@pytest.mark.slow  # ~3 s; test_synchronized_complex_batch_norm_under_pmap_equals_global_batch stays
 def test_moments_across_devices_equal_global():
     """With an axis name the complex sums cross devices in the one collective and give global statistics."""
     z = _complex((4, 6, 3), seed=3)
@@ -185,7 +186,8 @@ MODULES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(MODULES))
+@pytest.mark.parametrize("name", [n if n in ("LayerNorm", "RMSNorm") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(MODULES)])  # GroupNorm, InstanceNorm: ~3 s each
 def test_per_example_norms_match_reference_and_flax(name):
     """Layer/RMS/group/instance norm of complex input: reference and flax.linen agree with jaxbn."""
     ours, theirs, kwargs, axes, center = MODULES[name]
@@ -314,6 +316,7 @@ def test_complex_dtype_for_real_input_is_refused():
     assert y.dtype == jnp.complex64
 
 
+@pytest.mark.slow  # ~3 s; test_nnx.py's complex input test stays
 def test_ghost_batches_of_complex_input():
     """ghost_batch_size with complex input: each group as its own batch; state from the groups' average."""
     z = jnp.asarray(_complex((8, 2, 3), seed=11))

@@ -176,6 +176,7 @@ def test_examples_write_outside_the_repository_unless_asked():
     assert {p.stem for p in QUICK_REPORTS.glob("*.md")} == set(SCRIPTS)  # a committed quick report per example
 
 
+@pytest.mark.slow  # runs the example's --quick mode
 def test_train_digits_learns_and_jaxbn_matches_flax(capsys, monkeypatch, tmp_path):
     """--quick (one epoch) data-parallel over the 8 test devices, --out given: both BNs learn and agree."""
     pytest.importorskip("sklearn")
@@ -191,6 +192,7 @@ def test_train_digits_learns_and_jaxbn_matches_flax(capsys, monkeypatch, tmp_pat
     assert "| jaxbn |" in (out / "train_digits.md").read_text()
 
 
+@pytest.mark.slow  # runs benchmarks/accuracy.py
 def test_accuracy_benchmark_runs_and_jaxbn_meets_the_bounds(capsys):
     """benchmarks/accuracy.py runs; jaxbn's rows meet the accuracy bounds at every offset."""
     spec = importlib.util.spec_from_file_location("accuracy", EXAMPLES.parent / "benchmarks" / "accuracy.py")
@@ -203,6 +205,7 @@ def test_accuracy_benchmark_runs_and_jaxbn_meets_the_bounds(capsys):
         assert var_error <= 1e-5 and output_error <= 1e-4
 
 
+@pytest.mark.slow  # runs the example's --quick mode
 def test_swa_recalibration_example_lowers_the_drift(capsys, monkeypatch, tmp_path):
     """The SWA example runs; recalibrated statistics describe the averaged network better than stale ones."""
     pytest.importorskip("sklearn")
@@ -215,6 +218,7 @@ def test_swa_recalibration_example_lowers_the_drift(capsys, monkeypatch, tmp_pat
     assert "What this shows" in (out / "swa_recalibration.md").read_text()
 
 
+@pytest.mark.slow  # runs the example's --quick mode
 def test_convergence_and_learning_rate_example_runs_and_bn_learns(capsys, monkeypatch, tmp_path):
     """The learning-rate sweep runs every setting: BatchNorm learns at the small lr, lr 30 diverges without it."""
     pytest.importorskip("sklearn")
@@ -235,6 +239,7 @@ def test_convergence_and_learning_rate_example_runs_and_bn_learns(capsys, monkey
     assert "What this shows" in report and "](convergence_and_learning_rate_curves.png)" in report
 
 
+@pytest.mark.slow  # runs the example's --quick mode
 def test_deep_network_example_runs_and_reports_gradients(capsys, monkeypatch, tmp_path):
     """The deep-network example runs every setting; per-layer gradient norms come back, BatchNorm learns."""
     pytest.importorskip("sklearn")
@@ -255,6 +260,7 @@ def test_deep_network_example_runs_and_reports_gradients(capsys, monkeypatch, tm
     assert "What this shows" in report and "](deep_network_gradients.png)" in report
 
 
+@pytest.mark.slow  # runs the example's --quick mode
 @needs_devices
 def test_data_parallel_styles_equal_one_device_and_per_device_statistics_run(capsys, monkeypatch, tmp_path):
     """--quick: jit, shard_map and pmap end where one device ends; synced and per-device runs, figure, report."""
@@ -274,6 +280,7 @@ def test_data_parallel_styles_equal_one_device_and_per_device_statistics_run(cap
     assert "](data_parallel.png)" in report and "What this shows" in report
 
 
+@pytest.mark.slow  # runs the example's --quick mode
 def test_fold_for_inference_outputs_equal_and_timings_taken(capsys, monkeypatch, tmp_path):
     """--quick: the folded CNN gives the unfolded eval-mode logits (float32) and predictions; both are timed."""
     pytest.importorskip("sklearn")
@@ -293,6 +300,7 @@ def test_fold_for_inference_outputs_equal_and_timings_taken(capsys, monkeypatch,
     assert "](fold_for_inference.png)" in report and "What this shows" in report
 
 
+@pytest.mark.slow  # runs the example's --quick mode
 def test_small_batches_example_runs_every_normalization(capsys, monkeypatch, tmp_path):
     """--quick (one batch size, one seed): every normalization trains; accuracies and train/inference gaps sane."""
     pytest.importorskip("sklearn")
@@ -314,6 +322,7 @@ def test_small_batches_example_runs_every_normalization(capsys, monkeypatch, tmp
     assert "](small_batches.png)" in report and "What this shows" in report
 
 
+@pytest.mark.slow  # runs the example's --quick mode
 def test_activations_example_runs_every_activation_and_placement(capsys, monkeypatch, tmp_path):
     """--quick: relu/tanh/sigmoid x none/BN before/BN after train; drift, percentiles and figures come back."""
     pytest.importorskip("sklearn")
@@ -334,6 +343,7 @@ def test_activations_example_runs_every_activation_and_placement(capsys, monkeyp
     assert "What this shows" in report
 
 
+@pytest.mark.slow  # runs the example's --quick mode
 def test_multihost_quick_mode_agrees_in_every_style(capsys, monkeypatch, tmp_path):
     """--quick in one process (the 8 test devices; tests/test_multihost.py launches several): jit, shard_map and
     pmap give the same 2 losses and running statistics; the report says so."""

@@ -66,6 +66,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -77,7 +78,7 @@ import jaxbn.nnx
 from jaxbn import stats
 from tests.conftest import N_DEVICES, needs_devices
 
-pytestmark = needs_devices
+pytestmark = [needs_devices, pytest.mark.slow]  # a 300-step soak, three compilations
 
 STEPS = 300
 PER_DEVICE = 4

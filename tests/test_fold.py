@@ -106,7 +106,8 @@ class NNXNet(nnx.Module):
         return self.bn_head(self.head(x.mean((1, 2))))
 
 
-@pytest.mark.parametrize("norm,conv_bias", [("jaxbn", True), ("flax", False)])
+@pytest.mark.parametrize("norm,conv_bias", [pytest.param("jaxbn", True, marks=pytest.mark.slow),  # ~7 s
+                                            ("flax", False)])
 def test_nnx_folded_equals_unfolded(rng, norm, conv_bias):
     model = NNXNet(NNX_NORMS[norm], conv_bias, nnx.Rngs(0))
     x = jnp.asarray(rng.normal(2.0, 2.0, (4, 7, 7, 6)), jnp.float32)

@@ -60,7 +60,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in ("ghost", "mask") else c  # ~10 s each
+                                  for c in sorted(CASES)])
 def test_jvp_jacfwd_linearize_through_training_batch_norm(case, data):
     x, params, state, (tx, tp), mask = data
     options, reference_options = CASES[case]
@@ -88,6 +89,7 @@ def test_jvp_jacfwd_linearize_through_training_batch_norm(case, data):
                                jax.jacrev(lambda x: ours(x, params))(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # ~7 s of eager forward mode
 def test_forward_mode_of_the_returned_moments_and_under_vmap_with_an_axis_name(data):
     x, params, state, (tx, _), _ = data
     _, moments_tangent = jax.jvp(

@@ -158,6 +158,7 @@ def _loss(x, params, state, **kw):
     return jnp.sum(jnp.sin(y) * jnp.arange(y.shape[-1])), new_state
 
 
+@pytest.mark.slow  # ~25 s: eager vmap, remat and loops
 def test_transforms_jit_grad_vmap_scan_remat_eval_shape(rng):
     """batch_norm composes with jit, grad, vmap, scan, remat and eval_shape."""
     batches = jnp.asarray(np.stack(_batches(rng, 3, shape=(8, 3))))
@@ -191,6 +192,7 @@ def test_transforms_jit_grad_vmap_scan_remat_eval_shape(rng):
     assert shapes[0].shape == (8, 3) and shapes[1]["var"].shape == (3,)
 
 
+@pytest.mark.slow  # ~10 s: check_grads of orders 1 and 2
 def test_gradients_pass_numerical_check_orders_1_and_2():
     """jax.test_util.check_grads (reverse mode, orders 1 and 2) in float64, masked too.
 
@@ -250,6 +252,7 @@ def test_invalid_arguments_raise_clear_errors(kwargs, error, message):
         jax.jit(lambda: _call(**kwargs)).lower()
 
 
+@pytest.mark.slow  # ~10 s of eager calls
 def test_single_example_is_fine_in_inference_and_with_a_mask():
     """One element per feature is only refused when it is known to reach the statistics."""
     x = jnp.ones((1, 3))
@@ -267,6 +270,7 @@ def test_traced_momentum_is_accepted(rng):
     np.testing.assert_allclose(new["mean"], reference.batch_stats(x)[0], rtol=1e-6)
 
 
+@pytest.mark.slow  # ~6 s of op-by-op execution; test_properties.py's eager search is slow too
 class EagerEqualsJitTest(chex.TestCase):
     """The public functions give the same values eagerly and under jit (chex.variants)."""
 

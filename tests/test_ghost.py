@@ -96,7 +96,8 @@ TOLERANCES = {jnp.float32: (3e-5, 1e-5), jnp.bfloat16: (3e-2, 1e-3), jnp.float64
 
 @pytest.mark.parametrize("mask_kind", [None, "examples", "elements"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64], ids=["f32", "bf16", "f64"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, pytest.param(jnp.float64, marks=pytest.mark.slow)],
+                         ids=["f32", "bf16", "f64"])  # x64: slow tier
 def test_outputs_and_running_statistics_match_float64_reference(dtype, layout, mask_kind):
     """Each ghost batch normalized by its own statistics; state from their count-weighted average."""
     axis, shape = LAYOUTS[layout]
@@ -176,8 +177,9 @@ def _jnp_ghost_reference(x, params, ghost, axis, mask):
     return y.reshape(x.shape)
 
 
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout, masked", [  # ~5-15 s each: the default tier keeps NHWC, masked
+    (layout, masked) if (layout, masked) == ("NHWC", True) else pytest.param(layout, masked, marks=pytest.mark.slow)
+    for masked in (False, True) for layout in sorted(LAYOUTS)])
 def test_gradients_match_autodiff_of_float64_reference(layout, masked):
     """dx, dscale, dbias of sum(w * y) in float64 equal jax.grad of a plain jnp ghost batch norm."""
     axis, shape = LAYOUTS[layout]
@@ -340,7 +342,7 @@ def _md_step(kind, axis_name):
 
 @needs_devices
 @pytest.mark.parametrize("axis_name", [None, "i"])
-@pytest.mark.parametrize("kind", ["pmap", "shard_map"])
+@pytest.mark.parametrize("kind", [pytest.param("pmap", marks=pytest.mark.slow), "shard_map"])
 def test_per_device_ghost_batches_equal_single_device(kind, axis_name):
     """pmap/shard_map give the single-device ghost outputs and gradients, with or without axis_name.
 

@@ -10,9 +10,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 SUITE = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_suite.py"
 
 
+@pytest.mark.slow  # runs benchmarks/gpu_suite.py --smoke in subprocesses
 def test_smoke_run_writes_markdown_and_json(tmp_path):
     done = subprocess.run([sys.executable, str(SUITE), str(tmp_path), "--smoke"], capture_output=True, text=True,
                           timeout=900)  # ~30 s quiet; a hang fails, a loaded machine does not

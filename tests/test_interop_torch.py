@@ -238,6 +238,7 @@ def test_compare_names_the_first_mismatching_batchnorm(rng):
     assert result.first_mismatch == result.state_mismatches[0]
 
 
+@pytest.mark.slow  # ~5 s; the eval-mode and round-trip conversions stay
 @pytest.mark.parametrize("torch_momentum", [0.1, None], ids=["exponential", "cumulative"])
 def test_three_training_steps_give_the_same_running_statistics(rng, torch_momentum):
     torch_model, flax_model, template = _models(momentum=torch_momentum)
@@ -439,6 +440,7 @@ def test_momentum_conversion_and_batch_norm_kwargs():
         interop.batch_norm_kwargs(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_importing_the_module_does_not_import_torch():
     code = "import sys, jaxbn.interop.torch; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)

@@ -30,7 +30,7 @@ def _run_steps(module, variables, batches, scale_weights):
     return results, batch_stats
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.float64, marks=pytest.mark.slow)])  # x64: slow tier
 @pytest.mark.parametrize("axis", [-1, 1])
 @pytest.mark.parametrize("use_scale, use_bias", [(True, True), (False, False), (True, False)])
 def test_parity_with_flax_two_pass(dtype, axis, use_scale, use_bias, rng):
@@ -165,6 +165,7 @@ class _SmallCNN(nn.Module):
         return nn.Dense(2)(jnp.mean(x, (1, 2)))
 
 
+@pytest.mark.slow  # ~4 s; test_checkpoints_swap_both_ways stays
 def test_swapping_the_import_in_a_model_keeps_everything(rng):
     """A CNN with jaxbn's BatchNorm has flax's variable tree and trains to the same numbers."""
     x = jnp.asarray(rng.normal(size=(4, 6, 6, 2)), jnp.float32)

@@ -553,7 +553,7 @@ def _option_step(x, w, params, state, *, option, axis_name):
     return y, new_state, dx, dparams
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [k if k == "shard_map" else pytest.param(k, marks=pytest.mark.slow) for k in KINDS])
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_options_and_complex_input_sync_like_batch_norm(option, kind):
     """Cumulative average, unbiased variance, batch renorm and complex input: the global batch's results."""

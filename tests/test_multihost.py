@@ -34,6 +34,8 @@ EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "multiho
 STEPS, BATCH = 3, 48
 RTOL = 1e-6
 # (processes, valid examples per process or None for no mask)
+pytestmark = pytest.mark.slow  # every test launches jax.distributed processes
+
 CASES = {"2_processes": (2, None), "3_processes_uneven_masks": (3, (16, 9, 3))}
 
 

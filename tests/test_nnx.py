@@ -45,6 +45,8 @@ CASES = {
     "instance": (jaxbn.nnx.InstanceNorm, nnx.InstanceNorm, dict(num_features=4), (3, 5, 5, 4)),
     "instance_nchw": (jaxbn.nnx.InstanceNorm, nnx.InstanceNorm, dict(num_features=4, feature_axes=1), (3, 4, 5, 5)),
 }
+# Another layout or grouping of a module that a case above covers: their parity and swap cases are in the slow tier.
+VARIANTS = ("batch_nchw", "layer_2d", "group_size", "instance_nchw")
 RANDOM_INITS = dict(scale_init=nnx.initializers.normal(1.0), bias_init=nnx.initializers.normal(1.0))
 
 
@@ -89,8 +91,10 @@ def _assert_close(a, b, tol):
 
 
 # bfloat16 input for one configuration of each class (layouts and axes are dtype-independent)
-PARITY = [(name, jnp.float32) for name in CASES] + [
-    (name, jnp.bfloat16) for name in ("batch_nhwc", "layer", "rms", "group", "instance")
+PARITY = [pytest.param(name, jnp.float32, marks=pytest.mark.slow) if name in VARIANTS else (name, jnp.float32)
+          for name in CASES] + [  # bfloat16: the slow tier
+    pytest.param(name, jnp.bfloat16, marks=pytest.mark.slow)
+    for name in ("batch_nhwc", "layer", "rms", "group", "instance")
 ]
 
 
@@ -178,6 +182,7 @@ def _cnn_step(model, optimizer, x, labels):
     return value
 
 
+@pytest.mark.slow  # ~4 s; test_state_swaps_with_flax stays
 def test_swapping_the_import_in_a_model_keeps_everything(rng):
     """A CNN built with jaxbn.nnx's layers has flax's state (same keys drawn from one Rngs) and
     trains to the same numbers under nnx.jit with nnx.Optimizer (SGD with momentum)."""
@@ -200,7 +205,7 @@ def test_swapping_the_import_in_a_model_keeps_everything(rng):
     _assert_close(_eval_step(ours, x), _eval_step(theirs, x), dict(rtol=1e-4, atol=1e-5))
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in VARIANTS else n for n in CASES])
 def test_state_swaps_with_flax(name, rng):
     """A flax module's state merged into jaxbn's graphdef (and back) gives the same outputs."""
     ours, theirs, shape = _pair(name, param_dtype=jnp.float32)
@@ -250,6 +255,7 @@ def test_batchnorm_bfloat16_without_params_has_flax_output_dtype(rng):
     assert jaxbn.nnx.BatchNorm(3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))(x).dtype == jnp.bfloat16
 
 
+@pytest.mark.slow  # ~9 s of eager calls
 def test_custom_promote_dtype_as_flax(rng):
     """A custom promote_dtype is applied as flax applies it; running statistics stay float32."""
 
@@ -270,6 +276,7 @@ def test_custom_promote_dtype_as_flax(rng):
             np.testing.assert_allclose(value, getattr(theirs, key)[...], rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.slow  # ~6 s in x64 mode; test_linen.py's float64 param_dtype test stays
 @pytest.mark.parametrize("cls", [jaxbn.nnx.BatchNorm, jaxbn.nnx.BatchRenorm])
 def test_float64_param_dtype_keeps_float64_running_stats(cls, rng):
     """Under x64 a float64 param_dtype gives float64 mean/var (flax's nnx keeps float32 and casts
@@ -495,6 +502,7 @@ def test_batch_renorm_without_clipping_room_is_batch_norm(rng):
 # --- the cases users report broken in flax ---------------------------------------------------
 
 
+@pytest.mark.slow  # ~14 s; test_vmap_closure_in_training_says_what_to_do runs nnx.vmap in training
 def test_vmap_called_twice_in_training(rng):
     """flax#4760: nnx.vmap over a BatchNorm in training, twice (and under nnx.jit).
 

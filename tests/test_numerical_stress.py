@@ -120,6 +120,7 @@ _VIEWS = {
 }
 
 
+@pytest.mark.slow  # the stress matrix: one program per dtype; the single edge-case tests below stay
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_stress(case):
     dtype, make, epsilon = CASES[case]

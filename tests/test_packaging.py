@@ -6,6 +6,10 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
+pytestmark = pytest.mark.slow  # builds a wheel, installs it and runs it in a fresh interpreter
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

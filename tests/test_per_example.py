@@ -75,8 +75,9 @@ def _init(name, x, affine=True):
 
 
 # float32 only: tests/test_properties.py compares every dtype (float64 included) with an extended-precision reference
-@pytest.mark.parametrize("variant", ["affine", "plain", "masked"])
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("variant", ["affine", pytest.param("plain", marks=pytest.mark.slow), "masked"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "group_size" else n  # "group" stays
+                                  for n in CASES])
 def test_parity_with_flax_and_float64_reference(name, variant, rng):
     """Outputs and grads (x, scale, bias) equal flax's two-pass module and float64 NumPy."""
     x = jnp.asarray(rng.normal(size=SHAPE) * 2 + 3, jnp.float32)
@@ -134,6 +135,7 @@ def test_nan_in_one_example_leaves_the_others_alone(name, rng):
     np.testing.assert_allclose(y[1:], clean, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # ~12 s of eager calls
 def test_functions_match_their_modules_and_are_exported(rng):
     """The pure functions are public, and each module is its function with the module's params (to rounding)."""
     assert {"layer_norm", "rms_norm", "group_norm", "instance_norm"} <= set(jaxbn.__all__)
@@ -227,6 +229,7 @@ def test_module_fields_order_and_defaults_are_flax(name):
     assert fields(getattr(jaxbn.linen, name)) == fields(getattr(nn, name)) + EXTRA_FIELDS.get(name, [])
 
 
+@pytest.mark.slow  # ~10 s; test_axis_names.py shards features too
 def test_features_sharded_over_a_named_axis_give_the_global_statistics(rng):
     """layer_norm/rms_norm with axis_name: each device holds some features, statistics are of all."""
     x = jnp.asarray(rng.normal(size=(3, 8)) * 2 + 5, jnp.float32)

@@ -10,9 +10,10 @@ extended-precision reference; the same outputs for an exactly shifted and scaled
 statistics equal the whole's; eager equals jit; pmap, shard_map and jit with a sharded batch
 equal one device for any split of the valid examples over 8 devices, empty devices included.
 
+The searches are in the slow tier (``pytest -m slow``); the regression tests at the end are not.
 CI runs the 'ci' profile (tests/conftest.py: 10 examples per property, derandomized; some
-properties below search fewer, see ``_examples``); ``pytest --hypothesis-profile=long`` searches
-ten times as many, newly drawn. Compilation dominates the time: each drawn shape compiles one
+properties below search fewer, see ``_examples``); ``pytest -m slow --hypothesis-profile=long``
+searches ten times as many, newly drawn. Compilation dominates the time: each drawn shape compiles one
 program per property, which computes every checked quantity at once.
 """
 
@@ -311,6 +312,7 @@ def _check_batch_norm(data, dtype, renorm):
                      + ab.unit_roundoff(state_dtype) * np.abs(moved[key]), state_dtype)
 
 
+@pytest.mark.slow  # a property search
 @given(data=st.data())
 def test_batch_norm_matches_reference(data):
     """batch_norm: training outputs, running statistics, gradients; inference outputs; invariance."""
@@ -319,6 +321,7 @@ def test_batch_norm_matches_reference(data):
         _check_batch_norm(data, dtype, renorm=False)
 
 
+@pytest.mark.slow  # a property search
 @settings(max_examples=_examples(8))
 @given(data=st.data())
 def test_batch_renorm_matches_reference(data):
@@ -376,6 +379,7 @@ def _per_example_case(data, name, shape):
     return static, list(reduction) + [ndim], [ndim - 1, ndim], view
 
 
+@pytest.mark.slow  # a property search
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "group_norm", "instance_norm"])
 @settings(max_examples=_examples(5))
 @given(data=st.data())
@@ -475,6 +479,7 @@ def _moments_program(axes, parts):
     return run
 
 
+@pytest.mark.slow  # a property search
 @given(data=st.data())
 def test_moments_and_merged_parts_match_reference(data):
     """moments (and its gradient) within the bounds; the merge of any partition (own shifts, empty parts) too."""
@@ -565,6 +570,7 @@ def _every_normalizer(x, params, state, mask, w):
     }
 
 
+@pytest.mark.slow  # a property search
 @settings(max_examples=_examples(1))  # op-by-op execution compiles each operation: ~5 s per new example
 @given(data=st.data())
 def test_eager_equals_jit(data):
@@ -660,6 +666,7 @@ def _md_program(kind):
     return run
 
 
+@pytest.mark.slow  # a property search
 @needs_devices
 @settings(max_examples=_examples(6))
 @given(data=st.data())

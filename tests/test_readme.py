@@ -20,6 +20,7 @@ def test_the_readme_has_its_examples():
     assert len(BLOCKS) >= 10, "the README lost its examples"
 
 
+@pytest.mark.slow  # a fresh interpreter per block
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_python_block_runs_alone(index):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}

@@ -117,7 +117,7 @@ def _renorm_step(x, w, params, state, *, r_max=R_MAX, d_max=D_MAX, fn=jaxbn.batc
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)])  # x64: slow tier
 def test_matches_float64_reference(dtype, layout, masked):
     """Outputs, state and gradients equal the paper's equations in float64, r and d clipped and not."""
     axis, shape = LAYOUTS[layout]
@@ -199,6 +199,7 @@ def _assert_equal_to_rounding(a, b):
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
 
 
+@pytest.mark.slow  # ~10 s; test_nnx.py's renorm_ghost case stays
 def test_ghost_batches_renormalize_each_group():
     """ghost_batch_size: each group is renormalized with its own r, d; the state is ghost batch norm's."""
     x, w, params, state = _data("NHWC")
@@ -227,6 +228,7 @@ def test_ghost_batches_renormalize_each_group():
         np.testing.assert_allclose(a, b, rtol=2e-7, atol=1e-7)
 
 
+@pytest.mark.slow  # ~9 s: check_grads of orders 1 and 2
 def test_gradients_pass_numerical_check_orders_1_and_2():
     """check_grads (reverse mode, orders 1 and 2) in float64, masked too, with r and d clipped.
 
@@ -418,7 +420,7 @@ def _distributed_step(kind, axis):
 
 @multidevice
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("kind", ["pmap", "shard_map", "jit_sharded"])
+@pytest.mark.parametrize("kind", [pytest.param("pmap", marks=pytest.mark.slow), "shard_map", "jit_sharded"])
 def test_distributed_equals_global_batch(kind, layout):
     """pmap/shard_map/jit-sharded renorm equals the single-device run on the global batch (and the reference)."""
     axis, _ = LAYOUTS[layout]

@@ -233,6 +233,7 @@ def test_values_whose_squares_overflow_are_normalized_exactly(scale):
     np.testing.assert_allclose(y, reference.normalize(x, mean, var), atol=1e-4)
 
 
+@pytest.mark.slow  # ~7 s; test_values_whose_squares_overflow_are_normalized_exactly stays
 def test_constant_features_at_the_float32_maximum():
     """A constant feature of 3e38 (its square overflows) normalizes to 0: the output is the bias."""
     x = jnp.full((8, 2), 3e38, jnp.float32).at[:, 1].set(-3e38)
@@ -257,6 +258,7 @@ def test_a_variance_beyond_float32_leaves_the_state_unchanged():
 # -- transforms see the same --------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~30 s per case: eager vmap and shard_map of moments
 @pytest.mark.parametrize("offset, shift", [(0.0, 1e8), (1e4, 0.0), (-3e4, 1e10)])
 def test_exact_statistics_at_far_shifts_under_vmap_and_shard_map(offset, shift):
     """Data far from the given shift, or far from 0: the statistics still match float64 per example

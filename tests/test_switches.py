@@ -49,6 +49,7 @@ def test_linen_freeze_uses_and_keeps_running_stats(rng, flax_bn):
     assert not np.allclose(y, y_train, atol=1e-3)  # training output differs: the freeze did something
 
 
+@pytest.mark.slow  # ~15 s of eager gradients
 def test_linen_keep_affine_trainable_false_stops_gradients(rng):
     model, x = Net(), _data(rng)
     variables = _trained_variables(model, x)
@@ -65,6 +66,7 @@ def test_linen_keep_affine_trainable_false_stops_gradients(rng):
     assert float(jnp.abs(frozen["Dense_0"]["kernel"]).sum()) > 0
 
 
+@pytest.mark.slow  # ~6-15 s of eager applies; test_linen_axis_index_groups_override_as_lists stays
 @pytest.mark.parametrize("flax_bn", [False, True])
 def test_linen_axis_name_override_synchronizes(rng, flax_bn):
     model, x = Net(flax_bn), _data(rng, (16, 3))
@@ -83,6 +85,7 @@ def test_linen_axis_name_override_synchronizes(rng, flax_bn):
     assert not np.allclose(y_local.reshape(16, 3), y_global, atol=1e-3)
 
 
+@pytest.mark.slow  # ~10 s of eager applies; test_linen_overrides_key_the_jit_cache stays
 def test_linen_momentum_override(rng):
     model, x = Net(), _data(rng)
     variables = model.init(jax.random.key(0), x)
@@ -94,6 +97,7 @@ def test_linen_momentum_override(rng):
     np.testing.assert_allclose(default["batch_stats"]["BatchNorm_0"]["mean"], 0.5 * h.mean(0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # ~30 s of eager applies; test_linen_use_jaxbn_keys_the_jit_cache stays
 def test_linen_use_jaxbn_equals_flax_and_masks_weight_by_count(rng):
     model, x = Net(flax_bn=True), _data(rng)
     variables = _trained_variables(model, x)
@@ -126,6 +130,7 @@ def test_linen_use_jaxbn_equals_flax_and_masks_weight_by_count(rng):
     del expected
 
 
+@pytest.mark.slow  # ~15 s of eager applies
 def test_linen_use_jaxbn_per_example_layers(rng):
     x = _data(rng, (2, 4, 4, 6))
     for layer in (nn.LayerNorm(), nn.RMSNorm(), nn.GroupNorm(num_groups=3), nn.InstanceNorm()):
