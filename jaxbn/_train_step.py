@@ -11,7 +11,13 @@ written so that JAX's transpose of it is the backward one would write by hand:
 one pair of reductions (of dy and of dy (x - K)), one cross-device sum and one
 elementwise pass. Under a ``jax.checkpoint`` that saves only the batch
 statistics, reverse mode keeps ``x`` (in its own dtype) and per-feature
-vectors; forward mode (``jvp``, ``jacfwd``, ``linearize``) works as well.
+vectors; forward mode (``jvp``, ``jacfwd``, ``linearize``) works as well. The
+step is one jitted function (static configuration): a model's layers of one
+shape trace it once, and an eager call is one dispatch.
+
+Layer, group and instance norm use the same step with outer parameters
+(per feature, where their statistics are per example):
+:func:`normalize_then_affine_train`.
 
 Variants of the batch-statistics step (batch renormalization today) plug in
 through :attr:`StepConfig.correction`: a per-feature ``(r, d)`` with
@@ -80,11 +86,15 @@ def affine_normalize(
     compute_dtype: Any,
     out_dtype: Any,
     mask: jax.Array | None = None,
+    per_feature_once: bool = True,
 ) -> jax.Array:
     """``((x - shift) - mean_minus_shift) * rsqrt(var + eps) * scale + bias``, one pass.
 
     With a ``mask``, masked-out non-finite elements are normalized as 0, so
-    they reach neither the output nor any gradient.
+    they reach neither the output nor any gradient. ``per_feature_once``: the
+    per-feature factors are computed once (:func:`jaxbn.stats.computed_once`), not
+    per element of the pass; the training step, whose statistics are computed once
+    already, turns it off (fewer instructions, the same pass).
     """
 
     def expand(v):
@@ -94,6 +104,8 @@ def affine_normalize(
     shift, mean_minus_shift = beyond_range_centered(multiplier, shift, mean_minus_shift)
     if "scale" in params:
         multiplier = multiplier * jnp.asarray(params["scale"], compute_dtype)
+    if per_feature_once:
+        shift, mean_minus_shift, multiplier = stats.computed_once(shift, mean_minus_shift, multiplier)
     y = finite_outside_mask(x, mask).astype(compute_dtype) - expand(shift)
     if mean_minus_shift is not None:
         y = y - expand(mean_minus_shift)
@@ -158,44 +170,47 @@ def _batch_statistics(x: jax.Array, config: StepConfig, inputs: StepInputs) -> s
     return batch
 
 
-def _cpu_barrier(*values):
-    """``values`` behind an ``optimization_barrier`` on XLA:CPU, as they are elsewhere.
-
-    As in :func:`jaxbn.stats.channel_sums`: XLA:CPU's library reductions absorb only
-    elementwise work nothing else shares, so there each sum gets its own view of its
-    operands; XLA:GPU/TPU fuse sibling reductions of one input into one pass, which a
-    barrier would prevent. Linear in each value (a barrier transposes to a barrier), so
-    it may stand in a tangent.
-    """
-    return lax.platform_dependent(*values, cpu=lambda *v: tuple(lax.optimization_barrier(v)), default=lambda *v: v)
-
-
 #: The checkpoint name of the per-feature values the step's derivatives read
 #: (besides ``x``): the only residuals reverse mode saves.
 _RESIDUAL = "jaxbn_train_step"
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _train(x, scale, bias, config, inputs):
-    return _train_fwd(x, scale, bias, config, inputs)[0]
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _train(x, scale, bias, outer_scale, outer_bias, config, inputs):
+    return _train_fwd(x, scale, bias, outer_scale, outer_bias, config, inputs)[0]
 
 
-def _train_fwd(x, scale, bias, config: StepConfig, inputs: StepInputs):
+def _inner_params(scale, bias, r, d, dtype) -> dict[str, jax.Array]:
+    """The step's per-feature parameters; with a correction ``(r, d)``, ``γ (x̂ r + d) + β`` is batch norm
+    with scale ``γ r`` and bias ``γ d + β``."""
+    if r is None:
+        return {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
+    if scale is not None:
+        r, d = scale.astype(dtype) * r, scale.astype(dtype) * d
+    return {"scale": r, "bias": d if bias is None else d + bias.astype(dtype)}
+
+
+def _outer(y, outer_scale, outer_bias, out_dtype):
+    """``y * outer_scale + outer_bias`` (each optional), cast to ``out_dtype``."""
+    if outer_scale is not None:
+        y = y * outer_scale
+    return (y if outer_bias is None else y + outer_bias).astype(out_dtype)
+
+
+def _train_fwd(x, scale, bias, outer_scale, outer_bias, config: StepConfig, inputs: StepInputs):
     dtype, epsilon = config.compute_dtype, inputs.epsilon
     batch = _batch_statistics(x, config, inputs)
-    params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
     correction = None
     if config.correction is not None:
-        # y = γ (x̂ r + d) + β: batch norm with scale γ r and bias γ d + β.
         correction = config.correction(batch, inputs.running_mean, inputs.running_var, epsilon, *inputs.correction_args)
-        r, d = correction
-        if scale is not None:
-            r, d = scale.astype(dtype) * r, scale.astype(dtype) * d
-        params = {"scale": r, "bias": d if bias is None else d + bias.astype(dtype)}
+    params = _inner_params(scale, bias, *(correction or (None, None)), dtype)
+    outer = outer_scale is not None or outer_bias is not None
     y = affine_normalize(
-        x, batch.shift, batch.mean_minus_shift, batch.var, params, config.axes, epsilon, dtype, config.out_dtype,
-        inputs.mask,
+        x, batch.shift, batch.mean_minus_shift, batch.var, params, config.axes, epsilon, dtype,
+        dtype if outer else config.out_dtype, inputs.mask, per_feature_once=False,
     )
+    if outer:
+        y = _outer(y, outer_scale, outer_bias, config.out_dtype)
     return (y, batch), correction
 
 
@@ -213,11 +228,15 @@ def _train_jvp(config: StepConfig, primals, tangents):
     written with (x - K) in place of x̂ (A and B absorb the constant), so that the transpose's
     sums are Σ dy and Σ dy (x - K): the backward reads x and dy twice and writes dx once.
     Only per-feature values and x are residuals (``_RESIDUAL``, see :func:`batch_norm_train`).
+
+    Outer parameters (layer, group and instance norm: per feature, where the statistics are per
+    example) multiply every term and add ``z dγ' + dβ'``, ``z`` the step's output before them,
+    each term its own view of the cotangent in the transpose.
     """
-    x, scale, bias, inputs = primals
-    dx, dscale, dbias, _ = tangents
+    x, scale, bias, outer_scale, outer_bias, inputs = primals
+    dx, dscale, dbias, douter_scale, douter_bias, _ = tangents
     axes, dtype, mask = config.axes, config.compute_dtype, inputs.mask
-    y, batch = _train(x, scale, bias, config, inputs)
+    y, batch = _train(x, scale, bias, outer_scale, outer_bias, config, inputs)
 
     # the residuals: the batch statistics (per feature); all else is recomputed from them and x
     batch = jax.tree_util.tree_map(functools.partial(checkpoint_name, name=_RESIDUAL), batch)
@@ -265,17 +284,32 @@ def _train_jvp(config: StepConfig, primals, tangents):
         a, b = stats.varying_like(jnp.stack([a, b]), x_hat)
     # the transpose's Σ dy (x - K) reads its own view of x (XLA:CPU's library reductions absorb
     # only elementwise work nothing else shares; see stats.channel_sums)
-    (x_view,) = _cpu_barrier(x)
+    (x_view,) = stats.cpu_barrier(x)
     centered_view = finite_outside_mask(x_view, mask).astype(dtype) - expand(centre)
     # and each of the transpose's two sums its own view of dy (a barrier's transpose is a barrier
     # on the cotangent, chained as in channel_sums): a half-precision dy is converted inside each
     # kernel, never copied to float32. The price: in forward mode a half-precision tangent is the
     # sum of three rounded terms.
     out = y.dtype
-    (dy_b,) = _cpu_barrier((centered_view * expand(b)).astype(out))
+
+    def per_feature(v):  # expanded, with the outer scale folded in: small, broadcast where it is used
+        v = expand(v)
+        return v if outer_scale is None else v * outer_scale
+
+    (dy_b,) = stats.cpu_barrier((centered_view * per_feature(b)).astype(out))
     # (broadcast, then cast: the transpose sums a float32 cotangent)
-    (dy_ab,) = _cpu_barrier(jnp.broadcast_to(expand(a), dy_b.shape).astype(out) + dy_b)
-    dy = (expand(gain) * dx).astype(out) + dy_ab
+    (dy_ab,) = stats.cpu_barrier(jnp.broadcast_to(per_feature(a), dy_b.shape).astype(out) + dy_b)
+    if douter_bias is not None and outer_bias is not None:
+        (dy_ab,) = stats.cpu_barrier(jnp.broadcast_to(douter_bias.astype(dtype), dy_b.shape).astype(out) + dy_ab)
+    if douter_scale is not None and outer_scale is not None:  # (no inner parameters then: z = x̂)
+        # x̂ dγ' as ((x - K) - (μ - K)) (dγ' / σ), the per-feature product small: the transpose's Σ dy x̂
+        # sums dy (x - μ) over the axes that product broadcasts along first. Around K as the b term; 0
+        # where the variance is beyond the dtype, selected (a sum of dy (x - K) may be infinite there).
+        (x_view,) = stats.cpu_barrier(x_view)  # its own view of x
+        centered = (finite_outside_mask(x_view, mask).astype(dtype) - expand(centre)) - expand(centre_offset)
+        small = jnp.where(expand(beyond), 0, expand(inv_std) * douter_scale.astype(dtype))
+        (dy_ab,) = stats.cpu_barrier((centered * small).astype(out) + dy_ab)
+    dy = (per_feature(gain) * dx).astype(out) + dy_ab
     mean_tangent = sum_dx / n
     batch_tangent = stats.Moments(
         mean=mean_tangent.astype(batch.mean.dtype),
@@ -289,9 +323,10 @@ def _train_jvp(config: StepConfig, primals, tangents):
 
 #: Reverse mode keeps x and the named per-feature values, and recomputes the elementwise
 #: (x - K) in the backward instead of saving a full-size intermediate.
-_step = jax.checkpoint(_train, static_argnums=(3,), prevent_cse=False, policy=jax.checkpoint_policies.save_only_these_names(_RESIDUAL))
+_step = jax.checkpoint(_train, static_argnums=(5,), prevent_cse=False, policy=jax.checkpoint_policies.save_only_these_names(_RESIDUAL))
 
 
+@functools.partial(jax.jit, static_argnums=(2,))
 def batch_norm_train(
     x: jax.Array, params: Mapping[str, jax.Array], config: StepConfig, inputs: StepInputs
 ) -> tuple[jax.Array, stats.Moments]:
@@ -302,4 +337,18 @@ def batch_norm_train(
     :func:`jaxbn.moments` is); ``inputs`` carry no gradient. Arguments are as validated by :func:`jaxbn.batch_norm`.
     """
     inputs = jax.tree_util.tree_map(lax.stop_gradient, inputs)
-    return _step(x, params.get("scale"), params.get("bias"), config, inputs)
+    return _step(x, params.get("scale"), params.get("bias"), None, None, config, inputs)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def normalize_then_affine_train(
+    x: jax.Array, params: Mapping[str, jax.Array], config: StepConfig, epsilon: jax.Array, mask: jax.Array | None
+) -> jax.Array:
+    """The training step without parameters of its own, then ``y * scale + bias`` with ``params`` of any
+    shape that broadcasts to ``x`` (layer, group and instance norm: statistics per example, parameters
+    per feature), in ``config.compute_dtype``, cast to ``config.out_dtype``. A feature without a valid
+    element has mean 0 and variance 0. Derivatives as :func:`batch_norm_train`'s.
+    """
+    zeros = jnp.zeros([size for i, size in enumerate(x.shape) if i not in config.axes], config.compute_dtype)
+    inputs = StepInputs(zeros, epsilon, mask, zeros, zeros)
+    return _step(x, None, None, params.get("scale"), params.get("bias"), config, inputs)[0]

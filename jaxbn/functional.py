@@ -8,6 +8,8 @@ cumulative running average (``momentum=None``) adds a scalar ``'count'``.
 
 from __future__ import annotations
 
+import functools
+
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -153,6 +155,16 @@ def normalize(
 def _update_running_stats(
     state: State, batch: stats.Moments, momentum: Any, unbiased: bool
 ) -> dict[str, jax.Array]:
+    """:func:`_averaged_into` as one cached jitted call; a Python momentum stays a Python number (static),
+    so ``1 - momentum`` is computed in double precision, as it was before the call was jitted."""
+    if momentum is None or isinstance(momentum, (int, float)):
+        return _averaged_into_static_momentum(state, batch, momentum, unbiased)
+    return _averaged_into_jitted(state, batch, momentum, unbiased)
+
+
+def _averaged_into(
+    state: State, batch: stats.Moments, momentum: Any, unbiased: bool
+) -> dict[str, jax.Array]:
     """Averages ``batch`` into ``state``, guarded; the one place running stats change.
 
     Exponential (``momentum * old + (1 - momentum) * batch``) or, for
@@ -187,6 +199,10 @@ def _update_running_stats(
         if key in state:
             new_state[key] = jnp.where(jnp.any(update), state[key] + 1, state[key]).astype(state[key].dtype)
     return new_state
+
+
+_averaged_into_static_momentum = jax.jit(_averaged_into, static_argnums=(2, 3))
+_averaged_into_jitted = jax.jit(_averaged_into, static_argnums=(3,))
 
 
 def update_running_stats(

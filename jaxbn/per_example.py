@@ -2,8 +2,13 @@
 
 Each function here only chooses axes: its statistics come from
 :func:`jaxbn.stats.moments` (count-weighted, masked, at least float32,
-stable at large offsets, one collective with ``axis_name``) and its output
-from :func:`jaxbn._train_step.affine_normalize`, through :func:`_normalize_over`.
+stable at large offsets, one collective with ``axis_name``), through
+:func:`_normalize_over`. Layer, group and instance norm of real input run
+batch norm's training step over their axes, with the parameters outside it
+(:func:`jaxbn._train_step.normalize_then_affine_train`): its hand-written
+backward reads a half-precision ``x`` in its own dtype and rounds ``dx``
+once; RMS norm and complex input normalize with
+:func:`jaxbn._train_step.affine_normalize` and JAX's autodiff.
 Semantics, defaults and parameter shapes are flax.linen's
 (``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``InstanceNorm``); the Flax
 modules in :mod:`jaxbn.linen` own the parameters and call these functions.
@@ -58,7 +63,9 @@ def _normalize_over(
     center: bool = True,
     out_shape: tuple[int, ...] | None = None,
 ) -> jax.Array:
-    """``moments`` over ``reduction_axes``, then one ``affine_normalize`` pass.
+    """``moments`` over ``reduction_axes``, then one ``affine_normalize`` pass; for layer, group and
+    instance norm of real ``x``, batch norm's training step over those axes, without parameters, then
+    the parameters (:func:`jaxbn._train_step.normalize_then_affine_train`).
 
     The statistics keep their reduced axes as size 1 and ``params`` are
     reshaped to ``x``'s rank (size 1 off ``feature_axes``), so the kernel's
@@ -70,22 +77,33 @@ def _normalize_over(
     ``E[|x|^2] = var + |mean|^2``, a sum of non-negative terms (no cancellation;
     ``var`` itself is the shifted, stable one), and nothing is subtracted.
     Complex ``x`` works throughout (complex mean, real variance ``E|x - mu|^2``,
-    as in :func:`jaxbn.stats.moments`); gradients are JAX's autodiff.
+    as in :func:`jaxbn.stats.moments`); on the ``moments`` path (RMS norm, complex ``x``) gradients
+    are JAX's autodiff.
     """
     compute_dtype = _validation.compute_dtype(x, dtype)
     out_dtype = _validation.output_dtype(x, params, dtype)
-    # One cast up front: the gradient's paths (through the statistics and the normalization) then
-    # meet in the compute dtype and round to x's dtype once; cast separately, a float16/bfloat16
-    # cotangent would sum cancelling terms in half precision.
-    x = x.astype(compute_dtype)
     if mask is not None:
         mask = _validation.check_mask(mask, x.shape)
     broadcast_shape = tuple(x.shape[i] if i in feature_axes else 1 for i in range(x.ndim))
     params = {key: jnp.reshape(value, broadcast_shape) for key, value in params.items()}
+    if center and not jnp.iscomplexobj(x):
+        # batch norm's step: its backward reads x in its own dtype (no float32 copy of a half-precision x)
+        # and sums the gradient's paths in the compute dtype, rounding dx once
+        groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
+        config = _train_step.StepConfig(reduction_axes, axis_name, groups, jnp.dtype(compute_dtype),
+                                        jnp.dtype(out_dtype))
+        with jax.named_scope(f"jaxbn.{name}"):
+            params = {key: jnp.asarray(value, compute_dtype) for key, value in params.items()}
+            y = _train_step.normalize_then_affine_train(x, params, config, jnp.asarray(epsilon, compute_dtype), mask)
+        return y if out_shape is None else y.reshape(out_shape)
+    # One cast up front: the gradient's paths (through the statistics and the normalization) then
+    # meet in the compute dtype and round to x's dtype once; cast separately, a float16/bfloat16
+    # cotangent would sum cancelling terms in half precision. The statistics read the narrow x.
+    narrow, x = x, x.astype(compute_dtype)
     with jax.named_scope(f"jaxbn.{name}"):
         batch = stats.moments(
             x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
-            dtype=compute_dtype,
+            dtype=compute_dtype, source=None if narrow is x else narrow,
         )
         keep = functools.partial(jnp.expand_dims, axis=reduction_axes)
         if center:

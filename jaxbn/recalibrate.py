@@ -327,28 +327,43 @@ def nnx_layer_moments(
 ) -> Iterator[dict[tuple, list[tuple]]]:
     """Per batch, ``{layer path: [(count, mean, var) per call]}`` (host arrays) of an nnx module's BatchNorms,
     in the order the layers are first called."""
+    graphdef, state = nnx.split(module)
+    try:  # one jitted forward per module structure and options, so a second call compiles nothing
+        forward, order, called = _nnx_forward(graphdef, normalize_with, tuple(sorted(call_kwargs.items())))
+    except TypeError:  # an unhashable keyword argument: a forward for this call only
+        forward, order, called = _nnx_forward.__wrapped__(graphdef, normalize_with, tuple(call_kwargs.items()))
+    for batch in batches:
+        with _recording_nnx_batch_norms(normalize_with, called):  # in effect while (re)tracing
+            sown, state = forward(state, _as_args(batch))
+        yield _in_call_order({layer: list(calls) for layer, calls in _sown_by_layer(jax.device_get(sown))}, order)
+    nnx.update(module, state)  # what else the calls changed (random number streams, say)
+
+
+@functools.lru_cache(maxsize=32)
+def _nnx_forward(graphdef: Any, normalize_with: str, call_kwargs: tuple) -> tuple[Any, dict, list]:
+    """A jitted ``(state, args) -> (sown moments, new state)`` for modules of ``graphdef``, the layer
+    paths in call order its tracing notes, and the list the recording BatchNorms append to."""
     called: list[nnx.Module] = []  # the BatchNorms inside the trace, as they are called
     order: dict[tuple, None] = {}  # their paths, noted while tracing
 
     def run(module, *args):
         paths = {id(node): tuple(path) for path, node in nnx.iter_graph(module) if isinstance(node, _NNX_BATCH_NORMS)}
         called.clear()
-        module(*args, **call_kwargs)
+        module(*args, **dict(call_kwargs))
         order.update((paths[id(node)], None) for node in called if id(node) in paths)
         called.clear()
 
-    @nnx.jit
-    def forward(module, args):
+    @jax.jit
+    def forward(state, args):
+        module = nnx.merge(graphdef, state)
         if hasattr(nnx, "capture"):  # flax >= 0.12.x: sown values come back from the call
             _, sown = nnx.capture(run, nnx.Intermediate)(module, *args)
-            return sown
-        run(module, *args)
-        return nnx.pop(module, nnx.Intermediate)
+        else:
+            run(module, *args)
+            sown = nnx.pop(module, nnx.Intermediate)
+        return nnx.to_pure_dict(sown), nnx.state(module)
 
-    for batch in batches:
-        with _recording_nnx_batch_norms(normalize_with, called):
-            sown = nnx.to_pure_dict(forward(module, _as_args(batch)))
-        yield _in_call_order({layer: list(calls) for layer, calls in _sown_by_layer(jax.device_get(sown))}, order)
+    return forward, order, called
 
 
 def _recalibrate_nnx(module, batches, normalize_with, estimator, progress, call_kwargs):

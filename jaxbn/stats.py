@@ -18,9 +18,11 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.interpreters import ad, batching, mlir
 
 from jaxbn import _validation
 
@@ -222,9 +224,10 @@ def channel_sums(
     backend: XLA:GPU/TPU fuse sibling reductions of the same input into one
     pass, while XLA:CPU's fast reductions are library kernels that only absorb
     elementwise work that nothing else shares, so there each sum gets its own
-    view of the operands (an ``optimization_barrier`` keeps XLA from sharing,
-    and so materializing, a common subexpression such as ``x - K`` or a
-    bfloat16-to-float32 copy of ``x``, with another sum or the normalization).
+    view of the operands (:func:`cpu_barrier`, an ``optimization_barrier`` on
+    XLA:CPU only, keeps XLA from sharing, and so materializing, a common
+    subexpression such as ``x - K`` or a bfloat16-to-float32 copy of ``x``,
+    with another sum or the normalization).
 
     Args:
       summands: functions of ``*operands`` giving same-shaped arrays to sum;
@@ -243,20 +246,51 @@ def channel_sums(
     (Array([6., 9.], dtype=float32), Array([20., 35.], dtype=float32))
     """
 
-    def fused(*ops):
-        return tuple(jnp.sum(summand(*ops), axes) for summand in summands)
+    sums = []
+    for summand in summands:
+        # chained, not repeated: XLA would merge identical barriers
+        if fuse is None:
+            operands = cpu_barrier(*operands)
+        elif not fuse:
+            operands = lax.optimization_barrier(tuple(operands))
+        sums.append(jnp.sum(summand(*operands), axes))
+    return tuple(sums)
 
-    def separate(*ops):
-        sums = []
-        for summand in summands:
-            # chained, not repeated: XLA would merge identical barriers
-            ops = lax.optimization_barrier(ops)
-            sums.append(jnp.sum(summand(*ops), axes))
-        return tuple(sums)
 
-    if fuse is not None:
-        return (fused if fuse else separate)(*operands)
-    return lax.platform_dependent(*operands, cpu=separate, default=fused)
+def cpu_barrier(*values: Any) -> tuple[Any, ...]:
+    """``values`` behind an ``optimization_barrier`` on XLA:CPU, unchanged elsewhere (see :func:`channel_sums`).
+
+    One primitive with a per-platform lowering (no ``cond`` to trace and differentiate); linear
+    in each value (a barrier transposes to a barrier), so it may stand in a tangent. ``None``
+    entries pass through.
+    """
+    arrays = [i for i, value in enumerate(values) if value is not None]
+    out = list(values)
+    for i, value in zip(arrays, _cpu_barrier_p.bind(*(values[i] for i in arrays))):
+        out[i] = value
+    return tuple(out)
+
+
+def _cpu_barrier_jvp(primals, tangents):
+    return _cpu_barrier_p.bind(*primals), _cpu_barrier_p.bind(*map(ad.instantiate_zeros, tangents))
+
+
+def _cpu_barrier_transpose(cotangents, *operands):
+    cotangents = _cpu_barrier_p.bind(*map(ad.instantiate_zeros, cotangents))
+    return [ct if ad.is_undefined_primal(operand) else None for ct, operand in zip(cotangents, operands)]
+
+
+_cpu_barrier_p = jax.extend.core.Primitive("jaxbn_cpu_barrier")
+_cpu_barrier_p.multiple_results = True
+_cpu_barrier_p.def_impl(lambda *values: values)  # called eagerly, one operation at a time: nothing to keep apart
+_cpu_barrier_p.def_abstract_eval(lambda *avals: avals)
+ad.primitive_jvps[_cpu_barrier_p] = _cpu_barrier_jvp
+ad.primitive_transposes[_cpu_barrier_p] = _cpu_barrier_transpose
+batching.primitive_batchers[_cpu_barrier_p] = lambda values, dims: (_cpu_barrier_p.bind(*values), dims)
+mlir.register_lowering(_cpu_barrier_p, mlir.lower_fun(lambda *v: v, multiple_results=True))
+mlir.register_lowering(
+    _cpu_barrier_p, mlir.lower_fun(lambda *v: lax.optimization_barrier(v), multiple_results=True), platform="cpu"
+)
 
 
 class _Plan(NamedTuple):
@@ -321,29 +355,27 @@ def _first_along(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     explicit mode) cannot be sliced: there the element is gathered, replicated (one small collective)."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     spec = tuple(getattr(sharding, "spec", None) or ())
-    for axis in axes:
-        if axis < len(spec) and spec[axis] is not None:
-            spec = tuple(None if i == axis else part for i, part in enumerate(spec))
-            out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
-            x = x.at[(slice(None),) * axis + (np.array([0]),)].get(out_sharding=out)
-        else:
-            x = lax.slice_in_dim(x, 0, 1, axis=axis)
-    return jnp.squeeze(x, axes)
+    sharded = [axis for axis in axes if axis < len(spec) and spec[axis] is not None]
+    for axis in sharded:
+        spec = tuple(None if i == axis else part for i, part in enumerate(spec))
+        out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+        x = x.at[(slice(None),) * axis + (np.array([0]),)].get(out_sharding=out)
+    limits = [1 if i in axes else size for i, size in enumerate(x.shape)]
+    return lax.squeeze(lax.slice(x, [0] * x.ndim, limits), axes)
 
 
-def _exponent(value: jax.Array) -> jax.Array:
-    """``floor(log2 |value|)`` of a real floating array (0 and subnormals: the least normal exponent - 1;
-    Inf and NaN: the greatest + 1), read from the bits: a few integer instructions."""
-    info = jnp.finfo(value.dtype)
-    bits = lax.bitcast_convert_type(jnp.abs(value), _INT[info.bits])
-    return (bits >> info.nmant).astype(jnp.int32) - (info.maxexp - 1)
+def _scales(spread: jax.Array, top: int, mantissa_bits: int) -> tuple[jax.Array, jax.Array]:
+    """``(s, 1 / s)``: powers of two with ``s Σ|d|`` just below ``2^(top / 2 - 1)``, both normal.
 
-
-def _power_of_two(exponent: jax.Array, dtype: Any) -> jax.Array:
-    """``2^exponent`` in ``dtype``, exact, built from the bits; ``exponent`` in the normal range."""
-    info = jnp.finfo(dtype)
-    biased = (exponent + (info.maxexp - 1)).astype(_INT[info.bits])
-    return lax.bitcast_convert_type(biased << info.nmant, info.dtype)
+    Built from the exponent bits of ``spread`` (>= 0, or Inf/NaN): a few integer instructions.
+    """
+    int_type = _INT[jnp.finfo(spread.dtype).bits]
+    biased = lax.shift_right_logical(lax.bitcast_convert_type(spread, int_type), int_type(mantissa_bits))
+    # the biased exponent of s = 2^(top // 2 - 2 - e(spread)); 1 .. 2 top - 1 keeps s and 1 / s normal
+    scale = lax.clamp(int_type(1), int_type(top // 2 - 2 + 2 * top) - biased, int_type(2 * top - 1))
+    to_float = functools.partial(lax.bitcast_convert_type, new_dtype=spread.dtype)
+    return (to_float(lax.shift_left(scale, int_type(mantissa_bits))),
+            to_float(lax.shift_left(int_type(2 * top) - scale, int_type(mantissa_bits))))
 
 
 _INT = {32: jnp.int32, 64: jnp.int64}
@@ -360,43 +392,54 @@ def _local_moments(
     reads ``x`` once per sum (3 reads), GPUs and TPUs fuse pass one into one read.
     """
     axes, dtype, real = plan.axes, plan.dtype, plan.real_dtype
+    info = jnp.finfo(real)
+    top = info.maxexp - 1  # the greatest normal exponent
     shift = _data_shift(x, mask, axes, fallback)
     size = math.prod(x.shape[i] for i in axes)
-    top = jnp.finfo(real).maxexp - 1  # the greatest normal exponent
-    # d = s0 (x - K), both sides scaled first: n |x - K| <= 2^(e(K) + 2 + log2 n) stays below the maximum
-    # (s0 = 1 unless |K| n is near it: values of both signs near the maximum differ by more than it)
-    log_size = jnp.ceil(jnp.log2(jnp.maximum(jnp.asarray(size, real), 1))).astype(jnp.int32)
-    e0 = -jnp.clip(_exponent(shift.real if jnp.iscomplexobj(shift) else shift) + 2 + log_size - top, 0, top)
-    s0 = _power_of_two(e0, real)
+    # Where |K| n nears the maximum, d = s0 (x - K) with both sides scaled by s0 = 2^-(2 + log2 n):
+    # n |d| stays below it (values of both signs near the maximum differ by more than it). Elsewhere s0 = 1.
+    if isinstance(size, int):
+        log_size = max(size - 1, 0).bit_length()  # ceil(log2 size)
+        near, s0_far, u0_far = (np.asarray(2.0 ** e, real) for e in (top - 1 - log_size, -2 - log_size, 2 + log_size))
+    else:  # a symbolic size (jax.export): the same powers of two, built from their exponent bits
+        log_size = jnp.ceil(jnp.log2(jnp.maximum(jnp.asarray(size, real), 1))).astype(_INT[info.bits])
+        near, s0_far, u0_far = (
+            lax.bitcast_convert_type(lax.shift_left(e + top, _INT[info.bits](info.nmant)), real)
+            for e in (top - 1 - log_size, -2 - log_size, 2 + log_size)
+        )
+    magnitude = jnp.maximum(jnp.abs(shift.real), jnp.abs(shift.imag)) if jnp.iscomplexobj(shift) else jnp.abs(shift)
+    near_top = magnitude >= near
+    s0 = jnp.where(near_top, s0_far, np.asarray(1, real))
+    scaled_shift = shift * s0
 
-    def deviation(x, shift, mask, s0, offset, s2):
-        d = x.astype(dtype) * jnp.expand_dims(s0, axes) - jnp.expand_dims(shift * s0, axes)
+    def deviation(x, scaled_shift, mask, s0, offset, s2):
+        d = x.astype(dtype) * jnp.expand_dims(s0, axes) - jnp.expand_dims(scaled_shift, axes)
         if offset is not None:
             d = (d - jnp.expand_dims(offset, axes)) * jnp.expand_dims(s2, axes)
         # where, not a product: masked-out NaN or Inf padding stays out.
         return d if mask is None else jnp.where(mask, d, 0)
 
     first, spread = channel_sums([deviation, lambda *ops: jnp.abs(deviation(*ops))],
-                                 [x, shift, mask, s0, None, None], axes)
+                                 [x, scaled_shift, mask, s0, None, None], axes)
     if mask is None:
-        count = jnp.full(shift.shape, jnp.asarray(size, real), real)
+        count = jnp.full(shift.shape, size, real)
     else:
         count = jnp.sum(jnp.broadcast_to(mask, x.shape), axes, dtype=real)
     safe_count = jnp.maximum(count, 1)  # an empty feature: sums 0, so mean = K and var = 0
     offset0 = first / safe_count  # mean - K, in units of s0
     # s2: Σ|s2 (d - mean(d))|^2 <= (Σ|s2 (d - mean(d))|)^2 <= (2 s2 Σ|d|)^2, kept below 2^(top - 1)
-    e2 = jnp.clip(top // 2 - 2 - _exponent(spread), 1 - top, top)
-    s2 = _power_of_two(e2, real)
-    second, = channel_sums([lambda *ops: abs_square(deviation(*ops))], [x, shift, mask, s0, offset0, s2], axes)
-    # First sums beyond the dtype: values far beyond |K| near the maximum, a variance beyond it
-    beyond = jnp.isposinf(spread) & ~jnp.isnan(first)
-    offset0, second = jnp.where(beyond, 0, offset0), jnp.where(beyond, jnp.inf, second)
+    s2, u2 = _scales(spread, top, info.nmant)
+    second, = channel_sums([lambda *ops: abs_square(deviation(*ops))],
+                           [x, scaled_shift, mask, s0, offset0, s2], axes)
+    # First sums beyond the dtype (values far beyond |K| near the maximum): a variance beyond it
+    beyond = (spread == np.inf) & (first == first)
+    offset0, second = jnp.where(beyond, 0, offset0), jnp.where(beyond, np.inf, second)
     # Unscaled one power of two at a time, by multiplications (a/s/s would be rewritten a/(s*s), and
-    # s*s may be beyond the dtype where the variance is not).
-    u0, u2 = _power_of_two(-e0, real), _power_of_two(-e2, real)
-    # The mean as (its rounding, the rest): K + offset may be representable where offset is not.
-    mean = _finite_or((shift * s0 + offset0) * u0, shift)
-    offset = ((shift * s0 - mean * s0) + offset0) * u0
+    # s*s may be beyond the dtype where the variance is not). The mean as (its rounding, the rest):
+    # K + offset may be representable where offset is not.
+    u0 = jnp.where(near_top, u0_far, np.asarray(1, real))
+    mean = _finite_or((scaled_shift + offset0) * u0, shift)
+    offset = ((scaled_shift - mean * s0) + offset0) * u0
     var = second / safe_count * u2 * u2 * u0 * u0
     return count, mean, offset, var
 
@@ -505,6 +548,7 @@ def moments(
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     dtype: Any = None,
     shift: jax.Array | None = None,
+    source: jax.Array | None = None,
 ) -> Moments:
     r"""Mean and variance over ``axes``, exact across devices and at any offset.
 
@@ -530,6 +574,9 @@ def moments(
       shift: optional reference point broadcastable to the reduced shape, used
         for a feature whose first element is masked out or not finite (0 if
         not given); no gradient flows into it.
+      source: optional, ``x``'s values in a narrower dtype (``x`` is then the cast of
+        ``source``): the passes read it instead of ``x``, so that a cast to float32 made for
+        the gradient's sake is not materialized; derivatives are still ``x``'s.
 
     Returns:
       :class:`Moments` with arrays of shape ``x.shape`` without ``axes``.
@@ -560,6 +607,11 @@ def moments(
     axis_size(axis_name, axis_index_groups)  # a clear error for an unbound name or bad groups
     if mask is not None:
         mask = _validation.check_mask(mask, x.shape)
+    if source is not None:
+        source = _validation.check_inexact(source)
+        if source.shape != x.shape:
+            raise ValueError(f"source must have x's shape {x.shape} (the same values), got {source.shape}.")
+        source = lax.stop_gradient(source)
     groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
     plan = _Plan(axes, jnp.dtype(stats_dtype), jnp.dtype(real_dtype), axis_name, groups)
     if shift is None:
@@ -573,20 +625,21 @@ def moments(
                 f"shape {feature_shape} (the input shape {x.shape} without axes {axes})."
             ) from None
     with jax.named_scope("jaxbn.moments"):
-        count, shift, offset, var = _shifted_moments(plan, x, mask, lax.stop_gradient(_finite_or(shift, 0)))
+        count, shift, offset, var = _shifted_moments(plan, x, mask, lax.stop_gradient(_finite_or(shift, 0)), source)
     return Moments(mean=shift + offset, var=var, count=count, shift=shift, mean_minus_shift=offset)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _shifted_moments(
-    plan: _Plan, x: jax.Array, mask: jax.Array | None, fallback: jax.Array
+    plan: _Plan, x: jax.Array, mask: jax.Array | None, fallback: jax.Array, source: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``(count, shift K, mean - K, variance)`` over the valid elements of every device.
+    """``(count, shift K, mean - K, variance)`` over the valid elements of every device (read from
+    ``source`` if given: ``x``'s values in a narrower dtype).
 
     Differentiated by :func:`_shifted_moments_jvp`: ``K`` is a constant, the mean and the
     variance carry the derivatives.
     """
-    return _statistics(plan, x, mask, fallback)
+    return _statistics(plan, x if source is None else source, mask, fallback)
 
 
 def _two_pass_statistics(plan: _Plan, x: jax.Array, mask: jax.Array | None, fallback: jax.Array):
@@ -594,7 +647,36 @@ def _two_pass_statistics(plan: _Plan, x: jax.Array, mask: jax.Array | None, fall
     count, shift, offset, var = _local_moments(plan, x, mask, fallback)
     if plan.axis_name is not None:
         count, shift, offset, var = _merge_devices(plan, count, shift, offset, var)
-    return count, shift, offset, var
+    if mask is None and plan.axis_name is None:  # the count is a constant: XLA folds what it meets
+        return (count, *computed_once(shift, offset, var))
+    return computed_once(count, shift, offset, var)
+
+
+def computed_once(*values: Any) -> tuple[Any, ...]:
+    """``values`` unchanged (a zero's sign aside), each computed by XLA once, where it is needed.
+
+    XLA copies cheap elementwise work into every fusion that reads its result, so a chain of
+    per-feature operations (the statistics' unscaling, the normalization's multiplier) would be
+    recomputed in each of the passes and updates that use it, per element of a full-size pass
+    when it feeds one. A reduction is never copied into its readers: the values (grouped by
+    shape and dtype) are stacked and summed with ``-0.0``, an exact identity for every value,
+    which XLA keeps. Linear, so differentiable and transposable; ``None`` entries pass through.
+
+    >>> import jax.numpy as jnp
+    >>> computed_once(jnp.array([1.0, -2.0]), None)
+    (Array([ 1., -2.], dtype=float32), None)
+    """
+    out = list(values)
+    groups: dict[tuple, list[int]] = {}
+    for i, value in enumerate(values):
+        if value is not None:
+            groups.setdefault((jnp.dtype(value.dtype), jnp.shape(value)), []).append(i)
+    for (dtype, shape), members in groups.items():
+        stacked = jnp.stack([values[i] for i in members])
+        summed = jnp.sum(jnp.stack([stacked, jnp.full(stacked.shape, -0.0, dtype)]), axis=0)
+        for k, i in enumerate(members):
+            out[i] = summed[k]
+    return tuple(out)
 
 
 # What _shifted_moments computes; benchmarks/_reshift_loop.py swaps in the loop design to time it.
@@ -603,8 +685,8 @@ _statistics = _two_pass_statistics
 
 @_shifted_moments.defjvp
 def _shifted_moments_jvp(plan, primals, tangents):
-    x, mask, fallback = primals
-    count, shift, offset, var = out = _shifted_moments(plan, x, mask, fallback)
+    x, mask, fallback, source = primals
+    count, shift, offset, var = out = _shifted_moments(plan, x, mask, fallback, source)
     shift, offset = lax.stop_gradient(shift), lax.stop_gradient(offset)
     dx = tangents[0]
 

@@ -48,6 +48,21 @@ def test_export_with_symbolic_shapes_equals_jit(name, rng):
     assert " while(" not in text and " conditional(" not in text
 
 
+@pytest.mark.parametrize("values", ["both signs near the maximum", "subnormal", "offset 1e6"])
+def test_exported_moments_at_the_edges_of_float32_equal_jit(values):
+    """With a symbolic batch the scaling powers of two come from the symbolic size (not a constant):
+    the exported statistics still equal the jitted ones where the scaling matters."""
+    rng = np.random.default_rng(0)
+    x = {"both signs near the maximum": 3e38 * rng.choice([-1.0, 1.0], (16, 4)),
+         "subnormal": 1e-40 * rng.normal(size=(16, 4)),
+         "offset 1e6": 1e6 + rng.normal(size=(16, 4))}[values]
+    x = jnp.asarray(x, jnp.float32)
+    f = jax.jit(lambda x: jaxbn.moments(x, 0))
+    exported = export.export(f)(jax.ShapeDtypeStruct(export.symbolic_shape("b, 4"), jnp.float32))
+    for got, want in zip(exported.call(x), f(x)):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_exported_linen_training_step_round_trips(rng):
     """A linen BatchNorm train step serialized and deserialized keeps its results (symbolic batch)."""
     module = jaxbn.linen.BatchNorm(use_running_average=False, momentum=0.9)

@@ -379,7 +379,6 @@ def test_collectives_per_batch_norm_call(case, all_gathers, all_reduces):
     stablehlo = lowered.as_text()
     assert stablehlo.count('"stablehlo.all_gather"') == all_gathers
     assert stablehlo.count('"stablehlo.all_reduce"') == all_reduces
-    # (a stablehlo.case is lax.platform_dependent's choice of kernels, resolved when compiling)
     assert "stablehlo.while" not in stablehlo
 
 

@@ -263,3 +263,30 @@ def test_recalibrating_a_linen_model_twice_compiles_once(caplog):
     compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling ")]
     assert not [m for m in compiled if "layer_moments" in m], compiled
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), first, second)
+
+
+def test_recalibrating_an_nnx_module_twice_compiles_once(caplog):
+    """The second call on a module of the same structure reuses the first call's compiled forward."""
+    import logging
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.dense = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+            self.bn = jaxbn.nnx.BatchNorm(4, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.bn(self.dense(x))
+
+    batches = [jnp.full((8, 3), float(i)) + jnp.arange(3.0) for i in range(3)]
+    first = jaxbn.recalibrate(Net(), batches, progress=False)
+    previous = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="jax"):
+            second = jaxbn.recalibrate(Net(), batches, progress=False)
+    finally:
+        jax.config.update("jax_log_compiles", previous)
+    compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling ")]
+    assert not [m for m in compiled if "forward" in m], compiled
+    np.testing.assert_allclose(second.bn.mean[...], first.bn.mean[...], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(second.bn.var[...], first.bn.var[...], rtol=1e-6, atol=1e-6)

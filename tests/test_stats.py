@@ -132,3 +132,79 @@ def test_moments_under_vmap_axis_name_equals_global(rng):
     # every device merges the same gathered statistics in the same order: identical bit for bit
     for field in m:
         np.testing.assert_array_equal(field, np.broadcast_to(field[0], field.shape))
+
+
+@pytest.mark.parametrize("platform, barriers", [("cpu", 1), ("cuda", 0), ("tpu", 0)])
+def test_cpu_barrier_is_an_identity_with_a_barrier_on_cpu_only(platform, barriers):
+    """One primitive, lowered per platform: an optimization barrier on XLA:CPU, nothing elsewhere."""
+    x = jnp.arange(6.0).reshape(2, 3)
+    text = jax.jit(lambda x: stats.cpu_barrier(x * 2)[0] + 1).trace(x).lower(lowering_platforms=(platform,)).as_text()
+    assert text.count("stablehlo.optimization_barrier") == barriers
+    assert "stablehlo.if" not in text and "case" not in text
+
+
+def test_cpu_barrier_under_transforms(rng):
+    """It passes values, tangents and cotangents through unchanged, batched or not; None stays None."""
+    x = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+
+    def f(x):
+        a, none, b = stats.cpu_barrier(jnp.sin(x), None, x * x)
+        assert none is None
+        return jnp.sum(a * b)
+
+    def reference_f(x):
+        return jnp.sum(jnp.sin(x) * x * x)
+
+    np.testing.assert_allclose(f(x), reference_f(x), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(f)(x), jax.grad(reference_f)(x), rtol=1e-6)
+    np.testing.assert_allclose(jax.jvp(f, (x,), (x,))[1], jax.jvp(reference_f, (x,), (x,))[1], rtol=1e-6)
+    np.testing.assert_allclose(jax.vmap(jax.grad(f))(x[:, None]), jax.vmap(jax.grad(reference_f))(x[:, None]),
+                               rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(jax.hessian(f))(x[0]), jax.hessian(reference_f)(x[0]), rtol=1e-5)
+
+
+def test_computed_once_keeps_values_and_gradients(rng):
+    """Values (infinities, NaN and -0.0 of any dtype and shape among them) and gradients pass unchanged,
+    and XLA computes a chain of per-feature operations once, not in each of the fusions that read it."""
+    a = jnp.asarray([1.5, -np.inf, np.nan, -0.0], jnp.float32)
+    b = jnp.asarray(rng.normal(size=(2, 3)), jnp.bfloat16)
+    out = stats.computed_once(a, None, b, a * 2)
+    np.testing.assert_array_equal(out[0], a)  # v + (-0.0) == v for every v but -0.0, whose sign may become +0
+    assert out[1] is None and out[2].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out[2], b)
+    np.testing.assert_array_equal(out[3], a * 2)
+    g = jax.grad(lambda v: jnp.sum(stats.computed_once(v * 3, v)[0] ** 2))(jnp.arange(3.0))
+    np.testing.assert_allclose(g, 18 * jnp.arange(3.0))
+
+    def chain(v):
+        for i in range(8):
+            v = jnp.where(v > i, v * 1.5 + 0.25, v - 1.0)
+        return v
+
+    def two_readers(x, once):
+        v = chain(jnp.sum(x, 0))
+        if once:
+            (v,) = stats.computed_once(v)
+        return jnp.sum(jnp.sin(x + v), 0), jnp.sum(jnp.cos(x - v), 0)
+
+    x = jnp.ones((64, 16))
+    count = {once: jax.jit(two_readers, static_argnums=1).lower(x, once).compile().as_text().count(" select(")
+             for once in (False, True)}
+    assert count[True] == 8 < count[False], count
+
+
+def test_moments_read_from_a_narrow_source(rng):
+    """``source``: the passes read the narrow array, the result and the derivatives are x's."""
+    narrow = jnp.asarray(rng.normal(size=(64, 8)) * 3 + 100, jnp.bfloat16)
+    wide = narrow.astype(jnp.float32)
+    got, want = stats.moments(wide, 0, source=narrow), stats.moments(wide, 0)
+    for field in ("mean", "var", "count"):
+        np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-6)
+
+    def loss(x, source):
+        m = stats.moments(x, 0, source=source)
+        return jnp.sum(m.mean * m.var)
+
+    np.testing.assert_allclose(jax.grad(loss)(wide, narrow), jax.grad(loss)(wide, None), rtol=1e-5)
+    with pytest.raises(ValueError, match="source must have x's shape"):
+        stats.moments(wide, 0, source=narrow[:3])
