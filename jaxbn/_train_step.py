@@ -13,7 +13,7 @@ elementwise pass. Under a ``jax.checkpoint`` that saves only the batch
 statistics, reverse mode keeps ``x`` (in its own dtype) and per-feature
 vectors; forward mode (``jvp``, ``jacfwd``, ``linearize``) works as well. The
 step is one jitted function (static configuration): a model's layers of one
-shape trace it once, and an eager call is one dispatch.
+shape trace it once, and an eager call dispatches it once.
 
 Layer, group and instance norm use the same step with outer parameters
 (per feature, where their statistics are per example):
@@ -350,5 +350,5 @@ def normalize_then_affine_train(
     element has mean 0 and variance 0. Derivatives as :func:`batch_norm_train`'s.
     """
     zeros = jnp.zeros([size for i, size in enumerate(x.shape) if i not in config.axes], config.compute_dtype)
-    inputs = StepInputs(zeros, epsilon, mask, zeros, zeros)
+    inputs = jax.tree_util.tree_map(lax.stop_gradient, StepInputs(zeros, epsilon, mask, zeros, zeros))
     return _step(x, None, None, params.get("scale"), params.get("bias"), config, inputs)[0]

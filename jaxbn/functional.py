@@ -8,8 +8,6 @@ cumulative running average (``momentum=None``) adds a scalar ``'count'``.
 
 from __future__ import annotations
 
-import functools
-
 import math
 import warnings
 from collections.abc import Mapping, Sequence

@@ -339,7 +339,7 @@ def test_an_eager_training_call_is_a_few_cached_jitted_calls(call, caplog):
 @pytest.mark.parametrize("norm", ["layer_norm", "group_norm"])
 def test_per_example_norms_in_bfloat16_move_less_than_flax(norm):
     """Layer and group norm of bfloat16 x read x in its own dtype (no float32 copy: 11S forward, 41S
-    forward+backward that way, flax 9S / 29S): 5S / 20S and 7S / 25S, with gradients rounded once."""
+    forward+backward that way, flax 9S / 29S): at this shape 5S / 20S and 7S / 25S, gradients rounded once."""
     shape, groups = (16, 8, 8, 64), 16
     x = jnp.zeros(shape, jnp.bfloat16)
     p = {"scale": jnp.ones(shape[-1]), "bias": jnp.zeros(shape[-1])}
