@@ -194,7 +194,7 @@ class BatchNorm(nn.Module):
 
     use_running_average: bool | None = None
     axis: int | Any = -1
-    momentum: float = 0.99
+    momentum: float | None = 0.99
     epsilon: float = 1e-5
     dtype: Any = None
     param_dtype: Any = jnp.float32

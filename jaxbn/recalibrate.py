@@ -407,8 +407,8 @@ def recalibrate(
     (``mask=`` as the model passes it). Batches run whole under ``jit``: a
     batch sharded over devices gives the statistics of the whole batch, and
     BatchNorms synchronized with ``axis_name`` need no ``shard_map``/``pmap``
-    here (a ``pmap``-style batch ``(devices, per_device, ...)`` is reshaped to
-    ``(devices * per_device, ...)`` first). The default estimator pools them exactly: the mean and the
+    here (pass a ``pmap``-style batch ``(devices, per_device, ...)`` as
+    ``(devices * per_device, ...)``: nothing reshapes it). The default estimator pools them exactly: the mean and the
     (biased; unbiased for a module with ``unbiased_running_var``) variance of
     all valid elements of all batches, combined in float64
     (:math:`\sigma^2 = \sum_b n_b(\sigma_b^2 + (\mu_b - \mu)^2) / \sum_b n_b`).

@@ -211,7 +211,8 @@ def batch_renorm(
       update that changes the running statistics (scheduled limits read it).
 
     Returns:
-      ``(y, new_state)``.
+      ``(y, new_state)``, or ``(y, new_state, moments)`` with ``return_moments=True``
+      (the batch's :class:`jaxbn.Moments`, as :func:`jaxbn.batch_norm` returns them).
 
     Raises:
       TypeError / ValueError: as :func:`jaxbn.batch_norm`, and for limits

@@ -2,9 +2,11 @@
 
 Every normalizer gets its mean and variance from :func:`moments`: two passes
 per device around an element of its batch, no data-dependent control flow.
-Every sum over the batch on a device is taken by :func:`channel_sums`; the
-statistics cross devices in one :func:`all_gather` (merged by
-:func:`merge_stacked`), the backward's sums in one :func:`cross_device_sum`.
+Every sum of the data over the batch on a device is taken by
+:func:`channel_sums` (the mask's count and the first valid position are
+reductions of the mask, the derivative's sums of the tangent); the statistics
+cross devices in one :func:`all_gather` (merged by :func:`merge_stacked`), the
+backward's sums in one :func:`cross_device_sum`.
 So "one collective per layer per direction", "count-weighted across devices"
 and "no float32 copy of a bfloat16 tensor" are properties of this file alone.
 """

@@ -108,7 +108,7 @@ def _linen_batch_norm(module: nn.Module, overrides: Mapping[str, Any], x: Any, u
     for name in names:
         if not module.has_variable("batch_stats", name):
             raise ValueError(
-                f"batch_norm_overrides: {type(module).__name__} at {'/'.join(module.path) or '(root)'} has no "
+                f"batch_norm_overrides: {type(module).__name__} at {'/'.join(module.path) or '<root>'} has no "
                 f"batch_stats/{name}" + (" (momentum=None needs the 'count' of a module created with "
                                          "momentum=None)" if name == "count" else "") + "."
             )
@@ -299,7 +299,7 @@ def _batch_norms(module: Any, function: str) -> list:
     for path, node in nnx.iter_graph(module):
         if isinstance(node, nnx.BatchNorm):
             raise TypeError(
-                f"{function}: the layer at {'/'.join(map(str, path)) or '(root)'} is flax's nnx.BatchNorm; "
+                f"{function}: the layer at {'/'.join(map(str, path)) or '<root>'} is flax's nnx.BatchNorm; "
                 "convert the model first: module = jaxbn.nnx.convert(module)."
             )
         if isinstance(node, jaxbn_nnx.BatchNorm):

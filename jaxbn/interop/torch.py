@@ -797,8 +797,8 @@ class Comparison:
       first_mismatch: None, or a description of the first difference: the
         first module (in execution order) whose output differs, else the first
         parameter or statistic that differs, else the final output.
-      state_mismatches: ``'torch key -> flax path: max abs diff'`` for each
-        parameter or statistic that differs, in state-dict order.
+      state_mismatches: ``"module '<torch prefix>' (<flax path>): max abs diff <d>"``
+        for each parameter or statistic that differs, in state-dict order.
       layer_diffs: ``(torch prefix, max abs diff)`` of each module output
         compared, in execution order (empty unless ``flax_model`` is a module).
     """
