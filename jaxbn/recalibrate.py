@@ -137,6 +137,16 @@ def check_batches(batches: Any, function: str) -> None:
             f"{function}: batches must be an iterable of batches (e.g. a list or a generator), got "
             f"{type(batches).__name__}; for one batch x pass [x]."
         )
+    arrays = batches if isinstance(batches, tuple) else ()
+    if len(arrays) > 1 and all(hasattr(a, "shape") and hasattr(a, "dtype") for a in arrays) and (
+        len({(tuple(a.shape), str(a.dtype)) for a in arrays}) > 1
+    ):
+        raise TypeError(
+            f"{function}: batches is a tuple of arrays of different shapes or dtypes "
+            f"({', '.join(f'{a.dtype}{list(a.shape)}' for a in arrays)}), which looks like one batch's "
+            f"arguments (e.g. (x, mask)) but would be iterated as {len(arrays)} batches; pass a list of "
+            f"batches, e.g. [(x, mask)] for one batch."
+        )
 
 
 def _nonempty(batches: Iterable, function: str) -> Iterator[Any]:

@@ -241,6 +241,22 @@ def test_one_array_instead_of_an_iterable_of_batches_is_refused(array):
     jaxbn.recalibrate(module, [x], progress=False)  # the fix the message names
 
 
+def test_one_batch_of_arguments_instead_of_a_list_of_batches_is_refused():
+    """recalibrate(model, variables, (x, mask)) would run x and then the mask as two batches: a tuple of
+    arrays of different shapes or dtypes is refused with the fix ([(x, mask)]); a tuple of like batches
+    is still a sequence of batches."""
+    x = jnp.ones((16, 3), jnp.float32)
+    mask = jnp.ones((16, 1), bool)
+    model = LinenNet()
+    variables = model.init(jax.random.key(0), x)
+    message = r"batches is a tuple of arrays of different shapes or dtypes .*pass a list of batches, e\.g\. \[\(x, mask\)\]"
+    with pytest.raises(TypeError, match=message):
+        jaxbn.recalibrate(model, variables, (x, mask), progress=False)
+    with pytest.raises(TypeError, match=message):
+        jaxbn.recalibrate(NnxNet(nnx.Rngs(0)), (x, mask), progress=False)
+    jaxbn.recalibrate(model, variables, (x, x + 1), progress=False)  # two batches of one shape: as before
+
+
 def test_recalibrating_a_linen_model_twice_compiles_once(caplog):
     """The second call on the same model (new variables, same shapes) reuses the first call's compiled forward."""
     import logging
