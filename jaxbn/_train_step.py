@@ -180,37 +180,26 @@ def _train(x, scale, bias, outer_scale, outer_bias, config, inputs):
     return _train_fwd(x, scale, bias, outer_scale, outer_bias, config, inputs)[0]
 
 
-def _inner_params(scale, bias, r, d, dtype) -> dict[str, jax.Array]:
-    """The step's per-feature parameters; with a correction ``(r, d)``, ``γ (x̂ r + d) + β`` is batch norm
-    with scale ``γ r`` and bias ``γ d + β``."""
-    if r is None:
-        return {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
-    if scale is not None:
-        r, d = scale.astype(dtype) * r, scale.astype(dtype) * d
-    return {"scale": r, "bias": d if bias is None else d + bias.astype(dtype)}
-
-
-def _outer(y, outer_scale, outer_bias, out_dtype):
-    """``y * outer_scale + outer_bias`` (each optional), cast to ``out_dtype``."""
-    if outer_scale is not None:
-        y = y * outer_scale
-    return (y if outer_bias is None else y + outer_bias).astype(out_dtype)
-
-
 def _train_fwd(x, scale, bias, outer_scale, outer_bias, config: StepConfig, inputs: StepInputs):
     dtype, epsilon = config.compute_dtype, inputs.epsilon
     batch = _batch_statistics(x, config, inputs)
+    params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
     correction = None
     if config.correction is not None:
+        # y = γ (x̂ r + d) + β: batch norm with scale γ r and bias γ d + β.
         correction = config.correction(batch, inputs.running_mean, inputs.running_var, epsilon, *inputs.correction_args)
-    params = _inner_params(scale, bias, *(correction or (None, None)), dtype)
+        r, d = correction
+        if scale is not None:
+            r, d = scale.astype(dtype) * r, scale.astype(dtype) * d
+        params = {"scale": r, "bias": d if bias is None else d + bias.astype(dtype)}
     outer = outer_scale is not None or outer_bias is not None
     y = affine_normalize(
         x, batch.shift, batch.mean_minus_shift, batch.var, params, config.axes, epsilon, dtype,
         dtype if outer else config.out_dtype, inputs.mask, per_feature_once=False,
     )
-    if outer:
-        y = _outer(y, outer_scale, outer_bias, config.out_dtype)
+    if outer:  # y * outer_scale + outer_bias (each optional), in the compute dtype, then cast
+        y = y if outer_scale is None else y * outer_scale
+        y = (y if outer_bias is None else y + outer_bias).astype(config.out_dtype)
     return (y, batch), correction
 
 
