@@ -20,27 +20,26 @@ and turn float64 at the first float64 update).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax.core import meta
 from flax.linen import initializers
 
 from jaxbn import _validation, functional, per_example, renorm
+from jaxbn._flax import path_name, reboxed, running_stats_dtype, unboxed
 
 __all__ = [
     "BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "batch_norm_overrides",
     "use_jaxbn",
 ]
-
-
-def unboxed(value: Any) -> Any:
-    """``value`` without its partitioning box (``nn.with_partitioning``), if it has one."""
-    return value.unbox() if isinstance(value, meta.AxisMetadata) else value
 
 
 def _affine_params(module: nn.Module, feature_shape: tuple[int, ...], use_scale: bool, use_bias: bool) -> dict:
@@ -51,23 +50,6 @@ def _affine_params(module: nn.Module, feature_shape: tuple[int, ...], use_scale:
     if use_bias:
         params["bias"] = module.param("bias", module.bias_init, feature_shape, module.param_dtype)
     return params
-
-
-def running_stats_dtype(param_dtype: Any) -> Any:
-    """The dtype BatchNorm keeps its running statistics in: float32, or ``param_dtype`` where it is wider.
-
-    float64 for a float64 ``param_dtype`` under ``jax_enable_x64`` (float32
-    without it, as JAX's arrays); float32 for bfloat16, float16 and float32
-    (statistics are never kept in half precision); the real dtype of a
-    complex ``param_dtype``.
-
-    >>> running_stats_dtype(jnp.bfloat16)
-    dtype('float32')
-    """
-    if param_dtype is None or not jnp.issubdtype(param_dtype, jnp.inexact):
-        return jnp.dtype(jnp.float32)
-    real = jnp.finfo(param_dtype).dtype
-    return jax.dtypes.canonicalize_dtype(jnp.promote_types(jnp.float32, real))
 
 
 def check_float32_reductions(module: nn.Module, x: Any) -> None:
@@ -94,7 +76,7 @@ def _running_variable(module: nn.Module, name: str, shape: tuple[int, ...], init
     initial value; outside ``init`` that is always a mistake (variables of
     another model, or only ``{'params': ...}`` passed).
     """
-    where = f"{type(module).__name__} at '{'/'.join(module.path) or '<root>'}'"
+    where = f"{type(module).__name__} at '{path_name(module.path)}'"
     if not module.is_initializing():
         if not module.has_variable("batch_stats", name):
             hint = (" (momentum=None keeps a 'count' that a BatchNorm created with a numeric momentum lacks)"
@@ -515,5 +497,232 @@ class BatchRenorm(BatchNorm):
         return {"steps": _running_variable(self, "steps", (), lambda: jnp.zeros((), jnp.int32))}
 
 
-# Model-wide switches (method interception): implemented in jaxbn.switches, which imports this module lazily.
-from jaxbn.switches import batch_norm_overrides, use_jaxbn  # noqa: E402
+# -- model-wide switches: method interception ---------------------------------------------------------------------------------------
+
+#: The overrides :func:`batch_norm_overrides` accepts.
+OVERRIDES = ("use_running_average", "update_running_stats", "momentum", "axis_name", "axis_index_groups",
+             "keep_affine_trainable")
+
+# What is in force, as one hashable value: (the overrides as sorted (name, value) pairs, whether flax's
+# normalization layers are computed by jaxbn). A JAX user context, so it is part of the cache key of
+# jax.jit (and of the other transforms' caches): a function traced inside a block is traced again
+# outside it and vice versa, and the interception reads the very value that keyed the trace. Local to
+# each thread, as JAX's configuration.
+_ACTIVE = jax.make_user_context(((), False))
+
+
+def _in_force() -> tuple[dict[str, Any], bool]:
+    """The overrides in force and whether flax's normalization layers are computed by jaxbn."""
+    items, convert = _ACTIVE.value
+    return dict(items), convert
+
+
+def _hashable(name: str, value: Any) -> Any:
+    """``value`` as part of a cache key: sequences of names or groups as tuples, a 0-d momentum array as a float."""
+    if name == "axis_index_groups" and isinstance(value, (list, tuple, np.ndarray)):
+        value = tuple(tuple(group) if isinstance(group, (list, tuple, np.ndarray)) else group for group in value)
+    elif name == "axis_name" and isinstance(value, list):
+        value = tuple(value)
+    elif name == "momentum" and isinstance(value, (np.ndarray, np.generic, jax.Array)) and \
+            not isinstance(value, jax.core.Tracer):
+        value = float(value)  # checked above: a real scalar
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(
+            f"batch_norm_overrides: {name}={value!r} is not a static Python value. The overrides are part "
+            "of jax.jit's cache key, so they must be hashable and known when the block is entered: a number, "
+            "a bool, an axis name, groups as lists or tuples of ints (not a jax.Array or a traced value)."
+        ) from None
+    return value
+
+
+def _check_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Raises for an unknown or invalid override; returns the overrides with hashable values."""
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise TypeError(f"batch_norm_overrides got unknown override(s) {unknown}; the overrides are {list(OVERRIDES)}.")
+    for name in ("use_running_average", "keep_affine_trainable"):
+        if name in overrides:
+            _validation.check_static_bool(overrides[name], name)
+    if "update_running_stats" in overrides:
+        _validation.check_static_bool(overrides["update_running_stats"], "update_running_stats", none_ok=True)
+    if overrides.get("momentum") is not None:
+        _validation.check_momentum(overrides["momentum"])
+    return {name: _hashable(name, value) for name, value in overrides.items()}
+
+
+def _linen_batch_norm(module: nn.Module, overrides: Mapping[str, Any], x: Any, use_running_average: Any = None, *,
+                      mask: Any = None) -> jax.Array:
+    """One BatchNorm call (jaxbn's or flax's module) computed by the functional core with ``overrides``."""
+    field = lambda name, default=None: overrides[name] if name in overrides else getattr(module, name, default)  # noqa: E731
+    if "use_running_average" in overrides:
+        use_running_average = overrides["use_running_average"]
+    else:
+        use_running_average = nn.merge_param("use_running_average", module.use_running_average, use_running_average)
+    training = not use_running_average
+    momentum = field("momentum")
+    update = field("update_running_stats")
+    update = training if update is None else update
+    mutable = module.is_mutable_collection("batch_stats")
+    update = bool(update) and mutable
+    names = ["mean", "var"] + (["count"] if momentum is None else [])
+    if module.has_variable("batch_stats", "steps"):  # jaxbn's BatchRenorm with a scheduled limit
+        names.append("steps")
+    for name in names:
+        if not module.has_variable("batch_stats", name):
+            raise ValueError(
+                f"batch_norm_overrides: {type(module).__name__} at {path_name(module.path)} has no "
+                f"batch_stats/{name}" + (" (momentum=None needs the 'count' of a module created with "
+                                         "momentum=None)" if name == "count" else "") + "."
+            )
+    stored = {name: module.get_variable("batch_stats", name) for name in names}
+    state = {name: unboxed(value) for name, value in stored.items()}
+    params = {name: unboxed(module.get_variable("params", name)) for name in ("scale", "bias")
+              if module.has_variable("params", name)}
+    if not field("keep_affine_trainable", True):
+        params = jax.lax.stop_gradient(params)
+
+    # jaxbn's module computes with its own functional call (BatchRenorm's is batch_renorm)
+    normalize = module.functional_call if isinstance(module, BatchNorm) else functional.batch_norm
+    x = x if hasattr(x, "dtype") else jax.numpy.asarray(x)
+    sow = getattr(module, "sow_moments", False) and (training or update)  # only where batch statistics are taken
+    y, new_state, *moments = normalize(
+        x, params, state, return_moments=sow, training=training, update_running_stats=update,
+        axis=module.axis, momentum=momentum, unbiased_running_var=getattr(module, "unbiased_running_var", False),
+        epsilon=module.epsilon, axis_name=field("axis_name"), axis_index_groups=field("axis_index_groups"),
+        mask=mask, dtype=module.dtype, ghost_batch_size=getattr(module, "ghost_batch_size", None),
+    )
+    if update:
+        for name, old in stored.items():
+            new = new_state[name]
+            module.put_variable("batch_stats", name, reboxed(old, new))
+    if moments and moments[0] is not None:
+        module.sow("intermediates", "batch_moments", moments[0])
+    return y
+
+
+def _linen_per_example(module: nn.Module, kind: str, x: Any, *, mask: Any = None) -> jax.Array:
+    """A flax LayerNorm/RMSNorm/GroupNorm/InstanceNorm call computed by jaxbn with the module's params."""
+    x = x if hasattr(x, "dtype") else jax.numpy.asarray(x)
+    check_float32_reductions(module, x)
+    params = {name: unboxed(module.get_variable("params", name)) for name in ("scale", "bias")
+              if module.has_variable("params", name)}
+    common = dict(epsilon=module.epsilon, mask=mask, axis_name=module.axis_name,
+                  axis_index_groups=module.axis_index_groups, dtype=module.dtype)
+    if kind == "LayerNorm":
+        return per_example.layer_norm(x, params, reduction_axes=module.reduction_axes,
+                                      feature_axes=module.feature_axes, **common)
+    if kind == "RMSNorm":
+        return per_example.rms_norm(x, params, reduction_axes=module.reduction_axes,
+                                    feature_axes=module.feature_axes, **common)
+    if kind == "GroupNorm":
+        return per_example.group_norm(x, params, num_groups=module.num_groups, group_size=module.group_size,
+                                      reduction_axes=module.reduction_axes, **common)
+    return per_example.instance_norm(x, params, feature_axes=module.feature_axes, **common)
+
+
+_FLAX_LINEN_PER_EXAMPLE = {nn.LayerNorm: "LayerNorm", nn.RMSNorm: "RMSNorm", nn.GroupNorm: "GroupNorm",
+                           nn.InstanceNorm: "InstanceNorm"}
+
+
+def _intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or module.is_initializing():  # init: the module creates its variables
+        return next_fun(*args, **kwargs)
+    overrides, convert = _in_force()
+    if isinstance(module, BatchNorm) or (isinstance(module, nn.BatchNorm) and (overrides or convert)):
+        if not overrides and isinstance(module, BatchNorm):
+            return next_fun(*args, **kwargs)
+        return _linen_batch_norm(module, overrides, *args, **kwargs)
+    if convert:
+        kind = next((name for cls, name in _FLAX_LINEN_PER_EXAMPLE.items() if type(module) is cls), None)
+        if kind is not None:
+            return _linen_per_example(module, kind, *args, **kwargs)
+    return next_fun(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _switched(overrides: Mapping[str, Any], convert: bool) -> Iterator[None]:
+    outer, outer_convert = _in_force()
+    merged = {**outer, **overrides}  # the inner block wins per name
+    with _ACTIVE((tuple(sorted(merged.items())), outer_convert or convert)), nn.intercept_methods(_intercept):
+        yield
+
+
+def batch_norm_overrides(**overrides: Any) -> contextlib.AbstractContextManager[None]:
+    """Overrides fields of every BatchNorm a linen model calls inside the ``with`` block.
+
+    Every call of a :class:`jaxbn.linen.BatchNorm` (or ``BatchRenorm``) or of
+    flax's :class:`flax.linen.BatchNorm` is computed by :func:`jaxbn.batch_norm`
+    with the module's own fields and variables, except the overridden ones;
+    the running statistics are written back (in the module's ``batch_stats``)
+    only when that collection is mutable. Blocks nest (the inner one wins per
+    name). The model's source is untouched. Enter the block inside the
+    function you ``jax.jit`` or around its call: what is in force is part of
+    ``jax.jit``'s cache key (local to the thread), so a jitted step runs as the
+    block says inside it and as the model says after it (it is traced once per
+    set of overrides). Only a function compiled ahead of time
+    (``jax.jit(f).lower(...).compile()``) keeps what was in force when it was
+    lowered.
+
+    Overrides (keyword only, see ``OVERRIDES``; Python values, since they key
+    the cache):
+
+    - ``use_running_average``: normalize with the running statistics (also
+      overrides the call argument).
+    - ``update_running_stats``: update them from the batch (None: when
+      training). A *freeze* is ``use_running_average=True,
+      update_running_stats=False``.
+    - ``momentum``: a float in [0, 1] (None only for a module created with
+      ``momentum=None``, which has ``batch_stats/count``).
+    - ``axis_name`` / ``axis_index_groups``: synchronize the statistics
+      (groups as lists or tuples of ints).
+    - ``keep_affine_trainable``: False stops the gradient of ``scale`` and
+      ``bias`` (they get zero gradients; with weight decay, also mask them
+      out of the optimizer, e.g. ``optax.masked``).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn.linen
+    >>> bn = nn.BatchNorm(use_running_average=False)
+    >>> x = jnp.arange(6.0).reshape(3, 2)
+    >>> variables = bn.init(jax.random.key(0), x)
+    >>> step = jax.jit(lambda variables, x: bn.apply(variables, x, mutable=['batch_stats']))
+    >>> with jaxbn.linen.batch_norm_overrides(use_running_average=True, update_running_stats=False):
+    ...     y, updates = step(variables, x)  # frozen: normalized with the running (0, 1), not updated
+    >>> bool(jnp.allclose(y, x / jnp.sqrt(1 + 1e-5)))
+    True
+    >>> bool((updates['batch_stats']['mean'] == 0).all())  # exact: the stored zeros, not written
+    True
+    >>> step(variables, x)[1]['batch_stats']['mean']  # after the block: training, 0.01 * the batch mean
+    Array([0.02, 0.03], dtype=float32)
+    """
+    return _switched(_check_overrides(overrides), convert=False)
+
+
+def use_jaxbn() -> contextlib.AbstractContextManager[None]:
+    """Computes flax's linen normalization layers with jaxbn inside the ``with`` block.
+
+    Every call of :class:`flax.linen.BatchNorm`, ``LayerNorm``, ``RMSNorm``,
+    ``GroupNorm`` and ``InstanceNorm`` (exactly these classes, not
+    subclasses) runs jaxbn's functional core with the module's fields and
+    variables (the same ``params``/``batch_stats``, so checkpoints are kept),
+    like PyTorch's ``convert_sync_batchnorm`` without rebuilding the model:
+    count-weighted statistics across devices, masks, the stable variance,
+    running statistics that skip a non-finite batch. ``init`` runs flax's
+    modules unchanged. Combine with :func:`batch_norm_overrides` to also set
+    e.g. ``axis_name``. As there, the block may be entered inside the jitted
+    function or around its call (it is part of ``jax.jit``'s cache key).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn.linen
+    >>> bn = nn.BatchNorm(use_running_average=False)
+    >>> x = jnp.arange(6.0).reshape(3, 2).at[0, 0].set(jnp.nan)
+    >>> variables = bn.init(jax.random.key(0), x)
+    >>> step = jax.jit(lambda variables, x: bn.apply(variables, x, mutable=['batch_stats'])[1])
+    >>> with jaxbn.linen.use_jaxbn():
+    ...     updates = step(variables, x)  # jaxbn: a NaN batch leaves the running statistics alone
+    >>> bool(jnp.isfinite(updates['batch_stats']['mean']).all())
+    True
+    >>> bool(jnp.isfinite(step(variables, x)['batch_stats']['mean']).all())  # flax's, after the block
+    False
+    """
+    return _switched({}, convert=True)

@@ -37,7 +37,9 @@ running statistics are always updated from their stored values.
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -50,7 +52,7 @@ from flax.nnx.nn import dtypes as _flax_dtypes
 from flax.nnx.nn import initializers
 
 from jaxbn import _validation, functional, per_example, renorm
-from jaxbn.linen import running_stats_dtype
+from jaxbn._flax import path_name, running_stats_dtype
 
 __all__ = [
     "BatchNorm", "BatchRenorm", "FrozenParam", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "convert",
@@ -677,5 +679,182 @@ class InstanceNorm(_Normalization):
         )
 
 
-# Model-wide switches (graph walks): implemented in jaxbn.switches, which imports this module lazily.
-from jaxbn.switches import FrozenParam, convert, freeze, set_batch_norm, unfreeze  # noqa: E402
+# -- model-wide switches: graph walks -----------------------------------------------------------------------------------------
+
+
+class FrozenParam(nnx.Variable):
+    """The type :func:`freeze` gives ``scale``/``bias`` with ``keep_affine_trainable=False``.
+
+    Not an ``nnx.Param``, so ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and
+    ``nnx.grad`` with ``nnx.Param`` leave them alone; :func:`unfreeze` makes
+    them ``nnx.Param`` again.
+    """
+
+
+def _flax_nnx_norms() -> dict[type, type]:
+    return {nnx.BatchNorm: BatchNorm, nnx.LayerNorm: LayerNorm, nnx.RMSNorm: RMSNorm,
+            nnx.GroupNorm: GroupNorm, nnx.InstanceNorm: InstanceNorm}
+
+
+def _batch_norms(module: Any, function: str) -> list:
+    """jaxbn's nnx BatchNorms in ``module``; raises on flax's (before anything is changed)."""
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"{function} takes a flax.nnx module, got {type(module).__name__}.")
+    found = []
+    for path, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.BatchNorm):
+            raise TypeError(
+                f"{function}: the layer at {path_name(path)} is flax's nnx.BatchNorm; "
+                "convert the model first: module = jaxbn.nnx.convert(module)."
+            )
+        if isinstance(node, BatchNorm):
+            found.append(node)
+    return found
+
+
+def freeze(module: Any, *, keep_affine_trainable: bool = True) -> Any:
+    """Freezes every jaxbn BatchNorm in ``module`` (in place): running statistics, never updated.
+
+    A frozen layer normalizes with its running statistics and leaves them
+    unchanged whatever ``use_running_average`` says, so it stays frozen
+    through ``module.train()`` / ``module.eval()`` (which still record the
+    mode for after :func:`unfreeze`). With ``keep_affine_trainable=False``,
+    ``scale`` and ``bias`` become :class:`FrozenParam` (not ``nnx.Param``), so
+    an optimizer or gradient over ``nnx.Param`` skips them. flax's own
+    ``nnx.BatchNorm`` is refused (convert the model first with :func:`convert`).
+
+    Returns:
+      ``module``.
+    """
+    _validation.check_static_bool(keep_affine_trainable, "keep_affine_trainable")
+    for layer in _batch_norms(module, "freeze"):
+        layer.frozen = True
+        if not keep_affine_trainable:
+            for name in ("scale", "bias"):
+                variable = getattr(layer, name)
+                if isinstance(variable, nnx.Param):
+                    setattr(layer, name, FrozenParam(variable.get_value(), **variable.get_metadata()))
+    return module
+
+
+def unfreeze(module: Any) -> Any:
+    """Undoes :func:`freeze` (in place): each BatchNorm follows ``use_running_average`` again,
+    and :class:`FrozenParam` ``scale``/``bias`` become ``nnx.Param``. Returns ``module``."""
+    for layer in _batch_norms(module, "unfreeze"):
+        layer.frozen = False
+        for name in ("scale", "bias"):
+            variable = getattr(layer, name)
+            if isinstance(variable, FrozenParam):
+                setattr(layer, name, nnx.Param(variable.get_value(), **variable.get_metadata()))
+    return module
+
+
+_UNSET: Any = object()
+
+
+def set_batch_norm(module: Any, *, momentum: Any = _UNSET, axis_name: Any = _UNSET,
+                   axis_index_groups: Any = _UNSET) -> Any:
+    """Sets ``momentum`` / ``axis_name`` / ``axis_index_groups`` of every jaxbn BatchNorm in ``module``.
+
+    Only the arguments given are set (in place). ``momentum=None`` (the
+    cumulative average) needs layers created with ``momentum=None`` (they
+    have the ``count`` variable). flax's ``nnx.BatchNorm`` is refused
+    (convert the model first). Returns ``module``.
+    """
+    layers = _batch_norms(module, "set_batch_norm")
+    if momentum is not _UNSET:
+        if momentum is None:
+            missing = [layer for layer in layers if getattr(layer, "count", None) is None]
+            if missing:
+                raise ValueError("set_batch_norm(momentum=None) needs BatchNorms created with momentum=None "
+                                 f"(they have the 'count' variable); {len(missing)} layer(s) have none.")
+        else:
+            _validation.check_momentum(momentum)
+    values = {"momentum": momentum, "axis_name": axis_name, "axis_index_groups": axis_index_groups}
+    for layer in layers:
+        for name, value in values.items():
+            if value is not _UNSET:
+                setattr(layer, name, value)
+    return module
+
+
+def _converted(layer: nnx.Module, target: type) -> nnx.Module:
+    """A jaxbn layer with ``layer``'s fields and its very variables (values, types and metadata)."""
+    parameters = inspect.signature(target.__init__).parameters
+    kwargs = {name: getattr(layer, name) for name in parameters
+              if name not in ("self", "num_features", "rngs") and not name.endswith("_metadata")
+              and hasattr(layer, name) and parameters[name].kind is not inspect.Parameter.VAR_KEYWORD}
+    if target.__name__ == "GroupNorm":
+        kwargs.pop("group_size", None)  # stored resolved; num_groups determines it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        num_features = getattr(layer, "num_features", None)
+        if num_features is None:  # flax's GroupNorm keeps only the grouping
+            num_features = layer.num_groups * layer.group_size
+        new = target(num_features, rngs=nnx.Rngs(0), **kwargs)
+    for name in ("scale", "bias", "mean", "var"):
+        if hasattr(layer, name):
+            setattr(new, name, getattr(layer, name))
+    return new
+
+
+def convert(module: Any) -> Any:
+    """Replaces flax's nnx normalization layers in ``module`` by jaxbn's, keeping their variables.
+
+    Like PyTorch's ``convert_sync_batchnorm``: every :class:`flax.nnx.BatchNorm`,
+    ``LayerNorm``, ``RMSNorm``, ``GroupNorm`` and ``InstanceNorm`` (exactly
+    these classes) found by a graph walk (attributes, lists, dicts, nested
+    modules) becomes the jaxbn layer with the same arguments and the same
+    variable objects (so ``nnx.state`` is unchanged: values, types, metadata).
+    A layer held in several places (weight tying) becomes one jaxbn layer that
+    every place holds. The model is changed in place, and only once every
+    layer is known to be replaceable (a layer in a tuple raises a
+    ``TypeError`` and leaves the model untouched); the result is returned (a
+    new object when ``module`` itself is such a layer).
+
+    >>> from flax import nnx
+    >>> import jaxbn.nnx
+    >>> bn = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    >>> model = nnx.Sequential(nnx.Linear(3, 3, rngs=nnx.Rngs(0)), bn, bn)  # one BatchNorm, used twice
+    >>> model = jaxbn.nnx.convert(model)
+    >>> type(model.layers[1]).__name__, model.layers[1] is model.layers[2]
+    ('BatchNorm', True)
+    >>> type(model.layers[1]).__module__
+    'jaxbn.nnx'
+    """
+    table = _flax_nnx_norms()
+    if type(module) in table:
+        return _converted(module, table[type(module)])
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"convert takes a flax.nnx module, got {type(module).__name__}.")
+    # every place that holds such a layer: each container once (a shared one is changed once for all
+    # that hold it), each of its entries that is such a layer (a layer held twice is found twice)
+    places = []
+    for path, node in nnx.iter_graph(module, graph=True):
+        if isinstance(node, nnx.Variable) or not isinstance(node, (nnx.Pytree, list, dict, tuple)):
+            continue
+        for key, child in nnx.iter_children(node, graph=True):
+            if type(child) not in table:
+                continue
+            if not isinstance(node, (nnx.Pytree, list, dict)):
+                raise TypeError(
+                    f"convert: cannot replace the {type(child).__name__} at {path_name((*path, key))} "
+                    f"inside a {type(node).__name__}; hold the layers in a list (nnx.List) or dict (nnx.Dict). "
+                    "Nothing was converted."
+                )
+            places.append((node, key, child, (*path, key)))
+    replaced: dict[int, nnx.Module] = {}  # one jaxbn layer per flax layer, built before anything changes
+    for _, _, layer, path in places:
+        if id(layer) not in replaced:
+            try:
+                replaced[id(layer)] = _converted(layer, table[type(layer)])
+            except (TypeError, ValueError) as err:  # jaxbn's checks at construction, e.g. of momentum
+                error = TypeError if isinstance(err, TypeError) else ValueError
+                raise error(f"convert: the {type(layer).__name__} at {path_name(path)}: {err} "
+                            "Nothing was converted.") from err
+    for parent, key, layer, _ in places:
+        if isinstance(parent, nnx.Pytree) and isinstance(key, str):
+            setattr(parent, key, replaced[id(layer)])
+        else:
+            parent[key] = replaced[id(layer)]
+    return module

@@ -14,7 +14,7 @@ from flax import nnx
 import jaxbn
 import jaxbn.linen
 import jaxbn.nnx
-from jaxbn.fold import FoldedBatchNorm, FoldedLinen, FoldedModel
+from jaxbn.folding import FoldedBatchNorm, FoldedLinen, FoldedModel
 
 LINEN_NORMS = {"jaxbn": jaxbn.linen.BatchNorm, "flax": nn.BatchNorm}
 NNX_NORMS = {"jaxbn": jaxbn.nnx.BatchNorm, "flax": nnx.BatchNorm}

@@ -1,4 +1,4 @@
-"""jaxbn.inspect: each BatchNorm's batch statistics against its running statistics, linen and nnx."""
+"""jaxbn.inspection: each BatchNorm's batch statistics against its running statistics, linen and nnx."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ from flax import nnx
 import jaxbn
 import jaxbn.linen
 import jaxbn.nnx
-from jaxbn.inspect import LayerReport, inspect_batch_norms, plot
+from jaxbn.inspection import LayerReport, inspect_batch_norms, plot
 
 
 class Net(nn.Module):

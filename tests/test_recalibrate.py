@@ -306,3 +306,63 @@ def test_recalibrating_an_nnx_module_twice_compiles_once(caplog):
     assert not [m for m in compiled if "forward" in m], compiled
     np.testing.assert_allclose(second.bn.mean[...], first.bn.mean[...], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(second.bn.var[...], first.bn.var[...], rtol=1e-6, atol=1e-6)
+
+
+def test_two_tools_run_concurrently_in_threads(rng):
+    """recalibrate and fold_batch_norm on nnx modules in two threads, both inside their traced forward
+    passes at once (each waits there for the other), give what each gives alone: neither edits a class."""
+    import threading
+
+    inside = {"recalibrate": threading.Event(), "fold": threading.Event()}
+
+    class Gated(NnxNet):
+        def __init__(self, tool, rngs):
+            super().__init__(rngs)
+            self.tool = tool
+
+        def __call__(self, x):
+            h = self.bn1(self.dense1(x))
+            inside[self.tool].set()  # both threads between their BatchNorm calls
+            other = inside["fold" if self.tool == "recalibrate" else "recalibrate"]
+            assert other.wait(timeout=300), "the other thread never reached its forward pass"
+            return self.bn2(self.dense2(nnx.relu(h)))
+
+    batches = _batches(rng)
+    alone = jaxbn.recalibrate(NnxNet(nnx.Rngs(0)), batches, progress=False)
+    unfolded, gated = NnxNet(nnx.Rngs(1)), Gated("fold", nnx.Rngs(1))
+    unfolded.eval()
+    gated.eval()
+    folded_alone = jaxbn.fold_batch_norm(unfolded, batches[0])
+    results, errors = {}, []
+
+    def run(tool, work):
+        try:
+            results[tool] = work()
+        except BaseException as err:  # reported below, with the thread's traceback
+            errors.append(err)
+            inside[tool].set()
+
+    threads = [
+        threading.Thread(target=run, args=("recalibrate", lambda: jaxbn.recalibrate(
+            Gated("recalibrate", nnx.Rngs(0)), batches, progress=False))),
+        threading.Thread(target=run, args=("fold", lambda: jaxbn.fold_batch_norm(gated, batches[0]))),
+    ]
+    call = jaxbn.nnx.BatchNorm.__call__
+    threads[1].start()  # fold first: inside its forward pass, it waits for recalibrate's
+    assert inside["fold"].wait(timeout=300)
+    threads[0].start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    for name in ("bn1", "bn2"):
+        for stat in ("mean", "var"):
+            np.testing.assert_allclose(getattr(getattr(results["recalibrate"], name), stat)[...],
+                                       getattr(getattr(alone, name), stat)[...], rtol=1e-6, atol=1e-6)
+    folded = results["fold"]
+    for name in ("bn1", "bn2"):
+        assert type(getattr(folded, name)).__name__ == type(getattr(folded_alone, name)).__name__ == "FoldedBatchNorm"
+    for x in batches:
+        np.testing.assert_allclose(NnxNet.__call__(folded, x), folded_alone(x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(folded_alone(x), unfolded(x), rtol=1e-4, atol=1e-4)
+    assert type(alone.bn1) is jaxbn.nnx.BatchNorm and jaxbn.nnx.BatchNorm.__call__ is call  # nothing edited

@@ -14,15 +14,14 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
-from jaxbn.recalibrate import (
+from jaxbn.recalibration import (
     check_options,
     linen_layer_moments,
     nnx_batch_norms,
     nnx_layer_moments,
-    node_at,
     pool_moments,
 )
-from jaxbn.linen import unboxed
+from jaxbn._flax import node_at, path_name, unboxed
 
 __all__ = ["LayerReport", "inspect_batch_norms", "plot"]
 
@@ -98,7 +97,7 @@ def inspect_batch_norms(
       ValueError: no BatchNorm was called, or ``normalize_with`` is not one of its values.
 
     >>> import jax, flax.linen as nn, jaxbn.linen
-    >>> from jaxbn.inspect import inspect_batch_norms
+    >>> from jaxbn.inspection import inspect_batch_norms
     >>> class Net(nn.Module):
     ...     @nn.compact
     ...     def __call__(self, x):
@@ -153,7 +152,7 @@ def plot(reports: list[LayerReport], path: str | None = None) -> Any:
       ImportError: matplotlib is not installed.
 
     >>> import numpy as np
-    >>> from jaxbn.inspect import LayerReport, plot
+    >>> from jaxbn.inspection import LayerReport, plot
     >>> z = np.zeros(2)
     >>> figure = plot([LayerReport(("stem",), z, z, z, z, z, z, z, 0.5, 0)])
     >>> [text.get_text() for text in figure.axes[1].texts]
@@ -167,8 +166,8 @@ def plot(reports: list[LayerReport], path: str | None = None) -> Any:
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError:
-        raise ImportError("jaxbn.inspect.plot needs matplotlib: pip install matplotlib") from None
-    names = ["/".join(map(str, report.path)) or "<root>" for report in reports]
+        raise ImportError("jaxbn.inspection.plot needs matplotlib: pip install matplotlib") from None
+    names = [path_name(report.path) for report in reports]
     rows = np.arange(len(reports))
     longest = max((len(name) for name in names), default=0)
     figure = Figure(figsize=(6.0 + 0.075 * longest, 1.5 + 0.3 * max(len(reports), 3)), layout="constrained")

@@ -11,7 +11,6 @@ float64 and written into the running statistics.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import sys
@@ -23,14 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from flax import nnx
-from flax.core import meta
 
 from jaxbn import _validation, functional
 from jaxbn import linen as jaxbn_linen
-from jaxbn.linen import unboxed
 from jaxbn import nnx as jaxbn_nnx
+from jaxbn._flax import intercepted_nnx_calls, node_at, path_name, reboxed, unboxed
 
-__all__ = ["recalibrate"]  # the helpers without a leading underscore serve jaxbn.inspect
+__all__ = ["recalibrate"]  # the helpers without a leading underscore serve jaxbn.inspection
 
 _SOWN = "jaxbn_recalibrate"
 _NORMALIZE_WITH = ("batch", "running")
@@ -189,7 +187,7 @@ def _linen_interceptor(normalize_with: str, info: dict[tuple[str, ...], dict[str
         state = {key: module.get_variable("batch_stats", key) for key in ("mean", "var")}
         moments, y = _normalized(
             args[0], params, state, module.axis, module.epsilon, module.dtype, kwargs.get("mask"), normalize_with,
-            f"{type(module).__name__} at '{'/'.join(module.path) or '<root>'}'",
+            f"{type(module).__name__} at '{path_name(module.path)}'",
         )
         module.sow("intermediates", _SOWN, moments)
         return y
@@ -266,13 +264,6 @@ def _in_call_order(layers: dict[tuple, list], order: Iterable[tuple]) -> dict[tu
     return {**ordered, **{layer: calls for layer, calls in layers.items() if layer not in ordered}}
 
 
-def node_at(tree: Mapping, path: tuple) -> Any:
-    """``tree[path[0]][path[1]]...``."""
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
 def _sown_by_layer(tree: Mapping, path: tuple[str, ...] = ()) -> Iterable[tuple[tuple[str, ...], tuple]]:
     """``(module path, sown values)`` for every layer of an ``intermediates`` tree."""
     for key, value in tree.items():
@@ -289,10 +280,9 @@ def _copied(tree: Any) -> Any:
 
 def _written(old: Any, new: np.ndarray) -> Any:
     """``new`` in ``old``'s shape and dtype (and partitioning box); where ``new`` is NaN, ``old`` stays."""
-    if isinstance(old, meta.AxisMetadata):
-        return old.replace_boxed(_written(unboxed(old), new))
-    new = np.reshape(new, np.shape(old))
-    return jnp.asarray(np.where(np.isnan(new), np.asarray(old, np.float64), new), old.dtype)
+    value = unboxed(old)
+    new = np.reshape(new, np.shape(value))
+    return reboxed(old, jnp.asarray(np.where(np.isnan(new), np.asarray(value, np.float64), new), value.dtype))
 
 
 # -- nnx -----------------------------------------------------------------------------------------
@@ -300,28 +290,21 @@ def _written(old: Any, new: np.ndarray) -> Any:
 _NNX_BATCH_NORMS = (nnx.BatchNorm, jaxbn_nnx.BatchNorm)
 
 
-@contextlib.contextmanager
-def _recording_nnx_batch_norms(normalize_with: str, called: list[nnx.Module]):
-    """Makes every nnx BatchNorm's ``__call__`` sow its input's moments and append itself to ``called``
-    (restored on exit)."""
-    originals = {cls: cls.__call__ for cls in _NNX_BATCH_NORMS}
+def _recording_call(normalize_with: str, order: list[tuple]):
+    """An nnx interceptor: each BatchNorm call sows its input's moments and notes its path in ``order``."""
 
-    def recording_call(self, x, use_running_average=None, *, mask=None):
-        called.append(self)
-        params = {key: getattr(self, key)[...] for key in ("scale", "bias") if getattr(self, key) is not None}
-        state = {"mean": self.mean[...], "var": self.var[...]}
-        moments, y = _normalized(x, params, state, self.axis, self.epsilon, self.dtype, mask, normalize_with,
-                                 type(self).__name__)
-        self.sow(nnx.Intermediate, _SOWN, moments)
+    def record(run, args, kwargs, path, module):
+        del run  # the call is replaced
+        order.append(path)
+        x = args[0] if args else kwargs["x"]
+        params = {key: getattr(module, key)[...] for key in ("scale", "bias") if getattr(module, key) is not None}
+        state = {"mean": module.mean[...], "var": module.var[...]}
+        moments, y = _normalized(x, params, state, module.axis, module.epsilon, module.dtype, kwargs.get("mask"),
+                                 normalize_with, type(module).__name__)
+        module.sow(nnx.Intermediate, _SOWN, moments)
         return y
 
-    try:
-        for cls in _NNX_BATCH_NORMS:
-            cls.__call__ = recording_call
-        yield
-    finally:
-        for cls, call in originals.items():
-            cls.__call__ = call
+    return record
 
 
 def nnx_batch_norms(module: nnx.Module) -> dict[tuple, nnx.Module]:
@@ -339,33 +322,31 @@ def nnx_layer_moments(
     in the order the layers are first called."""
     graphdef, state = nnx.split(module)
     try:  # one jitted forward per module structure and options, so a second call compiles nothing
-        forward, order, called = _nnx_forward(graphdef, normalize_with, tuple(sorted(call_kwargs.items())))
+        forward, order = _nnx_forward(graphdef, normalize_with, tuple(sorted(call_kwargs.items())))
     except TypeError:  # an unhashable keyword argument: a forward for this call only
-        forward, order, called = _nnx_forward.__wrapped__(graphdef, normalize_with, tuple(call_kwargs.items()))
+        forward, order = _nnx_forward.__wrapped__(graphdef, normalize_with, tuple(call_kwargs.items()))
     for batch in batches:
-        with _recording_nnx_batch_norms(normalize_with, called):  # in effect while (re)tracing
-            sown, state = forward(state, _as_args(batch))
+        sown, state = forward(state, _as_args(batch))
         yield _in_call_order({layer: list(calls) for layer, calls in _sown_by_layer(jax.device_get(sown))}, order)
     nnx.update(module, state)  # what else the calls changed (random number streams, say)
 
 
 @functools.lru_cache(maxsize=32)
-def _nnx_forward(graphdef: Any, normalize_with: str, call_kwargs: tuple) -> tuple[Any, dict, list]:
-    """A jitted ``(state, args) -> (sown moments, new state)`` for modules of ``graphdef``, the layer
-    paths in call order its tracing notes, and the list the recording BatchNorms append to."""
-    called: list[nnx.Module] = []  # the BatchNorms inside the trace, as they are called
-    order: dict[tuple, None] = {}  # their paths, noted while tracing
+def _nnx_forward(graphdef: Any, normalize_with: str, call_kwargs: tuple) -> tuple[Any, dict]:
+    """A jitted ``(state, args) -> (sown moments, new state)`` for modules of ``graphdef``, and the
+    layer paths in call order its tracing notes."""
+    order: dict[tuple, None] = {}  # the BatchNorms' paths in call order, noted while tracing
 
     def run(module, *args):
-        paths = {id(node): tuple(path) for path, node in nnx.iter_graph(module) if isinstance(node, _NNX_BATCH_NORMS)}
-        called.clear()
-        module(*args, **dict(call_kwargs))
-        order.update((paths[id(node)], None) for node in called if id(node) in paths)
-        called.clear()
+        called: list[tuple] = []
+        with intercepted_nnx_calls(module, _recording_call(normalize_with, called),
+                                   lambda node: isinstance(node, _NNX_BATCH_NORMS)):
+            module(*args, **dict(call_kwargs))
+        order.update((path, None) for path in called)
 
     @jax.jit
     def forward(state, args):
-        module = nnx.merge(graphdef, state)
+        module = nnx.merge(graphdef, state, copy=True)  # a copy of our own: its BatchNorms are intercepted
         if hasattr(nnx, "capture"):  # flax >= 0.12.x: sown values come back from the call
             _, sown = nnx.capture(run, nnx.Intermediate)(module, *args)
         else:
@@ -373,7 +354,7 @@ def _nnx_forward(graphdef: Any, normalize_with: str, call_kwargs: tuple) -> tupl
             sown = nnx.pop(module, nnx.Intermediate)
         return nnx.to_pure_dict(sown), nnx.state(module)
 
-    return forward, order, called
+    return forward, order
 
 
 def _recalibrate_nnx(module, batches, normalize_with, estimator, progress, call_kwargs):

@@ -36,11 +36,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
-from flax.core import meta, tracers
+from flax.core import tracers
 from jax.extend import core as jex_core
 
 from jaxbn import linen as _jaxbn_linen
 from jaxbn import nnx as _jaxbn_nnx
+from jaxbn._flax import intercepted_nnx_calls, node_at, parse_path, path_name, reboxed, unboxed
 
 __all__ = ["FoldedBatchNorm", "FoldedLinen", "FoldedModel", "fold_batch_norm"]
 
@@ -93,13 +94,9 @@ def _note_norm_call(call: _Call, fix: str) -> None:
     call.feature_axis, call.training = call.module.axis, _training(call.module, call.args, call.kwargs)
     if call.training:
         raise ValueError(
-            f"fold_batch_norm: BatchNorm '{_name(call.path)}' is called in training mode "
+            f"fold_batch_norm: BatchNorm '{path_name(call.path)}' is called in training mode "
             f"(use_running_average=False); folding uses the running statistics: {fix}."
         )
-
-
-def _name(path: Sequence[Any]) -> str:
-    return "/".join(str(p) for p in path) or "<root>"
 
 
 class _Recorder:
@@ -143,7 +140,7 @@ class _Recorder:
                 if call.probe >= len(self.probes) or self.probes[call.probe].shape != jnp.shape(out):
                     raise ValueError(
                         f"fold_batch_norm: the model's forward pass called different layers when traced twice "
-                        f"(at '{_name(call.path)}'); folding needs a forward pass that is the same every time."
+                        f"(at '{path_name(call.path)}'); folding needs a forward pass that is the same every time."
                     )
                 probed = out + self.probes[call.probe]
                 self.unprobed[id(probed)] = (probed, out)
@@ -205,16 +202,6 @@ def _trace(forward: Callable[[_Recorder], Any], fix: str) -> tuple[list[_Call], 
     return second.calls, _reached(closed.jaxpr)
 
 
-def _as_path(value: Any, argument: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return tuple(p for p in value.split("/") if p)
-    if isinstance(value, Sequence) and all(isinstance(p, (str, int)) for p in value):
-        return tuple(str(p) for p in value)
-    raise TypeError(
-        f"{argument}: a module path must be a string such as 'block/Conv_0' or a tuple of names, got {value!r}."
-    )
-
-
 def _check_pairs(pairs: Any) -> list[tuple[tuple[str, ...], tuple[str, ...]]] | None:
     if pairs is None:
         return None
@@ -224,7 +211,7 @@ def _check_pairs(pairs: Any) -> list[tuple[tuple[str, ...], tuple[str, ...]]] | 
     for pair in pairs:
         if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
             raise TypeError(f"pairs: each entry must be a (layer_path, batch_norm_path) pair, got {pair!r}.")
-        checked.append((_as_path(pair[0], "pairs"), _as_path(pair[1], "pairs")))
+        checked.append((parse_path(pair[0], "pairs"), parse_path(pair[1], "pairs")))
     return checked
 
 
@@ -238,13 +225,13 @@ def _producer_message(norm: _Call, calls: list[_Call]) -> str:
     producers = [c for c in calls if 0 <= c.done < norm.index and c.output is x]
     if producers:
         p = max(producers, key=lambda c: c.done)
-        return f"its input is the output of '{_name(p.path)}' ({type(p.module).__name__})"
+        return f"its input is the output of '{path_name(p.path)}' ({type(p.module).__name__})"
     layers = [c for c in calls if c.kind == "layer" and 0 <= c.done < norm.index]
     if layers:
         last = max(layers, key=lambda c: c.done)
         return (
             f"its input is not the output of any {_LAYER_NAMES}: the last one called before it, "
-            f"'{_name(last.path)}', is followed by code outside module calls (an activation, a reshape, "
+            f"'{path_name(last.path)}', is followed by code outside module calls (an activation, a reshape, "
             "arithmetic, ...) that sits between"
         )
     return f"its input is not the output of any {_LAYER_NAMES} (none was called before it)"
@@ -256,8 +243,8 @@ def _refuse_lifted(call: _Call, calls: list[_Call]) -> None:
         return
     outer = min((c for c in calls if c.lifted and call.path[: len(c.path)] == c.path), key=lambda c: len(c.path))
     raise ValueError(
-        f"fold_batch_norm: '{_name(call.path)}' ({type(call.module).__name__}) runs inside a lifted transform "
-        f"within the model (the module at '{_name(outer.path)}' is wrapped in nn.scan, nn.vmap, nn.remat, "
+        f"fold_batch_norm: '{path_name(call.path)}' ({type(call.module).__name__}) runs inside a lifted transform "
+        f"within the model (the module at '{path_name(outer.path)}' is wrapped in nn.scan, nn.vmap, nn.remat, "
         "nn.jit, an nnx transform, ...); folding modules inside lifted transforms is not supported, so it is "
         "refused. Pass pairs=[...] to fold only BatchNorms outside them."
     )
@@ -278,7 +265,7 @@ def _match(calls: list[_Call], pairs: list | None) -> list[tuple[_Call, _Call]]:
             layer = [c for c in calls if c.kind == "layer" and c.output is norm.args[0] and 0 <= c.done < norm.index]
             if not layer:
                 raise ValueError(
-                    f"fold_batch_norm: BatchNorm '{_name(norm.path)}' cannot be folded: "
+                    f"fold_batch_norm: BatchNorm '{path_name(norm.path)}' cannot be folded: "
                     f"{_producer_message(norm, calls)}. Folding needs the BatchNorm to consume a "
                     f"{_LAYER_NAMES} output directly; pass pairs=[...] to fold only the others."
                 )
@@ -289,22 +276,22 @@ def _match(calls: list[_Call], pairs: list | None) -> list[tuple[_Call, _Call]]:
             for path, what in ((layer_path, "layer"), (norm_path, "norm")):
                 if path not in by_path:
                     raise ValueError(
-                        f"pairs: no module at '{_name(path)}' was called in the forward pass "
-                        f"(called: {sorted(_name(p) for p in by_path)})."
+                        f"pairs: no module at '{path_name(path)}' was called in the forward pass "
+                        f"(called: {sorted(path_name(p) for p in by_path)})."
                     )
             layer, norm = by_path[layer_path][0], by_path[norm_path][0]
             if layer.kind != "layer":
                 raise ValueError(
-                    f"pairs: '{_name(layer_path)}' is a {type(layer.module).__name__}, not a {_LAYER_NAMES}."
+                    f"pairs: '{path_name(layer_path)}' is a {type(layer.module).__name__}, not a {_LAYER_NAMES}."
                 )
             if norm.kind != "norm":
-                raise ValueError(f"pairs: '{_name(norm_path)}' is a {type(norm.module).__name__}, not a BatchNorm.")
+                raise ValueError(f"pairs: '{path_name(norm_path)}' is a {type(norm.module).__name__}, not a BatchNorm.")
             _refuse_lifted(layer, calls)
             _refuse_lifted(norm, calls)
             if norm.args[0] is not layer.output:
                 raise ValueError(
-                    f"pairs: ('{_name(layer_path)}', '{_name(norm_path)}') does not match: BatchNorm "
-                    f"'{_name(norm_path)}' does not consume the output of '{_name(layer_path)}' directly; "
+                    f"pairs: ('{path_name(layer_path)}', '{path_name(norm_path)}') does not match: BatchNorm "
+                    f"'{path_name(norm_path)}' does not consume the output of '{path_name(layer_path)}' directly; "
                     f"{_producer_message(norm, calls)}."
                 )
             wanted.append((layer, norm))
@@ -315,15 +302,15 @@ def _match(calls: list[_Call], pairs: list | None) -> list[tuple[_Call, _Call]]:
             key = tuple(str(p) for p in call.path)
             if len(by_path[key]) > 1:
                 raise ValueError(
-                    f"fold_batch_norm: '{_name(call.path)}' is called {len(by_path[key])} times in the forward "
+                    f"fold_batch_norm: '{path_name(call.path)}' is called {len(by_path[key])} times in the forward "
                     "pass (a shared module); folding would change every call, so it is refused."
                 )
             if key in seen:
-                raise ValueError(f"fold_batch_norm: '{_name(call.path)}' appears in two pairs.")
-            seen[key] = _name(call.path)
+                raise ValueError(f"fold_batch_norm: '{path_name(call.path)}' appears in two pairs.")
+            seen[key] = path_name(call.path)
         if norm.training:
             raise ValueError(
-                f"fold_batch_norm: BatchNorm '{_name(norm.path)}' ran in training mode (batch statistics); "
+                f"fold_batch_norm: BatchNorm '{path_name(norm.path)}' ran in training mode (batch statistics); "
                 "folding uses the running statistics, so call the model in eval mode (e.g. train=False, "
                 "use_running_average=True, or model.eval() in nnx)."
             )
@@ -336,8 +323,8 @@ def _match(calls: list[_Call], pairs: list | None) -> list[tuple[_Call, _Call]]:
                 if other.index < norm.index and norm.done <= other.done:  # an ancestor passing it on
                     continue
                 raise ValueError(
-                    f"fold_batch_norm: the output of '{_name(layer.path)}' also feeds '{_name(other.path)}' "
-                    f"({type(other.module).__name__}), besides BatchNorm '{_name(norm.path)}'; folding would "
+                    f"fold_batch_norm: the output of '{path_name(layer.path)}' also feeds '{path_name(other.path)}' "
+                    f"({type(other.module).__name__}), besides BatchNorm '{path_name(norm.path)}'; folding would "
                     "change that input too."
                 )
         x = norm.args[0]
@@ -347,13 +334,13 @@ def _match(calls: list[_Call], pairs: list | None) -> list[tuple[_Call, _Call]]:
             axis = axis[0]
         if not isinstance(axis, int) or not -ndim <= axis < ndim or axis % ndim != ndim - 1:
             raise ValueError(
-                f"fold_batch_norm: BatchNorm '{_name(norm.path)}' normalizes axis={norm.feature_axis!r} of its "
-                f"shape-{tuple(jnp.shape(x))} input, but '{_name(layer.path)}' puts its output features on the "
+                f"fold_batch_norm: BatchNorm '{path_name(norm.path)}' normalizes axis={norm.feature_axis!r} of its "
+                f"shape-{tuple(jnp.shape(x))} input, but '{path_name(layer.path)}' puts its output features on the "
                 "last axis; folding needs the BatchNorm's feature axis to be the layer's output feature axis "
                 "(NCHW BatchNorm, axis=1 on a 4-D input, is not supported)."
             )
         if jnp.iscomplexobj(x):
-            raise TypeError(f"fold_batch_norm: BatchNorm '{_name(norm.path)}' has a complex input; not supported.")
+            raise TypeError(f"fold_batch_norm: BatchNorm '{path_name(norm.path)}' has a complex input; not supported.")
     return wanted
 
 
@@ -362,8 +349,8 @@ def _refuse_other_uses(wanted: list[tuple[_Call, _Call]], reached: set[int], out
     for layer, norm in wanted:
         if layer.probe < 0 or layer.probe in reached:
             raise ValueError(
-                f"fold_batch_norm: the output of '{_name(layer.path)}' is used besides BatchNorm "
-                f"'{_name(norm.path)}' (by code outside module calls, e.g. a residual bn(h) + h), and that use "
+                f"fold_batch_norm: the output of '{path_name(layer.path)}' is used besides BatchNorm "
+                f"'{path_name(norm.path)}' (by code outside module calls, e.g. a residual bn(h) + h), and that use "
                 f"reaches {outputs}; folding would change it too, so it is refused. Pass pairs=[...] to fold "
                 "only the others."
             )
@@ -391,22 +378,6 @@ def _fold_arrays(kernel, bias, mean, var, scale, beta, epsilon, where: str):
 
 
 # ----------------------------------------------------------------------------- linen
-
-
-def _get(tree: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(tree, Mapping) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
-
-
-def _unbox(value: Any) -> Any:
-    return value.unbox() if isinstance(value, meta.AxisMetadata) else value
-
-
-def _rebox(old: Any, new: Any) -> Any:
-    return old.replace_boxed(new) if isinstance(old, meta.AxisMetadata) else new
 
 
 def _remove(tree: dict, path: tuple[str, ...]) -> None:
@@ -475,13 +446,13 @@ def _run_folded(prefix: tuple, layers: frozenset, norms: frozenset, next_fun: Ca
     if path in norms and isinstance(module, _LINEN_NORMS):
         if _training(module, args, kwargs):
             raise ValueError(
-                f"FoldedModel: BatchNorm '{_name(path)}' is folded into the layer before it (it runs as the "
+                f"FoldedModel: BatchNorm '{path_name(path)}' is folded into the layer before it (it runs as the "
                 "identity), so it cannot be called in training mode (use_running_average=False); call the "
                 "folded model in eval mode (e.g. train=False)."
             )
         if module.has_variable("batch_stats", "mean"):
             raise ValueError(
-                f"FoldedModel: the variables hold the batch_stats of BatchNorm '{_name(path)}', which is folded: "
+                f"FoldedModel: the variables hold the batch_stats of BatchNorm '{path_name(path)}', which is folded: "
                 "apply the folded model to the folded variables (fold_batch_norm(...).variables), not to the "
                 "original ones."
             )
@@ -491,16 +462,16 @@ def _run_folded(prefix: tuple, layers: frozenset, norms: frozenset, next_fun: Ca
         bias = module.get_variable("params", "bias")
         if bias is None and module.is_initializing():
             raise ValueError(
-                f"FoldedModel: cannot init the folded bias of '{_name(path)}': a folded model only runs the "
+                f"FoldedModel: cannot init the folded bias of '{path_name(path)}': a folded model only runs the "
                 "variables fold_batch_norm folded (fold_batch_norm(...).variables); init the original model."
             )
         if bias is None:
             raise ValueError(
-                f"FoldedModel: the variables lack params/{_name(path)}/bias, the folded bias of '{_name(path)}' "
+                f"FoldedModel: the variables lack params/{path_name(path)}/bias, the folded bias of '{path_name(path)}' "
                 "(built with use_bias=False): apply the folded model to the folded variables "
                 "(fold_batch_norm(...).variables), not to the original ones."
             )
-        out = out + jnp.asarray(_unbox(bias), out.dtype)
+        out = out + jnp.asarray(unboxed(bias), out.dtype)
     return out
 
 
@@ -552,18 +523,18 @@ def _fold_linen(model: nn.Module, variables: Any, args: tuple, kwargs: dict, pai
     params = folded["params"]
     for layer, norm in wanted:
         lp, np_ = tuple(layer.path), tuple(norm.path)
-        layer_params = _get(params, lp)
-        stats = _get(folded.get("batch_stats", {}), np_)
+        layer_params = node_at(params, lp)
+        stats = node_at(folded.get("batch_stats", {}), np_)
         if layer_params is None or "kernel" not in layer_params or stats is None:
-            raise ValueError(f"fold_batch_norm: variables lack the entries of '{_name(lp)}' or '{_name(np_)}'.")
-        norm_params = _get(params, np_) or {}
-        kernel, bias = _unbox(layer_params["kernel"]), _unbox(layer_params.get("bias"))
+            raise ValueError(f"fold_batch_norm: variables lack the entries of '{path_name(lp)}' or '{path_name(np_)}'.")
+        norm_params = node_at(params, np_) or {}
+        kernel, bias = unboxed(layer_params["kernel"]), unboxed(layer_params.get("bias"))
         new_kernel, new_bias = _fold_arrays(
-            kernel, bias, _unbox(stats["mean"]), _unbox(stats["var"]), _unbox(norm_params.get("scale")),
-            _unbox(norm_params.get("bias")), norm.module.epsilon, _name(np_),
+            kernel, bias, unboxed(stats["mean"]), unboxed(stats["var"]), unboxed(norm_params.get("scale")),
+            unboxed(norm_params.get("bias")), norm.module.epsilon, path_name(np_),
         )
-        layer_params["kernel"] = _rebox(layer_params["kernel"], new_kernel)
-        layer_params["bias"] = _rebox(layer_params["bias"], new_bias) if "bias" in layer_params else new_bias
+        layer_params["kernel"] = reboxed(layer_params["kernel"], new_kernel)
+        layer_params["bias"] = reboxed(layer_params["bias"], new_bias) if "bias" in layer_params else new_bias
         for name in list(folded):
             _remove(folded[name], np_)
             if name != "params" and not folded[name]:
@@ -590,41 +561,16 @@ def _fold_nnx(module: nnx.Module, args: tuple, kwargs: dict, pairs: Any) -> nnx.
     checked = _check_pairs(pairs)
     model = nnx.clone(module)
     graphdef, state = nnx.split(model)
-    patched = {}
-    for m in {type(m) for m in (mod for _, mod in nnx.iter_modules(model))}:
-        owner = next((k for k in m.__mro__ if "__call__" in k.__dict__), None)
-        if owner is not None and owner not in patched and owner is not object:
-            patched[owner] = owner.__dict__["__call__"]
 
     def forward(recorder: _Recorder) -> Any:
-        traced = nnx.merge(graphdef, state, copy=True)  # new Variables: the trace leaves `model` alone
-        paths = {id(m): path for path, m in nnx.iter_modules(traced)}
-        active: set[int] = set()
+        traced = nnx.merge(graphdef, state, copy=True)  # new objects: the trace leaves `model` alone
 
-        def wrap(original):
-            def wrapper(self, *call_args, **call_kwargs):
-                if id(self) not in paths or id(self) in active:
-                    return original(self, *call_args, **call_kwargs)
-                kind = "layer" if isinstance(self, _NNX_LAYERS) else "norm" if isinstance(self, _NNX_NORMS) else "other"
+        def record(run, call_args, call_kwargs, path, node):
+            kind = "layer" if isinstance(node, _NNX_LAYERS) else "norm" if isinstance(node, _NNX_NORMS) else "other"
+            return recorder(path, node, kind, call_args, call_kwargs, run)
 
-                def run(*run_args, **run_kwargs):
-                    active.add(id(self))
-                    try:
-                        return original(self, *run_args, **run_kwargs)
-                    finally:
-                        active.discard(id(self))
-
-                return recorder(paths[id(self)], self, kind, call_args, call_kwargs, run)
-
-            return wrapper
-
-        try:
-            for owner, original in patched.items():
-                owner.__call__ = wrap(original)
+        with intercepted_nnx_calls(traced, record, lambda node: True):
             out = traced(*args, **kwargs)
-        finally:
-            for owner, original in patched.items():
-                owner.__call__ = original
         return out, nnx.state(traced)
 
     calls, reached = _trace(forward, "call model.eval() first (or pass use_running_average=True)")
@@ -637,7 +583,7 @@ def _fold_nnx(module: nnx.Module, args: tuple, kwargs: dict, pairs: Any) -> nnx.
         new_kernel, new_bias = _fold_arrays(
             layer.kernel[...], None if layer.bias is None else layer.bias[...], norm.mean[...], norm.var[...],
             None if norm.scale is None else norm.scale[...], None if norm.bias is None else norm.bias[...],
-            norm.epsilon, _name(norm_call.path),
+            norm.epsilon, path_name(norm_call.path),
         )
         layer.kernel[...] = new_kernel
         if layer.bias is None:
@@ -657,7 +603,7 @@ def _fold_nnx(module: nnx.Module, args: tuple, kwargs: dict, pairs: Any) -> nnx.
                 setattr(parent, key, FoldedBatchNorm())
         except (TypeError, AttributeError) as err:
             raise ValueError(
-                f"fold_batch_norm: cannot replace BatchNorm '{_name(path)}' in its container "
+                f"fold_batch_norm: cannot replace BatchNorm '{path_name(path)}' in its container "
                 f"{type(parent).__name__} (immutable?): {err}"
             ) from err
     return model

@@ -1,0 +1,110 @@
+"""What the Flax-facing code shares: boxed values, module paths, the running statistics' dtype and
+intercepting the calls of an nnx module graph."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import meta
+
+
+def unboxed(value: Any) -> Any:
+    """``value`` without its partitioning box (``nn.with_partitioning``), if it has one."""
+    return value.unbox() if isinstance(value, meta.AxisMetadata) else value
+
+
+def reboxed(old: Any, new: Any) -> Any:
+    """``new`` in ``old``'s partitioning box, if ``old`` has one."""
+    return old.replace_boxed(new) if isinstance(old, meta.AxisMetadata) else new
+
+
+def path_name(path: Sequence[Any]) -> str:
+    """A module path as messages show it: ``'block/Conv_0'``, ``'<root>'`` for the model itself."""
+    return "/".join(map(str, path)) or "<root>"
+
+
+def parse_path(value: Any, argument: str) -> tuple[str, ...]:
+    """A module path given as ``'block/Conv_0'`` or a sequence of names, as a tuple of strings."""
+    if isinstance(value, str):
+        return tuple(p for p in value.split("/") if p)
+    if isinstance(value, Sequence) and all(isinstance(p, (str, int)) for p in value):
+        return tuple(str(p) for p in value)
+    raise TypeError(
+        f"{argument}: a module path must be a string such as 'block/Conv_0' or a tuple of names, "
+        f"got {value!r}."
+    )
+
+
+def node_at(tree: Any, path: Sequence[Any]) -> Any:
+    """``tree[path[0]][path[1]]...`` in a nest of mappings, None where a key is missing."""
+    for key in path:
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def running_stats_dtype(param_dtype: Any) -> Any:
+    """The dtype BatchNorm keeps its running statistics in: float32, or ``param_dtype`` if wider.
+
+    float64 for a float64 ``param_dtype`` under ``jax_enable_x64``; never half precision; the
+    real dtype of a complex ``param_dtype``.
+
+    >>> running_stats_dtype(jnp.bfloat16)
+    dtype('float32')
+    """
+    if param_dtype is None or not jnp.issubdtype(param_dtype, jnp.inexact):
+        return jnp.dtype(jnp.float32)
+    real = jnp.finfo(param_dtype).dtype
+    return jax.dtypes.canonicalize_dtype(jnp.promote_types(jnp.float32, real))
+
+
+# -- intercepting nnx calls ----------------------------------------------------------------------
+# nnx has no nn.intercept_methods. The modules of a graph the caller owns (a copy made by
+# nnx.merge) become instances of a subclass whose __call__ asks the interceptor registered for
+# that very object in a context variable: no class is edited, so other models, copies and threads
+# are untouched, and a subclass's super().__call__ reaches its parent's own __call__.
+
+#: ``(run, args, kwargs, path, module) -> output``; ``run(*args, **kwargs)`` is the module's call.
+Interceptor = Callable[[Callable[..., Any], tuple, dict, tuple, Any], Any]
+
+_HOOKS: contextvars.ContextVar[Mapping[int, tuple[Interceptor, tuple]]] = contextvars.ContextVar(
+    "jaxbn_nnx_hooks", default={}
+)
+
+
+@functools.cache
+def _intercepting(cls: type) -> type:
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        run = functools.partial(cls.__call__, self)
+        hook = _HOOKS.get().get(id(self))
+        return run(*args, **kwargs) if hook is None else hook[0](run, args, kwargs, hook[1], self)
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                        "__qualname__": cls.__qualname__, "_jaxbn_original": cls})
+
+
+@contextlib.contextmanager
+def intercepted_nnx_calls(
+    module: nnx.Module, interceptor: Interceptor, select: Callable[[Any], bool]
+) -> Iterator[None]:
+    """Routes the calls of the modules ``select`` picks in ``module``'s graph through
+    ``interceptor`` inside the block; ``module`` must be a copy the caller owns."""
+    hooks = dict(_HOOKS.get())
+    for path, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.Module) and select(node):
+            original = getattr(type(node), "_jaxbn_original", type(node))
+            object.__setattr__(node, "__class__", _intercepting(original))
+            hooks[id(node)] = (interceptor, tuple(path))
+    token = _HOOKS.set(hooks)
+    try:
+        yield
+    finally:
+        _HOOKS.reset(token)
