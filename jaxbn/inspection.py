@@ -18,8 +18,8 @@ from jaxbn.recalibration import (
     check_options,
     linen_layer_moments,
     nnx_batch_norms,
+    layer_moments,
     nnx_layer_moments,
-    pool_moments,
 )
 from jaxbn._flax import node_at, path_name, unboxed
 
@@ -57,12 +57,8 @@ class LayerReport(NamedTuple):
 
 
 def _report(path, calls, running_mean, running_var, epsilon) -> LayerReport:
-    pooled = None
-    for moments in calls:  # a layer called several times: all its inputs together
-        pooled = pool_moments(pooled, *moments)
-    count = pooled.count
-    safe = np.maximum(count, 1)
-    mean, var = pooled.mean, pooled.m2 / safe
+    merged = layer_moments(calls)  # a layer called several times: all its inputs together
+    count, mean, var = (np.asarray(value, np.float64) for value in (merged.count, merged.mean, merged.var))
     running_mean, running_var = (np.asarray(v, np.float64).reshape(mean.shape) for v in (running_mean, running_var))
     mean_shift = (mean - running_mean) / np.sqrt(running_var + epsilon)
     log_var_ratio = np.log((var + epsilon) / (running_var + epsilon))

@@ -5,8 +5,8 @@ the running statistics no longer describe the activations the weights
 produce. :func:`recalibrate` runs the model over batches without changing
 its source: every BatchNorm (jaxbn's or flax's, linen or nnx) is intercepted,
 reports the moments of its input, and normalizes with them (or with the
-running statistics); the moments of all batches are then pooled on the host in
-float64 and written into the running statistics.
+running statistics); the moments of all batches are then merged exactly
+(:func:`jaxbn.merge_moments`) and written into the running statistics.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import functools
 import math
 import sys
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
-from jaxbn import _validation, functional
+from jaxbn import _validation, functional, stats
 from jaxbn import linen as jaxbn_linen
 from jaxbn import nnx as jaxbn_nnx
 from jaxbn._flax import intercepted_nnx_calls, node_at, path_name, reboxed, unboxed
@@ -35,46 +35,26 @@ _NORMALIZE_WITH = ("batch", "running")
 _ESTIMATORS = ("population", "mean_of_batches")
 
 
-class PooledMoments(NamedTuple):
-    """One layer's statistics so far, float64 on the host (per feature); see :func:`pool_moments`."""
-
-    count: np.ndarray  # valid elements
-    mean: np.ndarray
-    m2: np.ndarray  # sum of squared deviations from the mean
-    batches: int
-    mean_sum: np.ndarray  # for "mean_of_batches": sums of the batch means
-    var_sum: np.ndarray  # ... and of the unbiased batch variances
-
-
-def pool_moments(pooled: PooledMoments | None, count: np.ndarray, mean: np.ndarray, var: np.ndarray) -> PooledMoments:
-    """Adds one batch's (count, mean, biased var) to ``pooled`` (Chan et al.'s exact combination)."""
-    count, mean, var = (np.asarray(v, np.float64) for v in (count, mean, var))
-    if np.iscomplexobj(mean):
+def layer_moments(calls: list[tuple]) -> stats.Moments:
+    """One layer's moments over all its calls (each sown as the fields of a :class:`jaxbn.Moments`), merged
+    exactly by :func:`jaxbn.merge_moments`."""
+    parts = [stats.Moments(*(np.asarray(field) for field in call)) for call in calls]
+    if any(np.iscomplexobj(part.mean) for part in parts):
         raise TypeError("recalibrate does not support complex activations.")
-    unbiased = var * count / np.maximum(count - 1, 1)
-    if pooled is None:
-        return PooledMoments(count, mean, var * count, 1, mean, unbiased)
-    total = pooled.count + count
-    delta = mean - pooled.mean
-    safe = np.maximum(total, 1)
-    return PooledMoments(
-        total,
-        pooled.mean + delta * count / safe,
-        pooled.m2 + var * count + delta**2 * pooled.count * count / safe,
-        pooled.batches + 1,
-        pooled.mean_sum + mean,
-        pooled.var_sum + unbiased,
-    )
+    return stats.merge_moments(parts)
 
 
-def _estimate(pooled: PooledMoments, estimator: str, unbiased: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The running ``(mean, var)`` the pooled statistics give (NaN where no element was valid)."""
+def _estimate(calls: list[tuple], estimator: str, unbiased: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The running ``(mean, var)`` a layer's calls give (NaN where no element was valid)."""
     if estimator == "mean_of_batches":  # PyTorch's update_bn: cumulative average of the batch statistics
-        return pooled.mean_sum / pooled.batches, pooled.var_sum / pooled.batches
-    n = pooled.count
+        parts = [stats.Moments(*(np.asarray(field, np.float64) for field in call)) for call in calls]
+        unbiased_vars = [p.var * p.count / np.maximum(p.count - 1, 1) for p in parts]
+        return np.mean([p.mean for p in parts], 0), np.mean(unbiased_vars, 0)
+    merged = layer_moments(calls)
+    n, mean, var = (np.asarray(value, np.float64) for value in (merged.count, merged.mean, merged.var))
     divisor = n - 1 if unbiased else n
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, pooled.mean, np.nan), np.where(divisor > 0, pooled.m2 / divisor, np.nan)
+        return np.where(n > 0, mean, np.nan), np.where(divisor > 0, var * n / divisor, np.nan)
 
 
 def _normalized(x, params, state, axis, epsilon, dtype, mask, normalize_with, owner):
@@ -92,7 +72,7 @@ def _normalized(x, params, state, axis, epsilon, dtype, mask, normalize_with, ow
         x, params, state, training=normalize_with == "batch", update_running_stats=False, return_moments=True,
         axis=axis, epsilon=epsilon, mask=mask, dtype=dtype,
     )
-    return (batch.count, batch.mean, batch.var), y
+    return tuple(batch), y
 
 
 def _on_terminal() -> bool:
@@ -199,7 +179,7 @@ def linen_layer_moments(
     model: nn.Module, variables: Mapping, batches: Iterable, normalize_with: str, call_kwargs: Mapping,
     info: dict[tuple[str, ...], dict[str, Any]],
 ) -> Iterator[dict[tuple[str, ...], list[tuple]]]:
-    """Per batch, ``{layer path: [(count, mean, var) per call]}`` (host arrays) of a linen model's BatchNorms,
+    """Per batch, ``{layer path: [moments fields per call]}`` (host arrays) of a linen model's BatchNorms,
     in the order the layers are first called.
 
     Each layer's ``unbiased_running_var`` and ``epsilon`` are noted in ``info`` (empty when passed) while
@@ -238,22 +218,21 @@ def _linen_forward(model: nn.Module, normalize_with: str, call_kwargs: tuple) ->
 
 def _recalibrate_linen(model, variables, batches, normalize_with, estimator, progress, call_kwargs):
     info: dict[tuple[str, ...], dict[str, Any]] = {}
-    pooled: dict[tuple[str, ...], PooledMoments] = {}
+    pooled: dict[tuple[str, ...], list[tuple]] = {}  # per layer, the moments of each call
     batches = _nonempty(_progress(batches, progress, "recalibrate"), "recalibrate")
     for layers in linen_layer_moments(model, variables, batches, normalize_with, call_kwargs, info):
         for layer, calls in layers.items():
-            for moments in calls:  # one (count, mean, var) per call of the layer
-                pooled[layer] = pool_moments(pooled.get(layer), *moments)
+            pooled.setdefault(layer, []).extend(calls)
     if not pooled:
         raise ValueError("recalibrate found no BatchNorm call in the model's __call__ with these arguments.")
     batch_stats = _copied(variables["batch_stats"])
-    for layer, stats_ in pooled.items():
+    for layer, calls in pooled.items():
         node = node_at(batch_stats, layer)
-        mean, var = _estimate(stats_, estimator, info[layer]["unbiased"])
+        mean, var = _estimate(calls, estimator, info[layer]["unbiased"])
         node["mean"] = _written(node["mean"], mean)
         node["var"] = _written(node["var"], var)
         if "count" in node:
-            node["count"] = _written(node["count"], np.float64(stats_.batches))
+            node["count"] = _written(node["count"], np.float64(len(calls)))
     return {**variables, "batch_stats": batch_stats}
 
 
@@ -318,7 +297,7 @@ def nnx_batch_norms(module: nnx.Module) -> dict[tuple, nnx.Module]:
 def nnx_layer_moments(
     module: nnx.Module, batches: Iterable, normalize_with: str, call_kwargs: Mapping
 ) -> Iterator[dict[tuple, list[tuple]]]:
-    """Per batch, ``{layer path: [(count, mean, var) per call]}`` (host arrays) of an nnx module's BatchNorms,
+    """Per batch, ``{layer path: [moments fields per call]}`` (host arrays) of an nnx module's BatchNorms,
     in the order the layers are first called."""
     graphdef, state = nnx.split(module)
     try:  # one jitted forward per module structure and options, so a second call compiles nothing
@@ -359,19 +338,18 @@ def _nnx_forward(graphdef: Any, normalize_with: str, call_kwargs: tuple) -> tupl
 
 def _recalibrate_nnx(module, batches, normalize_with, estimator, progress, call_kwargs):
     layers = nnx_batch_norms(module)
-    pooled: dict[tuple, PooledMoments] = {}
+    pooled: dict[tuple, list[tuple]] = {}  # per layer, the moments of each call
     batches = _nonempty(_progress(batches, progress, "recalibrate"), "recalibrate")
     for moments_by_layer in nnx_layer_moments(module, batches, normalize_with, call_kwargs):
         for layer, calls in moments_by_layer.items():
-            for moments in calls:  # one (count, mean, var) per call of the layer
-                pooled[layer] = pool_moments(pooled.get(layer), *moments)
-    for layer, statistics in pooled.items():
+            pooled.setdefault(layer, []).extend(calls)
+    for layer, calls in pooled.items():
         node = layers[layer]
-        mean, var = _estimate(statistics, estimator, bool(getattr(node, "unbiased_running_var", False)))
+        mean, var = _estimate(calls, estimator, bool(getattr(node, "unbiased_running_var", False)))
         node.mean[...] = _written(node.mean[...], mean)
         node.var[...] = _written(node.var[...], var)
         if getattr(node, "count", None) is not None:
-            node.count[...] = _written(node.count[...], np.float64(statistics.batches))
+            node.count[...] = _written(node.count[...], np.float64(len(calls)))
     return module
 
 
@@ -401,7 +379,7 @@ def recalibrate(
     here (pass a ``pmap``-style batch ``(devices, per_device, ...)`` as
     ``(devices * per_device, ...)``: nothing reshapes it). The default estimator pools them exactly: the mean and the
     (biased; unbiased for a module with ``unbiased_running_var``) variance of
-    all valid elements of all batches, combined in float64
+    all valid elements of all batches, combined by :func:`jaxbn.merge_moments`
     (:math:`\sigma^2 = \sum_b n_b(\sigma_b^2 + (\mu_b - \mu)^2) / \sum_b n_b`).
     ``estimator="mean_of_batches"`` averages the batches' means and unbiased
     variances instead, as PyTorch's ``update_bn`` does; it differs from the
