@@ -1,27 +1,8 @@
-"""Folding eval-mode BatchNorm into the preceding ``Conv``/``Dense`` for inference.
+"""Folding eval-mode BatchNorms into the preceding ``Conv``/``Dense`` for inference.
 
-:func:`fold_batch_norm` finds each BatchNorm that consumes a ``Conv``/``Dense``
-output directly, multiplies the layer's kernel by the BatchNorm's per-feature
-factor and moves the running mean, epsilon and affine parameters into the
-layer's bias. The result is the same network *without* those BatchNorm layers:
-
-- flax.linen: a :class:`FoldedLinen` ``(model, variables)``. ``variables``
-  are the folded variables (the BatchNorm entries removed from every
-  collection, the folded layers' ``kernel``/``bias`` replaced, a bias added
-  where a layer had none); ``model`` is a :class:`FoldedModel` that wraps the
-  original model and runs them, ``folded.model.apply(folded.variables, x)``:
-  through ``flax.linen.intercept_methods`` each folded BatchNorm returns its
-  input and each folded layer built with ``use_bias=False`` adds its folded
-  bias. No class or source is edited.
-- flax.nnx: a new module (the input is left untouched) in which each folded
-  BatchNorm is replaced by :class:`FoldedBatchNorm`, which returns its input,
-  and each folded layer carries the folded kernel and a bias.
-
-The forward pass is traced (``jax.make_jaxpr``), not run: folding changes a
-layer's output, so it is refused whenever that output has any use besides its
-BatchNorm that reaches the model's outputs (another module, or plain code such
-as a residual ``bn(h) + h``), and for modules inside lifted transforms
-(``nn.scan``, ``nn.remat``, ...).
+The forward pass is traced, not run, to find which BatchNorm consumes which layer's output and
+whether anything else uses it; linen models run folded through ``nn.intercept_methods``, nnx
+modules are copied with :class:`FoldedBatchNorm` in place of each folded BatchNorm.
 """
 
 from __future__ import annotations
@@ -53,12 +34,7 @@ _LAYER_NAMES = "Conv/Dense (nnx: Conv/Linear)"
 
 
 class FoldedBatchNorm(nnx.Module):
-    """What :func:`fold_batch_norm` puts in place of a folded nnx BatchNorm: the identity.
-
-    Takes BatchNorm's call signature (``x, use_running_average=None, *,
-    mask=None``) so the calling code runs unchanged, holds no state and
-    returns ``x``.
-    """
+    """The identity, with BatchNorm's call signature: a folded nnx BatchNorm's replacement."""
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
         """Returns ``x`` unchanged (its BatchNorm lives on in the preceding layer)."""
@@ -393,27 +369,15 @@ def _remove(tree: dict, path: tuple[str, ...]) -> None:
 
 
 class FoldedModel(nn.Module):
-    """A linen model run with its folded BatchNorms removed: the ``model`` :func:`fold_batch_norm` returns.
+    """A linen model run with its folded BatchNorms as the identity (:func:`fold_batch_norm`).
 
-    Apply it to the folded variables with the original model's arguments,
-    ``folded.model.apply(folded.variables, *args, **kwargs)``. It shares
-    ``module``'s scope (``flax.linen.share_scope``), so paths and variables
-    are ``module``'s, and calls ``module`` under
-    ``flax.linen.intercept_methods``: the BatchNorm at each path in
-    ``batch_norms`` returns its input, and the layer at each path in
-    ``layers`` that was built with ``use_bias=False`` adds its folded bias,
-    ``params/<layer>/bias``, to its output (a layer with a bias reads the
-    folded one itself). No class or source is edited. Paths are relative to
-    the ``FoldedModel``, so it also runs as a submodule of a larger model
-    (``folded.model.clone(parent=self)`` in a compact method). It refuses
-    (ValueError) a folded BatchNorm called in training mode, variables that
-    still hold a folded BatchNorm's ``batch_stats`` (the unfolded ones), and
-    variables without a folded bias (``init`` included: it runs folded
-    variables, it does not make them).
+    It shares ``module``'s scope and intercepts its calls: each BatchNorm in ``batch_norms``
+    returns its input, each layer in ``layers`` built with ``use_bias=False`` adds its folded
+    bias. It refuses a folded BatchNorm in training mode and the unfolded variables.
 
     Attributes:
       module: the original model.
-      layers: the folded layers' paths, e.g. ``(('block', 'Conv_0'),)``.
+      layers: the folded layers' paths.
       batch_norms: the folded BatchNorms' paths, in the same order.
     """
 
@@ -476,15 +440,10 @@ def _run_folded(prefix: tuple, layers: frozenset, norms: frozenset, next_fun: Ca
 
 
 class FoldedLinen(NamedTuple):
-    """What :func:`fold_batch_norm` returns for a linen model: run it as ``model.apply(variables, *args, **kwargs)``.
+    """A folded linen model: run it as ``model.apply(variables, *args, **kwargs)``.
 
-    Attributes:
-      model: a :class:`FoldedModel` wrapping the original model.
-      variables: the folded variables (a ``FrozenDict`` if the input was one).
-        They fit only ``model``: a hand-written network must have exactly
-        these variables, a bias on every folded layer and no folded BatchNorm,
-        and flax does not check that it reads them all (a layer with
-        ``use_bias=False`` silently ignores its folded bias).
+    The variables fit only ``model``: a layer built with ``use_bias=False`` elsewhere would
+    silently ignore its folded bias.
     """
 
     model: FoldedModel
@@ -612,108 +571,51 @@ def _fold_nnx(module: nnx.Module, args: tuple, kwargs: dict, pairs: Any) -> nnx.
 # ----------------------------------------------------------------------------- entry point
 
 
-def fold_batch_norm(model: Any, *args: Any, pairs: Sequence[tuple[Any, Any]] | None = None, **kwargs: Any) -> Any:
+def fold_batch_norm(
+    model: Any, *args: Any, pairs: Sequence[tuple[Any, Any]] | None = None, **kwargs: Any
+) -> Any:
     r"""Folds eval-mode BatchNorms into the ``Conv``/``Dense`` layers whose outputs they normalize.
 
-    For a layer ``y = x @ W + b`` (or a convolution with kernel ``W``, any
-    ``feature_group_count``) followed by a BatchNorm in eval mode with running
-    ``mean``, ``var``, ``epsilon`` and affine ``scale`` (γ), ``bias`` (β), per
-    output feature ``c``:
-
-    .. math::
-        s_c = \frac{\gamma_c}{\sqrt{\mathrm{var}_c + \epsilon}}, \qquad
-        W'_{\dots c} = W_{\dots c}\, s_c, \qquad
-        b'_c = (b_c - \mathrm{mean}_c)\, s_c + \beta_c
-
-    (``b = 0`` for a layer without bias, which then gets one), computed in at
-    least float32 in PyTorch's order (``fuse_conv_bn_weights``) and cast back
-    to the kernel's / bias's dtype.
-
-    Two forms, both tracing one forward pass on the sample arguments (with
-    ``jax.make_jaxpr``: the model must be traceable, as under ``jax.jit``) to
-    find which BatchNorm consumes which layer's output, and what else does:
-
-    - ``fold_batch_norm(linen_model, variables, *args, pairs=None, **kwargs)``
-      traces ``linen_model.apply(variables, *args, **kwargs)`` under
-      ``flax.linen.intercept_methods`` and returns a :class:`FoldedLinen`
-      ``(model, variables)``; run it as ``folded.model.apply(folded.variables,
-      *args, **kwargs)``. ``variables`` are those of the network without the
-      folded BatchNorms: their entries are removed from every collection
-      (``params``, ``batch_stats``, ...; dicts left empty go too) and the
-      layers' ``kernel``/``bias`` are replaced (a layer without bias gets
-      ``params/.../bias``); a ``FrozenDict`` in gives a ``FrozenDict`` out,
-      metadata boxes are kept. ``model`` is a :class:`FoldedModel` wrapping
-      ``linen_model``: the folded BatchNorms return their input and folded
-      layers built with ``use_bias=False`` add their folded bias. **Apply
-      ``variables`` only through ``model``**: flax does not check that a
-      model reads every variable, so a hand-written network whose folded
-      layer keeps ``use_bias=False`` silently drops that bias.
-    - ``fold_batch_norm(nnx_module, *args, pairs=None, **kwargs)`` returns a
-      folded clone of the module: each folded BatchNorm is replaced by
-      :class:`FoldedBatchNorm` (the identity, holding no state) and each
-      layer holds the folded kernel and a bias (``use_bias`` set True). The
-      module passed in is not changed.
-
-    BatchNorm means ``flax.linen.BatchNorm`` / ``flax.nnx.BatchNorm`` and
-    jaxbn's drop-ins (and ``BatchRenorm``, whose inference is BatchNorm's);
-    layers are ``linen.Conv`` / ``linen.Dense`` and ``nnx.Conv`` /
-    ``nnx.Linear`` (NHWC / features last, as flax computes them). The
-    BatchNorm's feature axis must be the last axis of its input, the layer's
-    output features, and the layer's output must have no other use that
-    reaches the model's outputs (nnx: or its state): another module, or plain
-    code such as a residual ``bn(h) + h`` (checked on the traced program,
-    conservatively: any use counts, even one that adds zero; code whose result
-    is unused does not).
+    Per output feature, :math:`s = \gamma / \sqrt{\mathrm{var} + \epsilon}`,
+    :math:`W' = W s` and :math:`b' = (b - \mathrm{mean}) s + \beta`, computed in at least
+    float32 in PyTorch's order (``fuse_conv_bn_weights``). One forward pass on the sample
+    arguments is traced (the model must be traceable, as under ``jax.jit``). A fold is
+    refused, naming the layer, when the BatchNorm does not consume the layer's output
+    directly, runs in training mode, normalizes another axis than the layer's output
+    features, or when the output has another use that reaches the model's outputs (another
+    module, a residual ``bn(h) + h``), or the modules run inside a lifted transform.
 
     Args:
-      model: a ``flax.linen.Module`` or a ``flax.nnx.Module``.
-      *args: linen: the variables, then the sample call arguments; nnx: the
-        sample call arguments. Call it in eval mode (e.g. ``train=False``).
-      pairs: None to fold every BatchNorm the forward pass calls (each must
-        consume a layer output directly), or a sequence of ``(layer_path,
-        batch_norm_path)`` to fold only those; a path is ``'block/Conv_0'``
-        (linen scope names; nnx attribute names and list indices, as
-        ``nnx.iter_modules`` gives them) or a tuple of names.
+      model: a ``flax.linen.Module`` (then ``*args`` starts with its variables) or a
+        ``flax.nnx.Module``.
+      *args: the sample call arguments (an eval-mode call, e.g. ``train=False``).
+      pairs: None to fold every BatchNorm called, or ``(layer_path, batch_norm_path)``
+        pairs (``'block/Conv_0'`` or a tuple of names) to fold only those.
       **kwargs: keyword arguments of the sample call.
 
     Returns:
-      linen: a :class:`FoldedLinen` ``(model, variables)``; nnx: the folded module.
+      linen: a :class:`FoldedLinen` ``(model, variables)``, run as
+      ``folded.model.apply(folded.variables, ...)``; nnx: a folded copy of the module.
 
     Raises:
-      ValueError: a BatchNorm does not consume a layer output directly (the
-        message names the BatchNorm's path and what sits between: another
-        module, or code outside module calls after the named layer); an
-        explicit pair names a missing module, a module of the wrong kind, or
-        a BatchNorm that does not consume that layer's output; a BatchNorm
-        runs in training mode; its feature axis is not the layer's output
-        feature axis (e.g. ``axis=1``, NCHW, on a 4-D input); a paired module
-        is called more than once, or inside a lifted transform (``nn.scan``,
-        ``nn.remat``, ...); the layer output also feeds another module or
-        other code that reaches the outputs; the forward pass calls no
-        BatchNorm, or cannot be traced.
-      TypeError: ``model`` is neither a linen nor an nnx module, linen
-        ``variables`` are not a mapping with ``'params'``, no sample input is
-        given, ``pairs`` is malformed, or a BatchNorm input is complex.
+      ValueError: a BatchNorm cannot be folded exactly (the message says why and where).
+      TypeError: ``model``, ``variables``, the sample input or ``pairs`` are malformed.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from jaxbn.linen import BatchNorm
     >>> class Net(nn.Module):
     ...     @nn.compact
     ...     def __call__(self, x):
-    ...         x = nn.Dense(4, use_bias=False)(x)
-    ...         return BatchNorm(use_running_average=True)(x)
+    ...         return BatchNorm(use_running_average=True)(nn.Dense(4, use_bias=False)(x))
     >>> x = jax.random.normal(jax.random.key(0), (5, 3))
     >>> variables = Net().init(jax.random.key(1), x)
     >>> variables['batch_stats']['BatchNorm_0']['mean'] = jnp.arange(4.0)
     >>> folded = fold_batch_norm(Net(), variables, x)
     >>> jax.tree.map(jnp.shape, folded.variables)
     {'params': {'Dense_0': {'bias': (4,), 'kernel': (3, 4)}}}
-    >>> y = folded.model.apply(folded.variables, x)  # the Dense keeps use_bias=False: the wrapper adds the bias
-    >>> bool(jnp.allclose(y, Net().apply(variables, x), atol=1e-5))
+    >>> bool(jnp.allclose(folded.model.apply(folded.variables, x), Net().apply(variables, x),
+    ...                   atol=1e-5))
     True
-
-    nnx: a folded copy of the module.
-
     >>> from flax import nnx
     >>> net = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
     ...                      nnx.BatchNorm(4, use_running_average=True, rngs=nnx.Rngs(0)))

@@ -1,10 +1,4 @@
-"""Batch against running statistics, per BatchNorm: :func:`inspect_batch_norms` and :func:`plot`.
-
-A trained model's running statistics should describe what its layers see at
-inference. For one batch, each BatchNorm (linen or nnx, jaxbn's or flax's)
-reports the moments of its input beside its running statistics, a drift
-score and how many of its features were constant over the batch.
-"""
+"""Batch against running statistics, per BatchNorm: :func:`inspect_batch_norms` and :func:`plot`."""
 
 from __future__ import annotations
 
@@ -29,19 +23,11 @@ __all__ = ["LayerReport", "inspect_batch_norms", "plot"]
 class LayerReport(NamedTuple):
     """One BatchNorm's statistics for a batch (NumPy float64 arrays per feature).
 
-    Attributes:
-      path: the module's path in the model.
-      count: valid elements per feature.
-      batch_mean, batch_var: the batch's moments (biased variance).
-      running_mean, running_var: the layer's running statistics.
-      mean_shift: ``(batch_mean - running_mean) / sqrt(running_var + eps)``.
-      log_var_ratio: ``log((batch_var + eps) / (running_var + eps))``.
-      drift: ``sqrt(mean(mean_shift^2 + log_var_ratio^2))`` over features:
-        0 when the running statistics describe the batch; about 1 when the
-        batch mean is one running standard deviation off, or its spread e
-        times (or 1/e times) the running one.
-      dead_features: features whose batch variance is at most ``eps`` (the
-        input is constant over the batch, e.g. a ReLU that never fires).
+    ``mean_shift`` is ``(batch_mean - running_mean) / sqrt(running_var + eps)``,
+    ``log_var_ratio`` is ``log((batch_var + eps) / (running_var + eps))``, ``drift`` the root
+    mean square of both over the features (0: the running statistics describe the batch;
+    about 1: one running standard deviation off, or e times the spread), ``dead_features``
+    counts the features whose batch variance is at most ``eps`` (e.g. a ReLU never firing).
     """
 
     path: tuple
@@ -73,18 +59,16 @@ def inspect_batch_norms(
 ) -> list[LayerReport]:
     """Compares every BatchNorm's input statistics on ``batch`` with its running statistics.
 
-    The batch runs through the model once (jitted), each BatchNorm
-    normalizing with its running statistics (``normalize_with="running"``,
-    what inference does, the default) or with the batch's (``"batch"``);
-    nothing is updated.
+    The batch runs through the model once (jitted), each BatchNorm normalizing with its
+    running statistics (``normalize_with="running"``, as inference does) or the batch's
+    (``"batch"``); nothing is updated.
 
     Args:
-      model: a ``flax.linen`` module or a ``flax.nnx`` module.
+      model: a ``flax.linen`` module (then the variables come next) or a ``flax.nnx`` module.
       variables_or_batch: linen: the model's variables; nnx: the batch.
-      batch: linen: the batch (the model's first argument, or a tuple of its
-        positional arguments).
+      batch: linen: the batch (the first argument, or a tuple of the positional arguments).
       normalize_with: ``"running"`` or ``"batch"``.
-      **call_kwargs: keyword arguments of the model's ``__call__``.
+      **call_kwargs: keyword arguments of the model's call.
 
     Returns:
       A :class:`LayerReport` per BatchNorm, in the order they were first called.
@@ -130,16 +114,11 @@ def inspect_batch_norms(
 
 
 def plot(reports: list[LayerReport], path: str | None = None) -> Any:
-    """Bar charts of each layer's drift and dead features (matplotlib, imported here).
-
-    The layers run top to bottom in the order of ``reports``, their paths
-    written horizontally; the figure grows with their number and the length
-    of their names. When no layer has a dead feature, the second panel says
-    "no dead features" instead of drawing empty bars.
+    """Bar charts of each layer's drift and dead features, first layer on top (matplotlib).
 
     Args:
       reports: what :func:`inspect_batch_norms` returned.
-      path: a file to save the figure to (PNG, SVG, ... by its suffix), or None.
+      path: a file to save the figure to (its suffix picks the format), or None.
 
     Returns:
       The ``matplotlib.figure.Figure``.

@@ -1,12 +1,7 @@
 """Re-estimating running statistics from data ("precise BN") for linen and nnx models.
 
-After weight averaging (SWA, EMA), pruning or quantization, or on new data,
-the running statistics no longer describe the activations the weights
-produce. :func:`recalibrate` runs the model over batches without changing
-its source: every BatchNorm (jaxbn's or flax's, linen or nnx) is intercepted,
-reports the moments of its input, and normalizes with them (or with the
-running statistics); the moments of all batches are then merged exactly
-(:func:`jaxbn.merge_moments`) and written into the running statistics.
+Every BatchNorm (jaxbn's or flax's) is intercepted, reports its input's moments and normalizes
+with them (or with the running statistics); the moments of all batches are merged exactly.
 """
 
 from __future__ import annotations
@@ -366,52 +361,34 @@ def recalibrate(
     progress: bool | None = None,
     **call_kwargs: Any,
 ) -> Any:
-    r"""Re-estimates every BatchNorm's running statistics from ``batches``.
+    """Re-estimates every BatchNorm's running statistics from ``batches``.
 
-    Each batch runs through the model once (jitted), with every BatchNorm
-    (``jaxbn.linen``/``jaxbn.nnx`` or flax's own) normalizing with the batch's
-    statistics (``normalize_with="batch"``, as PyTorch's ``update_bn`` and
-    precise BN do) or with the current running statistics (``"running"``),
-    and reporting the count, mean and variance of its input's valid elements
-    (``mask=`` as the model passes it). Batches run whole under ``jit``: a
-    batch sharded over devices gives the statistics of the whole batch, and
-    BatchNorms synchronized with ``axis_name`` need no ``shard_map``/``pmap``
-    here (pass a ``pmap``-style batch ``(devices, per_device, ...)`` as
-    ``(devices * per_device, ...)``: nothing reshapes it). The default estimator pools them exactly: the mean and the
-    (biased; unbiased for a module with ``unbiased_running_var``) variance of
-    all valid elements of all batches, combined by :func:`jaxbn.merge_moments`
-    (:math:`\sigma^2 = \sum_b n_b(\sigma_b^2 + (\mu_b - \mu)^2) / \sum_b n_b`).
-    ``estimator="mean_of_batches"`` averages the batches' means and unbiased
-    variances instead, as PyTorch's ``update_bn`` does; it differs from the
-    population variance by the spread of the batch means.
-
-    The two modes differ in what each layer sees: with batch statistics a
-    layer's input is what it is in training; with running statistics it is
-    what inference feeds it, so re-estimating in that mode is a fixed-point
-    step (repeat it to converge).
+    Each batch runs through the model once (jitted, whole: a sharded batch gives the whole
+    batch's statistics, so no ``axis_name`` collective is needed), every BatchNorm
+    (``jaxbn.linen``/``jaxbn.nnx`` or flax's) normalizing with the batch's statistics (as
+    PyTorch's ``update_bn``) or the running ones, and reporting the moments of its input's
+    valid elements. ``estimator="population"`` merges them exactly (:func:`jaxbn.merge_moments`:
+    the statistics of all valid elements, unbiased for ``unbiased_running_var``);
+    ``"mean_of_batches"`` averages the batch means and unbiased variances, as PyTorch does.
 
     Args:
       model: a ``flax.linen`` module, or a ``flax.nnx`` module (updated in place).
-      variables_or_batches: linen: the model's variables (with
-        ``'batch_stats'``); nnx: the batches.
-      batches: linen: an iterable of batches (a list, a data loader; one
-        array is refused: pass ``[x]``). Each batch is the model's first
-        argument, or a tuple of its positional arguments.
-      normalize_with: ``"batch"`` (default) or ``"running"``.
+      variables_or_batches: linen: the model's variables (with ``'batch_stats'``); nnx:
+        the batches.
+      batches: linen: an iterable of batches, each the model's first argument or a tuple
+        of its positional arguments (one array is refused: pass ``[x]``).
+      normalize_with: ``"batch"`` (default) or ``"running"`` (a fixed-point step).
       estimator: ``"population"`` (default) or ``"mean_of_batches"``.
-      progress: a tqdm progress bar. None (default): on a terminal, for more
-        than 5 batches, if tqdm is installed (without it, no bar and no
-        error); True: always, raising ImportError without tqdm; False: never.
-      **call_kwargs: keyword arguments of the model's ``__call__`` (static,
-        e.g. ``train=False``).
+      progress: a tqdm bar; None: on a terminal for more than 5 batches if tqdm is
+        installed; True: always (ImportError without tqdm); False: never.
+      **call_kwargs: static keyword arguments of the model's call (e.g. ``train=False``).
 
     Returns:
-      linen: new variables, with the same structure; nnx: the module.
+      linen: new variables of the same structure; nnx: the module.
 
     Raises:
-      ValueError: no BatchNorm was called, or an option is not one of its values.
-      TypeError: the batches are one array (or not iterable), not an iterable of batches.
-      ImportError: ``progress=True`` without tqdm installed.
+      ValueError: no BatchNorm was called, no batch was given, or an option is unknown.
+      TypeError: the batches are one array, one batch's arguments or not iterable.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn, jaxbn.linen
     >>> class Net(nn.Module):
@@ -421,7 +398,8 @@ def recalibrate(
     >>> batches = [jax.random.normal(jax.random.key(i), (16, 2)) + i for i in range(4)]
     >>> variables = Net().init(jax.random.key(0), batches[0])
     >>> new = jaxbn.recalibrate(Net(), variables, batches, progress=False)
-    >>> h = jnp.concatenate([nn.Dense(3).apply({'params': variables['params']['Dense_0']}, b) for b in batches])
+    >>> dense = {'params': variables['params']['Dense_0']}
+    >>> h = jnp.concatenate([nn.Dense(3).apply(dense, b) for b in batches])
     >>> bool(jnp.allclose(new['batch_stats']['BatchNorm_0']['mean'], h.mean(0), atol=1e-5))
     True
     """
