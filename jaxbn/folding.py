@@ -238,14 +238,15 @@ def _match(calls: list[_Call], pairs: list | None) -> list[tuple[_Call, _Call]]:
         wanted = []
         for norm in norms:
             _refuse_lifted(norm, calls)
-            layer = [c for c in calls if c.kind == "layer" and c.output is norm.args[0] and 0 <= c.done < norm.index]
-            if not layer:
+            producers = [c for c in calls
+                         if c.kind == "layer" and c.output is norm.args[0] and 0 <= c.done < norm.index]
+            if not producers:
                 raise ValueError(
                     f"fold_batch_norm: BatchNorm '{path_name(norm.path)}' cannot be folded: "
                     f"{_producer_message(norm, calls)}. Folding needs the BatchNorm to consume a "
                     f"{_LAYER_NAMES} output directly; pass pairs=[...] to fold only the others."
                 )
-            wanted.append((layer[-1], norm))
+            wanted.append((producers[-1], norm))
     else:
         wanted = []
         for layer_path, norm_path in pairs:
@@ -423,7 +424,7 @@ def _run_folded(prefix: tuple, layers: frozenset, norms: frozenset, next_fun: Ca
         return args[0] if args else kwargs["x"]
     out = next_fun(*args, **kwargs)
     if path in layers and isinstance(module, _LINEN_LAYERS) and not module.use_bias:
-        bias = module.get_variable("params", "bias")
+        bias: Any = module.get_variable("params", "bias")
         if bias is None and module.is_initializing():
             raise ValueError(
                 f"FoldedModel: cannot init the folded bias of '{path_name(path)}': a folded model only runs the "
@@ -478,7 +479,7 @@ def _fold_linen(model: nn.Module, variables: Any, args: tuple, kwargs: dict, pai
     _refuse_other_uses(wanted, reached, "what the model returns")
 
     frozen = isinstance(variables, flax.core.FrozenDict)
-    folded = flax.core.unfreeze(variables)  # a fresh nested dict
+    folded: dict[str, Any] = flax.core.unfreeze(variables)  # type: ignore[arg-type]  # a fresh nested dict
     params = folded["params"]
     for layer, norm in wanted:
         lp, np_ = tuple(layer.path), tuple(norm.path)
@@ -536,7 +537,7 @@ def _fold_nnx(module: nnx.Module, args: tuple, kwargs: dict, pairs: Any) -> nnx.
     wanted = _match(calls, checked)
     _refuse_other_uses(wanted, reached, "what the module returns or its state")
 
-    modules = {tuple(path): m for path, m in nnx.iter_modules(model)}
+    modules: dict[tuple, Any] = {tuple(path): m for path, m in nnx.iter_modules(model)}
     for layer_call, norm_call in wanted:
         layer, norm = modules[layer_call.path], modules[norm_call.path]
         new_kernel, new_bias = _fold_arrays(
@@ -551,13 +552,13 @@ def _fold_nnx(module: nnx.Module, args: tuple, kwargs: dict, pairs: Any) -> nnx.
         else:
             layer.bias[...] = new_bias
         path = norm_call.path
-        parent = model
+        parent: Any = model
         for key in path[:-1]:
             parent = _child(parent, key)
         key = path[-1]
         try:
             if isinstance(key, int) or isinstance(parent, Mapping):
-                parent[key] = FoldedBatchNorm()
+                parent[key] = FoldedBatchNorm()  # type: ignore[index]  # a list, nnx.List or dict
             else:
                 setattr(parent, key, FoldedBatchNorm())
         except (TypeError, AttributeError) as err:

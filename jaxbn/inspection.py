@@ -31,7 +31,7 @@ class LayerReport(NamedTuple):
     """
 
     path: tuple
-    count: np.ndarray
+    count: np.ndarray  # type: ignore[assignment]  # the field shadows tuple.count
     batch_mean: np.ndarray
     batch_var: np.ndarray
     running_mean: np.ndarray
@@ -94,9 +94,10 @@ def inspect_batch_norms(
         info: dict[tuple, dict[str, Any]] = {}
         variables = variables_or_batch
         (layers,) = linen_layer_moments(model, variables, [batch], normalize_with, call_kwargs, info)
+        stats = {path: node_at(variables["batch_stats"], path) for path in layers}
         reports = [
-            _report(path, calls, *(unboxed(node_at(variables["batch_stats"], path)[key])
-                                   for key in ("mean", "var")), info[path]["epsilon"])
+            _report(path, calls, unboxed(stats[path]["mean"]), unboxed(stats[path]["var"]),
+                    info[path]["epsilon"])
             for path, calls in layers.items()
         ]
     elif isinstance(model, nnx.Module):

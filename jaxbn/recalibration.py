@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 import jax
@@ -33,7 +33,7 @@ _ESTIMATORS = ("population", "mean_of_batches")
 def layer_moments(calls: list[tuple]) -> stats.Moments:
     """One layer's moments over all its calls (each sown as the fields of a :class:`jaxbn.Moments`), merged
     exactly by :func:`jaxbn.merge_moments`."""
-    parts = [stats.Moments(*(np.asarray(field) for field in call)) for call in calls]
+    parts = [stats.Moments(*(jnp.asarray(field) for field in call)) for call in calls]
     if any(np.iscomplexobj(part.mean) for part in parts):
         raise TypeError("recalibrate does not support complex activations.")
     return stats.merge_moments(parts)
@@ -42,9 +42,8 @@ def layer_moments(calls: list[tuple]) -> stats.Moments:
 def _estimate(calls: list[tuple], estimator: str, unbiased: bool) -> tuple[np.ndarray, np.ndarray]:
     """The running ``(mean, var)`` a layer's calls give (NaN where no element was valid)."""
     if estimator == "mean_of_batches":  # PyTorch's update_bn: cumulative average of the batch statistics
-        parts = [stats.Moments(*(np.asarray(field, np.float64) for field in call)) for call in calls]
-        unbiased_vars = [p.var * p.count / np.maximum(p.count - 1, 1) for p in parts]
-        return np.mean([p.mean for p in parts], 0), np.mean(unbiased_vars, 0)
+        count, mean, var = (np.asarray([call[i] for call in calls], np.float64) for i in (2, 0, 1))
+        return mean.mean(0), (var * count / np.maximum(count - 1, 1)).mean(0)
     merged = layer_moments(calls)
     n, mean, var = (np.asarray(value, np.float64) for value in (merged.count, merged.mean, merged.var))
     divisor = n - 1 if unbiased else n
@@ -82,7 +81,7 @@ def _progress(iterable: Iterable, progress: bool | None, description: str) -> It
     """``iterable`` wrapped in a tqdm bar if asked. None (the default): on a terminal, for more than a few
     batches, if tqdm is installed (never an error); True: always, raising if tqdm is missing."""
     if progress is None:
-        few = hasattr(iterable, "__len__") and len(iterable) <= 5
+        few = isinstance(iterable, Sized) and len(iterable) <= 5
         if few or not _on_terminal():
             return iterable
     elif not progress:
@@ -281,7 +280,7 @@ def _recording_call(normalize_with: str, order: list[tuple]):
     return record
 
 
-def nnx_batch_norms(module: nnx.Module) -> dict[tuple, nnx.Module]:
+def nnx_batch_norms(module: nnx.Module) -> dict[tuple, Any]:
     """The BatchNorm nodes of an nnx module graph, by path."""
     layers = {tuple(path): node for path, node in nnx.iter_graph(module) if isinstance(node, _NNX_BATCH_NORMS)}
     if not layers:
