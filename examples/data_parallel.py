@@ -6,8 +6,8 @@ downloaded), on 8 devices: the CPU shown as 8 devices, so a laptop runs it.
 
 1. **Three styles equal one device.** The same training (same initial
    weights, same global batches) runs on one device with the whole batch and
-   data-parallel on 8 devices in the three styles of the README's
-   "Multi-device" section: ``jax.jit`` over a batch sharded on a mesh
+   data-parallel on 8 devices in the three styles of docs/multi_device.md
+   ("Three ways to train data-parallel"): ``jax.jit`` over a batch sharded on a mesh
    (``BatchNorm(axis_name=None)``: jit sees the global batch and XLA inserts
    the cross-device reductions), ``jax.shard_map`` and ``jax.pmap`` (each
    device sees its shard; ``BatchNorm(axis_name='data')`` reduces the

@@ -176,8 +176,8 @@ def test_complex_moments_carry_the_gradient(rng):
 def test_moments_gradient_alone_and_running_statistics_carry_none(dtype, rng):
     """Only the moments differentiated (no output cotangent); the updated running statistics carry no gradient.
 
-    The running statistics are state, as PyTorch's buffers (flax differentiates its updated running mean: the
-    README's "Differences from flax" lists it).
+    The running statistics are state, as PyTorch's buffers (flax differentiates its updated running mean:
+    docs/differences.md lists it).
     """
     x = jnp.asarray(rng.normal(size=(16, 3)) + 1, dtype)
     params, state = jaxbn.batch_norm_init(3)
