@@ -238,6 +238,19 @@ def test_compare_names_the_first_mismatching_batchnorm(rng):
     assert result.first_mismatch == result.state_mismatches[0]
 
 
+def test_compare_keeps_module_outputs_that_an_in_place_op_changes_later(rng):
+    """A ReLU(inplace=True) after a BatchNorm (as in torchvision) overwrites its output: copied."""
+    torch.manual_seed(0)
+    relu = torch.nn.ReLU(inplace=True)
+    torch_model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), relu)
+    model = nn.Sequential([nn.Dense(3), BatchNorm(use_running_average=True), nn.relu])
+    x = rng.normal(size=(8, 4)).astype(np.float32)
+    variables = interop.torch_to_flax(torch_model)
+    result = interop.compare(torch_model, model, variables, x, raise_on_mismatch=False)
+    assert result.ok, result
+    assert [name for name, _ in result.layer_diffs] == ["0", "1"]
+
+
 @pytest.mark.slow  # ~5 s; the eval-mode and round-trip conversions stay
 @pytest.mark.parametrize("torch_momentum", [0.1, None], ids=["exponential", "cumulative"])
 def test_three_training_steps_give_the_same_running_statistics(rng, torch_momentum):
@@ -298,6 +311,15 @@ def test_round_trip_torch_flax_torch_state_dict_equal(rng):
     as_numpy = interop.flax_to_torch(variables, {k: v.numpy() for k, v in original.items()})
     assert all(isinstance(v, np.ndarray) and np.array_equal(v, original[k].numpy())  # exact: copies
                for k, v in as_numpy.items())
+
+
+def test_numpy_reference_gets_a_0d_counter_from_count():
+    bn = torch.nn.BatchNorm1d(3, momentum=None)  # cumulative: num_batches_tracked is kept as count
+    variables = interop.torch_to_flax(bn)
+    variables["batch_stats"]["count"] = jnp.float32(5.0)
+    reference = {key: value.numpy() for key, value in bn.state_dict().items()}
+    counter = interop.flax_to_torch(variables, reference)["num_batches_tracked"]
+    assert counter.shape == () and counter.dtype == np.int64 and counter == 5  # exact: a count
 
 
 # --------------------------------------------------------------------------- layouts
