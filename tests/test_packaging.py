@@ -22,7 +22,7 @@ def test_a_wheel_of_jaxbn_installs_and_runs_outside_the_repository(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         metadata = email.message_from_bytes(archive.read(next(n for n in names if n.endswith("METADATA"))))
-    assert "jaxbn/__init__.py" in names and "jaxbn/linen.py" in names and "jaxbn/interop/torch.py" in names
+    assert "jaxbn/__init__.py" in names and "jaxbn/linen.py" in names and "jaxbn/interop/torch/__init__.py" in names
     assert not any(name.startswith(("tests/", "examples/", "benchmarks/")) for name in names)
     required = {requirement.split(">")[0].split("=")[0].split(";")[0].strip()
                 for requirement in metadata.get_all("Requires-Dist")}

@@ -43,7 +43,7 @@ def default_prefix_rule(prefix: str) -> FlaxPath:
     return tuple(path)
 
 
-def _resolver(name_map: Any, rule: Any) -> Callable[[str, str], FlaxPath | None]:
+def path_resolver(name_map: Any, rule: Any) -> Callable[[str, str], FlaxPath | None]:
     """``(prefix, key) -> Flax path or None``, from ``name_map`` or else ``rule``."""
     if name_map is not None and not isinstance(name_map, Mapping):
         raise TypeError("name_map must be a mapping of torch module prefixes to Flax paths, got "
@@ -71,7 +71,7 @@ def _resolver(name_map: Any, rule: Any) -> Callable[[str, str], FlaxPath | None]
     return resolve
 
 
-def _to_numpy(value: Any, key: str) -> np.ndarray:
+def to_numpy(value: Any, key: str) -> np.ndarray:
     """A NumPy copy of a torch tensor or array-like; raises TypeError for anything else."""
     if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
         tensor = value.detach().cpu()
@@ -107,7 +107,7 @@ def _state_dict_of(obj: Any, argument: str) -> tuple[dict[str, Any], Any]:
     return dict(obj), None
 
 
-def _group(keys: Iterable[str]) -> dict[str, dict[str, str]]:
+def group_by_module(keys: Iterable[str]) -> dict[str, dict[str, str]]:
     """``{prefix: {leaf: full key}}`` in the order of the keys; raises for unknown leaf names."""
     groups: dict[str, dict[str, str]] = {}
     for key in keys:
@@ -161,25 +161,25 @@ def _relayout(array: np.ndarray, to_flax: bool) -> np.ndarray:
     return array.transpose((*range(2, n), 1, 0) if to_flax else (n - 1, n - 2, *range(n - 2)))
 
 
-def _flat(tree: Any, path: FlaxPath = ()) -> dict[FlaxPath, Any]:
+def flat_tree(tree: Any, path: FlaxPath = ()) -> dict[FlaxPath, Any]:
     """Leaves of a nested mapping by path of strings (``FrozenDict`` and boxed leaves too)."""
     if not isinstance(tree, Mapping):
         return {path: tree.unbox() if hasattr(tree, "unbox") else tree}
-    return {p: v for key, sub in tree.items() for p, v in _flat(sub, (*path, str(key))).items()}
+    return {p: v for key, sub in tree.items() for p, v in flat_tree(sub, (*path, str(key))).items()}
 
 
-def _show(path: FlaxPath) -> str:
+def show_path(path: FlaxPath) -> str:
     return "/".join(path)
 
 
 def _closest(path: FlaxPath, paths: Iterable[FlaxPath]) -> str:
-    close = difflib.get_close_matches(_show(path), [_show(p) for p in paths], n=1)
+    close = difflib.get_close_matches(show_path(path), [show_path(p) for p in paths], n=1)
     return f"; the closest is {close[0]!r}" if close else ""
 
 
 def _listed(paths: list[FlaxPath]) -> str:
     more = f" and {len(paths) - 8} more" if len(paths) > 8 else ""
-    return ", ".join(repr(_show(path)) for path in paths[:8]) + more
+    return ", ".join(repr(show_path(path)) for path in paths[:8]) + more
 
 
 def torch_to_flax(state_dict: Any, template: Mapping[str, Any] | None = None, *,
@@ -210,8 +210,8 @@ def torch_to_flax(state_dict: Any, template: Mapping[str, Any] | None = None, *,
      'scale': (8,)}, 'conv': {'bias': (8,), 'kernel': (3, 3, 3, 8)}}}
     """
     entries, module = _state_dict_of(state_dict, "state_dict")
-    arrays = {key: _to_numpy(value, key) for key, value in entries.items()}
-    resolve = _resolver(name_map, rule)
+    arrays = {key: to_numpy(value, key) for key, value in entries.items()}
+    resolve = path_resolver(name_map, rule)
     if cumulative is None and module is not None:
         import torch
         cumulative = [name for name, sub in module.named_modules() if isinstance(
@@ -221,9 +221,9 @@ def torch_to_flax(state_dict: Any, template: Mapping[str, Any] | None = None, *,
                         f"prefixes, got {cumulative!r}.")
     chosen = cumulative if cumulative is None or isinstance(cumulative, bool) else set(cumulative)
     expected = None if template is None else {
-        path: leaf for path, leaf in _flat(template).items() if path[0] in _COLLECTIONS}
+        path: leaf for path, leaf in flat_tree(template).items() if path[0] in _COLLECTIONS}
     out: dict[FlaxPath, tuple[str, Any]] = {}  # path -> (torch key, array)
-    for prefix, leaves in _group(arrays).items():
+    for prefix, leaves in group_by_module(arrays).items():
         if (module_path := resolve(prefix, next(iter(leaves.values())))) is None:
             continue
         paths = _paths(prefix, leaves, arrays, module_path)
@@ -236,11 +236,11 @@ def torch_to_flax(state_dict: Any, template: Mapping[str, Any] | None = None, *,
                     continue
                 array = np.asarray(array, np.float32)
             if path in out:
-                raise ValueError(f"{key!r} and {out[path][0]!r} both map to {_show(path)!r}; give "
+                raise ValueError(f"{key!r} and {out[path][0]!r} both map to {show_path(path)!r}; give "
                                  "the modules distinct paths in name_map.")
             if expected is not None and path not in expected:
                 raise ValueError(
-                    f"unknown key {key!r}: it maps to {_show(path)!r}, which the template lacks"
+                    f"unknown key {key!r}: it maps to {show_path(path)!r}, which the template lacks"
                     f"{_closest(path, expected)}. Fix the name with name_map, or drop the module "
                     "with name_map={prefix: None}.")
             if expected is not None and array.shape != (want := tuple(np.shape(expected[path]))):
@@ -248,7 +248,7 @@ def torch_to_flax(state_dict: Any, template: Mapping[str, Any] | None = None, *,
                 raise ValueError(
                     f"shape mismatch for {key!r}: {arrays[key].shape} in torch is {array.shape} "
                     f"in Flax{layout if path[-1] == 'kernel' else ''}, but the template's "
-                    f"{_show(path)!r} is {want}.")
+                    f"{show_path(path)!r} is {want}.")
             out[path] = key, jnp.asarray(array.astype(expected[path].dtype) if expected else array)
     if missing := sorted(path for path in expected or () if path not in out):
         raise ValueError(
@@ -286,14 +286,14 @@ def flax_to_torch(variables: Mapping[str, Any], reference: Any, *,
                         f"got {type(variables)}.")
     entries, _ = _state_dict_of(reference, "reference")
     shapes = {key: tuple(np.shape(value)) for key, value in entries.items()}
-    resolve = _resolver(name_map, rule)
-    flat = {path: leaf for path, leaf in _flat(variables).items() if path[0] in _COLLECTIONS}
+    resolve = path_resolver(name_map, rule)
+    flat = {path: leaf for path, leaf in flat_tree(variables).items() if path[0] in _COLLECTIONS}
     if num_batches_tracked is not None and (isinstance(num_batches_tracked, bool) or
                                             not isinstance(num_batches_tracked, numbers.Integral)):
         raise TypeError(f"num_batches_tracked must be an int or None, got {num_batches_tracked!r}.")
     out: dict[str, Any] = {}
     used: set[FlaxPath] = set()
-    for prefix, leaves in _group(entries).items():
+    for prefix, leaves in group_by_module(entries).items():
         if (module_path := resolve(prefix, next(iter(leaves.values())))) is None:  # kept as is
             out.update({key: entries[key] for key in leaves.values()})
             continue
@@ -301,21 +301,21 @@ def flax_to_torch(variables: Mapping[str, Any], reference: Any, *,
         for leaf, key in leaves.items():
             used.add(path := paths[leaf])
             if leaf == "num_batches_tracked" and path not in flat:  # the argument, or a copy
-                value = (_to_numpy(entries[key], key) if num_batches_tracked is None
+                value = (to_numpy(entries[key], key) if num_batches_tracked is None
                          else np.asarray(num_batches_tracked, np.int64))
             elif path not in flat:
-                raise ValueError(f"missing key: {key!r} needs {_show(path)!r}, which variables "
+                raise ValueError(f"missing key: {key!r} needs {show_path(path)!r}, which variables "
                                  f"lack{_closest(path, flat)}.")
             elif leaf == "num_batches_tracked":
                 value = np.asarray(np.rint(np.asarray(flat[path], np.float64)), np.int64)
             elif ((value := np.asarray(flat[path])).dtype.kind not in "biuf"
                   and value.dtype.name != "bfloat16"):
-                raise TypeError(f"variables' {_show(path)!r} is a {type(flat[path]).__name__} "
+                raise TypeError(f"variables' {show_path(path)!r} is a {type(flat[path]).__name__} "
                                 f"({value.dtype}); expected an array (a template from "
                                 "jax.eval_shape has shapes but no values).")
             value = _relayout(value, False) if path[-1] == "kernel" else value
             if value.shape != shapes[key]:
-                raise ValueError(f"shape mismatch for {key!r}: {_show(path)!r} of shape "
+                raise ValueError(f"shape mismatch for {key!r}: {show_path(path)!r} of shape "
                                  f"{np.shape(flat.get(path, value))} is {value.shape} in torch's "
                                  f"layout, but the reference has {shapes[key]}.")
             if type(ref := entries[key]).__module__.startswith("torch") and hasattr(ref, "detach"):

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxbn.interop.torch.convert import (Rule, _flat, _group, _resolver, _show, _to_numpy,
+from jaxbn.interop.torch.conversion import (Rule, flat_tree, group_by_module, path_resolver, show_path, to_numpy,
                                          default_prefix_rule, torch_to_flax)
 
 
@@ -74,15 +74,15 @@ def compare(torch_module: Any, flax_model: Any, variables: Mapping[str, Any], x:
     if not isinstance(torch_module, torch.nn.Module):
         raise TypeError(f"torch_module must be a torch.nn.Module, got "
                         f"{type(torch_module).__name__}.")
-    resolve, given = _resolver(name_map, rule), _flat(variables)
-    converted = _flat(torch_to_flax(torch_module, variables, name_map=name_map, rule=rule))
-    groups, mismatches = _group(torch_module.state_dict()), []
+    resolve, given = path_resolver(name_map, rule), flat_tree(variables)
+    converted = flat_tree(torch_to_flax(torch_module, variables, name_map=name_map, rule=rule))
+    groups, mismatches = group_by_module(torch_module.state_dict()), []
     for prefix, leaves in groups.items():  # the parameters and statistics, in state-dict order
         module_path = resolve(prefix, next(iter(leaves.values())))
         for path in [path for path in converted if path[1:-1] == module_path]:
             ours, theirs = (np.asarray(tree[path], np.float64) for tree in (given, converted))
             if not np.allclose(ours, theirs, rtol=rtol, atol=atol):
-                mismatches.append(f"module {prefix!r} ({_show(path)}): max abs diff "
+                mismatches.append(f"module {prefix!r} ({show_path(path)}): max abs diff "
                                   f"{np.max(np.abs(ours - theirs)):.3g}")
 
     outputs: list[tuple[str, np.ndarray]] = []  # of the modules with state, in execution order
@@ -96,7 +96,7 @@ def compare(torch_module: Any, flax_model: Any, variables: Mapping[str, Any], x:
 
     handles = [sub.register_forward_hook(lambda _, __, output, name=name: record(name, output))
                for name, sub in torch_module.named_modules() if name in groups]
-    x_np, was_training = _to_numpy(x, "x"), torch_module.training
+    x_np, was_training = to_numpy(x, "x"), torch_module.training
     torch_module.eval()
     try:
         with torch.no_grad():
@@ -113,7 +113,7 @@ def compare(torch_module: Any, flax_model: Any, variables: Mapping[str, Any], x:
     if (y_flax := np.asarray(y_flax, np.float64)).shape != y_torch.shape:
         raise ValueError(f"the Flax output has shape {y_flax.shape}, the torch output (as Flax "
                          f"lays it out) {y_torch.shape}.")
-    calls, layer_diffs, first_layer = _flat(captured.get("intermediates", {})), [], None
+    calls, layer_diffs, first_layer = flat_tree(captured.get("intermediates", {})), [], None
     for name, output in outputs:
         at = resolve(name, name)  # the Flax module's path
         node = None if at is None else calls.get((*at, "__call__"))
@@ -121,12 +121,12 @@ def compare(torch_module: Any, flax_model: Any, variables: Mapping[str, Any], x:
             continue
         if (ours := np.asarray(node[0], np.float64)).shape != (ref := to_flax(output)).shape:
             layer_diffs.append((name, float("inf")))
-            first_layer = first_layer or (f"module {name!r} ({_show(at)}): output shape "
+            first_layer = first_layer or (f"module {name!r} ({show_path(at)}): output shape "
                                           f"{ours.shape}, torch {ref.shape}")
             continue
         layer_diffs.append((name, diff := float(np.max(np.abs(ours - ref), initial=0.0))))
         if first_layer is None and not np.allclose(ours, ref, rtol=rtol, atol=atol):
-            first_layer = f"module {name!r} ({_show(at)}): max abs diff {diff:.3g}"
+            first_layer = f"module {name!r} ({show_path(at)}): max abs diff {diff:.3g}"
     abs_diff, largest = (float(np.max(np.abs(a), initial=0.0)) for a in (y_flax - y_torch, y_torch))
     first = first_layer or (mismatches[0] if mismatches else None)
     if first is None and not np.allclose(y_flax, y_torch, rtol=rtol, atol=atol):
