@@ -1,21 +1,8 @@
-"""Flax linen modules: drop-in replacements that call the functional core.
+"""Flax linen modules: drop-in replacements for flax's normalization layers, model-wide switches.
 
-A module here owns its variables (the same names and collections as flax's)
-and passes them to :mod:`jaxbn.functional` or :mod:`jaxbn.per_example`; it
-computes nothing itself. Fields are flax's, in flax's order (so positional
-construction matches), with two that jaxbn treats differently:
-
-- ``use_fast_variance``: accepted and ignored; jaxbn's variance is always the
-  stable one (exact at large offsets), there is no unstable fast mode.
-- ``force_float32_reductions``: jaxbn always reduces in at least float32. In
-  ``BatchNorm``, False stores the running statistics in ``param_dtype`` (as
-  flax); in the other modules, False (half-precision statistics in flax) raises
-  ``NotImplementedError`` for a half-precision input and changes nothing
-  otherwise.
-
-By default BatchNorm's running statistics are float32, as flax's, or float64
-for a float64 ``param_dtype`` under ``jax_enable_x64`` (flax's start in float32
-and turn float64 at the first float64 update).
+Each module has flax's fields, call signature and variables, and computes with
+:mod:`jaxbn.functional` or :mod:`jaxbn.per_example`; :func:`batch_norm_overrides` and
+:func:`use_jaxbn` change a model's layers without editing it. Details: docs/modules_notes.md.
 """
 
 from __future__ import annotations
@@ -36,20 +23,8 @@ from flax.linen import initializers
 from jaxbn import _validation, functional, per_example, renorm
 from jaxbn._flax import path_name, reboxed, running_stats_dtype, unboxed
 
-__all__ = [
-    "BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "batch_norm_overrides",
-    "use_jaxbn",
-]
-
-
-def _affine_params(module: nn.Module, feature_shape: tuple[int, ...], use_scale: bool, use_bias: bool) -> dict:
-    """Creates ``scale`` and ``bias`` as flax does (names, order, shapes, dtype)."""
-    params = {}
-    if use_scale:
-        params["scale"] = module.param("scale", module.scale_init, feature_shape, module.param_dtype)
-    if use_bias:
-        params["bias"] = module.param("bias", module.bias_init, feature_shape, module.param_dtype)
-    return params
+__all__ = ["BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
+__all__ += ["batch_norm_overrides", "use_jaxbn"]
 
 
 def check_float32_reductions(module: nn.Module, x: Any) -> None:
@@ -57,121 +32,144 @@ def check_float32_reductions(module: nn.Module, x: Any) -> None:
     if module.force_float32_reductions:
         return
     dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
-    if module.dtype is not None:
-        dtype = jnp.promote_types(dtype, module.dtype)
+    dtype = dtype if module.dtype is None else jnp.promote_types(dtype, module.dtype)
     if jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4:
         raise NotImplementedError(
-            f"{type(module).__name__}(force_float32_reductions=False) with a {jnp.dtype(dtype)} input "
-            "asks for statistics in half precision; jaxbn always reduces in at least float32 "
+            f"{type(module).__name__}(force_float32_reductions=False) with a {jnp.dtype(dtype)} "
+            "input asks for statistics in half precision; jaxbn always reduces in at least float32 "
             "(more accurate, and no slower since the reduction is memory-bound). Leave "
             "force_float32_reductions=True."
         )
 
 
-def _running_variable(module: nn.Module, name: str, shape: tuple[int, ...], init: Any, *init_args: Any) -> Any:
-    """``module.variable("batch_stats", name, init, *init_args)``, refusing a missing or misshapen one.
+def _affine_params(module: nn.Module, shape: tuple[int, ...]) -> dict[str, Any]:
+    """Creates the ``scale`` and ``bias`` the module uses, as flax (names, order, shape, dtype)."""
+    used = [n for n in ("scale", "bias") if getattr(module, f"use_{n}", False)]
+    dtype = module.param_dtype
+    return {n: module.param(n, getattr(module, f"{n}_init"), shape, dtype) for n in used}
 
-    flax silently creates a running statistic that the variables passed to
-    ``apply`` lack (when ``batch_stats`` is mutable), which restarts it from its
-    initial value; outside ``init`` that is always a mistake (variables of
-    another model, or only ``{'params': ...}`` passed).
-    """
+
+def _stored_params(module: nn.Module) -> dict[str, Any]:
+    """The ``scale`` and ``bias`` a (flax) module has, unboxed."""
+    names = [name for name in ("scale", "bias") if module.has_variable("params", name)]
+    return {name: unboxed(module.get_variable("params", name)) for name in names}
+
+
+def _running_variable(module: nn.Module, name: str, shape: tuple, fill: Any, dtype: Any) -> None:
+    """Creates ``batch_stats/name`` in ``init``; outside it, raises for a missing one (flax restarts
+    it) or one of another size. Per-feature statistics get ``scale``'s (else ``bias``'s) box."""
     where = f"{type(module).__name__} at '{path_name(module.path)}'"
     if not module.is_initializing():
         if not module.has_variable("batch_stats", name):
-            hint = (" (momentum=None keeps a 'count' that a BatchNorm created with a numeric momentum lacks)"
-                    if name == "count" else "")
+            hint = " (momentum=None keeps a 'count' that a BatchNorm created with a numeric "
+            hint += "momentum lacks)"
             raise ValueError(
-                f"{where} has no batch_stats/{name} in the variables it was applied with{hint}: pass the "
-                "variables init returned, with their 'batch_stats' collection, e.g. model.apply({'params': "
-                "..., 'batch_stats': ...}, x, mutable=['batch_stats'])."
+                f"{where} has no batch_stats/{name} in the variables it was applied with"
+                f"{hint if name == 'count' else ''}: pass the variables init returned, with their "
+                "'batch_stats' collection, e.g. model.apply({'params': ..., 'batch_stats': ...}, "
+                "x, mutable=['batch_stats'])."
             )
-        _validation.check_variable_size(
-            unboxed(module.get_variable("batch_stats", name)), math.prod(shape), f"batch_stats/{name}", where
-        )
-    return module.variable("batch_stats", name, init, *init_args)
+        value = unboxed(module.get_variable("batch_stats", name))
+        _validation.check_variable_size(value, math.prod(shape), f"batch_stats/{name}", where)
+
+    def initial() -> Any:
+        value = jnp.full(shape, fill, dtype)
+        inits = [
+            getattr(module, f"{p}_init") for p in ("scale", "bias") if getattr(module, f"use_{p}")
+        ]
+        for init in inits if name in ("mean", "var") else []:  # traced only, for their metadata
+            box = jax.eval_shape(
+                lambda k, f=init: f(k, shape, module.param_dtype), jax.random.key(0)
+            )
+            if isinstance(box, meta.AxisMetadata):
+                return box.replace_boxed(value)
+        return value
+
+    module.variable("batch_stats", name, initial)
 
 
-def _running_init(module: nn.Module, fill: float, shape: tuple[int, ...], dtype: Any) -> Any:
-    """A running statistic filled with ``fill``, boxed as ``scale`` (else ``bias``) if that is boxed.
+def _batch_norm(
+    module: nn.Module, x: Any, average: Any, mask: Any, overrides: Any = None, params: Any = None
+) -> jax.Array:
+    """One BatchNorm call by the functional core, ``overrides`` replacing fields (None: jaxbn's own
+    call, possibly in ``init``; otherwise writes only where ``batch_stats`` is mutable)."""
+    switched, overrides = overrides is not None, overrides or {}
 
-    flax annotates parameters only (``nn.with_partitioning`` /
-    ``nn.with_logical_partitioning`` on an initializer); giving the running
-    statistics the same box makes ``nn.get_partition_spec`` shard them like the
-    parameters. The initializer is only traced (``jax.eval_shape``) for its
-    metadata; unannotated initializers give a plain array, as flax.
-    """
-    value = jnp.full(shape, fill, dtype)
-    inits = [init for use, init in ((module.use_scale, module.scale_init), (module.use_bias, module.bias_init)) if use]
-    for init in inits:
-        box = jax.eval_shape(lambda key: init(key, value.shape, module.param_dtype), jax.random.key(0))
-        if isinstance(box, meta.AxisMetadata):
-            return box.replace_boxed(value)
-    return value
+    def field(name: str, default: Any = None) -> Any:
+        return overrides[name] if name in overrides else getattr(module, name, default)
+
+    if switched and "use_running_average" not in overrides:
+        average = nn.merge_param("use_running_average", module.use_running_average, average)
+    training = not overrides.get("use_running_average", average)
+    initializing, momentum = module.is_initializing(), field("momentum")
+    update = field("update_running_stats")
+    update = (training if update is None else update) and not initializing  # init writes nothing
+    if switched:
+        update = bool(update) and module.is_mutable_collection("batch_stats")
+    names = ["mean", "var"] + (["count"] if momentum is None else [])
+    names += ["steps"] if module.has_variable("batch_stats", "steps") else []  # scheduled renorm
+    for name in names:
+        if not module.has_variable("batch_stats", name):
+            hint = " (momentum=None needs the 'count' of a module created with momentum=None)"
+            raise ValueError(
+                f"batch_norm_overrides: {type(module).__name__} at {path_name(module.path)} has no "
+                f"batch_stats/{name}{hint if name == 'count' else ''}."
+            )
+    stored = {name: module.get_variable("batch_stats", name) for name in names}
+    params = _stored_params(module) if params is None else params
+    if not field("keep_affine_trainable", True):
+        params = jax.lax.stop_gradient(params)
+    # init normalizes a dummy batch: nothing estimated across devices or ghost batches, as flax
+    distributed = ("axis_name", "axis_index_groups", "ghost_batch_size")
+    kwargs = {name: None if initializing else field(name) for name in distributed}
+    kwargs.update(axis=module.axis, epsilon=module.epsilon, mask=mask, dtype=module.dtype)
+    kwargs.update(training=training, update_running_stats=update, momentum=momentum)
+    kwargs["unbiased_running_var"] = getattr(module, "unbiased_running_var", False)
+    # sown only where batch statistics are taken
+    kwargs["return_moments"] = getattr(module, "sow_moments", False) and (training or update)
+    state = {name: unboxed(value) for name, value in stored.items()}
+    # jaxbn's module computes with its own functional call (BatchRenorm's is batch_renorm)
+    normalize = module.functional_call if isinstance(module, BatchNorm) else functional.batch_norm
+    with warnings.catch_warnings():
+        if initializing:
+            warnings.simplefilter("ignore", _validation.DegenerateBatchWarning)
+        x = x if hasattr(x, "dtype") else jnp.asarray(x)
+        y, new_state, *moments = normalize(x, params, state, **kwargs)
+    if update:
+        for name, old in stored.items():
+            module.put_variable("batch_stats", name, reboxed(old, new_state[name]))
+    if moments and moments[0] is not None:
+        module.sow("intermediates", "batch_moments", moments[0])
+    return y
 
 
 class BatchNorm(nn.Module):
-    """Drop-in replacement for :class:`flax.linen.BatchNorm`.
+    """Drop-in replacement for :class:`flax.linen.BatchNorm`; calls :func:`jaxbn.batch_norm`.
 
-    Same fields and defaults, same call signature, same variables
-    (``params``: ``scale``, ``bias``; ``batch_stats``: ``mean``, ``var``), so a
-    model swaps the import and keeps its checkpoints; it calls
-    :func:`jaxbn.batch_norm`. The options flax lacks default to flax's
-    behaviour and variables: ``momentum=None`` (the cumulative average, adds
-    ``batch_stats/count``), ``unbiased_running_var``, ``update_running_stats``
-    and ``ghost_batch_size``. Where it differs from flax (count-weighted
-    statistics, the stable variance, guards against bad data, sharding metadata
-    on the running statistics, a complex running mean created at init) is
-    listed in the README's "Differences from flax". During ``init``, as in
-    flax, statistics are neither synchronized nor written; outside ``init``,
-    variables without this layer's ``batch_stats`` (or with ones of another
-    size) raise a ``ValueError`` instead of starting them afresh.
+    flax's fields (in flax's order, as flax's except those below), call signature and variables: a
+    model swaps the import and keeps its checkpoints. Unlike flax, applying variables without this
+    layer's ``batch_stats`` raises a ``ValueError``.
 
     Attributes:
-      use_running_average: normalize with ``batch_stats`` (inference) instead
-        of batch statistics; may also be passed to ``__call__``.
-      axis: the feature axis (or axes).
-      momentum: decay of the running average, in [0, 1]; None for the
-        cumulative average (adds ``batch_stats/count``).
-      epsilon: added to the variance, > 0.
-      dtype: output dtype (default: promotion of input and params).
-      param_dtype: dtype of ``scale`` and ``bias``, and of the running
-        statistics where wider than float32 (float64 under x64).
-      use_bias: learn a bias β.
-      use_scale: learn a scale γ.
-      bias_init: initializer for the bias (zeros).
-      scale_init: initializer for the scale (ones).
-      axis_name: device axis name(s) to synchronize statistics over.
-      axis_index_groups: subgroups of ``axis_name`` (pmap only).
-      use_fast_variance: accepted for compatibility; jaxbn's variance is
-        always the stable one.
-      force_float32_reductions: when False, running statistics are stored in
-        ``param_dtype`` (as flax); statistics are still reduced in at least
-        float32.
-      unbiased_running_var: average ``var * n / (n - 1)`` (``n`` the global
-        count) into the running variance, as PyTorch.
-      update_running_stats: update the running statistics from the batch;
-        None (default): exactly when not ``use_running_average``.
-      ghost_batch_size: None, or the size of the ghost batches (consecutive
-        examples along axis 0, local to each device) normalized separately.
-      sow_moments: sow the batch's :class:`jaxbn.Moments` (when batch
-        statistics are taken) into ``intermediates/batch_moments``, for
-        :func:`jaxbn.merge_moments` and :func:`jaxbn.update_running_stats`.
+      momentum: as flax's, or None for the cumulative average (adds ``batch_stats/count``).
+      use_fast_variance: ignored: the variance is always the stable one.
+      force_float32_reductions: False stores the running statistics in ``param_dtype``, as flax.
+      unbiased_running_var: average ``var * n / (n - 1)`` into the running variance, as PyTorch.
+      update_running_stats: update the running statistics; None: when not ``use_running_average``.
+      ghost_batch_size: normalize ghost batches of this size (along axis 0) separately.
+      sow_moments: sow the batch's :class:`jaxbn.Moments` as ``intermediates/batch_moments``.
 
     >>> import jax, jax.numpy as jnp
-    >>> bn = BatchNorm(use_running_average=False, momentum=0.9)
     >>> x = jax.random.normal(jax.random.key(0), (8, 3)) + 5.0
+    >>> bn = BatchNorm(use_running_average=False, momentum=None)
     >>> variables = bn.init(jax.random.key(1), x)
     >>> jax.tree_util.tree_map(jnp.shape, variables)
-    {'batch_stats': {'mean': (3,), 'var': (3,)}, 'params': {'bias': (3,), 'scale': (3,)}}
+    {'batch_stats': {'count': (), 'mean': (3,), 'var': (3,)},
+     'params': {'bias': (3,), 'scale': (3,)}}
     >>> y, updates = bn.apply(variables, x, mutable=['batch_stats'])
-    >>> bool(jnp.allclose(updates['batch_stats']['mean'], 0.1 * x.mean(0)))
-    True
-    >>> cumulative = BatchNorm(use_running_average=False, momentum=None)
-    >>> variables = cumulative.init(jax.random.key(1), x)
-    >>> _, updates = cumulative.apply(variables, x, mutable=['batch_stats'])
-    >>> updates['batch_stats']['count']
-    Array(1., dtype=float32)
+    >>> stats = updates['batch_stats']
+    >>> bool(jnp.allclose(stats['mean'], x.mean(0))), stats['count']
+    (True, Array(1., dtype=float32))
     """
 
     use_running_average: bool | None = None
@@ -195,101 +193,107 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(
-        self,
-        x: jax.Array,
-        use_running_average: bool | None = None,
-        *,
-        mask: jax.Array | None = None,
+        self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None
     ) -> jax.Array:
-        """Normalizes ``x`` with batch statistics (training) or running ones.
-
-        Args:
-          x: the input.
-          use_running_average: overrides the field of the same name.
-          mask: boolean array broadcastable to ``x``; only ``True`` positions
-            count towards the statistics.
-
-        Returns:
-          The normalized input, shaped as ``x``.
-        """
+        """Normalizes ``x`` with batch or running statistics; ``mask`` (broadcastable to ``x``)
+        selects the elements that count; ``use_running_average`` overrides the field."""
         _validation.check_not_traced(use_running_average, "use_running_average")
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
-        x = jnp.asarray(x) if not hasattr(x, "dtype") else x
-        feature_shape = _validation.feature_shape(x, self.axis)
-        stats_dtype = running_stats_dtype(self.param_dtype) if self.force_float32_reductions else self.param_dtype
-        # complex input: a complex running mean (flax's turns complex at the first update)
-        mean_dtype = jnp.result_type(stats_dtype, jnp.complex64) if jnp.iscomplexobj(x) else stats_dtype
-        ra_mean = _running_variable(self, "mean", feature_shape, _running_init, self, 0.0, feature_shape, mean_dtype)
-        ra_var = _running_variable(self, "var", feature_shape, _running_init, self, 1.0, feature_shape, stats_dtype)
-        running = {"mean": ra_mean, "var": ra_var}
+        x = x if hasattr(x, "dtype") else jnp.asarray(x)
+        shape = _validation.feature_shape(x, self.axis)
+        dtype = self.param_dtype
+        dtype = running_stats_dtype(dtype) if self.force_float32_reductions else dtype
+        # a complex input's running mean is complex from init (flax's turns complex when updated)
+        mean_dtype = jnp.result_type(dtype, jnp.complex64) if jnp.iscomplexobj(x) else dtype
+        _running_variable(self, "mean", shape, 0.0, mean_dtype)
+        _running_variable(self, "var", shape, 1.0, dtype)
         if self.momentum is None:  # only then, so default variables stay flax's
-            running["count"] = _running_variable(self, "count", (), lambda: jnp.zeros((), jnp.float32))
-        running.update(self._extra_running_stats())
-        params = _affine_params(self, feature_shape, self.use_scale, self.use_bias)
-        state = {key: variable.value for key, variable in running.items()}
-
-        training = not use_running_average
-        initializing = self.is_initializing()
-        update = training if self.update_running_stats is None else self.update_running_stats
-        update = update and not initializing  # init writes nothing, as flax
-        with warnings.catch_warnings():
-            if initializing:  # a dummy batch of one is usual there, and nothing is estimated
-                warnings.simplefilter("ignore", _validation.DegenerateBatchWarning)
-            sow = self.sow_moments and (training or update)  # only where batch statistics are taken
-            y, new_state, *moments = self.functional_call(
-                x,
-                params,
-                state,
-                return_moments=sow,
-                training=training,
-                update_running_stats=update,
-                axis=self.axis,
-                momentum=self.momentum,
-                unbiased_running_var=self.unbiased_running_var,
-                epsilon=self.epsilon,
-                axis_name=None if initializing else self.axis_name,
-                axis_index_groups=None if initializing else self.axis_index_groups,
-                mask=mask,
-                dtype=self.dtype,
-                ghost_batch_size=None if initializing else self.ghost_batch_size,
-            )
-        if update:
-            for key, variable in running.items():
-                variable.value = new_state[key]
-        if moments and moments[0] is not None:
-            self.sow("intermediates", "batch_moments", moments[0])
-        return y
+            _running_variable(self, "count", (), 0.0, jnp.float32)
+        if callable(getattr(self, "r_max", None)) or callable(getattr(self, "d_max", None)):
+            _running_variable(self, "steps", (), 0, jnp.int32)  # BatchRenorm's step counter
+        return _batch_norm(self, x, use_running_average, mask, params=_affine_params(self, shape))
 
     @nn.nowrap
-    def functional_call(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
+    def functional_call(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> Any:
         """The functional call: :func:`jaxbn.batch_norm`."""
         return functional.batch_norm(x, params, state, **kwargs)
 
+
+class BatchRenorm(BatchNorm):
+    """Batch renormalization (Ioffe, 2017) as a linen module; calls :func:`jaxbn.batch_renorm`.
+
+    :class:`BatchNorm`'s fields and variables (a BatchNorm checkpoint loads), plus two.
+
+    Attributes:
+      r_max: the limit (>= 1) of the correction ``r``; a number, or a callable ``step -> value``.
+      d_max: the limit (>= 0) of ``d``, likewise. A callable limit adds the int32 counter
+        ``batch_stats/steps``; :func:`jaxbn.renorm_clipping` is the paper's schedule.
+
+    >>> import jax, jaxbn
+    >>> x = jax.random.normal(jax.random.key(0), (8, 3)) * 4.0 + 5.0
+    >>> brn = BatchRenorm(use_running_average=False, r_max=lambda s: jaxbn.renorm_clipping(s)[0])
+    >>> _, updates = brn.apply(brn.init(jax.random.key(1), x), x, mutable=['batch_stats'])
+    >>> sorted(updates['batch_stats']), updates['batch_stats']['steps']
+    (['mean', 'steps', 'var'], Array(1, dtype=int32))
+    """
+
+    r_max: Any = 3.0
+    d_max: Any = 5.0
+
     @nn.nowrap
-    def _extra_running_stats(self) -> dict[str, Any]:
-        """``batch_stats`` variables beyond mean, var and count that the functional call updates."""
-        return {}
+    def functional_call(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> Any:
+        """The functional call: :func:`jaxbn.batch_renorm` at the current limits."""
+        step = state.get("steps")
+        r_max, d_max = (f(step) if callable(f) else f for f in (self.r_max, self.d_max))
+        return renorm.batch_renorm(x, params, state, r_max=r_max, d_max=d_max, **kwargs)
 
 
-class LayerNorm(nn.Module):
+# each per-example kind's function, and the fields it takes beyond the common ones
+_PER_EXAMPLE = {
+    "LayerNorm": (per_example.layer_norm, ("reduction_axes", "feature_axes")),
+    "RMSNorm": (per_example.rms_norm, ("reduction_axes", "feature_axes")),
+    "GroupNorm": (per_example.group_norm, ("num_groups", "group_size", "reduction_axes")),
+    "InstanceNorm": (per_example.instance_norm, ("feature_axes",)),
+}
+
+
+def _per_example(module: nn.Module, kind: str, x: Any, params: Any, mask: Any) -> jax.Array:
+    """A LayerNorm, RMSNorm, GroupNorm or InstanceNorm call (jaxbn's or flax's), by jaxbn."""
+    function, fields = _PER_EXAMPLE[kind]
+    fields += ("epsilon", "axis_name", "axis_index_groups", "dtype")
+    return function(x, params, mask=mask, **{name: getattr(module, name) for name in fields})
+
+
+class _PerExample(nn.Module):
+    """What jaxbn's per-example modules share: their call."""
+
+    _kind = ""  # the subclass's name: its entry in _PER_EXAMPLE
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
+        check_float32_reductions(self, x)
+        axes = getattr(self, "feature_axes", -1)  # GroupNorm: channels last
+        params = _affine_params(self, _validation.feature_shape(x, axes, "feature_axes"))
+        return _per_example(self, self._kind, x, params, mask)
+
+
+class LayerNorm(_PerExample):
     """Drop-in replacement for :class:`flax.linen.LayerNorm`; calls :func:`jaxbn.layer_norm`.
 
-    Statistics per example over ``reduction_axes``; ``scale``/``bias`` of the
-    ``feature_axes`` shape.
-
-    Other fields, defaults and variables are flax's; ``use_fast_variance`` and
-    ``force_float32_reductions`` as described in the module docstring.
+    flax's fields and variables; ``use_fast_variance`` and ``force_float32_reductions`` as in
+    :class:`BatchNorm`, except that False raises ``NotImplementedError`` for a half-precision input.
 
     >>> import jax, jax.numpy as jnp
     >>> x = jax.random.normal(jax.random.key(0), (2, 3)) + 1e4
-    >>> variables = LayerNorm().init(jax.random.key(1), x)
-    >>> y = LayerNorm().apply(variables, x)
+    >>> y = LayerNorm().apply(LayerNorm().init(jax.random.key(1), x), x)
     >>> bool(jnp.allclose(y.std(-1), 1, atol=1e-3))
     True
     """
 
+    _kind = "LayerNorm"
     epsilon: float = 1e-6
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -304,25 +308,11 @@ class LayerNorm(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
 
-    @nn.compact
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-        """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
-        check_float32_reductions(self, x)
-        feature_shape = _validation.feature_shape(x, self.feature_axes, "feature_axes")
-        params = _affine_params(self, feature_shape, self.use_scale, self.use_bias)
-        return per_example.layer_norm(
-            x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
-            mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-        )
 
-
-class RMSNorm(nn.Module):
+class RMSNorm(_PerExample):
     """Drop-in replacement for :class:`flax.linen.RMSNorm`; calls :func:`jaxbn.rms_norm`.
 
-    ``x / sqrt(E[x^2] + eps) * scale`` per example over ``reduction_axes``.
-
-    Other fields, defaults and variables are flax's; ``use_fast_variance`` and
-    ``force_float32_reductions`` as described in the module docstring.
+    flax's fields and variables (see :class:`LayerNorm`).
 
     >>> import jax, jax.numpy as jnp
     >>> x = jnp.array([[3.0, -4.0]])
@@ -330,6 +320,7 @@ class RMSNorm(nn.Module):
     Array([[ 0.8485..., -1.1313...]], dtype=float32)
     """
 
+    _kind = "RMSNorm"
     epsilon: float = 1e-6
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -342,35 +333,19 @@ class RMSNorm(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
 
-    @nn.compact
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-        """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
-        check_float32_reductions(self, x)
-        feature_shape = _validation.feature_shape(x, self.feature_axes, "feature_axes")
-        params = _affine_params(self, feature_shape, self.use_scale, False)
-        return per_example.rms_norm(
-            x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
-            mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-        )
 
-
-class GroupNorm(nn.Module):
+class GroupNorm(_PerExample):
     """Drop-in replacement for :class:`flax.linen.GroupNorm`; calls :func:`jaxbn.group_norm`.
 
-    Channels last, split into ``num_groups`` groups (or groups of
-    ``group_size``: pass ``num_groups=None``); ``scale``/``bias`` of shape
-    ``(C,)``.
-
-    Other fields, defaults and variables are flax's; ``use_fast_variance`` and
-    ``force_float32_reductions`` as described in the module docstring.
+    flax's fields and variables (see :class:`LayerNorm`): channels last, in ``num_groups`` groups.
 
     >>> import jax, jax.numpy as jnp
     >>> x = jax.random.normal(jax.random.key(0), (2, 4, 4, 6))
-    >>> variables = GroupNorm(num_groups=3).init(jax.random.key(1), x)
-    >>> jax.tree_util.tree_map(jnp.shape, variables)
+    >>> jax.tree_util.tree_map(jnp.shape, GroupNorm(num_groups=3).init(jax.random.key(1), x))
     {'params': {'bias': (6,), 'scale': (6,)}}
     """
 
+    _kind = "GroupNorm"
     num_groups: int | None = 32
     group_size: int | None = None
     epsilon: float = 1e-6
@@ -386,25 +361,11 @@ class GroupNorm(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
 
-    @nn.compact
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-        """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
-        check_float32_reductions(self, x)
-        params = _affine_params(self, _validation.feature_shape(x, -1), self.use_scale, self.use_bias)
-        return per_example.group_norm(
-            x, params, num_groups=self.num_groups, group_size=self.group_size, reduction_axes=self.reduction_axes,
-            epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype,
-        )
 
-
-class InstanceNorm(nn.Module):
+class InstanceNorm(_PerExample):
     """Drop-in replacement for :class:`flax.linen.InstanceNorm`; calls :func:`jaxbn.instance_norm`.
 
-    Statistics per example and feature over the other non-batch axes.
-
-    Other fields, defaults and variables are flax's; ``use_fast_variance`` and
-    ``force_float32_reductions`` as described in the module docstring.
+    flax's fields and variables (see :class:`LayerNorm`).
 
     >>> import jax, jax.numpy as jnp
     >>> x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
@@ -413,6 +374,7 @@ class InstanceNorm(nn.Module):
     True
     """
 
+    _kind = "InstanceNorm"
     epsilon: float = 1e-6
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -426,303 +388,134 @@ class InstanceNorm(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
 
-    @nn.compact
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-        """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
-        check_float32_reductions(self, x)
-        feature_shape = _validation.feature_shape(x, self.feature_axes, "feature_axes")
-        params = _affine_params(self, feature_shape, self.use_scale, self.use_bias)
-        return per_example.instance_norm(
-            x, params, feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-        )
 
-
-class BatchRenorm(BatchNorm):
-    """Batch renormalization (Ioffe, 2017) as a linen module; calls :func:`jaxbn.batch_renorm`.
-
-    ``y = γ (x̂ r + d) + β`` in training, with ``r`` and ``d`` the clipped,
-    gradient-free corrections from the batch towards the running statistics
-    (see :func:`jaxbn.batch_renorm` for the formula); inference is batch
-    norm's. The fields (``ghost_batch_size`` included: ``r`` and ``d`` per
-    ghost batch), call signature and variables are :class:`BatchNorm`'s (so a
-    BatchNorm checkpoint loads, and ``r_max=1, d_max=0`` is BatchNorm
-    to rounding), plus two fields:
-
-    - ``r_max`` (>= 1) and ``d_max`` (>= 0): the clipping limits, each a
-      number, or a callable ``step -> value`` evaluated at a step counter the
-      module keeps. Only when one of them is callable does the module add the
-      variable ``batch_stats/steps`` (int32, 0 at init, +1 at every update that
-      changes the running statistics (not for a non-finite or fully masked
-      batch), the limits using the value before it); with
-      numbers its variables are exactly BatchNorm's. The paper's schedule is
-      ``r_max=lambda s: jaxbn.renorm_clipping(s)[0]``,
-      ``d_max=lambda s: jaxbn.renorm_clipping(s)[1]``. The defaults are the
-      paper's final limits, 3 and 5.
-
-    Reference: S. Ioffe, "Batch Renormalization: Towards Reducing Minibatch
-    Dependence in Batch-Normalized Models", NeurIPS 2017.
-
-    >>> import jax, jax.numpy as jnp, jaxbn
-    >>> x = jax.random.normal(jax.random.key(0), (8, 3)) * 4.0 + 5.0
-    >>> brn = BatchRenorm(use_running_average=False, momentum=0.9)
-    >>> variables = brn.init(jax.random.key(1), x)
-    >>> jax.tree_util.tree_map(jnp.shape, variables)
-    {'batch_stats': {'mean': (3,), 'var': (3,)}, 'params': {'bias': (3,), 'scale': (3,)}}
-    >>> y, updates = brn.apply(variables, x, mutable=['batch_stats'])
-    >>> scheduled = BatchRenorm(use_running_average=False,
-    ...                         r_max=lambda s: jaxbn.renorm_clipping(s)[0],
-    ...                         d_max=lambda s: jaxbn.renorm_clipping(s)[1])
-    >>> variables = scheduled.init(jax.random.key(1), x)
-    >>> _, updates = scheduled.apply(variables, x, mutable=['batch_stats'])
-    >>> updates['batch_stats']['steps']
-    Array(1, dtype=int32)
-    """
-
-    r_max: Any = 3.0
-    d_max: Any = 5.0
-
-    @nn.nowrap
-    def functional_call(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
-        """The functional call: :func:`jaxbn.batch_renorm` at the current limits."""
-        step = state.get("steps")
-        r_max, d_max = (limit(step) if callable(limit) else limit for limit in (self.r_max, self.d_max))
-        return renorm.batch_renorm(x, params, state, r_max=r_max, d_max=d_max, **kwargs)
-
-    @nn.nowrap
-    def _extra_running_stats(self) -> dict[str, Any]:
-        """``batch_stats/steps``, only for a callable limit (so the variables stay BatchNorm's)."""
-        if not (callable(self.r_max) or callable(self.d_max)):
-            return {}
-        return {"steps": _running_variable(self, "steps", (), lambda: jnp.zeros((), jnp.int32))}
-
-
-# -- model-wide switches: method interception ---------------------------------------------------------------------------------------
+# -- model-wide switches: method interception ------------------------------------------------------
 
 #: The overrides :func:`batch_norm_overrides` accepts.
-OVERRIDES = ("use_running_average", "update_running_stats", "momentum", "axis_name", "axis_index_groups",
-             "keep_affine_trainable")
+OVERRIDES: tuple[str, ...] = ("use_running_average", "update_running_stats", "momentum")
+OVERRIDES += ("axis_name", "axis_index_groups", "keep_affine_trainable")
 
-# What is in force, as one hashable value: (the overrides as sorted (name, value) pairs, whether flax's
-# normalization layers are computed by jaxbn). A JAX user context, so it is part of the cache key of
-# jax.jit (and of the other transforms' caches): a function traced inside a block is traced again
-# outside it and vice versa, and the interception reads the very value that keyed the trace. Local to
-# each thread, as JAX's configuration.
+# What is in force: (the overrides as sorted (name, value) pairs, whether flax's layers are computed
+# by jaxbn). A JAX user context, so part of jax.jit's cache key: a function traced inside a block is
+# traced again outside it, and the interception reads the value that keyed the trace. Per thread.
 _ACTIVE = jax.make_user_context(((), False))
 
 
-def _in_force() -> tuple[dict[str, Any], bool]:
-    """The overrides in force and whether flax's normalization layers are computed by jaxbn."""
-    items, convert = _ACTIVE.value
-    return dict(items), convert
-
-
 def _hashable(name: str, value: Any) -> Any:
-    """``value`` as part of a cache key: sequences of names or groups as tuples, a 0-d momentum array as a float."""
+    """``value`` as part of a cache key: sequences as tuples, a 0-d momentum array as a float."""
     if name == "axis_index_groups" and isinstance(value, (list, tuple, np.ndarray)):
-        value = tuple(tuple(group) if isinstance(group, (list, tuple, np.ndarray)) else group for group in value)
+        value = tuple(tuple(g) if isinstance(g, (list, tuple, np.ndarray)) else g for g in value)
     elif name == "axis_name" and isinstance(value, list):
         value = tuple(value)
-    elif name == "momentum" and isinstance(value, (np.ndarray, np.generic, jax.Array)) and \
-            not isinstance(value, jax.core.Tracer):
-        value = float(value)  # checked above: a real scalar
+    elif name == "momentum" and isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        value = value if isinstance(value, jax.core.Tracer) else float(value)  # a real scalar
     try:
         hash(value)
     except TypeError:
         raise TypeError(
-            f"batch_norm_overrides: {name}={value!r} is not a static Python value. The overrides are part "
-            "of jax.jit's cache key, so they must be hashable and known when the block is entered: a number, "
-            "a bool, an axis name, groups as lists or tuples of ints (not a jax.Array or a traced value)."
+            f"batch_norm_overrides: {name}={value!r} is not a static Python value. The overrides "
+            "are part of jax.jit's cache key, so they must be hashable and known when the block is "
+            "entered: a number, a bool, an axis name, groups as lists or tuples of ints (not a "
+            "jax.Array or a traced value)."
         ) from None
     return value
 
 
-def _check_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Raises for an unknown or invalid override; returns the overrides with hashable values."""
-    unknown = sorted(set(overrides) - set(OVERRIDES))
-    if unknown:
-        raise TypeError(f"batch_norm_overrides got unknown override(s) {unknown}; the overrides are {list(OVERRIDES)}.")
-    for name in ("use_running_average", "keep_affine_trainable"):
-        if name in overrides:
-            _validation.check_static_bool(overrides[name], name)
-    if "update_running_stats" in overrides:
-        _validation.check_static_bool(overrides["update_running_stats"], "update_running_stats", none_ok=True)
-    if overrides.get("momentum") is not None:
-        _validation.check_momentum(overrides["momentum"])
-    return {name: _hashable(name, value) for name, value in overrides.items()}
-
-
-def _linen_batch_norm(module: nn.Module, overrides: Mapping[str, Any], x: Any, use_running_average: Any = None, *,
-                      mask: Any = None) -> jax.Array:
-    """One BatchNorm call (jaxbn's or flax's module) computed by the functional core with ``overrides``."""
-    field = lambda name, default=None: overrides[name] if name in overrides else getattr(module, name, default)  # noqa: E731
-    if "use_running_average" in overrides:
-        use_running_average = overrides["use_running_average"]
-    else:
-        use_running_average = nn.merge_param("use_running_average", module.use_running_average, use_running_average)
-    training = not use_running_average
-    momentum = field("momentum")
-    update = field("update_running_stats")
-    update = training if update is None else update
-    mutable = module.is_mutable_collection("batch_stats")
-    update = bool(update) and mutable
-    names = ["mean", "var"] + (["count"] if momentum is None else [])
-    if module.has_variable("batch_stats", "steps"):  # jaxbn's BatchRenorm with a scheduled limit
-        names.append("steps")
-    for name in names:
-        if not module.has_variable("batch_stats", name):
-            raise ValueError(
-                f"batch_norm_overrides: {type(module).__name__} at {path_name(module.path)} has no "
-                f"batch_stats/{name}" + (" (momentum=None needs the 'count' of a module created with "
-                                         "momentum=None)" if name == "count" else "") + "."
-            )
-    stored = {name: module.get_variable("batch_stats", name) for name in names}
-    state = {name: unboxed(value) for name, value in stored.items()}
-    params = {name: unboxed(module.get_variable("params", name)) for name in ("scale", "bias")
-              if module.has_variable("params", name)}
-    if not field("keep_affine_trainable", True):
-        params = jax.lax.stop_gradient(params)
-
-    # jaxbn's module computes with its own functional call (BatchRenorm's is batch_renorm)
-    normalize = module.functional_call if isinstance(module, BatchNorm) else functional.batch_norm
-    x = x if hasattr(x, "dtype") else jax.numpy.asarray(x)
-    sow = getattr(module, "sow_moments", False) and (training or update)  # only where batch statistics are taken
-    y, new_state, *moments = normalize(
-        x, params, state, return_moments=sow, training=training, update_running_stats=update,
-        axis=module.axis, momentum=momentum, unbiased_running_var=getattr(module, "unbiased_running_var", False),
-        epsilon=module.epsilon, axis_name=field("axis_name"), axis_index_groups=field("axis_index_groups"),
-        mask=mask, dtype=module.dtype, ghost_batch_size=getattr(module, "ghost_batch_size", None),
-    )
-    if update:
-        for name, old in stored.items():
-            new = new_state[name]
-            module.put_variable("batch_stats", name, reboxed(old, new))
-    if moments and moments[0] is not None:
-        module.sow("intermediates", "batch_moments", moments[0])
-    return y
-
-
-def _linen_per_example(module: nn.Module, kind: str, x: Any, *, mask: Any = None) -> jax.Array:
-    """A flax LayerNorm/RMSNorm/GroupNorm/InstanceNorm call computed by jaxbn with the module's params."""
-    x = x if hasattr(x, "dtype") else jax.numpy.asarray(x)
-    check_float32_reductions(module, x)
-    params = {name: unboxed(module.get_variable("params", name)) for name in ("scale", "bias")
-              if module.has_variable("params", name)}
-    common = dict(epsilon=module.epsilon, mask=mask, axis_name=module.axis_name,
-                  axis_index_groups=module.axis_index_groups, dtype=module.dtype)
-    if kind == "LayerNorm":
-        return per_example.layer_norm(x, params, reduction_axes=module.reduction_axes,
-                                      feature_axes=module.feature_axes, **common)
-    if kind == "RMSNorm":
-        return per_example.rms_norm(x, params, reduction_axes=module.reduction_axes,
-                                    feature_axes=module.feature_axes, **common)
-    if kind == "GroupNorm":
-        return per_example.group_norm(x, params, num_groups=module.num_groups, group_size=module.group_size,
-                                      reduction_axes=module.reduction_axes, **common)
-    return per_example.instance_norm(x, params, feature_axes=module.feature_axes, **common)
-
-
-_FLAX_LINEN_PER_EXAMPLE = {nn.LayerNorm: "LayerNorm", nn.RMSNorm: "RMSNorm", nn.GroupNorm: "GroupNorm",
-                           nn.InstanceNorm: "InstanceNorm"}
-
-
 def _intercept(next_fun, args, kwargs, context):
-    module = context.module
-    if context.method_name != "__call__" or module.is_initializing():  # init: the module creates its variables
-        return next_fun(*args, **kwargs)
-    overrides, convert = _in_force()
-    if isinstance(module, BatchNorm) or (isinstance(module, nn.BatchNorm) and (overrides or convert)):
-        if not overrides and isinstance(module, BatchNorm):
-            return next_fun(*args, **kwargs)
-        return _linen_batch_norm(module, overrides, *args, **kwargs)
-    if convert:
-        kind = next((name for cls, name in _FLAX_LINEN_PER_EXAMPLE.items() if type(module) is cls), None)
-        if kind is not None:
-            return _linen_per_example(module, kind, *args, **kwargs)
+    """Computes BatchNorms with the overrides in force, flax's layers under :func:`use_jaxbn`."""
+    module, (items, convert) = context.module, _ACTIVE.value
+    if context.method_name == "__call__" and not module.is_initializing():  # init: flax's own
+        overrides = dict(items)
+        wanted = overrides if isinstance(module, BatchNorm) else overrides or convert
+        if wanted and isinstance(module, (BatchNorm, nn.BatchNorm)):
+            return _switched_batch_norm(module, overrides, *args, **kwargs)
+        if convert and type(module) in (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.InstanceNorm):
+            return _flax_per_example(module, *args, **kwargs)
     return next_fun(*args, **kwargs)
+
+
+def _switched_batch_norm(module, overrides, x, use_running_average=None, *, mask=None) -> jax.Array:
+    """A BatchNorm's call signature, for :func:`_batch_norm` with ``overrides``."""
+    return _batch_norm(module, x, use_running_average, mask, overrides)
+
+
+def _flax_per_example(module: nn.Module, x: Any, mask: Any = None) -> jax.Array:
+    """flax's LayerNorm, RMSNorm, GroupNorm or InstanceNorm computed by jaxbn with its params."""
+    x = x if hasattr(x, "dtype") else jnp.asarray(x)
+    check_float32_reductions(module, x)
+    return _per_example(module, type(module).__name__, x, _stored_params(module), mask)
 
 
 @contextlib.contextmanager
 def _switched(overrides: Mapping[str, Any], convert: bool) -> Iterator[None]:
-    outer, outer_convert = _in_force()
-    merged = {**outer, **overrides}  # the inner block wins per name
-    with _ACTIVE((tuple(sorted(merged.items())), outer_convert or convert)), nn.intercept_methods(_intercept):
+    items, outer_convert = _ACTIVE.value
+    merged = {**dict(items), **overrides}  # the inner block wins per name
+    active = (tuple(sorted(merged.items())), outer_convert or convert)
+    with _ACTIVE(active), nn.intercept_methods(_intercept):
         yield
 
 
 def batch_norm_overrides(**overrides: Any) -> contextlib.AbstractContextManager[None]:
-    """Overrides fields of every BatchNorm a linen model calls inside the ``with`` block.
+    """Overrides fields of every BatchNorm (jaxbn's or flax's) a linen model calls inside the block.
 
-    Every call of a :class:`jaxbn.linen.BatchNorm` (or ``BatchRenorm``) or of
-    flax's :class:`flax.linen.BatchNorm` is computed by :func:`jaxbn.batch_norm`
-    with the module's own fields and variables, except the overridden ones;
-    the running statistics are written back (in the module's ``batch_stats``)
-    only when that collection is mutable. Blocks nest (the inner one wins per
-    name). The model's source is untouched. Enter the block inside the
-    function you ``jax.jit`` or around its call: what is in force is part of
-    ``jax.jit``'s cache key (local to the thread), so a jitted step runs as the
-    block says inside it and as the model says after it (it is traced once per
-    set of overrides). Only a function compiled ahead of time
-    (``jax.jit(f).lower(...).compile()``) keeps what was in force when it was
-    lowered.
+    The calls compute with the module's fields and variables except the overridden ones and write
+    the running statistics only where ``batch_stats`` is mutable. Blocks nest (the inner one wins).
+    What is in force keys ``jax.jit``'s cache, so a jitted step follows the block it is called in.
 
-    Overrides (keyword only, see ``OVERRIDES``; Python values, since they key
-    the cache):
+    Args:
+      **overrides: Python values for any of ``OVERRIDES``; ``keep_affine_trainable=False``
+        stops the gradients of ``scale`` and ``bias``.
 
-    - ``use_running_average``: normalize with the running statistics (also
-      overrides the call argument).
-    - ``update_running_stats``: update them from the batch (None: when
-      training). A *freeze* is ``use_running_average=True,
-      update_running_stats=False``.
-    - ``momentum``: a float in [0, 1] (None only for a module created with
-      ``momentum=None``, which has ``batch_stats/count``).
-    - ``axis_name`` / ``axis_index_groups``: synchronize the statistics
-      (groups as lists or tuples of ints).
-    - ``keep_affine_trainable``: False stops the gradient of ``scale`` and
-      ``bias`` (they get zero gradients; with weight decay, also mask them
-      out of the optimizer, e.g. ``optax.masked``).
+    Raises:
+      TypeError: for an unknown override or one that is not a static Python value.
+      ValueError: for an invalid value, or (at the call) ``momentum=None`` on a layer without
+        ``count``.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn.linen
-    >>> bn = nn.BatchNorm(use_running_average=False)
-    >>> x = jnp.arange(6.0).reshape(3, 2)
+    >>> bn, x = nn.BatchNorm(use_running_average=False), jnp.arange(6.0).reshape(3, 2)
     >>> variables = bn.init(jax.random.key(0), x)
     >>> step = jax.jit(lambda variables, x: bn.apply(variables, x, mutable=['batch_stats']))
     >>> with jaxbn.linen.batch_norm_overrides(use_running_average=True, update_running_stats=False):
-    ...     y, updates = step(variables, x)  # frozen: normalized with the running (0, 1), not updated
+    ...     y, updates = step(variables, x)  # frozen: normalized with the running (0, 1)
     >>> bool(jnp.allclose(y, x / jnp.sqrt(1 + 1e-5)))
     True
     >>> bool((updates['batch_stats']['mean'] == 0).all())  # exact: the stored zeros, not written
     True
-    >>> step(variables, x)[1]['batch_stats']['mean']  # after the block: training, 0.01 * the batch mean
+    >>> step(variables, x)[1]['batch_stats']['mean']  # after the block: 0.01 * the batch mean
     Array([0.02, 0.03], dtype=float32)
     """
-    return _switched(_check_overrides(overrides), convert=False)
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise TypeError(
+            f"batch_norm_overrides got unknown override(s) {unknown}; the overrides are "
+            f"{list(OVERRIDES)}."
+        )
+    for name in ("use_running_average", "keep_affine_trainable", "update_running_stats"):
+        if name in overrides:
+            none_ok = name == "update_running_stats"
+            _validation.check_static_bool(overrides[name], name, none_ok=none_ok)
+    if overrides.get("momentum") is not None:
+        _validation.check_momentum(overrides["momentum"])
+    return _switched({name: _hashable(name, value) for name, value in overrides.items()}, False)
 
 
 def use_jaxbn() -> contextlib.AbstractContextManager[None]:
     """Computes flax's linen normalization layers with jaxbn inside the ``with`` block.
 
-    Every call of :class:`flax.linen.BatchNorm`, ``LayerNorm``, ``RMSNorm``,
-    ``GroupNorm`` and ``InstanceNorm`` (exactly these classes, not
-    subclasses) runs jaxbn's functional core with the module's fields and
-    variables (the same ``params``/``batch_stats``, so checkpoints are kept),
-    like PyTorch's ``convert_sync_batchnorm`` without rebuilding the model:
-    count-weighted statistics across devices, masks, the stable variance,
-    running statistics that skip a non-finite batch. ``init`` runs flax's
-    modules unchanged. Combine with :func:`batch_norm_overrides` to also set
-    e.g. ``axis_name``. As there, the block may be entered inside the jitted
-    function or around its call (it is part of ``jax.jit``'s cache key).
+    Calls of exactly :class:`flax.linen.BatchNorm`, ``LayerNorm``, ``RMSNorm``, ``GroupNorm`` and
+    ``InstanceNorm`` (outside ``init``) run jaxbn's functional core with the module's fields and
+    variables, like PyTorch's ``convert_sync_batchnorm`` without rebuilding the model. It combines
+    with :func:`batch_norm_overrides` and keys ``jax.jit``'s cache as it does.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn.linen
     >>> bn = nn.BatchNorm(use_running_average=False)
     >>> x = jnp.arange(6.0).reshape(3, 2).at[0, 0].set(jnp.nan)
+    >>> step = jax.jit(lambda v, x: bn.apply(v, x, mutable=['batch_stats'])[1]['batch_stats'])
     >>> variables = bn.init(jax.random.key(0), x)
-    >>> step = jax.jit(lambda variables, x: bn.apply(variables, x, mutable=['batch_stats'])[1])
-    >>> with jaxbn.linen.use_jaxbn():
-    ...     updates = step(variables, x)  # jaxbn: a NaN batch leaves the running statistics alone
-    >>> bool(jnp.isfinite(updates['batch_stats']['mean']).all())
+    >>> with jaxbn.linen.use_jaxbn():  # jaxbn: a NaN batch leaves the running statistics alone
+    ...     print(bool(jnp.isfinite(step(variables, x)['mean']).all()))
     True
-    >>> bool(jnp.isfinite(step(variables, x)['batch_stats']['mean']).all())  # flax's, after the block
+    >>> bool(jnp.isfinite(step(variables, x)['mean']).all())  # flax's, after the block
     False
     """
-    return _switched({}, convert=True)
+    return _switched({}, True)

@@ -1,38 +1,9 @@
-"""Flax NNX modules: drop-in replacements that call the functional core.
+"""Flax NNX modules: drop-in replacements for flax's normalization layers, model-wide switches.
 
-Each class takes :mod:`flax.nnx`'s constructor arguments in flax's order
-(``num_features`` first, ``rngs`` required, ``scale_metadata`` /
-``bias_metadata`` passed to the :class:`~flax.nnx.Param`), creates the same
-variables under the same names and types (``scale``/``bias`` as
-``nnx.Param``; BatchNorm's ``mean``/``var`` as ``nnx.BatchStat`` in float32,
-float64 only for a float64 ``param_dtype`` under ``jax_enable_x64``)
-and draws the same keys from ``rngs``, so ``nnx.state``, ``nnx.split`` /
-``nnx.merge``, ``nnx.jit``, ``nnx.grad``, ``nnx.Optimizer`` and checkpoints
-treat a model exactly as with flax's modules. A module here owns its variables
-and passes them to :mod:`jaxbn.functional` / :mod:`jaxbn.per_example`; it
-computes nothing itself.
-
-What jaxbn does differently, as in :mod:`jaxbn.linen`:
-
-- ``use_fast_variance`` is accepted and ignored: the variance is always the
-  stable one (exact at large offsets, still one all-reduce).
-- Statistics are reduced in at least float32 and synchronized over
-  ``axis_name`` weighted by counts (exact with masks and uneven shards).
-- A non-finite batch leaves BatchNorm's running statistics unchanged.
-- Complex input: BatchNorm's running mean becomes complex at the first update
-  (flax's writes the complex mean into its float32 variable, dropping the
-  imaginary part).
-- Bad hyperparameters raise at construction (``momentum``, ``epsilon``,
-  ``num_features``, the grouping) and shape errors at the first call, naming
-  the argument.
-
-``promote_dtype`` behaves as flax's: with the default, the output dtype is
-``dtype`` or the promotion of the input and the module's variables (for
-BatchNorm that includes the running statistics, as in flax), and jaxbn
-keeps the input in its own dtype internally (so a bfloat16 training step saves
-bfloat16 activations); a custom function is applied to ``(x, mean, var, scale,
-bias)`` (BatchNorm) or ``(x, scale, bias)`` as flax applies it, except that
-running statistics are always updated from their stored values.
+Each module takes flax's constructor arguments, creates flax's variables (names, types, metadata,
+keys drawn from ``rngs``) and computes with :mod:`jaxbn.functional` or :mod:`jaxbn.per_example`;
+:func:`freeze`, :func:`set_batch_norm` and :func:`convert` change a model's layers in place.
+Details: docs/modules_notes.md.
 """
 
 from __future__ import annotations
@@ -42,7 +13,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.errors
 import jax
@@ -54,206 +25,109 @@ from flax.nnx.nn import initializers
 from jaxbn import _validation, functional, per_example, renorm
 from jaxbn._flax import path_name, running_stats_dtype
 
-__all__ = [
-    "BatchNorm", "BatchRenorm", "FrozenParam", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "convert",
-    "freeze", "set_batch_norm", "unfreeze",
-]
+__all__ = ["BatchNorm", "BatchRenorm", "FrozenParam", "GroupNorm", "InstanceNorm", "LayerNorm"]
+__all__ += ["RMSNorm", "convert", "freeze", "set_batch_norm", "unfreeze"]
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
 _CLOSURE_MESSAGE = (
     "{name} updates its running statistics in training, but it was captured as a closure by a "
     "transform (e.g. nnx.vmap or nnx.scan), which cannot write to it. Pass the module as an "
-    "argument instead, e.g. nnx.vmap(f, in_axes=(nnx.StateAxes({{nnx.BatchStat: None, ...: None}}), 0), "
-    "axis_name='batch') with BatchNorm(axis_name='batch') for statistics over the whole batch; or "
-    "call it in inference mode (model.eval()) inside the transform."
+    "argument instead, e.g. nnx.vmap(f, in_axes=(nnx.StateAxes({{nnx.BatchStat: None, ...: "
+    "None}}), 0), axis_name='batch') with BatchNorm(axis_name='batch') for statistics over the "
+    "whole batch; or call it in inference mode (model.eval()) inside the transform."
 )
 
 
-def _check_num_features(num_features: Any, cls: str) -> int:
-    """Returns ``num_features`` as an int, raising unless it is a positive integer."""
-    return _validation.positive_int(num_features, f"{cls}: num_features")
-
-
-class _Affine(NamedTuple):
-    """How a module creates its ``scale`` or ``bias``: flax's constructor arguments for it."""
-
-    used: bool
-    init: Any
-    metadata: Mapping[str, Any]
-
-
 class _Normalization(nnx.Module):
-    """What every module here shares: argument checks, ``scale``/``bias`` created as flax
-    creates them (same order, same keys drawn, same metadata), attribute storage."""
+    """What every module here shares: checks, ``scale``/``bias`` as flax's, ``promote_dtype``."""
 
-    def __init__(
-        self, num_features: Any, *, rngs: nnx.Rngs, param_dtype: Any, affine: Mapping[str, _Affine],
-        disabled: Any, **attributes: Any,
-    ):
-        self.num_features = _check_num_features(num_features, type(self).__name__)
-        if "epsilon" in attributes:
-            _validation.check_epsilon(attributes["epsilon"])
-        _validation.check_dtype(attributes.get("dtype"))
-        for name, (used, init, metadata) in affine.items():
-            value = nnx.Param(init(rngs.params(), (self.num_features,), param_dtype), **metadata) if used else disabled
+    def _setup(self, arguments: dict[str, Any], **attributes: Any) -> None:
+        """Checks the constructor's ``arguments`` (its ``locals()``), creates ``scale``/``bias``
+        as flax (same order, keys, metadata), stores the other arguments and ``attributes``."""
+        arguments = {k: v for k, v in arguments.items() if k != "self"}
+        rngs, features = arguments.pop("rngs"), arguments.pop("num_features")
+        self.num_features = _validation.positive_int(
+            features, f"{type(self).__name__}: num_features"
+        )
+        _validation.check_epsilon(arguments["epsilon"])
+        _validation.check_dtype(arguments["dtype"])
+        for name in ("scale", "bias"):
+            if f"use_{name}" not in arguments:  # RMSNorm has no bias
+                continue
+            init, metadata = arguments.pop(f"{name}_init"), arguments.pop(f"{name}_metadata")
+            shape, dtype = (self.num_features,), arguments["param_dtype"]
+            if arguments[f"use_{name}"]:
+                setattr(self, name, nnx.Param(init(rngs.params(), shape, dtype), **metadata))
+            else:  # None, as flax: data, except in flax's InstanceNorm
+                setattr(self, name, None if isinstance(self, InstanceNorm) else nnx.data(None))
+        for name, value in {**arguments, **attributes}.items():
             setattr(self, name, value)
-        self.param_dtype = param_dtype
-        for name, value in attributes.items():
-            setattr(self, name, value)
 
-
-_SHARDING_METADATA = ("out_sharding", "mesh", "sharding_rules", "eager_sharding")
-
-
-def _shard_like_params(module: nnx.Module, stats: tuple[str, ...], params: tuple[str, ...]) -> None:
-    """Gives the ``stats`` variables the sharding metadata of the first of ``params`` that has any.
-
-    flax annotates parameters only (``scale_metadata={'out_sharding': ...}`` or
-    ``nnx.with_partitioning`` on an initializer); with the same
-    ``out_sharding``/``mesh``/``sharding_rules`` the running statistics get the
-    same partition spec (``nnx.get_partition_spec``), are placed like the
-    parameters when created, and restore onto the same devices. Unannotated
-    parameters leave the statistics as flax's.
-    """
-    for name in params:
-        param = getattr(module, name)
-        metadata = {} if param is None else param.get_metadata()
-        if metadata.get("out_sharding"):
-            metadata = {key: value for key, value in metadata.items() if key in _SHARDING_METADATA}
-            for stat in stats:
-                setattr(module, stat, type(getattr(module, stat))(getattr(module, stat)[...], **metadata))
-            return
-
-
-def _values(module: nnx.Module, names: tuple[str, ...]) -> dict[str, jax.Array]:
-    """The values of the variables ``names`` that exist (are not None)."""
-    return {name: getattr(module, name)[...] for name in names if getattr(module, name) is not None}
-
-
-def _promote(
-    module: nnx.Module, x: Any, state: dict[str, jax.Array], params: dict[str, jax.Array]
-) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array], Any]:
-    """flax's ``promote_dtype`` step: returns ``(x, state, params, output dtype)``.
-
-    With flax's default function nothing is cast (jaxbn computes in at least
-    float32 and keeps ``x`` in its own dtype for the backward pass); the
-    output dtype is what flax's cast would give: ``dtype``, else the promotion
-    of ``x``, ``state`` and ``params``. A custom function is applied to
-    ``(x, *state, *params)`` in flax's order.
-    """
-    x = jnp.asarray(x) if not hasattr(x, "dtype") else x
-    if not jnp.issubdtype(x.dtype, jnp.inexact):
-        return x, state, params, module.dtype  # the functional core rejects x, naming it
-    if module.promote_dtype is _flax_dtypes.promote_dtype:
-        dtype = module.dtype if module.dtype is not None else jnp.result_type(x, *state.values(), *params.values())
+    def _promote(self, x: Any, state: dict[str, jax.Array]) -> tuple[Any, dict, dict, Any]:
+        """flax's ``promote_dtype`` step: ``(x, state, params, output dtype)``, see the notes."""
+        names = [n for n in ("scale", "bias") if getattr(self, n, None) is not None]
+        params = {n: getattr(self, n)[...] for n in names}
+        x = jnp.asarray(x) if not hasattr(x, "dtype") else x
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            return x, state, params, self.dtype  # the functional core rejects x, naming it
+        if self.promote_dtype is _flax_dtypes.promote_dtype:
+            dtype = jnp.result_type(x, *state.values(), *params.values())
+            return x, state, params, dtype if self.dtype is None else self.dtype
+        state_keys, param_keys = ("mean", "var")[: len(state)], ("scale", "bias")
+        values = (x, *(state.get(k) for k in state_keys), *(params.get(k) for k in param_keys))
+        x, *promoted = self.promote_dtype(values, dtype=self.dtype)
+        state = dict(zip(state_keys, promoted))
+        params = {k: v for k, v in zip(param_keys, promoted[len(state_keys) :]) if v is not None}
+        dtype = jnp.result_type(x, *params.values()) if self.dtype is None else self.dtype
         return x, state, params, dtype
-    state_keys, param_keys = ("mean", "var")[: len(state)], ("scale", "bias")
-    values = (x, *(state.get(k) for k in state_keys), *(params.get(k) for k in param_keys))
-    promoted = module.promote_dtype(values, dtype=module.dtype)
-    x = promoted[0]
-    state = {k: v for k, v in zip(state_keys, promoted[1 : 1 + len(state_keys)])}
-    params = {k: v for k, v in zip(param_keys, promoted[1 + len(state_keys) :]) if v is not None}
-    dtype = module.dtype if module.dtype is not None else jnp.result_type(x, *params.values())
-    return x, state, params, dtype
 
-
-def _to_feature_shape(
-    module: nnx.Module,
-    arrays: dict[str, jax.Array],
-    x: jax.Array,
-    feature_shape: tuple[int, ...],
-    axes_name: str,
-    always: bool = False,
-) -> dict[str, jax.Array]:
-    """Views the ``(num_features,)`` variables in the input's feature shape.
-
-    flax keeps ``(num_features,)`` even for several feature axes (their sizes
-    multiplied); the functional core wants one entry per feature axis. Raises
-    if the input's features are not ``num_features`` (unless there is nothing
-    to reshape and not ``always``: flax's LayerNorm without parameters ignores
-    ``num_features``).
-    """
-    for key, value in arrays.items():  # a variable of another layer (e.g. merged or restored state)
-        _validation.check_variable_size(
-            value, module.num_features, f"{key}", f"{type(module).__name__}(num_features={module.num_features})"
-        )
-    if (arrays or always) and math.prod(feature_shape) != module.num_features:
-        raise ValueError(
-            f"{type(module).__name__}(num_features={module.num_features}) got an input of shape "
-            f"{tuple(x.shape)} with {math.prod(feature_shape)} features along "
-            f"{axes_name}={getattr(module, axes_name)!r}; construct it with "
-            f"num_features={math.prod(feature_shape)}, or check {axes_name} (-1 for NHWC, 1 for NCHW)."
-        )
-    return {key: value.reshape(feature_shape) for key, value in arrays.items()}
+    def _to_feature_shape(
+        self, arrays: dict, x: jax.Array, shape: tuple, axes: str, always: bool = False
+    ) -> dict:
+        """The ``(num_features,)`` ``arrays``, checked, in the input's feature ``shape``."""
+        owner = f"{type(self).__name__}(num_features={self.num_features})"
+        for key, value in arrays.items():  # a variable of another layer (merged or restored state)
+            _validation.check_variable_size(value, self.num_features, key, owner)
+        if (arrays or always) and math.prod(shape) != self.num_features:
+            raise ValueError(
+                f"{owner} got an input of shape {tuple(x.shape)} with {math.prod(shape)} features "
+                f"along {axes}={getattr(self, axes)!r}; construct it with "
+                f"num_features={math.prod(shape)}, or check {axes} (-1 for NHWC, 1 for NCHW)."
+            )
+        return {key: value.reshape(shape) for key, value in arrays.items()}
 
 
 class BatchNorm(_Normalization):
     """Drop-in replacement for :class:`flax.nnx.BatchNorm`; calls :func:`jaxbn.batch_norm`.
 
-    Same constructor arguments (in flax's order), same variables (``scale``,
-    ``bias``: ``nnx.Param``; ``mean``, ``var``: float32 ``nnx.BatchStat``,
-    float64 for a float64 ``param_dtype`` under x64, where flax's stay float32),
-    same ``use_running_average`` switch (from the constructor, the call, or
-    ``.train()`` / ``.eval()`` / ``nnx.view``). The options flax lacks
-    default to flax's behaviour and variables (``momentum=None`` adds a float32
-    ``count``); ``__call__`` takes ``mask=``. Where it differs from flax is
-    listed in the README's "Differences from flax".
+    flax's arguments (in flax's order, as flax's except those below), variables and mode switches
+    (``.train()``, ``.eval()``, ``nnx.view``), then jaxbn's options; ``__call__`` takes ``mask=``.
 
     Args:
-      num_features: the size of the feature axis (the product of the sizes
-        when ``axis`` names several).
-      use_running_average: normalize with the running statistics (inference)
-        instead of the batch's; the call argument takes precedence.
-      axis: the feature axis (or axes): -1 for NHWC, 1 for NCHW.
-      momentum: in [0, 1], the weight of the old running statistics; None for
-        the cumulative average (adds ``count``).
-      epsilon: > 0, added to the variance.
-      dtype: output dtype (default: the promotion of the input and the
-        variables, as flax).
-      param_dtype: dtype of ``scale`` and ``bias``, and of ``mean`` and
-        ``var`` where wider than float32 (float64 under x64).
-      use_bias: learn a bias β.
-      use_scale: learn a scale γ.
-      bias_init: initializer of the bias (zeros).
-      scale_init: initializer of the scale (ones).
-      axis_name: device axis name(s) bound by ``pmap``/``shard_map``/``vmap``
-        to synchronize statistics over; None under plain ``jit``.
-      axis_index_groups: subgroups of ``axis_name`` (pmap only).
-      use_fast_variance: accepted for compatibility; ignored.
-      promote_dtype: flax's dtype-promotion hook (see the module docstring).
-      rngs: the keys for ``scale_init`` and ``bias_init``.
-      bias_metadata: metadata of the bias ``nnx.Param``.
-      scale_metadata: metadata of the scale ``nnx.Param``.
-      unbiased_running_var: average ``var * n / (n - 1)`` (``n`` the global
-        count of the batch) into the running variance.
-      update_running_stats: whether a call updates the running statistics;
-        None for ``not use_running_average``.
-      ghost_batch_size: None, or the size of the ghost batches (consecutive
-        examples along axis 0, local to each device) normalized with their
-        own statistics (ghost batch norm; see :func:`jaxbn.batch_norm`).
-      sow_moments: sow the batch's :class:`jaxbn.Moments` (when batch
-        statistics are taken) as the ``nnx.Intermediate`` ``batch_moments``
-        (collect them with ``nnx.capture``), for :func:`jaxbn.merge_moments`
-        and :func:`jaxbn.update_running_stats`.
+      momentum: as flax's, or None for the cumulative average (adds the float32 ``count``).
+      use_fast_variance: ignored: the variance is always the stable one.
+      unbiased_running_var: average ``var * n / (n - 1)`` into the running variance, as PyTorch.
+      update_running_stats: update the running statistics; None: when not ``use_running_average``.
+      ghost_batch_size: normalize ghost batches of this size (along axis 0) separately.
+      sow_moments: sow the batch's :class:`jaxbn.Moments` as the intermediate ``batch_moments``.
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
-    >>> bn = BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
+    >>> bn = BatchNorm(3, momentum=None, rngs=nnx.Rngs(0))
     >>> jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(bn)))
-    {'bias': (3,), 'mean': (3,), 'scale': (3,), 'var': (3,)}
+    {'bias': (3,), 'count': (), 'mean': (3,), 'scale': (3,), 'var': (3,)}
     >>> x = jax.random.normal(jax.random.key(0), (8, 3)) + 5.0
     >>> y = bn(x)  # training (the default): batch statistics, updates mean/var
-    >>> bool(jnp.allclose(bn.mean[...], 0.1 * x.mean(0)))
-    True
+    >>> bool(jnp.allclose(bn.mean[...], x.mean(0))), bn.count[...]
+    (True, Array(1., dtype=float32))
     >>> bn.eval()  # inference: running statistics, nothing updated
     >>> bool(jnp.allclose(bn(x), (x - bn.mean[...]) / jnp.sqrt(bn.var[...] + 1e-5), atol=1e-5))
     True
-    >>> cumulative = BatchNorm(3, momentum=None, rngs=nnx.Rngs(0))
-    >>> _ = cumulative(x)
-    >>> cumulative.count[...]
-    Array(1., dtype=float32)
     """
+
+    #: Set by :func:`freeze`: running statistics, never updated, whatever ``use_running_average``.
+    frozen: bool = False
 
     def __init__(
         self,
@@ -267,8 +141,8 @@ class BatchNorm(_Normalization):
         param_dtype: Any = jnp.float32,
         use_bias: bool = True,
         use_scale: bool = True,
-        bias_init: Any = initializers.zeros_init(),
-        scale_init: Any = initializers.ones_init(),
+        bias_init: Any = initializers.zeros,
+        scale_init: Any = initializers.ones,
         axis_name: Any = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
@@ -286,41 +160,23 @@ class BatchNorm(_Normalization):
         _validation.check_static_bool(unbiased_running_var, "unbiased_running_var")
         _validation.check_static_bool(update_running_stats, "update_running_stats", none_ok=True)
         _validation.positive_int(ghost_batch_size, "ghost_batch_size", none_ok=True)
-        super().__init__(
-            num_features, rngs=rngs, param_dtype=param_dtype, disabled=nnx.data(None),
-            affine={"scale": _Affine(use_scale, scale_init, scale_metadata),
-                    "bias": _Affine(use_bias, bias_init, bias_metadata)},
-            use_running_average=use_running_average, axis=axis, momentum=momentum, epsilon=epsilon, dtype=dtype,
-            use_bias=use_bias, use_scale=use_scale, axis_name=axis_name, axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance, promote_dtype=promote_dtype,
-            unbiased_running_var=unbiased_running_var, update_running_stats=update_running_stats,
-            ghost_batch_size=ghost_batch_size, sow_moments=sow_moments,
-        )
+        self._setup(locals())
+        # the sharding metadata of the first annotated parameter (see docs/modules_notes.md)
+        annotated = [p.get_metadata() for p in (self.scale, self.bias) if p is not None]
+        metadata = next((m for m in annotated if m.get("out_sharding")), {})
+        keep = ("out_sharding", "mesh", "sharding_rules", "eager_sharding")
+        metadata = {key: value for key, value in metadata.items() if key in keep}
         stats_dtype = running_stats_dtype(param_dtype)  # float32, or a wider param_dtype (float64)
-        self.mean = nnx.BatchStat(jnp.zeros((self.num_features,), stats_dtype))
-        self.var = nnx.BatchStat(jnp.ones((self.num_features,), stats_dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((self.num_features,), stats_dtype), **metadata)
+        self.var = nnx.BatchStat(jnp.ones((self.num_features,), stats_dtype), **metadata)
         if momentum is None:  # only then, so a default module's state stays flax's
             self.count = nnx.BatchStat(jnp.zeros((), jnp.float32))
-        _shard_like_params(self, ("mean", "var"), ("scale", "bias"))
 
     def __call__(
-        self,
-        x: jax.Array,
-        use_running_average: bool | None = None,
-        *,
-        mask: jax.Array | None = None,
+        self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None
     ) -> jax.Array:
-        """Normalizes ``x`` with batch statistics (training) or running ones.
-
-        Args:
-          x: the input; its ``axis`` holds ``num_features`` features.
-          use_running_average: overrides the attribute of the same name.
-          mask: boolean array broadcastable to ``x``; only ``True`` positions
-            count towards the statistics (all are normalized).
-
-        Returns:
-          The normalized input, shaped as ``x``.
-        """
+        """Normalizes ``x`` with batch or running statistics; ``mask`` (broadcastable to ``x``)
+        selects the elements that count; ``use_running_average`` overrides the attribute."""
         _validation.check_not_traced(use_running_average, "use_running_average")
         if use_running_average is None:
             use_running_average = self.use_running_average
@@ -328,44 +184,31 @@ class BatchNorm(_Normalization):
             use_running_average = True
         if use_running_average is None:
             raise ValueError(
-                f"{type(self).__name__} needs use_running_average: pass it to the constructor, to the call "
-                "(bn(x, use_running_average=...)), or set it with model.train() / model.eval()."
+                f"{type(self).__name__} needs use_running_average: pass it to the constructor, to "
+                "the call (bn(x, use_running_average=...)), or set it with model.train() / "
+                "model.eval()."
             )
         training = not use_running_average
         update = training if self.update_running_stats is None else self.update_running_stats
         update = update and not self.frozen
-        running = {"mean": self.mean, "var": self.var}
-        if self.momentum is None:
-            running["count"] = self.count
-        if hasattr(self, "steps"):  # BatchRenorm with scheduled limits
-            running["steps"] = self.steps
+        names = ["mean", "var"] + (["count"] if self.momentum is None else [])
+        running = {name: getattr(self, name) for name in names + ["steps"] if hasattr(self, name)}
         stored = {key: variable[...] for key, variable in running.items()}
         if update and jnp.iscomplexobj(x) and not jnp.iscomplexobj(stored["mean"]):
-            # A complex input's running mean is complex (flax's drops the imaginary part).
+            # a complex input's running mean is complex (flax's drops the imaginary part)
             stored["mean"] = stored["mean"].astype(jnp.result_type(stored["mean"], jnp.complex64))
-        x, promoted, params, dtype = _promote(
-            self, x, {"mean": stored["mean"], "var": stored["var"]}, _values(self, ("scale", "bias"))
-        )
-        feature_shape = _validation.feature_shape(x, self.axis)
-        state = {**stored, **({} if update else promoted)}  # averaging starts from the stored values
-        vectors = _to_feature_shape(self, {k: state[k] for k in ("mean", "var")}, x, feature_shape, "axis")
-        y, new_state, *moments = self._functional_call(
-            x,
-            _to_feature_shape(self, params, x, feature_shape, "axis"),
-            {**state, **vectors},
-            return_moments=self.sow_moments and (training or update),  # only where batch statistics are taken
-            training=training,
-            update_running_stats=update,
-            axis=self.axis,
-            momentum=self.momentum,
-            unbiased_running_var=self.unbiased_running_var,
-            epsilon=self.epsilon,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            dtype=dtype,
-            ghost_batch_size=self.ghost_batch_size,
-        )
+        x, promoted, params, dtype = self._promote(x, {k: stored[k] for k in ("mean", "var")})
+        shape = _validation.feature_shape(x, self.axis)
+        # averaging starts from the stored values
+        state = {**stored, **({} if update else promoted)}
+        vectors = self._to_feature_shape({k: state[k] for k in ("mean", "var")}, x, shape, "axis")
+        options = ("axis", "momentum", "unbiased_running_var", "epsilon", "axis_name")
+        kwargs = {name: getattr(self, name) for name in (*options, "axis_index_groups")}
+        kwargs.update(ghost_batch_size=self.ghost_batch_size, mask=mask, dtype=dtype)
+        kwargs.update(training=training, update_running_stats=update)
+        kwargs["return_moments"] = self.sow_moments and (training or update)  # batch statistics
+        params = self._to_feature_shape(params, x, shape, "axis")
+        y, new_state, *moments = self._functional_call(x, params, {**state, **vectors}, **kwargs)
         if update:
             for key, variable in running.items():
                 value = new_state[key].reshape(stored[key].shape)
@@ -375,27 +218,18 @@ class BatchNorm(_Normalization):
                     else:  # the running mean of a complex input turns complex
                         variable.set_value(value)
                 except flax.errors.TraceContextError as err:
-                    raise flax.errors.TraceContextError(_CLOSURE_MESSAGE.format(name=type(self).__name__)) from err
+                    message = _CLOSURE_MESSAGE.format(name=type(self).__name__)
+                    raise flax.errors.TraceContextError(message) from err
         if moments and moments[0] is not None:
             self.sow(nnx.Intermediate, "batch_moments", moments[0])
         return y
 
-    def _functional_call(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
+    def _functional_call(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> Any:
         """The functional call: :func:`jaxbn.batch_norm`."""
         return functional.batch_norm(x, params, state, **kwargs)
 
-    #: Set by :func:`jaxbn.nnx.freeze`: normalize with the running statistics and never update them,
-    #: whatever ``use_running_average`` (which ``.train()``/``.eval()``/``set_view`` still set, for
-    #: after :func:`jaxbn.nnx.unfreeze`) says.
-    frozen: bool = False
-
     def set_view(self, use_running_average: bool | None = None) -> None:
-        """Used by ``nnx.view``: sets ``use_running_average`` when given (a frozen layer
-        records it but keeps using its running statistics until unfrozen).
-
-        Args:
-          use_running_average: normalize with the running statistics.
-        """
+        """Used by ``nnx.view``: sets ``use_running_average`` when given (recorded while frozen)."""
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
@@ -403,73 +237,76 @@ class BatchNorm(_Normalization):
 class BatchRenorm(BatchNorm):
     """Batch renormalization (Ioffe, 2017) as an NNX module; calls :func:`jaxbn.batch_renorm`.
 
-    ``y = γ (x̂ r + d) + β`` in training, with ``r`` and ``d`` the clipped,
-    gradient-free corrections from the batch towards the running statistics
-    (see :func:`jaxbn.batch_renorm`); inference is batch norm's. The
-    arguments and variables are :class:`BatchNorm`'s (so a BatchNorm
-    checkpoint loads, and ``r_max=1, d_max=0`` is BatchNorm (to rounding); with
-    ``ghost_batch_size``, ``r`` and ``d`` are per ghost batch), plus two, as
-    :class:`jaxbn.linen.BatchRenorm`:
+    :class:`BatchNorm`'s arguments (``**kwargs``) and variables (a BatchNorm checkpoint loads),
+    plus the limits ``r_max`` and ``d_max``, as :class:`jaxbn.linen.BatchRenorm`'s; a callable limit
+    adds the int32 ``nnx.BatchStat`` ``steps``.
 
-    - ``r_max`` (>= 1) and ``d_max`` (>= 0): the clipping limits, each a
-      number, or a callable ``step -> value`` evaluated at a step counter the
-      module keeps. Only when one of them is callable does the module add the
-      ``nnx.BatchStat`` ``steps`` (int32, 0 at construction, +1 at every
-      update that changes the running statistics, the limits using the value
-      before it). The paper's schedule is
-      ``r_max=lambda s: jaxbn.renorm_clipping(s)[0]``,
-      ``d_max=lambda s: jaxbn.renorm_clipping(s)[1]``. The defaults are the
-      paper's final limits, 3 and 5.
-
-    Reference: S. Ioffe, "Batch Renormalization: Towards Reducing Minibatch
-    Dependence in Batch-Normalized Models", NeurIPS 2017.
-
-    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> import jax, jaxbn
     >>> from flax import nnx
     >>> x = jax.random.normal(jax.random.key(0), (8, 3)) * 4.0 + 5.0
-    >>> brn = BatchRenorm(3, momentum=0.9, rngs=nnx.Rngs(0))
-    >>> sorted(nnx.to_pure_dict(nnx.state(brn)))
-    ['bias', 'mean', 'scale', 'var']
-    >>> y = brn(x)
-    >>> scheduled = BatchRenorm(3, r_max=lambda s: jaxbn.renorm_clipping(s)[0],
-    ...                         d_max=lambda s: jaxbn.renorm_clipping(s)[1], rngs=nnx.Rngs(0))
-    >>> _ = scheduled(x)
-    >>> scheduled.steps[...]
-    Array(1, dtype=int32)
+    >>> brn = BatchRenorm(3, r_max=lambda s: jaxbn.renorm_clipping(s)[0], rngs=nnx.Rngs(0))
+    >>> _ = brn(x)
+    >>> sorted(nnx.to_pure_dict(nnx.state(brn))), brn.steps[...]
+    (['bias', 'mean', 'scale', 'steps', 'var'], Array(1, dtype=int32))
     """
 
     def __init__(self, num_features: int, *, r_max: Any = 3.0, d_max: Any = 5.0, **kwargs: Any):
-        """Takes :class:`BatchNorm`'s arguments (``rngs`` included), plus ``r_max`` and ``d_max``."""
-        if not (callable(r_max) or callable(d_max)):
+        scheduled = callable(r_max) or callable(d_max)
+        if not scheduled:
             renorm.check_renorm_limits(r_max, d_max)
         super().__init__(num_features, **kwargs)
-        if callable(r_max) or callable(d_max):  # only then, so the variables stay BatchNorm's
+        if scheduled:  # only then, so the variables stay BatchNorm's
             self.steps = nnx.BatchStat(jnp.zeros((), jnp.int32))
-        self.r_max = r_max
-        self.d_max = d_max
+        self.r_max, self.d_max = r_max, d_max
 
-    def _functional_call(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
+    def _functional_call(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> Any:
         """The functional call: :func:`jaxbn.batch_renorm` at the current limits."""
         step = state.get("steps")
-        r_max, d_max = (limit(step) if callable(limit) else limit for limit in (self.r_max, self.d_max))
+        r_max, d_max = (f(step) if callable(f) else f for f in (self.r_max, self.d_max))
         return renorm.batch_renorm(x, params, state, r_max=r_max, d_max=d_max, **kwargs)
 
 
-class LayerNorm(_Normalization):
+# each per-example kind's function, and the attributes it takes beyond the common ones
+_PER_EXAMPLE = {
+    "LayerNorm": (per_example.layer_norm, ("reduction_axes", "feature_axes")),
+    "RMSNorm": (per_example.rms_norm, ("reduction_axes", "feature_axes")),
+    "GroupNorm": (per_example.group_norm, ("num_groups", "reduction_axes")),
+    "InstanceNorm": (per_example.instance_norm, ("feature_axes",)),
+}
+
+
+class _PerExample(_Normalization):
+    """What the per-example modules share: their call."""
+
+    _kind = ""  # the subclass's name: its entry in _PER_EXAMPLE
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
+        x, _, params, dtype = self._promote(x, {})
+        # GroupNorm: channels last, num_features checked even without scale/bias
+        grouped = isinstance(self, GroupNorm)
+        axes = "feature_axis" if grouped else "feature_axes"
+        shape = _validation.feature_shape(x, getattr(self, axes), axes)
+        params = self._to_feature_shape(params, x, shape, axes, always=grouped)
+        function, fields = _PER_EXAMPLE[self._kind]
+        fields += ("epsilon", "axis_name", "axis_index_groups")
+        kwargs = {name: getattr(self, name) for name in fields}
+        return function(x, params, mask=mask, dtype=dtype, **kwargs)
+
+
+class LayerNorm(_PerExample):
     """Drop-in replacement for :class:`flax.nnx.LayerNorm`; calls :func:`jaxbn.layer_norm`.
 
-    Statistics per example over ``reduction_axes``; ``scale``/``bias``
-    (``nnx.Param`` of shape ``(num_features,)``) along ``feature_axes``.
-    Arguments, variables and defaults are flax's (see the module docstring
-    for ``use_fast_variance`` and ``promote_dtype``).
+    flax's arguments and variables (``use_fast_variance`` is ignored).
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
-    >>> layer = LayerNorm(3, rngs=nnx.Rngs(0))
     >>> x = jax.random.normal(jax.random.key(0), (2, 3)) + 1e4
-    >>> bool(jnp.allclose(layer(x).std(-1), 1, atol=1e-3))
+    >>> bool(jnp.allclose(LayerNorm(3, rngs=nnx.Rngs(0))(x).std(-1), 1, atol=1e-3))
     True
     """
+
+    _kind = "LayerNorm"
 
     def __init__(
         self,
@@ -480,8 +317,8 @@ class LayerNorm(_Normalization):
         param_dtype: Any = jnp.float32,
         use_bias: bool = True,
         use_scale: bool = True,
-        bias_init: Any = initializers.zeros_init(),
-        scale_init: Any = initializers.ones_init(),
+        bias_init: Any = initializers.zeros,
+        scale_init: Any = initializers.ones,
         reduction_axes: Any = -1,
         feature_axes: Any = -1,
         axis_name: Any = None,
@@ -492,38 +329,21 @@ class LayerNorm(_Normalization):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
-        super().__init__(
-            num_features, rngs=rngs, param_dtype=param_dtype, disabled=nnx.data(None),
-            affine={"scale": _Affine(use_scale, scale_init, scale_metadata),
-                    "bias": _Affine(use_bias, bias_init, bias_metadata)},
-            epsilon=epsilon, dtype=dtype, use_bias=use_bias, use_scale=use_scale, reduction_axes=reduction_axes,
-            feature_axes=feature_axes, axis_name=axis_name, axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance, promote_dtype=promote_dtype,
-        )
-
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-        """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
-        x, _, params, dtype = _promote(self, x, {}, _values(self, ("scale", "bias")))
-        feature_shape = _validation.feature_shape(x, self.feature_axes, "feature_axes")
-        params = _to_feature_shape(self, params, x, feature_shape, "feature_axes")
-        return per_example.layer_norm(
-            x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
-            mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=dtype,
-        )
+        self._setup(locals())
 
 
-class RMSNorm(_Normalization):
+class RMSNorm(_PerExample):
     """Drop-in replacement for :class:`flax.nnx.RMSNorm`; calls :func:`jaxbn.rms_norm`.
 
-    ``x / sqrt(E[x^2] + eps) * scale`` per example over ``reduction_axes``;
-    ``scale`` is an ``nnx.Param`` of shape ``(num_features,)``. Arguments,
-    variables and defaults are flax's (see the module docstring).
+    flax's arguments and variables (``use_fast_variance`` is ignored).
 
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> RMSNorm(2, epsilon=1e-12, rngs=nnx.Rngs(0))(jnp.array([[3.0, -4.0]]))
     Array([[ 0.8485..., -1.1313...]], dtype=float32)
     """
+
+    _kind = "RMSNorm"
 
     def __init__(
         self,
@@ -543,42 +363,27 @@ class RMSNorm(_Normalization):
         rngs: nnx.Rngs,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
-        super().__init__(
-            num_features, rngs=rngs, param_dtype=param_dtype, disabled=nnx.data(None),
-            affine={"scale": _Affine(use_scale, scale_init, scale_metadata)},
-            epsilon=epsilon, dtype=dtype, use_scale=use_scale, reduction_axes=reduction_axes,
-            feature_axes=feature_axes, axis_name=axis_name, axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance, promote_dtype=promote_dtype,
-        )
+        self._setup(locals())
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
-        x, _, params, dtype = _promote(self, x, {}, _values(self, ("scale",)))
-        feature_shape = _validation.feature_shape(x, self.feature_axes, "feature_axes")
-        params = _to_feature_shape(self, params, x, feature_shape, "feature_axes")
-        return per_example.rms_norm(
-            x, params, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, epsilon=self.epsilon,
-            mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=dtype,
-        )
+        return super().__call__(x, mask=mask)
 
 
-class GroupNorm(_Normalization):
+class GroupNorm(_PerExample):
     """Drop-in replacement for :class:`flax.nnx.GroupNorm`; calls :func:`jaxbn.group_norm`.
 
-    Channels last (``num_features`` of them), split into ``num_groups``
-    groups, or groups of ``group_size`` (pass ``num_groups=None``); both are
-    stored resolved, as flax does. ``scale``/``bias`` have shape
-    ``(num_features,)``. Arguments, variables and defaults are flax's (see the
-    module docstring).
+    flax's arguments and variables (``use_fast_variance`` is ignored): channels last, in
+    ``num_groups`` groups or groups of ``group_size``, both stored resolved, as flax.
 
-    >>> import jax, jax.numpy as jnp
+    >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> layer = GroupNorm(4, num_groups=2, epsilon=1e-12, rngs=nnx.Rngs(0))
-    >>> layer(jnp.array([[1.0, 3.0, 10.0, 30.0]]))
-    Array([[-1.,  1., -1.,  1.]], dtype=float32)
-    >>> layer.num_groups, layer.group_size
-    (2, 2)
+    >>> layer(jnp.array([[1.0, 3.0, 10.0, 30.0]])), layer.group_size
+    (Array([[-1.,  1., -1.,  1.]], dtype=float32), 2)
     """
+
+    _kind = "GroupNorm"
 
     def __init__(
         self,
@@ -591,8 +396,8 @@ class GroupNorm(_Normalization):
         param_dtype: Any = jnp.float32,
         use_bias: bool = True,
         use_scale: bool = True,
-        bias_init: Any = initializers.zeros_init(),
-        scale_init: Any = initializers.ones_init(),
+        bias_init: Any = initializers.zeros,
+        scale_init: Any = initializers.ones,
         reduction_axes: Any = None,
         axis_name: Any = None,
         axis_index_groups: Any = None,
@@ -602,42 +407,29 @@ class GroupNorm(_Normalization):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
-        num_groups = per_example.number_of_groups(_check_num_features(num_features, "GroupNorm"), num_groups,
-                                                  group_size, "channels (num_features)")
-        super().__init__(
-            num_features, rngs=rngs, param_dtype=param_dtype, disabled=nnx.data(None),
-            affine={"scale": _Affine(use_scale, scale_init, scale_metadata),
-                    "bias": _Affine(use_bias, bias_init, bias_metadata)},
-            feature_axis=-1, num_groups=num_groups, group_size=num_features // num_groups,
-            epsilon=epsilon, dtype=dtype, use_bias=use_bias, use_scale=use_scale, reduction_axes=reduction_axes,
-            axis_name=axis_name, axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
-            promote_dtype=promote_dtype,
+        num_groups = per_example.number_of_groups(
+            _validation.positive_int(num_features, "GroupNorm: num_features"),
+            num_groups,
+            group_size,
+            "channels (num_features)",
         )
-
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-        """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
-        x, _, params, dtype = _promote(self, x, {}, _values(self, ("scale", "bias")))
-        params = _to_feature_shape(self, params, x, _validation.feature_shape(x, -1), "feature_axis", always=True)
-        return per_example.group_norm(
-            x, params, num_groups=self.num_groups, reduction_axes=self.reduction_axes, epsilon=self.epsilon,
-            mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=dtype,
-        )
+        group_size = num_features // num_groups
+        self._setup(locals(), feature_axis=-1)
 
 
-class InstanceNorm(_Normalization):
+class InstanceNorm(_PerExample):
     """Drop-in replacement for :class:`flax.nnx.InstanceNorm`; calls :func:`jaxbn.instance_norm`.
 
-    Statistics per example (axis 0) and feature over the other axes;
-    ``scale``/``bias`` of shape ``(num_features,)`` along ``feature_axes``.
-    Arguments, variables and defaults are flax's (see the module docstring).
+    flax's arguments and variables (``use_fast_variance`` is ignored).
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
-    >>> x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
-    >>> y = InstanceNorm(3, rngs=nnx.Rngs(0))(x)
+    >>> y = InstanceNorm(3, rngs=nnx.Rngs(0))(jax.random.normal(jax.random.key(0), (2, 5, 5, 3)))
     >>> bool(jnp.allclose(y.mean((1, 2)), 0, atol=1e-5))
     True
     """
+
+    _kind = "InstanceNorm"
 
     def __init__(
         self,
@@ -659,41 +451,14 @@ class InstanceNorm(_Normalization):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
-        super().__init__(
-            num_features, rngs=rngs, param_dtype=param_dtype, disabled=None,  # None: as flax's InstanceNorm
-            affine={"scale": _Affine(use_scale, scale_init, scale_metadata),
-                    "bias": _Affine(use_bias, bias_init, bias_metadata)},
-            epsilon=epsilon, dtype=dtype, use_bias=use_bias, use_scale=use_scale, feature_axes=feature_axes,
-            axis_name=axis_name, axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
-            promote_dtype=promote_dtype,
-        )
-
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-        """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that count."""
-        x, _, params, dtype = _promote(self, x, {}, _values(self, ("scale", "bias")))
-        feature_shape = _validation.feature_shape(x, self.feature_axes, "feature_axes")
-        params = _to_feature_shape(self, params, x, feature_shape, "feature_axes")
-        return per_example.instance_norm(
-            x, params, feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=dtype,
-        )
+        self._setup(locals())
 
 
-# -- model-wide switches: graph walks -----------------------------------------------------------------------------------------
+# -- model-wide switches: graph walks --------------------------------------------------------------
 
 
 class FrozenParam(nnx.Variable):
-    """The type :func:`freeze` gives ``scale``/``bias`` with ``keep_affine_trainable=False``.
-
-    Not an ``nnx.Param``, so ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and
-    ``nnx.grad`` with ``nnx.Param`` leave them alone; :func:`unfreeze` makes
-    them ``nnx.Param`` again.
-    """
-
-
-def _flax_nnx_norms() -> dict[type, type]:
-    return {nnx.BatchNorm: BatchNorm, nnx.LayerNorm: LayerNorm, nnx.RMSNorm: RMSNorm,
-            nnx.GroupNorm: GroupNorm, nnx.InstanceNorm: InstanceNorm}
+    """What :func:`freeze` turns ``scale``/``bias`` into: not an ``nnx.Param``, so not trained."""
 
 
 def _batch_norms(module: Any, function: str) -> list:
@@ -712,64 +477,74 @@ def _batch_norms(module: Any, function: str) -> list:
     return found
 
 
+def _retype_affine(layer: BatchNorm, old: type, new: type) -> None:
+    """Gives ``layer``'s ``scale``/``bias`` of type ``old`` the type ``new`` (value, metadata)."""
+    for name in ("scale", "bias"):
+        variable = getattr(layer, name)
+        if isinstance(variable, old):
+            setattr(layer, name, new(variable.get_value(), **variable.get_metadata()))
+
+
 def freeze(module: Any, *, keep_affine_trainable: bool = True) -> Any:
-    """Freezes every jaxbn BatchNorm in ``module`` (in place): running statistics, never updated.
+    """Freezes every jaxbn BatchNorm in ``module`` in place and returns it.
 
-    A frozen layer normalizes with its running statistics and leaves them
-    unchanged whatever ``use_running_average`` says, so it stays frozen
-    through ``module.train()`` / ``module.eval()`` (which still record the
-    mode for after :func:`unfreeze`). With ``keep_affine_trainable=False``,
-    ``scale`` and ``bias`` become :class:`FrozenParam` (not ``nnx.Param``), so
-    an optimizer or gradient over ``nnx.Param`` skips them. flax's own
-    ``nnx.BatchNorm`` is refused (convert the model first with :func:`convert`).
+    A frozen layer normalizes with its running statistics and never updates them, whatever its
+    mode, until :func:`unfreeze`; ``keep_affine_trainable=False`` makes ``scale``/``bias``
+    :class:`FrozenParam`.
 
-    Returns:
-      ``module``.
+    Raises:
+      TypeError: for flax's ``nnx.BatchNorm`` (:func:`convert` the model first).
+
+    >>> import jax.numpy as jnp, jaxbn.nnx
+    >>> from flax import nnx
+    >>> bn = jaxbn.nnx.freeze(jaxbn.nnx.BatchNorm(2, rngs=nnx.Rngs(0)), keep_affine_trainable=False)
+    >>> _ = bn(jnp.ones((4, 2)))  # in training mode, yet the statistics stay
+    >>> bn.mean[...], type(bn.scale).__name__
+    (Array([0., 0.], dtype=float32), 'FrozenParam')
     """
     _validation.check_static_bool(keep_affine_trainable, "keep_affine_trainable")
     for layer in _batch_norms(module, "freeze"):
         layer.frozen = True
         if not keep_affine_trainable:
-            for name in ("scale", "bias"):
-                variable = getattr(layer, name)
-                if isinstance(variable, nnx.Param):
-                    setattr(layer, name, FrozenParam(variable.get_value(), **variable.get_metadata()))
+            _retype_affine(layer, nnx.Param, FrozenParam)
     return module
 
 
 def unfreeze(module: Any) -> Any:
-    """Undoes :func:`freeze` (in place): each BatchNorm follows ``use_running_average`` again,
-    and :class:`FrozenParam` ``scale``/``bias`` become ``nnx.Param``. Returns ``module``."""
+    """Undoes :func:`freeze` in place and returns ``module``."""
     for layer in _batch_norms(module, "unfreeze"):
         layer.frozen = False
-        for name in ("scale", "bias"):
-            variable = getattr(layer, name)
-            if isinstance(variable, FrozenParam):
-                setattr(layer, name, nnx.Param(variable.get_value(), **variable.get_metadata()))
+        _retype_affine(layer, FrozenParam, nnx.Param)
     return module
 
 
 _UNSET: Any = object()
 
 
-def set_batch_norm(module: Any, *, momentum: Any = _UNSET, axis_name: Any = _UNSET,
-                   axis_index_groups: Any = _UNSET) -> Any:
-    """Sets ``momentum`` / ``axis_name`` / ``axis_index_groups`` of every jaxbn BatchNorm in ``module``.
+def set_batch_norm(
+    module: Any, *, momentum: Any = _UNSET, axis_name: Any = _UNSET, axis_index_groups: Any = _UNSET
+) -> Any:
+    """Sets the arguments given on every jaxbn BatchNorm in ``module`` (in place) and returns it.
 
-    Only the arguments given are set (in place). ``momentum=None`` (the
-    cumulative average) needs layers created with ``momentum=None`` (they
-    have the ``count`` variable). flax's ``nnx.BatchNorm`` is refused
-    (convert the model first). Returns ``module``.
+    Raises:
+      ValueError: for an invalid momentum, or ``momentum=None`` on layers without ``count``.
+      TypeError: for flax's ``nnx.BatchNorm`` (:func:`convert` the model first).
+
+    >>> import jaxbn.nnx
+    >>> from flax import nnx
+    >>> jaxbn.nnx.set_batch_norm(jaxbn.nnx.BatchNorm(2, rngs=nnx.Rngs(0)), momentum=0.5).momentum
+    0.5
     """
     layers = _batch_norms(module, "set_batch_norm")
-    if momentum is not _UNSET:
-        if momentum is None:
-            missing = [layer for layer in layers if getattr(layer, "count", None) is None]
-            if missing:
-                raise ValueError("set_batch_norm(momentum=None) needs BatchNorms created with momentum=None "
-                                 f"(they have the 'count' variable); {len(missing)} layer(s) have none.")
-        else:
-            _validation.check_momentum(momentum)
+    if momentum is None:
+        missing = [layer for layer in layers if getattr(layer, "count", None) is None]
+        if missing:
+            raise ValueError(
+                "set_batch_norm(momentum=None) needs BatchNorms created with momentum=None (they "
+                f"have the 'count' variable); {len(missing)} layer(s) have none."
+            )
+    elif momentum is not _UNSET:
+        _validation.check_momentum(momentum)
     values = {"momentum": momentum, "axis_name": axis_name, "axis_index_groups": axis_index_groups}
     for layer in layers:
         for name, value in values.items():
@@ -779,18 +554,16 @@ def set_batch_norm(module: Any, *, momentum: Any = _UNSET, axis_name: Any = _UNS
 
 
 def _converted(layer: nnx.Module, target: type) -> nnx.Module:
-    """A jaxbn layer with ``layer``'s fields and its very variables (values, types and metadata)."""
+    """A jaxbn layer with ``layer``'s attributes and very variables (values, types, metadata)."""
     parameters = inspect.signature(target.__init__).parameters
-    kwargs = {name: getattr(layer, name) for name in parameters
-              if name not in ("self", "num_features", "rngs") and not name.endswith("_metadata")
-              and hasattr(layer, name) and parameters[name].kind is not inspect.Parameter.VAR_KEYWORD}
-    if target.__name__ == "GroupNorm":
-        kwargs.pop("group_size", None)  # stored resolved; num_groups determines it
+    skip = ("self", "num_features", "rngs", "group_size")  # GroupNorm's: num_groups determines it
+    names = [name for name in parameters if name not in skip and not name.endswith("_metadata")]
+    kwargs = {name: getattr(layer, name) for name in names if hasattr(layer, name)}
+    num_features = getattr(layer, "num_features", None)
+    if num_features is None:  # flax's GroupNorm keeps only the grouping
+        num_features = layer.num_groups * layer.group_size
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        num_features = getattr(layer, "num_features", None)
-        if num_features is None:  # flax's GroupNorm keeps only the grouping
-            num_features = layer.num_groups * layer.group_size
         new = target(num_features, rngs=nnx.Rngs(0), **kwargs)
     for name in ("scale", "bias", "mean", "var"):
         if hasattr(layer, name):
@@ -801,34 +574,28 @@ def _converted(layer: nnx.Module, target: type) -> nnx.Module:
 def convert(module: Any) -> Any:
     """Replaces flax's nnx normalization layers in ``module`` by jaxbn's, keeping their variables.
 
-    Like PyTorch's ``convert_sync_batchnorm``: every :class:`flax.nnx.BatchNorm`,
-    ``LayerNorm``, ``RMSNorm``, ``GroupNorm`` and ``InstanceNorm`` (exactly
-    these classes) found by a graph walk (attributes, lists, dicts, nested
-    modules) becomes the jaxbn layer with the same arguments and the same
-    variable objects (so ``nnx.state`` is unchanged: values, types, metadata).
-    A layer held in several places (weight tying) becomes one jaxbn layer that
-    every place holds. The model is changed in place, and only once every
-    layer is known to be replaceable (a layer in a tuple raises a
-    ``TypeError`` and leaves the model untouched); the result is returned (a
-    new object when ``module`` itself is such a layer).
+    Like PyTorch's ``convert_sync_batchnorm``: each :class:`flax.nnx.BatchNorm`, ``LayerNorm``,
+    ``RMSNorm``, ``GroupNorm`` and ``InstanceNorm`` in the graph becomes the jaxbn layer with the
+    same arguments and variable objects, in place (a new object only if ``module`` is such a layer).
 
-    >>> from flax import nnx
+    Raises:
+      TypeError: for a layer held in a tuple (nothing is converted) or a non-nnx ``module``.
+
     >>> import jaxbn.nnx
+    >>> from flax import nnx
     >>> bn = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
-    >>> model = nnx.Sequential(nnx.Linear(3, 3, rngs=nnx.Rngs(0)), bn, bn)  # one BatchNorm, used twice
-    >>> model = jaxbn.nnx.convert(model)
-    >>> type(model.layers[1]).__name__, model.layers[1] is model.layers[2]
-    ('BatchNorm', True)
-    >>> type(model.layers[1]).__module__
-    'jaxbn.nnx'
+    >>> model = jaxbn.nnx.convert(nnx.Sequential(bn, bn))  # one BatchNorm, used twice
+    >>> type(model.layers[0]).__module__, model.layers[0] is model.layers[1]
+    ('jaxbn.nnx', True)
     """
-    table = _flax_nnx_norms()
+    norms = (BatchNorm, LayerNorm, RMSNorm, GroupNorm, InstanceNorm)
+    table = {getattr(nnx, norm.__name__): norm for norm in norms}  # flax's class: jaxbn's
     if type(module) in table:
         return _converted(module, table[type(module)])
     if not isinstance(module, nnx.Module):
         raise TypeError(f"convert takes a flax.nnx module, got {type(module).__name__}.")
-    # every place that holds such a layer: each container once (a shared one is changed once for all
-    # that hold it), each of its entries that is such a layer (a layer held twice is found twice)
+    # every place that holds such a layer: each container once (a shared one is changed once for
+    # all that hold it), each entry that is such a layer (a layer held twice is found twice)
     places = []
     for path, node in nnx.iter_graph(module, graph=True):
         if isinstance(node, nnx.Variable) or not isinstance(node, (nnx.Pytree, list, dict, tuple)):
@@ -838,20 +605,21 @@ def convert(module: Any) -> Any:
                 continue
             if not isinstance(node, (nnx.Pytree, list, dict)):
                 raise TypeError(
-                    f"convert: cannot replace the {type(child).__name__} at {path_name((*path, key))} "
-                    f"inside a {type(node).__name__}; hold the layers in a list (nnx.List) or dict (nnx.Dict). "
-                    "Nothing was converted."
+                    f"convert: cannot replace the {type(child).__name__} at "
+                    f"{path_name((*path, key))} inside a {type(node).__name__}; hold the layers in "
+                    "a list (nnx.List) or dict (nnx.Dict). Nothing was converted."
                 )
             places.append((node, key, child, (*path, key)))
-    replaced: dict[int, nnx.Module] = {}  # one jaxbn layer per flax layer, built before anything changes
+    replaced: dict[int, nnx.Module] = {}  # one jaxbn layer per flax layer, before anything changes
     for _, _, layer, path in places:
         if id(layer) not in replaced:
             try:
                 replaced[id(layer)] = _converted(layer, table[type(layer)])
-            except (TypeError, ValueError) as err:  # jaxbn's checks at construction, e.g. of momentum
-                error = TypeError if isinstance(err, TypeError) else ValueError
-                raise error(f"convert: the {type(layer).__name__} at {path_name(path)}: {err} "
-                            "Nothing was converted.") from err
+            except (TypeError, ValueError) as err:  # jaxbn's checks at construction (momentum...)
+                raise (TypeError if isinstance(err, TypeError) else ValueError)(
+                    f"convert: the {type(layer).__name__} at {path_name(path)}: {err} "
+                    "Nothing was converted."
+                ) from err
     for parent, key, layer, _ in places:
         if isinstance(parent, nnx.Pytree) and isinstance(key, str):
             setattr(parent, key, replaced[id(layer)])
