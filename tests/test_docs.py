@@ -79,7 +79,8 @@ def _python_pages(fast: bool) -> list[str]:
 
 def test_the_site_has_its_pages():
     expected = {"docs/index.md", "docs/install.md", "docs/options.md", "docs/multi_device.md", "docs/tools.md",
-                "docs/differences.md", "docs/accuracy.md", "docs/errors.md", "docs/benchmarks.md",
+                "docs/differences.md", "docs/modules_notes.md", "docs/torch.md", "docs/accuracy.md",
+                "docs/errors.md", "docs/benchmarks.md",
                 "docs/examples.md", "docs/api/index.md", "docs/api/functional.md", "docs/api/linen.md",
                 "docs/api/nnx.md", "docs/api/tools.md", "docs/api/torch.md", "README.md",
                 "benchmarks/RESULTS.md", "examples/README.md", "compat/README.md"}
