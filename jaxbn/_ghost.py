@@ -1,15 +1,13 @@
-"""Ghost (virtual) batches: ``batch_norm(..., ghost_batch_size=g)``'s helpers.
+"""Ghost (virtual) batches, ``batch_norm(..., ghost_batch_size=g)`` (Hoffer et al., 2017).
 
-The batch axis is viewed as ``(B / g, g)`` with the group axis a feature axis,
-so the one training kernel computes per-group statistics; the running
-statistics average the groups' (count-weighted). Hoffer et al., 2017, "Train
-longer, generalize better"; TensorFlow's ``virtual_batch_size``.
+The batch axis is viewed as ``(B / g, g)`` with the group axis a feature axis, so the one
+training step computes per-group statistics; the running statistics average the groups'
+(count-weighted), as TensorFlow's ``virtual_batch_size``.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,42 +15,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import _validation, stats
+from jaxbn import stats
 
 Params = Mapping[str, jax.Array]
-
-
-def check_ghost_batch_size(
-    ghost_batch_size: Any, x: jax.Array, reduction_axes: tuple[int, ...], mask: Any, batch_statistics: bool
-) -> int | None:
-    """Validates ``ghost_batch_size``; returns it as an int (None: no ghost batches to form).
-
-    Its divisibility (and the size of a group) matters only where batch
-    statistics are computed, so inference accepts any batch size.
-    """
-    if ghost_batch_size is None:
-        return None
-    ghost_batch_size = _validation.positive_int(ghost_batch_size, "ghost_batch_size", none_ok=True)
-    if 0 not in reduction_axes:
-        raise ValueError(
-            f"ghost_batch_size={ghost_batch_size} splits axis 0 (the batch) into groups, but axis 0 is a "
-            f"feature axis here (input shape {x.shape}); put the batch first."
-        )
-    if not batch_statistics:  # inference: the running statistics normalize every example
-        return None
-    batch = x.shape[0]
-    if batch % ghost_batch_size:
-        raise ValueError(
-            f"ghost_batch_size={ghost_batch_size} does not divide the batch size {batch} (axis 0 of the "
-            f"input of shape {x.shape}, on this device); choose a divisor of {batch}."
-        )
-    per_group = ghost_batch_size * math.prod(x.shape[i] for i in reduction_axes if i != 0)
-    if mask is None and per_group == 1:
-        raise ValueError(
-            f"ghost_batch_size={ghost_batch_size} leaves one value per feature in each ghost batch of an "
-            f"input of shape {x.shape}: its variance is 0. Use a larger ghost_batch_size."
-        )
-    return int(ghost_batch_size)
 
 
 def ghost_view(

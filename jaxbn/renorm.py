@@ -23,25 +23,7 @@ from jaxbn.functional import Params, State
 __all__ = ["batch_renorm", "renorm_clipping"]
 
 
-def check_renorm_limits(r_max: Any, d_max: Any) -> None:
-    """Raises unless ``r_max >= 1`` and ``d_max >= 0`` (scalars; inf allowed; traced let through)."""
-    for name, value, lower, meaning in (
-        ("r_max", r_max, 1.0, "r is clipped to [1/r_max, r_max]"),
-        ("d_max", d_max, 0.0, "d is clipped to [-d_max, d_max]"),
-    ):
-        expected = f"a real scalar >= {lower:g} (inf for no clipping)"
-        if isinstance(value, jax.core.Tracer):
-            if jnp.ndim(value) != 0 or not jnp.issubdtype(value.dtype, jnp.number):
-                raise TypeError(f"{name} must be {expected}, got a traced array of shape {jnp.shape(value)} "
-                                f"and dtype {value.dtype}.")
-            continue
-        number = _validation.static_float(value, name, expected)
-        if not number >= lower:  # also rejects NaN
-            raise ValueError(
-                f"{name} must be a real scalar >= {lower:g} (inf for no clipping), got {number}: {meaning}, "
-                "and r_max=1, d_max=0 is plain batch norm. Ioffe (2017) uses r_max=3, d_max=5 after "
-                "a warm-up; see renorm_clipping for that schedule."
-            )
+check_renorm_limits = _validation.check_renorm_limits  # (the Flax modules check their limits with it)
 
 
 def renorm_correction(
@@ -234,15 +216,12 @@ def batch_renorm(
     >>> bool(jnp.allclose(same, bn, rtol=1e-6, atol=1e-6))  # two programs: equal to rounding
     True
     """
-    _validation.check_static_bool(training, "training")
-    check_renorm_limits(r_max, d_max)
-    call = functional.check_batch_norm_args(
+    call = _validation.check_batch_norm(
         "batch_renorm", x, params, state, training=training, update_running_stats=update_running_stats,
         axis=axis, momentum=momentum, unbiased_running_var=unbiased_running_var, epsilon=epsilon,
         axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask, dtype=dtype,
-        ghost_batch_size=ghost_batch_size, return_moments=return_moments, complex_ok=not training,
-        scalars=("count", "steps"),
+        ghost_batch_size=ghost_batch_size, return_moments=return_moments, correction=renorm_correction,
+        limits=(r_max, d_max),
     )
     with jax.named_scope("jaxbn.batch_renorm"):
-        y, new_state, moments = functional.batch_norm_from_checked(call, renorm_correction, (r_max, d_max))
-    return (y, new_state, moments) if return_moments else (y, new_state)
+        return functional.apply_checked(call)
