@@ -41,14 +41,6 @@ def _inverse_sqrt_jvp(primals, tangents):
     return out, jnp.where(out == 0, 0, -0.5 * (out * (out * (out * dv)))).astype(out.dtype)
 
 
-def beyond_range_centered(inverse_std: jax.Array, shift: Any, mean_minus_shift: Any) -> tuple[Any, Any]:
-    """``(shift, mean_minus_shift)``, both 0 where ``inverse_std`` is 0 (a variance beyond the dtype):
-    there the output is the bias, and centring on 0 keeps ``x - mean`` from becoming ``inf * 0``."""
-    beyond = inverse_std == 0
-    shift = jnp.where(beyond, 0, shift)
-    return shift, None if mean_minus_shift is None else jnp.where(beyond, 0, mean_minus_shift)
-
-
 def affine_normalize(
     x: jax.Array,
     shift: jax.Array,
@@ -61,14 +53,17 @@ def affine_normalize(
     out_dtype: Any,
     mask: jax.Array | None = None,
 ) -> jax.Array:
-    """``((x - shift) - mean_minus_shift) * rsqrt(var + eps) * scale + bias`` in one pass, the per-feature
-    factors computed once (:func:`jaxbn.stats.computed_once`); masked-out non-finite elements count as 0."""
+    """``((x - shift) - mean_minus_shift) * rsqrt(var + eps) * scale + bias`` in one pass, the
+    per-feature factors computed once (:func:`jaxbn.stats.computed_once`); masked-out non-finite
+    elements count as 0."""
 
     def expand(v):
         return jnp.expand_dims(jnp.asarray(v, compute_dtype), reduction_axes)
 
     multiplier = inverse_sqrt(jnp.asarray(var, compute_dtype) + epsilon)
-    shift, mean_minus_shift = beyond_range_centered(multiplier, shift, mean_minus_shift)
+    beyond = multiplier == 0  # a variance beyond the dtype: centred on 0, the output is the bias
+    shift = jnp.where(beyond, 0, shift)
+    mean_minus_shift = None if mean_minus_shift is None else jnp.where(beyond, 0, mean_minus_shift)
     if "scale" in params:
         multiplier = multiplier * jnp.asarray(params["scale"], compute_dtype)
     shift, mean_minus_shift, multiplier = stats.computed_once(shift, mean_minus_shift, multiplier)
@@ -81,12 +76,14 @@ def affine_normalize(
     return y.astype(out_dtype)
 
 
-def fill_empty_features(batch: stats.Moments, running_mean: jax.Array, running_var: jax.Array) -> stats.Moments:
-    """``batch`` with features that had no valid element taking the running statistics (a non-finite
-    mean as 0, a non-finite or negative variance as 1), as inference would normalize them."""
+def fill_empty_features(batch: stats.Moments, running_mean: jax.Array, running_var: jax.Array
+                        ) -> stats.Moments:
+    """``batch`` with features that had no valid element taking the running statistics (a
+    non-finite mean as 0, a non-finite or negative variance as 1), as inference would."""
     empty = batch.count == 0
     mean = jnp.where(jnp.isfinite(running_mean), running_mean, 0).astype(batch.mean.dtype)
-    var = jnp.where(jnp.isfinite(running_var) & (running_var >= 0), running_var, 1).astype(batch.var.dtype)
+    var = jnp.where(jnp.isfinite(running_var) & (running_var >= 0), running_var, 1)
+    var = var.astype(batch.var.dtype)
     return batch._replace(
         mean=jnp.where(empty, mean, batch.mean),
         var=jnp.where(empty, var, batch.var),
@@ -104,16 +101,17 @@ def _train(x, scale, bias, outer_scale, outer_bias, plan: stats.Plan, inputs: tu
     """``(y, batch Moments)``: ``x`` normalized with its batch statistics over ``plan.axes``, then
     ``* scale + bias`` (per feature), then ``* outer_scale + outer_bias`` (any broadcasting shape).
 
-    ``inputs`` are ``(shift, epsilon, mask, running_mean, running_var, correction_args)``: the running
-    mean is the shift used where a feature has no valid element, the running statistics fill such
-    features, and ``plan.correction(batch, running_mean, running_var, epsilon, *correction_args)``,
-    if set, gives the per-feature ``(r, d)`` of ``y = scale (x̂ r + d) + bias``.
+    ``inputs``: ``(shift, epsilon, mask, running_mean, running_var, correction_args)``; the shift
+    serves features whose first element is not valid, the running statistics features without a
+    valid element, and ``plan.correction(batch, running_mean, running_var, epsilon,
+    *correction_args)``, if set, gives the per-feature ``(r, d)`` of ``y = scale (x̂ r + d) + bias``.
     """
     shift, epsilon, mask, running_mean, running_var, correction_args = inputs
     axes, dtype = plan.axes, plan.dtype
     shift = jnp.asarray(shift, dtype)
-    count, shift, offset, var = stats._statistics(plan, x, mask, jnp.where(jnp.isfinite(shift), shift, 0))
-    batch = stats.Moments(mean=shift + offset, var=var, count=count, shift=shift, mean_minus_shift=offset)
+    fallback = jnp.where(jnp.isfinite(shift), shift, 0)
+    count, shift, offset, var = stats._statistics(plan, x, mask, fallback)
+    batch = stats.Moments(shift + offset, var, count, shift, offset)
     if mask is not None or x.size == 0:  # only then can a feature be empty
         batch = fill_empty_features(batch, running_mean, running_var)
     if plan.correction is not None:  # batch norm with scale γ r and bias γ d + β
@@ -125,9 +123,9 @@ def _train(x, scale, bias, outer_scale, outer_bias, plan: stats.Plan, inputs: tu
     beyond = multiplier == 0  # a variance beyond the dtype: centred on 0, the output is the bias
     if scale is not None:
         multiplier = multiplier * jnp.asarray(scale, dtype)
-    shift, offset, multiplier = (jnp.expand_dims(v, axes) for v in (
-        jnp.where(beyond, 0, batch.shift), jnp.where(beyond, 0, batch.mean_minus_shift), multiplier))
-    values = x if mask is None else jnp.where(mask | jnp.isfinite(x), x, 0)  # masked-out NaN must not leak
+    shift, offset = jnp.where(beyond, 0, batch.shift), jnp.where(beyond, 0, batch.mean_minus_shift)
+    shift, offset, multiplier = (jnp.expand_dims(v, axes) for v in (shift, offset, multiplier))
+    values = x if mask is None else jnp.where(mask | jnp.isfinite(x), x, 0)  # no masked-out NaN
     y = ((values.astype(dtype) - shift) - offset) * multiplier
     if bias is not None:
         y = y + jnp.expand_dims(jnp.asarray(bias, dtype), axes)
@@ -162,7 +160,7 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     batch = jax.tree_util.tree_map(functools.partial(checkpoint_name, name=_RESIDUAL), batch)
     inv_std = inverse_sqrt(batch.var + epsilon)
     beyond = inv_std == 0
-    shift, mean_minus_shift = beyond_range_centered(inv_std, batch.shift, batch.mean_minus_shift)
+    shift, mean_minus_shift = (jnp.where(beyond, 0, v) for v in (batch.shift, batch.mean_minus_shift))
     r = d = None
     gain = inv_std if scale is None else inv_std * scale.astype(dtype)
     if plan.correction is not None:
@@ -245,19 +243,19 @@ _step = jax.checkpoint(
 def batch_norm_train(
     x: jax.Array, params: Mapping[str, jax.Array], plan: stats.Plan, inputs: tuple
 ) -> tuple[jax.Array, stats.Moments]:
-    """Batch norm's training step: ``(y, batch Moments)`` (see ``_train``), differentiable in forward
-    and reverse mode, to any order, with respect to ``x`` and ``params``; ``inputs`` carry no gradient."""
+    """Batch norm's training step: ``(y, batch Moments)`` (see ``_train``), differentiable in
+    forward and reverse mode, to any order, in ``x`` and ``params``; ``inputs`` carry no gradient."""
     inputs = jax.tree_util.tree_map(lax.stop_gradient, inputs)
     return _step(x, params.get("scale"), params.get("bias"), None, None, plan, inputs)
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def normalize_then_affine_train(
-    x: jax.Array, params: Mapping[str, jax.Array], plan: stats.Plan, epsilon: jax.Array, mask: jax.Array | None
+    x: jax.Array, params: Mapping[str, jax.Array], plan: stats.Plan, epsilon: jax.Array, mask: Any
 ) -> jax.Array:
-    """The training step without parameters of its own, then ``y * scale + bias`` with ``params`` that
-    broadcast to ``x`` (layer, group and instance norm: statistics per example, parameters per feature).
-    A feature without a valid element has mean 0 and variance 0."""
+    """The training step without parameters of its own, then ``y * scale + bias`` with ``params``
+    that broadcast to ``x`` (layer, group and instance norm: statistics per example, parameters per
+    feature). A feature without a valid element has mean 0 and variance 0."""
     zeros = jnp.zeros([size for i, size in enumerate(x.shape) if i not in plan.axes], plan.dtype)
     inputs = jax.tree_util.tree_map(lax.stop_gradient, (zeros, epsilon, mask, zeros, zeros, ()))
     return _step(x, None, None, params.get("scale"), params.get("bias"), plan, inputs)[0]

@@ -34,12 +34,8 @@ class DegenerateBatchWarning(UserWarning):
 
 
 def static_float(value: Any, name: str, expected: str) -> float | None:
-    """``float(value)``, or None for a traced value that cannot be checked.
-
-    A traced value is still checked for what its type says: it must be a real
-    (integer or floating) scalar, which otherwise would broadcast into the
-    results or change the shape of a running state.
-    """
+    """``float(value)``, or None for a traced value, which must still be a real scalar (an array
+    would broadcast into the results or change the shape of a running state)."""
     if isinstance(value, jax.core.Tracer):
         dtype = value.dtype
         if np.ndim(value) != 0 or not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
@@ -88,12 +84,8 @@ def check_static_bool(value: Any, name: str, *, none_ok: bool = False) -> None:
 
 
 def check_epsilon(epsilon: Any, dtype: Any = jnp.float32) -> None:
-    """Raises unless ``epsilon`` is a number that stays finite and normal (> 0, not subnormal) in ``dtype``.
-
-    XLA flushes subnormal numbers to 0 (on CPU and GPU), so a subnormal
-    epsilon would be 0: ``rsqrt(0 + 0)`` for a constant feature, NaN outputs.
-    A traced ``epsilon`` cannot be checked and is let through.
-    """
+    """Raises unless ``epsilon`` stays finite and normal in ``dtype`` (XLA flushes subnormal
+    numbers to 0: ``rsqrt(0 + 0)`` for a constant feature). A traced one is let through."""
     value = static_float(epsilon, "epsilon", "a positive real number")
     if value is None:
         return
@@ -168,11 +160,8 @@ def check_dtype(dtype: Any, name: str = "dtype", *, complex_ok: bool = False) ->
 
 
 def check_output_dtype(x_dtype: Any, dtype: Any, name: str = "dtype") -> None:
-    """Raises unless ``dtype`` is None or a dtype the output of an ``x_dtype`` input can take.
-
-    A real input takes a floating dtype; a complex input a complex one (a real
-    output dtype would silently drop the imaginary part).
-    """
+    """Raises unless ``dtype`` is None or a dtype the output of an ``x_dtype`` input can take: a
+    floating one for real input, a complex one for complex input (keeping its imaginary part)."""
     is_complex = jnp.issubdtype(x_dtype, jnp.complexfloating)
     check_dtype(dtype, name, complex_ok=is_complex)
     if is_complex and dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating):
@@ -238,13 +227,8 @@ def check_feature_arrays(
     name: str,
     scalars: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Checks a ``params``/``state`` dict: known keys, required keys, shapes.
-
-    Each entry must have the feature shape (the sizes of the feature axes, in
-    order, as flax stores them): one value per feature, nothing broadcast;
-    the keys in ``scalars`` (also allowed) must be scalars instead (batch
-    norm's cumulative ``'count'``).
-    """
+    """Checks a ``params``/``state`` dict: known and required keys, floating dtypes, and the feature
+    shape (one value per feature, nothing broadcast), or a scalar for the keys in ``scalars``."""
     allowed = tuple(allowed) + tuple(scalars)
     if arrays is None:
         arrays = {}
@@ -255,8 +239,7 @@ def check_feature_arrays(
     unknown = sorted(set(arrays) - set(allowed))
     if unknown:
         raise ValueError(
-            f"{name} has unknown keys {unknown}; expected only {list(allowed)} "
-            "(flax's names)."
+            f"{name} has unknown keys {unknown}; expected only {list(allowed)} (flax's names)."
         )
     missing = [key for key in required if arrays.get(key) is None]
     if missing:
@@ -302,14 +285,14 @@ def check_feature_arrays(
 def feature_axes(
     x: jax.Array, axis: Any, name: str = "axis"
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """``(feature axes, reduction axes, feature shape)`` of ``x`` for the feature ``axis`` (called ``name``)."""
+    """``(feature axes, reduction axes, feature shape)`` of ``x`` for the feature ``axis``."""
     features = canonicalize_axes(x.ndim, axis, name)
     reduction = tuple(i for i in range(x.ndim) if i not in features)
     return features, reduction, tuple(x.shape[i] for i in features)
 
 
 def compute_dtype(x: jax.Array, dtype: Any) -> Any:
-    """The dtype statistics and normalization are computed in: at least float32, never below ``x`` or ``dtype``."""
+    """The compute dtype: at least float32, never below ``x``'s or ``dtype``."""
     requested = x.dtype if dtype is None else jnp.promote_types(x.dtype, dtype)
     return jax.dtypes.canonicalize_dtype(jnp.promote_types(requested, jnp.float32))
 
@@ -322,17 +305,14 @@ def output_dtype(x: jax.Array, params: Mapping[str, Any], dtype: Any) -> Any:
 
 
 def feature_shape(x: Any, axes: Any, name: str = "axis") -> tuple[int, ...]:
-    """The sizes of ``x`` along the feature ``axes`` (the argument ``name``): the shape of its parameters."""
+    """The sizes of ``x`` along the feature ``axes`` (argument ``name``): its parameters' shape."""
     x = x if hasattr(x, "shape") and hasattr(x, "ndim") else jnp.asarray(x)
     return feature_axes(x, axes, name)[2]
 
 
 def check_variable_size(value: Any, size: int, name: str, owner: str) -> None:
-    """Raises unless the stored variable ``value`` (called ``name``) holds ``size`` values, one per feature.
-
-    A variable of another size comes from another layer or model (a checkpoint
-    of a different network, state merged into the wrong module).
-    """
+    """Raises unless the stored variable ``value`` (called ``name``) holds ``size`` values, one per
+    feature (else it comes from another layer or model)."""
     shape = tuple(np.shape(value))
     if int(np.prod(shape)) != size:
         raise ValueError(
@@ -346,10 +326,8 @@ def axis_size(axis_name: Any, axis_index_groups: Sequence[Sequence[int]] | None 
     """Returns the number of devices a reduction over ``axis_name`` combines (known at trace time).
 
     Args:
-      axis_name: ``None`` (no cross-device reduction: 1), a name, or a tuple of
-        names bound by an enclosing ``pmap``, ``shard_map`` or ``vmap``.
-      axis_index_groups: optional groups of device indices along the axis; the
-        reduction then combines the devices of one group.
+      axis_name: None (1), a name, or a tuple of names bound by ``pmap``, ``shard_map`` or ``vmap``.
+      axis_index_groups: optional groups of device indices along the axis (then: one group's size).
 
     Raises:
       ValueError: ``axis_name`` is not bound here, or ``axis_index_groups`` do
@@ -378,7 +356,7 @@ def axis_size(axis_name: Any, axis_index_groups: Sequence[Sequence[int]] | None 
         ) from None
     if axis_index_groups is None:
         return size
-    groups = axis_index_groups
+    groups = axis_index_groups  # (every index once, in groups of one size)
     expected = (
         f"a list of equally sized lists of device indices that together name each index "
         f"0..{size - 1} of axis {axis_name!r} exactly once"
@@ -480,8 +458,8 @@ def _check_cumulative_state(state: Mapping[str, Any], momentum: Any) -> None:
         )
 
 
-def _check_ghost_batch_size(ghost: Any, x: jax.Array, axes: tuple[int, ...], mask: Any, statistics: bool) -> Any:
-    """``ghost_batch_size`` as an int, or None where there are no ghost batches to form (inference)."""
+def _check_ghost_batch_size(ghost: Any, x: jax.Array, axes: tuple, mask: Any, statistics: bool):
+    """``ghost_batch_size`` as an int, or None where there are no ghost batches to form."""
     if ghost is None:
         return None
     ghost = positive_int(ghost, "ghost_batch_size", none_ok=True)
@@ -531,12 +509,12 @@ class BatchNormCall(NamedTuple):
 
 
 def check_batch_norm(
-    function: str, x: Any, params: Any, state: Any, *, training: Any, update_running_stats: Any, axis: Any,
-    momentum: Any, unbiased_running_var: Any, epsilon: Any, axis_name: Any, axis_index_groups: Any, mask: Any,
-    dtype: Any, ghost_batch_size: Any, return_moments: Any, correction: Any = None, limits: tuple = (),
+    function: str, x: Any, params: Any, state: Any, *, training, update_running_stats, axis,
+    momentum, unbiased_running_var, epsilon, axis_name, axis_index_groups, mask, dtype,
+    ghost_batch_size, return_moments, correction: Any = None, limits: tuple = (),
 ) -> BatchNormCall:
     """Checks every argument of :func:`jaxbn.batch_norm` (``function`` names it in messages), or of
-    :func:`jaxbn.batch_renorm` when its ``correction`` and ``limits`` (``r_max``, ``d_max``) are given."""
+    :func:`jaxbn.batch_renorm`, given its ``correction`` and ``limits`` (``r_max``, ``d_max``)."""
     check_static_bool(training, "training")
     renorm = correction is not None
     if renorm:
@@ -552,14 +530,15 @@ def check_batch_norm(
     _, axes, shape = feature_axes(x, axis)
     params = check_feature_arrays(params, _PARAM_KEYS, (), shape, "params")
     scalars = ("count", "steps") if renorm else ("count",)
-    checked = check_feature_arrays(state, _STATE_KEYS, _STATE_KEYS, shape, "state", scalars=scalars)
+    checked = check_feature_arrays(state, _STATE_KEYS, _STATE_KEYS, shape, "state",
+                                   scalars=scalars)
     _check_state_dtypes(checked, x, update)
     if momentum is not None:
         check_momentum(momentum)
     if update:
         _check_cumulative_state(checked, momentum)
     groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
-    statistics = training or update or return_moments  # batch statistics are taken (and the mask counts)
+    statistics = training or update or return_moments  # batch statistics are taken (mask counts)
     if statistics and math.prod(x.shape[i] for i in axes) == 0:
         raise ValueError(
             f"{function}: x of shape {x.shape} is a zero-size batch: with axis={axis!r} there are no elements "
@@ -581,13 +560,15 @@ def check_batch_norm(
             )
     if mask is not None and statistics:
         mask = check_mask(mask, x.shape)
-    ghost = _check_ghost_batch_size(ghost_batch_size, x, axes, mask, statistics and not single_value)
+    ghost = _check_ghost_batch_size(ghost_batch_size, x, axes, mask,
+                                    statistics and not single_value)
     if statistics and mask is not None and not ghost:
         axis_size(axis_name, groups)
     return BatchNormCall(
         x, params, checked, state, mask if statistics else None, axes, training, update, momentum,
-        unbiased_running_var, epsilon, axis_name, groups, compute, output_dtype(x, params, dtype), ghost,
-        single_value, return_moments, correction if training else None, tuple(limits) if training else (),
+        unbiased_running_var, epsilon, axis_name, groups, compute, output_dtype(x, params, dtype),
+        ghost, single_value, return_moments, correction if training else None,
+        tuple(limits) if training else (),
     )
 
 
@@ -612,7 +593,8 @@ def check_running_update(state: Any, batch: Any, momentum: Any, unbiased: Any) -
                 f"batch.{field} has shape {tuple(jnp.shape(value))}, but batch.mean has shape {shape}: "
                 "a Moments holds one value per feature in each field."
             )
-    checked = check_feature_arrays(state, _STATE_KEYS, _STATE_KEYS, shape, "state", scalars=("count", "steps"))
+    checked = check_feature_arrays(state, _STATE_KEYS, _STATE_KEYS, shape, "state",
+                                   scalars=("count", "steps"))
     _check_state_dtypes(checked, batch.mean, update=True)
     check_static_bool(unbiased, "unbiased_running_var")
     if momentum is not None:
@@ -631,25 +613,25 @@ def check_init(num_features: Any, dtype: Any) -> tuple[int, ...]:
     return shape
 
 
-def check_normalize(x: Any, mean: Any, var: Any, scale: Any, bias: Any, axis: Any, epsilon: Any, dtype: Any) -> tuple:
-    """Checks :func:`jaxbn.normalize`'s arguments: ``(x, mean, var, params, reduction axes, compute dtype,
-    output dtype)``."""
+def check_normalize(x, mean, var, scale, bias, axis, epsilon, dtype) -> tuple:
+    """Checks :func:`jaxbn.normalize`'s arguments: ``(x, mean, var, params, reduction axes, compute
+    dtype, output dtype)``."""
     x = check_inexact(x)
     compute = compute_dtype(x, dtype)
     check_epsilon(epsilon, compute)
     check_output_dtype(x.dtype, dtype)
     _, axes, shape = feature_axes(x, axis)
     params = check_feature_arrays({"scale": scale, "bias": bias}, _PARAM_KEYS, (), shape, "params")
-    stats = check_feature_arrays({"mean": mean, "var": var}, _STATE_KEYS, _STATE_KEYS, shape, "state")
+    stats = check_feature_arrays({"mean": mean, "var": var}, _STATE_KEYS, _STATE_KEYS, shape,
+                                 "state")
     if jnp.iscomplexobj(stats["var"]):
         raise TypeError(f"var must be real (the variance E|x - mean|^2), got {stats['var'].dtype}.")
     return x, stats["mean"], stats["var"], params, axes, compute, output_dtype(x, params, dtype)
 
 
-def check_moments(x: Any, axes: Any, mask: Any, axis_name: Any, axis_index_groups: Any, dtype: Any,
-                  source: Any) -> tuple:
-    """Checks :func:`jaxbn.moments`' arguments: ``(x, axes, mask, source, groups, statistics dtype,
-    its real dtype)``."""
+def check_moments(x, axes, mask, axis_name, axis_index_groups, dtype, source) -> tuple:
+    """Checks :func:`jaxbn.moments`' arguments: ``(x, axes, mask, source, groups, statistics
+    dtype, its real dtype)``."""
     x = check_inexact(x)
     is_complex = jnp.issubdtype(x.dtype, jnp.complexfloating)
     check_dtype(dtype, complex_ok=is_complex)
@@ -666,16 +648,15 @@ def check_moments(x: Any, axes: Any, mask: Any, axis_name: Any, axis_index_group
         if source.shape != x.shape:
             raise ValueError(f"source must have x's shape {x.shape} (the same values), got {source.shape}.")
     groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
-    return x, axes, mask, source, groups, jnp.dtype(stats_dtype), jnp.dtype(jnp.finfo(stats_dtype).dtype)
+    real_dtype = jnp.finfo(stats_dtype).dtype
+    return x, axes, mask, source, groups, jnp.dtype(stats_dtype), jnp.dtype(real_dtype)
 
 
-def check_per_example(
-    kind: str, x: Any, params: Any, reduction_axes: Any, feature_axes_: Any, epsilon: Any, mask: Any, dtype: Any,
-    axis_name: Any, axis_index_groups: Any, num_groups: Any = None, group_size: Any = None,
-) -> tuple:
-    """Checks the arguments of :mod:`jaxbn.per_example`'s ``kind`` of norm; returns ``(x, params, reduction axes,
-    mask, axis_index_groups, compute dtype, output dtype)`` to normalize: for group norm ``x`` and ``mask`` with
-    the channels split into ``(groups, channels / groups)``, the params shaped to broadcast against ``x``, and no
+def check_per_example(kind, x, params, reduction_axes, feature_axes_, epsilon, mask, dtype,
+                      axis_name, axis_index_groups, num_groups=None, group_size=None) -> tuple:
+    """Checks the arguments of a ``kind`` of per-example norm; returns ``(x, params, reduction axes,
+    mask, axis_index_groups, compute dtype, output dtype)``: for group norm ``x`` and ``mask`` split
+    ``(..., groups, channels / groups)``, the params shaped to broadcast against ``x``, and no
     reduction axes for an instance norm without spatial axes (warned)."""
     x = check_inexact(x)
     if kind == "group_norm":
@@ -706,7 +687,8 @@ def check_per_example(
     check_epsilon(epsilon, compute)
     check_output_dtype(x.dtype, dtype)
     allowed = ("scale",) if kind == "rms_norm" else _PARAM_KEYS
-    params = check_feature_arrays(params, allowed, (), tuple(x.shape[i] for i in features), "params")
+    shape = tuple(x.shape[i] for i in features)
+    params = check_feature_arrays(params, allowed, (), shape, "params")
     out = output_dtype(x, params, dtype)
     if not reduction:  # (instance norm only)
         warnings.warn(

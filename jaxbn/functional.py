@@ -2,8 +2,7 @@
 
 No Flax here. Parameters are ``{'scale', 'bias'}`` and running statistics ``{'mean', 'var'}``
 (flax's ``params`` and ``batch_stats`` collections); a cumulative running average
-(``momentum=None``) adds a scalar ``'count'``. ``docs/internals.md`` follows a training call
-through :func:`batch_norm`, :func:`apply_checked` and :mod:`jaxbn._train_step`.
+(``momentum=None``) adds a scalar ``'count'``. ``docs/internals.md`` follows a training call.
 """
 
 from __future__ import annotations
@@ -11,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import _ghost, _train_step, _validation, stats
+from jaxbn import _train_step, _validation, stats
 
 __all__ = ["normalize", "batch_norm", "batch_norm_init", "update_running_stats"]
 
@@ -31,22 +32,19 @@ def batch_norm_init(
     use_bias: bool = True,
     cumulative: bool = False,
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """Creates batch-norm parameters and running statistics, as flax initializes them.
-
-    ``scale = 1``, ``bias = 0``, running ``mean = 0`` and ``var = 1``; with ``cumulative=True``
-    also ``count = 0``, the state of ``batch_norm(..., momentum=None)``.
+    """Creates batch-norm parameters (``scale = 1``, ``bias = 0``) and running statistics
+    (``mean = 0``, ``var = 1``, and ``count = 0`` if ``cumulative``), as flax initializes them.
 
     Args:
-      num_features: the size of the feature axis (or a tuple of sizes for several feature axes).
-      dtype: dtype of the parameters and statistics (float32, as flax). A complex dtype makes
-        the running mean complex; the variance and the parameters take the matching real dtype.
+      num_features: the size of the feature axis (or a tuple of sizes).
+      dtype: of the parameters and statistics (float32, as flax); a complex dtype makes the
+        running mean complex, the rest takes the matching real dtype.
       use_scale: include ``'scale'`` in the parameters.
       use_bias: include ``'bias'`` in the parameters.
-      cumulative: add ``'count'``, a float32 scalar: the number of batches averaged.
+      cumulative: add ``'count'``, the state of ``batch_norm(..., momentum=None)``.
 
     Returns:
-      ``(params, state)``: ``{'scale', 'bias'}`` (those enabled) and
-      ``{'mean', 'var'}`` (and ``'count'`` if cumulative).
+      ``(params, state)``.
 
     Raises:
       TypeError / ValueError: ``num_features`` is not a positive integer (or a
@@ -85,19 +83,17 @@ def normalize(
     .. math::
         y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \cdot \gamma + \beta
 
-    with ``mean``, ``var``, ``scale`` (γ) and ``bias`` (β) of the feature shape, broadcast along
-    every other axis; computed in at least float32, in one pass.
+    per feature (along ``axis``), in at least float32, in one pass.
 
     Args:
       x: floating or complex input.
-      mean: per-feature means (shape: ``x``'s sizes along ``axis``); complex for complex ``x``.
-      var: per-feature variances, real (``E[|x - mean|^2]`` for complex ``x``).
-      scale: optional per-feature scale.
-      bias: optional per-feature bias.
+      mean: per-feature means (complex for complex ``x``).
+      var: per-feature variances, real.
+      scale: optional per-feature scale γ.
+      bias: optional per-feature bias β.
       axis: the feature axis or axes (``-1`` for NHWC, ``1`` for NCHW).
       epsilon: added to the variance, > 0.
-      dtype: output dtype; default: the promotion of ``x``, ``scale`` and
-        ``bias`` (flax's rule).
+      dtype: output dtype; default: the promotion of ``x``, ``scale`` and ``bias`` (flax's rule).
 
     Returns:
       The normalized array, shaped as ``x``.
@@ -135,52 +131,45 @@ def batch_norm(
     dtype: Any = None,
     ghost_batch_size: int | None = None,
     return_moments: bool = False,
-) -> tuple[jax.Array, dict[str, jax.Array]] | tuple[jax.Array, dict[str, jax.Array], stats.Moments | None]:
+) -> tuple[jax.Array, dict[str, jax.Array]] | tuple[jax.Array, dict, stats.Moments | None]:
     r"""Batch normalization with explicit running statistics.
 
-    Training normalizes with the statistics of the batch (every axis but ``axis``, and with
-    ``axis_name`` every device) and averages them into the state; inference normalizes with
-    ``state`` and returns it unchanged:
+    Training normalizes with the batch's statistics (over every axis but ``axis``, and every
+    device of ``axis_name``) and averages them into the state; inference uses ``state``:
 
     .. math::
         y = \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} \gamma + \beta,
         \qquad
         \text{state}' = m \cdot \text{state} + (1 - m) \cdot (\mu_B, \sigma_B^2)
 
-    with flax's momentum convention (PyTorch's ``momentum`` is ``1 - m``) and the biased batch
-    variance. A batch with a non-finite statistic leaves the state unchanged. ``docs/internals.md``
-    describes the edge cases (masked-out features, one value per feature) and the custom JVP.
+    with flax's momentum convention (PyTorch's is ``1 - m``). A non-finite batch leaves the state
+    unchanged; ``docs/internals.md`` describes the other edge cases and the derivative.
 
     Args:
       x: floating or complex input, e.g. NHWC (``axis=-1``) or NCHW (``axis=1``).
       params: ``{'scale', 'bias'}``, each optional, of the feature shape.
-      state: ``{'mean', 'var'}`` of the feature shape (flax's ``batch_stats``),
-        plus the scalar ``'count'`` for ``momentum=None``.
+      state: ``{'mean', 'var'}`` of the feature shape (and ``'count'`` for ``momentum=None``).
       training: a Python bool: batch statistics (True) or running ones.
       update_running_stats: a Python bool, or None for ``training``.
       axis: the feature axis or axes.
-      momentum: in [0, 1], the weight of the old running statistics; None for
-        the cumulative average (state from ``batch_norm_init(..., cumulative=True)``).
+      momentum: in [0, 1], the weight of the old running statistics; None for the cumulative
+        average (``batch_norm_init(..., cumulative=True)``).
       unbiased_running_var: average ``var * n / (n - 1)`` into the state.
       epsilon: > 0, added to the variance; may be traced.
-      axis_name: device axis name(s) bound by ``pmap``/``shard_map``/``vmap``;
-        None under plain ``jit`` (XLA reduces over a sharded batch itself).
+      axis_name: device axis name(s) bound by ``pmap``/``shard_map``/``vmap``; None under ``jit``.
       axis_index_groups: optional subgroups of ``axis_name`` (pmap only).
-      mask: optional boolean array broadcastable to ``x``: the elements that
-        count towards the statistics (all are normalized).
+      mask: optional boolean array broadcastable to ``x``: the elements the statistics count.
       dtype: output dtype; default: the promotion of ``x`` and the params.
-      ghost_batch_size: None, or a divisor of the local batch: normalize each
-        group of that many consecutive examples with its own statistics.
+      ghost_batch_size: None, or a divisor of the local batch: statistics per group of examples.
       return_moments: also return the batch's :class:`jaxbn.Moments` (None where no batch
-        statistics were taken), e.g. for :func:`jaxbn.merge_moments` and
-        :func:`update_running_stats`.
+        statistics were taken), e.g. for :func:`update_running_stats`.
 
     Returns:
       ``(y, new_state)``, or ``(y, new_state, moments)``.
 
     Raises:
-      TypeError / ValueError: at trace time, for any argument that does not fit, naming it (a
-        zero-size batch where batch statistics are taken included); see ``docs/errors.md``.
+      TypeError / ValueError: at trace time, for any argument that does not fit (a zero-size
+        batch where statistics are taken included); see ``docs/errors.md``.
 
     >>> import jax.numpy as jnp
     >>> params, state = batch_norm_init(2)
@@ -193,35 +182,39 @@ def batch_norm(
     Array([0.1, 2. ], dtype=float32)
     """
     call = _validation.check_batch_norm(
-        "batch_norm", x, params, state, training=training, update_running_stats=update_running_stats, axis=axis,
-        momentum=momentum, unbiased_running_var=unbiased_running_var, epsilon=epsilon, axis_name=axis_name,
-        axis_index_groups=axis_index_groups, mask=mask, dtype=dtype, ghost_batch_size=ghost_batch_size,
-        return_moments=return_moments,
+        "batch_norm", x, params, state, training=training, axis=axis, momentum=momentum,
+        update_running_stats=update_running_stats, unbiased_running_var=unbiased_running_var,
+        epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
+        dtype=dtype, ghost_batch_size=ghost_batch_size, return_moments=return_moments,
     )
     with jax.named_scope("jaxbn.batch_norm"):
         return apply_checked(call)
 
 
 def apply_checked(call: _validation.BatchNormCall) -> tuple:
-    """:func:`batch_norm` (and :func:`jaxbn.batch_renorm`) of checked arguments: ``(y, new_state)``, and the
-    batch moments (or None) with ``return_moments``."""
+    """:func:`batch_norm` (and :func:`jaxbn.batch_renorm`) of checked arguments: ``(y, new_state)``,
+    and the batch moments (or None) with ``return_moments``."""
     x, params, state, dtype = call.x, call.params, call.state, call.compute_dtype
     batch = None
     if not call.training:  # normalized with the running statistics
         y = _train_step.affine_normalize(
-            x, state["mean"], None, state["var"], params, call.axes, call.epsilon, dtype, call.out_dtype
+            x, state["mean"], None, state["var"], params, call.axes, call.epsilon, dtype,
+            call.out_dtype,
         )
     if call.single_value:
         y, batch = _single_value(call, None if call.training else y)
     elif call.training or call.update or call.want_moments:  # batch statistics
         x_stats, params_stats, mask, axes, shift = x, params, call.mask, call.axes, state["mean"]
-        running_mean, running_var, axis_name, groups = state["mean"], state["var"], call.axis_name, call.groups
+        running_mean, running_var = state["mean"], state["var"]
+        axis_name, groups = call.axis_name, call.groups
         if call.ghost:  # statistics per ghost batch (an extra feature axis) and device
-            x_stats, mask, axes, params_stats, shift = _ghost.ghost_view(x, mask, axes, params, shift, call.ghost)
-            running_mean, running_var = (jnp.broadcast_to(v, shift.shape) for v in (running_mean, running_var))
+            x_stats, mask, axes, params_stats, shift = _ghost_view(x, mask, axes, params, shift,
+                                                                    call.ghost)
+            running_mean, running_var = (jnp.broadcast_to(v, shift.shape)
+                                         for v in (running_mean, running_var))
             axis_name, groups = None, None
-        plan = stats.Plan(axes, jnp.dtype(dtype), jnp.dtype(jnp.finfo(dtype).dtype), axis_name, groups,
-                          jnp.dtype(call.out_dtype), call.correction)
+        plan = stats.Plan(axes, jnp.dtype(dtype), jnp.dtype(jnp.finfo(dtype).dtype), axis_name,
+                          groups, jnp.dtype(call.out_dtype), call.correction)
         if not call.training:  # (empty features keep their state: no fallback needed)
             batch = stats.batch_moments(plan, x_stats, mask, jnp.asarray(shift, dtype))
         elif not jnp.iscomplexobj(x):  # the custom-JVP step
@@ -230,7 +223,8 @@ def apply_checked(call: _validation.BatchNormCall) -> tuple:
             y, batch = _train_step.batch_norm_train(x_stats, params_stats, plan, inputs)
             y = y.reshape(x.shape)
         else:  # complex: JAX's autodiff through the statistics and the normalization
-            batch = stats.batch_moments(plan, x_stats, mask, jnp.asarray(lax.stop_gradient(shift), dtype))
+            shift = jnp.asarray(lax.stop_gradient(shift), dtype)
+            batch = stats.batch_moments(plan, x_stats, mask, shift)
             batch = _train_step.fill_empty_features(batch, running_mean, running_var)
             y = _train_step.affine_normalize(
                 x_stats, batch.shift, batch.mean_minus_shift, batch.var, params_stats, axes,
@@ -239,7 +233,7 @@ def apply_checked(call: _validation.BatchNormCall) -> tuple:
     new_state = call.given_state
     if call.update or call.want_moments:
         if call.ghost:
-            batch = _ghost.combine_ghost_moments(batch, state["mean"], call.axis_name, call.groups)
+            batch = _combine_ghost_moments(batch, state["mean"], call.axis_name, call.groups)
         if call.update:  # (one value per feature: unbiased, so that the variance is kept)
             static = call.momentum is None or isinstance(call.momentum, (int, float))
             average = _averaged_into_static_momentum if static else _averaged_into_jitted
@@ -247,42 +241,43 @@ def apply_checked(call: _validation.BatchNormCall) -> tuple:
     return (y, new_state, batch) if call.want_moments else (y, new_state)
 
 
-def _single_value(call: _validation.BatchNormCall, y: jax.Array | None) -> tuple[jax.Array, stats.Moments]:
+def _single_value(call: _validation.BatchNormCall, y: jax.Array | None) -> tuple:
     """One value per feature: the batch mean is ``x`` itself, with no variance (count 1).
 
-    Training outputs the ``(x - x)``-normalized values, exactly the bias (``scale * d + bias`` with a
-    correction's ``(r, d)``), with flax's gradients: none into ``x`` or the scale. Inference keeps ``y``.
+    Training outputs the ``(x - x)``-normalized values, exactly the bias (``scale * d + bias``
+    with a correction's ``(r, d)``), with flax's gradients: none into ``x`` or the scale.
     """
     x, state, dtype = call.x, call.state, call.compute_dtype
-    mean = x.reshape(state["mean"].shape).astype(jnp.promote_types(x.dtype, dtype))  # d mean / dx = 1
+    mean = x.reshape(state["mean"].shape).astype(jnp.promote_types(x.dtype, dtype))  # d mean/dx = 1
     shift = lax.stop_gradient(mean)
     zeros = jnp.zeros(mean.shape, jnp.finfo(mean.dtype).dtype)
-    batch = stats.Moments(mean=mean, var=zeros, count=zeros + 1, shift=shift, mean_minus_shift=mean - shift)
+    batch = stats.Moments(mean, zeros, zeros + 1, shift, mean - shift)
     if y is not None:
         return y, batch
     params = call.params
     if call.correction is not None:  # y = scale (x_hat r + d) + bias, as the step folds it
         constants = jax.tree_util.tree_map(lax.stop_gradient, batch)  # (r, d) carry no gradient
-        r, d = call.correction(constants, state["mean"], state["var"], jnp.asarray(call.epsilon, dtype),
+        epsilon = jnp.asarray(call.epsilon, dtype)
+        r, d = call.correction(constants, state["mean"], state["var"], epsilon,
                                *map(jnp.asarray, call.correction_args))
         if "scale" in params:
             r, d = params["scale"].astype(r.dtype) * r, params["scale"].astype(d.dtype) * d
         params = {"scale": r, "bias": d + params["bias"].astype(d.dtype) if "bias" in params else d}
     wide = x.astype(dtype)  # x - x in the compute dtype: the two cotangents cancel there
     y = _train_step.affine_normalize(
-        wide, wide.reshape(mean.shape), None, jnp.zeros_like(state["var"]), params, call.axes, call.epsilon,
-        dtype, call.out_dtype,
+        wide, wide.reshape(mean.shape), None, jnp.zeros_like(state["var"]), params, call.axes,
+        call.epsilon, dtype, call.out_dtype,
     )
     return y, batch
 
 
-def _averaged_into(state: State, batch: stats.Moments, momentum: Any, unbiased: bool) -> dict[str, jax.Array]:
+def _averaged_into(state: State, batch: stats.Moments, momentum: Any, unbiased: bool) -> dict:
     """Averages ``batch`` into ``state``, guarded; the one place running statistics change.
 
-    Features without a valid element (and, if unbiased, with only one) keep their old statistics;
-    when any valid feature's statistics are not finite the whole state is kept and ``count`` /
-    ``steps`` do not advance (a decision on globally reduced values: every device takes it alike).
-    A non-finite old statistic is replaced by the batch's. The state keeps its dtypes.
+    Features without a valid element (and, if unbiased, with only one) keep their statistics; when
+    any valid feature's statistics are not finite the whole state is kept and ``count``/``steps``
+    do not advance (a decision on globally reduced values: every device takes it alike). A
+    non-finite old statistic is replaced by the batch's. The state keeps its dtypes.
     """
     mean, var, n = (lax.stop_gradient(v) for v in (batch.mean, batch.var, batch.count))
     has_data = n > 0
@@ -303,11 +298,12 @@ def _averaged_into(state: State, batch: stats.Moments, momentum: Any, unbiased: 
         new_state[key] = jnp.where(keep, averaged, old).astype(old.dtype)
     for key in ("count", "steps"):
         if key in state:
-            new_state[key] = jnp.where(jnp.any(update), state[key] + 1, state[key]).astype(state[key].dtype)
+            advanced = jnp.where(jnp.any(update), state[key] + 1, state[key])
+            new_state[key] = advanced.astype(state[key].dtype)
     return new_state
 
 
-# One cached jitted call; a Python momentum stays static, so 1 - momentum is taken in double precision.
+# One cached jitted call; a Python momentum stays static (1 - momentum in double precision).
 _averaged_into_static_momentum = jax.jit(_averaged_into, static_argnums=(2, 3))
 _averaged_into_jitted = jax.jit(_averaged_into, static_argnums=(3,))
 
@@ -321,11 +317,8 @@ def update_running_stats(
 ) -> dict[str, jax.Array]:
     r"""Averages batch moments into running statistics, as :func:`batch_norm`'s training step does.
 
-    ``state' = momentum * state + (1 - momentum) * (mean, var)`` (or the cumulative average for
-    ``momentum=None``), with the same guards: a non-finite batch leaves the state as it is,
-    features without valid elements keep theirs. With
-    ``batch_norm(..., update_running_stats=False, return_moments=True)`` and
-    :func:`jaxbn.merge_moments` it makes one update per optimizer step over micro-batches.
+    With the same guards; after ``batch_norm(..., update_running_stats=False,
+    return_moments=True)`` and :func:`jaxbn.merge_moments`, one update per optimizer step.
 
     Args:
       state: ``{'mean', 'var'}`` (and ``'count'`` for ``momentum=None``).
@@ -351,3 +344,53 @@ def update_running_stats(
     static = momentum is None or isinstance(momentum, (int, float))
     average = _averaged_into_static_momentum if static else _averaged_into_jitted
     return average(checked, batch, momentum, unbiased_running_var)
+
+
+def _ghost_view(x: jax.Array, mask: Any, axes: tuple[int, ...], params: Params, shift: jax.Array,
+                ghost: int) -> tuple:
+    """``x`` as ``(B/g, g, ...)``, the group axis a feature axis; mask, params, shift to match."""
+    groups = x.shape[0] // ghost
+    x = x.reshape((groups, ghost) + x.shape[1:])
+    if mask is not None:
+        mask = jnp.reshape(mask, (1,) * (x.ndim - 1 - mask.ndim) + mask.shape)
+        lead = (groups, ghost) if mask.shape[0] != 1 else (1, 1)
+        mask = mask.reshape(lead + mask.shape[1:])
+    axes = (1,) + tuple(i + 1 for i in axes if i != 0)
+    params = {key: _broadcast_to_groups(value, groups) for key, value in params.items()}
+    return x, mask, axes, params, jnp.broadcast_to(shift, (groups,) + shift.shape)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _broadcast_to_groups(value: jax.Array, groups: int) -> jax.Array:
+    """``value`` repeated along a new leading axis of size ``groups`` (transposed: a sum)."""
+    return jnp.broadcast_to(value, (groups,) + value.shape)
+
+
+@_broadcast_to_groups.defjvp
+def _broadcast_to_groups_jvp(groups, primals, tangents):
+    # The barrier (transposed: on the cotangent, before the sum) keeps XLA from folding this sum
+    # into the per-group reduction that made the cotangent, which would read dy once more (1S).
+    (value,), (tangent,) = primals, tangents
+    tangent = lax.optimization_barrier(jnp.broadcast_to(tangent, (groups,) + tangent.shape))
+    return _broadcast_to_groups(value, groups), tangent
+
+
+def _combine_ghost_moments(batch: stats.Moments, shift: jax.Array, axis_name: Any, groups: Any
+                           ) -> stats.Moments:
+    """The ghost batches' moments, count-weighted (with ``axis_name`` over every device's, in one
+    collective): ``mean = Σ n_k μ_k / Σ n_k``, ``var = Σ n_k σ²_k / Σ n_k``, count ``Σ n_k``."""
+    count = jnp.sum(batch.count, 0)
+    if axis_name is None:
+        # weights n_k / N: one group (g = B) gives its own statistics (to rounding)
+        weight = batch.count / jnp.maximum(count, 1)
+        mean, var = jnp.sum(weight * batch.mean, 0), jnp.sum(weight * batch.var, 0)
+    else:
+        dtype = batch.mean.dtype  # one stacked collective: complex if the mean is
+        weighted_mean = jnp.sum(batch.count * batch.mean, 0)
+        weighted_var = jnp.sum(batch.count * batch.var, 0).astype(dtype)
+        count, weighted_mean, weighted_var = stats.cross_device_sum(
+            [count.astype(dtype), weighted_mean, weighted_var], axis_name, groups
+        )
+        count, safe = count.real, jnp.maximum(count.real, 1)
+        mean, var = weighted_mean / safe, weighted_var.real / safe
+    return stats.Moments(mean, var, count, shift, mean - shift)

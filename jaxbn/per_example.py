@@ -25,31 +25,28 @@ number_of_groups = _validation.number_of_groups  # flax GroupNorm's rule (the Fl
 
 
 def _normalize(
-    kind: str, x: Any, params: Any, reduction_axes: Any, feature_axes: Any, epsilon: Any, mask: Any, axis_name: Any,
-    axis_index_groups: Any, dtype: Any, num_groups: Any = None, group_size: Any = None,
+    kind: str, x: Any, params: Any, reduction_axes: Any, feature_axes: Any, epsilon: Any, mask: Any,
+    axis_name: Any, axis_index_groups: Any, dtype: Any, num_groups: Any = None, group_size: Any = None,
 ) -> jax.Array:
-    """The ``kind`` of norm: statistics over its reduction axes, per example.
-
-    Layer, group and instance norm of real ``x`` run batch norm's training step over those axes
-    without parameters, then ``y * scale + bias`` (its backward reads a half-precision ``x`` in
-    its own dtype and rounds ``dx`` once); RMS norm (``E[|x|^2] = var + |mean|^2``, nothing
-    subtracted) and complex ``x`` normalize with :func:`jaxbn._train_step.affine_normalize` and
-    JAX's autodiff.
-    """
+    """The ``kind`` of norm. Layer, group and instance norm of real ``x`` run batch norm's training
+    step over their axes, then ``y * scale + bias``; RMS norm (``E[|x|^2] = var + |mean|^2``) and
+    complex ``x`` normalize with :func:`jaxbn._train_step.affine_normalize` and JAX's autodiff."""
     x, params, axes, mask, groups, compute, out = _validation.check_per_example(
-        kind, x, params, reduction_axes, feature_axes, epsilon, mask, dtype, axis_name, axis_index_groups,
-        num_groups, group_size,
+        kind, x, params, reduction_axes, feature_axes, epsilon, mask, dtype, axis_name,
+        axis_index_groups, num_groups, group_size,
     )
     shape = x.shape[:-2] + (x.shape[-2] * x.shape[-1],) if kind == "group_norm" else x.shape
-    if not axes:  # instance norm without a spatial axis: x - x in the compute dtype, exactly the bias
+    if not axes:  # instance norm without a spatial axis: x - x in the compute dtype, the bias
         wide = x.astype(compute)
-        return _train_step.affine_normalize(wide, wide, None, jnp.zeros((), jnp.float32), params, (), epsilon,
-                                            compute, out)
-    plan = stats.Plan(axes, jnp.dtype(compute), jnp.dtype(jnp.finfo(compute).dtype), axis_name, groups, jnp.dtype(out))
+        return _train_step.affine_normalize(wide, wide, None, jnp.zeros((), jnp.float32), params, (),
+                                            epsilon, compute, out)
+    plan = stats.Plan(axes, jnp.dtype(compute), jnp.dtype(jnp.finfo(compute).dtype), axis_name,
+                      groups, jnp.dtype(out))
     if kind != "rms_norm" and not jnp.iscomplexobj(x):
         with jax.named_scope(f"jaxbn.{kind}"):
             params = {key: jnp.asarray(value, compute) for key, value in params.items()}
-            y = _train_step.normalize_then_affine_train(x, params, plan, jnp.asarray(epsilon, compute), mask)
+            epsilon = jnp.asarray(epsilon, compute)
+            y = _train_step.normalize_then_affine_train(x, params, plan, epsilon, mask)
         return y.reshape(shape)
     # One cast up front: the gradient's paths then meet in the compute dtype and round to x's dtype
     # once. The statistics read the narrow x.
@@ -59,13 +56,15 @@ def _normalize(
         batch = stats.batch_moments(plan, x, mask, jnp.zeros(feature_shape, compute),
                                     None if narrow is x else jax.lax.stop_gradient(narrow))
         if kind != "rms_norm":
-            shift, offset, var = (jnp.expand_dims(v, axes) for v in (batch.shift, batch.mean_minus_shift, batch.var))
-        else:
+            shift, offset, var = batch.shift, batch.mean_minus_shift, batch.var
+            shift, offset, var = (jnp.expand_dims(v, axes) for v in (shift, offset, var))
+        else:  # E[|x|^2], real for complex x
             shift, offset = jnp.zeros((), compute), None
-            var = jnp.expand_dims(batch.var + stats.abs_square(batch.mean), axes)  # E[|x|^2], real for complex x
-        # Normalized first, then scaled: autodiff's scale gradient is then sum(dy * x_hat), 0 where the
-        # variance is beyond the dtype (sum(dy * (x - mean)) * 0 would be inf * 0 = NaN).
-        y = _train_step.affine_normalize(x, shift, offset, var, {}, (), epsilon, compute, compute, mask)
+            var = jnp.expand_dims(batch.var + stats.abs_square(batch.mean), axes)
+        # Normalized first, then scaled: autodiff's scale gradient is then sum(dy * x_hat), 0 where
+        # the variance is beyond the dtype (sum(dy * (x - mean)) * 0 would be inf * 0 = NaN).
+        y = _train_step.affine_normalize(x, shift, offset, var, {}, (), epsilon, compute, compute,
+                                         mask)
         if "scale" in params:
             y = y * jnp.asarray(params["scale"], compute)
         if "bias" in params:
@@ -100,19 +99,17 @@ def layer_norm(
       reduction_axes: the axes the statistics are taken over.
       feature_axes: the axes scale and bias vary along.
       epsilon: > 0, added to the variance.
-      mask: optional boolean array broadcastable to ``x``: the elements that
-        count towards the statistics (all elements are normalized).
-      axis_name: device axis name(s) to reduce over as well (features sharded
-        over ``pmap``/``shard_map``); None under plain ``jit``.
+      mask: optional boolean array broadcastable to ``x``: the elements that count towards
+        the statistics (all are normalized).
+      axis_name: device axis name(s) to reduce over as well; None under plain ``jit``.
       axis_index_groups: optional subgroups of ``axis_name`` (pmap only).
-      dtype: output dtype (and minimum statistics dtype); default: the
-        promotion of ``x`` and the params (flax's rule).
+      dtype: output dtype; default: the promotion of ``x`` and the params (flax's rule).
 
     Returns:
       The normalized array, shaped as ``x``.
 
     Raises:
-      TypeError / ValueError: an argument that does not fit (see ``docs/errors.md``).
+      TypeError / ValueError: an argument that does not fit (``docs/errors.md``).
 
     >>> import jax.numpy as jnp
     >>> x = jnp.array([[1.0, 3.0], [10.0, 30.0]])
@@ -120,8 +117,8 @@ def layer_norm(
     Array([[-1.,  2.],
            [-1.,  2.]], dtype=float32)
     """
-    return _normalize("layer_norm", x, params, reduction_axes, feature_axes, epsilon, mask, axis_name,
-                      axis_index_groups, dtype)
+    return _normalize("layer_norm", x, params, reduction_axes, feature_axes, epsilon, mask,
+                      axis_name, axis_index_groups, dtype)
 
 
 def rms_norm(
@@ -152,17 +149,16 @@ def rms_norm(
       reduction_axes: the axes the mean square is taken over.
       feature_axes: the axes scale varies along.
       epsilon: > 0, added to the mean square.
-      mask: optional boolean array broadcastable to ``x``: the elements that
-        count towards the mean square.
-      axis_name: device axis name(s) to reduce over as well.
-      axis_index_groups: optional subgroups of ``axis_name`` (pmap only).
-      dtype: output dtype; default: the promotion of ``x`` and the scale.
+      mask: as in :func:`layer_norm`.
+      axis_name: as in :func:`layer_norm`.
+      axis_index_groups: as in :func:`layer_norm`.
+      dtype: as in :func:`layer_norm`.
 
     Returns:
       The normalized array, shaped as ``x``.
 
     Raises:
-      TypeError / ValueError: an argument that does not fit (see ``docs/errors.md``).
+      TypeError / ValueError: an argument that does not fit (``docs/errors.md``).
 
     >>> import jax.numpy as jnp
     >>> rms_norm(jnp.array([[3.0, -4.0, 0.0, 0.0]]), epsilon=1e-12)
@@ -205,24 +201,23 @@ def group_norm(
       reduction_axes: the axes of the statistics, the last (channel) axis among them.
         Default: every axis but the first (the batch).
       epsilon: > 0, added to the variance.
-      mask: optional boolean array broadcastable to ``x``: the elements that
-        count towards the statistics.
-      axis_name: device axis name(s) to reduce over as well.
-      axis_index_groups: optional subgroups of ``axis_name`` (pmap only).
-      dtype: output dtype; default: the promotion of ``x`` and the params.
+      mask: as in :func:`layer_norm`.
+      axis_name: as in :func:`layer_norm`.
+      axis_index_groups: as in :func:`layer_norm`.
+      dtype: as in :func:`layer_norm`.
 
     Returns:
       The normalized array, shaped as ``x``.
 
     Raises:
-      TypeError / ValueError: an argument that does not fit (see ``docs/errors.md``).
+      TypeError / ValueError: an argument that does not fit (``docs/errors.md``).
 
     >>> import jax.numpy as jnp
     >>> group_norm(jnp.array([[1.0, 3.0, 10.0, 30.0]]), num_groups=2, epsilon=1e-12)
     Array([[-1.,  1., -1.,  1.]], dtype=float32)
     """
-    return _normalize("group_norm", x, params, reduction_axes, None, epsilon, mask, axis_name, axis_index_groups,
-                      dtype, num_groups, group_size)
+    return _normalize("group_norm", x, params, reduction_axes, None, epsilon, mask, axis_name,
+                      axis_index_groups, dtype, num_groups, group_size)
 
 
 def instance_norm(
@@ -251,17 +246,16 @@ def instance_norm(
       feature_axes: the channel axes (not 0, the batch axis): ``-1`` for
         NHWC, ``1`` for NCHW.
       epsilon: > 0, added to the variance.
-      mask: optional boolean array broadcastable to ``x``: the elements that
-        count towards the statistics.
-      axis_name: device axis name(s) to reduce over as well.
-      axis_index_groups: optional subgroups of ``axis_name`` (pmap only).
-      dtype: output dtype; default: the promotion of ``x`` and the params.
+      mask: as in :func:`layer_norm`.
+      axis_name: as in :func:`layer_norm`.
+      axis_index_groups: as in :func:`layer_norm`.
+      dtype: as in :func:`layer_norm`.
 
     Returns:
       The normalized array, shaped as ``x``.
 
     Raises:
-      TypeError / ValueError: an argument that does not fit (see ``docs/errors.md``).
+      TypeError / ValueError: an argument that does not fit (``docs/errors.md``).
 
     >>> import jax.numpy as jnp
     >>> x = jnp.array([[[1.0, 10.0], [3.0, 30.0]]])  # (batch 1, length 2, channels 2)
@@ -269,5 +263,5 @@ def instance_norm(
     Array([[[-1., -1.],
             [ 1.,  1.]]], dtype=float32)
     """
-    return _normalize("instance_norm", x, params, None, feature_axes, epsilon, mask, axis_name, axis_index_groups,
-                      dtype)
+    return _normalize("instance_norm", x, params, None, feature_axes, epsilon, mask, axis_name,
+                      axis_index_groups, dtype)

@@ -1,8 +1,8 @@
 """Statistics: the one place in jaxbn that reduces.
 
-Every normalizer's mean and variance come from :func:`_two_pass_statistics` (two passes per device
-around an element of its batch); they cross devices in one :func:`all_gather`, the backward's sums in
-one :func:`cross_device_sum`. ``docs/internals.md`` explains the design.
+Every normalizer's mean and variance come from :func:`_two_pass_statistics` (two passes per
+device around an element of its batch); they cross devices in one :func:`all_gather`, the
+backward's sums in one :func:`cross_device_sum`. ``docs/internals.md`` explains the design.
 """
 
 from __future__ import annotations
@@ -22,26 +22,22 @@ from jax.interpreters import ad, batching, mlir
 from jaxbn import _validation
 from jaxbn._validation import axis_size
 
-__all__ = ["Moments", "moments", "merge_moments", "merge_stacked", "all_gather", "cross_device_sum", "axis_size"]
+__all__ = ["Moments", "moments", "merge_moments", "merge_stacked", "all_gather", "cross_device_sum",
+           "axis_size"]
 
 AxisName = Any  # a hashable name or a tuple of names
 
 
 class Moments(NamedTuple):
-    """Per-feature statistics of a batch, as returned by :func:`moments`.
+    """Per-feature statistics of a batch, as returned by :func:`moments` (a feature without a
+    valid element has ``count == 0``, ``mean == shift`` and ``var == 0``).
 
     Attributes:
       mean: the mean of the valid elements.
       var: their biased (population) variance, ``E[(x - mean)^2]``, >= 0.
       count: the number of valid elements, summed over devices.
-      shift: the reference point ``K`` the sums were taken around; identical on
-        every device.
-      mean_minus_shift: ``mean - shift``, kept separately because at a large
-        offset ``mean`` rounds: normalizing as ``((x - shift) - mean_minus_shift)``
-        never lets the offset meet the rounding.
-
-    Features without any valid element have ``count == 0``, ``mean == shift``
-    and ``var == 0``: no NaN.
+      shift: the reference point ``K`` the sums were taken around, identical on every device.
+      mean_minus_shift: ``mean - shift``, exact where ``mean`` rounds at a large offset.
     """
 
     mean: jax.Array
@@ -54,8 +50,8 @@ class Moments(NamedTuple):
 class Plan(NamedTuple):
     """The static configuration of the statistics and of a training step (hashable).
 
-    ``dtype`` is the statistics' and the step's compute dtype (at least float32), ``real_dtype``
-    that of the variance; ``out_dtype`` and ``correction`` are the step's (:mod:`jaxbn._train_step`).
+    ``dtype``: the compute dtype (at least float32); ``real_dtype``: the variance's;
+    ``out_dtype`` and ``correction``: the step's (:mod:`jaxbn._train_step`).
     """
 
     axes: tuple[int, ...]
@@ -80,26 +76,21 @@ def moments(
 ) -> Moments:
     r"""Mean and variance over ``axes``, exact across devices and at any offset.
 
-    Each device sums around ``K``, the first valid element of its batch, in two passes (the mean,
-    then the variance around it); with ``axis_name`` one ``all_gather`` brings every device's
-    ``(n_i, K, \mu_i - K, \sigma_i^2)`` to every device, which merges them count-weighted. Complex
-    input has a complex mean and the real variance ``E|x - \mu|^2``.
+    Each device sums around ``K``, the first valid element of its batch, in two passes; with
+    ``axis_name`` one ``all_gather`` brings every device's moments to every device, which merges
+    them count-weighted. Complex input has a complex mean and the real variance ``E|x - \mu|^2``.
 
     Args:
-      x: floating or complex input; bfloat16/float16 are reduced in float32.
+      x: floating or complex input; half precision is reduced in float32.
       axes: the axes to reduce (an int or a sequence).
-      mask: optional boolean array broadcastable to ``x``; only ``True``
-        elements count, whatever the others hold.
-      axis_name: device axis name (or tuple of names) bound by ``pmap``,
-        ``shard_map`` or ``vmap`` to reduce over as well; None under plain
-        ``jit`` with a sharded batch, where XLA reduces globally.
+      mask: optional boolean array broadcastable to ``x``: only ``True`` elements count.
+      axis_name: device axis name(s) bound by ``pmap``, ``shard_map`` or ``vmap`` to reduce
+        over as well; None under plain ``jit`` (XLA reduces over a sharded batch itself).
       axis_index_groups: optional subgroups of ``axis_name`` (pmap only).
       dtype: optional minimum dtype for the statistics (always at least float32).
-      shift: optional reference point broadcastable to the reduced shape, used
-        for a feature whose first element is masked out or not finite (0 if
-        not given); no gradient flows into it.
-      source: optional, ``x``'s values in a narrower dtype (``x`` is its cast): the passes
-        read it instead of ``x``; derivatives are still ``x``'s.
+      shift: optional reference point (no gradient) for a feature whose first element is
+        masked out or not finite (0 if not given).
+      source: optional, ``x``'s values in a narrower dtype (``x`` is its cast), read instead.
 
     Returns:
       :class:`Moments` with arrays of shape ``x.shape`` without ``axes``.
@@ -122,7 +113,8 @@ def moments(
     )
     feature_shape = tuple(x.shape[i] for i in range(x.ndim) if i not in axes)
     try:
-        shift = jnp.broadcast_to(jnp.asarray(0 if shift is None else shift, stats_dtype), feature_shape)
+        shift = jnp.broadcast_to(jnp.asarray(0 if shift is None else shift, stats_dtype),
+                                 feature_shape)
     except ValueError:
         raise ValueError(
             f"shift of shape {jnp.shape(shift)} does not broadcast to the reduced "
@@ -130,10 +122,12 @@ def moments(
         ) from None
     plan = Plan(axes, stats_dtype, real_dtype, axis_name, groups)
     with jax.named_scope("jaxbn.moments"):
-        return batch_moments(plan, x, mask, shift, None if source is None else lax.stop_gradient(source))
+        source = None if source is None else lax.stop_gradient(source)
+        return batch_moments(plan, x, mask, shift, source)
 
 
-def batch_moments(plan: Plan, x: jax.Array, mask: Any, shift: jax.Array, source: Any = None) -> Moments:
+def batch_moments(plan: Plan, x: jax.Array, mask: Any, shift: jax.Array, source: Any = None
+                  ) -> Moments:
     """:func:`moments` of checked arguments (``shift`` of the reduced shape, in ``plan.dtype``)."""
     fallback = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
     count, shift, offset, var = _shifted_moments(plan, x, mask, fallback, source)
@@ -141,8 +135,8 @@ def batch_moments(plan: Plan, x: jax.Array, mask: Any, shift: jax.Array, source:
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _shifted_moments(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Array, source: Any = None) -> tuple:
-    """:func:`_statistics` of ``source`` (if given) or ``x``; ``K`` is a constant for the derivative."""
+def _shifted_moments(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Array, source: Any = None):
+    """:func:`_statistics` of ``source`` (if given) or ``x``; ``K`` is constant to the derivative."""
     return _statistics(plan, x if source is None else source, mask, fallback)
 
 
@@ -153,9 +147,9 @@ def _shifted_moments_jvp(plan, primals, tangents):
     shift, offset = lax.stop_gradient(shift), lax.stop_gradient(offset)
     dx = tangents[0]
     # Linear in dx (no optimization barrier: reverse mode transposes this).
-    centered = (x.astype(plan.dtype) - jnp.expand_dims(shift, plan.axes)) - jnp.expand_dims(offset, plan.axes)
-    # A deviation beyond the dtype means a variance beyond it, whose derivative the normalization
-    # does not use: 0, not inf * 0 = NaN in reverse mode.
+    centered = x.astype(plan.dtype) - jnp.expand_dims(shift, plan.axes)
+    centered = centered - jnp.expand_dims(offset, plan.axes)
+    # A deviation beyond the dtype: a variance beyond it, whose derivative nothing uses (0, not NaN)
     centered = jnp.where(jnp.isfinite(centered), centered, 0)
     dx = dx.astype(plan.dtype)
     if mask is not None:
@@ -171,7 +165,8 @@ def _shifted_moments_jvp(plan, primals, tangents):
     else:
         d_mean, d_var = cross_device_sum(sums, plan.axis_name, plan.axis_index_groups)
     safe_count = jnp.maximum(count, 1)
-    return out, (jnp.zeros_like(count), jnp.zeros_like(shift), d_mean / safe_count, d_var / safe_count)
+    zeros = jnp.zeros_like(count), jnp.zeros_like(shift)
+    return out, (*zeros, d_mean / safe_count, d_var / safe_count)
 
 
 _INT = {32: jnp.int32, 64: jnp.int64}
@@ -180,10 +175,10 @@ _INT = {32: jnp.int32, 64: jnp.int64}
 def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Array) -> tuple:
     """``(count, shift K, mean - K, variance)`` of the valid elements of every device.
 
-    ``K`` is this device's first valid, finite element along the axes (``fallback`` where there is
-    none). Pass one sums ``d = x - K`` and ``|d|``, pass two ``|s (d - mean(d))|^2`` with ``s`` a power
-    of two that keeps every square finite; no step depends on a decision taken from the data. With
-    ``plan.axis_name`` the devices' moments are merged after one collective.
+    ``K`` is this device's first valid, finite element along the axes (``fallback`` where there
+    is none). Pass one sums ``d = x - K`` and ``|d|``, pass two ``|s (d - mean(d))|^2`` with ``s``
+    a power of two that keeps every square finite; no step depends on a decision taken from the
+    data. With ``plan.axis_name`` the devices' moments are merged after one collective.
     """
     axes, dtype, real = plan.axes, plan.dtype, plan.real_dtype
     info = jnp.finfo(real)
@@ -208,15 +203,18 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     # Where |K| n nears the maximum, d = s0 (x - K) with s0 = 2^-(2 + log2 n), else s0 = 1.
     if isinstance(size, int):
         log_size = max(size - 1, 0).bit_length()  # ceil(log2 size)
-        near, s0_far, u0_far = (np.asarray(2.0 ** e, real) for e in (top - 1 - log_size, -2 - log_size, 2 + log_size))
+        exponents = (top - 1 - log_size, -2 - log_size, 2 + log_size)
+        near, s0_far, u0_far = (np.asarray(2.0 ** e, real) for e in exponents)
     else:  # a symbolic size (jax.export): the same powers of two, built from their exponent bits
         log_size = jnp.ceil(jnp.log2(jnp.maximum(jnp.asarray(size, real), 1))).astype(int_type)
         near, s0_far, u0_far = (
             lax.bitcast_convert_type(lax.shift_left(e + top, int_type(info.nmant)), real)
             for e in (top - 1 - log_size, -2 - log_size, 2 + log_size)
         )
-    magnitude = jnp.maximum(jnp.abs(shift.real), jnp.abs(shift.imag)) if jnp.iscomplexobj(shift) else jnp.abs(shift)
-    near_top = magnitude >= near
+    if jnp.iscomplexobj(shift):
+        near_top = jnp.maximum(jnp.abs(shift.real), jnp.abs(shift.imag)) >= near
+    else:
+        near_top = jnp.abs(shift) >= near
     s0 = jnp.where(near_top, s0_far, np.asarray(1, real))
     scaled_shift = shift * s0
 
@@ -230,15 +228,19 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     operands = cpu_barrier(x, scaled_shift, mask, s0)
     first = jnp.sum(deviation(*operands), axes)
     spread = jnp.sum(jnp.abs(deviation(*cpu_barrier(*operands))), axes)
-    count = jnp.full(shift.shape, size, real) if mask is None else jnp.sum(jnp.broadcast_to(mask, x.shape), axes,
-                                                                           dtype=real)
+    if mask is None:
+        count = jnp.full(shift.shape, size, real)
+    else:
+        count = jnp.sum(jnp.broadcast_to(mask, x.shape), axes, dtype=real)
     safe_count = jnp.maximum(count, 1)  # an empty feature: sums 0, so mean = K and var = 0
     offset0 = first / safe_count  # mean - K, in units of s0
     # s2 = 2^(top/2 - 2 - e(spread)) and 1 / s2 from spread's exponent bits, both normal:
     # Σ|s2 (d - mean(d))|^2 <= (2 s2 Σ|d|)^2 stays below 2^(top - 1)
-    biased = lax.shift_right_logical(lax.bitcast_convert_type(spread, int_type), int_type(info.nmant))
-    exponent = lax.clamp(int_type(1), int_type(top // 2 - 2 + 2 * top) - biased, int_type(2 * top - 1))
-    s2, u2 = (lax.bitcast_convert_type(lax.shift_left(e, int_type(info.nmant)), real)
+    bits = int_type(info.nmant)
+    biased = lax.shift_right_logical(lax.bitcast_convert_type(spread, int_type), bits)
+    exponent = lax.clamp(int_type(1), int_type(top // 2 - 2 + 2 * top) - biased,
+                         int_type(2 * top - 1))
+    s2, u2 = (lax.bitcast_convert_type(lax.shift_left(e, bits), real)
               for e in (exponent, int_type(2 * top) - exponent))
     d = deviation(*cpu_barrier(x, scaled_shift, mask, s0, offset0, s2))
     second = jnp.sum(d.real * d.real + d.imag * d.imag if jnp.iscomplexobj(d) else d * d, axes)
@@ -265,8 +267,8 @@ _statistics = _two_pass_statistics
 
 
 def _first_valid(x: jax.Array, mask: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """Per feature, the first valid element of ``x`` along ``axes`` (in index order) and whether there is one:
-    a reduction of the mask's positions, then a gather of one element per feature."""
+    """Per feature, the first valid element of ``x`` along ``axes`` (in index order) and whether
+    there is one: a reduction of the mask's positions, then a gather of one element per feature."""
     position = jnp.zeros(x.shape, jnp.int32)
     for axis in axes:
         position = position * x.shape[axis] + lax.broadcasted_iota(jnp.int32, x.shape, axis)
@@ -292,19 +294,17 @@ def merge_moments(parts: Sequence[Moments]) -> Moments:
     r"""The moments of several batches together, from each batch's :class:`Moments`.
 
     The exact count-weighted combination (what :func:`moments` of the concatenated batches gives,
-    up to rounding), taken around the first part's shift:
+    up to rounding), around the shift of the first part with data:
 
     .. math::
         n = \sum_i n_i, \qquad \mu = \frac{\sum_i n_i \mu_i}{n}, \qquad
         \sigma^2 = \frac{\sum_i n_i (\sigma_i^2 + (\mu_i - \mu)^2)}{n}.
 
     Args:
-      parts: one or more :class:`Moments` of the same shape (features with no
-        valid element, ``count == 0``, weigh nothing).
+      parts: one or more :class:`Moments` of the same shape.
 
     Returns:
-      :class:`Moments` of all parts, with the shift of the first part that
-      has data (per feature; the first part's where none has).
+      The :class:`Moments` of all parts.
 
     Raises:
       TypeError: ``parts`` is not a sequence of :class:`Moments`.
@@ -317,7 +317,9 @@ def merge_moments(parts: Sequence[Moments]) -> Moments:
     (Array([4.], dtype=float32), Array([12.5], dtype=float32), Array([4.], dtype=float32))
     """
     if isinstance(parts, Moments):
-        raise TypeError("parts must be a sequence of Moments, got a single Moments; pass a list, e.g. [moments].")
+        raise TypeError(
+            "parts must be a sequence of Moments, got a single Moments; pass a list, e.g. [moments]."
+        )
     parts = list(parts)
     if not parts:
         raise ValueError(f"parts must be a non-empty sequence of Moments, got {parts!r}.")
@@ -332,19 +334,19 @@ def merge_moments(parts: Sequence[Moments]) -> Moments:
     fields = [jnp.stack(jnp.broadcast_arrays(*(getattr(part, name) for part in parts)))
               for name in ("count", "shift", "mean_minus_shift", "var")]
     total, shift, offset, spread = merge_stacked(*fields)
-    return Moments(mean=shift + offset, var=spread, count=total, shift=shift, mean_minus_shift=offset)
+    return Moments(shift + offset, spread, total, shift, offset)
 
 
-def merge_stacked(count, shift, offset, var) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``(count, shift, mean - shift, var)`` of parts stacked on axis 0, merged into one (Chan et al.),
-    around the shift of the first part with data (per feature); parts without data weigh nothing."""
+def merge_stacked(count, shift, offset, var) -> tuple[jax.Array, ...]:
+    """``(count, shift, mean - shift, var)`` of parts stacked on axis 0, merged (Chan et al.) around
+    the shift of the first part with data (per feature); parts without data weigh nothing."""
     first = jnp.argmax(count > 0, axis=0)  # 0 where no part has data
     common = jnp.take_along_axis(shift, first[None], axis=0)[0]
     return _merge(count, shift, offset, var, lambda v: jnp.sum(v, 0), lambda weight: common)
 
 
-def _merge(count, shift, offset, var, total, common) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Chan's merge of parts, summed by ``total``, around ``common(weights)``, a shift near every part's."""
+def _merge(count, shift, offset, var, total, common) -> tuple[jax.Array, ...]:
+    """Chan's merge of parts, summed by ``total``, around ``common(weights)`` (near every shift)."""
     has_data = count > 0
     n = total(count)
     weight = count / jnp.maximum(n, 1)
@@ -356,20 +358,25 @@ def _merge(count, shift, offset, var, total, common) -> tuple[jax.Array, jax.Arr
     return n, reference, merged_offset, spread
 
 
-def _merge_devices(plan: Plan, count, shift, offset, var) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Every device's moments, gathered in ONE collective and merged in device order (identical everywhere);
-    ``vmap`` axes inside ``shard_map`` (lanes) after the mesh axes, by sums on the device."""
+def _merge_devices(plan: Plan, count, shift, offset, var) -> tuple[jax.Array, ...]:
+    """Every device's moments, gathered in ONE collective and merged in device order (identical
+    everywhere); ``vmap`` axes inside ``shard_map`` (lanes) after the mesh axes, by sums."""
     names = plan.axis_name if isinstance(plan.axis_name, tuple) else (plan.axis_name,)
     manual = _manual_mesh_axes()
     lanes = tuple(name for name in names if manual and name not in manual)
     if lanes:
         mesh = tuple(name for name in names if name in manual)
         if mesh:
-            count, shift, offset, var = _merge_devices(plan._replace(axis_name=mesh), count, shift, offset, var)
+            count, shift, offset, var = _merge_devices(
+                plan._replace(axis_name=mesh), count, shift, offset, var
+            )
         total = functools.partial(_lane_sum, lanes=lanes)
         return _merge(count, shift, offset, var, total, lambda weight: total(weight * shift))
     is_complex = jnp.iscomplexobj(shift)
-    parts = [count, shift.real, shift.imag, offset.real, offset.imag, var] if is_complex else [count, shift, offset, var]
+    if is_complex:
+        parts = [count, shift.real, shift.imag, offset.real, offset.imag, var]
+    else:
+        parts = [count, shift, offset, var]
     gathered = all_gather(jnp.stack(parts), plan.axis_name, plan.axis_index_groups)
     if is_complex:
         count, shift_re, shift_im, offset_re, offset_im, var = (gathered[:, i] for i in range(6))
@@ -380,15 +387,15 @@ def _merge_devices(plan: Plan, count, shift, offset, var) -> tuple[jax.Array, ja
 
 
 def all_gather(value: jax.Array, axis_name: AxisName, axis_index_groups: Any = None) -> jax.Array:
-    """``value`` of every device along ``axis_name`` (a name or tuple), stacked on a new axis 0, identical
-    everywhere: ONE collective. Inside ``shard_map`` over mesh axes only (``vmap`` axes there are summed)."""
+    """``value`` of every device along ``axis_name`` (a name or tuple), stacked on a new axis 0,
+    identical everywhere: ONE collective. Inside ``shard_map`` over mesh axes only."""
     axis_size(axis_name, axis_index_groups)  # a clear error for an unbound name
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
     manual = _manual_mesh_axes()
     in_device = tuple(name for name in names if manual and name not in manual)
     if in_device:
-        raise ValueError(f"all_gather over vmap axes {in_device} inside shard_map: merge them with psums "
-                         "(jaxbn.stats._merge_devices does).")
+        raise ValueError(f"all_gather over vmap axes {in_device} inside shard_map: merge them with "
+                         "psums (jaxbn.stats._merge_devices does).")
     if not manual or axis_index_groups is not None:
         if axis_index_groups is not None:
             # JAX refuses groups in a psum inside shard_map (not under pmap) but not in an
@@ -396,7 +403,8 @@ def all_gather(value: jax.Array, axis_name: AxisName, axis_index_groups: Any = N
             try:
                 lax.psum(jnp.zeros((), value.dtype), axis_name, axis_index_groups=axis_index_groups)
             except NotImplementedError as err:
-                raise NotImplementedError(_GROUPS_IN_SHARD_MAP.format(groups=axis_index_groups, name=axis_name)) from err
+                message = _GROUPS_IN_SHARD_MAP.format(groups=axis_index_groups, name=axis_name)
+                raise NotImplementedError(message) from err
         return lax.all_gather(value, axis_name, axis_index_groups=axis_index_groups)
     original = value.shape
     missing = frozenset(names) - varying_axes(value)
@@ -419,11 +427,8 @@ def cross_device_sum(
     axis_name: AxisName | None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
 ) -> list[jax.Array]:
-    """Sums same-shaped arrays over devices with ONE collective (one ``lax.psum`` of their stack).
-
-    Without an ``axis_name`` they are returned unchanged (under plain ``jit`` XLA has already reduced
-    over the sharded batch). Inside ``shard_map`` a tuple may name ``vmap`` axes beside mesh axes: the
-    ``vmap`` part is summed on the device.
+    """Sums same-shaped arrays over devices with ONE collective (one ``lax.psum`` of their stack);
+    unchanged without an ``axis_name``. ``vmap`` axes inside ``shard_map`` are summed on the device.
 
     Args:
       values: arrays of one shape and dtype.
@@ -446,7 +451,7 @@ def cross_device_sum(
     manual = _manual_mesh_axes()
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
     lanes = tuple(name for name in names if name not in manual)
-    if manual and lanes and axis_index_groups is None:  # the collective over the mesh axes, then the lanes
+    if manual and lanes and axis_index_groups is None:  # a collective over the mesh, then lanes
         mesh = tuple(name for name in names if name in manual)
         return list(_lane_sum(lax.psum(stacked, mesh) if mesh else stacked, lanes))
     try:
@@ -454,12 +459,13 @@ def cross_device_sum(
     except NotImplementedError as err:
         if axis_index_groups is None:
             raise
-        raise NotImplementedError(_GROUPS_IN_SHARD_MAP.format(groups=axis_index_groups, name=axis_name)) from err
+        message = _GROUPS_IN_SHARD_MAP.format(groups=axis_index_groups, name=axis_name)
+        raise NotImplementedError(message) from err
 
 
 def _lane_sum(value: jax.Array, lanes: tuple) -> jax.Array:
-    """``lax.psum(value, lanes)`` over ``vmap`` axes inside ``shard_map``, which JAX's psum refuses there
-    with the varying-axes check on: a primitive whose batching rule sums over the lanes' axis."""
+    """``lax.psum(value, lanes)`` over ``vmap`` axes inside ``shard_map``, which JAX's psum refuses
+    there with the varying-axes check on: a primitive whose batching rule sums over the lanes."""
     return _lane_sum_p.bind(value, lanes=tuple(lanes))
 
 
@@ -504,25 +510,17 @@ def varying_like(value: jax.Array, *likes: jax.Array) -> jax.Array:
 
 def abs_square(v: jax.Array) -> jax.Array:
     """``|v|^2``, real for complex ``v`` (flax's ``_abs_sq``); ``v^2`` for real ``v``."""
-    # v * v, not jnp.square: its derivative v dt + dt v stays 0 for a 0 cotangent where 2 v overflows
+    # v * v, not jnp.square: its derivative v dt + dt v stays 0 for a 0 cotangent (2 v may overflow)
     return v.real * v.real + v.imag * v.imag if jnp.iscomplexobj(v) else v * v
 
 
 def channel_sums(
-    summands: Sequence[Any], operands: Sequence[jax.Array], axes: tuple[int, ...], *, fuse: bool | None = None
+    summands: Sequence[Any], operands: Sequence[jax.Array], axes: tuple[int, ...], *,
+    fuse: bool | None = None,
 ) -> tuple[jax.Array, ...]:
-    """Local sums over ``axes`` of ``summand(*operands)`` for each summand, each (on XLA:CPU) reading its
-    own view of the operands, as the statistics take theirs (see :func:`cpu_barrier`).
-
-    Args:
-      summands: functions of ``*operands`` giving same-shaped arrays to sum.
-      operands: the arrays they read.
-      axes: the axes to sum over.
-      fuse: None picks the form per backend at lowering time; True forces
-        the shared (GPU/TPU) form, False the separate (CPU) form.
-
-    Returns:
-      One array per summand.
+    """Local sums over ``axes`` of ``summand(*operands)`` for each summand, each (on XLA:CPU)
+    reading its own view of the operands (see :func:`cpu_barrier`); ``fuse`` True forces the shared
+    (GPU/TPU) form, False the separate (CPU) one.
 
     >>> import jax.numpy as jnp
     >>> x = jnp.arange(6.0).reshape(3, 2)
@@ -541,11 +539,11 @@ def channel_sums(
 
 
 def cpu_barrier(*values: Any) -> tuple[Any, ...]:
-    """``values`` behind an ``optimization_barrier`` on XLA:CPU, unchanged elsewhere; ``None`` passes through.
+    """``values`` behind an ``optimization_barrier`` on XLA:CPU, unchanged elsewhere (``None`` too).
 
-    XLA:CPU's fast reductions are library kernels that absorb only elementwise work nothing else shares:
-    the barrier keeps a common subexpression (``x - K``, a float32 copy of bfloat16 ``x``) from being
-    shared, and so materialized. One primitive with a per-platform lowering, linear in each value.
+    XLA:CPU's fast reductions are library kernels that absorb only elementwise work nothing else
+    shares: the barrier keeps a common subexpression (``x - K``, a float32 copy of a bfloat16
+    ``x``) from being shared, and so materialized. One primitive with a per-platform lowering.
     """
     arrays = [i for i, value in enumerate(values) if value is not None]
     out = list(values)
@@ -560,28 +558,27 @@ def _cpu_barrier_jvp(primals, tangents):
 
 def _cpu_barrier_transpose(cotangents, *operands):
     cotangents = _cpu_barrier_p.bind(*map(ad.instantiate_zeros, cotangents))
-    return [ct if ad.is_undefined_primal(operand) else None for ct, operand in zip(cotangents, operands)]
+    return [ct if ad.is_undefined_primal(op) else None for ct, op in zip(cotangents, operands)]
 
 
 _cpu_barrier_p = jax.extend.core.Primitive("jaxbn_cpu_barrier")
 _cpu_barrier_p.multiple_results = True
-_cpu_barrier_p.def_impl(lambda *values: values)  # called eagerly, one operation at a time: nothing to keep apart
+_cpu_barrier_p.def_impl(lambda *values: values)  # eager: one operation at a time, nothing to part
 _cpu_barrier_p.def_abstract_eval(lambda *avals: avals)
 ad.primitive_jvps[_cpu_barrier_p] = _cpu_barrier_jvp
 ad.primitive_transposes[_cpu_barrier_p] = _cpu_barrier_transpose
 batching.primitive_batchers[_cpu_barrier_p] = lambda values, dims: (_cpu_barrier_p.bind(*values), dims)
 mlir.register_lowering(_cpu_barrier_p, mlir.lower_fun(lambda *v: v, multiple_results=True))
-mlir.register_lowering(
-    _cpu_barrier_p, mlir.lower_fun(lambda *v: lax.optimization_barrier(v), multiple_results=True), platform="cpu"
-)
+mlir.register_lowering(_cpu_barrier_p, mlir.lower_fun(lambda *v: lax.optimization_barrier(v),
+                                                      multiple_results=True), platform="cpu")
 
 
 def computed_once(*values: Any) -> tuple[Any, ...]:
     """``values`` unchanged (a zero's sign aside), each computed by XLA once, where it is needed.
 
-    XLA copies cheap elementwise work into every fusion that reads it; a reduction it never copies. So
-    the values (grouped by shape and dtype) are stacked and summed with ``-0.0``, an exact identity.
-    Linear, so differentiable and transposable; ``None`` entries pass through.
+    XLA copies cheap elementwise work into every fusion that reads it, a reduction never: the values
+    (grouped by shape and dtype) are stacked and summed with ``-0.0``, an exact identity. Linear, so
+    differentiable and transposable; ``None`` entries pass through.
 
     >>> import jax.numpy as jnp
     >>> computed_once(jnp.array([1.0, -2.0]), None)
