@@ -1,11 +1,5 @@
-"""The passes over the activation tensor: normalization and the training step's derivative.
-
-:func:`batch_norm_train` is one jitted function (static :class:`jaxbn.stats.Plan`) around
-``_train``, a ``jax.custom_jvp`` whose tangent is linear and written so that JAX's transpose of
-it is the backward one would write by hand; ``docs/internals.md`` counts its passes. Layer, group
-and instance norm use the same step with parameters outside it
-(:func:`normalize_then_affine_train`); batch renormalization plugs in as ``plan.correction``.
-"""
+"""The passes over the activation tensor: the normalization and the training step, a
+``jax.custom_jvp`` whose transposed tangent is the hand-written backward (``docs/internals.md``)."""
 
 from __future__ import annotations
 
@@ -78,8 +72,7 @@ def affine_normalize(
 
 def fill_empty_features(batch: stats.Moments, running_mean: jax.Array, running_var: jax.Array
                         ) -> stats.Moments:
-    """``batch`` with features that had no valid element taking the running statistics (a
-    non-finite mean as 0, a non-finite or negative variance as 1), as inference would."""
+    """``batch`` with features without a valid element taking the (finite) running statistics."""
     empty = batch.count == 0
     mean = jnp.where(jnp.isfinite(running_mean), running_mean, 0).astype(batch.mean.dtype)
     var = jnp.where(jnp.isfinite(running_var) & (running_var >= 0), running_var, 1)
@@ -103,8 +96,8 @@ def _train(x, scale, bias, outer_scale, outer_bias, plan: stats.Plan, inputs: tu
 
     ``inputs``: ``(shift, epsilon, mask, running_mean, running_var, correction_args)``; the shift
     serves features whose first element is not valid, the running statistics features without a
-    valid element, and ``plan.correction(batch, running_mean, running_var, epsilon,
-    *correction_args)``, if set, gives the per-feature ``(r, d)`` of ``y = scale (x̂ r + d) + bias``.
+    valid element, and ``plan.correction(batch, running_mean, running_var, epsilon, *args)``, if
+    set, gives the per-feature ``(r, d)`` of ``y = scale (x̂ r + d) + bias``.
     """
     shift, epsilon, mask, running_mean, running_var, correction_args = inputs
     axes, dtype = plan.axes, plan.dtype
@@ -160,7 +153,7 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     batch = jax.tree_util.tree_map(functools.partial(checkpoint_name, name=_RESIDUAL), batch)
     inv_std = inverse_sqrt(batch.var + epsilon)
     beyond = inv_std == 0
-    shift, mean_minus_shift = (jnp.where(beyond, 0, v) for v in (batch.shift, batch.mean_minus_shift))
+    shift, mean_minus_shift = (jnp.where(beyond, 0, v) for v in batch[3:])
     r = d = None
     gain = inv_std if scale is None else inv_std * scale.astype(dtype)
     if plan.correction is not None:
@@ -173,9 +166,10 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
         return jnp.expand_dims(v, axes)
 
     dx = dx.astype(dtype)  # once: a half-precision cotangent is rounded once, at the end
-    # x̂ itself, not (x - K) and a per-feature 1/σ: the transpose's dx pass multiplies x̂ by a
-    # per-feature factor of dy's scale (a factor 1/σ² would underflow for σ beyond ~1e13 in float32)
-    x_hat = ((finite_outside_mask(x, mask).astype(dtype) - expand(shift)) - expand(mean_minus_shift)) * expand(inv_std)
+    # x̂ itself, not (x - K) and 1/σ: the transpose's dx pass multiplies x̂ by a per-feature factor
+    # of dy's scale (a factor 1/σ² would underflow for σ beyond ~1e13 in float32)
+    x_hat = finite_outside_mask(x, mask).astype(dtype) - expand(shift)
+    x_hat = (x_hat - expand(mean_minus_shift)) * expand(inv_std)
     valid_dx = dx if mask is None else jnp.where(mask, dx, 0)
     local = [jnp.sum(valid_dx, axes), jnp.sum(x_hat * valid_dx, axes)]
     sum_dx, sum_dx_xhat = stats.cross_device_sum(local, plan.axis_name, plan.axis_index_groups)
@@ -187,9 +181,8 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
         b = b + (dscale if r is None else r * dscale)
     if dbias is not None and bias is not None:
         a = a + dbias.astype(dtype)
-    # x̂ b = (x - K) (b / σ) - (μ - K) b / σ, around the shift as the forward took it (not centred
-    # on 0 where the variance is beyond the dtype: x - K may overflow there, but b is 0 there,
-    # selected, so the transpose selects Σ dy (x - K) away).
+    # x̂ b = (x - K) (b / σ) - (μ - K) b / σ, around the forward's shift (where the variance is
+    # beyond the dtype, x - K may overflow, but b is 0 there, selected: so is Σ dy (x - K))
     centre, centre_offset = batch.shift, batch.mean_minus_shift
     b = jnp.where(beyond, 0, inv_std * b)
     a = a - jnp.where(beyond, 0, centre_offset * b)
@@ -197,14 +190,13 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     # the transpose sums both per-feature cotangents in one collective
     if stats.varying_axes(x_hat) - (stats.varying_axes(a) & stats.varying_axes(b)):
         a, b = stats.varying_like(jnp.stack([a, b]), x_hat)
-    # the transpose's Σ dy (x - K) reads its own view of x, and each of its two sums its own view
-    # of dy (a barrier's transpose is a barrier on the cotangent): a half-precision dy is converted
-    # inside each kernel, never copied to float32 (see stats.cpu_barrier)
+    # the transpose's Σ dy (x - K) reads its own view of x, and each of its sums its own view of
+    # dy (a barrier transposes to one on the cotangent): no float32 copy of a half-precision dy
     (x_view,) = stats.cpu_barrier(x)
     centered_view = finite_outside_mask(x_view, mask).astype(dtype) - expand(centre)
     out = y.dtype
 
-    def per_feature(v):  # expanded, with the outer scale folded in: small, broadcast where it is used
+    def per_feature(v):  # expanded, the outer scale folded in: small, broadcast where it is used
         v = expand(v)
         return v if outer_scale is None else v * outer_scale
 
@@ -212,31 +204,28 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     # (broadcast, then cast: the transpose sums a float32 cotangent)
     (dy_ab,) = stats.cpu_barrier(jnp.broadcast_to(per_feature(a), dy_b.shape).astype(out) + dy_b)
     if douter_bias is not None and outer_bias is not None:
-        (dy_ab,) = stats.cpu_barrier(jnp.broadcast_to(douter_bias.astype(dtype), dy_b.shape).astype(out) + dy_ab)
+        outer_bias_term = jnp.broadcast_to(douter_bias.astype(dtype), dy_b.shape).astype(out)
+        (dy_ab,) = stats.cpu_barrier(outer_bias_term + dy_ab)
     if douter_scale is not None and outer_scale is not None:  # (no inner parameters then: z = x̂)
         # x̂ dγ' as ((x - K) - (μ - K)) (dγ' / σ), the per-feature product small; 0 where the
         # variance is beyond the dtype, selected (a sum of dy (x - K) may be infinite there).
         (x_view,) = stats.cpu_barrier(x_view)  # its own view of x
-        centered = (finite_outside_mask(x_view, mask).astype(dtype) - expand(centre)) - expand(centre_offset)
+        centered = finite_outside_mask(x_view, mask).astype(dtype) - expand(centre)
+        centered = centered - expand(centre_offset)
         small = jnp.where(expand(beyond), 0, expand(inv_std) * douter_scale.astype(dtype))
         (dy_ab,) = stats.cpu_barrier((centered * small).astype(out) + dy_ab)
     dy = (per_feature(gain) * dx).astype(out) + dy_ab
-    mean_tangent = sum_dx / n
-    batch_tangent = stats.Moments(
-        mean=mean_tangent.astype(batch.mean.dtype),
-        var=(2 * std * sum_dx_xhat / n).astype(batch.var.dtype),
-        count=jnp.zeros_like(batch.count),
-        shift=jnp.zeros_like(batch.shift),
-        mean_minus_shift=mean_tangent.astype(batch.mean_minus_shift.dtype),
-    )
+    mean_tangent = (sum_dx / n).astype(batch.mean.dtype)  # (mean_minus_shift's dtype too)
+    var_tangent = (2 * std * sum_dx_xhat / n).astype(batch.var.dtype)
+    zeros = jnp.zeros_like(batch.count), jnp.zeros_like(batch.shift)
+    batch_tangent = stats.Moments(mean_tangent, var_tangent, *zeros, mean_tangent)
     return (y, batch), (dy, batch_tangent)
 
 
 #: Reverse mode keeps x and the named per-feature values, and recomputes the elementwise
 #: (x - K) in the backward instead of saving a full-size intermediate.
-_step = jax.checkpoint(
-    _train, static_argnums=(5,), prevent_cse=False, policy=jax.checkpoint_policies.save_only_these_names(_RESIDUAL)
-)
+_step = jax.checkpoint(_train, static_argnums=(5,), prevent_cse=False,
+                       policy=jax.checkpoint_policies.save_only_these_names(_RESIDUAL))
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
@@ -244,7 +233,7 @@ def batch_norm_train(
     x: jax.Array, params: Mapping[str, jax.Array], plan: stats.Plan, inputs: tuple
 ) -> tuple[jax.Array, stats.Moments]:
     """Batch norm's training step: ``(y, batch Moments)`` (see ``_train``), differentiable in
-    forward and reverse mode, to any order, in ``x`` and ``params``; ``inputs`` carry no gradient."""
+    forward and reverse mode, to any order, in ``x`` and ``params`` (not in ``inputs``)."""
     inputs = jax.tree_util.tree_map(lax.stop_gradient, inputs)
     return _step(x, params.get("scale"), params.get("bias"), None, None, plan, inputs)
 

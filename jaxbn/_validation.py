@@ -1,10 +1,5 @@
-"""Trace-time argument checks: one entry per public function, which checks every argument.
-
-Each check runs while JAX traces, on static information only (shapes, dtypes, Python
-hyperparameters), and raises a ``ValueError`` or ``TypeError`` that names the argument, the value
-it got and what it expected. Traced hyperparameters (a momentum computed inside ``jit``) cannot be
-checked and are let through. Messages are listed in ``docs/errors.md``.
-"""
+"""Trace-time argument checks, one entry per public function (``check_batch_norm`` and others),
+on static information only: each error names the argument, its value and what it should be."""
 
 from __future__ import annotations
 
@@ -34,8 +29,7 @@ class DegenerateBatchWarning(UserWarning):
 
 
 def static_float(value: Any, name: str, expected: str) -> float | None:
-    """``float(value)``, or None for a traced value, which must still be a real scalar (an array
-    would broadcast into the results or change the shape of a running state)."""
+    """``float(value)``, or None for a traced value (which must still be a real scalar)."""
     if isinstance(value, jax.core.Tracer):
         dtype = value.dtype
         if np.ndim(value) != 0 or not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
@@ -84,8 +78,7 @@ def check_static_bool(value: Any, name: str, *, none_ok: bool = False) -> None:
 
 
 def check_epsilon(epsilon: Any, dtype: Any = jnp.float32) -> None:
-    """Raises unless ``epsilon`` stays finite and normal in ``dtype`` (XLA flushes subnormal
-    numbers to 0: ``rsqrt(0 + 0)`` for a constant feature). A traced one is let through."""
+    """Raises unless ``epsilon`` stays finite and normal in ``dtype`` (XLA flushes subnormals to 0)."""
     value = static_float(epsilon, "epsilon", "a positive real number")
     if value is None:
         return
@@ -117,26 +110,21 @@ def positive_int(value: Any, name: str, *, none_ok: bool = False) -> int | None:
     return number
 
 
-def _as_array(x: Any) -> jax.Array:
-    """``x`` as a JAX array: NumPy input is converted once, at JAX's default precision."""
-    return x if isinstance(x, jax.Array) else jnp.asarray(x)
-
-
 def check_floating(x: Any, name: str = "x") -> jax.Array:
     """Returns ``x`` as an array, raising ``TypeError`` unless it is real floating."""
-    x = _as_array(x)
+    x = check_inexact(x, name)
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         raise TypeError(
             f"{name} must have a real floating dtype here, got {x.dtype}: this function does not "
             "support complex input (moments, normalize, batch_norm, layer_norm, rms_norm, "
             "group_norm and instance_norm do)."
         )
-    return check_inexact(x, name)
+    return x
 
 
 def check_inexact(x: Any, name: str = "x") -> jax.Array:
     """Returns ``x`` as an array, raising ``TypeError`` unless it is floating or complex."""
-    x = _as_array(x)
+    x = x if isinstance(x, jax.Array) else jnp.asarray(x)  # NumPy input: at JAX's default precision
     if not jnp.issubdtype(x.dtype, jnp.inexact):
         raise TypeError(
             f"{name} must have a floating dtype (float16, bfloat16, float32 or float64) or "
@@ -160,8 +148,7 @@ def check_dtype(dtype: Any, name: str = "dtype", *, complex_ok: bool = False) ->
 
 
 def check_output_dtype(x_dtype: Any, dtype: Any, name: str = "dtype") -> None:
-    """Raises unless ``dtype`` is None or a dtype the output of an ``x_dtype`` input can take: a
-    floating one for real input, a complex one for complex input (keeping its imaginary part)."""
+    """Raises unless ``dtype`` is None, floating for real input, or complex for complex input."""
     is_complex = jnp.issubdtype(x_dtype, jnp.complexfloating)
     check_dtype(dtype, name, complex_ok=is_complex)
     if is_complex and dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating):
@@ -311,8 +298,7 @@ def feature_shape(x: Any, axes: Any, name: str = "axis") -> tuple[int, ...]:
 
 
 def check_variable_size(value: Any, size: int, name: str, owner: str) -> None:
-    """Raises unless the stored variable ``value`` (called ``name``) holds ``size`` values, one per
-    feature (else it comes from another layer or model)."""
+    """Raises unless the stored variable ``value`` (``name``) holds ``size`` values, one per feature."""
     shape = tuple(np.shape(value))
     if int(np.prod(shape)) != size:
         raise ValueError(
@@ -330,12 +316,11 @@ def axis_size(axis_name: Any, axis_index_groups: Sequence[Sequence[int]] | None 
       axis_index_groups: optional groups of device indices along the axis (then: one group's size).
 
     Raises:
-      ValueError: ``axis_name`` is not bound here, or ``axis_index_groups`` do
-        not split the axis into groups of one size that cover every index once.
+      ValueError: an unbound ``axis_name``, or groups of several sizes or not covering the axis.
 
     >>> import jax, jax.numpy as jnp
-    >>> jax.vmap(lambda x: x * axis_size('batch'), axis_name='batch')(jnp.ones(3))
-    Array([3., 3., 3.], dtype=float32)
+    >>> jax.vmap(lambda x: x * axis_size('batch'), axis_name='batch')(jnp.ones(2))
+    Array([2., 2.], dtype=float32)
     """
     if axis_name is None:
         if axis_index_groups is not None:
@@ -458,7 +443,7 @@ def _check_cumulative_state(state: Mapping[str, Any], momentum: Any) -> None:
         )
 
 
-def _check_ghost_batch_size(ghost: Any, x: jax.Array, axes: tuple, mask: Any, statistics: bool):
+def _check_ghost_batch_size(ghost, x, axes, mask, statistics, single_value):
     """``ghost_batch_size`` as an int, or None where there are no ghost batches to form."""
     if ghost is None:
         return None
@@ -468,7 +453,7 @@ def _check_ghost_batch_size(ghost: Any, x: jax.Array, axes: tuple, mask: Any, st
             f"ghost_batch_size={ghost} splits axis 0 (the batch) into groups, but axis 0 is a "
             f"feature axis here (input shape {x.shape}); put the batch first."
         )
-    if not statistics:  # inference: the running statistics normalize every example
+    if not statistics or single_value:  # no batch statistics normalize
         return None
     if x.shape[0] % ghost:
         raise ValueError(
@@ -560,8 +545,7 @@ def check_batch_norm(
             )
     if mask is not None and statistics:
         mask = check_mask(mask, x.shape)
-    ghost = _check_ghost_batch_size(ghost_batch_size, x, axes, mask,
-                                    statistics and not single_value)
+    ghost = _check_ghost_batch_size(ghost_batch_size, x, axes, mask, statistics, single_value)
     if statistics and mask is not None and not ghost:
         axis_size(axis_name, groups)
     return BatchNormCall(
@@ -614,8 +598,7 @@ def check_init(num_features: Any, dtype: Any) -> tuple[int, ...]:
 
 
 def check_normalize(x, mean, var, scale, bias, axis, epsilon, dtype) -> tuple:
-    """Checks :func:`jaxbn.normalize`'s arguments: ``(x, mean, var, params, reduction axes, compute
-    dtype, output dtype)``."""
+    """Checks :func:`jaxbn.normalize`'s arguments (and returns them, with the dtypes)."""
     x = check_inexact(x)
     compute = compute_dtype(x, dtype)
     check_epsilon(epsilon, compute)
@@ -630,8 +613,7 @@ def check_normalize(x, mean, var, scale, bias, axis, epsilon, dtype) -> tuple:
 
 
 def check_moments(x, axes, mask, axis_name, axis_index_groups, dtype, source) -> tuple:
-    """Checks :func:`jaxbn.moments`' arguments: ``(x, axes, mask, source, groups, statistics
-    dtype, its real dtype)``."""
+    """Checks :func:`jaxbn.moments`' arguments (and returns them, with the dtypes)."""
     x = check_inexact(x)
     is_complex = jnp.issubdtype(x.dtype, jnp.complexfloating)
     check_dtype(dtype, complex_ok=is_complex)
@@ -654,10 +636,8 @@ def check_moments(x, axes, mask, axis_name, axis_index_groups, dtype, source) ->
 
 def check_per_example(kind, x, params, reduction_axes, feature_axes_, epsilon, mask, dtype,
                       axis_name, axis_index_groups, num_groups=None, group_size=None) -> tuple:
-    """Checks the arguments of a ``kind`` of per-example norm; returns ``(x, params, reduction axes,
-    mask, axis_index_groups, compute dtype, output dtype)``: for group norm ``x`` and ``mask`` split
-    ``(..., groups, channels / groups)``, the params shaped to broadcast against ``x``, and no
-    reduction axes for an instance norm without spatial axes (warned)."""
+    """Checks the arguments of a ``kind`` of per-example norm; returns them to normalize (group norm's
+    ``x`` and ``mask`` split into groups, the params broadcastable to ``x``) with the dtypes."""
     x = check_inexact(x)
     if kind == "group_norm":
         canonicalize_axes(x.ndim, -1)  # a 0-d input has no channel axis: the shared message

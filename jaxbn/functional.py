@@ -1,9 +1,6 @@
-"""Batch norm as pure functions: ``(inputs, params, state) -> (outputs, new state)``.
-
-No Flax here. Parameters are ``{'scale', 'bias'}`` and running statistics ``{'mean', 'var'}``
-(flax's ``params`` and ``batch_stats`` collections); a cumulative running average
-(``momentum=None``) adds a scalar ``'count'``. ``docs/internals.md`` follows a training call.
-"""
+"""Batch norm as pure functions ``(inputs, params, state) -> (outputs, new state)``, with flax's
+``params`` (``{'scale', 'bias'}``) and ``batch_stats`` (``{'mean', 'var'}``, and ``'count'`` for
+``momentum=None``). ``docs/internals.md`` follows a training call."""
 
 from __future__ import annotations
 
@@ -37,8 +34,7 @@ def batch_norm_init(
 
     Args:
       num_features: the size of the feature axis (or a tuple of sizes).
-      dtype: of the parameters and statistics (float32, as flax); a complex dtype makes the
-        running mean complex, the rest takes the matching real dtype.
+      dtype: float32 by default; a complex one makes the running mean complex (only).
       use_scale: include ``'scale'`` in the parameters.
       use_bias: include ``'bias'`` in the parameters.
       cumulative: add ``'count'``, the state of ``batch_norm(..., momentum=None)``.
@@ -47,8 +43,7 @@ def batch_norm_init(
       ``(params, state)``.
 
     Raises:
-      TypeError / ValueError: ``num_features`` is not a positive integer (or a
-        tuple of them), or ``dtype`` is not floating or complex.
+      TypeError / ValueError: ``num_features`` or ``dtype`` that do not fit.
 
     >>> params, state = batch_norm_init(3)
     >>> params['scale'], state['var']
@@ -78,19 +73,15 @@ def normalize(
     epsilon: float = 1e-5,
     dtype: Any = None,
 ) -> jax.Array:
-    r"""Normalizes ``x`` with given statistics and applies an optional affine map.
-
-    .. math::
-        y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \cdot \gamma + \beta
-
+    """Normalizes ``x`` with given statistics: ``(x - mean) / sqrt(var + epsilon) * scale + bias``
     per feature (along ``axis``), in at least float32, in one pass.
 
     Args:
       x: floating or complex input.
       mean: per-feature means (complex for complex ``x``).
       var: per-feature variances, real.
-      scale: optional per-feature scale γ.
-      bias: optional per-feature bias β.
+      scale: optional per-feature scale.
+      bias: optional per-feature bias.
       axis: the feature axis or axes (``-1`` for NHWC, ``1`` for NCHW).
       epsilon: added to the variance, > 0.
       dtype: output dtype; default: the promotion of ``x``, ``scale`` and ``bias`` (flax's rule).
@@ -99,7 +90,7 @@ def normalize(
       The normalized array, shaped as ``x``.
 
     Raises:
-      TypeError / ValueError: an argument that does not fit (see ``docs/errors.md``).
+      TypeError / ValueError: an argument that does not fit (``docs/errors.md``).
 
     >>> import jax.numpy as jnp
     >>> normalize(jnp.array([[1.0, 10.0], [3.0, 30.0]]), jnp.array([2.0, 20.0]),
@@ -147,7 +138,7 @@ def batch_norm(
 
     Args:
       x: floating or complex input, e.g. NHWC (``axis=-1``) or NCHW (``axis=1``).
-      params: ``{'scale', 'bias'}``, each optional, of the feature shape.
+      params: ``{'scale', 'bias'}``, each optional, of the feature shape (or None).
       state: ``{'mean', 'var'}`` of the feature shape (and ``'count'`` for ``momentum=None``).
       training: a Python bool: batch statistics (True) or running ones.
       update_running_stats: a Python bool, or None for ``training``.
@@ -161,8 +152,7 @@ def batch_norm(
       mask: optional boolean array broadcastable to ``x``: the elements the statistics count.
       dtype: output dtype; default: the promotion of ``x`` and the params.
       ghost_batch_size: None, or a divisor of the local batch: statistics per group of examples.
-      return_moments: also return the batch's :class:`jaxbn.Moments` (None where no batch
-        statistics were taken), e.g. for :func:`update_running_stats`.
+      return_moments: also return the batch's :class:`jaxbn.Moments` (or None).
 
     Returns:
       ``(y, new_state)``, or ``(y, new_state, moments)``.
@@ -242,11 +232,8 @@ def apply_checked(call: _validation.BatchNormCall) -> tuple:
 
 
 def _single_value(call: _validation.BatchNormCall, y: jax.Array | None) -> tuple:
-    """One value per feature: the batch mean is ``x`` itself, with no variance (count 1).
-
-    Training outputs the ``(x - x)``-normalized values, exactly the bias (``scale * d + bias``
-    with a correction's ``(r, d)``), with flax's gradients: none into ``x`` or the scale.
-    """
+    """One value per feature: the mean is ``x``, the variance 0. Training outputs ``(x - x)``
+    normalized, exactly the bias, with flax's gradients: none into ``x`` or the scale."""
     x, state, dtype = call.x, call.state, call.compute_dtype
     mean = x.reshape(state["mean"].shape).astype(jnp.promote_types(x.dtype, dtype))  # d mean/dx = 1
     shift = lax.stop_gradient(mean)
@@ -272,13 +259,9 @@ def _single_value(call: _validation.BatchNormCall, y: jax.Array | None) -> tuple
 
 
 def _averaged_into(state: State, batch: stats.Moments, momentum: Any, unbiased: bool) -> dict:
-    """Averages ``batch`` into ``state``, guarded; the one place running statistics change.
-
-    Features without a valid element (and, if unbiased, with only one) keep their statistics; when
-    any valid feature's statistics are not finite the whole state is kept and ``count``/``steps``
-    do not advance (a decision on globally reduced values: every device takes it alike). A
-    non-finite old statistic is replaced by the batch's. The state keeps its dtypes.
-    """
+    """Averages ``batch`` into ``state``, the one place running statistics change: features without
+    a valid element (unbiased: with one) keep theirs; a non-finite batch statistic keeps the whole
+    state (and ``count``/``steps``); a non-finite old statistic is replaced. Dtypes are kept."""
     mean, var, n = (lax.stop_gradient(v) for v in (batch.mean, batch.var, batch.count))
     has_data = n > 0
     update = has_data & jnp.all(jnp.where(has_data, jnp.isfinite(mean) & jnp.isfinite(var), True))
@@ -315,10 +298,8 @@ def update_running_stats(
     momentum: float | None = 0.99,
     unbiased_running_var: bool = False,
 ) -> dict[str, jax.Array]:
-    r"""Averages batch moments into running statistics, as :func:`batch_norm`'s training step does.
-
-    With the same guards; after ``batch_norm(..., update_running_stats=False,
-    return_moments=True)`` and :func:`jaxbn.merge_moments`, one update per optimizer step.
+    """Averages batch moments into running statistics, as :func:`batch_norm`'s training step does
+    (with the same guards): after :func:`jaxbn.merge_moments`, one update per optimizer step.
 
     Args:
       state: ``{'mean', 'var'}`` (and ``'count'`` for ``momentum=None``).
@@ -330,7 +311,7 @@ def update_running_stats(
       The new state, with the old one's keys and dtypes.
 
     Raises:
-      TypeError / ValueError: bad state, momentum or moments.
+      TypeError / ValueError: a state, momentum or moments that do not fit.
 
     >>> import jax.numpy as jnp, jaxbn
     >>> x = jnp.arange(8.0).reshape(4, 2)

@@ -1,10 +1,5 @@
-"""Layer, RMS, group and instance normalization on batch norm's statistics path.
-
-Each function here only chooses axes: its statistics are per example, so a NaN or Inf in one
-example leaves every other example's output finite, and there is no running state. Semantics,
-defaults and parameter shapes are flax.linen's; the Flax modules in :mod:`jaxbn.linen` own the
-parameters and call these functions.
-"""
+"""Layer, RMS, group and instance normalization on batch norm's statistics path, with flax.linen's
+semantics: statistics per example (no running state), parameters per feature."""
 
 from __future__ import annotations
 
@@ -25,8 +20,8 @@ number_of_groups = _validation.number_of_groups  # flax GroupNorm's rule (the Fl
 
 
 def _normalize(
-    kind: str, x: Any, params: Any, reduction_axes: Any, feature_axes: Any, epsilon: Any, mask: Any,
-    axis_name: Any, axis_index_groups: Any, dtype: Any, num_groups: Any = None, group_size: Any = None,
+    kind: str, x, params, reduction_axes, feature_axes, epsilon, mask, axis_name, axis_index_groups,
+    dtype, num_groups: Any = None, group_size: Any = None,
 ) -> jax.Array:
     """The ``kind`` of norm. Layer, group and instance norm of real ``x`` run batch norm's training
     step over their axes, then ``y * scale + bias``; RMS norm (``E[|x|^2] = var + |mean|^2``) and
@@ -38,8 +33,9 @@ def _normalize(
     shape = x.shape[:-2] + (x.shape[-2] * x.shape[-1],) if kind == "group_norm" else x.shape
     if not axes:  # instance norm without a spatial axis: x - x in the compute dtype, the bias
         wide = x.astype(compute)
-        return _train_step.affine_normalize(wide, wide, None, jnp.zeros((), jnp.float32), params, (),
-                                            epsilon, compute, out)
+        zero = jnp.zeros((), jnp.float32)
+        return _train_step.affine_normalize(wide, wide, None, zero, params, (), epsilon, compute,
+                                            out)
     plan = stats.Plan(axes, jnp.dtype(compute), jnp.dtype(jnp.finfo(compute).dtype), axis_name,
                       groups, jnp.dtype(out))
     if kind != "rms_norm" and not jnp.iscomplexobj(x):
@@ -86,15 +82,11 @@ def layer_norm(
 ) -> jax.Array:
     r"""Layer normalization (Ba et al., 2016), as :class:`flax.linen.LayerNorm`.
 
-    Statistics per example over ``reduction_axes`` (the stable, shifted variance of
-    :func:`jaxbn.moments`); ``scale`` (γ) and ``bias`` (β) have the ``feature_axes``' shape:
-
-    .. math::
-        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+    ``y = (x - E[x]) / sqrt(Var[x] + epsilon) * scale + bias``, the statistics per example over
+    ``reduction_axes`` (:func:`jaxbn.moments`), the parameters of the ``feature_axes``' shape.
 
     Args:
-      x: floating or complex input (complex: complex mean, real variance ``E[|x - E[x]|^2]``);
-        half-precision statistics are computed in float32.
+      x: floating or complex input (complex: real variance ``E[|x - E[x]|^2]``).
       params: ``{'scale', 'bias'}``, each optional, of the ``feature_axes`` sizes.
       reduction_axes: the axes the statistics are taken over.
       feature_axes: the axes scale and bias vary along.
@@ -135,13 +127,8 @@ def rms_norm(
 ) -> jax.Array:
     r"""RMS normalization (Zhang & Sennrich, 2019), as :class:`flax.linen.RMSNorm`.
 
-    No re-centering and no bias: per example, over ``reduction_axes``,
-
-    .. math::
-        y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \gamma
-
-    with γ (``scale``) of the ``feature_axes``' shape and ``E[x^2] = var + mean^2``, a sum of
-    non-negative terms from :func:`jaxbn.moments`.
+    ``y = x / sqrt(E[x^2] + epsilon) * scale`` per example over ``reduction_axes``, with
+    ``E[x^2] = var + mean^2`` (a sum of non-negative terms) from :func:`jaxbn.moments`.
 
     Args:
       x: floating or complex input (complex: ``E[|x|^2]``).
@@ -149,10 +136,7 @@ def rms_norm(
       reduction_axes: the axes the mean square is taken over.
       feature_axes: the axes scale varies along.
       epsilon: > 0, added to the mean square.
-      mask: as in :func:`layer_norm`.
-      axis_name: as in :func:`layer_norm`.
-      axis_index_groups: as in :func:`layer_norm`.
-      dtype: as in :func:`layer_norm`.
+      mask, axis_name, axis_index_groups, dtype: as in :func:`layer_norm`.
 
     Returns:
       The normalized array, shaped as ``x``.
@@ -183,28 +167,17 @@ def group_norm(
 ) -> jax.Array:
     r"""Group normalization (Wu & He, 2018), as :class:`flax.linen.GroupNorm`.
 
-    Channels are last, split into ``G`` consecutive groups; statistics per example and per group
-    over the group's channels and the other ``reduction_axes``:
-
-    .. math::
-        y_{\dots,c} = \frac{x_{\dots,c} - \mu_{g(c)}}{\sqrt{\sigma^2_{g(c)} + \epsilon}}
-        \gamma_c + \beta_c
-
-    ``num_groups=1`` is layer norm over all non-batch axes, ``group_size=1`` instance norm.
+    Channels are last, split into consecutive groups; each group is normalized per example over
+    its channels and the other ``reduction_axes``, then scaled and shifted per channel.
 
     Args:
       x: floating or complex input ``(batch, ..., C)``.
       params: ``{'scale', 'bias'}``, each optional, of shape ``(C,)``.
-      num_groups: the number of groups (flax's default 32), dividing ``C``; None when
-        ``group_size`` is given.
+      num_groups: the number of groups, dividing ``C``; None when ``group_size`` is given.
       group_size: the channels per group, instead of ``num_groups``.
-      reduction_axes: the axes of the statistics, the last (channel) axis among them.
-        Default: every axis but the first (the batch).
+      reduction_axes: the axes of the statistics, the last among them (default: all but 0).
       epsilon: > 0, added to the variance.
-      mask: as in :func:`layer_norm`.
-      axis_name: as in :func:`layer_norm`.
-      axis_index_groups: as in :func:`layer_norm`.
-      dtype: as in :func:`layer_norm`.
+      mask, axis_name, axis_index_groups, dtype: as in :func:`layer_norm`.
 
     Returns:
       The normalized array, shaped as ``x``.
@@ -233,23 +206,16 @@ def instance_norm(
 ) -> jax.Array:
     r"""Instance normalization (Ulyanov et al., 2016), as :class:`flax.linen.InstanceNorm`.
 
-    Statistics per example (the first axis) and per feature, over every other (spatial) axis:
-
-    .. math::
-        y_{n,\dots,c} = \frac{x_{n,\dots,c} - \mu_{n,c}}{\sqrt{\sigma^2_{n,c} + \epsilon}}
-        \gamma_c + \beta_c
+    Each example (the first axis) and feature is normalized over the other (spatial) axes, then
+    scaled and shifted per feature.
 
     Args:
-      x: floating or complex input ``(batch, ...)`` with at least one spatial axis (without one
-        the output is the bias, with a :class:`jaxbn.DegenerateBatchWarning`).
+      x: floating or complex input ``(batch, ...)``; without a spatial axis the output is the bias
+        (with a :class:`jaxbn.DegenerateBatchWarning`).
       params: ``{'scale', 'bias'}``, each optional, of the ``feature_axes`` sizes.
-      feature_axes: the channel axes (not 0, the batch axis): ``-1`` for
-        NHWC, ``1`` for NCHW.
+      feature_axes: the channel axes (not 0): ``-1`` for NHWC, ``1`` for NCHW.
       epsilon: > 0, added to the variance.
-      mask: as in :func:`layer_norm`.
-      axis_name: as in :func:`layer_norm`.
-      axis_index_groups: as in :func:`layer_norm`.
-      dtype: as in :func:`layer_norm`.
+      mask, axis_name, axis_index_groups, dtype: as in :func:`layer_norm`.
 
     Returns:
       The normalized array, shaped as ``x``.

@@ -1,9 +1,5 @@
-"""Batch renormalization (Ioffe, 2017): :func:`batch_renorm` and its clipping schedule.
-
-Batch norm's training step with a per-feature correction ``(r, d)`` towards the running
-statistics (:func:`renorm_correction`, the step's ``correction``): it shares
-:func:`jaxbn.batch_norm`'s checks, step, options and running-statistics update.
-"""
+"""Batch renormalization (Ioffe, 2017): batch norm's step with a per-feature correction ``(r, d)``
+towards the running statistics (:func:`renorm_correction`), and its clipping schedule."""
 
 from __future__ import annotations
 
@@ -37,10 +33,8 @@ def renorm_correction(
     ``σ_B, σ = sqrt(var + eps)`` of the batch and the running statistics and ``μ_B - μ`` taken as
     ``(K - μ) + (μ_B - K)`` (``K``: the batch's shift), exact at a large offset.
     """
-    dtype = batch.var.dtype
-    running_mean, running_var, r_max, d_max = (
-        jnp.asarray(v, dtype) for v in (running_mean, running_var, r_max, d_max)
-    )
+    limits = (running_mean, running_var, r_max, d_max)
+    running_mean, running_var, r_max, d_max = (jnp.asarray(v, batch.var.dtype) for v in limits)
     running_std = jnp.sqrt(running_var + epsilon)
     r = jnp.sqrt((batch.var + epsilon) / (running_var + epsilon))
     d = ((batch.shift - running_mean) + batch.mean_minus_shift) / running_std
@@ -64,13 +58,11 @@ def renorm_clipping(
     r"""Batch renormalization's clipping schedule (Ioffe, 2017): ``(r_max, d_max)`` at ``step``.
 
     Plain batch norm (``r_max = 1``, ``d_max = 0``) up to ``warmup_steps``, then each limit is
-    relaxed linearly to its final value at ``r_max_steps`` / ``d_max_steps`` (right after warm-up
-    where these equal ``warmup_steps``). The defaults are the paper's. Pure ``jnp`` arithmetic:
-    ``step`` may be traced, and an array of steps gives arrays of limits.
+    relaxed linearly to its final value at ``r_max_steps`` / ``d_max_steps``; the defaults are
+    the paper's.
 
     Args:
-      step: the training step (0 for the first), an int or float scalar or
-        array, possibly traced.
+      step: the training step (0 for the first), an int or float scalar or array, maybe traced.
       r_max: final ``r_max``, finite and >= 1.
       d_max: final ``d_max``, finite and >= 0.
       warmup_steps: steps of plain batch norm, >= 0.
@@ -78,8 +70,7 @@ def renorm_clipping(
       d_max_steps: the step at which ``d_max`` is reached, >= ``warmup_steps``.
 
     Returns:
-      ``(r_max, d_max)`` at ``step``, float32 arrays of ``step``'s shape, to
-      pass to :func:`batch_renorm`.
+      ``(r_max, d_max)`` at ``step``, float32 arrays of ``step``'s shape.
 
     Raises:
       TypeError / ValueError: limits, step counts or ``step`` that do not fit.
@@ -138,21 +129,18 @@ def batch_renorm(
 ) -> tuple[jax.Array, dict[str, jax.Array]] | tuple[jax.Array, dict, stats.Moments | None]:
     r"""Batch renormalization (Ioffe, 2017) with explicit running statistics.
 
-    Training normalizes with the batch statistics, then corrects towards the running ones, so
-    that the output depends less on the batch (small or non-i.i.d. batches):
+    Training normalizes with the batch statistics, then corrects towards the running ones (for
+    small or non-i.i.d. batches):
 
     .. math::
         y = \gamma\,(\hat x\, r + d) + \beta, \qquad
         r = \mathrm{sg}\Big(\mathrm{clip}_{[1/r_{max},\, r_{max}]}\frac{\sigma_B}{\sigma}\Big), \qquad
         d = \mathrm{sg}\Big(\mathrm{clip}_{[-d_{max},\, d_{max}]}\frac{\mu_B - \mu}{\sigma}\Big),
 
-    with :math:`\hat x` batch norm's, :math:`\mu, \sigma` from ``state`` before this batch's
-    update and ``sg`` a stop-gradient. ``r_max = 1, d_max = 0`` is :func:`jaxbn.batch_norm`;
-    the running statistics and inference are batch norm's.
-
-    The other arguments are :func:`jaxbn.batch_norm`'s (``x`` real in training; with ghost
-    batches, ``r`` and ``d`` are per ghost batch); ``state`` may also hold an int scalar
-    ``'steps'``, advanced with every update (scheduled limits read it).
+    with :math:`\hat x` batch norm's, :math:`\mu, \sigma` from ``state`` and ``sg`` a
+    stop-gradient; ``r_max = 1, d_max = 0`` is :func:`jaxbn.batch_norm`. The other arguments,
+    the running statistics and inference are batch norm's (``x`` real in training); ``state``
+    may hold an int scalar ``'steps'``, advanced with every update (scheduled limits read it).
 
     Args:
       r_max: >= 1, the bound of ``r`` (``inf``: unbounded); a number or a scalar array,
@@ -163,8 +151,7 @@ def batch_renorm(
       ``(y, new_state)``, or ``(y, new_state, moments)`` with ``return_moments=True``.
 
     Raises:
-      TypeError / ValueError: as :func:`jaxbn.batch_norm`, and for limits below 1 (``r_max``)
-        or 0 (``d_max``) or complex input in training.
+      TypeError / ValueError: as :func:`jaxbn.batch_norm`, and for limits that do not fit.
 
     >>> import jax.numpy as jnp
     >>> from jaxbn import batch_norm_init

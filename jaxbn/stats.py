@@ -1,9 +1,5 @@
-"""Statistics: the one place in jaxbn that reduces.
-
-Every normalizer's mean and variance come from :func:`_two_pass_statistics` (two passes per
-device around an element of its batch); they cross devices in one :func:`all_gather`, the
-backward's sums in one :func:`cross_device_sum`. ``docs/internals.md`` explains the design.
-"""
+"""Statistics, the one place in jaxbn that reduces: :func:`_two_pass_statistics` per device, one
+:func:`all_gather` across devices, the backward's sums in one :func:`cross_device_sum`."""
 
 from __future__ import annotations
 
@@ -48,11 +44,8 @@ class Moments(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """The static configuration of the statistics and of a training step (hashable).
-
-    ``dtype``: the compute dtype (at least float32); ``real_dtype``: the variance's;
-    ``out_dtype`` and ``correction``: the step's (:mod:`jaxbn._train_step`).
-    """
+    """The static configuration of the statistics (and of a training step: ``out_dtype``,
+    ``correction``); ``dtype`` is the compute dtype, at least float32."""
 
     axes: tuple[int, ...]
     dtype: Any
@@ -74,14 +67,11 @@ def moments(
     shift: jax.Array | None = None,
     source: jax.Array | None = None,
 ) -> Moments:
-    r"""Mean and variance over ``axes``, exact across devices and at any offset.
-
-    Each device sums around ``K``, the first valid element of its batch, in two passes; with
-    ``axis_name`` one ``all_gather`` brings every device's moments to every device, which merges
-    them count-weighted. Complex input has a complex mean and the real variance ``E|x - \mu|^2``.
+    """Mean and variance over ``axes``, exact across devices and at any offset: two passes around
+    an element of the batch, and with ``axis_name`` one ``all_gather`` of every device's moments.
 
     Args:
-      x: floating or complex input; half precision is reduced in float32.
+      x: floating or complex input (complex: real variance ``E|x - mean|^2``).
       axes: the axes to reduce (an int or a sequence).
       mask: optional boolean array broadcastable to ``x``: only ``True`` elements count.
       axis_name: device axis name(s) bound by ``pmap``, ``shard_map`` or ``vmap`` to reduce
@@ -96,9 +86,7 @@ def moments(
       :class:`Moments` with arrays of shape ``x.shape`` without ``axes``.
 
     Raises:
-      TypeError: ``x`` is not floating or complex, or ``mask`` is not boolean.
-      ValueError: ``axes`` or ``shift`` do not fit ``x``, or ``axis_name`` is
-        not bound.
+      TypeError / ValueError: an argument that does not fit (``docs/errors.md``).
 
     >>> import jax.numpy as jnp
     >>> x = jnp.array([[1e4 + 1.0, 2.0], [1e4 - 1.0, 4.0]])
@@ -267,8 +255,7 @@ _statistics = _two_pass_statistics
 
 
 def _first_valid(x: jax.Array, mask: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """Per feature, the first valid element of ``x`` along ``axes`` (in index order) and whether
-    there is one: a reduction of the mask's positions, then a gather of one element per feature."""
+    """Per feature, the first valid element of ``x`` along ``axes`` and whether there is one."""
     position = jnp.zeros(x.shape, jnp.int32)
     for axis in axes:
         position = position * x.shape[axis] + lax.broadcasted_iota(jnp.int32, x.shape, axis)
@@ -293,22 +280,17 @@ def _first_valid(x: jax.Array, mask: jax.Array, axes: tuple[int, ...]) -> tuple[
 def merge_moments(parts: Sequence[Moments]) -> Moments:
     r"""The moments of several batches together, from each batch's :class:`Moments`.
 
-    The exact count-weighted combination (what :func:`moments` of the concatenated batches gives,
-    up to rounding), around the shift of the first part with data:
-
-    .. math::
-        n = \sum_i n_i, \qquad \mu = \frac{\sum_i n_i \mu_i}{n}, \qquad
-        \sigma^2 = \frac{\sum_i n_i (\sigma_i^2 + (\mu_i - \mu)^2)}{n}.
+    The exact count-weighted combination (:func:`moments` of the concatenated batches, up to
+    rounding): ``n = Σ n_i``, ``μ = Σ n_i μ_i / n``, ``σ² = Σ n_i (σ_i² + (μ_i - μ)²) / n``.
 
     Args:
       parts: one or more :class:`Moments` of the same shape.
 
     Returns:
-      The :class:`Moments` of all parts.
+      Their :class:`Moments`.
 
     Raises:
-      TypeError: ``parts`` is not a sequence of :class:`Moments`.
-      ValueError: ``parts`` is empty or the shapes differ.
+      TypeError / ValueError: ``parts`` is not a non-empty sequence of one shape.
 
     >>> import jax.numpy as jnp
     >>> x = jnp.array([[1.0], [2.0], [3.0], [10.0]])
@@ -325,9 +307,8 @@ def merge_moments(parts: Sequence[Moments]) -> Moments:
         raise ValueError(f"parts must be a non-empty sequence of Moments, got {parts!r}.")
     for i, part in enumerate(parts):
         if not isinstance(part, Moments):
-            raise TypeError(
-                f"parts must be a non-empty sequence of Moments, but parts[{i}] is a {type(part).__name__}."
-            )
+            raise TypeError(f"parts must be a non-empty sequence of Moments, but parts[{i}] is a "
+                            f"{type(part).__name__}.")
     shapes = {jnp.shape(part.mean) for part in parts}
     if len(shapes) != 1:
         raise ValueError(f"parts must all have one shape, got {sorted(shapes)}.")
@@ -539,12 +520,8 @@ def channel_sums(
 
 
 def cpu_barrier(*values: Any) -> tuple[Any, ...]:
-    """``values`` behind an ``optimization_barrier`` on XLA:CPU, unchanged elsewhere (``None`` too).
-
-    XLA:CPU's fast reductions are library kernels that absorb only elementwise work nothing else
-    shares: the barrier keeps a common subexpression (``x - K``, a float32 copy of a bfloat16
-    ``x``) from being shared, and so materialized. One primitive with a per-platform lowering.
-    """
+    """``values`` behind an ``optimization_barrier`` on XLA:CPU, unchanged elsewhere (``None`` too):
+    there reductions are library kernels that absorb only elementwise work nothing else shares."""
     arrays = [i for i, value in enumerate(values) if value is not None]
     out = list(values)
     for i, value in zip(arrays, _cpu_barrier_p.bind(*(values[i] for i in arrays))):
@@ -574,11 +551,8 @@ mlir.register_lowering(_cpu_barrier_p, mlir.lower_fun(lambda *v: lax.optimizatio
 
 
 def computed_once(*values: Any) -> tuple[Any, ...]:
-    """``values`` unchanged (a zero's sign aside), each computed by XLA once, where it is needed.
-
-    XLA copies cheap elementwise work into every fusion that reads it, a reduction never: the values
-    (grouped by shape and dtype) are stacked and summed with ``-0.0``, an exact identity. Linear, so
-    differentiable and transposable; ``None`` entries pass through.
+    """``values`` unchanged (a zero's sign aside), each computed by XLA once: stacked (by shape and
+    dtype) and summed with ``-0.0``, a reduction XLA does not copy into each reader. Linear.
 
     >>> import jax.numpy as jnp
     >>> computed_once(jnp.array([1.0, -2.0]), None)
