@@ -29,8 +29,8 @@ def _record_type(frame):
     cls = first if isinstance(first, type) else type(first)
     if not cls.__module__.startswith("jaxbn"):
         return None
-    is_record = (issubclass(cls, tuple) and hasattr(cls, "_fields")) or dataclasses.is_dataclass(cls)
-    return cls if is_record else None
+    namedtuple = issubclass(cls, tuple) and hasattr(cls, "_fields")
+    return cls if namedtuple or dataclasses.is_dataclass(cls) else None
 
 
 def _profile_first_trace():
