@@ -1,10 +1,5 @@
-"""Batch renormalization (Ioffe, 2017): :func:`batch_renorm` and its clipping schedule.
-
-Batch norm's training step with a per-feature correction towards the running
-statistics (:func:`renorm_correction`, the step's variant hook); it shares
-:func:`jaxbn.batch_norm`'s validation, kernel, options and running-statistics
-update.
-"""
+"""Batch renormalization (Ioffe, 2017): batch norm's step with a per-feature correction ``(r, d)``
+towards the running statistics (:func:`renorm_correction`), and its clipping schedule."""
 
 from __future__ import annotations
 
@@ -14,7 +9,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax import lax
 
 from jaxbn import _validation, functional, stats
@@ -22,26 +16,7 @@ from jaxbn.functional import Params, State
 
 __all__ = ["batch_renorm", "renorm_clipping"]
 
-
-def check_renorm_limits(r_max: Any, d_max: Any) -> None:
-    """Raises unless ``r_max >= 1`` and ``d_max >= 0`` (scalars; inf allowed; traced let through)."""
-    for name, value, lower, meaning in (
-        ("r_max", r_max, 1.0, "r is clipped to [1/r_max, r_max]"),
-        ("d_max", d_max, 0.0, "d is clipped to [-d_max, d_max]"),
-    ):
-        expected = f"a real scalar >= {lower:g} (inf for no clipping)"
-        if isinstance(value, jax.core.Tracer):
-            if jnp.ndim(value) != 0 or not jnp.issubdtype(value.dtype, jnp.number):
-                raise TypeError(f"{name} must be {expected}, got a traced array of shape {jnp.shape(value)} "
-                                f"and dtype {value.dtype}.")
-            continue
-        number = _validation.static_float(value, name, expected)
-        if not number >= lower:  # also rejects NaN
-            raise ValueError(
-                f"{name} must be a real scalar >= {lower:g} (inf for no clipping), got {number}: {meaning}, "
-                "and r_max=1, d_max=0 is plain batch norm. Ioffe (2017) uses r_max=3, d_max=5 after "
-                "a warm-up; see renorm_clipping for that schedule."
-            )
+check_renorm_limits = _validation.check_renorm_limits  # (the Flax modules check limits with it)
 
 
 def renorm_correction(
@@ -52,18 +27,14 @@ def renorm_correction(
     r_max: jax.Array,
     d_max: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """Batch renormalization's ``(r, d)`` (Ioffe, 2017), constants for autodiff.
+    """Batch renormalization's ``(r, d)``, constants for autodiff.
 
-    ``r = clip(σ_B / σ, 1/r_max, r_max)`` and ``d = clip((μ_B - μ) / σ, -d_max,
-    d_max)`` with ``σ_B = sqrt(var_B + eps)`` and ``σ = sqrt(var + eps)`` from
-    the running statistics. ``μ_B - μ`` is taken as ``(K - μ) + (μ_B - K)``
-    with ``K`` the batch's rounded mean (:class:`jaxbn.Moments`' shift), so the
-    rest of the batch mean is not lost at a large offset.
+    ``r = clip(σ_B / σ, 1/r_max, r_max)`` and ``d = clip((μ_B - μ) / σ, -d_max, d_max)``, with
+    ``σ_B, σ = sqrt(var + eps)`` of the batch and the running statistics and ``μ_B - μ`` taken as
+    ``(K - μ) + (μ_B - K)`` (``K``: the batch's shift), exact at a large offset.
     """
-    dtype = batch.var.dtype
-    running_mean, running_var, r_max, d_max = (
-        jnp.asarray(v, dtype) for v in (running_mean, running_var, r_max, d_max)
-    )
+    limits = (running_mean, running_var, r_max, d_max)
+    running_mean, running_var, r_max, d_max = (jnp.asarray(v, batch.var.dtype) for v in limits)
     running_std = jnp.sqrt(running_var + epsilon)
     r = jnp.sqrt((batch.var + epsilon) / (running_var + epsilon))
     d = ((batch.shift - running_mean) + batch.mean_minus_shift) / running_std
@@ -86,24 +57,12 @@ def renorm_clipping(
 ) -> tuple[jax.Array, jax.Array]:
     r"""Batch renormalization's clipping schedule (Ioffe, 2017): ``(r_max, d_max)`` at ``step``.
 
-    Plain batch norm (``r_max = 1``, ``d_max = 0``) up to ``warmup_steps``,
-    then each limit is relaxed linearly to reach its final value at
-    ``r_max_steps`` / ``d_max_steps`` and stays there:
-
-    .. math::
-        r_{max}(t) = 1 + (r_{max} - 1)\,\mathrm{clip}\Big(\frac{t - t_0}{t_r - t_0}, 0, 1\Big),
-        \qquad
-        d_{max}(t) = d_{max}\,\mathrm{clip}\Big(\frac{t - t_0}{t_d - t_0}, 0, 1\Big),
-
-    with ``t0 = warmup_steps``. The defaults are the paper's (r_max = 1, d_max
-    = 0 for 5k steps, reaching r_max = 3 at 40k steps and d_max = 5 at 25k).
-    Pure ``jnp`` arithmetic: ``step`` may be traced (a step counter inside a
-    jitted train step), and an array of steps gives arrays of limits. A limit
-    whose end step equals ``warmup_steps`` switches on right after warm-up.
+    Plain batch norm (``r_max = 1``, ``d_max = 0``) up to ``warmup_steps``, then each limit is
+    relaxed linearly to its final value at ``r_max_steps`` / ``d_max_steps``; the defaults are
+    the paper's.
 
     Args:
-      step: the training step (0 for the first), an int or float scalar or
-        array, possibly traced.
+      step: the training step (0 for the first), an int or float scalar or array, maybe traced.
       r_max: final ``r_max``, finite and >= 1.
       d_max: final ``d_max``, finite and >= 0.
       warmup_steps: steps of plain batch norm, >= 0.
@@ -111,15 +70,15 @@ def renorm_clipping(
       d_max_steps: the step at which ``d_max`` is reached, >= ``warmup_steps``.
 
     Returns:
-      ``(r_max, d_max)`` at ``step``, float32 arrays of ``step``'s shape, to
-      pass to :func:`batch_renorm`.
+      ``(r_max, d_max)`` at ``step``, float32 arrays of ``step``'s shape.
+
+    Raises:
+      TypeError / ValueError: limits, step counts or ``step`` that do not fit.
 
     >>> import jax.numpy as jnp
     >>> r_max, d_max = renorm_clipping(jnp.array([0, 5000, 15000, 25000, 40000, 10**6]))
     >>> [round(float(v), 4) for v in r_max]
     [1.0, 1.0, 1.5714, 2.1429, 3.0, 3.0]
-    >>> d_max
-    Array([0. , 0. , 2.5, 5. , 5. , 5. ], dtype=float32)
     """
     for name, value, lower in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
         number = _validation.static_float(value, name, f"a finite number >= {lower:g}")
@@ -167,59 +126,35 @@ def batch_renorm(
     dtype: Any = None,
     ghost_batch_size: int | None = None,
     return_moments: bool = False,
-) -> tuple[jax.Array, dict[str, jax.Array]] | tuple[jax.Array, dict[str, jax.Array], stats.Moments | None]:
+) -> tuple[jax.Array, dict[str, jax.Array]] | tuple[jax.Array, dict, stats.Moments | None]:
     r"""Batch renormalization (Ioffe, 2017) with explicit running statistics.
 
-    Training normalizes with the batch statistics, then corrects towards the
-    running ones, so that the output depends less on the batch (small or
-    non-i.i.d. batches):
+    Training normalizes with the batch statistics, then corrects towards the running ones (for
+    small or non-i.i.d. batches):
 
     .. math::
-        \hat x = \frac{x - \mu_B}{\sigma_B}, \qquad
-        y = \gamma\,(\hat x\, r + d) + \beta, \\
+        y = \gamma\,(\hat x\, r + d) + \beta, \qquad
         r = \mathrm{sg}\Big(\mathrm{clip}_{[1/r_{max},\, r_{max}]}\frac{\sigma_B}{\sigma}\Big), \qquad
         d = \mathrm{sg}\Big(\mathrm{clip}_{[-d_{max},\, d_{max}]}\frac{\mu_B - \mu}{\sigma}\Big),
 
-    with :math:`\sigma_B = \sqrt{\sigma_B^2 + \epsilon}` from the batch,
-    :math:`\mu, \sigma = \sqrt{\mathrm{var} + \epsilon}` from ``state``
-    *before* this batch's update, and ``sg`` a stop-gradient: gradients flow
-    through :math:`\mu_B, \sigma_B` as in batch norm, not through ``r`` and
-    ``d``. Unclipped, ``y`` is the inference transform
-    :math:`\gamma (x - \mu)/\sigma + \beta`; ``r_max = 1, d_max = 0`` is
-    :func:`jaxbn.batch_norm` (to rounding). The running statistics are
-    updated from :math:`\mu_B, \sigma_B^2` exactly as :func:`jaxbn.batch_norm` does
-    (same ``momentum``, cumulative and unbiased options, same guard against a
-    non-finite batch); inference (``training=False``) is :func:`jaxbn.batch_norm`'s.
-
-    Reference: S. Ioffe, "Batch Renormalization: Towards Reducing Minibatch
-    Dependence in Batch-Normalized Models", NeurIPS 2017 (arXiv:1702.03275).
-    The paper starts with ``r_max = 1, d_max = 0`` and relaxes them to 3 and
-    5; :func:`renorm_clipping` computes that schedule from a step counter,
-    traced or not.
+    with :math:`\hat x` batch norm's, :math:`\mu, \sigma` from ``state`` and ``sg`` a
+    stop-gradient; ``r_max = 1, d_max = 0`` is :func:`jaxbn.batch_norm`. The other arguments,
+    the running statistics and inference are batch norm's (``x`` real in training); ``state``
+    may hold an int scalar ``'steps'``, advanced with every update (scheduled limits read it).
 
     Args:
-      x, params, state, training, update_running_stats, axis, momentum,
-        unbiased_running_var, epsilon, axis_name, axis_index_groups, mask,
-        dtype, ghost_batch_size, return_moments: as in :func:`jaxbn.batch_norm` (with ghost
-        batches, ``r`` and ``d`` are computed per ghost batch). Real inputs
-        only in training.
-      r_max: >= 1, the bound of ``r`` (``inf``: unbounded); a number or a
-        scalar array, possibly traced (e.g. ``renorm_clipping(step)[0]``
-        inside ``jit``), which cannot be checked.
-      d_max: >= 0, the bound of ``|d|`` (``inf``: unbounded); as ``r_max``.
-      The ``state`` may hold an int scalar ``'steps'``, advanced with every
-      update that changes the running statistics (scheduled limits read it).
+      r_max: >= 1, the bound of ``r`` (``inf``: unbounded); a number or a scalar array,
+        possibly traced (e.g. ``renorm_clipping(step)[0]``), which cannot be checked.
+      d_max: >= 0, the bound of ``|d|``; as ``r_max``.
 
     Returns:
-      ``(y, new_state)``, or ``(y, new_state, moments)`` with ``return_moments=True``
-      (the batch's :class:`jaxbn.Moments`, as :func:`jaxbn.batch_norm` returns them).
+      ``(y, new_state)``, or ``(y, new_state, moments)`` with ``return_moments=True``.
 
     Raises:
-      TypeError / ValueError: as :func:`jaxbn.batch_norm`, and for limits
-        below 1 (``r_max``) or 0 (``d_max``) or complex input in training.
+      TypeError / ValueError: as :func:`jaxbn.batch_norm`, and for limits that do not fit.
 
     >>> import jax.numpy as jnp
-    >>> from jaxbn import batch_norm, batch_norm_init
+    >>> from jaxbn import batch_norm_init
     >>> params, state = batch_norm_init(2)
     >>> x = jnp.array([[0.0, 10.0], [2.0, 30.0]])
     >>> y, new_state = batch_renorm(x, params, state, training=True, r_max=3.0, d_max=5.0,
@@ -227,22 +162,13 @@ def batch_renorm(
     >>> y.round(3) + 0.0  # r = (1, 3), d = (1, 5): clipped in the second channel
     Array([[0., 2.],
            [2., 8.]], dtype=float32)
-    >>> new_state['mean']  # updated as batch_norm updates it
-    Array([0.1, 2. ], dtype=float32)
-    >>> bn, _ = batch_norm(x, params, state, training=True)
-    >>> same, _ = batch_renorm(x, params, state, training=True, r_max=1.0, d_max=0.0)
-    >>> bool(jnp.allclose(same, bn, rtol=1e-6, atol=1e-6))  # two programs: equal to rounding
-    True
     """
-    _validation.check_static_bool(training, "training")
-    check_renorm_limits(r_max, d_max)
-    call = functional.check_batch_norm_args(
-        "batch_renorm", x, params, state, training=training, update_running_stats=update_running_stats,
-        axis=axis, momentum=momentum, unbiased_running_var=unbiased_running_var, epsilon=epsilon,
-        axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask, dtype=dtype,
-        ghost_batch_size=ghost_batch_size, return_moments=return_moments, complex_ok=not training,
-        scalars=("count", "steps"),
+    call = _validation.check_batch_norm(
+        "batch_renorm", x, params, state, training=training, axis=axis, momentum=momentum,
+        update_running_stats=update_running_stats, unbiased_running_var=unbiased_running_var,
+        epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
+        dtype=dtype, ghost_batch_size=ghost_batch_size, return_moments=return_moments,
+        correction=renorm_correction, limits=(r_max, d_max),
     )
     with jax.named_scope("jaxbn.batch_renorm"):
-        y, new_state, moments = functional.batch_norm_from_checked(call, renorm_correction, (r_max, d_max))
-    return (y, new_state, moments) if return_moments else (y, new_state)
+        return functional.apply_checked(call)

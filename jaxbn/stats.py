@@ -1,19 +1,8 @@
-"""Statistics: the one place in jaxbn that reduces.
-
-Every normalizer gets its mean and variance from :func:`moments`: two passes
-per device around an element of its batch, no data-dependent control flow.
-Every sum of the data over the batch on a device is taken by
-:func:`channel_sums` (the mask's count and the first valid position are
-reductions of the mask, the derivative's sums of the tangent); the statistics
-cross devices in one :func:`all_gather` (merged by :func:`merge_stacked`), the
-backward's sums in one :func:`cross_device_sum`.
-So "one collective per layer per direction", "count-weighted across devices"
-and "no float32 copy of a bfloat16 tensor" are properties of this file alone.
-"""
+"""Statistics, the one place in jaxbn that reduces: :func:`_two_pass_statistics` per device, one
+:func:`all_gather` across devices, the backward's sums in one :func:`cross_device_sum`."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Sequence
@@ -27,24 +16,24 @@ from jax import lax
 from jax.interpreters import ad, batching, mlir
 
 from jaxbn import _validation
+from jaxbn._validation import axis_size
 
-__all__ = ["Moments", "moments", "merge_moments", "merge_stacked", "all_gather", "cross_device_sum", "axis_size"]
+__all__ = ["Moments", "moments", "merge_moments", "merge_stacked", "all_gather", "cross_device_sum",
+           "axis_size"]
+
+AxisName = Any  # a hashable name or a tuple of names
+
 
 class Moments(NamedTuple):
-    """Per-feature statistics of a batch, as returned by :func:`moments`.
+    """Per-feature statistics of a batch, as returned by :func:`moments` (a feature without a
+    valid element has ``count == 0``, ``mean == shift`` and ``var == 0``).
 
     Attributes:
       mean: the mean of the valid elements.
       var: their biased (population) variance, ``E[(x - mean)^2]``, >= 0.
       count: the number of valid elements, summed over devices.
-      shift: the reference point ``K`` the sums were taken around; identical on
-        every device.
-      mean_minus_shift: ``mean - shift``, kept separately because at a large
-        offset ``mean`` rounds: normalizing as ``((x - shift) - mean_minus_shift)``
-        never lets the offset meet the rounding.
-
-    Features without any valid element have ``count == 0``, ``mean == shift``
-    and ``var == 0``: no NaN.
+      shift: the reference point ``K`` the sums were taken around, identical on every device.
+      mean_minus_shift: ``mean - shift``, exact where ``mean`` rounds at a large offset.
     """
 
     mean: jax.Array
@@ -54,84 +43,373 @@ class Moments(NamedTuple):
     mean_minus_shift: jax.Array
 
 
-AxisName = Any  # a hashable name or a tuple of names
+class Plan(NamedTuple):
+    """The static configuration of the statistics (and of a training step: ``out_dtype``,
+    ``correction``); ``dtype`` is the compute dtype, at least float32."""
+
+    axes: tuple[int, ...]
+    dtype: Any
+    real_dtype: Any
+    axis_name: AxisName | None
+    axis_index_groups: tuple[tuple[int, ...], ...] | None
+    out_dtype: Any = None
+    correction: Any = None
 
 
-def axis_size(axis_name: AxisName | None, axis_index_groups: Sequence[Sequence[int]] | None = None) -> int:
-    """Returns the number of devices a reduction over ``axis_name`` combines.
-
-    Static: it is known at trace time.
+def moments(
+    x: jax.Array,
+    axes: int | Sequence[int],
+    *,
+    mask: jax.Array | None = None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    dtype: Any = None,
+    shift: jax.Array | None = None,
+    source: jax.Array | None = None,
+) -> Moments:
+    """Mean and variance over ``axes``, exact across devices and at any offset: two passes around
+    an element of the batch, and with ``axis_name`` one ``all_gather`` of every device's moments.
 
     Args:
-      axis_name: ``None`` (no cross-device reduction: 1), a name, or a tuple of
-        names bound by an enclosing ``pmap``, ``shard_map`` or ``vmap``.
-      axis_index_groups: optional groups of device indices along the axis; the
-        reduction then combines the devices of one group.
+      x: floating or complex input (complex: real variance ``E|x - mean|^2``).
+      axes: the axes to reduce (an int or a sequence).
+      mask: optional boolean array broadcastable to ``x``: only ``True`` elements count.
+      axis_name: device axis name(s) bound by ``pmap``, ``shard_map`` or ``vmap`` to reduce
+        over as well; None under plain ``jit`` (XLA reduces over a sharded batch itself).
+      axis_index_groups: optional subgroups of ``axis_name`` (pmap only).
+      dtype: optional minimum dtype for the statistics (always at least float32).
+      shift: optional reference point (no gradient) for a feature whose first element is
+        masked out or not finite (0 if not given).
+      source: optional, ``x``'s values in a narrower dtype (``x`` is its cast), read instead.
 
     Returns:
-      The number of participants in one reduction.
+      :class:`Moments` with arrays of shape ``x.shape`` without ``axes``.
 
     Raises:
-      ValueError: ``axis_name`` is not bound here, or ``axis_index_groups`` do
-        not split the axis into groups of one size that cover every index once.
+      TypeError / ValueError: an argument that does not fit (``docs/errors.md``).
 
-    >>> import jax, jax.numpy as jnp
-    >>> jax.vmap(lambda x: x * axis_size('batch'), axis_name='batch')(jnp.ones(3))
-    Array([3., 3., 3.], dtype=float32)
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[1e4 + 1.0, 2.0], [1e4 - 1.0, 4.0]])
+    >>> m = moments(x, axes=0)
+    >>> m.mean, m.var, m.count
+    (Array([10000.,     3.], dtype=float32), Array([1., 1.], dtype=float32), Array([2., 2.], dtype=float32))
+    >>> moments(x, 0, mask=jnp.array([[True], [False]])).count
+    Array([1., 1.], dtype=float32)
     """
-    if axis_name is None:
-        if axis_index_groups is not None:
-            raise ValueError(
-                "axis_index_groups was given without axis_name; groups subdivide a "
-                "named device axis, so pass the axis_name they index."
-            )
-        return 1
-    try:
-        size = int(lax.axis_size(axis_name))
-    except NameError as err:
-        raise ValueError(
-            f"axis_name={axis_name!r} is not bound here ({err}). Call this function "
-            f"inside jax.shard_map(..., mesh=...) or jax.pmap(..., axis_name="
-            f"{axis_name!r}) (or jax.vmap with that axis_name) whose axes include "
-            f"{axis_name!r}. Under plain jax.jit with a sharded batch, pass "
-            "axis_name=None: XLA inserts the cross-device reduction itself."
-        ) from None
-    if axis_index_groups is None:
-        return size
-    _check_axis_index_groups(axis_index_groups, axis_name, size)
-    return len(axis_index_groups[0])
-
-
-def _check_axis_index_groups(groups: Any, axis_name: AxisName, size: int) -> None:
-    """Raises unless ``groups`` split ``range(size)`` into groups of one size."""
-    expected = (
-        f"a list of equally sized lists of device indices that together name each index "
-        f"0..{size - 1} of axis {axis_name!r} exactly once"
+    x, axes, mask, source, groups, stats_dtype, real_dtype = _validation.check_moments(
+        x, axes, mask, axis_name, axis_index_groups, dtype, source
     )
+    feature_shape = tuple(x.shape[i] for i in range(x.ndim) if i not in axes)
     try:
-        flat = [index for group in groups for index in group]
-        sizes = {len(group) for group in groups}
-    except TypeError:
-        raise TypeError(f"axis_index_groups must be {expected}, got {groups!r}.") from None
-    if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in flat):
-        raise TypeError(f"axis_index_groups must be {expected}, got {groups!r}.")
-    if len(sizes) != 1:
-        raise ValueError(f"axis_index_groups must all have the same size, got sizes {sorted(sizes)}.")
-    if sorted(flat) != list(range(size)):
-        raise ValueError(f"axis_index_groups must be {expected}, got {groups!r}.")
+        shift = jnp.broadcast_to(jnp.asarray(0 if shift is None else shift, stats_dtype),
+                                 feature_shape)
+    except ValueError:
+        raise ValueError(
+            f"shift of shape {jnp.shape(shift)} does not broadcast to the reduced "
+            f"shape {feature_shape} (the input shape {x.shape} without axes {axes})."
+        ) from None
+    plan = Plan(axes, stats_dtype, real_dtype, axis_name, groups)
+    with jax.named_scope("jaxbn.moments"):
+        source = None if source is None else lax.stop_gradient(source)
+        return batch_moments(plan, x, mask, shift, source)
+
+
+def batch_moments(plan: Plan, x: jax.Array, mask: Any, shift: jax.Array, source: Any = None
+                  ) -> Moments:
+    """:func:`moments` of checked arguments (``shift`` of the reduced shape, in ``plan.dtype``)."""
+    fallback = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
+    count, shift, offset, var = _shifted_moments(plan, x, mask, fallback, source)
+    return Moments(mean=shift + offset, var=var, count=count, shift=shift, mean_minus_shift=offset)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _shifted_moments(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Array, source: Any = None):
+    """:func:`_statistics` of ``source`` (if given) or ``x``; ``K`` is constant to the derivative."""
+    return _statistics(plan, x if source is None else source, mask, fallback)
+
+
+@_shifted_moments.defjvp
+def _shifted_moments_jvp(plan, primals, tangents):
+    x, mask, fallback, source = primals
+    count, shift, offset, var = out = _shifted_moments(plan, x, mask, fallback, source)
+    shift, offset = lax.stop_gradient(shift), lax.stop_gradient(offset)
+    dx = tangents[0]
+    # Linear in dx (no optimization barrier: reverse mode transposes this).
+    centered = x.astype(plan.dtype) - jnp.expand_dims(shift, plan.axes)
+    centered = centered - jnp.expand_dims(offset, plan.axes)
+    # A deviation beyond the dtype: a variance beyond it, whose derivative nothing uses (0, not NaN)
+    centered = jnp.where(jnp.isfinite(centered), centered, 0)
+    dx = dx.astype(plan.dtype)
+    if mask is not None:
+        centered, dx = jnp.where(mask, centered, 0), jnp.where(mask, dx, 0)
+    # d|d|^2 = 2 Re(conj(d) dd): 2 d dd for real input
+    d_square = 2 * (centered.conj() * dx).real if jnp.iscomplexobj(centered) else 2 * centered * dx
+    sums = [jnp.sum(dx, plan.axes), jnp.sum(d_square, plan.axes)]
+    if jnp.iscomplexobj(sums[0]):
+        d_mean_re, d_mean_im, d_var = cross_device_sum(
+            [sums[0].real, sums[0].imag, sums[1]], plan.axis_name, plan.axis_index_groups
+        )
+        d_mean = lax.complex(d_mean_re, d_mean_im)
+    else:
+        d_mean, d_var = cross_device_sum(sums, plan.axis_name, plan.axis_index_groups)
+    safe_count = jnp.maximum(count, 1)
+    zeros = jnp.zeros_like(count), jnp.zeros_like(shift)
+    return out, (*zeros, d_mean / safe_count, d_var / safe_count)
+
+
+_INT = {32: jnp.int32, 64: jnp.int64}
+
+
+def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Array) -> tuple:
+    """``(count, shift K, mean - K, variance)`` of the valid elements of every device.
+
+    ``K`` is this device's first valid, finite element along the axes (``fallback`` where there
+    is none). Pass one sums ``d = x - K`` and ``|d|``, pass two ``|s (d - mean(d))|^2`` with ``s``
+    a power of two that keeps every square finite; no step depends on a decision taken from the
+    data. With ``plan.axis_name`` the devices' moments are merged after one collective.
+    """
+    axes, dtype, real = plan.axes, plan.dtype, plan.real_dtype
+    info = jnp.finfo(real)
+    top, int_type = info.maxexp - 1, _INT[info.bits]  # the greatest normal exponent
+    size = math.prod(x.shape[i] for i in axes)
+    if any(isinstance(x.shape[i], int) and x.shape[i] == 0 for i in axes):  # no element to take
+        shift = fallback
+    elif mask is None:  # x at index 0 of each axis (gathered along an explicitly sharded one)
+        sharding = getattr(jax.typeof(x), "sharding", None)
+        spec, value = tuple(getattr(sharding, "spec", None) or ()), x
+        for axis in [axis for axis in axes if axis < len(spec) and spec[axis] is not None]:
+            spec = tuple(None if i == axis else part for i, part in enumerate(spec))
+            out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+            value = value.at[(slice(None),) * axis + (np.array([0]),)].get(out_sharding=out)
+        limits = [1 if i in axes else n for i, n in enumerate(value.shape)]
+        value = lax.squeeze(lax.slice(value, [0] * value.ndim, limits), axes).astype(fallback.dtype)
+        shift = jnp.where(jnp.isfinite(value), value, fallback)
+    else:
+        value, found = _first_valid(x, jnp.broadcast_to(mask, x.shape), axes)
+        value = value.astype(fallback.dtype)
+        shift = jnp.where(found & jnp.isfinite(value), value, fallback)
+    # Where |K| n nears the maximum, d = s0 (x - K) with s0 = 2^-(2 + log2 n), else s0 = 1.
+    if isinstance(size, int):
+        log_size = max(size - 1, 0).bit_length()  # ceil(log2 size)
+        exponents = (top - 1 - log_size, -2 - log_size, 2 + log_size)
+        near, s0_far, u0_far = (np.asarray(2.0 ** e, real) for e in exponents)
+    else:  # a symbolic size (jax.export): the same powers of two, built from their exponent bits
+        log_size = jnp.ceil(jnp.log2(jnp.maximum(jnp.asarray(size, real), 1))).astype(int_type)
+        near, s0_far, u0_far = (
+            lax.bitcast_convert_type(lax.shift_left(e + top, int_type(info.nmant)), real)
+            for e in (top - 1 - log_size, -2 - log_size, 2 + log_size)
+        )
+    if jnp.iscomplexobj(shift):
+        near_top = jnp.maximum(jnp.abs(shift.real), jnp.abs(shift.imag)) >= near
+    else:
+        near_top = jnp.abs(shift) >= near
+    s0 = jnp.where(near_top, s0_far, np.asarray(1, real))
+    scaled_shift = shift * s0
+
+    def deviation(x, scaled_shift, mask, s0, offset=None, s2=None):
+        d = x.astype(dtype) * jnp.expand_dims(s0, axes) - jnp.expand_dims(scaled_shift, axes)
+        if offset is not None:
+            d = (d - jnp.expand_dims(offset, axes)) * jnp.expand_dims(s2, axes)
+        return d if mask is None else jnp.where(mask, d, 0)  # where: masked-out NaN stays out
+
+    # each sum reads its own view of its operands (chained barriers: XLA merges identical ones)
+    operands = cpu_barrier(x, scaled_shift, mask, s0)
+    first = jnp.sum(deviation(*operands), axes)
+    spread = jnp.sum(jnp.abs(deviation(*cpu_barrier(*operands))), axes)
+    if mask is None:
+        count = jnp.full(shift.shape, size, real)
+    else:
+        count = jnp.sum(jnp.broadcast_to(mask, x.shape), axes, dtype=real)
+    safe_count = jnp.maximum(count, 1)  # an empty feature: sums 0, so mean = K and var = 0
+    offset0 = first / safe_count  # mean - K, in units of s0
+    # s2 = 2^(top/2 - 2 - e(spread)) and 1 / s2 from spread's exponent bits, both normal:
+    # Σ|s2 (d - mean(d))|^2 <= (2 s2 Σ|d|)^2 stays below 2^(top - 1)
+    bits = int_type(info.nmant)
+    biased = lax.shift_right_logical(lax.bitcast_convert_type(spread, int_type), bits)
+    exponent = lax.clamp(int_type(1), int_type(top // 2 - 2 + 2 * top) - biased,
+                         int_type(2 * top - 1))
+    s2, u2 = (lax.bitcast_convert_type(lax.shift_left(e, bits), real)
+              for e in (exponent, int_type(2 * top) - exponent))
+    d = deviation(*cpu_barrier(x, scaled_shift, mask, s0, offset0, s2))
+    second = jnp.sum(d.real * d.real + d.imag * d.imag if jnp.iscomplexobj(d) else d * d, axes)
+    # first sums beyond the dtype (values far beyond |K| near the maximum): a variance beyond it
+    beyond = (spread == np.inf) & (first == first)
+    offset0, second = jnp.where(beyond, 0, offset0), jnp.where(beyond, np.inf, second)
+    # unscaled one power of two at a time (a/s/s would become a/(s*s), which may overflow); the mean
+    # as (its rounding, the rest): K + offset may be representable where offset is not
+    u0 = jnp.where(near_top, u0_far, np.asarray(1, real))
+    mean = (scaled_shift + offset0) * u0
+    mean = jnp.where(jnp.isfinite(mean), mean, shift)
+    offset = ((scaled_shift - mean * s0) + offset0) * u0
+    var = second / safe_count * u2 * u2 * u0 * u0
+    shift = mean
+    if plan.axis_name is not None:
+        count, shift, offset, var = _merge_devices(plan, count, shift, offset, var)
+    if mask is None and plan.axis_name is None:  # the count is a constant: XLA folds what it meets
+        return (count, *computed_once(shift, offset, var))
+    return computed_once(count, shift, offset, var)
+
+
+# What the statistics are; benchmarks/_reshift_loop.py swaps in the loop design to time it.
+_statistics = _two_pass_statistics
+
+
+def _first_valid(x: jax.Array, mask: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Per feature, the first valid element of ``x`` along ``axes`` and whether there is one."""
+    position = jnp.zeros(x.shape, jnp.int32)
+    for axis in axes:
+        position = position * x.shape[axis] + lax.broadcasted_iota(jnp.int32, x.shape, axis)
+    none = math.prod(x.shape[i] for i in axes)
+    first = jnp.min(jnp.where(mask, position, none), axes)
+    found = first < none
+    first = first_flat = jnp.where(found, first, 0)
+    feature_axes = [i for i in range(x.ndim) if i not in axes]
+    index = [None] * x.ndim
+    for axis in reversed(axes):
+        index[axis], first = first % x.shape[axis], first // x.shape[axis]
+    for k, axis in enumerate(feature_axes):
+        index[axis] = lax.broadcasted_iota(jnp.int32, found.shape, k)
+    if any(getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) or ()):
+        # explicitly sharded: a gather would cross devices; a sum of the one selected element per
+        # feature (exact: the others add 0) reduces where the data lies, as the statistics do
+        chosen = position == jnp.expand_dims(jnp.where(found, first_flat, -1), axes)
+        return jnp.sum(jnp.where(chosen, x, 0), axes), found
+    return x[tuple(index)], found
+
+
+def merge_moments(parts: Sequence[Moments]) -> Moments:
+    r"""The moments of several batches together, from each batch's :class:`Moments`.
+
+    The exact count-weighted combination (:func:`moments` of the concatenated batches, up to
+    rounding): ``n = Σ n_i``, ``μ = Σ n_i μ_i / n``, ``σ² = Σ n_i (σ_i² + (μ_i - μ)²) / n``.
+
+    Args:
+      parts: one or more :class:`Moments` of the same shape.
+
+    Returns:
+      Their :class:`Moments`.
+
+    Raises:
+      TypeError / ValueError: ``parts`` is not a non-empty sequence of one shape.
+
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[1.0], [2.0], [3.0], [10.0]])
+    >>> merged = merge_moments([moments(x[:1], 0), moments(x[1:], 0)])
+    >>> merged.mean, merged.var, merged.count
+    (Array([4.], dtype=float32), Array([12.5], dtype=float32), Array([4.], dtype=float32))
+    """
+    if isinstance(parts, Moments):
+        raise TypeError(
+            "parts must be a sequence of Moments, got a single Moments; pass a list, e.g. [moments]."
+        )
+    parts = list(parts)
+    if not parts:
+        raise ValueError(f"parts must be a non-empty sequence of Moments, got {parts!r}.")
+    for i, part in enumerate(parts):
+        if not isinstance(part, Moments):
+            raise TypeError(f"parts must be a non-empty sequence of Moments, but parts[{i}] is a "
+                            f"{type(part).__name__}.")
+    shapes = {jnp.shape(part.mean) for part in parts}
+    if len(shapes) != 1:
+        raise ValueError(f"parts must all have one shape, got {sorted(shapes)}.")
+    fields = [jnp.stack(jnp.broadcast_arrays(*(getattr(part, name) for part in parts)))
+              for name in ("count", "shift", "mean_minus_shift", "var")]
+    total, shift, offset, spread = merge_stacked(*fields)
+    return Moments(shift + offset, spread, total, shift, offset)
+
+
+def merge_stacked(count, shift, offset, var) -> tuple[jax.Array, ...]:
+    """``(count, shift, mean - shift, var)`` of parts stacked on axis 0, merged (Chan et al.) around
+    the shift of the first part with data (per feature); parts without data weigh nothing."""
+    first = jnp.argmax(count > 0, axis=0)  # 0 where no part has data
+    common = jnp.take_along_axis(shift, first[None], axis=0)[0]
+    return _merge(count, shift, offset, var, lambda v: jnp.sum(v, 0), lambda weight: common)
+
+
+def _merge(count, shift, offset, var, total, common) -> tuple[jax.Array, ...]:
+    """Chan's merge of parts, summed by ``total``, around ``common(weights)`` (near every shift)."""
+    has_data = count > 0
+    n = total(count)
+    weight = count / jnp.maximum(n, 1)
+    reference = common(weight)
+    # where, not a product: an empty part's distance may be anything, and 0 * inf is NaN
+    distance = jnp.where(has_data, (shift - reference) + offset, 0)
+    merged_offset = total(weight * distance)
+    spread = total(jnp.where(has_data, weight * (var + abs_square(distance - merged_offset)), 0))
+    return n, reference, merged_offset, spread
+
+
+def _merge_devices(plan: Plan, count, shift, offset, var) -> tuple[jax.Array, ...]:
+    """Every device's moments, gathered in ONE collective and merged in device order (identical
+    everywhere); ``vmap`` axes inside ``shard_map`` (lanes) after the mesh axes, by sums."""
+    names = plan.axis_name if isinstance(plan.axis_name, tuple) else (plan.axis_name,)
+    manual = _manual_mesh_axes()
+    lanes = tuple(name for name in names if manual and name not in manual)
+    if lanes:
+        mesh = tuple(name for name in names if name in manual)
+        if mesh:
+            count, shift, offset, var = _merge_devices(
+                plan._replace(axis_name=mesh), count, shift, offset, var
+            )
+        total = functools.partial(_lane_sum, lanes=lanes)
+        return _merge(count, shift, offset, var, total, lambda weight: total(weight * shift))
+    is_complex = jnp.iscomplexobj(shift)
+    if is_complex:
+        parts = [count, shift.real, shift.imag, offset.real, offset.imag, var]
+    else:
+        parts = [count, shift, offset, var]
+    gathered = all_gather(jnp.stack(parts), plan.axis_name, plan.axis_index_groups)
+    if is_complex:
+        count, shift_re, shift_im, offset_re, offset_im, var = (gathered[:, i] for i in range(6))
+        shift, offset = lax.complex(shift_re, shift_im), lax.complex(offset_re, offset_im)
+    else:
+        count, shift, offset, var = (gathered[:, i] for i in range(4))
+    return merge_stacked(count, shift, offset, var)
+
+
+def all_gather(value: jax.Array, axis_name: AxisName, axis_index_groups: Any = None) -> jax.Array:
+    """``value`` of every device along ``axis_name`` (a name or tuple), stacked on a new axis 0,
+    identical everywhere: ONE collective. Inside ``shard_map`` over mesh axes only."""
+    axis_size(axis_name, axis_index_groups)  # a clear error for an unbound name
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    manual = _manual_mesh_axes()
+    in_device = tuple(name for name in names if manual and name not in manual)
+    if in_device:
+        raise ValueError(f"all_gather over vmap axes {in_device} inside shard_map: merge them with "
+                         "psums (jaxbn.stats._merge_devices does).")
+    if not manual or axis_index_groups is not None:
+        if axis_index_groups is not None:
+            # JAX refuses groups in a psum inside shard_map (not under pmap) but not in an
+            # all_gather: ask the psum (dead code, removed by XLA) for the same, clear, refusal
+            try:
+                lax.psum(jnp.zeros((), value.dtype), axis_name, axis_index_groups=axis_index_groups)
+            except NotImplementedError as err:
+                message = _GROUPS_IN_SHARD_MAP.format(groups=axis_index_groups, name=axis_name)
+                raise NotImplementedError(message) from err
+        return lax.all_gather(value, axis_name, axis_index_groups=axis_index_groups)
+    original = value.shape
+    missing = frozenset(names) - varying_axes(value)
+    if missing:  # a replicated input: each device still contributes its copy
+        value = lax.pcast(value, tuple(sorted(missing, key=str)), to="varying")
+    # invariant: every device holds the same values, and may return them as replicated
+    return lax.all_gather(value, names, to="invarying").reshape((-1,) + original)
+
+
+_GROUPS_IN_SHARD_MAP = (
+    "axis_index_groups={groups!r} with axis_name={name!r}: JAX implements axis_index_groups under pmap "
+    "only, not inside shard_map. For statistics over sub-groups of devices, factor the mesh axis instead, "
+    "e.g. jax.make_mesh((replicas, group_size), ('replica', 'group')) with the batch sharded over "
+    "('replica', 'group'), and pass axis_name='group' (see the README's 'Sub-group statistics')."
+)
+
+
 def cross_device_sum(
     values: Sequence[jax.Array],
     axis_name: AxisName | None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
 ) -> list[jax.Array]:
-    """Sums same-shaped arrays over devices with ONE collective.
-
-    The arrays are stacked and reduced by a single ``lax.psum``, then split
-    again. Without an ``axis_name`` they are returned unchanged (under plain
-    ``jit`` XLA has already reduced over the sharded batch). Inside
-    ``shard_map`` a tuple may name ``vmap`` axes beside mesh axes (with the
-    default checks on): the ``vmap`` part is summed on the device, so it is
-    still one collective.
+    """Sums same-shaped arrays over devices with ONE collective (one ``lax.psum`` of their stack);
+    unchanged without an ``axis_name``. ``vmap`` axes inside ``shard_map`` are summed on the device.
 
     Args:
       values: arrays of one shape and dtype.
@@ -153,25 +431,44 @@ def cross_device_sum(
     stacked = jnp.stack(values)
     manual = _manual_mesh_axes()
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    in_device = tuple(name for name in names if name not in manual)
-    if manual and in_device and axis_index_groups is None:
-        # Inside shard_map, a psum over a vmap axis trips JAX's varying-axes
-        # check (which knows mesh axes only); it is a reduction on the device,
-        # so take it with the check off, after the one collective over the mesh
-        # axes: its input is then invariant, as the unchecked psum types its
-        # output, so that reverse mode (which transposes this with the check
-        # on, when it differentiates a tangent that went through here) agrees.
-        names = tuple(name for name in names if name in manual)
-        if names:
-            stacked = lax.psum(stacked, names)
-        with _unchecked_varying_axes():
-            return list(lax.psum(stacked, in_device))
+    lanes = tuple(name for name in names if name not in manual)
+    if manual and lanes and axis_index_groups is None:  # a collective over the mesh, then lanes
+        mesh = tuple(name for name in names if name in manual)
+        return list(_lane_sum(lax.psum(stacked, mesh) if mesh else stacked, lanes))
     try:
         return list(lax.psum(stacked, axis_name, axis_index_groups=axis_index_groups))
     except NotImplementedError as err:
         if axis_index_groups is None:
             raise
-        raise NotImplementedError(_GROUPS_IN_SHARD_MAP.format(groups=axis_index_groups, name=axis_name)) from err
+        message = _GROUPS_IN_SHARD_MAP.format(groups=axis_index_groups, name=axis_name)
+        raise NotImplementedError(message) from err
+
+
+def _lane_sum(value: jax.Array, lanes: tuple) -> jax.Array:
+    """``lax.psum(value, lanes)`` over ``vmap`` axes inside ``shard_map``, which JAX's psum refuses
+    there with the varying-axes check on: a primitive whose batching rule sums over the lanes."""
+    return _lane_sum_p.bind(value, lanes=tuple(lanes))
+
+
+def _lane_sum_batched(axis_data, values, dims, *, lanes):
+    (value,), (dim,) = values, dims
+    if axis_data.name not in lanes:
+        return _lane_sum_p.bind(value, lanes=lanes), dim
+    value = value * axis_data.size if dim is None else jnp.sum(value, dim)
+    rest = tuple(name for name in lanes if name != axis_data.name)
+    return (_lane_sum_p.bind(value, lanes=rest) if rest else value), None
+
+
+_lane_sum_p = jax.extend.core.Primitive("jaxbn_lane_sum")
+_lane_sum_p.def_abstract_eval(lambda aval, *, lanes: aval)
+ad.deflinear(_lane_sum_p, lambda cotangent, *, lanes: [_lane_sum_p.bind(cotangent, lanes=lanes)])
+batching.fancy_primitive_batchers[_lane_sum_p] = _lane_sum_batched
+
+
+def _manual_mesh_axes() -> frozenset:
+    """The mesh axes an enclosing ``shard_map`` has made manual (empty elsewhere)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return frozenset(getattr(mesh, "manual_axes", ()) or ())
 
 
 def varying_axes(value: Any) -> frozenset:
@@ -194,60 +491,23 @@ def varying_like(value: jax.Array, *likes: jax.Array) -> jax.Array:
 
 def abs_square(v: jax.Array) -> jax.Array:
     """``|v|^2``, real for complex ``v`` (flax's ``_abs_sq``); ``v^2`` for real ``v``."""
-    # v * v, not jnp.square: the same value, and a derivative v dt + dt v that a 0 cotangent keeps 0
-    # where 2 v overflows (square's 2 v dt is inf * 0 = NaN there)
+    # v * v, not jnp.square: its derivative v dt + dt v stays 0 for a 0 cotangent (2 v may overflow)
     return v.real * v.real + v.imag * v.imag if jnp.iscomplexobj(v) else v * v
 
 
-def _manual_mesh_axes() -> frozenset:
-    """The mesh axes an enclosing ``shard_map`` has made manual (empty elsewhere)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return frozenset(getattr(mesh, "manual_axes", ()) or ())
-
-
-def _unchecked_varying_axes():
-    """A context with shard_map's varying-axes check off, where JAX has that switch."""
-    from jax._src import config  # private: there is no public switch for this check
-
-    switch = getattr(config, "_check_vma", None)
-    return switch(False) if switch is not None else contextlib.nullcontext()
-
-
 def channel_sums(
-    summands: Sequence[Any],
-    operands: Sequence[jax.Array],
-    axes: tuple[int, ...],
-    *,
+    summands: Sequence[Any], operands: Sequence[jax.Array], axes: tuple[int, ...], *,
     fuse: bool | None = None,
 ) -> tuple[jax.Array, ...]:
-    """Local sums over ``axes`` of ``summand(*operands)`` for each summand.
-
-    The one place jaxbn reduces over the batch on a device, formulated per
-    backend: XLA:GPU/TPU fuse sibling reductions of the same input into one
-    pass, while XLA:CPU's fast reductions are library kernels that only absorb
-    elementwise work that nothing else shares, so there each sum gets its own
-    view of the operands (:func:`cpu_barrier`, an ``optimization_barrier`` on
-    XLA:CPU only, keeps XLA from sharing, and so materializing, a common
-    subexpression such as ``x - K`` or a bfloat16-to-float32 copy of ``x``,
-    with another sum or the normalization).
-
-    Args:
-      summands: functions of ``*operands`` giving same-shaped arrays to sum;
-        each should compute in the dtype its sum should accumulate in.
-      operands: the arrays they read.
-      axes: the axes to sum over.
-      fuse: None picks the form per backend at lowering time; True forces
-        the shared (GPU/TPU) form, False the separate (CPU) form.
-
-    Returns:
-      One array per summand.
+    """Local sums over ``axes`` of ``summand(*operands)`` for each summand, each (on XLA:CPU)
+    reading its own view of the operands (see :func:`cpu_barrier`); ``fuse`` True forces the shared
+    (GPU/TPU) form, False the separate (CPU) one.
 
     >>> import jax.numpy as jnp
     >>> x = jnp.arange(6.0).reshape(3, 2)
     >>> channel_sums([lambda x: x, lambda x: x * x], [x], (0,))
     (Array([6., 9.], dtype=float32), Array([20., 35.], dtype=float32))
     """
-
     sums = []
     for summand in summands:
         # chained, not repeated: XLA would merge identical barriers
@@ -260,12 +520,8 @@ def channel_sums(
 
 
 def cpu_barrier(*values: Any) -> tuple[Any, ...]:
-    """``values`` behind an ``optimization_barrier`` on XLA:CPU, unchanged elsewhere (see :func:`channel_sums`).
-
-    One primitive with a per-platform lowering (no ``cond`` to trace and differentiate); linear
-    in each value (a barrier transposes to a barrier), so it may stand in a tangent. ``None``
-    entries pass through.
-    """
+    """``values`` behind an ``optimization_barrier`` on XLA:CPU, unchanged elsewhere (``None`` too):
+    there reductions are library kernels that absorb only elementwise work nothing else shares."""
     arrays = [i for i, value in enumerate(values) if value is not None]
     out = list(values)
     for i, value in zip(arrays, _cpu_barrier_p.bind(*(values[i] for i in arrays))):
@@ -279,390 +535,24 @@ def _cpu_barrier_jvp(primals, tangents):
 
 def _cpu_barrier_transpose(cotangents, *operands):
     cotangents = _cpu_barrier_p.bind(*map(ad.instantiate_zeros, cotangents))
-    return [ct if ad.is_undefined_primal(operand) else None for ct, operand in zip(cotangents, operands)]
+    return [ct if ad.is_undefined_primal(op) else None for ct, op in zip(cotangents, operands)]
 
 
 _cpu_barrier_p = jax.extend.core.Primitive("jaxbn_cpu_barrier")
 _cpu_barrier_p.multiple_results = True
-_cpu_barrier_p.def_impl(lambda *values: values)  # called eagerly, one operation at a time: nothing to keep apart
+_cpu_barrier_p.def_impl(lambda *values: values)  # eager: one operation at a time, nothing to part
 _cpu_barrier_p.def_abstract_eval(lambda *avals: avals)
 ad.primitive_jvps[_cpu_barrier_p] = _cpu_barrier_jvp
 ad.primitive_transposes[_cpu_barrier_p] = _cpu_barrier_transpose
 batching.primitive_batchers[_cpu_barrier_p] = lambda values, dims: (_cpu_barrier_p.bind(*values), dims)
 mlir.register_lowering(_cpu_barrier_p, mlir.lower_fun(lambda *v: v, multiple_results=True))
-mlir.register_lowering(
-    _cpu_barrier_p, mlir.lower_fun(lambda *v: lax.optimization_barrier(v), multiple_results=True), platform="cpu"
-)
-
-
-class _Plan(NamedTuple):
-    """The static part of a :func:`moments` call (hashable)."""
-
-    axes: tuple[int, ...]
-    dtype: Any  # of the statistics: at least float32
-    real_dtype: Any
-    axis_name: AxisName | None
-    axis_index_groups: tuple[tuple[int, ...], ...] | None
-
-
-def _finite_or(value: jax.Array, fallback: Any) -> jax.Array:
-    return jnp.where(jnp.isfinite(value), value, fallback)
-
-
-def _data_shift(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...], fallback: jax.Array) -> jax.Array:
-    """Per feature, the batch's first element along ``axes`` where it is valid and finite, else ``fallback``.
-
-    An element of the batch lies within ``sqrt(n)`` standard deviations of its mean (and typically
-    within a few), so sums around it lose nothing to an offset, whatever the running mean.
-    """
-    if any(isinstance(x.shape[i], int) and x.shape[i] == 0 for i in axes):  # no element to take
-        return fallback
-    if mask is None:
-        value = _first_along(x, axes).astype(fallback.dtype)
-        return jnp.where(jnp.isfinite(value), value, fallback)
-    value, found = _first_valid(x, jnp.broadcast_to(mask, x.shape), axes)
-    value = value.astype(fallback.dtype)
-    return jnp.where(found & jnp.isfinite(value), value, fallback)
-
-
-def _first_valid(x: jax.Array, mask: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """Per feature, the first valid element of ``x`` along ``axes`` (in index order) and whether there is one.
-
-    A reduction over the mask's positions (which reads the mask, not ``x``), then a gather of one
-    element per feature.
-    """
-    position = jnp.zeros(x.shape, jnp.int32)
-    for axis in axes:
-        position = position * x.shape[axis] + lax.broadcasted_iota(jnp.int32, x.shape, axis)
-    none = math.prod(x.shape[i] for i in axes)
-    first = jnp.min(jnp.where(mask, position, none), axes)
-    found = first < none
-    first = first_flat = jnp.where(found, first, 0)
-    feature_axes = [i for i in range(x.ndim) if i not in axes]
-    index = [None] * x.ndim
-    for axis in reversed(axes):
-        index[axis], first = first % x.shape[axis], first // x.shape[axis]
-    for k, axis in enumerate(feature_axes):
-        index[axis] = lax.broadcasted_iota(jnp.int32, found.shape, k)
-    if any(getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) or ()):
-        # explicitly sharded: a gather would cross devices; a sum of the one selected element per
-        # feature (exact: the others add 0) reduces where the data lies, as the statistics do
-        chosen = position == jnp.expand_dims(jnp.where(found, first_flat, -1), axes)
-        return jnp.sum(jnp.where(chosen, x, 0), axes), found
-    return x[tuple(index)], found
-
-
-def _first_along(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """``x`` at index 0 of each of ``axes`` (removed). An axis sharded explicitly (``jax.sharding``'s
-    explicit mode) cannot be sliced: there the element is gathered, replicated (one small collective)."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec = tuple(getattr(sharding, "spec", None) or ())
-    sharded = [axis for axis in axes if axis < len(spec) and spec[axis] is not None]
-    for axis in sharded:
-        spec = tuple(None if i == axis else part for i, part in enumerate(spec))
-        out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
-        x = x.at[(slice(None),) * axis + (np.array([0]),)].get(out_sharding=out)
-    limits = [1 if i in axes else size for i, size in enumerate(x.shape)]
-    return lax.squeeze(lax.slice(x, [0] * x.ndim, limits), axes)
-
-
-def _scales(spread: jax.Array, top: int, mantissa_bits: int) -> tuple[jax.Array, jax.Array]:
-    """``(s, 1 / s)``: powers of two with ``s Σ|d|`` just below ``2^(top / 2 - 1)``, both normal.
-
-    Built from the exponent bits of ``spread`` (>= 0, or Inf/NaN): a few integer instructions.
-    """
-    int_type = _INT[jnp.finfo(spread.dtype).bits]
-    biased = lax.shift_right_logical(lax.bitcast_convert_type(spread, int_type), int_type(mantissa_bits))
-    # the biased exponent of s = 2^(top // 2 - 2 - e(spread)); 1 .. 2 top - 1 keeps s and 1 / s normal
-    scale = lax.clamp(int_type(1), int_type(top // 2 - 2 + 2 * top) - biased, int_type(2 * top - 1))
-    to_float = functools.partial(lax.bitcast_convert_type, new_dtype=spread.dtype)
-    return (to_float(lax.shift_left(scale, int_type(mantissa_bits))),
-            to_float(lax.shift_left(int_type(2 * top) - scale, int_type(mantissa_bits))))
-
-
-_INT = {32: jnp.int32, 64: jnp.int64}
-
-
-def _local_moments(
-    plan: _Plan, x: jax.Array, mask: jax.Array | None, fallback: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """This device's ``(count, shift K, mean - K, variance)``: two passes around an element of its data.
-
-    Pass one sums ``d = x - K`` and ``|d|``; pass two ``|s (d - mean(d))|^2``, with ``s`` the
-    power of two that puts ``(Σ|d|)^2`` just below the dtype's maximum: no square overflows,
-    and none that matters underflows. No step depends on a decision taken from the data. XLA:CPU
-    reads ``x`` once per sum (3 reads), GPUs and TPUs fuse pass one into one read.
-    """
-    axes, dtype, real = plan.axes, plan.dtype, plan.real_dtype
-    info = jnp.finfo(real)
-    top = info.maxexp - 1  # the greatest normal exponent
-    shift = _data_shift(x, mask, axes, fallback)
-    size = math.prod(x.shape[i] for i in axes)
-    # Where |K| n nears the maximum, d = s0 (x - K) with both sides scaled by s0 = 2^-(2 + log2 n):
-    # n |d| stays below it (values of both signs near the maximum differ by more than it). Elsewhere s0 = 1.
-    if isinstance(size, int):
-        log_size = max(size - 1, 0).bit_length()  # ceil(log2 size)
-        near, s0_far, u0_far = (np.asarray(2.0 ** e, real) for e in (top - 1 - log_size, -2 - log_size, 2 + log_size))
-    else:  # a symbolic size (jax.export): the same powers of two, built from their exponent bits
-        log_size = jnp.ceil(jnp.log2(jnp.maximum(jnp.asarray(size, real), 1))).astype(_INT[info.bits])
-        near, s0_far, u0_far = (
-            lax.bitcast_convert_type(lax.shift_left(e + top, _INT[info.bits](info.nmant)), real)
-            for e in (top - 1 - log_size, -2 - log_size, 2 + log_size)
-        )
-    magnitude = jnp.maximum(jnp.abs(shift.real), jnp.abs(shift.imag)) if jnp.iscomplexobj(shift) else jnp.abs(shift)
-    near_top = magnitude >= near
-    s0 = jnp.where(near_top, s0_far, np.asarray(1, real))
-    scaled_shift = shift * s0
-
-    def deviation(x, scaled_shift, mask, s0, offset, s2):
-        d = x.astype(dtype) * jnp.expand_dims(s0, axes) - jnp.expand_dims(scaled_shift, axes)
-        if offset is not None:
-            d = (d - jnp.expand_dims(offset, axes)) * jnp.expand_dims(s2, axes)
-        # where, not a product: masked-out NaN or Inf padding stays out.
-        return d if mask is None else jnp.where(mask, d, 0)
-
-    first, spread = channel_sums([deviation, lambda *ops: jnp.abs(deviation(*ops))],
-                                 [x, scaled_shift, mask, s0, None, None], axes)
-    if mask is None:
-        count = jnp.full(shift.shape, size, real)
-    else:
-        count = jnp.sum(jnp.broadcast_to(mask, x.shape), axes, dtype=real)
-    safe_count = jnp.maximum(count, 1)  # an empty feature: sums 0, so mean = K and var = 0
-    offset0 = first / safe_count  # mean - K, in units of s0
-    # s2: Σ|s2 (d - mean(d))|^2 <= (Σ|s2 (d - mean(d))|)^2 <= (2 s2 Σ|d|)^2, kept below 2^(top - 1)
-    s2, u2 = _scales(spread, top, info.nmant)
-    second, = channel_sums([lambda *ops: abs_square(deviation(*ops))],
-                           [x, scaled_shift, mask, s0, offset0, s2], axes)
-    # First sums beyond the dtype (values far beyond |K| near the maximum): a variance beyond it
-    beyond = (spread == np.inf) & (first == first)
-    offset0, second = jnp.where(beyond, 0, offset0), jnp.where(beyond, np.inf, second)
-    # Unscaled one power of two at a time, by multiplications (a/s/s would be rewritten a/(s*s), and
-    # s*s may be beyond the dtype where the variance is not). The mean as (its rounding, the rest):
-    # K + offset may be representable where offset is not.
-    u0 = jnp.where(near_top, u0_far, np.asarray(1, real))
-    mean = _finite_or((scaled_shift + offset0) * u0, shift)
-    offset = ((scaled_shift - mean * s0) + offset0) * u0
-    var = second / safe_count * u2 * u2 * u0 * u0
-    return count, mean, offset, var
-
-
-def _merge_devices(plan: _Plan, count, shift, offset, var) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Every device's moments, gathered in ONE collective and merged in device order (identical everywhere)."""
-    names = plan.axis_name if isinstance(plan.axis_name, tuple) else (plan.axis_name,)
-    manual = _manual_mesh_axes()
-    lanes = tuple(name for name in names if manual and name not in manual)
-    if lanes:  # vmap axes inside shard_map: the mesh first, then the lanes on the device
-        mesh = tuple(name for name in names if name in manual)
-        if mesh:
-            count, shift, offset, var = _merge_devices(plan._replace(axis_name=mesh), count, shift, offset, var)
-        return _merge_lanes(lanes, count, shift, offset, var)
-    is_complex = jnp.iscomplexobj(shift)
-    parts = [count, shift.real, shift.imag, offset.real, offset.imag, var] if is_complex else [count, shift, offset, var]
-    gathered = all_gather(jnp.stack(parts), plan.axis_name, plan.axis_index_groups)
-    if is_complex:
-        count, shift_re, shift_im, offset_re, offset_im, var = (gathered[:, i] for i in range(6))
-        shift, offset = lax.complex(shift_re, shift_im), lax.complex(offset_re, offset_im)
-    else:
-        count, shift, offset, var = (gathered[:, i] for i in range(4))
-    return merge_stacked(count, shift, offset, var)
-
-
-def _merge_lanes(lanes: tuple, count, shift, offset, var) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """The moments of ``vmap`` lanes inside ``shard_map``, merged with sums over the lanes (reductions on
-    the device, not collectives; a psum passes shard_map's varying-axes check where an all_gather does
-    not), around the count-weighted mean of the lanes' shifts."""
-
-    def total(v):
-        with _unchecked_varying_axes():
-            return lax.psum(v, lanes)
-
-    return _merge(count, shift, offset, var, total, lambda weight: total(weight * shift))
-
-
-def merge_stacked(count, shift, offset, var) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``(count, shift, mean - shift, var)`` of parts stacked on axis 0, merged into one (Chan et al.).
-
-    Around the shift of the first part with data (per feature), so that large offsets cancel
-    before they meet the rounding; parts without data weigh nothing, whatever they hold.
-    """
-    first = jnp.argmax(count > 0, axis=0)  # 0 where no part has data
-    common = jnp.take_along_axis(shift, first[None], axis=0)[0]
-    return _merge(count, shift, offset, var, lambda v: jnp.sum(v, 0), lambda weight: common)
-
-
-def _merge(count, shift, offset, var, total, common) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Chan's merge of parts, summed by ``total``, around ``common(weights)``, a shift near every part's."""
-    has_data = count > 0
-    n = total(count)
-    weight = count / jnp.maximum(n, 1)
-    reference = common(weight)
-    # where, not a product: an empty part's distance may be anything, and 0 * inf is NaN
-    distance = jnp.where(has_data, (shift - reference) + offset, 0)
-    merged_offset = total(weight * distance)
-    spread = total(jnp.where(has_data, weight * (var + abs_square(distance - merged_offset)), 0))
-    return n, reference, merged_offset, spread
-
-
-def all_gather(value: jax.Array, axis_name: AxisName, axis_index_groups: Any = None) -> jax.Array:
-    """``value`` of every device along ``axis_name`` (a name or tuple), stacked on a new axis 0, identical everywhere.
-
-    ONE collective. Inside ``shard_map`` it gathers over mesh axes only (a ``vmap`` axis there trips
-    the varying-axes check; :func:`_merge_lanes` sums over those instead).
-    """
-    axis_size(axis_name, axis_index_groups)  # a clear error for an unbound name
-    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    manual = _manual_mesh_axes()
-    in_device = tuple(name for name in names if manual and name not in manual)
-    if in_device:
-        raise ValueError(f"all_gather over vmap axes {in_device} inside shard_map: merge them with psums "
-                         "(jaxbn.stats._merge_devices does).")
-    if not manual or axis_index_groups is not None:
-        if axis_index_groups is not None:
-            # JAX refuses groups in a psum inside shard_map (not under pmap) but not in an
-            # all_gather: ask the psum (dead code, removed by XLA) for the same, clear, refusal
-            try:
-                lax.psum(jnp.zeros((), value.dtype), axis_name, axis_index_groups=axis_index_groups)
-            except NotImplementedError as err:
-                raise NotImplementedError(_GROUPS_IN_SHARD_MAP.format(groups=axis_index_groups, name=axis_name)) from err
-        return lax.all_gather(value, axis_name, axis_index_groups=axis_index_groups)
-    original = value.shape
-    missing = frozenset(names) - varying_axes(value)
-    if missing:  # a replicated input: each device still contributes its copy
-        value = lax.pcast(value, tuple(sorted(missing, key=str)), to="varying")
-    # invariant: every device holds the same values, and may return them as replicated
-    return lax.all_gather(value, names, to="invarying").reshape((-1,) + original)
-
-
-_GROUPS_IN_SHARD_MAP = (
-    "axis_index_groups={groups!r} with axis_name={name!r}: JAX implements axis_index_groups under pmap "
-    "only, not inside shard_map. For statistics over sub-groups of devices, factor the mesh axis instead, "
-    "e.g. jax.make_mesh((replicas, group_size), ('replica', 'group')) with the batch sharded over "
-    "('replica', 'group'), and pass axis_name='group' (see the README's 'Sub-group statistics')."
-)
-
-
-def moments(
-    x: jax.Array,
-    axes: int | Sequence[int],
-    *,
-    mask: jax.Array | None = None,
-    axis_name: AxisName | None = None,
-    axis_index_groups: Sequence[Sequence[int]] | None = None,
-    dtype: Any = None,
-    shift: jax.Array | None = None,
-    source: jax.Array | None = None,
-) -> Moments:
-    r"""Mean and variance over ``axes``, exact across devices and at any offset.
-
-    Each device takes two passes over its valid elements around ``K``, an element of its own
-    batch (the first along ``axes``): the mean ``\mu_i = K + \sum (x - K) / n_i``, then
-    ``\sigma_i^2 = \sum |x - \mu_i|^2 / n_i``. With ``axis_name`` one ``all_gather`` brings every
-    device's ``(n_i, K, \mu_i - K, \sigma_i^2)`` to every device, which merges them in device
-    order (:func:`merge_moments`'s formula), so devices holding different numbers of valid
-    elements give exactly the statistics of all valid elements together. No step depends on the
-    running mean or on a decision taken from the data. Complex input has a complex mean and the
-    real variance ``E|x - \mu|^2``.
-
-    Args:
-      x: floating or complex input; bfloat16/float16 are reduced in float32.
-      axes: the axes to reduce (an int or a sequence).
-      mask: optional boolean array broadcastable to ``x``; only ``True``
-        elements count, whatever the others hold.
-      axis_name: device axis name (or tuple of names) bound by ``pmap``,
-        ``shard_map`` or ``vmap`` to reduce over as well; None under plain
-        ``jit`` with a sharded batch, where XLA reduces globally.
-      axis_index_groups: optional subgroups of ``axis_name`` (pmap only).
-      dtype: optional minimum dtype for the statistics (always at least float32).
-      shift: optional reference point broadcastable to the reduced shape, used
-        for a feature whose first element is masked out or not finite (0 if
-        not given); no gradient flows into it.
-      source: optional, ``x``'s values in a narrower dtype (``x`` is then the cast of
-        ``source``): the passes read it instead of ``x``, so that a cast to float32 made for
-        the gradient's sake is not materialized; derivatives are still ``x``'s.
-
-    Returns:
-      :class:`Moments` with arrays of shape ``x.shape`` without ``axes``.
-
-    Raises:
-      TypeError: ``x`` is not floating or complex, or ``mask`` is not boolean.
-      ValueError: ``axes`` or ``shift`` do not fit ``x``, or ``axis_name`` is
-        not bound.
-
-    >>> import jax.numpy as jnp
-    >>> x = jnp.array([[1e4 + 1.0, 2.0], [1e4 - 1.0, 4.0]])
-    >>> m = moments(x, axes=0)
-    >>> m.mean, m.var, m.count
-    (Array([10000.,     3.], dtype=float32), Array([1., 1.], dtype=float32), Array([2., 2.], dtype=float32))
-    >>> moments(x, 0, mask=jnp.array([[True], [False]])).count
-    Array([1., 1.], dtype=float32)
-    """
-    x = _validation.check_inexact(x)
-    is_complex = jnp.issubdtype(x.dtype, jnp.complexfloating)
-    _validation.check_dtype(dtype, complex_ok=is_complex)
-    axes = _validation.canonicalize_axes(x.ndim, axes, name="axes", allow_empty=True)
-    requested = x.dtype if dtype is None else dtype
-    if is_complex:  # a real dtype sets the precision; the statistics stay complex
-        requested = jnp.promote_types(requested, jnp.complex64)
-    stats_dtype = jnp.promote_types(requested, jnp.float32)
-    real_dtype = jnp.finfo(stats_dtype).dtype  # of var and count: float32 for complex64
-    feature_shape = tuple(x.shape[i] for i in range(x.ndim) if i not in axes)
-    axis_size(axis_name, axis_index_groups)  # a clear error for an unbound name or bad groups
-    if mask is not None:
-        mask = _validation.check_mask(mask, x.shape)
-    if source is not None:
-        source = _validation.check_inexact(source)
-        if source.shape != x.shape:
-            raise ValueError(f"source must have x's shape {x.shape} (the same values), got {source.shape}.")
-        source = lax.stop_gradient(source)
-    groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
-    plan = _Plan(axes, jnp.dtype(stats_dtype), jnp.dtype(real_dtype), axis_name, groups)
-    if shift is None:
-        shift = jnp.zeros(feature_shape, stats_dtype)
-    else:
-        try:
-            shift = jnp.broadcast_to(jnp.asarray(shift, stats_dtype), feature_shape)
-        except ValueError:
-            raise ValueError(
-                f"shift of shape {jnp.shape(shift)} does not broadcast to the reduced "
-                f"shape {feature_shape} (the input shape {x.shape} without axes {axes})."
-            ) from None
-    with jax.named_scope("jaxbn.moments"):
-        count, shift, offset, var = _shifted_moments(plan, x, mask, lax.stop_gradient(_finite_or(shift, 0)), source)
-    return Moments(mean=shift + offset, var=var, count=count, shift=shift, mean_minus_shift=offset)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _shifted_moments(
-    plan: _Plan, x: jax.Array, mask: jax.Array | None, fallback: jax.Array, source: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``(count, shift K, mean - K, variance)`` over the valid elements of every device (read from
-    ``source`` if given: ``x``'s values in a narrower dtype).
-
-    Differentiated by :func:`_shifted_moments_jvp`: ``K`` is a constant, the mean and the
-    variance carry the derivatives.
-    """
-    return _statistics(plan, x if source is None else source, mask, fallback)
-
-
-def _two_pass_statistics(plan: _Plan, x: jax.Array, mask: jax.Array | None, fallback: jax.Array):
-    """Each device's two-pass moments, merged over ``plan.axis_name`` in one collective."""
-    count, shift, offset, var = _local_moments(plan, x, mask, fallback)
-    if plan.axis_name is not None:
-        count, shift, offset, var = _merge_devices(plan, count, shift, offset, var)
-    if mask is None and plan.axis_name is None:  # the count is a constant: XLA folds what it meets
-        return (count, *computed_once(shift, offset, var))
-    return computed_once(count, shift, offset, var)
+mlir.register_lowering(_cpu_barrier_p, mlir.lower_fun(lambda *v: lax.optimization_barrier(v),
+                                                      multiple_results=True), platform="cpu")
 
 
 def computed_once(*values: Any) -> tuple[Any, ...]:
-    """``values`` unchanged (a zero's sign aside), each computed by XLA once, where it is needed.
-
-    XLA copies cheap elementwise work into every fusion that reads its result, so a chain of
-    per-feature operations (the statistics' unscaling, the normalization's multiplier) would be
-    recomputed in each of the passes and updates that use it, per element of a full-size pass
-    when it feeds one. A reduction is never copied into its readers: the values (grouped by
-    shape and dtype) are stacked and summed with ``-0.0``, an exact identity for every value,
-    which XLA keeps. Linear, so differentiable and transposable; ``None`` entries pass through.
+    """``values`` unchanged (a zero's sign aside), each computed by XLA once: stacked (by shape and
+    dtype) and summed with ``-0.0``, a reduction XLA does not copy into each reader. Linear.
 
     >>> import jax.numpy as jnp
     >>> computed_once(jnp.array([1.0, -2.0]), None)
@@ -679,87 +569,3 @@ def computed_once(*values: Any) -> tuple[Any, ...]:
         for k, i in enumerate(members):
             out[i] = summed[k]
     return tuple(out)
-
-
-# What _shifted_moments computes; benchmarks/_reshift_loop.py swaps in the loop design to time it.
-_statistics = _two_pass_statistics
-
-
-@_shifted_moments.defjvp
-def _shifted_moments_jvp(plan, primals, tangents):
-    x, mask, fallback, source = primals
-    count, shift, offset, var = out = _shifted_moments(plan, x, mask, fallback, source)
-    shift, offset = lax.stop_gradient(shift), lax.stop_gradient(offset)
-    dx = tangents[0]
-
-    # Linear in dx (no optimization barrier: reverse mode transposes this).
-    centered = (x.astype(plan.dtype) - jnp.expand_dims(shift, plan.axes)) - jnp.expand_dims(offset, plan.axes)
-    # A deviation beyond the dtype (values of both signs near its maximum) means a variance beyond
-    # it, whose derivative the normalization does not use: 0, not inf * 0 = NaN in reverse mode.
-    centered = jnp.where(jnp.isfinite(centered), centered, 0)
-    dx = dx.astype(plan.dtype)
-    if mask is not None:
-        centered, dx = jnp.where(mask, centered, 0), jnp.where(mask, dx, 0)
-    # d|d|^2 = 2 Re(conj(d) dd): 2 d dd for real input
-    d_square = 2 * (centered.conj() * dx).real if jnp.iscomplexobj(centered) else 2 * centered * dx
-    sums = [jnp.sum(dx, plan.axes), jnp.sum(d_square, plan.axes)]
-    if jnp.iscomplexobj(sums[0]):
-        d_mean_re, d_mean_im, d_var = cross_device_sum([sums[0].real, sums[0].imag, sums[1]], plan.axis_name,
-                                                       plan.axis_index_groups)
-        d_mean = lax.complex(d_mean_re, d_mean_im)
-    else:
-        d_mean, d_var = cross_device_sum(sums, plan.axis_name, plan.axis_index_groups)
-    safe_count = jnp.maximum(count, 1)
-    zeros = jnp.zeros_like(count)
-    return out, (zeros, jnp.zeros_like(shift), d_mean / safe_count, d_var / safe_count)
-
-
-def merge_moments(parts: Sequence[Moments]) -> Moments:
-    r"""The moments of several batches together, from each batch's :class:`Moments`.
-
-    Exact count-weighted combination (what :func:`moments` of the
-    concatenated batches gives, up to rounding), taken around the first
-    part's shift so that large offsets cancel before they meet the rounding:
-
-    .. math::
-        n = \sum_i n_i, \qquad \mu = \frac{\sum_i n_i \mu_i}{n}, \qquad
-        \sigma^2 = \frac{\sum_i n_i (\sigma_i^2 + (\mu_i - \mu)^2)}{n}.
-
-    Use it to accumulate micro-batches: normalize each with
-    ``batch_norm(..., update_running_stats=False, return_moments=True)``,
-    merge, and apply one :func:`jaxbn.update_running_stats` per optimizer step.
-
-    Args:
-      parts: one or more :class:`Moments` of the same shape (features with no
-        valid element, ``count == 0``, weigh nothing).
-
-    Returns:
-      :class:`Moments` of all parts, with the shift of the first part that
-      has data (per feature; the first part's where none has).
-
-    Raises:
-      ValueError: ``parts`` is empty or the shapes differ.
-
-    >>> import jax.numpy as jnp
-    >>> x = jnp.array([[1.0], [2.0], [3.0], [10.0]])
-    >>> merged = merge_moments([moments(x[:1], 0), moments(x[1:], 0)])
-    >>> merged.mean, merged.var, merged.count
-    (Array([4.], dtype=float32), Array([12.5], dtype=float32), Array([4.], dtype=float32))
-    """
-    if isinstance(parts, Moments):
-        raise TypeError("parts must be a sequence of Moments, got a single Moments; pass a list, e.g. [moments].")
-    parts = list(parts)
-    if not parts:
-        raise ValueError(f"parts must be a non-empty sequence of Moments, got {parts!r}.")
-    for i, part in enumerate(parts):
-        if not isinstance(part, Moments):
-            raise TypeError(
-                f"parts must be a non-empty sequence of Moments, but parts[{i}] is a {type(part).__name__}."
-            )
-    shapes = {jnp.shape(part.mean) for part in parts}
-    if len(shapes) != 1:
-        raise ValueError(f"parts must all have one shape, got {sorted(shapes)}.")
-    fields = [jnp.stack(jnp.broadcast_arrays(*(getattr(part, name) for part in parts)))
-              for name in ("count", "shift", "mean_minus_shift", "var")]
-    total, shift, offset, spread = merge_stacked(*fields)
-    return Moments(mean=shift + offset, var=spread, count=total, shift=shift, mean_minus_shift=offset)
