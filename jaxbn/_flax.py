@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -16,12 +17,17 @@ from flax.core import meta
 
 
 def unboxed(value: Any) -> Any:
-    """``value`` without its partitioning box (``nn.with_partitioning``), if it has one."""
+    """``value`` without its partitioning box (``nn.with_partitioning``) or nnx Variable, if any."""
+    if isinstance(value, nnx.Variable):
+        return value[...]
     return value.unbox() if isinstance(value, meta.AxisMetadata) else value
 
 
 def reboxed(old: Any, new: Any) -> Any:
-    """``new`` in ``old``'s partitioning box, if ``old`` has one."""
+    """``new`` in ``old``'s partitioning box, if ``old`` has one; an nnx Variable is written."""
+    if isinstance(old, nnx.Variable):
+        old[...] = new
+        return old
     return old.replace_boxed(new) if isinstance(old, meta.AxisMetadata) else new
 
 
@@ -76,7 +82,7 @@ def running_stats_dtype(param_dtype: Any) -> Any:
 Interceptor = Callable[[Callable[..., Any], tuple, dict, tuple, Any], Any]
 
 _HOOKS: contextvars.ContextVar[Mapping[int, tuple[Interceptor, tuple]]] = contextvars.ContextVar(
-    "jaxbn_nnx_hooks", default={}
+    "jaxbn_nnx_hooks", default=types.MappingProxyType({})
 )
 
 
@@ -87,8 +93,8 @@ def _intercepting(cls: type) -> type:
         hook = _HOOKS.get().get(id(self))
         return run(*args, **kwargs) if hook is None else hook[0](run, args, kwargs, hook[1], self)
 
-    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
-                                        "__qualname__": cls.__qualname__, "_jaxbn_original": cls})
+    names = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_jaxbn_original": cls}
+    return type(cls.__name__, (cls,), {"__call__": __call__, **names})
 
 
 @contextlib.contextmanager

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -26,17 +28,18 @@ from jaxbn._flax import intercepted_nnx_calls, node_at, parse_path, path_name, r
 
 __all__ = ["FoldedBatchNorm", "FoldedLinen", "FoldedModel", "fold_batch_norm"]
 
-_LINEN_LAYERS = (nn.Conv, nn.Dense)
-_LINEN_NORMS = (nn.BatchNorm, _jaxbn_linen.BatchNorm)
-_NNX_LAYERS = (nnx.Conv, nnx.Linear)
-_NNX_NORMS = (nnx.BatchNorm, _jaxbn_nnx.BatchNorm)
+_LINEN_LAYERS, _LINEN_NORMS = (nn.Conv, nn.Dense), (nn.BatchNorm, _jaxbn_linen.BatchNorm)
+_LAYERS = (*_LINEN_LAYERS, nnx.Conv, nnx.Linear)
+_NORMS = (*_LINEN_NORMS, nnx.BatchNorm, _jaxbn_nnx.BatchNorm)
 _LAYER_NAMES = "Conv/Dense (nnx: Conv/Linear)"
 
 
 class FoldedBatchNorm(nnx.Module):
     """The identity, with BatchNorm's call signature: a folded nnx BatchNorm's replacement."""
 
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None
+    ) -> jax.Array:
         """Returns ``x`` unchanged (its BatchNorm lives on in the preceding layer)."""
         return x
 
@@ -51,11 +54,9 @@ class _Call:
     kind: str  # 'layer', 'norm' or 'other'
     args: tuple
     kwargs: dict
-    lifted: bool = False  # called inside a transform within the model (nn.scan, nn.remat, ...)
+    lifted: bool  # called inside a transform within the model (nn.scan, nn.remat, ...)
     probe: int = -1  # layers: which probe was added to the output (-1: none)
     output: Any = None
-    feature_axis: Any = None  # norms: the axis argument
-    training: bool | None = None  # norms: True when called in training mode
     done: int = -1  # clock tick at return
 
 
@@ -65,140 +66,81 @@ def _training(module: Any, args: tuple, kwargs: dict) -> bool:
     return (module.use_running_average if given is None else given) is False
 
 
-def _note_norm_call(call: _Call, fix: str) -> None:
-    """Records a BatchNorm call's feature axis; refuses a training-mode call (``fix`` says what to do)."""
-    call.feature_axis, call.training = call.module.axis, _training(call.module, call.args, call.kwargs)
-    if call.training:
-        raise ValueError(
-            f"fold_batch_norm: BatchNorm '{path_name(call.path)}' is called in training mode "
-            f"(use_running_average=False); folding uses the running statistics: {fix}."
-        )
-
-
 class _Recorder:
-    """Records the module calls of one traced forward pass and puts a probe on each layer's output.
+    """Traces ``forward(recorder)``, recording its module calls and probing each layer's output.
 
-    With ``probes`` (one traced zero per layer call outside lifted transforms,
-    in call order; None on the first pass, which only collects their shapes)
-    a layer hands ``output + probe`` to the code that called it, and a
-    BatchNorm handed exactly that object computes on ``output`` itself: in the
-    traced program every other use of the output depends on the probe, the
-    BatchNorm's does not.
+    With ``probes`` (one traced zero per layer call outside lifted transforms, in call order;
+    None on the first pass, which only collects their shapes) a layer hands ``output + probe``
+    to the code that called it, and a BatchNorm handed exactly that object computes on
+    ``output`` itself: in the traced program every other use of the output depends on the
+    probe, the BatchNorm's does not.
     """
 
-    def __init__(self, fix: str):
-        self.fix = fix  # what to do about a training-mode BatchNorm
+    def __init__(self, forward: Callable[[_Recorder], Any], fix: str):
+        self.forward, self.fix = forward, fix  # fix: what to do about a training-mode BatchNorm
         self.probes: list[Any] | None = None
-        self.trace: Any = None  # the trace of the forward pass itself (set when the pass starts)
+        self.trace: Any = None  # the trace of the forward pass itself
         self.calls: list[_Call] = []
-        self.clock = 0
+        self.clock = itertools.count()
         self.shapes: list[jax.ShapeDtypeStruct] = []  # the probed layers' outputs, in call order
-        self.unprobed: dict[int, tuple[Any, Any]] = {}  # id(output + probe) -> (output + probe, output)
+        self.unprobed: dict[int, tuple[Any, Any]] = {}  # id(output + probe) -> (it, output)
 
-    def __call__(self, path: Sequence[Any], module: Any, kind: str, args: tuple, kwargs: dict,
-                 run: Callable[..., Any]) -> Any:
-        if kind == "norm" and not args and "x" in kwargs:  # bn(x=h): the input positional, as the checks read it
-            kwargs = dict(kwargs)
-            args = (kwargs.pop("x"),)
-        call = _Call(self.clock, tuple(path), module, kind, args, dict(kwargs))
-        call.lifted = tracers.current_trace() != self.trace
-        self.clock += 1
+    def run(self, probes: list[Any] | None) -> list[Any]:
+        self.probes, self.trace = probes, tracers.current_trace()
+        leaves = jax.tree_util.tree_leaves(self.forward(self))
+        return [leaf for leaf in leaves if isinstance(leaf, jax.Array)]
+
+    def record(self, run: Callable, args: tuple, kwargs: dict, path: Sequence, module: Any) -> Any:
+        layer, norm = isinstance(module, _LAYERS), isinstance(module, _NORMS)
+        kind = "layer" if layer else "norm" if norm else "other"
+        if kind == "norm" and not args and "x" in kwargs:  # bn(x=h): the input positional
+            args, kwargs = (kwargs["x"],), {k: v for k, v in kwargs.items() if k != "x"}
+        lifted = tracers.current_trace() != self.trace
+        call = _Call(next(self.clock), tuple(path), module, kind, args, dict(kwargs), lifted)
         self.calls.append(call)
         if kind == "norm":
-            _note_norm_call(call, self.fix)
+            if _training(module, args, kwargs):
+                raise ValueError(
+                    f"fold_batch_norm: BatchNorm '{path_name(call.path)}' is called in training "
+                    "mode (use_running_average=False); folding uses the running statistics: "
+                    f"{self.fix}."
+                )
             if args and id(args[0]) in self.unprobed:
                 args = (self.unprobed[id(args[0])][1], *args[1:])
         out = run(*args, **kwargs)
-        if kind == "layer" and not call.lifted and isinstance(out, jax.Array):
+        if kind == "layer" and not lifted and isinstance(out, jax.Array):
             call.probe = len(self.shapes)
             self.shapes.append(jax.ShapeDtypeStruct(jnp.shape(out), out.dtype))
             if self.probes is not None:
-                if call.probe >= len(self.probes) or self.probes[call.probe].shape != jnp.shape(out):
+                if call.probe >= len(self.probes) or self.probes[call.probe].shape != out.shape:
                     raise ValueError(
-                        f"fold_batch_norm: the model's forward pass called different layers when traced twice "
-                        f"(at '{path_name(call.path)}'); folding needs a forward pass that is the same every time."
+                        "fold_batch_norm: the model's forward pass called different layers when "
+                        f"traced twice (at '{path_name(call.path)}'); folding needs a forward "
+                        "pass that is the same every time."
                     )
                 probed = out + self.probes[call.probe]
                 self.unprobed[id(probed)] = (probed, out)
                 out = probed
-        call.output, call.done = out, self.clock
-        self.clock += 1
+        call.output, call.done = out, next(self.clock)
         return out
 
 
 def _reached(jaxpr: Any) -> set[int]:
-    """The inputs of ``jaxpr`` that its outputs depend on.
-
-    Conservative: an equation with any dependent input makes all its outputs
-    dependent, whatever it computes (higher-order ones such as ``pjit``,
-    ``scan`` or ``custom_jvp_call`` included), so a use that is numerically
-    zero counts too; equations whose results reach no output do not.
-    """
+    """The inputs of ``jaxpr`` that its outputs depend on, conservatively: through any equation
+    (higher-order ones included, a use that is numerically zero too) whose results reach one."""
     depends: dict[Any, int] = {v: 1 << i for i, v in enumerate(jaxpr.invars)}
+    bits = lambda vs: [depends.get(v, 0) for v in vs if isinstance(v, jex_core.Var)]
     for eqn in jaxpr.eqns:
-        mask = 0
-        for v in eqn.invars:
-            if isinstance(v, jex_core.Var):
-                mask |= depends.get(v, 0)
-        if mask:
+        if mask := functools.reduce(operator.or_, bits(eqn.invars), 0):
             for v in eqn.outvars:
                 depends[v] = depends.get(v, 0) | mask
-    reached = 0
-    for v in jaxpr.outvars:
-        if isinstance(v, jex_core.Var):
-            reached |= depends.get(v, 0)
+    reached = functools.reduce(operator.or_, bits(jaxpr.outvars), 0)
     return {i for i in range(len(jaxpr.invars)) if reached >> i & 1}
-
-
-def _trace(forward: Callable[[_Recorder], Any], fix: str) -> tuple[list[_Call], set[int]]:
-    """Traces ``forward(recorder)`` twice: for the layers' output shapes, then with a probe on each.
-
-    Returns the calls of the second pass and the probes that the outputs of
-    ``forward`` (its array leaves) depend on.
-    """
-
-    def traced(recorder: _Recorder) -> Callable[[Any], list[Any]]:
-        def run(probes: list[Any] | None) -> list[Any]:
-            recorder.probes, recorder.trace = probes, tracers.current_trace()
-            return [leaf for leaf in jax.tree_util.tree_leaves(forward(recorder)) if isinstance(leaf, jax.Array)]
-
-        return run
-
-    first, second = _Recorder(fix), _Recorder(fix)
-    try:
-        jax.eval_shape(traced(first), None)
-        closed = jax.make_jaxpr(traced(second))(first.shapes)
-    except jax.errors.JAXTypeError as err:
-        raise ValueError(
-            "fold_batch_norm: model: its forward pass cannot be traced (it needs concrete values, "
-            f"{type(err).__name__}); fold_batch_norm traces it, as jax.jit does, to find which BatchNorm "
-            "follows which layer and every other use of the layer's output. Make the model traceable "
-            "(e.g. jnp.where or jax.lax.cond instead of a Python if on an array) to fold it."
-        ) from err
-    return second.calls, _reached(closed.jaxpr)
-
-
-def _check_pairs(pairs: Any) -> list[tuple[tuple[str, ...], tuple[str, ...]]] | None:
-    if pairs is None:
-        return None
-    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
-        raise TypeError(f"pairs must be a sequence of (layer_path, batch_norm_path) pairs, got {pairs!r}.")
-    checked = []
-    for pair in pairs:
-        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
-            raise TypeError(f"pairs: each entry must be a (layer_path, batch_norm_path) pair, got {pair!r}.")
-        checked.append((parse_path(pair[0], "pairs"), parse_path(pair[1], "pairs")))
-    return checked
-
-
-def _leaves(args: tuple, kwargs: dict) -> list[Any]:
-    return jax.tree_util.tree_leaves((args, kwargs))
 
 
 def _producer_message(norm: _Call, calls: list[_Call]) -> str:
     """Says what produced the BatchNorm's input when it is not a Conv/Dense output."""
-    x = norm.args[0]
-    producers = [c for c in calls if 0 <= c.done < norm.index and c.output is x]
+    producers = [c for c in calls if 0 <= c.done < norm.index and c.output is norm.args[0]]
     if producers:
         p = max(producers, key=lambda c: c.done)
         return f"its input is the output of '{path_name(p.path)}' ({type(p.module).__name__})"
@@ -207,39 +149,68 @@ def _producer_message(norm: _Call, calls: list[_Call]) -> str:
         last = max(layers, key=lambda c: c.done)
         return (
             f"its input is not the output of any {_LAYER_NAMES}: the last one called before it, "
-            f"'{path_name(last.path)}', is followed by code outside module calls (an activation, a reshape, "
-            "arithmetic, ...) that sits between"
+            f"'{path_name(last.path)}', is followed by code outside module calls (an activation, "
+            "a reshape, arithmetic, ...) that sits between"
         )
     return f"its input is not the output of any {_LAYER_NAMES} (none was called before it)"
 
 
 def _refuse_lifted(call: _Call, calls: list[_Call]) -> None:
-    """Refuses a module called inside a transform within the model, naming the transformed module."""
-    if not call.lifted:
-        return
-    outer = min((c for c in calls if c.lifted and call.path[: len(c.path)] == c.path), key=lambda c: len(c.path))
-    raise ValueError(
-        f"fold_batch_norm: '{path_name(call.path)}' ({type(call.module).__name__}) runs inside a lifted transform "
-        f"within the model (the module at '{path_name(outer.path)}' is wrapped in nn.scan, nn.vmap, nn.remat, "
-        "nn.jit, an nnx transform, ...); folding modules inside lifted transforms is not supported, so it is "
-        "refused. Pass pairs=[...] to fold only BatchNorms outside them."
-    )
+    """Refuses a module called inside a transform within the model, naming the transformed one."""
+    if call.lifted:
+        lifted = [c for c in calls if c.lifted and call.path[: len(c.path)] == c.path]
+        outer = min(lifted, key=lambda c: len(c.path))
+        raise ValueError(
+            f"fold_batch_norm: '{path_name(call.path)}' ({type(call.module).__name__}) runs inside "
+            f"a lifted transform within the model (the module at '{path_name(outer.path)}' is "
+            "wrapped in nn.scan, nn.vmap, nn.remat, nn.jit, an nnx transform, ...); folding "
+            "modules inside lifted transforms is not supported, so it is refused. Pass "
+            "pairs=[...] to fold only BatchNorms outside them."
+        )
 
 
-def _match(calls: list[_Call], pairs: list | None) -> list[tuple[_Call, _Call]]:
-    """The (layer call, norm call) pairs to fold, checked."""
+def _folds(forward: Callable, pairs: Any, fix: str, outputs: str) -> list[tuple[_Call, _Call]]:
+    """The checked (layer call, norm call) pairs to fold in the traced ``forward``."""
+    if pairs is not None:
+        if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+            raise TypeError(
+                f"pairs must be a sequence of (layer_path, batch_norm_path) pairs, got {pairs!r}."
+            )
+        checked = []
+        for pair in pairs:
+            if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+                raise TypeError(
+                    f"pairs: each entry must be a (layer_path, batch_norm_path) pair, got {pair!r}."
+                )
+            checked.append((parse_path(pair[0], "pairs"), parse_path(pair[1], "pairs")))
+        pairs = checked
+    first, second = _Recorder(forward, fix), _Recorder(forward, fix)
+    try:  # the layers' output shapes, then a pass with a probe on each
+        jax.eval_shape(first.run, None)
+        reached = _reached(jax.make_jaxpr(second.run)(first.shapes).jaxpr)
+    except jax.errors.JAXTypeError as err:
+        raise ValueError(
+            "fold_batch_norm: model: its forward pass cannot be traced (it needs concrete values, "
+            f"{type(err).__name__}); fold_batch_norm traces it, as jax.jit does, to find which "
+            "BatchNorm follows which layer and every other use of the layer's output. Make the "
+            "model traceable (e.g. jnp.where or jax.lax.cond instead of a Python if on an array) "
+            "to fold it."
+        ) from err
+    calls = second.calls
     by_path: dict[tuple[str, ...], list[_Call]] = {}
     for call in calls:
         by_path.setdefault(tuple(str(p) for p in call.path), []).append(call)
+    wanted = []
     if pairs is None:
         norms = [c for c in calls if c.kind == "norm"]
         if not norms:
-            raise ValueError("fold_batch_norm: the forward pass called no BatchNorm; there is nothing to fold.")
-        wanted = []
+            raise ValueError(
+                "fold_batch_norm: the forward pass called no BatchNorm; there is nothing to fold."
+            )
         for norm in norms:
             _refuse_lifted(norm, calls)
-            producers = [c for c in calls
-                         if c.kind == "layer" and c.output is norm.args[0] and 0 <= c.done < norm.index]
+            producers = [c for c in calls if c.kind == "layer" and 0 <= c.done < norm.index]
+            producers = [c for c in producers if c.output is norm.args[0]]
             if not producers:
                 raise ValueError(
                     f"fold_batch_norm: BatchNorm '{path_name(norm.path)}' cannot be folded: "
@@ -247,126 +218,106 @@ def _match(calls: list[_Call], pairs: list | None) -> list[tuple[_Call, _Call]]:
                     f"{_LAYER_NAMES} output directly; pass pairs=[...] to fold only the others."
                 )
             wanted.append((producers[-1], norm))
-    else:
-        wanted = []
-        for layer_path, norm_path in pairs:
-            for path, what in ((layer_path, "layer"), (norm_path, "norm")):
-                if path not in by_path:
-                    raise ValueError(
-                        f"pairs: no module at '{path_name(path)}' was called in the forward pass "
-                        f"(called: {sorted(path_name(p) for p in by_path)})."
-                    )
-            layer, norm = by_path[layer_path][0], by_path[norm_path][0]
-            if layer.kind != "layer":
+    for layer_path, norm_path in pairs or ():
+        for path in (layer_path, norm_path):
+            if path not in by_path:
                 raise ValueError(
-                    f"pairs: '{path_name(layer_path)}' is a {type(layer.module).__name__}, not a {_LAYER_NAMES}."
+                    f"pairs: no module at '{path_name(path)}' was called in the forward pass "
+                    f"(called: {sorted(path_name(p) for p in by_path)})."
                 )
-            if norm.kind != "norm":
-                raise ValueError(f"pairs: '{path_name(norm_path)}' is a {type(norm.module).__name__}, not a BatchNorm.")
-            _refuse_lifted(layer, calls)
-            _refuse_lifted(norm, calls)
-            if norm.args[0] is not layer.output:
-                raise ValueError(
-                    f"pairs: ('{path_name(layer_path)}', '{path_name(norm_path)}') does not match: BatchNorm "
-                    f"'{path_name(norm_path)}' does not consume the output of '{path_name(layer_path)}' directly; "
-                    f"{_producer_message(norm, calls)}."
-                )
-            wanted.append((layer, norm))
-    seen: dict[tuple[str, ...], str] = {}
+        layer, norm = by_path[layer_path][0], by_path[norm_path][0]
+        for call, kind, noun in ((layer, "layer", _LAYER_NAMES), (norm, "norm", "BatchNorm")):
+            if call.kind != kind:
+                name = f"'{path_name(call.path)}' is a {type(call.module).__name__}"
+                raise ValueError(f"pairs: {name}, not a {noun}.")
+        _refuse_lifted(layer, calls)
+        _refuse_lifted(norm, calls)
+        if norm.args[0] is not layer.output:
+            raise ValueError(
+                f"pairs: ('{path_name(layer_path)}', '{path_name(norm_path)}') does not match: "
+                f"BatchNorm '{path_name(norm_path)}' does not consume the output of "
+                f"'{path_name(layer_path)}' directly; {_producer_message(norm, calls)}."
+            )
+        wanted.append((layer, norm))
+    seen: set[tuple[str, ...]] = set()
     for layer, norm in wanted:
         for call in (layer, norm):
             _refuse_lifted(call, calls)
             key = tuple(str(p) for p in call.path)
             if len(by_path[key]) > 1:
                 raise ValueError(
-                    f"fold_batch_norm: '{path_name(call.path)}' is called {len(by_path[key])} times in the forward "
-                    "pass (a shared module); folding would change every call, so it is refused."
+                    f"fold_batch_norm: '{path_name(call.path)}' is called {len(by_path[key])} "
+                    "times in the forward pass (a shared module); folding would change every "
+                    "call, so it is refused."
                 )
             if key in seen:
                 raise ValueError(f"fold_batch_norm: '{path_name(call.path)}' appears in two pairs.")
-            seen[key] = path_name(call.path)
-        if norm.training:
-            raise ValueError(
-                f"fold_batch_norm: BatchNorm '{path_name(norm.path)}' ran in training mode (batch statistics); "
-                "folding uses the running statistics, so call the model in eval mode (e.g. train=False, "
-                "use_running_average=True, or model.eval() in nnx)."
-            )
+            seen.add(key)
         for other in calls:
-            if other is norm or other.index <= layer.index or other.index < 0:
-                continue
-            if other.output is layer.output:  # passes its input on unchanged (e.g. a deterministic Dropout)
-                continue
-            if any(leaf is layer.output for leaf in _leaves(other.args, other.kwargs)) and other.done >= 0:
-                if other.index < norm.index and norm.done <= other.done:  # an ancestor passing it on
+            if other is norm or other.index <= layer.index or other.output is layer.output:
+                continue  # the same output passed on unchanged (e.g. a deterministic Dropout)
+            leaves = jax.tree_util.tree_leaves((other.args, other.kwargs))
+            if any(leaf is layer.output for leaf in leaves) and other.done >= 0:
+                if other.index < norm.index and norm.done <= other.done:  # an ancestor passing it
                     continue
                 raise ValueError(
-                    f"fold_batch_norm: the output of '{path_name(layer.path)}' also feeds '{path_name(other.path)}' "
-                    f"({type(other.module).__name__}), besides BatchNorm '{path_name(norm.path)}'; folding would "
-                    "change that input too."
+                    f"fold_batch_norm: the output of '{path_name(layer.path)}' also feeds "
+                    f"'{path_name(other.path)}' ({type(other.module).__name__}), besides BatchNorm "
+                    f"'{path_name(norm.path)}'; folding would change that input too."
                 )
-        x = norm.args[0]
-        ndim = jnp.ndim(x)
-        axis = norm.feature_axis
-        if isinstance(axis, Sequence) and len(axis) == 1:
-            axis = axis[0]
+        x, axis = norm.args[0], norm.module.axis
+        ndim, axis = jnp.ndim(x), axis[0] if isinstance(axis, Sequence) and len(axis) == 1 else axis
         if not isinstance(axis, int) or not -ndim <= axis < ndim or axis % ndim != ndim - 1:
             raise ValueError(
-                f"fold_batch_norm: BatchNorm '{path_name(norm.path)}' normalizes axis={norm.feature_axis!r} of its "
-                f"shape-{tuple(jnp.shape(x))} input, but '{path_name(layer.path)}' puts its output features on the "
-                "last axis; folding needs the BatchNorm's feature axis to be the layer's output feature axis "
-                "(NCHW BatchNorm, axis=1 on a 4-D input, is not supported)."
+                f"fold_batch_norm: BatchNorm '{path_name(norm.path)}' normalizes "
+                f"axis={norm.module.axis!r} of its shape-{tuple(jnp.shape(x))} input, but "
+                f"'{path_name(layer.path)}' puts its output features on the last axis; folding "
+                "needs the BatchNorm's feature axis to be the layer's output feature axis (NCHW "
+                "BatchNorm, axis=1 on a 4-D input, is not supported)."
             )
         if jnp.iscomplexobj(x):
-            raise TypeError(f"fold_batch_norm: BatchNorm '{path_name(norm.path)}' has a complex input; not supported.")
-    return wanted
-
-
-def _refuse_other_uses(wanted: list[tuple[_Call, _Call]], reached: set[int], outputs: str) -> None:
-    """Refuses a pair whose layer output has a use besides its BatchNorm that reaches ``outputs``."""
+            raise TypeError(
+                f"fold_batch_norm: BatchNorm '{path_name(norm.path)}' has a complex input; "
+                "not supported."
+            )
     for layer, norm in wanted:
         if layer.probe < 0 or layer.probe in reached:
             raise ValueError(
-                f"fold_batch_norm: the output of '{path_name(layer.path)}' is used besides BatchNorm "
-                f"'{path_name(norm.path)}' (by code outside module calls, e.g. a residual bn(h) + h), and that use "
-                f"reaches {outputs}; folding would change it too, so it is refused. Pass pairs=[...] to fold "
-                "only the others."
+                f"fold_batch_norm: the output of '{path_name(layer.path)}' is used besides "
+                f"BatchNorm '{path_name(norm.path)}' (by code outside module calls, e.g. a "
+                f"residual bn(h) + h), and that use reaches {outputs}; folding would change it "
+                "too, so it is refused. Pass pairs=[...] to fold only the others."
             )
+    return wanted
 
 
-def _fold_arrays(kernel, bias, mean, var, scale, beta, epsilon, where: str):
-    """``W * s`` and ``(b - mean) * rsqrt(var + eps) * scale + beta``, as PyTorch's fuse_conv_bn_weights."""
+def _fold(layer: dict, stats: Mapping, norm: Mapping, epsilon: float, where: str) -> None:
+    """Folds into ``layer`` (its ``kernel``, ``bias``) a BatchNorm's running ``stats`` and
+    ``norm`` params (boxed or nnx Variables) as PyTorch's fuse_conv_bn_weights."""
+    kernel, bias = unboxed(layer["kernel"]), unboxed(layer.get("bias"))
+    mean, var = unboxed(stats["mean"]), unboxed(stats["var"])
+    scale, beta = unboxed(norm.get("scale")), unboxed(norm.get("bias"))
     out = kernel.shape[-1]
     for name, value in (("mean", mean), ("var", var), ("scale", scale), ("bias", beta)):
         if value is not None and tuple(value.shape) != (out,):
             raise ValueError(
-                f"fold_batch_norm: BatchNorm '{where}' has {name} of shape {tuple(value.shape)}, but the layer "
-                f"before it has {out} output features."
+                f"fold_batch_norm: BatchNorm '{where}' has {name} of shape {tuple(value.shape)}, "
+                f"but the layer before it has {out} output features."
             )
     if jnp.iscomplexobj(mean):
-        raise TypeError(f"fold_batch_norm: BatchNorm '{where}' has a complex running mean; not supported.")
+        raise TypeError(
+            f"fold_batch_norm: BatchNorm '{where}' has a complex running mean; not supported."
+        )
     dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+    cast = lambda x, default: jnp.full((out,), default, dtype) if x is None else x.astype(dtype)
     rsqrt = jax.lax.rsqrt(var.astype(dtype) + jnp.asarray(epsilon, dtype))
-    gamma = jnp.ones((out,), dtype) if scale is None else scale.astype(dtype)
-    shift = jnp.zeros((out,), dtype) if beta is None else beta.astype(dtype)
-    b = jnp.zeros((out,), dtype) if bias is None else bias.astype(dtype)
+    gamma = cast(scale, 1)
     new_kernel = (kernel.astype(dtype) * (gamma * rsqrt)).astype(kernel.dtype)
-    new_bias = ((b - mean.astype(dtype)) * rsqrt * gamma + shift).astype(kernel.dtype if bias is None else bias.dtype)
-    return new_kernel, new_bias
-
-
-# ----------------------------------------------------------------------------- linen
-
-
-def _remove(tree: dict, path: tuple[str, ...]) -> None:
-    """Deletes ``tree[path]`` and the dicts it leaves empty."""
-    if not path or not isinstance(tree, dict) or path[0] not in tree:
-        return
-    if len(path) == 1:
-        del tree[path[0]]
-        return
-    _remove(tree[path[0]], path[1:])
-    if isinstance(tree[path[0]], dict) and not tree[path[0]]:
-        del tree[path[0]]
+    new_bias = (cast(bias, 0) - mean.astype(dtype)) * rsqrt * gamma + cast(beta, 0)
+    layer["kernel"] = reboxed(layer["kernel"], new_kernel)
+    layer["bias"] = reboxed(
+        layer.get("bias"), new_bias.astype(getattr(bias, "dtype", kernel.dtype))
+    )
 
 
 class FoldedModel(nn.Module):
@@ -390,36 +341,32 @@ class FoldedModel(nn.Module):
         nn.share_scope(self, self.module)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """``module(*args, **kwargs)`` with the folded BatchNorms as the identity and the folded biases added."""
-        layers = frozenset(tuple(p) for p in self.layers)
-        norms = frozenset(tuple(p) for p in self.batch_norms)
-        with nn.intercept_methods(functools.partial(_run_folded, tuple(self.path), layers, norms)):
+        """``module(*args, **kwargs)`` with the folded BatchNorms as the identity and the folded
+        biases added."""
+        folded = frozenset(map(tuple, self.layers)), frozenset(map(tuple, self.batch_norms))
+        with nn.intercept_methods(functools.partial(_run_folded, tuple(self.path), *folded)):
             return self.module(*args, **kwargs)
 
 
-def _run_folded(prefix: tuple, layers: frozenset, norms: frozenset, next_fun: Callable[..., Any], args: tuple,
-                kwargs: dict, context: Any) -> Any:
-    """:class:`FoldedModel`'s interceptor: folded BatchNorms return their input, bias-less folded layers add one.
-
-    Paths are relative to the :class:`FoldedModel` (``prefix``), so it also works as a submodule.
-    """
-    module = context.module
-    path = tuple(module.path)
+def _run_folded(prefix, layers, norms, next_fun, args, kwargs, context) -> Any:
+    """:class:`FoldedModel`'s interceptor; paths are relative to it (``prefix``)."""
+    module, path = context.module, tuple(context.module.path)
     if context.method_name != "__call__" or path[: len(prefix)] != prefix:
         return next_fun(*args, **kwargs)
-    path = path[len(prefix):]
+    path = path[len(prefix) :]
     if path in norms and isinstance(module, _LINEN_NORMS):
         if _training(module, args, kwargs):
             raise ValueError(
-                f"FoldedModel: BatchNorm '{path_name(path)}' is folded into the layer before it (it runs as the "
-                "identity), so it cannot be called in training mode (use_running_average=False); call the "
-                "folded model in eval mode (e.g. train=False)."
+                f"FoldedModel: BatchNorm '{path_name(path)}' is folded into the layer before it "
+                "(it runs as the identity), so it cannot be called in training mode "
+                "(use_running_average=False); call the folded model in eval mode "
+                "(e.g. train=False)."
             )
         if module.has_variable("batch_stats", "mean"):
             raise ValueError(
-                f"FoldedModel: the variables hold the batch_stats of BatchNorm '{path_name(path)}', which is folded: "
-                "apply the folded model to the folded variables (fold_batch_norm(...).variables), not to the "
-                "original ones."
+                "FoldedModel: the variables hold the batch_stats of BatchNorm "
+                f"'{path_name(path)}', which is folded: apply the folded model to the folded "
+                "variables (fold_batch_norm(...).variables), not to the original ones."
             )
         return args[0] if args else kwargs["x"]
     out = next_fun(*args, **kwargs)
@@ -427,14 +374,15 @@ def _run_folded(prefix: tuple, layers: frozenset, norms: frozenset, next_fun: Ca
         bias: Any = module.get_variable("params", "bias")
         if bias is None and module.is_initializing():
             raise ValueError(
-                f"FoldedModel: cannot init the folded bias of '{path_name(path)}': a folded model only runs the "
-                "variables fold_batch_norm folded (fold_batch_norm(...).variables); init the original model."
+                f"FoldedModel: cannot init the folded bias of '{path_name(path)}': a folded model "
+                "only runs the variables fold_batch_norm folded (fold_batch_norm(...).variables); "
+                "init the original model."
             )
         if bias is None:
             raise ValueError(
-                f"FoldedModel: the variables lack params/{path_name(path)}/bias, the folded bias of '{path_name(path)}' "
-                "(built with use_bias=False): apply the folded model to the folded variables "
-                "(fold_batch_norm(...).variables), not to the original ones."
+                f"FoldedModel: the variables lack params/{path_name(path)}/bias, the folded bias "
+                f"of '{path_name(path)}' (built with use_bias=False): apply the folded model to "
+                "the folded variables (fold_batch_norm(...).variables), not to the original ones."
             )
         out = out + jnp.asarray(unboxed(bias), out.dtype)
     return out
@@ -451,125 +399,99 @@ class FoldedLinen(NamedTuple):
     variables: Any
 
 
-def _fold_linen(model: nn.Module, variables: Any, args: tuple, kwargs: dict, pairs: Any) -> FoldedLinen:
+def _remove(tree: Any, path: tuple) -> None:
+    """Deletes ``tree[path]`` and the dicts it leaves empty."""
+    if path and isinstance(tree, dict) and path[0] in tree:
+        if len(path) > 1:
+            _remove(tree[path[0]], path[1:])
+        if len(path) == 1 or (isinstance(tree[path[0]], dict) and not tree[path[0]]):
+            del tree[path[0]]
+
+
+def _fold_linen(model: nn.Module, variables: Any, args: tuple, kwargs: dict, pairs: Any) -> Any:
     if not isinstance(variables, Mapping) or "params" not in variables:
+        keys = f" with keys {sorted(variables)}" if isinstance(variables, Mapping) else ""
         raise TypeError(
-            "fold_batch_norm(linen_model, variables, *args): variables must be the model's variables "
-            f"({{'params': ..., 'batch_stats': ...}}), got {type(variables).__name__}"
-            + (f" with keys {sorted(variables)}" if isinstance(variables, Mapping) else "") + "."
+            "fold_batch_norm(linen_model, variables, *args): variables must be the model's "
+            f"variables ({{'params': ..., 'batch_stats': ...}}), got {type(variables).__name__}"
+            f"{keys}."
         )
     if not args:
-        raise TypeError("fold_batch_norm(linen_model, variables, *args): pass a sample input after the variables.")
-    checked = _check_pairs(pairs)
+        raise TypeError(
+            "fold_batch_norm(linen_model, variables, *args): pass a sample input after the "
+            "variables."
+        )
 
     def forward(recorder: _Recorder) -> Any:
-        def interceptor(next_fun, call_args, call_kwargs, context):
+        def intercept(next_fun, call_args, call_kwargs, context):
             if context.method_name != "__call__":
                 return next_fun(*call_args, **call_kwargs)
             module = context.module
-            is_layer, is_norm = isinstance(module, _LINEN_LAYERS), isinstance(module, _LINEN_NORMS)
-            kind = "layer" if is_layer else "norm" if is_norm else "other"
-            return recorder(module.path, module, kind, call_args, call_kwargs, next_fun)
+            return recorder.record(next_fun, call_args, call_kwargs, module.path, module)
 
-        with nn.intercept_methods(interceptor):
+        with nn.intercept_methods(intercept):
             return model.apply(variables, *args, **kwargs)
 
-    calls, reached = _trace(forward, "pass the arguments of an eval-mode call (e.g. train=False)")
-    wanted = _match(calls, checked)
-    _refuse_other_uses(wanted, reached, "what the model returns")
-
-    frozen = isinstance(variables, flax.core.FrozenDict)
-    folded: dict[str, Any] = flax.core.unfreeze(variables)  # type: ignore[arg-type]  # a fresh nested dict
-    params = folded["params"]
+    fix = "pass the arguments of an eval-mode call (e.g. train=False)"
+    wanted = _folds(forward, pairs, fix, "what the model returns")
+    folded: dict[str, Any] = flax.core.unfreeze(variables)  # type: ignore[arg-type]  # a fresh dict
     for layer, norm in wanted:
-        lp, np_ = tuple(layer.path), tuple(norm.path)
-        layer_params = node_at(params, lp)
-        stats = node_at(folded.get("batch_stats", {}), np_)
-        if layer_params is None or "kernel" not in layer_params or stats is None:
-            raise ValueError(f"fold_batch_norm: variables lack the entries of '{path_name(lp)}' or '{path_name(np_)}'.")
-        norm_params = node_at(params, np_) or {}
-        kernel, bias = unboxed(layer_params["kernel"]), unboxed(layer_params.get("bias"))
-        new_kernel, new_bias = _fold_arrays(
-            kernel, bias, unboxed(stats["mean"]), unboxed(stats["var"]), unboxed(norm_params.get("scale")),
-            unboxed(norm_params.get("bias")), norm.module.epsilon, path_name(np_),
-        )
-        layer_params["kernel"] = reboxed(layer_params["kernel"], new_kernel)
-        layer_params["bias"] = reboxed(layer_params["bias"], new_bias) if "bias" in layer_params else new_bias
+        params = node_at(folded["params"], layer.path)
+        stats = node_at(folded.get("batch_stats", {}), norm.path)
+        if params is None or "kernel" not in params or stats is None:
+            raise ValueError(
+                f"fold_batch_norm: variables lack the entries of '{path_name(layer.path)}' or "
+                f"'{path_name(norm.path)}'."
+            )
+        norm_params = node_at(folded["params"], norm.path) or {}
+        _fold(params, stats, norm_params, norm.module.epsilon, path_name(norm.path))
         for name in list(folded):
-            _remove(folded[name], np_)
+            _remove(folded[name], norm.path)
             if name != "params" and not folded[name]:
                 del folded[name]
-    folded_model = FoldedModel(
-        model, layers=tuple(tuple(layer.path) for layer, _ in wanted),
-        batch_norms=tuple(tuple(norm.path) for _, norm in wanted),
-    )
+    layers, norms = tuple(lc.path for lc, _ in wanted), tuple(nc.path for _, nc in wanted)
+    folded_model = FoldedModel(model, layers=layers, batch_norms=norms)
+    frozen = isinstance(variables, flax.core.FrozenDict)
     return FoldedLinen(folded_model, flax.core.freeze(folded) if frozen else folded)
-
-
-# ----------------------------------------------------------------------------- nnx
-
-
-def _child(parent: Any, key: Any) -> Any:
-    if isinstance(key, int) or isinstance(parent, Mapping):
-        return parent[key]
-    return getattr(parent, key)
 
 
 def _fold_nnx(module: nnx.Module, args: tuple, kwargs: dict, pairs: Any) -> nnx.Module:
     if not args:
-        raise TypeError("fold_batch_norm(nnx_module, *args): pass a sample input to call the module with.")
-    checked = _check_pairs(pairs)
+        raise TypeError(
+            "fold_batch_norm(nnx_module, *args): pass a sample input to call the module with."
+        )
     model = nnx.clone(module)
     graphdef, state = nnx.split(model)
 
     def forward(recorder: _Recorder) -> Any:
-        traced = nnx.merge(graphdef, state, copy=True)  # new objects: the trace leaves `model` alone
-
-        def record(run, call_args, call_kwargs, path, node):
-            kind = "layer" if isinstance(node, _NNX_LAYERS) else "norm" if isinstance(node, _NNX_NORMS) else "other"
-            return recorder(path, node, kind, call_args, call_kwargs, run)
-
-        with intercepted_nnx_calls(traced, record, lambda node: True):
+        traced = nnx.merge(graphdef, state, copy=True)  # new objects: `model` stays as it is
+        with intercepted_nnx_calls(traced, recorder.record, lambda node: True):
             out = traced(*args, **kwargs)
         return out, nnx.state(traced)
 
-    calls, reached = _trace(forward, "call model.eval() first (or pass use_running_average=True)")
-    wanted = _match(calls, checked)
-    _refuse_other_uses(wanted, reached, "what the module returns or its state")
-
+    fix = "call model.eval() first (or pass use_running_average=True)"
+    wanted = _folds(forward, pairs, fix, "what the module returns or its state")
+    indexed = lambda parent, key: isinstance(key, int) or isinstance(parent, Mapping)
     modules: dict[tuple, Any] = {tuple(path): m for path, m in nnx.iter_modules(model)}
     for layer_call, norm_call in wanted:
-        layer, norm = modules[layer_call.path], modules[norm_call.path]
-        new_kernel, new_bias = _fold_arrays(
-            layer.kernel[...], None if layer.bias is None else layer.bias[...], norm.mean[...], norm.var[...],
-            None if norm.scale is None else norm.scale[...], None if norm.bias is None else norm.bias[...],
-            norm.epsilon, path_name(norm_call.path),
-        )
-        layer.kernel[...] = new_kernel
+        layer, norm, path = modules[layer_call.path], modules[norm_call.path], norm_call.path
+        params = {"kernel": layer.kernel, "bias": layer.bias}
+        stats = {"mean": norm.mean, "var": norm.var, "scale": norm.scale, "bias": norm.bias}
+        _fold(params, stats, stats, norm.epsilon, path_name(path))
         if layer.bias is None:
-            layer.bias = nnx.Param(new_bias)
-            layer.use_bias = True
-        else:
-            layer.bias[...] = new_bias
-        path = norm_call.path
+            layer.bias, layer.use_bias = nnx.Param(params["bias"]), True
         parent: Any = model
         for key in path[:-1]:
-            parent = _child(parent, key)
-        key = path[-1]
+            parent = parent[key] if indexed(parent, key) else getattr(parent, key)
+        put = operator.setitem if indexed(parent, path[-1]) else setattr  # list, nnx.List, dict
         try:
-            if isinstance(key, int) or isinstance(parent, Mapping):
-                parent[key] = FoldedBatchNorm()  # type: ignore[index]  # a list, nnx.List or dict
-            else:
-                setattr(parent, key, FoldedBatchNorm())
+            put(parent, path[-1], FoldedBatchNorm())
         except (TypeError, AttributeError) as err:
             raise ValueError(
                 f"fold_batch_norm: cannot replace BatchNorm '{path_name(path)}' in its container "
                 f"{type(parent).__name__} (immutable?): {err}"
             ) from err
     return model
-
-
-# ----------------------------------------------------------------------------- entry point
 
 
 def fold_batch_norm(
@@ -626,11 +548,13 @@ def fold_batch_norm(
     """
     if isinstance(model, nn.Module):
         if not args:
-            raise TypeError("fold_batch_norm(linen_model, variables, *args): the variables are missing.")
+            raise TypeError(
+                "fold_batch_norm(linen_model, variables, *args): the variables are missing."
+            )
         return _fold_linen(model, args[0], args[1:], kwargs, pairs)
     if isinstance(model, nnx.Module):
         return _fold_nnx(model, args, kwargs, pairs)
     raise TypeError(
-        f"fold_batch_norm: model must be a flax.linen.Module (with its variables) or a flax.nnx.Module, "
-        f"got {type(model).__name__}."
+        "fold_batch_norm: model must be a flax.linen.Module (with its variables) or a "
+        f"flax.nnx.Module, got {type(model).__name__}."
     )

@@ -8,14 +8,8 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
-from jaxbn.recalibration import (
-    check_options,
-    linen_layer_moments,
-    nnx_batch_norms,
-    layer_moments,
-    nnx_layer_moments,
-)
 from jaxbn._flax import node_at, path_name, unboxed
+from jaxbn.recalibration import check_options, layer_moments, merged_moments, running_stats
 
 __all__ = ["LayerReport", "inspect_batch_norms", "plot"]
 
@@ -42,20 +36,13 @@ class LayerReport(NamedTuple):
     dead_features: int
 
 
-def _report(path, calls, running_mean, running_var, epsilon) -> LayerReport:
-    merged = layer_moments(calls)  # a layer called several times: all its inputs together
-    count, mean, var = (np.asarray(value, np.float64) for value in (merged.count, merged.mean, merged.var))
-    running_mean, running_var = (np.asarray(v, np.float64).reshape(mean.shape) for v in (running_mean, running_var))
-    mean_shift = (mean - running_mean) / np.sqrt(running_var + epsilon)
-    log_var_ratio = np.log((var + epsilon) / (running_var + epsilon))
-    valid = count > 0
-    drift = float(np.sqrt(np.mean((mean_shift**2 + log_var_ratio**2)[valid]))) if valid.any() else 0.0
-    return LayerReport(tuple(path), count, mean, var, running_mean, running_var, mean_shift, log_var_ratio, drift,
-                       int(np.sum(valid & (var <= epsilon))))
-
-
 def inspect_batch_norms(
-    model: Any, variables_or_batch: Any, batch: Any = None, *, normalize_with: str = "running", **call_kwargs: Any
+    model: Any,
+    variables_or_batch: Any,
+    batch: Any = None,
+    *,
+    normalize_with: str = "running",
+    **call_kwargs: Any,
 ) -> list[LayerReport]:
     """Compares every BatchNorm's input statistics on ``batch`` with its running statistics.
 
@@ -88,29 +75,35 @@ def inspect_batch_norms(
     (('BatchNorm_0',), True)
     """
     check_options(normalize_with, "population")
-    if isinstance(model, nn.Module):
-        if batch is None:
-            raise TypeError("inspect_batch_norms(linen_model, variables, batch): the batch is missing.")
-        info: dict[tuple, dict[str, Any]] = {}
-        variables = variables_or_batch
-        (layers,) = linen_layer_moments(model, variables, [batch], normalize_with, call_kwargs, info)
-        stats = {path: node_at(variables["batch_stats"], path) for path in layers}
-        reports = [
-            _report(path, calls, unboxed(stats[path]["mean"]), unboxed(stats[path]["var"]),
-                    info[path]["epsilon"])
-            for path, calls in layers.items()
-        ]
-    elif isinstance(model, nnx.Module):
-        if batch is not None:
-            raise TypeError("inspect_batch_norms(nnx_module, batch): pass the batch as the second argument.")
-        nodes = nnx_batch_norms(model)
-        (layers,) = nnx_layer_moments(model, [variables_or_batch], normalize_with, call_kwargs)
-        reports = [_report(path, calls, nodes[path].mean[...], nodes[path].var[...], nodes[path].epsilon)
-                   for path, calls in layers.items()]
-    else:
-        raise TypeError(f"model must be a flax.linen or flax.nnx module, got {type(model).__name__}.")
+    linen = isinstance(model, nn.Module)
+    if not linen and not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"model must be a flax.linen or flax.nnx module, got {type(model).__name__}."
+        )
+    if linen and batch is None:
+        raise TypeError("inspect_batch_norms(linen_model, variables, batch): the batch is missing.")
+    if not linen and batch is not None:
+        raise TypeError(
+            "inspect_batch_norms(nnx_module, batch): pass the batch as the second argument."
+        )
+    variables, batch = (variables_or_batch, batch) if linen else (None, variables_or_batch)
+    tree = running_stats(model, variables)
+    info: dict[tuple, tuple[float, bool]] = {}
+    (layers,) = layer_moments(model, variables, [batch], normalize_with, call_kwargs, info)
+    reports = []
+    for path, calls in layers.items():
+        count, mean, var = merged_moments(calls)  # a layer called several times: all its inputs
+        node, eps = tree[path] if variables is None else node_at(tree, path), info[path][0]
+        rm, rv = (np.asarray(unboxed(node[k]), float).reshape(mean.shape) for k in ("mean", "var"))
+        shift, ratio = (mean - rm) / np.sqrt(rv + eps), np.log((var + eps) / (rv + eps))
+        valid = count > 0
+        drift = float(np.sqrt(np.mean((shift**2 + ratio**2)[valid]))) if valid.any() else 0.0
+        dead = int(np.sum(valid & (var <= eps)))
+        reports.append(LayerReport(path, count, mean, var, rm, rv, shift, ratio, drift, dead))
     if not reports:
-        raise ValueError("inspect_batch_norms found no BatchNorm call in the model with these arguments.")
+        raise ValueError(
+            "inspect_batch_norms found no BatchNorm call in the model with these arguments."
+        )
     return reports
 
 
@@ -142,11 +135,14 @@ def plot(reports: list[LayerReport], path: str | None = None) -> Any:
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError:
-        raise ImportError("jaxbn.inspection.plot needs matplotlib: pip install matplotlib") from None
+        raise ImportError(
+            "jaxbn.inspection.plot needs matplotlib: pip install matplotlib"
+        ) from None
     names = [path_name(report.path) for report in reports]
     rows = np.arange(len(reports))
     longest = max((len(name) for name in names), default=0)
-    figure = Figure(figsize=(6.0 + 0.075 * longest, 1.5 + 0.3 * max(len(reports), 3)), layout="constrained")
+    size = (6.0 + 0.075 * longest, 1.5 + 0.3 * max(len(reports), 3))
+    figure = Figure(figsize=size, layout="constrained")
     drift, dead = figure.subplots(1, 2, sharey=True, width_ratios=(2, 1))
     drift.barh(rows, [report.drift for report in reports], color="tab:blue")
     drift.set_yticks(rows, names)
@@ -157,8 +153,8 @@ def plot(reports: list[LayerReport], path: str | None = None) -> Any:
         dead.barh(rows, counts, color="tab:red")
         dead.xaxis.set_major_locator(MaxNLocator(integer=True))
     else:
-        dead.text(0.5, 0.5, "no dead features", transform=dead.transAxes, ha="center", va="center",
-                  color="tab:gray")
+        options = {"ha": "center", "va": "center", "color": "tab:gray"}
+        dead.text(0.5, 0.5, "no dead features", transform=dead.transAxes, **options)
         dead.tick_params(axis="x", bottom=False, labelbottom=False)
     dead.set_xlabel("dead features")
     dead.tick_params(axis="y", left=False)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from flax import nnx
+from flax import nnx, traverse_util
 
 from jaxbn import _validation, functional, stats
 from jaxbn import linen as jaxbn_linen
@@ -28,326 +28,159 @@ __all__ = ["recalibrate"]  # the helpers without a leading underscore serve jaxb
 _SOWN = "jaxbn_recalibrate"
 _NORMALIZE_WITH = ("batch", "running")
 _ESTIMATORS = ("population", "mean_of_batches")
-
-
-def layer_moments(calls: list[tuple]) -> stats.Moments:
-    """One layer's moments over all its calls (each sown as the fields of a :class:`jaxbn.Moments`), merged
-    exactly by :func:`jaxbn.merge_moments`."""
-    parts = [stats.Moments(*(jnp.asarray(field) for field in call)) for call in calls]
-    if any(np.iscomplexobj(part.mean) for part in parts):
-        raise TypeError("recalibrate does not support complex activations.")
-    return stats.merge_moments(parts)
-
-
-def _estimate(calls: list[tuple], estimator: str, unbiased: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The running ``(mean, var)`` a layer's calls give (NaN where no element was valid)."""
-    if estimator == "mean_of_batches":  # PyTorch's update_bn: cumulative average of the batch statistics
-        count, mean, var = (np.asarray([call[i] for call in calls], np.float64) for i in (2, 0, 1))
-        return mean.mean(0), (var * count / np.maximum(count - 1, 1)).mean(0)
-    merged = layer_moments(calls)
-    n, mean, var = (np.asarray(value, np.float64) for value in (merged.count, merged.mean, merged.var))
-    divisor = n - 1 if unbiased else n
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, mean, np.nan), np.where(divisor > 0, var * n / divisor, np.nan)
-
-
-def _normalized(x, params, state, axis, epsilon, dtype, mask, normalize_with, owner):
-    """The batch's moments and the layer's output, normalized with them or with ``state``: batch norm with
-    ``update_running_stats=False``. The model runs under ``jit`` on whole batches (sharded or not: XLA then
-    reduces over the shards), so a layer's ``axis_name`` is not needed here. ``owner`` names the layer."""
-    x = _validation.check_floating(x)
-    feature_shape = _validation.feature_shape(x, axis)
-    for collection, arrays in (("params", params), ("batch_stats", state)):
-        for key, value in arrays.items():
-            _validation.check_variable_size(value, math.prod(feature_shape), f"{collection}/{key}", owner)
-    params = {key: jnp.reshape(value, feature_shape) for key, value in params.items()}
-    state = {key: jnp.reshape(value, feature_shape) for key, value in state.items()}
-    y, _, batch = functional.batch_norm(
-        x, params, state, training=normalize_with == "batch", update_running_stats=False, return_moments=True,
-        axis=axis, epsilon=epsilon, mask=mask, dtype=dtype,
-    )
-    return tuple(batch), y
-
-
-def _on_terminal() -> bool:
-    """Whether stderr is a terminal (False where there is no stderr, e.g. pythonw, or it is closed)."""
-    try:
-        return bool(sys.stderr.isatty())
-    except (AttributeError, ValueError, OSError):
-        return False
-
-
-def _progress(iterable: Iterable, progress: bool | None, description: str) -> Iterable:
-    """``iterable`` wrapped in a tqdm bar if asked. None (the default): on a terminal, for more than a few
-    batches, if tqdm is installed (never an error); True: always, raising if tqdm is missing."""
-    if progress is None:
-        few = isinstance(iterable, Sized) and len(iterable) <= 5
-        if few or not _on_terminal():
-            return iterable
-    elif not progress:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        if progress is None:
-            return iterable
-        raise ImportError("recalibrate(progress=True) needs tqdm: pip install tqdm (or pass progress=None or "
-                          "False)") from None
-    return tqdm(iterable, desc=description, unit="batch")
-
-
-def check_batches(batches: Any, function: str) -> None:
-    """Raises unless ``batches`` is an iterable of batches (not one array, whose rows iteration would give)."""
-    if hasattr(batches, "shape") and hasattr(batches, "ndim"):  # jax, numpy, torch ... arrays
-        raise TypeError(
-            f"{function}: batches must be an iterable of batches (e.g. [x] or a data loader), got one array "
-            f"({type(batches).__name__}) of shape {tuple(batches.shape)}, which would be iterated row by row; "
-            f"for one batch x pass [x] (for the rows of a stacked array as batches, list(x))."
-        )
-    if not isinstance(batches, Iterable):
-        raise TypeError(
-            f"{function}: batches must be an iterable of batches (e.g. a list or a generator), got "
-            f"{type(batches).__name__}; for one batch x pass [x]."
-        )
-    arrays = batches if isinstance(batches, tuple) else ()
-    if len(arrays) > 1 and all(hasattr(a, "shape") and hasattr(a, "dtype") for a in arrays) and (
-        len({(tuple(a.shape), str(a.dtype)) for a in arrays}) > 1
-    ):
-        raise TypeError(
-            f"{function}: batches is a tuple of arrays of different shapes or dtypes "
-            f"({', '.join(f'{a.dtype}{list(a.shape)}' for a in arrays)}), which looks like one batch's "
-            f"arguments (e.g. (x, mask)) but would be iterated as {len(arrays)} batches; pass a list of "
-            f"batches, e.g. [(x, mask)] for one batch."
-        )
-
-
-def _nonempty(batches: Iterable, function: str) -> Iterator[Any]:
-    """The batches, raising after the loop if there were none."""
-    empty = True
-    for batch in batches:
-        empty = False
-        yield batch
-    if empty:
-        raise ValueError(f"{function}: batches is empty; pass at least one batch.")
-
-
-def _as_args(batch: Any) -> tuple:
-    return tuple(batch) if isinstance(batch, tuple) else (batch,)
+_BATCH_NORMS = (nn.BatchNorm, jaxbn_linen.BatchNorm, nnx.BatchNorm, jaxbn_nnx.BatchNorm)
 
 
 def check_options(normalize_with: str, estimator: str) -> None:
     if normalize_with not in _NORMALIZE_WITH:
-        raise ValueError(f"normalize_with must be one of {_NORMALIZE_WITH}, got {normalize_with!r}.")
+        raise ValueError(
+            f"normalize_with must be one of {_NORMALIZE_WITH}, got {normalize_with!r}."
+        )
     if estimator not in _ESTIMATORS:
         raise ValueError(f"estimator must be one of {_ESTIMATORS}, got {estimator!r}.")
 
 
-# -- linen ---------------------------------------------------------------------------------------
-
-_LINEN_BATCH_NORMS = (nn.BatchNorm, jaxbn_linen.BatchNorm)
-
-
-def _linen_interceptor(normalize_with: str, info: dict[tuple[str, ...], dict[str, Any]]):
-    """Replaces each BatchNorm call by :func:`_normalized`; notes each layer's static settings in ``info``."""
-
-    def intercept(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__" or not isinstance(module, _LINEN_BATCH_NORMS):
-            return next_fun(*args, **kwargs)
-        info[tuple(module.path)] = {  # static, noted while tracing
-            "unbiased": bool(getattr(module, "unbiased_running_var", False)), "epsilon": float(module.epsilon)}
-        params = {key: module.get_variable("params", key) for key in ("scale", "bias")
-                  if module.has_variable("params", key)}
-        state = {key: module.get_variable("batch_stats", key) for key in ("mean", "var")}
-        moments, y = _normalized(
-            args[0], params, state, module.axis, module.epsilon, module.dtype, kwargs.get("mask"), normalize_with,
-            f"{type(module).__name__} at '{path_name(module.path)}'",
-        )
-        module.sow("intermediates", _SOWN, moments)
-        return y
-
-    return intercept
+def merged_moments(calls: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One layer's ``(count, mean, var)`` (float64) over all its calls' moments, merged exactly."""
+    parts = [stats.Moments(*(jnp.asarray(field) for field in call)) for call in calls]
+    if any(np.iscomplexobj(part.mean) for part in parts):
+        raise TypeError("recalibrate does not support complex activations.")
+    merged = stats.merge_moments(parts)
+    count, mean, var = (np.asarray(v, np.float64) for v in (merged.count, merged.mean, merged.var))
+    return count, mean, var
 
 
-def linen_layer_moments(
-    model: nn.Module, variables: Mapping, batches: Iterable, normalize_with: str, call_kwargs: Mapping,
-    info: dict[tuple[str, ...], dict[str, Any]],
-) -> Iterator[dict[tuple[str, ...], list[tuple]]]:
-    """Per batch, ``{layer path: [moments fields per call]}`` (host arrays) of a linen model's BatchNorms,
-    in the order the layers are first called.
-
-    Each layer's ``unbiased_running_var`` and ``epsilon`` are noted in ``info`` (empty when passed) while
-    tracing, in that order.
-    """
+def running_stats(model: Any, variables: Any) -> Any:
+    """linen: a copy of ``variables['batch_stats']``; nnx (``variables`` None): per BatchNorm path,
+    its running statistics' Variables by name."""
+    if variables is None:
+        nodes = [(tuple(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, _BATCH_NORMS)]
+        if not nodes:
+            raise ValueError(f"found no BatchNorm in the {type(model).__name__} module.")
+        names = ("mean", "var", "count")
+        return {
+            p: {k: getattr(n, k) for k in names if getattr(n, k, None) is not None}
+            for p, n in nodes
+        }
     if not isinstance(variables, Mapping) or "batch_stats" not in variables:
         raise ValueError(
-            "variables must be the model's variables with a 'batch_stats' collection (what model.init "
-            f"returns), got {type(variables).__name__} with keys "
+            "variables must be the model's variables with a 'batch_stats' collection (what "
+            f"model.init returns), got {type(variables).__name__} with keys "
             f"{list(variables) if isinstance(variables, Mapping) else None}."
         )
 
-    try:  # one jitted forward per model and options, so a second call compiles nothing
-        layer_moments, traced = _linen_forward(model, normalize_with, tuple(sorted(call_kwargs.items())))
-    except TypeError:  # an unhashable model or keyword argument: a forward for this call only
-        layer_moments, traced = _linen_forward.__wrapped__(model, normalize_with, tuple(call_kwargs.items()))
-    for batch in batches:
-        sown = _sown_by_layer(jax.device_get(layer_moments(variables, _as_args(batch))))
-        info.update(traced)  # noted while tracing (the first call with these shapes)
-        yield _in_call_order({layer: list(calls) for layer, calls in sown}, info)
+    def copy(tree: Any) -> Any:
+        return {k: copy(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+    return copy(variables["batch_stats"])
+
+
+def _record(normalize_with, info, run, args, kwargs, path, module):
+    """A BatchNorm call replaced by batch norm without updates, which sows the input's moments."""
+    del run  # the call is replaced
+    linen = isinstance(module, nn.Module)
+    info[path] = (float(module.epsilon), bool(getattr(module, "unbiased_running_var", False)))
+    get = module.get_variable if linen else lambda _, k: unboxed(getattr(module, k))
+    params = {k: v for k in ("scale", "bias") if (v := get("params", k)) is not None}
+    state = {k: get("batch_stats", k) for k in ("mean", "var")}
+    owner = f"{type(module).__name__} at '{path_name(path)}'" if linen else type(module).__name__
+    x = _validation.check_floating(args[0] if args else kwargs["x"])
+    # the model runs under jit on whole batches (XLA reduces over shards): no axis_name needed
+    shape = _validation.feature_shape(x, module.axis)
+    for collection, arrays in (("params", params), ("batch_stats", state)):
+        for key, value in arrays.items():
+            _validation.check_variable_size(value, math.prod(shape), f"{collection}/{key}", owner)
+    params, state = ({k: jnp.reshape(v, shape) for k, v in d.items()} for d in (params, state))
+    options = {"training": normalize_with == "batch", "return_moments": True}
+    options.update(axis=module.axis, epsilon=module.epsilon, mask=kwargs.get("mask"))
+    y, _, moments = functional.batch_norm(
+        x, params, state, update_running_stats=False, dtype=module.dtype, **options
+    )
+    module.sow("intermediates" if linen else nnx.Intermediate, _SOWN, tuple(moments))
+    return y
 
 
 @functools.lru_cache(maxsize=32)
-def _linen_forward(model: nn.Module, normalize_with: str, call_kwargs: tuple) -> tuple[Any, dict]:
-    """A jitted forward sowing each BatchNorm's moments, and the per-layer facts its tracing notes."""
-    info: dict[tuple[str, ...], dict[str, Any]] = {}
+def _forward(model: Any, normalize_with: str, call_kwargs: tuple) -> tuple[Any, dict]:
+    """A jitted ``(variables or nnx state, args) -> (sown moments, new nnx state)`` for a linen
+    model or nnx modules of graphdef ``model``, and the layers' settings its tracing notes."""
+    info: dict[tuple, tuple[float, bool]] = {}  # in call order
+    record = functools.partial(_record, normalize_with, info)
 
-    @jax.jit
-    def layer_moments(variables, args):
-        with nn.intercept_methods(_linen_interceptor(normalize_with, info)):
-            _, sown = model.apply(variables, *args, mutable=["intermediates"], **dict(call_kwargs))
-        return sown.get("intermediates", {})
+    def intercept(next_fun, args, kwargs, context):  # linen
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, _BATCH_NORMS):
+            return next_fun(*args, **kwargs)
+        return record(None, args, kwargs, tuple(module.path), module)
 
-    return layer_moments, info
-
-
-def _recalibrate_linen(model, variables, batches, normalize_with, estimator, progress, call_kwargs):
-    info: dict[tuple[str, ...], dict[str, Any]] = {}
-    pooled: dict[tuple[str, ...], list[tuple]] = {}  # per layer, the moments of each call
-    batches = _nonempty(_progress(batches, progress, "recalibrate"), "recalibrate")
-    for layers in linen_layer_moments(model, variables, batches, normalize_with, call_kwargs, info):
-        for layer, calls in layers.items():
-            pooled.setdefault(layer, []).extend(calls)
-    if not pooled:
-        raise ValueError("recalibrate found no BatchNorm call in the model's __call__ with these arguments.")
-    batch_stats = _copied(variables["batch_stats"])
-    for layer, calls in pooled.items():
-        node = node_at(batch_stats, layer)
-        mean, var = _estimate(calls, estimator, info[layer]["unbiased"])
-        node["mean"] = _written(node["mean"], mean)
-        node["var"] = _written(node["var"], var)
-        if "count" in node:
-            node["count"] = _written(node["count"], np.float64(len(calls)))
-    return {**variables, "batch_stats": batch_stats}
-
-
-def _in_call_order(layers: dict[tuple, list], order: Iterable[tuple]) -> dict[tuple, list]:
-    """``layers`` reordered as ``order`` lists their paths (the sown tree is sorted by name: ``BatchNorm_10``
-    before ``BatchNorm_2``); any path ``order`` lacks comes last."""
-    ordered = {layer: layers[layer] for layer in order if layer in layers}
-    return {**ordered, **{layer: calls for layer, calls in layers.items() if layer not in ordered}}
-
-
-def _sown_by_layer(tree: Mapping, path: tuple[str, ...] = ()) -> Iterable[tuple[tuple[str, ...], tuple]]:
-    """``(module path, sown values)`` for every layer of an ``intermediates`` tree."""
-    for key, value in tree.items():
-        if key == _SOWN:
-            yield path, value
-        elif isinstance(value, Mapping):
-            yield from _sown_by_layer(value, path + (key,))
-
-
-def _copied(tree: Any) -> Any:
-    """A copy of a nest of mappings (the arrays themselves are shared)."""
-    return {key: _copied(value) for key, value in tree.items()} if isinstance(tree, Mapping) else tree
-
-
-def _written(old: Any, new: np.ndarray) -> Any:
-    """``new`` in ``old``'s shape and dtype (and partitioning box); where ``new`` is NaN, ``old`` stays."""
-    value = unboxed(old)
-    new = np.reshape(new, np.shape(value))
-    return reboxed(old, jnp.asarray(np.where(np.isnan(new), np.asarray(value, np.float64), new), value.dtype))
-
-
-# -- nnx -----------------------------------------------------------------------------------------
-
-_NNX_BATCH_NORMS = (nnx.BatchNorm, jaxbn_nnx.BatchNorm)
-
-
-def _recording_call(normalize_with: str, order: list[tuple]):
-    """An nnx interceptor: each BatchNorm call sows its input's moments and notes its path in ``order``."""
-
-    def record(run, args, kwargs, path, module):
-        del run  # the call is replaced
-        order.append(path)
-        x = args[0] if args else kwargs["x"]
-        params = {key: getattr(module, key)[...] for key in ("scale", "bias") if getattr(module, key) is not None}
-        state = {"mean": module.mean[...], "var": module.var[...]}
-        moments, y = _normalized(x, params, state, module.axis, module.epsilon, module.dtype, kwargs.get("mask"),
-                                 normalize_with, type(module).__name__)
-        module.sow(nnx.Intermediate, _SOWN, moments)
-        return y
-
-    return record
-
-
-def nnx_batch_norms(module: nnx.Module) -> dict[tuple, Any]:
-    """The BatchNorm nodes of an nnx module graph, by path."""
-    layers = {tuple(path): node for path, node in nnx.iter_graph(module) if isinstance(node, _NNX_BATCH_NORMS)}
-    if not layers:
-        raise ValueError(f"found no BatchNorm in the {type(module).__name__} module.")
-    return layers
-
-
-def nnx_layer_moments(
-    module: nnx.Module, batches: Iterable, normalize_with: str, call_kwargs: Mapping
-) -> Iterator[dict[tuple, list[tuple]]]:
-    """Per batch, ``{layer path: [moments fields per call]}`` (host arrays) of an nnx module's BatchNorms,
-    in the order the layers are first called."""
-    graphdef, state = nnx.split(module)
-    try:  # one jitted forward per module structure and options, so a second call compiles nothing
-        forward, order = _nnx_forward(graphdef, normalize_with, tuple(sorted(call_kwargs.items())))
-    except TypeError:  # an unhashable keyword argument: a forward for this call only
-        forward, order = _nnx_forward.__wrapped__(graphdef, normalize_with, tuple(call_kwargs.items()))
-    for batch in batches:
-        sown, state = forward(state, _as_args(batch))
-        yield _in_call_order({layer: list(calls) for layer, calls in _sown_by_layer(jax.device_get(sown))}, order)
-    nnx.update(module, state)  # what else the calls changed (random number streams, say)
-
-
-@functools.lru_cache(maxsize=32)
-def _nnx_forward(graphdef: Any, normalize_with: str, call_kwargs: tuple) -> tuple[Any, dict]:
-    """A jitted ``(state, args) -> (sown moments, new state)`` for modules of ``graphdef``, and the
-    layer paths in call order its tracing notes."""
-    order: dict[tuple, None] = {}  # the BatchNorms' paths in call order, noted while tracing
-
-    def run(module, *args):
-        called: list[tuple] = []
-        with intercepted_nnx_calls(module, _recording_call(normalize_with, called),
-                                   lambda node: isinstance(node, _NNX_BATCH_NORMS)):
+    def run(module, *args):  # nnx
+        with intercepted_nnx_calls(module, record, lambda node: isinstance(node, _BATCH_NORMS)):
             module(*args, **dict(call_kwargs))
-        order.update((path, None) for path in called)
 
     @jax.jit
-    def forward(state, args):
-        module = nnx.merge(graphdef, state, copy=True)  # a copy of our own: its BatchNorms are intercepted
-        if hasattr(nnx, "capture"):  # flax >= 0.12.x: sown values come back from the call
-            _, sown = nnx.capture(run, nnx.Intermediate)(module, *args)
-        else:
-            run(module, *args)
-            sown = nnx.pop(module, nnx.Intermediate)
+    def layer_moments_forward(data, args):
+        if isinstance(model, nn.Module):
+            with nn.intercept_methods(intercept):
+                _, sown = model.apply(data, *args, mutable=["intermediates"], **dict(call_kwargs))
+            return sown.get("intermediates", {}), None
+        module = nnx.merge(model, data, copy=True)  # a copy of our own: its BatchNorms intercepted
+        _, sown = nnx.capture(run, nnx.Intermediate)(module, *args)
         return nnx.to_pure_dict(sown), nnx.state(module)
 
-    return forward, order
+    return layer_moments_forward, info
 
 
-def _recalibrate_nnx(module, batches, normalize_with, estimator, progress, call_kwargs):
-    layers = nnx_batch_norms(module)
-    pooled: dict[tuple, list[tuple]] = {}  # per layer, the moments of each call
-    batches = _nonempty(_progress(batches, progress, "recalibrate"), "recalibrate")
-    for moments_by_layer in nnx_layer_moments(module, batches, normalize_with, call_kwargs):
-        for layer, calls in moments_by_layer.items():
-            pooled.setdefault(layer, []).extend(calls)
-    for layer, calls in pooled.items():
-        node = layers[layer]
-        mean, var = _estimate(calls, estimator, bool(getattr(node, "unbiased_running_var", False)))
-        node.mean[...] = _written(node.mean[...], mean)
-        node.var[...] = _written(node.var[...], var)
-        if getattr(node, "count", None) is not None:
-            node.count[...] = _written(node.count[...], np.float64(len(calls)))
-    return module
+def layer_moments(
+    model: Any, variables: Any, batches: Iterable, normalize_with: str, kwargs: Mapping, info: dict
+) -> Iterator[dict[tuple, list[tuple]]]:
+    """Per batch, ``{layer path: [moments fields per call]}`` (host arrays) of the BatchNorms of a
+    linen model (with ``variables``) or an nnx module, in the order the layers are first called;
+    notes each layer's ``(epsilon, unbiased_running_var)`` in ``info``."""
+    key, data = (model, variables) if variables is not None else nnx.split(model)
+    try:  # one jitted forward per model (nnx: graphdef) and options: a second call compiles nothing
+        forward, traced = _forward(key, normalize_with, tuple(sorted(kwargs.items())))
+    except TypeError:  # an unhashable model or keyword argument: a forward for this call only
+        forward, traced = _forward.__wrapped__(key, normalize_with, tuple(kwargs.items()))
+    for batch in batches:
+        sown, new = forward(data, tuple(batch) if isinstance(batch, tuple) else (batch,))
+        data = data if new is None else new
+        info.update(traced)  # noted while tracing (the first call with these shapes)
+        flat = traverse_util.flatten_dict(jax.device_get(sown))
+        layers = {path[:-1]: list(calls) for path, calls in flat.items() if path[-1] == _SOWN}
+        yield {**{path: layers[path] for path in info if path in layers}, **layers}
+    if variables is None:
+        nnx.update(model, data)  # what else the calls changed (random number streams, say)
 
 
-# -- the public function -------------------------------------------------------------------------
+def _progress(batches: Iterable, progress: bool | None) -> Iterable:
+    """``batches`` in a tqdm bar if asked; None: on a terminal, for over 5, if tqdm is there."""
+    if progress is None:
+        few = isinstance(batches, Sized) and len(batches) <= 5
+        try:
+            if few or not sys.stderr.isatty():
+                return batches
+        except (AttributeError, ValueError, OSError):  # no stderr (pythonw) or a closed one
+            return batches
+    elif not progress:
+        return batches
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        if progress is None:
+            return batches
+        raise ImportError(
+            "recalibrate(progress=True) needs tqdm: pip install tqdm (or pass progress=None or "
+            "False)"
+        ) from None
+    return tqdm(batches, desc="recalibrate", unit="batch")
+
+
+def _written(old: Any, new: Any) -> Any:
+    """``new`` in ``old``'s shape, dtype and box (a Variable: written); NaN keeps ``old``."""
+    value = unboxed(old)
+    new = np.reshape(new, np.shape(value))
+    new = jnp.asarray(np.where(np.isnan(new), np.asarray(value, np.float64), new), value.dtype)
+    return reboxed(old, new)
 
 
 def recalibrate(
@@ -403,16 +236,69 @@ def recalibrate(
     True
     """
     check_options(normalize_with, estimator)
-    if isinstance(model, nn.Module):
-        if batches is None:
-            raise TypeError("recalibrate(linen_model, variables, batches): the batches are missing.")
-        check_batches(batches, "recalibrate")
-        return _recalibrate_linen(model, variables_or_batches, batches, normalize_with, estimator, progress,
-                                  call_kwargs)
-    if isinstance(model, nnx.Module):
-        if batches is not None:
-            raise TypeError("recalibrate(nnx_module, batches): an nnx module holds its variables; pass the batches "
-                            "as the second argument.")
-        check_batches(variables_or_batches, "recalibrate")
-        return _recalibrate_nnx(model, variables_or_batches, normalize_with, estimator, progress, call_kwargs)
-    raise TypeError(f"model must be a flax.linen or flax.nnx module, got {type(model).__name__}.")
+    linen = isinstance(model, nn.Module)
+    if not linen and not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"model must be a flax.linen or flax.nnx module, got {type(model).__name__}."
+        )
+    if linen and batches is None:
+        raise TypeError("recalibrate(linen_model, variables, batches): the batches are missing.")
+    if not linen and batches is not None:
+        raise TypeError(
+            "recalibrate(nnx_module, batches): an nnx module holds its variables; pass the "
+            "batches as the second argument."
+        )
+    variables = variables_or_batches if linen else None
+    data: Any = batches if linen else variables_or_batches  # the iterable of batches
+    if hasattr(data, "shape") and hasattr(data, "ndim"):  # jax, numpy, torch ... arrays
+        raise TypeError(
+            "recalibrate: batches must be an iterable of batches (e.g. [x] or a data loader), got "
+            f"one array ({type(data).__name__}) of shape {tuple(data.shape)}, which would be "
+            "iterated row by row; for one batch x pass [x] (for the rows of a stacked array as "
+            "batches, list(x))."
+        )
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            "recalibrate: batches must be an iterable of batches (e.g. a list or a generator), "
+            f"got {type(data).__name__}; for one batch x pass [x]."
+        )
+    arrays = data if isinstance(data, tuple) else ()
+    typed = len(arrays) > 1 and all(hasattr(a, "shape") and hasattr(a, "dtype") for a in arrays)
+    if typed and len({(tuple(a.shape), str(a.dtype)) for a in arrays}) > 1:
+        raise TypeError(
+            "recalibrate: batches is a tuple of arrays of different shapes or dtypes "
+            f"({', '.join(f'{a.dtype}{list(a.shape)}' for a in arrays)}), which looks like one "
+            f"batch's arguments (e.g. (x, mask)) but would be iterated as {len(arrays)} batches; "
+            "pass a list of batches, e.g. [(x, mask)] for one batch."
+        )
+    tree = running_stats(model, variables)
+    info: dict[tuple, tuple[float, bool]] = {}
+    pooled: dict[tuple, list[tuple]] = {}  # per layer, the moments of each call
+    seen = 0
+    moments = layer_moments(
+        model, variables, _progress(data, progress), normalize_with, call_kwargs, info
+    )
+    for seen, layers in enumerate(moments, 1):
+        for layer, calls in layers.items():
+            pooled.setdefault(layer, []).extend(calls)
+    if not seen:
+        raise ValueError("recalibrate: batches is empty; pass at least one batch.")
+    if variables is not None and not pooled:
+        raise ValueError(
+            "recalibrate found no BatchNorm call in the model's __call__ with these arguments."
+        )
+    for layer, calls in pooled.items():
+        if estimator == "mean_of_batches":  # PyTorch's update_bn: the average of batch statistics
+            n, mean, var = (np.asarray([call[i] for call in calls], np.float64) for i in (2, 0, 1))
+            mean, var = mean.mean(0), (var * n / np.maximum(n - 1, 1)).mean(0)
+        else:  # NaN where no element was valid
+            n, mean, var = merged_moments(calls)
+            divisor = n - 1 if info[layer][1] else n
+            with np.errstate(invalid="ignore", divide="ignore"):
+                var = np.where(divisor > 0, var * n / divisor, np.nan)
+            mean = np.where(n > 0, mean, np.nan)
+        node = tree[layer] if variables is None else node_at(tree, layer)
+        for key, value in (("mean", mean), ("var", var), ("count", np.float64(len(calls)))):
+            if key in node:
+                node[key] = _written(node[key], value)
+    return model if variables is None else {**variables, "batch_stats": tree}
