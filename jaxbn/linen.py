@@ -115,7 +115,7 @@ def _batch_norm(
                 f"batch_norm_overrides: {type(module).__name__} at {path_name(module.path)} has no "
                 f"batch_stats/{name}{hint if name == 'count' else ''}."
             )
-    stored = {name: module.get_variable("batch_stats", name) for name in names}
+    stored: dict[str, Any] = {name: module.get_variable("batch_stats", name) for name in names}
     params = _stored_params(module) if params is None else params
     if not field("keep_affine_trainable", True):
         params = jax.lax.stop_gradient(params)
@@ -134,7 +134,7 @@ def _batch_norm(
         if initializing:
             warnings.simplefilter("ignore", _validation.DegenerateBatchWarning)
         x = x if hasattr(x, "dtype") else jnp.asarray(x)
-        y, new_state, *moments = normalize(x, params, state, **kwargs)
+        y, new_state, *moments = normalize(x, params, state, **kwargs)  # type: ignore[arg-type]
     if update:
         for name, old in stored.items():
             module.put_variable("batch_stats", name, reboxed(old, new_state[name]))
@@ -263,7 +263,7 @@ def _per_example(module: nn.Module, kind: str, x: Any, params: Any, mask: Any) -
     """A LayerNorm, RMSNorm, GroupNorm or InstanceNorm call (jaxbn's or flax's), by jaxbn."""
     function, fields = _PER_EXAMPLE[kind]
     fields += ("epsilon", "axis_name", "axis_index_groups", "dtype")
-    return function(x, params, mask=mask, **{name: getattr(module, name) for name in fields})
+    return function(x, params, mask=mask, **{name: getattr(module, name) for name in fields})  # type: ignore[operator]
 
 
 class _PerExample(nn.Module):

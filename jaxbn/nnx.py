@@ -13,7 +13,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.errors
 import jax
@@ -42,12 +42,16 @@ _CLOSURE_MESSAGE = (
 class _Normalization(nnx.Module):
     """What every module here shares: checks, ``scale``/``bias`` as flax's, ``promote_dtype``."""
 
+    if TYPE_CHECKING:  # the constructor's arguments become attributes in _setup
+
+        def __getattr__(self, name: str) -> Any: ...
+
     def _setup(self, arguments: dict[str, Any], **attributes: Any) -> None:
         """Checks the constructor's ``arguments`` (its ``locals()``), creates ``scale``/``bias``
         as flax (same order, keys, metadata), stores the other arguments and ``attributes``."""
         arguments = {k: v for k, v in arguments.items() if k != "self"}
         rngs, features = arguments.pop("rngs"), arguments.pop("num_features")
-        self.num_features = _validation.positive_int(
+        self.num_features: int = _validation.positive_int(  # type: ignore[assignment]
             features, f"{type(self).__name__}: num_features"
         )
         _validation.check_epsilon(arguments["epsilon"])
@@ -163,7 +167,7 @@ class BatchNorm(_Normalization):
         self._setup(locals())
         # the sharding metadata of the first annotated parameter (see docs/modules_notes.md)
         annotated = [p.get_metadata() for p in (self.scale, self.bias) if p is not None]
-        metadata = next((m for m in annotated if m.get("out_sharding")), {})
+        metadata: dict[str, Any] = next((m for m in annotated if m.get("out_sharding")), {})
         keep = ("out_sharding", "mesh", "sharding_rules", "eager_sharding")
         metadata = {key: value for key, value in metadata.items() if key in keep}
         stats_dtype = running_stats_dtype(param_dtype)  # float32, or a wider param_dtype (float64)
@@ -291,7 +295,7 @@ class _PerExample(_Normalization):
         function, fields = _PER_EXAMPLE[self._kind]
         fields += ("epsilon", "axis_name", "axis_index_groups")
         kwargs = {name: getattr(self, name) for name in fields}
-        return function(x, params, mask=mask, dtype=dtype, **kwargs)
+        return function(x, params, mask=mask, dtype=dtype, **kwargs)  # type: ignore[operator]
 
 
 class LayerNorm(_PerExample):
@@ -408,7 +412,7 @@ class GroupNorm(_PerExample):
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
         num_groups = per_example.number_of_groups(
-            _validation.positive_int(num_features, "GroupNorm: num_features"),
+            _validation.positive_int(num_features, "GroupNorm: num_features"),  # type: ignore[arg-type]
             num_groups,
             group_size,
             "channels (num_features)",
@@ -477,10 +481,10 @@ def _batch_norms(module: Any, function: str) -> list:
     return found
 
 
-def _retype_affine(layer: BatchNorm, old: type, new: type) -> None:
+def _retype_affine(layer: BatchNorm, old: type[nnx.Variable], new: type[nnx.Variable]) -> None:
     """Gives ``layer``'s ``scale``/``bias`` of type ``old`` the type ``new`` (value, metadata)."""
     for name in ("scale", "bias"):
-        variable = getattr(layer, name)
+        variable: Any = getattr(layer, name)
         if isinstance(variable, old):
             setattr(layer, name, new(variable.get_value(), **variable.get_metadata()))
 
@@ -555,13 +559,13 @@ def set_batch_norm(
 
 def _converted(layer: nnx.Module, target: type) -> nnx.Module:
     """A jaxbn layer with ``layer``'s attributes and very variables (values, types, metadata)."""
-    parameters = inspect.signature(target.__init__).parameters
+    parameters = inspect.signature(target).parameters
     skip = ("self", "num_features", "rngs", "group_size")  # GroupNorm's: num_groups determines it
     names = [name for name in parameters if name not in skip and not name.endswith("_metadata")]
     kwargs = {name: getattr(layer, name) for name in names if hasattr(layer, name)}
     num_features = getattr(layer, "num_features", None)
     if num_features is None:  # flax's GroupNorm keeps only the grouping
-        num_features = layer.num_groups * layer.group_size
+        num_features = layer.num_groups * layer.group_size  # type: ignore[attr-defined]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         new = target(num_features, rngs=nnx.Rngs(0), **kwargs)
@@ -624,5 +628,5 @@ def convert(module: Any) -> Any:
         if isinstance(parent, nnx.Pytree) and isinstance(key, str):
             setattr(parent, key, replaced[id(layer)])
         else:
-            parent[key] = replaced[id(layer)]
+            parent[key] = replaced[id(layer)]  # type: ignore[index, call-overload]
     return module
