@@ -559,7 +559,7 @@ def set_batch_norm(
 
 def _converted(layer: nnx.Module, target: type) -> nnx.Module:
     """A jaxbn layer with ``layer``'s attributes and very variables (values, types, metadata)."""
-    parameters = inspect.signature(target).parameters
+    parameters = inspect.signature(target.__init__).parameters  # type: ignore[misc]
     skip = ("self", "num_features", "rngs", "group_size")  # GroupNorm's: num_groups determines it
     names = [name for name in parameters if name not in skip and not name.endswith("_metadata")]
     kwargs = {name: getattr(layer, name) for name in names if hasattr(layer, name)}
