@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import numbers
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -14,12 +14,14 @@ from flax import nnx, traverse_util
 
 FlaxPath = tuple[str, ...]
 Rule = Callable[[str], "FlaxPath | None"]
-
+Resolver = Callable[[str, str], "FlaxPath | None"]  # (torch prefix, a key of it) -> Flax path
 # A BatchNorm's entries -> (collection, name) in Flax; the last parts a state-dict key may have.
-_BN_NAMES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-             "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var"),
-             "num_batches_tracked": ("batch_stats", "count")}
+_BN_NAMES = {"weight": ("params", "scale"), "bias": ("params", "bias")}
+_BN_NAMES |= {f"running_{name}": ("batch_stats", name) for name in ("mean", "var")}
+_BN_NAMES["num_batches_tracked"] = ("batch_stats", "count")
 _COLLECTIONS = ("params", "batch_stats")
+_is_tensor = lambda value: type(value).__module__.startswith("torch") and hasattr(value, "detach")
+_numeric = lambda array: array.dtype.kind in "biuf" or array.dtype.name == "bfloat16"
 
 
 def default_prefix_rule(prefix: str) -> FlaxPath:
@@ -34,20 +36,23 @@ def default_prefix_rule(prefix: str) -> FlaxPath:
     >>> [default_prefix_rule(prefix) for prefix in ('layer2.0.downsample.1', '0', '')]
     [('layer2_0', 'downsample_1'), ('layers_0',), ()]
     """
+    if prefix and "" in prefix.split("."):
+        raise ValueError(
+            f"module prefix {prefix!r} has an empty part; expected names separated by single dots."
+        )
     path: list[str] = []
     for part in prefix.split(".") if prefix else ():
-        if not part:
-            raise ValueError(f"module prefix {prefix!r} has an empty part; expected names "
-                             "separated by single dots.")
         path.append(f"{path.pop() if path else 'layers'}_{part}" if part.isdigit() else part)
     return tuple(path)
 
 
-def path_resolver(name_map: Any, rule: Any) -> Callable[[str, str], FlaxPath | None]:
+def path_resolver(name_map: Any, rule: Any) -> Resolver:
     """``(prefix, key) -> Flax path or None``, from ``name_map`` or else ``rule``."""
     if name_map is not None and not isinstance(name_map, Mapping):
-        raise TypeError("name_map must be a mapping of torch module prefixes to Flax paths, got "
-                        f"{type(name_map)}.")
+        raise TypeError(
+            "name_map must be a mapping of torch module prefixes to Flax paths, got "
+            f"{type(name_map)}."
+        )
     if rule is not None and not callable(rule):
         raise TypeError(f"rule must be callable (prefix -> Flax path) or None, got {rule!r}.")
     names = dict(name_map or {})
@@ -55,38 +60,39 @@ def path_resolver(name_map: Any, rule: Any) -> Callable[[str, str], FlaxPath | N
     def resolve(prefix: str, key: str) -> FlaxPath | None:
         if prefix not in names and rule is None:
             close = difflib.get_close_matches(prefix, list(names), n=1)
-            raise ValueError(f"unknown key {key!r}: its module {prefix!r} is not in name_map"
-                             f"{f' (did you mean {close[0]!r}?)' if close else ''} and rule=None; "
-                             "add it to name_map (None skips it) or pass a rule.")
+            raise ValueError(
+                f"unknown key {key!r}: its module {prefix!r} is not in name_map"
+                f"{f' (did you mean {close[0]!r}?)' if close else ''} and rule=None; "
+                "add it to name_map (None skips it) or pass a rule."
+            )
         value = names[prefix] if prefix in names else rule(prefix)
-        if isinstance(value, str):
-            value = tuple(part for part in value.split("/") if part)
-        if value is None or isinstance(value, (tuple, list)) and all(
-                isinstance(part, str) and part for part in value):
+        value = tuple(filter(None, value.split("/"))) if isinstance(value, str) else value
+        ok = isinstance(value, (tuple, list)) and all(isinstance(p, str) and p for p in value)
+        if value is None or ok:
             return None if value is None else tuple(value)
         raise TypeError(
             f"{'name_map' if prefix in names else 'rule'} maps the torch module {prefix!r} to "
             f"{value!r}; expected a tuple of Flax module names such as ('layer1_0', 'bn1'), a "
-            "string 'layer1_0/bn1', or None to skip the module.")
+            "string 'layer1_0/bn1', or None to skip the module."
+        )
+
     return resolve
 
 
 def to_numpy(value: Any, key: str) -> np.ndarray:
     """A NumPy copy of a torch tensor or array-like; raises TypeError for anything else."""
-    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
-        tensor = value.detach().cpu()
-        if tensor.is_complex():
-            raise TypeError(f"state dict entry {key!r} has dtype {tensor.dtype}; expected a real "
-                            "tensor or array.")
-        bf16 = str(tensor.dtype) == "torch.bfloat16"  # not in NumPy; ml_dtypes (via jax) has it
+    if _is_tensor(value) and (tensor := value.detach().cpu()).is_complex():
+        problem = f"has dtype {tensor.dtype}; expected a real tensor or array"
+    elif _is_tensor(value):  # bfloat16 is not in NumPy; ml_dtypes (via jax) has it
+        bf16 = str(tensor.dtype) == "torch.bfloat16"
         return tensor.float().numpy().astype(jnp.bfloat16) if bf16 else tensor.numpy().copy()
-    if not (isinstance(value, numbers.Number) or hasattr(value, "__array__")):
-        raise TypeError(f"state dict entry {key!r} is a {type(value).__name__}; expected a "
-                        "torch.Tensor or a NumPy array.")
-    if (array := np.asarray(value)).dtype.kind not in "biuf" and array.dtype.name != "bfloat16":
-        raise TypeError(f"state dict entry {key!r} has dtype {array.dtype}; expected a numeric "
-                        "tensor or array.")
-    return array
+    elif not (isinstance(value, numbers.Number) or hasattr(value, "__array__")):
+        problem = f"is a {type(value).__name__}; expected a torch.Tensor or a NumPy array"
+    elif _numeric(array := np.asarray(value)):
+        return array
+    else:
+        problem = f"has dtype {array.dtype}; expected a numeric tensor or array"
+    raise TypeError(f"state dict entry {key!r} {problem}.")
 
 
 def _state_dict_of(obj: Any, argument: str) -> tuple[dict[str, Any], Any]:
@@ -95,70 +101,87 @@ def _state_dict_of(obj: Any, argument: str) -> tuple[dict[str, Any], Any]:
         raise TypeError(
             f"{argument} is {obj!r}, a path or bytes; pass the loaded state dict (a mapping of "
             "names to tensors or arrays) or the torch module. jaxbn never reads or unpickles "
-            "files: load them yourself, e.g. torch.load(path, weights_only=True).")
+            "files: load them yourself, e.g. torch.load(path, weights_only=True)."
+        )
     if hasattr(obj, "state_dict") and hasattr(obj, "named_modules"):
         return dict(obj.state_dict()), obj
     if not isinstance(obj, Mapping):
-        raise TypeError(f"{argument} must be a mapping of names to torch tensors or NumPy arrays, "
-                        f"or a torch.nn.Module; got {type(obj).__name__}.")
+        raise TypeError(
+            f"{argument} must be a mapping of names to torch tensors or NumPy arrays, "
+            f"or a torch.nn.Module; got {type(obj).__name__}."
+        )
     if bad := [key for key in obj if not isinstance(key, str)]:
-        raise TypeError(f"{argument} has a non-string key {bad[0]!r}; expected state-dict names "
-                        "such as 'bn1.weight'.")
+        raise TypeError(
+            f"{argument} has a non-string key {bad[0]!r}; expected state-dict names "
+            "such as 'bn1.weight'."
+        )
     return dict(obj), None
 
 
-def group_by_module(keys: Iterable[str]) -> dict[str, dict[str, str]]:
-    """``{prefix: {leaf: full key}}`` in the order of the keys; raises for unknown leaf names."""
+def entry_paths(values: Mapping[str, Any], resolve: Resolver) -> Iterator[tuple[str, str, Any]]:
+    """``(prefix, key, Flax path or None)`` by module: last parts checked first, then shapes."""
     groups: dict[str, dict[str, str]] = {}
-    for key in keys:
+    for key in values:
         prefix, _, leaf = key.rpartition(".")
+        if leaf not in _BN_NAMES and not prefix:
+            raise ValueError(f"unknown key {key!r}.")
         if leaf not in _BN_NAMES:
             raise ValueError(
                 f"unknown key {key!r}: its last part {leaf!r} is none of {', '.join(_BN_NAMES)} "
                 "(the entries of BatchNorm, Conv and Linear modules); map or drop the module with "
-                "name_map={prefix: None}." if prefix else f"unknown key {key!r}.")
+                "name_map={prefix: None}."
+            )
         groups.setdefault(prefix, {})[leaf] = key
-    return groups
+    for prefix, leaves in groups.items():
+        at = resolve(prefix, next(iter(leaves.values())))
+        paths = {} if at is None else _paths(prefix, leaves, values, at)
+        yield from ((prefix, key, paths.get(leaf)) for leaf, key in leaves.items())
 
 
-def _paths(prefix: str, leaves: Mapping[str, str], values: Mapping[str, Any],
-           module_path: FlaxPath) -> dict[str, FlaxPath]:
+def _paths(prefix: str, leaves: dict[str, str], values: Any, at: FlaxPath) -> dict[str, FlaxPath]:
     """``{leaf: Flax variable path}`` of a module, after checking the shapes that go together."""
     shape = {leaf: tuple(np.shape(values[key])) for leaf, key in leaves.items()}
+    module = prefix or "<root>"
     if "running_mean" in leaves or "running_var" in leaves:
-        for leaf in ("running_mean", "running_var"):
-            if leaf not in leaves:
-                raise ValueError(f"missing key {f'{prefix}.{leaf}' if prefix else leaf!r}: the "
-                                 f"BatchNorm {prefix or '<root>'!r} has only {sorted(leaves)}.")
+        if (leaf := "running_var" if "running_mean" in leaves else "running_mean") not in leaves:
+            raise ValueError(
+                f"missing key {f'{prefix}.{leaf}' if prefix else leaf!r}: the "
+                f"BatchNorm {module!r} has only {sorted(leaves)}."
+            )
         for leaf in ("weight", "bias", "running_mean", "running_var"):
             if leaf in leaves and (len(shape[leaf]) != 1 or shape[leaf] != shape["running_mean"]):
-                raise ValueError(f"shape mismatch for {leaves[leaf]!r}: {shape[leaf]}, expected "
-                                 f"{shape['running_mean']} (one value per feature, as "
-                                 f"{leaves['running_mean']!r}).")
-        if shape.get("num_batches_tracked", ()) != ():
-            raise ValueError(f"shape mismatch for {leaves['num_batches_tracked']!r}: "
-                             f"{shape['num_batches_tracked']}, expected ().")
-        return {leaf: (_BN_NAMES[leaf][0], *module_path, _BN_NAMES[leaf][1]) for leaf in leaves}
+                raise ValueError(
+                    f"shape mismatch for {leaves[leaf]!r}: {shape[leaf]}, expected "
+                    f"{shape['running_mean']} (one value per feature, as "
+                    f"{leaves['running_mean']!r})."
+                )
+        if (count := shape.get("num_batches_tracked", ())) != ():
+            raise ValueError(
+                f"shape mismatch for {leaves['num_batches_tracked']!r}: {count}, expected ()."
+            )
+        return {leaf: (_BN_NAMES[leaf][0], *at, _BN_NAMES[leaf][1]) for leaf in leaves}
     if "num_batches_tracked" in leaves:
-        raise ValueError(f"unknown key {leaves['num_batches_tracked']!r}: num_batches_tracked "
-                         "without running_mean/running_var.")
+        raise ValueError(
+            f"unknown key {leaves['num_batches_tracked']!r}: num_batches_tracked "
+            "without running_mean/running_var."
+        )
     if "weight" not in leaves:
-        raise ValueError(f"unknown key {leaves['bias']!r}: a bias without a weight in module "
-                         f"{prefix or '<root>'!r}.")
+        raise ValueError(
+            f"unknown key {leaves['bias']!r}: a bias without a weight in module {module!r}."
+        )
     if not 1 <= len(weight := shape["weight"]) <= 5:
-        raise ValueError(f"shape mismatch for {leaves['weight']!r}: {weight}, a {len(weight)}-D "
-                         "weight; expected 1-D (a norm's scale), 2-D (Linear: out, in) or 3-5-D "
-                         "(Conv: out, in/groups, *kernel).")
+        raise ValueError(
+            f"shape mismatch for {leaves['weight']!r}: {weight}, a {len(weight)}-D "
+            "weight; expected 1-D (a norm's scale), 2-D (Linear: out, in) or 3-5-D "
+            "(Conv: out, in/groups, *kernel)."
+        )
     if "bias" in leaves and shape["bias"] != weight[:1]:
-        raise ValueError(f"shape mismatch for {leaves['bias']!r}: {shape['bias']}, expected "
-                         f"{weight[:1]} (the first dimension of {leaves['weight']!r}, {weight}).")
+        raise ValueError(
+            f"shape mismatch for {leaves['bias']!r}: {shape['bias']}, expected "
+            f"{weight[:1]} (the first dimension of {leaves['weight']!r}, {weight})."
+        )
     name = "scale" if len(weight) == 1 else "kernel"  # a norm's weight, or Linear's and Conv's
-    return {leaf: ("params", *module_path, "bias" if leaf == "bias" else name) for leaf in leaves}
-
-
-def _relayout(array: np.ndarray, to_flax: bool) -> np.ndarray:
-    n = array.ndim  # a Linear or Conv weight: (O, I/groups, *kernel) <-> (*kernel, I/groups, O)
-    return array.transpose((*range(2, n), 1, 0) if to_flax else (n - 1, n - 2, *range(n - 2)))
+    return {leaf: ("params", *at, "bias" if leaf == "bias" else name) for leaf in leaves}
 
 
 def flat_tree(tree: Any, path: FlaxPath = ()) -> dict[FlaxPath, Any]:
@@ -168,165 +191,161 @@ def flat_tree(tree: Any, path: FlaxPath = ()) -> dict[FlaxPath, Any]:
     return {p: v for key, sub in tree.items() for p, v in flat_tree(sub, (*path, str(key))).items()}
 
 
-def show_path(path: FlaxPath) -> str:
-    return "/".join(path)
-
-
 def _closest(path: FlaxPath, paths: Iterable[FlaxPath]) -> str:
-    close = difflib.get_close_matches(show_path(path), [show_path(p) for p in paths], n=1)
+    close = difflib.get_close_matches("/".join(path), ["/".join(p) for p in paths], n=1)
     return f"; the closest is {close[0]!r}" if close else ""
 
 
 def _listed(paths: list[FlaxPath]) -> str:
     more = f" and {len(paths) - 8} more" if len(paths) > 8 else ""
-    return ", ".join(repr(show_path(path)) for path in paths[:8]) + more
+    return ", ".join(repr("/".join(path)) for path in paths[:8]) + more
 
 
-def torch_to_flax(state_dict: Any, template: Mapping[str, Any] | None = None, *,
-                  name_map: Mapping[str, Any] | None = None,
-                  rule: Rule | None = default_prefix_rule,
-                  cumulative: bool | Iterable[str] | None = None) -> dict[str, Any]:
+def torch_to_flax(
+    state_dict: Any,
+    template: Mapping[str, Any] | None = None,
+    *,
+    name_map: Mapping[str, Any] | None = None,
+    rule: Rule | None = default_prefix_rule,
+    cumulative: bool | Iterable[str] | None = None,
+) -> dict[str, Any]:
     """Converts a PyTorch state dict into Flax variables ``{'params', 'batch_stats'}``.
-
-    Each module goes, in Flax's layout, to the path ``name_map`` or else ``rule`` gives its
-    prefix; ``num_batches_tracked`` becomes a float32 ``count`` for cumulative BatchNorms only.
 
     Args:
       state_dict: a mapping of names to torch tensors or NumPy arrays, or a ``torch.nn.Module``.
       template: Flax variables to match: the same leaves and shapes; its dtypes are kept.
       name_map: torch module prefix -> Flax path (names or ``'a/b'``), or None to drop it.
       rule: ``prefix -> Flax path`` for the prefixes not in ``name_map``.
-      cumulative: the BatchNorms that keep ``num_batches_tracked``: a bool or torch prefixes
-        (default: a module's with ``momentum=None``, else those with a ``count`` in ``template``).
+      cumulative: the BatchNorms that keep ``num_batches_tracked`` (True, False or prefixes).
 
     Raises:
-      TypeError / ValueError: a path, an entry that is not an array, an unknown or missing key,
-        or a shape that does not fit; the message names the key.
+      TypeError: a path, an entry that is not a real array, or a bad argument.
+      ValueError: an unknown or missing key, or a shape that does not fit (named in the message).
 
-    >>> import torch, jax, jax.numpy as jnp
-    >>> torch_model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
-    >>> jax.tree.map(jnp.shape, torch_to_flax(torch_model, name_map={'0': 'conv', '1': 'bn'}))
-    {'batch_stats': {'bn': {'mean': (8,), 'var': (8,)}}, 'params': {'bn': {'bias': (8,),
-     'scale': (8,)}, 'conv': {'bias': (8,), 'kernel': (3, 3, 3, 8)}}}
+    >>> torch_to_flax({'fc.weight': np.ones((3, 2))})  # Linear's (out, in) is Dense's (in, out)
+    {'params': {'fc': {'kernel': Array([[1., 1., 1.], [1., 1., 1.]], dtype=float32)}}}
     """
     entries, module = _state_dict_of(state_dict, "state_dict")
-    arrays = {key: to_numpy(value, key) for key, value in entries.items()}
-    resolve = path_resolver(name_map, rule)
+    arrays, resolve = {k: to_numpy(v, k) for k, v in entries.items()}, path_resolver(name_map, rule)
     if cumulative is None and module is not None:
         import torch
-        cumulative = [name for name, sub in module.named_modules() if isinstance(
-            sub, torch.nn.modules.batchnorm._BatchNorm) and sub.momentum is None]
-    if isinstance(cumulative, str) or not isinstance(cumulative, (bool, Iterable, type(None))):
-        raise TypeError("cumulative must be None, a bool or a collection of torch module "
-                        f"prefixes, got {cumulative!r}.")
-    chosen = cumulative if cumulative is None or isinstance(cumulative, bool) else set(cumulative)
-    expected = None if template is None else {
-        path: leaf for path, leaf in flat_tree(template).items() if path[0] in _COLLECTIONS}
+
+        bn, modules = torch.nn.modules.batchnorm._BatchNorm, module.named_modules()
+        cumulative = [n for n, m in modules if isinstance(m, bn) and m.momentum is None]
+    if isinstance(cumulative, str) or not isinstance(cumulative, bool | Iterable | None):
+        raise TypeError(
+            "cumulative must be None, a bool or a collection of torch module "
+            f"prefixes, got {cumulative!r}."
+        )
+    every = {key.rpartition(".")[0] for key in arrays} if cumulative is True else ()
+    kept = None if cumulative is None else set(every if type(cumulative) is bool else cumulative)
+    expected = {p: v for p, v in flat_tree(template or {}).items() if p[0] in _COLLECTIONS}
+    counted = lambda prefix, path: path in expected if kept is None else prefix in kept
     out: dict[FlaxPath, tuple[str, Any]] = {}  # path -> (torch key, array)
-    for prefix, leaves in group_by_module(arrays).items():
-        if (module_path := resolve(prefix, next(iter(leaves.values())))) is None:
-            continue
-        paths = _paths(prefix, leaves, arrays, module_path)
-        for leaf, key in leaves.items():
-            path, array = paths[leaf], arrays[key]
-            array = _relayout(array, True) if path[-1] == "kernel" else array
-            if leaf == "num_batches_tracked":  # kept (as a float32 count) for a cumulative average
-                if not (expected is not None and path in expected if chosen is None else
-                        chosen if isinstance(chosen, bool) else prefix in chosen):
-                    continue
-                array = np.asarray(array, np.float32)
-            if path in out:
-                raise ValueError(f"{key!r} and {out[path][0]!r} both map to {show_path(path)!r}; give "
-                                 "the modules distinct paths in name_map.")
-            if expected is not None and path not in expected:
-                raise ValueError(
-                    f"unknown key {key!r}: it maps to {show_path(path)!r}, which the template lacks"
-                    f"{_closest(path, expected)}. Fix the name with name_map, or drop the module "
-                    "with name_map={prefix: None}.")
-            if expected is not None and array.shape != (want := tuple(np.shape(expected[path]))):
-                layout = " (transposed)" if array.ndim == 2 else " (OI...->...IO)"
-                raise ValueError(
-                    f"shape mismatch for {key!r}: {arrays[key].shape} in torch is {array.shape} "
-                    f"in Flax{layout if path[-1] == 'kernel' else ''}, but the template's "
-                    f"{show_path(path)!r} is {want}.")
-            out[path] = key, jnp.asarray(array.astype(expected[path].dtype) if expected else array)
-    if missing := sorted(path for path in expected or () if path not in out):
+    for prefix, key, path in entry_paths(arrays, resolve):
+        if path is None or path[-1] == "count" and not counted(prefix, path):
+            continue  # skipped, or a num_batches_tracked (a float32 count if cumulative only)
+        array = np.moveaxis(arrays[key], (0, 1), (-1, -2)) if path[-1] == "kernel" else arrays[key]
+        array = np.asarray(array, np.float32) if path[-1] == "count" else array
+        if path in out:
+            raise ValueError(
+                f"{key!r} and {out[path][0]!r} both map to {'/'.join(path)!r}; give "
+                "the modules distinct paths in name_map."
+            )
+        if template is not None and path not in expected:
+            raise ValueError(
+                f"unknown key {key!r}: it maps to {'/'.join(path)!r}, which the template lacks"
+                f"{_closest(path, expected)}. Fix the name with name_map, or drop the module "
+                "with name_map={prefix: None}."
+            )
+        if template is not None and array.shape != (want := np.shape(expected[path])):
+            layout = " (transposed)" if array.ndim == 2 else " (OI...->...IO)"
+            raise ValueError(
+                f"shape mismatch for {key!r}: {arrays[key].shape} in torch is {array.shape} "
+                f"in Flax{layout if path[-1] == 'kernel' else ''}, but the template's "
+                f"{'/'.join(path)!r} is {tuple(want)}."
+            )
+        out[path] = key, jnp.asarray(array.astype(expected[path].dtype) if expected else array)
+    if missing := sorted(path for path in expected if path not in out):
         raise ValueError(
             f"missing keys: the template's {_listed(missing)} got no value from the state dict (a "
             "module the state dict lacks, or a name that maps elsewhere: see name_map/rule; a "
-            "'count' needs the BatchNorm's num_batches_tracked).")
+            "'count' needs the BatchNorm's num_batches_tracked)."
+        )
     return traverse_util.unflatten_dict({path: array for path, (_, array) in out.items()})
 
 
-def flax_to_torch(variables: Mapping[str, Any], reference: Any, *,
-                  name_map: Mapping[str, Any] | None = None,
-                  rule: Rule | None = default_prefix_rule,
-                  num_batches_tracked: int | None = None) -> dict[str, Any]:
+def flax_to_torch(
+    variables: Mapping[str, Any],
+    reference: Any,
+    *,
+    name_map: Mapping[str, Any] | None = None,
+    rule: Rule | None = default_prefix_rule,
+    num_batches_tracked: int | None = None,
+) -> dict[str, Any]:
     """Converts Flax variables back into a PyTorch state dict, the inverse of :func:`torch_to_flax`.
 
     Args:
       variables: ``{'params', 'batch_stats'}`` (other collections are ignored).
-      reference: the torch module or state dict whose keys, order, shapes and dtypes (torch or
-        NumPy) the result takes; the modules ``name_map`` or ``rule`` skip keep its values.
-      name_map, rule: as for :func:`torch_to_flax`.
+      reference: the torch module or state dict whose keys, order, shapes and dtypes it takes.
+      name_map, rule: as for :func:`torch_to_flax`; a module they skip keeps the reference's values.
       num_batches_tracked: the counter of BatchNorms without ``count`` (default: the reference's).
 
     Raises:
-      TypeError / ValueError: a leaf without values (``jax.eval_shape``'s), a reference key
-        without its leaf, a leaf that no key uses, or a shape that differs.
+      TypeError: a leaf without values (``jax.eval_shape``'s) or a bad argument.
+      ValueError: a key without its leaf, a leaf that no key uses, or a shape that differs.
 
-    >>> import torch
-    >>> torch_model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.BatchNorm1d(2))
-    >>> back = flax_to_torch(torch_to_flax(torch_model), torch_model)
-    >>> all(torch.equal(back[k], v) for k, v in torch_model.state_dict().items())  # copies
-    True
+    >>> flax_to_torch({'params': {'kernel': np.ones((2, 3))}}, {'weight': np.zeros((3, 2))})
+    {'weight': array([[1., 1.], [1., 1.], [1., 1.]])}
     """
     if not isinstance(variables, Mapping):
-        raise TypeError("variables must be a mapping such as {'params': ..., 'batch_stats': ...}, "
-                        f"got {type(variables)}.")
+        raise TypeError(
+            "variables must be a mapping such as {'params': ..., 'batch_stats': ...}, "
+            f"got {type(variables)}."
+        )
     entries, _ = _state_dict_of(reference, "reference")
-    shapes = {key: tuple(np.shape(value)) for key, value in entries.items()}
-    resolve = path_resolver(name_map, rule)
+    resolve, count = path_resolver(name_map, rule), num_batches_tracked
     flat = {path: leaf for path, leaf in flat_tree(variables).items() if path[0] in _COLLECTIONS}
-    if num_batches_tracked is not None and (isinstance(num_batches_tracked, bool) or
-                                            not isinstance(num_batches_tracked, numbers.Integral)):
-        raise TypeError(f"num_batches_tracked must be an int or None, got {num_batches_tracked!r}.")
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral | None):
+        raise TypeError(f"num_batches_tracked must be an int or None, got {count!r}.")
     out: dict[str, Any] = {}
     used: set[FlaxPath] = set()
-    for prefix, leaves in group_by_module(entries).items():
-        if (module_path := resolve(prefix, next(iter(leaves.values())))) is None:  # kept as is
-            out.update({key: entries[key] for key in leaves.values()})
+    for _, key, path in entry_paths(entries, resolve):
+        if path is None:  # a module that name_map or rule skips: kept as is
+            out[key] = entries[key]
             continue
-        paths = _paths(prefix, leaves, entries, module_path)
-        for leaf, key in leaves.items():
-            used.add(path := paths[leaf])
-            if leaf == "num_batches_tracked" and path not in flat:  # the argument, or a copy
-                value = (to_numpy(entries[key], key) if num_batches_tracked is None
-                         else np.asarray(num_batches_tracked, np.int64))
-            elif path not in flat:
-                raise ValueError(f"missing key: {key!r} needs {show_path(path)!r}, which variables "
-                                 f"lack{_closest(path, flat)}.")
-            elif leaf == "num_batches_tracked":
-                value = np.asarray(np.rint(np.asarray(flat[path], np.float64)), np.int64)
-            elif ((value := np.asarray(flat[path])).dtype.kind not in "biuf"
-                  and value.dtype.name != "bfloat16"):
-                raise TypeError(f"variables' {show_path(path)!r} is a {type(flat[path]).__name__} "
-                                f"({value.dtype}); expected an array (a template from "
-                                "jax.eval_shape has shapes but no values).")
-            value = _relayout(value, False) if path[-1] == "kernel" else value
-            if value.shape != shapes[key]:
-                raise ValueError(f"shape mismatch for {key!r}: {show_path(path)!r} of shape "
-                                 f"{np.shape(flat.get(path, value))} is {value.shape} in torch's "
-                                 f"layout, but the reference has {shapes[key]}.")
-            if type(ref := entries[key]).__module__.startswith("torch") and hasattr(ref, "detach"):
-                bf16 = str(ref.dtype) == "torch.bfloat16"  # through float32: NumPy has no bfloat16
-                out[key] = ref.new_tensor(np.array(value, np.float32 if bf16 else None, order="C"))
-            else:
-                out[key] = np.array(value, np.asarray(ref).dtype, order="C")  # a copy, 0-d kept
+        used.add(path)
+        ref, name = entries[key], "/".join(path)
+        if path[-1] == "count" and path not in flat:  # num_batches_tracked: the argument, or a copy
+            value = to_numpy(ref, key) if count is None else np.asarray(count, np.int64)
+        elif path not in flat:
+            raise ValueError(
+                f"missing key: {key!r} needs {name!r}, which variables lack{_closest(path, flat)}."
+            )
+        elif path[-1] == "count":
+            value = np.asarray(np.rint(np.asarray(flat[path], np.float64)), np.int64)
+        elif not _numeric(value := np.asarray(flat[path])):
+            raise TypeError(
+                f"variables' {name!r} is a {type(flat[path]).__name__} ({value.dtype}); "
+                "expected an array (a template from jax.eval_shape has shapes but no values)."
+            )
+        value = np.moveaxis(value, (-1, -2), (0, 1)) if path[-1] == "kernel" else value
+        if value.shape != (want := tuple(np.shape(ref))):
+            raise ValueError(
+                f"shape mismatch for {key!r}: {name!r} of shape {np.shape(flat.get(path, value))}"
+                f" is {value.shape} in torch's layout, but the reference has {want}."
+            )
+        if _is_tensor(ref):  # through float32 for bfloat16: NumPy has no bfloat16
+            dtype = np.float32 if str(ref.dtype) == "torch.bfloat16" else None
+            out[key] = ref.new_tensor(np.array(value, dtype, order="C"))
+        else:
+            out[key] = np.array(value, np.asarray(ref).dtype, order="C")  # a copy, 0-d kept
     if unused := sorted(path for path in flat if path not in used):
-        raise ValueError(f"unknown keys: {_listed(unused)} in variables match no key of the "
-                         "reference state dict (a module the torch model lacks, or a name that "
-                         "maps elsewhere: see name_map/rule).")
+        raise ValueError(
+            f"unknown keys: {_listed(unused)} in variables match no key of the reference state "
+            "dict (a module the torch model lacks, or a name that maps elsewhere: see "
+            "name_map/rule)."
+        )
     return out
 
 
@@ -338,9 +357,14 @@ def _nnx_variables(module: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return states, dict(zip(_COLLECTIONS, map(nnx.to_pure_dict, states)))
 
 
-def torch_to_nnx(state_dict: Any, module: Any, *, name_map: Mapping[str, Any] | None = None,
-                 rule: Rule | None = default_prefix_rule,
-                 cumulative: bool | Iterable[str] | None = None) -> Any:
+def torch_to_nnx(
+    state_dict: Any,
+    module: Any,
+    *,
+    name_map: Mapping[str, Any] | None = None,
+    rule: Rule | None = default_prefix_rule,
+    cumulative: bool | Iterable[str] | None = None,
+) -> Any:
     """Loads a PyTorch state dict into an nnx module, in place: :func:`torch_to_flax` for nnx.
 
     Args:
@@ -349,7 +373,8 @@ def torch_to_nnx(state_dict: Any, module: Any, *, name_map: Mapping[str, Any] | 
       name_map, rule, cumulative: as for :func:`torch_to_flax`.
 
     Raises:
-      TypeError / ValueError: ``module`` is not an nnx module, or as for :func:`torch_to_flax`.
+      TypeError: ``module`` is not an nnx module, or as for :func:`torch_to_flax`.
+      ValueError: as for :func:`torch_to_flax`.
 
     >>> import torch, jaxbn.nnx
     >>> torch_to_nnx(torch.nn.BatchNorm1d(3), jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))).var[...]
@@ -363,9 +388,14 @@ def torch_to_nnx(state_dict: Any, module: Any, *, name_map: Mapping[str, Any] | 
     return module
 
 
-def nnx_to_torch(module: Any, reference: Any, *, name_map: Mapping[str, Any] | None = None,
-                 rule: Rule | None = default_prefix_rule,
-                 num_batches_tracked: int | None = None) -> dict[str, Any]:
+def nnx_to_torch(
+    module: Any,
+    reference: Any,
+    *,
+    name_map: Mapping[str, Any] | None = None,
+    rule: Rule | None = default_prefix_rule,
+    num_batches_tracked: int | None = None,
+) -> dict[str, Any]:
     """An nnx module's variables as a PyTorch state dict: :func:`flax_to_torch` for nnx.
 
     Args:
@@ -373,19 +403,20 @@ def nnx_to_torch(module: Any, reference: Any, *, name_map: Mapping[str, Any] | N
       reference, name_map, rule, num_batches_tracked: as for :func:`flax_to_torch`.
 
     Raises:
-      TypeError / ValueError: ``module`` is not an nnx module, or as for :func:`flax_to_torch`.
+      TypeError: ``module`` is not an nnx module, or as for :func:`flax_to_torch`.
+      ValueError: as for :func:`flax_to_torch`.
 
     >>> import torch, jaxbn.nnx
     >>> nnx_to_torch(jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0)), torch.nn.BatchNorm1d(3))['bias']
     tensor([0., 0., 0.])
     """
-    return flax_to_torch(_nnx_variables(module)[1], reference, name_map=name_map, rule=rule,
-                         num_batches_tracked=num_batches_tracked)
+    pure, count = _nnx_variables(module)[1], num_batches_tracked
+    return flax_to_torch(pure, reference, name_map=name_map, rule=rule, num_batches_tracked=count)
 
 
 def _flip(momentum: Any, name: str) -> float | None:
     """``1 - momentum`` to 15 digits, so that decimals convert back exactly (1 - 0.9 is 0.1)."""
-    if isinstance(momentum, bool) or not isinstance(momentum, (numbers.Real, type(None))):
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real | None):
         raise TypeError(f"{name} must be a real number in [0, 1] or None, got {momentum!r}.")
     if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"{name} must be in [0, 1] or None, got {momentum!r}.")
@@ -399,7 +430,8 @@ def momentum_from_torch(momentum: float | None) -> float | None:
       momentum: PyTorch's momentum in [0, 1], or None (the cumulative average, kept).
 
     Raises:
-      TypeError / ValueError: not a number in [0, 1] or None.
+      TypeError: not a number or None.
+      ValueError: a number outside [0, 1].
 
     >>> momentum_from_torch(0.1), momentum_from_torch(None)
     (0.9, None)
@@ -414,7 +446,8 @@ def momentum_to_torch(momentum: float | None) -> float | None:
       momentum: Flax's momentum in [0, 1], or None.
 
     Raises:
-      TypeError / ValueError: not a number in [0, 1] or None.
+      TypeError: not a number or None.
+      ValueError: a number outside [0, 1].
 
     >>> momentum_to_torch(0.9)
     0.1
@@ -429,7 +462,8 @@ def batch_norm_kwargs(module: Any) -> dict[str, Any]:
       module: a ``torch.nn.BatchNorm1d``/``2d``/``3d`` (or ``SyncBatchNorm``).
 
     Raises:
-      TypeError / ValueError: not a PyTorch BatchNorm, or one without running statistics.
+      TypeError: not a PyTorch BatchNorm.
+      ValueError: a BatchNorm without running statistics.
 
     >>> import torch
     >>> batch_norm_kwargs(torch.nn.BatchNorm2d(8, eps=1e-3, momentum=0.01))
@@ -437,14 +471,17 @@ def batch_norm_kwargs(module: Any) -> dict[str, Any]:
      'use_scale': True, 'use_bias': True}
     """
     import torch
+
     if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-        raise TypeError(f"expected a torch.nn.BatchNorm1d/2d/3d module, got "
-                        f"{type(module).__name__}.")
+        raise TypeError(
+            f"expected a torch.nn.BatchNorm1d/2d/3d module, got {type(module).__name__}."
+        )
     if not module.track_running_stats:
         raise ValueError(
             f"{module!r} has track_running_stats=False: it normalizes with batch statistics in "
             "eval mode too and keeps no running statistics. Call jaxbn's BatchNorm with "
-            "use_running_average=False and update_running_stats=False to do the same.")
-    return {"momentum": momentum_from_torch(module.momentum), "epsilon": float(module.eps),
-            "unbiased_running_var": True, "use_scale": bool(module.affine),
-            "use_bias": bool(module.affine)}
+            "use_running_average=False and update_running_stats=False to do the same."
+        )
+    kwargs = {"momentum": momentum_from_torch(module.momentum), "epsilon": float(module.eps)}
+    affine = bool(module.affine)
+    return {**kwargs, "unbiased_running_var": True, "use_scale": affine, "use_bias": affine}
