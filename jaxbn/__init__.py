@@ -1,17 +1,7 @@
 """jaxbn: batch normalization for JAX and Flax.
 
-Pure functions do the work: :func:`moments` reduces (count-weighted across
-devices, stable at large offsets, one collective), :func:`normalize` and
-:func:`batch_norm` normalize with explicit ``{'mean', 'var'}`` state, and
-:func:`batch_renorm` (with the :func:`renorm_clipping` schedule) corrects
-batch norm towards that state; :func:`layer_norm`, :func:`rms_norm`,
-:func:`group_norm` and :func:`instance_norm` take per-example statistics from
-the same :func:`moments`. The Flax modules in :mod:`jaxbn.linen` and
-:mod:`jaxbn.nnx` own variables and call these functions. Around a trained
-model: :func:`recalibrate` re-estimates running statistics from data and
-:func:`fold_batch_norm` folds eval-mode BatchNorms into the preceding
-``Conv``/``Dense`` for inference, :func:`inspect_batch_norms` compares batch
-and running statistics per layer.
+Pure functions normalize with explicit ``{'mean', 'var'}`` state; :mod:`jaxbn.linen` and
+:mod:`jaxbn.nnx` hold the Flax modules; the tools for trained models load at first use.
 """
 
 import importlib
