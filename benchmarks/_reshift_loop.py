@@ -33,9 +33,14 @@ def _sums(plan, x, mask, reference, scale=None):
         deviation = deviation - jnp.expand_dims(reference, axes)
         return deviation if mask is None else jnp.where(mask, deviation, 0)
 
-    local = stats.channel_sums([centered, lambda *ops: stats.abs_square(centered(*ops))],
-                               [x, reference, mask, scale], axes)
-    parts = [p for value in local for p in ((value.real, value.imag) if jnp.iscomplexobj(value) else (value,))]
+    local = stats.channel_sums(
+        [centered, lambda *ops: stats.abs_square(centered(*ops))], [x, reference, mask, scale], axes
+    )
+    parts = [
+        p
+        for value in local
+        for p in ((value.real, value.imag) if jnp.iscomplexobj(value) else (value,))
+    ]
     summed = stats.cross_device_sum(parts, plan.axis_name, plan.axis_index_groups)
     if len(summed) == 3:  # complex first sum
         return lax.complex(summed[0], summed[1]), summed[2]
@@ -76,11 +81,14 @@ def loop_statistics(plan, x, mask, fallback):
 
     def again(carry):
         shift, offset, raw, signed, iteration = carry
-        return jnp.any(poor(shift, offset, raw, jnp.abs(signed), signed > 0)) & (iteration < MAX_RESHIFTS)
+        return jnp.any(poor(shift, offset, raw, jnp.abs(signed), signed > 0)) & (
+            iteration < MAX_RESHIFTS
+        )
 
     shift = stats.varying_like(fallback, first, second)
     shift, offset, raw, _, _ = lax.while_loop(
-        again, step, (shift, first / safe, second / safe, one, jnp.zeros((), jnp.int32)))
+        again, step, (shift, first / safe, second / safe, one, jnp.zeros((), jnp.int32))
+    )
     var = jnp.where(jnp.isposinf(raw), raw, jnp.maximum(raw - stats.abs_square(offset), 0))
     return count, shift, offset, var
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
@@ -56,7 +55,9 @@ def _torch(x):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", type=int, nargs=4, default=(64, 8, 8, 32), metavar=("N", "H", "W", "C"))
+    parser.add_argument(
+        "--shape", type=int, nargs=4, default=(64, 8, 8, 32), metavar=("N", "H", "W", "C")
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     implementations = {

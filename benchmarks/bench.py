@@ -163,7 +163,9 @@ class Mode(NamedTuple):
 
 MODES = {
     "train": Mode("train forward (y + new running stats)", "train", _train_step),
-    "fwdbwd": Mode("forward+backward (y, dx, dscale, dbias; dy an argument)", "fwd+bwd", _fwdbwd_step),
+    "fwdbwd": Mode(
+        "forward+backward (y, dx, dscale, dbias; dy an argument)", "fwd+bwd", _fwdbwd_step
+    ),
     "inference": Mode("inference", "infer", _inference_step),
 }
 
@@ -175,19 +177,32 @@ MODES = {
 
 def _jaxbn_model(spec: Spec, axis_name: str | None = None):
     def apply(x, params, state, training):
-        return jaxbn.batch_norm(x, params, state, training=training, axis=spec.axis,
-                                axis_name=axis_name, dtype=spec.jnp_dtype)
+        return jaxbn.batch_norm(
+            x,
+            params,
+            state,
+            training=training,
+            axis=spec.axis,
+            axis_name=axis_name,
+            dtype=spec.jnp_dtype,
+        )
 
     return (apply, *jaxbn.batch_norm_init(spec.channels))
 
 
 def _linen_model(module_class: type, spec: Spec, axis_name: str | None = None, **fields):
     module = module_class(axis=spec.axis, dtype=spec.jnp_dtype, axis_name=axis_name, **fields)
-    variables = module.init(jax.random.key(0), jnp.zeros(spec.array_shape), use_running_average=True)
+    variables = module.init(
+        jax.random.key(0), jnp.zeros(spec.array_shape), use_running_average=True
+    )
 
     def apply(x, params, state, training):
-        y, updates = module.apply({"params": params, "batch_stats": state}, x,
-                                  use_running_average=not training, mutable=["batch_stats"])
+        y, updates = module.apply(
+            {"params": params, "batch_stats": state},
+            x,
+            use_running_average=not training,
+            mutable=["batch_stats"],
+        )
         return y, updates["batch_stats"]
 
     return apply, variables["params"], variables["batch_stats"]
@@ -196,8 +211,9 @@ def _linen_model(module_class: type, spec: Spec, axis_name: str | None = None, *
 def _nnx_model(spec: Spec, axis_name: str | None = None):
     from flax import nnx
 
-    module = nnx.BatchNorm(spec.channels, axis=spec.axis, dtype=spec.jnp_dtype, axis_name=axis_name,
-                           rngs=nnx.Rngs(0))
+    module = nnx.BatchNorm(
+        spec.channels, axis=spec.axis, dtype=spec.jnp_dtype, axis_name=axis_name, rngs=nnx.Rngs(0)
+    )
     graphdef, params, state = nnx.split(module, nnx.Param, nnx.BatchStat)
 
     def apply(x, params, state, training):
@@ -214,7 +230,8 @@ def _equinox_model(spec: Spec, axis_name: str | None = None):
 
     names = ("batch",) if spec.layout == "NCHW" else ("n", "h", "w")
     module, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
-        spec.channels, axis_name=names, mode="batch", momentum=0.99, eps=1e-5)
+        spec.channels, axis_name=names, mode="batch", momentum=0.99, eps=1e-5
+    )
     params, static = eqx.partition(module, eqx.is_array)
 
     def apply(x, params, state, training):
@@ -232,9 +249,16 @@ def _haiku_model(spec: Spec, axis_name: str | None = None):
     import haiku as hk
 
     data_format = "channels_last" if spec.layout == "NHWC" else "channels_first"
-    model = hk.transform_with_state(lambda x, training: hk.BatchNorm(
-        True, True, decay_rate=0.99, eps=1e-5, data_format=data_format,
-        cross_replica_axis=axis_name)(x, training))
+    model = hk.transform_with_state(
+        lambda x, training: hk.BatchNorm(
+            True,
+            True,
+            decay_rate=0.99,
+            eps=1e-5,
+            data_format=data_format,
+            cross_replica_axis=axis_name,
+        )(x, training)
+    )
     params, state = model.init(jax.random.key(0), jnp.zeros(spec.array_shape), True)
 
     def apply(x, params, state, training):
@@ -281,7 +305,10 @@ def _torch_tensors(spec: Spec):
 
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
-    x, dy = (torch.from_numpy(a).to(device, getattr(torch, spec.dtype)) for a in _data(spec.shape, spec.layout))
+    x, dy = (
+        torch.from_numpy(a).to(device, getattr(torch, spec.dtype))
+        for a in _data(spec.shape, spec.layout)
+    )
     if spec.layout == "NHWC":  # a permuted NHWC buffer is a channels_last NCHW tensor
         x, dy = x.permute(0, 3, 1, 2), dy.permute(0, 3, 1, 2)
     return torch, device, sync, x, dy
@@ -298,6 +325,7 @@ def _torch_case(spec: Spec) -> Case:
             y = bn(x)
             return (y, *torch.autograd.grad(y, (x, bn.weight, bn.bias), dy)), ()
     else:
+
         @torch.no_grad()
         def compute():
             return (bn(x),), ()
@@ -324,14 +352,20 @@ MODELS: dict[str, tuple[str, Callable]] = {
     "jaxbn": ("jaxbn", _jaxbn_model),
     "jaxbn.linen": ("jaxbn", functools.partial(_linen_model, jaxbn.linen.BatchNorm)),
     FLAX: ("flax", functools.partial(_linen_model, nn.BatchNorm)),
-    "flax.linen two-pass": ("flax", functools.partial(_linen_model, nn.BatchNorm, use_fast_variance=False)),
+    "flax.linen two-pass": (
+        "flax",
+        functools.partial(_linen_model, nn.BatchNorm, use_fast_variance=False),
+    ),
     "flax.nnx": ("nnx", _nnx_model),
     "equinox": ("equinox", _equinox_model),
     "haiku": ("haiku", _haiku_model),
 }
 # Every row: name -> (library for --libs, case builder), in the order printed.
 IMPLEMENTATIONS: dict[str, tuple[str, Callable[[Spec], Case]]] = {
-    **{name: (library, functools.partial(_bn_case, model)) for name, (library, model) in MODELS.items()},
+    **{
+        name: (library, functools.partial(_bn_case, model))
+        for name, (library, model) in MODELS.items()
+    },
     TORCH: ("torch", _torch_case),
     COPY: ("copy", _copy_case),
     "copy: torch clone": ("copy", _torch_copy_case),
@@ -412,7 +446,10 @@ def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
     left = {0, len(headers) - 1} if headers[-1] == "note" else {0}
     print(f"\n## {title}")
     for row in cells:
-        line = [cell.ljust(w) if i in left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        line = [
+            cell.ljust(w) if i in left else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths))
+        ]
         print("  ".join(line).rstrip())
 
 
@@ -436,10 +473,20 @@ def _timing_rows(cases: dict[tuple[str, str], Case], times: dict) -> list[list[A
             continue
         median, ms = medians[name, layout], times[name, layout] * 1e3
         copy_median = medians.get((COPY, layout))
-        rows.append([name, layout, f"{median * 1e3:.3f}", f"{ms.min():.3f}", f"{ms.max():.3f}",
-                     _ratio(median, medians.get((FLAX, layout))), _ratio(median, medians.get((TORCH, "NHWC"))),
-                     _ratio(median, copy_median), _bandwidth(case, median, cases.get((COPY, layout)), copy_median),
-                     case.note])
+        rows.append(
+            [
+                name,
+                layout,
+                f"{median * 1e3:.3f}",
+                f"{ms.min():.3f}",
+                f"{ms.max():.3f}",
+                _ratio(median, medians.get((FLAX, layout))),
+                _ratio(median, medians.get((TORCH, "NHWC"))),
+                _ratio(median, copy_median),
+                _bandwidth(case, median, cases.get((COPY, layout)), copy_median),
+                case.note,
+            ]
+        )
     return rows
 
 
@@ -469,10 +516,25 @@ def run_timings(args: argparse.Namespace, names: list[str]) -> dict:
                         case.traffic, cells = _traffic(case.compiled, spec)
                         traffic.setdefault((name, dtype, layout), {})[mode] = cells
                         case.compiled = None
-            times = time_interleaved({key: case.run for key, case in cases.items() if case.run}, args.reps)
-            print_table(f"{title}, {dtype}: ms per call over {args.reps} interleaved reps",
-                        ["implementation", "layout", "median", "min", "max", f"/{FLAX}", "/torch CL", "/copy",
-                         "BW/copy", "note"], _timing_rows(cases, times))
+            times = time_interleaved(
+                {key: case.run for key, case in cases.items() if case.run}, args.reps
+            )
+            print_table(
+                f"{title}, {dtype}: ms per call over {args.reps} interleaved reps",
+                [
+                    "implementation",
+                    "layout",
+                    "median",
+                    "min",
+                    "max",
+                    f"/{FLAX}",
+                    "/torch CL",
+                    "/copy",
+                    "BW/copy",
+                    "note",
+                ],
+                _timing_rows(cases, times),
+            )
     return traffic
 
 
@@ -481,10 +543,16 @@ def print_traffic(traffic: dict) -> None:
     headers = ["implementation", "dtype", "layout"]
     for label in (mode.label for mode in MODES.values()):
         headers += [f"{label} traffic", f"{label} kernels", f"{label} temp"]
-    rows = [[name, dtype, layout] + [cell for mode in MODES for cell in cells.get(mode, ["-"] * 3)]
-            for (name, dtype, layout), cells in traffic.items()]
-    print_table("HLO traffic per call in S (bytes of x in its dtype: operands + outputs of each kernel; conditionals at their cheapest branch, loops at zero trips), "
-                "kernels, compiled temp memory in S", headers, rows)
+    rows = [
+        [name, dtype, layout] + [cell for mode in MODES for cell in cells.get(mode, ["-"] * 3)]
+        for (name, dtype, layout), cells in traffic.items()
+    ]
+    print_table(
+        "HLO traffic per call in S (bytes of x in its dtype: operands + outputs of each kernel; conditionals at their cheapest branch, loops at zero trips), "
+        "kernels, compiled temp memory in S",
+        headers,
+        rows,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -502,14 +570,20 @@ def _mapped(mapping: str, model: Callable, spec: Spec):
     if mapping == "pmap":
         x = jax.ShapeDtypeStruct((n, shape[0] // n, *shape[1:]), spec.jnp_dtype)
         in_axes = (0, None, None, 0)[: 3 + with_dy]
-        return jax.pmap(step, axis_name="batch", in_axes=in_axes), (x, params, state, x)[: 3 + with_dy]
+        return jax.pmap(step, axis_name="batch", in_axes=in_axes), (x, params, state, x)[
+            : 3 + with_dy
+        ]
     sharding = NamedSharding(mesh, P("batch"))
     x = jax.ShapeDtypeStruct(shape, spec.jnp_dtype, sharding=sharding)
     params, state = jax.device_put((params, state), NamedSharding(mesh, P()))
     args = (x, params, state, x)[: 3 + with_dy]
     if mapping == "shard_map":
-        step = jax.shard_map(step, mesh=mesh, in_specs=(P("batch"), P(), P(), P("batch"))[: 3 + with_dy],
-                             out_specs=(P("batch"), P()))
+        step = jax.shard_map(
+            step,
+            mesh=mesh,
+            in_specs=(P("batch"), P(), P(), P("batch"))[: 3 + with_dy],
+            out_specs=(P("batch"), P()),
+        )
     return jax.jit(step), args
 
 
@@ -532,14 +606,19 @@ def print_collectives(shape: tuple[int, ...]) -> None:
     for name in COLLECTIVE_MODELS:
         for mapping in ("pmap", "shard_map", "jit-sharded"):
             try:
-                (fwd, _), (both, other) = (_collectives(name, mapping, mode, shape) for mode in ("train", "fwdbwd"))
+                (fwd, _), (both, other) = (
+                    _collectives(name, mapping, mode, shape) for mode in ("train", "fwdbwd")
+                )
                 rows.append([name, mapping, fwd, both, both - fwd, other])
             except Exception as error:  # a mapping a library cannot take is a result
                 rows.append([name, mapping, "error", "-", "-", "-"])
                 errors.append(f"{name} under {mapping}: {_short(error)}")
-    print_table(f"all-reduces per direction on {n} {jax.devices()[0].platform} devices, float32 NHWC {shape} "
-                "(compiled HLO, per execution: conditionals at their cheapest branch, loops at zero trips)",
-                ["implementation", "mapping", "train fwd", "fwd+bwd", "bwd", "other collectives (fwd+bwd)"], rows)
+    print_table(
+        f"all-reduces per direction on {n} {jax.devices()[0].platform} devices, float32 NHWC {shape} "
+        "(compiled HLO, per execution: conditionals at their cheapest branch, loops at zero trips)",
+        ["implementation", "mapping", "train fwd", "fwd+bwd", "bwd", "other collectives (fwd+bwd)"],
+        rows,
+    )
     for line in errors:
         print("  " + line)
 
@@ -547,7 +626,9 @@ def print_collectives(shape: tuple[int, ...]) -> None:
 def run_collectives_subprocess(shape: tuple[int, ...]) -> int:
     """Runs :func:`print_collectives` in a child with 8 forced host devices."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}".strip()
+    env["XLA_FLAGS"] = (
+        f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}".strip()
+    )
     command = [sys.executable, __file__, "--collectives-only", "--shape", *map(str, shape)]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     print(result.stdout, end="")
@@ -568,9 +649,18 @@ def _version(distribution: str) -> str:
 
 def print_header(args: argparse.Namespace) -> None:
     """Prints versions, device, CPUs, shape, allocator settings and the command."""
-    versions = ", ".join(f"{name} {_version(dist)}" for name, dist in [
-        ("jaxbn", "jaxbn"), ("jax", "jax"), ("jaxlib", "jaxlib"), ("flax", "flax"), ("equinox", "equinox"),
-        ("haiku", "dm-haiku"), ("torch", "torch")])
+    versions = ", ".join(
+        f"{name} {_version(dist)}"
+        for name, dist in [
+            ("jaxbn", "jaxbn"),
+            ("jax", "jax"),
+            ("jaxlib", "jaxlib"),
+            ("flax", "flax"),
+            ("equinox", "equinox"),
+            ("haiku", "dm-haiku"),
+            ("torch", "torch"),
+        ]
+    )
     device = jax.devices()[0]
     try:
         import torch
@@ -586,27 +676,54 @@ def print_header(args: argparse.Namespace) -> None:
     print("# jaxbn benchmark")
     print(f"command: {shlex.join(sys.orig_argv)}")
     print(f"versions: {versions}")
-    print(f"device: {device.platform} {device.device_kind} (x{jax.device_count()}), "
-          f"CPUs {os.cpu_count()} (usable {len(os.sched_getaffinity(0))}){torch_threads}")
-    print(f"shape: NHWC {tuple(args.shape)} / NCHW {(n, c, h, w)}, S = {n * h * w * c * 4 / 2**20:.2f} MiB "
-          f"float32, {n * h * w * c * 2 / 2**20:.2f} MiB bfloat16; reps {args.reps}")
-    print(f"allocator: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')} (huge pages; the bench sets it), "
-          f"transparent_hugepage {thp}")
-    print(f"{TORCH} NHWC = a channels_last tensor; /torch CL: ratio to it. bf16: bf16 activations, "
-          "float32 params, bf16 output requested")
+    print(
+        f"device: {device.platform} {device.device_kind} (x{jax.device_count()}), "
+        f"CPUs {os.cpu_count()} (usable {len(os.sched_getaffinity(0))}){torch_threads}"
+    )
+    print(
+        f"shape: NHWC {tuple(args.shape)} / NCHW {(n, c, h, w)}, S = {n * h * w * c * 4 / 2**20:.2f} MiB "
+        f"float32, {n * h * w * c * 2 / 2**20:.2f} MiB bfloat16; reps {args.reps}"
+    )
+    print(
+        f"allocator: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')} (huge pages; the bench sets it), "
+        f"transparent_hugepage {thp}"
+    )
+    print(
+        f"{TORCH} NHWC = a channels_last tensor; /torch CL: ratio to it. bf16: bf16 activations, "
+        "float32 params, bf16 output requested"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", type=int, nargs=4, default=None, metavar=("N", "H", "W", "C"),
-                        help="NHWC shape (default 64 32 32 128; --quick: 8 8 8 16)")
-    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 20; --quick: 3)")
-    parser.add_argument("--libs", nargs="+", choices=LIBRARIES, default=LIBRARIES, help="libraries to time")
-    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES), help="dtypes to time")
-    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS), help="layouts to time")
-    parser.add_argument("--quick", action="store_true", help="tiny shape and few reps: a smoke test")
-    parser.add_argument("--collectives-only", action="store_true",
-                        help="only the collectives section (run with forced host devices)")
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=4,
+        default=None,
+        metavar=("N", "H", "W", "C"),
+        help="NHWC shape (default 64 32 32 128; --quick: 8 8 8 16)",
+    )
+    parser.add_argument(
+        "--reps", type=int, default=None, help="repetitions (default 20; --quick: 3)"
+    )
+    parser.add_argument(
+        "--libs", nargs="+", choices=LIBRARIES, default=LIBRARIES, help="libraries to time"
+    )
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES), help="dtypes to time"
+    )
+    parser.add_argument(
+        "--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS), help="layouts to time"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny shape and few reps: a smoke test"
+    )
+    parser.add_argument(
+        "--collectives-only",
+        action="store_true",
+        help="only the collectives section (run with forced host devices)",
+    )
     args = parser.parse_args(argv)
     args.shape = tuple(args.shape or ((8, 8, 8, 16) if args.quick else (64, 32, 32, 128)))
     args.reps = args.reps or (3 if args.quick else 20)

@@ -89,7 +89,12 @@ NORMS = ("jaxbn", "flax")
 FAMILIES = ("linen", "nnx")
 LINEN_NORMS = {"jaxbn": jaxbn.linen.BatchNorm, "flax": nn.BatchNorm}
 NNX_NORMS = {"jaxbn": jaxbn.nnx.BatchNorm, "flax": nnx.BatchNorm}
-WIDTHS = (64, 128, 256, 512)  # bottleneck widths of the stages; a block outputs EXPANSION times as many
+WIDTHS = (
+    64,
+    128,
+    256,
+    512,
+)  # bottleneck widths of the stages; a block outputs EXPANSION times as many
 EXPANSION = 4
 BLOCKS = (3, 4, 6, 3)
 BATCH, IMAGE_SIZE, CLASSES = 8, 32, 10
@@ -146,7 +151,9 @@ class LinenResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Returns the logits of an NHWC batch."""
-        norm = functools.partial(LINEN_NORMS[self.norm], use_running_average=False, momentum=MOMENTUM)
+        norm = functools.partial(
+            LINEN_NORMS[self.norm], use_running_average=False, momentum=MOMENTUM
+        )
         x = nn.relu(norm()(nn.Conv(self.widths[0], (7, 7), 2, use_bias=False)(x)))
         x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
         for stage, (width, blocks) in enumerate(zip(self.widths, self.blocks)):
@@ -158,8 +165,14 @@ class LinenResNet(nn.Module):
 class NnxBottleneck(nnx.Module):
     """:class:`LinenBottleneck` in nnx."""
 
-    def __init__(self, in_features: int, features: int, strides: int, norm: Callable[..., nnx.Module],
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        strides: int,
+        norm: Callable[..., nnx.Module],
+        rngs: nnx.Rngs,
+    ):
         conv = functools.partial(nnx.Conv, use_bias=False, rngs=rngs)
         out = features * EXPANSION
         self.conv1, self.norm1 = conv(in_features, features, (1, 1)), norm(features)
@@ -183,13 +196,19 @@ class NnxResNet(nnx.Module):
     """:class:`LinenResNet` in nnx; ``norm`` is a key of :data:`NNX_NORMS`."""
 
     def __init__(self, norm: str, widths: tuple[int, ...], blocks: tuple[int, ...], rngs: nnx.Rngs):
-        make_norm = functools.partial(NNX_NORMS[norm], use_running_average=False, momentum=MOMENTUM, rngs=rngs)
+        make_norm = functools.partial(
+            NNX_NORMS[norm], use_running_average=False, momentum=MOMENTUM, rngs=rngs
+        )
         self.stem_conv = nnx.Conv(3, widths[0], (7, 7), 2, use_bias=False, rngs=rngs)
         self.stem_norm = make_norm(widths[0])
         layers, features = [], widths[0]
         for stage, (width, count) in enumerate(zip(widths, blocks)):
             for block in range(count):
-                layers.append(NnxBottleneck(features, width, 2 if stage > 0 and block == 0 else 1, make_norm, rngs))
+                layers.append(
+                    NnxBottleneck(
+                        features, width, 2 if stage > 0 and block == 0 else 1, make_norm, rngs
+                    )
+                )
                 features = width * EXPANSION
         self.blocks = nnx.List(layers)
         self.head = nnx.Linear(features, CLASSES, rngs=rngs)
@@ -236,11 +255,16 @@ def _data() -> tuple[jax.Array, jax.Array, jax.Array]:
     return x, jax.random.randint(label_key, (BATCH,), 0, CLASSES), init_key
 
 
-def _model(make_step: Callable, params: Any, batch_stats: Any, tx: optax.GradientTransformation) -> Model:
+def _model(
+    make_step: Callable, params: Any, batch_stats: Any, tx: optax.GradientTransformation
+) -> Model:
     x, labels, _ = _data()
-    return Model(make_step, (params, batch_stats, tx.init(params), x, labels),
-                 len(jax.tree.leaves(batch_stats)) // 2,  # a mean and a var each
-                 sum(leaf.size for leaf in jax.tree.leaves(params)))
+    return Model(
+        make_step,
+        (params, batch_stats, tx.init(params), x, labels),
+        len(jax.tree.leaves(batch_stats)) // 2,  # a mean and a var each
+        sum(leaf.size for leaf in jax.tree.leaves(params)),
+    )
 
 
 def build_linen(norm: str, widths: tuple[int, ...], blocks: tuple[int, ...]) -> Model:
@@ -288,9 +312,16 @@ def build_nnx(norm: str, widths: tuple[int, ...], blocks: tuple[int, ...]) -> Mo
     def make_step():
         def step(params, batch_stats, opt_state, x, labels):
             module = nnx.merge(graphdef, params, batch_stats)
-            loss, grads = nnx.value_and_grad(lambda module: _cross_entropy(module(x), labels))(module)  # wrt Param
+            loss, grads = nnx.value_and_grad(lambda module: _cross_entropy(module(x), labels))(
+                module
+            )  # wrt Param
             updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), nnx.state(module, nnx.BatchStat), opt_state, loss
+            return (
+                optax.apply_updates(params, updates),
+                nnx.state(module, nnx.BatchStat),
+                opt_state,
+                loss,
+            )
 
         return step
 
@@ -320,11 +351,15 @@ def hlo_instructions(hlo_text: str) -> collections.Counter:
       ``['while']`` the number of loops.
     """
     _, computations = parse_computations(hlo_text)
-    return collections.Counter(opcode or "?" for body in computations.values() for opcode, _ in body)
+    return collections.Counter(
+        opcode or "?" for body in computations.values() for opcode, _ in body
+    )
 
 
-_CALLEES = re.compile(r"\b(?:calls|to_apply|condition|body|called_computations|branch_computations|"
-                      r"true_computation|false_computation)=(%?[\w.\-]+|\{[^}]*\})")
+_CALLEES = re.compile(
+    r"\b(?:calls|to_apply|condition|body|called_computations|branch_computations|"
+    r"true_computation|false_computation)=(%?[\w.\-]+|\{[^}]*\})"
+)
 
 
 def loop_instructions(hlo_text: str) -> int:
@@ -336,11 +371,20 @@ def loop_instructions(hlo_text: str) -> int:
     _, computations = parse_computations(hlo_text)
 
     def callees(rest: str) -> list[str]:
-        return [name.strip().lstrip("%") for group in _CALLEES.findall(rest)
-                for name in group.strip("{}").split(",") if name.strip()]
+        return [
+            name.strip().lstrip("%")
+            for group in _CALLEES.findall(rest)
+            for name in group.strip("{}").split(",")
+            if name.strip()
+        ]
 
-    stack = [name for body in computations.values() for opcode, rest in body if opcode == "while"
-             for name in callees(rest)]
+    stack = [
+        name
+        for body in computations.values()
+        for opcode, rest in body
+        if opcode == "while"
+        for name in callees(rest)
+    ]
     seen: set[str] = set()
     while stack:
         name = stack.pop()
@@ -389,11 +433,16 @@ def run_compile(models: dict[tuple[str, str], Model], reps: int) -> tuple[dict, 
                 results[key]["lower_s"].append(lower_s)
                 results[key]["compile_s"].append(compile_s)
                 executables[key] = compiled
-                print(f"  rep {rep + 1}/{reps} {family} {norm}: lower {lower_s:.3f} s, compile {compile_s:.3f} s",
-                      flush=True)
+                print(
+                    f"  rep {rep + 1}/{reps} {family} {norm}: lower {lower_s:.3f} s, compile {compile_s:.3f} s",
+                    flush=True,
+                )
     for key, compiled in executables.items():
         text = compiled.as_text()
-        results[key]["opcodes"], results[key]["in_loops"] = hlo_instructions(text), loop_instructions(text)
+        results[key]["opcodes"], results[key]["in_loops"] = (
+            hlo_instructions(text),
+            loop_instructions(text),
+        )
     return results, executables
 
 
@@ -405,13 +454,23 @@ def loss_check(models: dict[tuple[str, str], Model], executables: dict) -> dict[
     """
     check = {}
     for family in FAMILIES:
-        losses = {norm: float(executables[family, norm](*models[family, norm].args)[-1]) for norm in NORMS}
-        same = jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
-                                         jax.tree.leaves(models[family, "jaxbn"].args[:2]),
-                                         jax.tree.leaves(models[family, "flax"].args[:2])))
+        losses = {
+            norm: float(executables[family, norm](*models[family, norm].args)[-1]) for norm in NORMS
+        }
+        same = jax.tree.all(
+            jax.tree.map(
+                lambda a, b: bool(np.array_equal(a, b)),
+                jax.tree.leaves(models[family, "jaxbn"].args[:2]),
+                jax.tree.leaves(models[family, "flax"].args[:2]),
+            )
+        )
         rel_diff = abs(losses["jaxbn"] - losses["flax"]) / abs(losses["flax"])
-        check[family] = {**losses, "rel_diff": rel_diff, "same_init": bool(same),
-                         "passed": bool(same and rel_diff <= LOSS_RTOL)}
+        check[family] = {
+            **losses,
+            "rel_diff": rel_diff,
+            "same_init": bool(same),
+            "passed": bool(same and rel_diff <= LOSS_RTOL),
+        }
     return check
 
 
@@ -431,28 +490,73 @@ def summarize_compile(results: dict, check: dict, reps: int) -> dict[str, Any]:
             result = results[family, norm]
             opcodes = result["opcodes"]
             summary[family][norm] = {
-                "lower_s": statistics.median(result["lower_s"]), "compile_s": statistics.median(result["compile_s"]),
-                "lower_s_all": result["lower_s"], "compile_s_all": result["compile_s"],
-                "instructions": sum(opcodes.values()), "in_loops": result["in_loops"], "whiles": opcodes["while"],
-                "conditionals": opcodes["conditional"], "opcodes": dict(opcodes),
+                "lower_s": statistics.median(result["lower_s"]),
+                "compile_s": statistics.median(result["compile_s"]),
+                "lower_s_all": result["lower_s"],
+                "compile_s_all": result["compile_s"],
+                "instructions": sum(opcodes.values()),
+                "in_loops": result["in_loops"],
+                "whiles": opcodes["while"],
+                "conditionals": opcodes["conditional"],
+                "opcodes": dict(opcodes),
             }
         jb, fx = summary[family]["jaxbn"], summary[family]["flax"]
         summary[family]["ratios"] = {
-            "lower": jb["lower_s"] / fx["lower_s"], "compile": jb["compile_s"] / fx["compile_s"],
+            "lower": jb["lower_s"] / fx["lower_s"],
+            "compile": jb["compile_s"] / fx["compile_s"],
             "instructions": jb["instructions"] / fx["instructions"],
         }
         summary[family]["loss_check"] = check[family]
         for norm in NORMS:
             row = summary[family][norm]
-            rows.append([family, norm, f"{row['lower_s']:.3f}", f"{min(row['lower_s_all']):.3f}",
-                         f"{row['compile_s']:.3f}", f"{min(row['compile_s_all']):.3f}", row["instructions"],
-                         row["in_loops"], row["whiles"], row["conditionals"], f"{check[family][norm]:.6f}"])
+            rows.append(
+                [
+                    family,
+                    norm,
+                    f"{row['lower_s']:.3f}",
+                    f"{min(row['lower_s_all']):.3f}",
+                    f"{row['compile_s']:.3f}",
+                    f"{min(row['compile_s_all']):.3f}",
+                    row["instructions"],
+                    row["in_loops"],
+                    row["whiles"],
+                    row["conditionals"],
+                    f"{check[family][norm]:.6f}",
+                ]
+            )
         ratios = summary[family]["ratios"]
-        rows.append([family, "jaxbn / flax", f"{ratios['lower']:.2f}", "", f"{ratios['compile']:.2f}", "",
-                     f"{ratios['instructions']:.2f}", "", "", "", f"rel. diff {check[family]['rel_diff']:.1e}"])
-    print_table(f"train step: lower and compile wall time (s, median and min of {reps}), compiled HLO",
-                ["family", "norm", "lower", "lower min", "compile", "compile min", "HLO instructions", "in loops",
-                 "while", "conditional", "loss (1 step)"], rows)
+        rows.append(
+            [
+                family,
+                "jaxbn / flax",
+                f"{ratios['lower']:.2f}",
+                "",
+                f"{ratios['compile']:.2f}",
+                "",
+                f"{ratios['instructions']:.2f}",
+                "",
+                "",
+                "",
+                f"rel. diff {check[family]['rel_diff']:.1e}",
+            ]
+        )
+    print_table(
+        f"train step: lower and compile wall time (s, median and min of {reps}), compiled HLO",
+        [
+            "family",
+            "norm",
+            "lower",
+            "lower min",
+            "compile",
+            "compile min",
+            "HLO instructions",
+            "in loops",
+            "while",
+            "conditional",
+            "loss (1 step)",
+        ],
+        rows,
+    )
 
     for family in FAMILIES:
         jb, fx = (collections.Counter(summary[family][norm]["opcodes"]) for norm in NORMS)
@@ -460,14 +564,18 @@ def summarize_compile(results: dict, check: dict, reps: int) -> dict[str, Any]:
         diff = {op: jb[op] - fx[op] for op in set(jb) | set(fx) if jb[op] != fx[op]}
         top = sorted(diff, key=lambda op: (-abs(diff[op]), op))[:12]
         total = sum(jb.values()) - sum(fx.values())
-        print_table(f"{family}: where the instruction counts differ (top opcodes by |jaxbn - flax|); "
-                    f"in all {total:+d}, {total / layers:+.1f} per BatchNorm ({layers})",
-                    ["opcode", "jaxbn", "flax", "jaxbn - flax", "per BatchNorm"],
-                    [[op, jb[op], fx[op], f"{diff[op]:+d}", f"{diff[op] / layers:+.2f}"] for op in top])
+        print_table(
+            f"{family}: where the instruction counts differ (top opcodes by |jaxbn - flax|); "
+            f"in all {total:+d}, {total / layers:+.1f} per BatchNorm ({layers})",
+            ["opcode", "jaxbn", "flax", "jaxbn - flax", "per BatchNorm"],
+            [[op, jb[op], fx[op], f"{diff[op]:+d}", f"{diff[op] / layers:+.2f}"] for op in top],
+        )
     for family, result in check.items():
-        print(f"loss check {family}: initial variables identical: {'yes' if result['same_init'] else 'NO'}; "
-              f"relative difference {result['rel_diff']:.1e} (limit {LOSS_RTOL:.0e}): "
-              f"{'passed' if result['passed'] else 'FAILED'}")
+        print(
+            f"loss check {family}: initial variables identical: {'yes' if result['same_init'] else 'NO'}; "
+            f"relative difference {result['rel_diff']:.1e} (limit {LOSS_RTOL:.0e}): "
+            f"{'passed' if result['passed'] else 'FAILED'}"
+        )
     return summary
 
 
@@ -499,7 +607,9 @@ class CompileLog(logging.Handler):
         self._saved = logger.propagate, logger.level, jax.config.jax_log_compiles
         logger.addHandler(self)
         logger.propagate = False
-        logger.setLevel(logging.DEBUG)  # the records' own level is WARNING; this only lets them through
+        logger.setLevel(
+            logging.DEBUG
+        )  # the records' own level is WARNING; this only lets them through
         jax.config.update("jax_log_compiles", True)
         return self
 
@@ -518,10 +628,14 @@ def eager_pairs() -> dict[str, dict[str, Callable[[], Any]]]:
     params, state = jaxbn.batch_norm_init(features)
     flax_bn = nn.BatchNorm(use_running_average=False)
     flax_bn_vars = flax_bn.init(jax.random.key(0), x)
-    linen = {norm: cls(use_running_average=False, momentum=MOMENTUM) for norm, cls in LINEN_NORMS.items()}
+    linen = {
+        norm: cls(use_running_average=False, momentum=MOMENTUM) for norm, cls in LINEN_NORMS.items()
+    }
     linen_vars = {norm: module.init(jax.random.key(0), x) for norm, module in linen.items()}
-    modules = {norm: cls(features, use_running_average=False, momentum=MOMENTUM, rngs=nnx.Rngs(0))
-               for norm, cls in NNX_NORMS.items()}
+    modules = {
+        norm: cls(features, use_running_average=False, momentum=MOMENTUM, rngs=nnx.Rngs(0))
+        for norm, cls in NNX_NORMS.items()
+    }
     layer_norm = nn.LayerNorm()
     ln_vars = layer_norm.init(jax.random.key(0), x)
 
@@ -534,10 +648,14 @@ def eager_pairs() -> dict[str, dict[str, Callable[[], Any]]]:
             "flax": waits(lambda: flax_bn.apply(flax_bn_vars, x, mutable=["batch_stats"])),
         },
         "linen BatchNorm apply": {
-            norm: waits(functools.partial(module.apply, linen_vars[norm], x, mutable=["batch_stats"]))
+            norm: waits(
+                functools.partial(module.apply, linen_vars[norm], x, mutable=["batch_stats"])
+            )
             for norm, module in linen.items()
         },
-        "nnx BatchNorm call": {norm: waits(functools.partial(module, x)) for norm, module in modules.items()},
+        "nnx BatchNorm call": {
+            norm: waits(functools.partial(module, x)) for norm, module in modules.items()
+        },
         "layer_norm vs flax.linen LayerNorm apply": {
             "jaxbn": waits(lambda: jaxbn.layer_norm(x, ln_vars["params"])),
             "flax": waits(lambda: layer_norm.apply(ln_vars, x)),
@@ -572,19 +690,45 @@ def run_eager(calls: int) -> dict[str, Any]:
                     misses[norm][2] += after[0] - before[0]
                     misses[norm][3] += after[1] - before[1]
             results[row] = {
-                norm: {"ms": statistics.median(times[norm]) * 1e3, "ms_min": min(times[norm]) * 1e3,
-                       **dict(zip(("warmup_traces", "warmup_compiles", "traces", "compiles"), misses[norm]))}
+                norm: {
+                    "ms": statistics.median(times[norm]) * 1e3,
+                    "ms_min": min(times[norm]) * 1e3,
+                    **dict(
+                        zip(
+                            ("warmup_traces", "warmup_compiles", "traces", "compiles"), misses[norm]
+                        )
+                    ),
+                }
                 for norm in NORMS
             }
             results[row]["ratio"] = results[row]["jaxbn"]["ms"] / results[row]["flax"]["ms"]
-    rows = [[row, norm, f"{r[norm]['ms']:.3f}", f"{r[norm]['ms_min']:.3f}",
-             f"{r['ratio']:.2f}" if norm == "jaxbn" else "",
-             f"{r[norm]['warmup_traces']} / {r[norm]['warmup_compiles']}",
-             f"{r[norm]['traces']} / {r[norm]['compiles']}"]
-            for row, r in results.items() for norm in NORMS]
-    print_table(f"eager training calls, x {EAGER_SHAPE} float32: ms per call (median and min of {calls}, "
-                "after 1 warm-up); JAX cache misses (traces / XLA compiles)",
-                ["call", "norm", "median", "min", "jaxbn / flax", "warm-up misses", f"misses in {calls} calls"], rows)
+    rows = [
+        [
+            row,
+            norm,
+            f"{r[norm]['ms']:.3f}",
+            f"{r[norm]['ms_min']:.3f}",
+            f"{r['ratio']:.2f}" if norm == "jaxbn" else "",
+            f"{r[norm]['warmup_traces']} / {r[norm]['warmup_compiles']}",
+            f"{r[norm]['traces']} / {r[norm]['compiles']}",
+        ]
+        for row, r in results.items()
+        for norm in NORMS
+    ]
+    print_table(
+        f"eager training calls, x {EAGER_SHAPE} float32: ms per call (median and min of {calls}, "
+        "after 1 warm-up); JAX cache misses (traces / XLA compiles)",
+        [
+            "call",
+            "norm",
+            "median",
+            "min",
+            "jaxbn / flax",
+            "warm-up misses",
+            f"misses in {calls} calls",
+        ],
+        rows,
+    )
     return results
 
 
@@ -597,16 +741,31 @@ def targets(compile_summary: dict, eager: dict) -> list[dict[str, Any]]:
     checks = []
     for family in FAMILIES:
         for metric in ("compile", "lower", "instructions"):
-            checks.append({"measurement": f"{family} train step {metric}", "metric": metric,
-                           "ratio": compile_summary[family]["ratios"][metric]})
+            checks.append(
+                {
+                    "measurement": f"{family} train step {metric}",
+                    "metric": metric,
+                    "ratio": compile_summary[family]["ratios"][metric],
+                }
+            )
     for row, result in eager.items():
         checks.append({"measurement": f"eager {row}", "metric": "eager", "ratio": result["ratio"]})
     for check in checks:
         check["target"] = TARGETS[check["metric"]]
         check["held"] = bool(check["ratio"] <= check["target"])
-    print_table("targets: ratio jaxbn / flax", ["measurement", "ratio", "target", "held"],
-                [[c["measurement"], f"{c['ratio']:.2f}", f"<= {c['target']}", "yes" if c["held"] else "NO"]
-                 for c in checks])
+    print_table(
+        "targets: ratio jaxbn / flax",
+        ["measurement", "ratio", "target", "held"],
+        [
+            [
+                c["measurement"],
+                f"{c['ratio']:.2f}",
+                f"<= {c['target']}",
+                "yes" if c["held"] else "NO",
+            ]
+            for c in checks
+        ],
+    )
     return checks
 
 
@@ -614,14 +773,23 @@ def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
     """Prints a titled markdown table, its columns padded to line up; numbers right-aligned."""
     cells = [[str(cell) for cell in row] for row in [headers, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    right = [i > 0 and all(row[i].lstrip("+-").replace(".", "", 1).isdigit() or not row[i] for row in cells[1:])
-             for i in range(len(headers))]
+    right = [
+        i > 0
+        and all(
+            row[i].lstrip("+-").replace(".", "", 1).isdigit() or not row[i] for row in cells[1:]
+        )
+        for i in range(len(headers))
+    ]
     print(f"\n## {title}\n")
     for index, row in enumerate(cells):
         line = [cell.rjust(w) if r else cell.ljust(w) for cell, w, r in zip(row, widths, right)]
         print("| " + " | ".join(line) + " |")
         if index == 0:
-            print("|" + "|".join("-" * (w + 1) + (":" if r else "-") for w, r in zip(widths, right)) + "|")
+            print(
+                "|"
+                + "|".join("-" * (w + 1) + (":" if r else "-") for w, r in zip(widths, right))
+                + "|"
+            )
 
 
 def _version(distribution: str) -> str:
@@ -650,27 +818,51 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     print("# jaxbn compile-time and eager benchmark")
     print(f"command: {env['command']}")
     print(f"date: {env['date']}")
-    print("versions: " + ", ".join(f"{name} {version}" for name, version in env["versions"].items()))
-    print(f"backend: {env['backend']}, device: {env['device']}, CPUs {env['cpus']} (usable {env['usable_cpus']}), "
-          "load average " + " ".join(f"{load:.2f}" for load in env["load_average"]))
-    print(f"GLIBC_TUNABLES={env['glibc_tunables'] or '(unset)'}, XLA_FLAGS={env['xla_flags'] or '(unset)'}, "
-          f"persistent compilation cache: {env['compilation_cache_dir'] or 'off'}")
+    print(
+        "versions: " + ", ".join(f"{name} {version}" for name, version in env["versions"].items())
+    )
+    print(
+        f"backend: {env['backend']}, device: {env['device']}, CPUs {env['cpus']} (usable {env['usable_cpus']}), "
+        "load average " + " ".join(f"{load:.2f}" for load in env["load_average"])
+    )
+    print(
+        f"GLIBC_TUNABLES={env['glibc_tunables'] or '(unset)'}, XLA_FLAGS={env['xla_flags'] or '(unset)'}, "
+        f"persistent compilation cache: {env['compilation_cache_dir'] or 'off'}"
+    )
     return env
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parses the command line; ``--quick`` fills in small values not given."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--width-divisor", type=int, help="divide the ResNet-50 widths (64..2048) by this "
-                        "(default 1; --quick: 16)")
-    parser.add_argument("--blocks", type=int, nargs=4, metavar=("B1", "B2", "B3", "B4"),
-                        help="bottleneck blocks per stage (default 3 4 6 3: ResNet-50; --quick: 1 1 1 1)")
-    parser.add_argument("--reps", type=int, help="lower+compile repetitions per variant (default 5; --quick: 1)")
-    parser.add_argument("--eager-calls", type=int, help="timed eager calls per implementation "
-                        "(default 100; --quick: 5)")
-    parser.add_argument("--json", type=pathlib.Path, help="also write the results to this JSON file")
-    parser.add_argument("--quick", action="store_true",
-                        help="widths / 16, one block per stage, 1 rep, 5 eager calls: a smoke test")
+    parser.add_argument(
+        "--width-divisor",
+        type=int,
+        help="divide the ResNet-50 widths (64..2048) by this (default 1; --quick: 16)",
+    )
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        nargs=4,
+        metavar=("B1", "B2", "B3", "B4"),
+        help="bottleneck blocks per stage (default 3 4 6 3: ResNet-50; --quick: 1 1 1 1)",
+    )
+    parser.add_argument(
+        "--reps", type=int, help="lower+compile repetitions per variant (default 5; --quick: 1)"
+    )
+    parser.add_argument(
+        "--eager-calls",
+        type=int,
+        help="timed eager calls per implementation (default 100; --quick: 5)",
+    )
+    parser.add_argument(
+        "--json", type=pathlib.Path, help="also write the results to this JSON file"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="widths / 16, one block per stage, 1 rep, 5 eager calls: a smoke test",
+    )
     args = parser.parse_args(argv)
     defaults = {"width_divisor": (1, 16), "reps": (5, 1), "eager_calls": (100, 5)}
     for name, (full, quick) in defaults.items():
@@ -702,22 +894,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = environment(args)
     widths = tuple(max(1, width // args.width_divisor) for width in WIDTHS)
     start = time.perf_counter()
-    models = {(family, norm): BUILDERS[family](norm, widths, args.blocks) for family in FAMILIES for norm in NORMS}
+    models = {
+        (family, norm): BUILDERS[family](norm, widths, args.blocks)
+        for family in FAMILIES
+        for norm in NORMS
+    }
     example = models["linen", "jaxbn"]
-    model = {"widths": widths, "outputs": tuple(w * EXPANSION for w in widths), "blocks": args.blocks,
-             "batch_norms": example.batch_norms, "parameters": example.parameters, "batch": BATCH,
-             "image_size": IMAGE_SIZE, "classes": CLASSES}
-    print(f"model: ResNet-50-shaped, bottleneck blocks {'-'.join(map(str, args.blocks))}, widths "
-          f"{'/'.join(map(str, widths))} (outputs {'/'.join(map(str, model['outputs']))}; width divisor "
-          f"{args.width_divisor}), {example.batch_norms} BatchNorms, {example.parameters} parameters; "
-          f"batch {BATCH}x{IMAGE_SIZE}x{IMAGE_SIZE}x3, {CLASSES} classes; SGD lr {LEARNING_RATE}, "
-          f"BatchNorm momentum {MOMENTUM}, training mode")
-    print(f"compile: {args.reps} reps, each a fresh jax.jit after jax.clear_caches(); "
-          f"eager: {args.eager_calls} calls; the four variants built and initialized in "
-          f"{time.perf_counter() - start:.1f} s\n", flush=True)
+    model = {
+        "widths": widths,
+        "outputs": tuple(w * EXPANSION for w in widths),
+        "blocks": args.blocks,
+        "batch_norms": example.batch_norms,
+        "parameters": example.parameters,
+        "batch": BATCH,
+        "image_size": IMAGE_SIZE,
+        "classes": CLASSES,
+    }
+    print(
+        f"model: ResNet-50-shaped, bottleneck blocks {'-'.join(map(str, args.blocks))}, widths "
+        f"{'/'.join(map(str, widths))} (outputs {'/'.join(map(str, model['outputs']))}; width divisor "
+        f"{args.width_divisor}), {example.batch_norms} BatchNorms, {example.parameters} parameters; "
+        f"batch {BATCH}x{IMAGE_SIZE}x{IMAGE_SIZE}x3, {CLASSES} classes; SGD lr {LEARNING_RATE}, "
+        f"BatchNorm momentum {MOMENTUM}, training mode"
+    )
+    print(
+        f"compile: {args.reps} reps, each a fresh jax.jit after jax.clear_caches(); "
+        f"eager: {args.eager_calls} calls; the four variants built and initialized in "
+        f"{time.perf_counter() - start:.1f} s\n",
+        flush=True,
+    )
     for key, built in models.items():
         if built.batch_norms != example.batch_norms:
-            raise RuntimeError(f"{key} has {built.batch_norms} BatchNorms, linen jaxbn {example.batch_norms}")
+            raise RuntimeError(
+                f"{key} has {built.batch_norms} BatchNorms, linen jaxbn {example.batch_norms}"
+            )
     compile_results, executables = run_compile(models, args.reps)
     for key, built in models.items():
         compile_results[key]["batch_norms"] = built.batch_norms
@@ -725,10 +935,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     del executables
     compile_summary = summarize_compile(compile_results, check, args.reps)
     eager = run_eager(args.eager_calls)
-    results = {"environment": env, "model": model, "compile": compile_summary, "eager": eager,
-               "targets": targets(compile_summary, eager)}
+    results = {
+        "environment": env,
+        "model": model,
+        "compile": compile_summary,
+        "eager": eager,
+        "targets": targets(compile_summary, eager),
+    }
     if not all(check[family]["passed"] for family in FAMILIES):
-        print("loss check FAILED: jaxbn and flax do not compute the same step; the compile costs compare unlike work")
+        print(
+            "loss check FAILED: jaxbn and flax do not compute the same step; the compile costs compare unlike work"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
         print(f"\nwrote {args.json}")
@@ -738,4 +955,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     _reexec_with_huge_pages()
     result = main()
-    sys.exit(0 if all(result["compile"][family]["loss_check"]["passed"] for family in FAMILIES) else 1)
+    sys.exit(
+        0 if all(result["compile"][family]["loss_check"]["passed"] for family in FAMILIES) else 1
+    )

@@ -171,14 +171,20 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation) -> Calla
     """
 
     def loss_fn(params, batch_stats, x, labels):
-        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, mutable=["batch_stats"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, mutable=["batch_stats"]
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), labels
+        ).mean()
         return loss, updates.get("batch_stats", {})
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state, x, labels):
         params, batch_stats, opt_state = state
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x, labels)
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, batch_stats, x, labels
+        )
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
 
@@ -224,13 +230,17 @@ def loss_check(variants: dict[str, Variant], initial: dict[str, Any]) -> dict[st
             variants[name].run()
     losses = {name: [float(loss) for loss in variants[name].losses] for name in ("jaxbn", "flax")}
     rel_diff = max(abs(a - b) / abs(b) for a, b in zip(losses["jaxbn"], losses["flax"]))
-    same = jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), initial["jaxbn"], initial["flax"]))
+    same = jax.tree.all(
+        jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), initial["jaxbn"], initial["flax"])
+    )
     passed = bool(same and rel_diff <= LOSS_RTOL)
     print(f"\n## loss check: jaxbn vs flax, float32, first {CHECK_STEPS} steps, same batch")
     print(f"initial variables identical: {'yes' if same else 'NO'}")
     for name, values in losses.items():
         print(f"{name} losses: " + ", ".join(f"{value:.7f}" for value in values))
-    print(f"worst relative difference {rel_diff:.2e} (limit {LOSS_RTOL:.0e}): {'passed' if passed else 'FAILED'}")
+    print(
+        f"worst relative difference {rel_diff:.2e} (limit {LOSS_RTOL:.0e}): {'passed' if passed else 'FAILED'}"
+    )
     return {**losses, "rel_diff": rel_diff, "same_init": same, "passed": passed}
 
 
@@ -259,7 +269,9 @@ def time_round_robin(variants: dict[str, Variant], reps: int) -> dict[str, np.nd
     return {name: np.array(value) for name, value in seconds.items()}
 
 
-def summarize(times: dict[str, np.ndarray], variants: dict[str, Variant], reps: int) -> dict[str, Any]:
+def summarize(
+    times: dict[str, np.ndarray], variants: dict[str, Variant], reps: int
+) -> dict[str, Any]:
     """Prints the timing table and the overhead ratios; returns them.
 
     Args:
@@ -273,26 +285,42 @@ def summarize(times: dict[str, np.ndarray], variants: dict[str, Variant], reps: 
     """
     median = {name: float(np.median(value)) for name, value in times.items()}
     overhead = {name: median[name] - median["none"] for name in ("jaxbn", "flax")}
-    print(f"\n## train step: ms per step over {reps} interleaved reps; BN overhead = median - none's median; "
-          "paired IQR: quartiles of (step - none's step in the same rep), a noise gauge")
-    print(f"{'norm':<6} {'median':>9} {'min':>9} {'max':>9} {'BN overhead':>12} {'paired IQR':>17} {'last loss':>10}")
+    print(
+        f"\n## train step: ms per step over {reps} interleaved reps; BN overhead = median - none's median; "
+        "paired IQR: quartiles of (step - none's step in the same rep), a noise gauge"
+    )
+    print(
+        f"{'norm':<6} {'median':>9} {'min':>9} {'max':>9} {'BN overhead':>12} {'paired IQR':>17} {'last loss':>10}"
+    )
     for name, value in times.items():
         extra, spread = "-", "-"
         if name in overhead:
             low, high = np.percentile(value - times["none"], [25, 75]) * 1e3
             extra, spread = f"{overhead[name] * 1e3:.3f}", f"{low:.3f}..{high:.3f}"
-        print(f"{name:<6} {median[name] * 1e3:>9.3f} {value.min() * 1e3:>9.3f} {value.max() * 1e3:>9.3f} "
-              f"{extra:>12} {spread:>17} {float(variants[name].losses[-1]):>10.4f}")
+        print(
+            f"{name:<6} {median[name] * 1e3:>9.3f} {value.min() * 1e3:>9.3f} {value.max() * 1e3:>9.3f} "
+            f"{extra:>12} {spread:>17} {float(variants[name].losses[-1]):>10.4f}"
+        )
 
     def ratio(a: float, b: float) -> float | None:
         return a / b if b > 0 else None
 
     overhead_ratio = ratio(overhead["jaxbn"], overhead["flax"])
     step_ratio = ratio(median["jaxbn"], median["flax"])
-    for label, value in [("BN overhead jaxbn / flax (lower is better)", overhead_ratio),
-                         ("step time jaxbn / flax", step_ratio)]:
-        print(f"{label}: " + (f"{value:.3f}" if value is not None else "n/a (flax value not positive)"))
-    return {"median_s": median, "overhead_s": overhead, "overhead_ratio": overhead_ratio, "step_ratio": step_ratio}
+    for label, value in [
+        ("BN overhead jaxbn / flax (lower is better)", overhead_ratio),
+        ("step time jaxbn / flax", step_ratio),
+    ]:
+        print(
+            f"{label}: "
+            + (f"{value:.3f}" if value is not None else "n/a (flax value not positive)")
+        )
+    return {
+        "median_s": median,
+        "overhead_s": overhead,
+        "overhead_ratio": overhead_ratio,
+        "step_ratio": step_ratio,
+    }
 
 
 def print_header(args: argparse.Namespace, variables: dict[str, Any]) -> None:
@@ -309,30 +337,54 @@ def print_header(args: argparse.Namespace, variables: dict[str, Any]) -> None:
     tunables = os.environ.get("GLIBC_TUNABLES")
     print("# jaxbn end-to-end benchmark: ResNet train step")
     print(f"command: {shlex.join(sys.orig_argv)}")
-    print(f"versions: jaxbn {jaxbn.__version__}, jax {jax.__version__}, "
-          f"flax {flax.__version__}, optax {optax.__version__}")
-    print(f"device: {device.platform} {device.device_kind} (x{jax.device_count()}), "
-          f"CPUs {os.cpu_count()} (usable {len(os.sched_getaffinity(0))})")
+    print(
+        f"versions: jaxbn {jaxbn.__version__}, jax {jax.__version__}, "
+        f"flax {flax.__version__}, optax {optax.__version__}"
+    )
+    print(
+        f"device: {device.platform} {device.device_kind} (x{jax.device_count()}), "
+        f"CPUs {os.cpu_count()} (usable {len(os.sched_getaffinity(0))})"
+    )
     print(f"allocator: GLIBC_TUNABLES={tunables if tunables is not None else '(unset)'}")
-    print(f"model: stem conv3x3, {STAGES} stages x {args.blocks} basic blocks, widths {widths}, "
-          f"{bn_layers} BN layers, {params} parameters (jaxbn variant), avg pool, Dense {CLASSES}")
-    print(f"batch {args.batch}, images {args.image_size}x{args.image_size}x3, {args.dtype} activations "
-          f"(float32 params), random labels; SGD lr {LEARNING_RATE} momentum {SGD_MOMENTUM}; "
-          f"{WARMUP_STEPS} warm-up steps, {args.reps} interleaved reps")
+    print(
+        f"model: stem conv3x3, {STAGES} stages x {args.blocks} basic blocks, widths {widths}, "
+        f"{bn_layers} BN layers, {params} parameters (jaxbn variant), avg pool, Dense {CLASSES}"
+    )
+    print(
+        f"batch {args.batch}, images {args.image_size}x{args.image_size}x3, {args.dtype} activations "
+        f"(float32 params), random labels; SGD lr {LEARNING_RATE} momentum {SGD_MOMENTUM}; "
+        f"{WARMUP_STEPS} warm-up steps, {args.reps} interleaved reps"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parses the command line; ``--quick`` fills in tiny sizes not given."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, help="batch size (default 32; --quick: 4)")
-    parser.add_argument("--image-size", type=int, help="image height and width (default 32; --quick: 8)")
-    parser.add_argument("--width", type=int, help="channels of the first stage (default 16; --quick: 4)")
+    parser.add_argument(
+        "--image-size", type=int, help="image height and width (default 32; --quick: 8)"
+    )
+    parser.add_argument(
+        "--width", type=int, help="channels of the first stage (default 16; --quick: 4)"
+    )
     parser.add_argument("--blocks", type=int, help="basic blocks per stage (default 2; --quick: 1)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="activations and compute")
-    parser.add_argument("--reps", type=int, help="timed repetitions per variant (default 20; --quick: 3)")
-    parser.add_argument("--quick", action="store_true", help="tiny model and batch, 3 reps: a smoke test")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="float32", help="activations and compute"
+    )
+    parser.add_argument(
+        "--reps", type=int, help="timed repetitions per variant (default 20; --quick: 3)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny model and batch, 3 reps: a smoke test"
+    )
     args = parser.parse_args(argv)
-    defaults = {"batch": (32, 4), "image_size": (32, 8), "width": (16, 4), "blocks": (2, 1), "reps": (20, 3)}
+    defaults = {
+        "batch": (32, 4),
+        "image_size": (32, 8),
+        "width": (16, 4),
+        "blocks": (2, 1),
+        "reps": (20, 3),
+    }
     for name, (full, quick) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
@@ -356,17 +408,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     built = {norm: build(norm, args.dtype, args) for norm in NORMS}
     variants = {norm: variant for norm, (variant, _) in built.items()}
     print_header(args, built["jaxbn"][1])
-    if args.dtype != "float32":  # the check runs float32 copies; in float32 it is part of the warm-up
+    if (
+        args.dtype != "float32"
+    ):  # the check runs float32 copies; in float32 it is part of the warm-up
         built = {norm: build(norm, "float32", args) for norm in ("jaxbn", "flax")}
-    check = loss_check({norm: built[norm][0] for norm in ("jaxbn", "flax")},
-                       {norm: built[norm][1] for norm in ("jaxbn", "flax")})
+    check = loss_check(
+        {norm: built[norm][0] for norm in ("jaxbn", "flax")},
+        {norm: built[norm][1] for norm in ("jaxbn", "flax")},
+    )
     for variant in variants.values():
         while len(variant.losses) < WARMUP_STEPS:
             variant.run()
     times = time_round_robin(variants, args.reps)
     result = summarize(times, variants, args.reps)
     if not check["passed"]:
-        print("loss check FAILED: the variants do not compute the same thing; the timings compare unlike work")
+        print(
+            "loss check FAILED: the variants do not compute the same thing; the timings compare unlike work"
+        )
     return {**result, "loss_check": check}
 
 

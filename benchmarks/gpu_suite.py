@@ -53,11 +53,35 @@ import time
 from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
-COMMAND_BUFFER_FLAG = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"
+COMMAND_BUFFER_FLAG = (
+    "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"
+)
 
 E2E_MODELS = {
-    "resnet20": ["--batch", "128", "--width", "16", "--blocks", "3", "--image-size", "32", "--dtype", "bfloat16"],
-    "resnet_large": ["--batch", "128", "--width", "64", "--blocks", "2", "--image-size", "112", "--dtype", "bfloat16"],
+    "resnet20": [
+        "--batch",
+        "128",
+        "--width",
+        "16",
+        "--blocks",
+        "3",
+        "--image-size",
+        "32",
+        "--dtype",
+        "bfloat16",
+    ],
+    "resnet_large": [
+        "--batch",
+        "128",
+        "--width",
+        "64",
+        "--blocks",
+        "2",
+        "--image-size",
+        "112",
+        "--dtype",
+        "bfloat16",
+    ],
 }
 MICRO = [  # (shape, dtype)
     ((256, 56, 56, 64), "bfloat16"),
@@ -76,11 +100,20 @@ def _plan(smoke: bool) -> dict[str, dict[str, Any]]:
         "default": {"env": {}, "micro": micro, "e2e": e2e},
         # the replaced statistics design, swapped in by its process (smoke: the install's path through the
         # micro benchmark; the e2e code is the default group's)
-        "reshift_loop": {"env": {}, "install": "_reshift_loop", "micro": micro, "micro_libs": ["jaxbn", "copy"],
-                         "e2e": {} if smoke else e2e},
+        "reshift_loop": {
+            "env": {},
+            "install": "_reshift_loop",
+            "micro": micro,
+            "micro_libs": ["jaxbn", "copy"],
+            "e2e": {} if smoke else e2e,
+        },
     }
     if not smoke:
-        groups["command_buffers"] = {"env": {"XLA_FLAGS": COMMAND_BUFFER_FLAG}, "micro": [], "e2e": e2e}
+        groups["command_buffers"] = {
+            "env": {"XLA_FLAGS": COMMAND_BUFFER_FLAG},
+            "micro": [],
+            "e2e": e2e,
+        }
     return groups
 
 
@@ -97,8 +130,11 @@ def _environment() -> dict[str, Any]:
             versions[name] = None
     smi = None
     if shutil.which("nvidia-smi"):
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv"],
-                             capture_output=True, text=True).stdout.strip()
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
     return {
         "python": platform.python_version(),
         "versions": versions,
@@ -128,18 +164,35 @@ def _captured(function, *args) -> tuple[Any, str]:
 
 def run_group(name: str, group: dict[str, Any], smoke: bool) -> dict[str, Any]:
     """Runs one group in this process (its environment already set); returns its results."""
-    if group.get("install"):  # before anything is traced: jaxbn.stats takes its statistics the installed way
+    if group.get(
+        "install"
+    ):  # before anything is traced: jaxbn.stats takes its statistics the installed way
         _load(group["install"]).install()
     from jaxbn import stats
 
     statistics = f"{stats._statistics.__module__}.{stats._statistics.__name__}"
-    result: dict[str, Any] = {"environment": _environment(), "statistics": statistics, "micro": [], "e2e": {}}
+    result: dict[str, Any] = {
+        "environment": _environment(),
+        "statistics": statistics,
+        "micro": [],
+        "e2e": {},
+    }
     if group["micro"]:
         bench = _load("bench")
         libs = ["jaxbn", "copy"] if smoke else group.get("micro_libs", MICRO_LIBS)
         for shape, dtype in group["micro"]:
-            argv = ["--shape", *map(str, shape), "--reps", "3" if smoke else "20", "--dtypes", dtype,
-                    "--layouts", "NHWC", "--libs", *libs]
+            argv = [
+                "--shape",
+                *map(str, shape),
+                "--reps",
+                "3" if smoke else "20",
+                "--dtypes",
+                dtype,
+                "--layouts",
+                "NHWC",
+                "--libs",
+                *libs,
+            ]
             args = bench.parse_args(argv)
             names = [n for n, (library, _) in bench.IMPLEMENTATIONS.items() if library in args.libs]
 
@@ -168,39 +221,73 @@ def run_group(name: str, group: dict[str, Any], smoke: bool) -> dict[str, Any]:
 def _markdown(results: dict[str, Any], smoke: bool) -> str:
     lines = [f"# jaxbn GPU suite{' (smoke, CPU)' if smoke else ''}", ""]
     env = next((g["environment"] for g in results.values() if "environment" in g), {})
-    lines += [f"- devices: {', '.join(env.get('devices', []))}", f"- backend: {env.get('backend')}",
-              f"- versions: {env.get('versions')}", f"- python: {env.get('python')}",
-              f"- nvidia-smi: {env.get('nvidia_smi')}", ""]
-    lines += ["## End-to-end train steps (ms per step, median)", "",
-              "| group | model | jaxbn | flax | none | jaxbn / flax | BN overhead jaxbn / flax |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        f"- devices: {', '.join(env.get('devices', []))}",
+        f"- backend: {env.get('backend')}",
+        f"- versions: {env.get('versions')}",
+        f"- python: {env.get('python')}",
+        f"- nvidia-smi: {env.get('nvidia_smi')}",
+        "",
+    ]
+    lines += [
+        "## End-to-end train steps (ms per step, median)",
+        "",
+        "| group | model | jaxbn | flax | none | jaxbn / flax | BN overhead jaxbn / flax |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for group, result in results.items():
         if "error" in result:
             lines.append(f"| {group} | error: {result['error']} | | | | | |")
             continue
         for model, row in result["e2e"].items():
-            cells = [*(row["median_ms"][norm] for norm in ("jaxbn", "flax", "none")),
-                     row["step_ratio"], row["overhead_ratio"]]  # a ratio is None where flax's value is not positive
-            lines.append(f"| {group} | {model} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in cells) + " |")
-    lines += ["", "`default`: jaxbn as shipped (two-pass statistics, no data-dependent control flow); "
-              "`reshift_loop`: the replaced design (sums around the running mean, a `while` re-shift loop per "
-              "layer; benchmarks/_reshift_loop.py); `command_buffers`: the default with XLA asked to capture "
-              f"while/conditional ops in command buffers (`{COMMAND_BUFFER_FLAG}`).", ""]
-    lines += [f"- statistics of `{group}`: `{result['statistics']}`" for group, result in results.items()
-              if "statistics" in result]
+            cells = [
+                *(row["median_ms"][norm] for norm in ("jaxbn", "flax", "none")),
+                row["step_ratio"],
+                row["overhead_ratio"],
+            ]  # a ratio is None where flax's value is not positive
+            lines.append(
+                f"| {group} | {model} | "
+                + " | ".join("n/a" if v is None else f"{v:.3f}" for v in cells)
+                + " |"
+            )
+    lines += [
+        "",
+        "`default`: jaxbn as shipped (two-pass statistics, no data-dependent control flow); "
+        "`reshift_loop`: the replaced design (sums around the running mean, a `while` re-shift loop per "
+        "layer; benchmarks/_reshift_loop.py); `command_buffers`: the default with XLA asked to capture "
+        f"while/conditional ops in command buffers (`{COMMAND_BUFFER_FLAG}`).",
+        "",
+    ]
+    lines += [
+        f"- statistics of `{group}`: `{result['statistics']}`"
+        for group, result in results.items()
+        if "statistics" in result
+    ]
     lines += [""]
     for group, result in results.items():
         for micro in result.get("micro", []):
-            lines += [f"## Micro: {micro['dtype']} {tuple(micro['shape'])} NHWC ({group})", "", "```",
-                      micro["output"].rstrip(), "```", ""]
+            lines += [
+                f"## Micro: {micro['dtype']} {tuple(micro['shape'])} NHWC ({group})",
+                "",
+                "```",
+                micro["output"].rstrip(),
+                "```",
+                "",
+            ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", type=pathlib.Path, help="where gpu_suite.md and gpu_suite.json go")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, few repetitions (CPU, CI)")
-    parser.add_argument("--group", help=argparse.SUPPRESS)  # internal: run one group in this process
+    parser.add_argument(
+        "out_dir", type=pathlib.Path, help="where gpu_suite.md and gpu_suite.json go"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shapes, few repetitions (CPU, CI)"
+    )
+    parser.add_argument(
+        "--group", help=argparse.SUPPRESS
+    )  # internal: run one group in this process
     args = parser.parse_args(argv)
     plan = _plan(args.smoke)
     if args.group:
@@ -211,7 +298,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         env = dict(os.environ, **group["env"])
         if "XLA_FLAGS" in group["env"] and os.environ.get("XLA_FLAGS"):
             env["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} {group['env']['XLA_FLAGS']}"
-        command = [sys.executable, str(pathlib.Path(__file__).resolve()), str(args.out_dir), "--group", name]
+        command = [
+            sys.executable,
+            str(pathlib.Path(__file__).resolve()),
+            str(args.out_dir),
+            "--group",
+            name,
+        ]
         command += ["--smoke"] if args.smoke else []
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         marked = [line for line in done.stdout.splitlines() if line.startswith("GPU_SUITE_RESULT ")]

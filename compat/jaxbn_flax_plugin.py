@@ -147,7 +147,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="swap",
         help="swap: replace flax's normalization classes with jaxbn's (default); flax: baseline, no swap",
     )
-    group.addoption("--jaxbn-report", default=None, help="write per-test results as JSON to this path")
+    group.addoption(
+        "--jaxbn-report", default=None, help="write per-test results as JSON to this path"
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -163,8 +165,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
     swap = config.getoption("--jaxbn-mode") == "swap"
     for name in NAMES:
-        pairs = ((getattr(linen_norm, name), getattr(jaxbn.linen, name), True),
-                 (getattr(nnx_norm, name), getattr(jaxbn.nnx, name), False))
+        pairs = (
+            (getattr(linen_norm, name), getattr(jaxbn.linen, name), True),
+            (getattr(nnx_norm, name), getattr(jaxbn.nnx, name), False),
+        )
         for original, replacement, linen in pairs:
             if swap:
                 _record_constructions(replacement, "constructed", linen=linen)
@@ -176,7 +180,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if swap:
         _swap_references()
         # The swap is the point of the run: fail loudly if it did not take.
-        assert flax.linen.BatchNorm is jaxbn.linen.BatchNorm and flax.nnx.BatchNorm is jaxbn.nnx.BatchNorm
+        assert (
+            flax.linen.BatchNorm is jaxbn.linen.BatchNorm
+            and flax.nnx.BatchNorm is jaxbn.nnx.BatchNorm
+        )
         # flax's settings turn every warning into an error; jaxbn's one deliberate warning
         # (a batch or instance with one value per feature, where flax is silent) is a
         # documented difference, not a failure.
@@ -265,32 +272,51 @@ class _Collector:
                     test[kind] = sorted(set(test[kind]) | set(value[kind]))
         if report.failed:
             test["outcome"] = "failed"
-            test["failures"].append({
-                "when": report.when,
-                "error": _crash_line(report),
-                "frames": _frames(report),
-                "longrepr": report.longreprtext,
-            })
+            test["failures"].append(
+                {
+                    "when": report.when,
+                    "error": _crash_line(report),
+                    "frames": _frames(report),
+                    "longrepr": report.longreprtext,
+                }
+            )
         elif report.skipped and test["outcome"] == "passed":
             test["outcome"] = "skipped"
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
         if report.failed:  # a test file that does not import: reported, never silently dropped
             self.tests[report.nodeid or "<collection>"] = {
-                "outcome": "collection-error", "constructed": [], "unswapped": [],
-                "failures": [{"when": "collect", "error": _crash_line(report), "frames": [],
-                              "longrepr": report.longreprtext}],
+                "outcome": "collection-error",
+                "constructed": [],
+                "unswapped": [],
+                "failures": [
+                    {
+                        "when": "collect",
+                        "error": _crash_line(report),
+                        "frames": [],
+                        "longrepr": report.longreprtext,
+                    }
+                ],
             }
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         norm = {k: v for k, v in self.tests.items() if v["constructed"]}
-        counts = {o: sum(v["outcome"] == o for v in norm.values()) for o in ("passed", "failed", "skipped")}
+        counts = {
+            o: sum(v["outcome"] == o for v in norm.values())
+            for o in ("passed", "failed", "skipped")
+        }
         terminalreporter.write_sep(
-            "=", f"jaxbn ({self.config.getoption('--jaxbn-mode')}): {len(norm)} normalization tests, "
-                 + ", ".join(f"{n} {o}" for o, n in counts.items()))
+            "=",
+            f"jaxbn ({self.config.getoption('--jaxbn-mode')}): {len(norm)} normalization tests, "
+            + ", ".join(f"{n} {o}" for o, n in counts.items()),
+        )
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         path = self.config.getoption("--jaxbn-report")
         if path:
             with open(path, "w") as f:
-                json.dump({"mode": self.config.getoption("--jaxbn-mode"), "tests": self.tests}, f, indent=1)
+                json.dump(
+                    {"mode": self.config.getoption("--jaxbn-mode"), "tests": self.tests},
+                    f,
+                    indent=1,
+                )

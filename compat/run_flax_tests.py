@@ -58,24 +58,27 @@ TEST_FILES = (
 )
 # Examples' tests, one pytest session per example as flax's CI runs them (their
 # module names collide, and imagenet's test changes a global jax option at import).
-EXAMPLE_FILES = (
-    "examples/gemma/helpers_test.py",
-    "examples/imagenet/models_test.py",
-)
+EXAMPLE_FILES = ("examples/gemma/helpers_test.py", "examples/imagenet/models_test.py")
 # Tests jaxbn fails on purpose, each with the reason. They still run and are
 # reported; they do not make the exit status non-zero.
-_WORDING = "asserts flax's exact error message; jaxbn raises the same ValueError with its own wording"
-_ACCURACY = ("its expected values are a float32 formula less accurate than jaxbn (against float64 on the "
-             "same input: jaxbn's error {ours}, the reference's {theirs}, the tolerance {tol})")
+_WORDING = (
+    "asserts flax's exact error message; jaxbn raises the same ValueError with its own wording"
+)
+_ACCURACY = (
+    "its expected values are a float32 formula less accurate than jaxbn (against float64 on the "
+    "same input: jaxbn's error {ours}, the reference's {theirs}, the tolerance {tol})"
+)
 EXCLUDED = {
     "tests/linen/linen_test.py::NormalizationTest::test_instance_norm_raise_error0": _WORDING,
     "tests/linen/linen_test.py::NormalizationTest::test_instance_norm_raise_error1": _WORDING,
     "tests/linen/linen_test.py::NormalizationTest::test_instance_norm_raise_error2": _WORDING,
     "tests/linen/linen_test.py::NormalizationTest::test_instance_norm_raise_error3": _WORDING,
     "tests/linen/linen_test.py::NormalizationTest::test_layer_norm4": _ACCURACY.format(
-        ours="1.2e-7", theirs="3.7e-2", tol="1e-3"),
+        ours="1.2e-7", theirs="3.7e-2", tol="1e-3"
+    ),
     "tests/linen/linen_test.py::NormalizationTest::test_instance_norm3": _ACCURACY.format(
-        ours="3.5e-7", theirs="1.0e-3", tol="1e-6"),
+        ours="3.5e-7", theirs="1.0e-3", tol="1e-6"
+    ),
 }
 # flax's CI runs tests/ with 4 host devices (tests/run_all_tests.sh).
 XLA_FLAGS = "--xla_force_host_platform_device_count=4"
@@ -88,8 +91,19 @@ def flax_sources(version: str) -> Path:
         return root
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             f"flax=={version}", "-d", tmp],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"flax=={version}",
+                "-d",
+                tmp,
+            ],
             check=True,
         )
         (sdist,) = Path(tmp).glob("flax-*.tar.gz")
@@ -97,11 +111,17 @@ def flax_sources(version: str) -> Path:
         with tarfile.open(sdist) as tar:
             top = f"flax-{version}/"
             # Only what the tests need: not flax/ itself, so `import flax` stays the installed one.
-            members = [m for m in tar.getmembers()
-                       if m.name.startswith((top + "tests/", top + "examples/")) or m.name == top + "pyproject.toml"]
+            members = [
+                m
+                for m in tar.getmembers()
+                if m.name.startswith((top + "tests/", top + "examples/"))
+                or m.name == top + "pyproject.toml"
+            ]
             tar.extractall(staging, members=members, filter="data")
         if not (staging / top / "tests").is_dir():
-            sys.exit(f"the flax {version} sdist has no tests/; pass --flax-tests with a flax checkout")
+            sys.exit(
+                f"the flax {version} sdist has no tests/; pass --flax-tests with a flax checkout"
+            )
         root.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(staging / top, root)
     return root
@@ -116,18 +136,32 @@ def run_session(root: Path, files: list[str], mode: str, workers: int, extra: li
     if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip()
     command = [
-        sys.executable, "-m", "pytest",
-        "-p", "jaxbn_flax_plugin", f"--jaxbn-mode={mode}", f"--jaxbn-report={report}",
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "jaxbn_flax_plugin",
+        f"--jaxbn-mode={mode}",
+        f"--jaxbn-report={report}",
         # flax's own pytest settings (filterwarnings=error among them), nothing of jaxbn's
-        "-c", str(root / "pyproject.toml"), "--rootdir", str(root),
-        "-p", "no:cacheprovider", "-q", "--tb=short",
+        "-c",
+        str(root / "pyproject.toml"),
+        "--rootdir",
+        str(root),
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "--tb=short",
         *(["-n", str(workers)] if workers > 1 else []),
-        *extra, *(str(root / f) for f in files),
+        *extra,
+        *(str(root / f) for f in files),
     ]
     print("$", " ".join(command), flush=True)
     # Run from tests/, not the tree's root: the working directory goes on
     # sys.path, and a flax checkout's flax/ there would shadow the installed flax.
-    subprocess.run(command, cwd=root / "tests", env=env)  # a failing test is a result, not an error here
+    subprocess.run(
+        command, cwd=root / "tests", env=env
+    )  # a failing test is a result, not an error here
     try:
         return json.loads(report.read_text())["tests"] if report.stat().st_size else {}
     finally:
@@ -138,7 +172,9 @@ def summarize(tests: dict, mode: str) -> bool:
     """Print the counts and each failure; True when every normalization test passed."""
     norm = {nodeid: t for nodeid, t in tests.items() if t["constructed"]}
     outcomes = [t["outcome"] for t in norm.values()]
-    print(f"\n=== flax's tests with {'jaxbn' if mode == 'swap' else 'flax'}'s normalization classes ===")
+    print(
+        f"\n=== flax's tests with {'jaxbn' if mode == 'swap' else 'flax'}'s normalization classes ==="
+    )
     print(f"normalization tests: {len(norm)}")
     for outcome in ("passed", "failed", "skipped"):
         print(f"  {outcome}: {outcomes.count(outcome)}")
@@ -161,7 +197,9 @@ def summarize(tests: dict, mode: str) -> bool:
         print(f"COLLECTION ERROR {nodeid}: {tests[nodeid]['failures'][0]['error']}")
     # Tests that construct no normalization class are not counted, but one of
     # them failing means a failure leaked state into the rest of its process.
-    others = sorted(nodeid for nodeid, t in tests.items() if not t["constructed"] and t["outcome"] == "failed")
+    others = sorted(
+        nodeid for nodeid, t in tests.items() if not t["constructed"] and t["outcome"] == "failed"
+    )
     for nodeid in others:
         print(f"OTHER FAILED {nodeid}: {tests[nodeid]['failures'][0]['error']}")
     unswapped = sorted(nodeid for nodeid, t in tests.items() if t["unswapped"])
@@ -172,10 +210,16 @@ def summarize(tests: dict, mode: str) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--flax-tests", type=Path, help="flax source tree with tests/ (default: the PyPI sdist)")
+    parser.add_argument(
+        "--flax-tests", type=Path, help="flax source tree with tests/ (default: the PyPI sdist)"
+    )
     parser.add_argument("--no-swap", action="store_true", help="baseline: keep flax's own classes")
-    parser.add_argument("-n", "--workers", type=int, default=2, help="pytest-xdist workers (1: serial)")
-    parser.add_argument("--all", action="store_true", help="run all of flax's tests/, not only the listed files")
+    parser.add_argument(
+        "-n", "--workers", type=int, default=2, help="pytest-xdist workers (1: serial)"
+    )
+    parser.add_argument(
+        "--all", action="store_true", help="run all of flax's tests/, not only the listed files"
+    )
     parser.add_argument("--no-examples", action="store_true", help="skip the examples' tests")
     parser.add_argument("--json", type=Path, help="also write the per-test results here")
     parser.add_argument("pytest_args", nargs="*", help="after --: passed to pytest")
@@ -190,7 +234,9 @@ def main() -> int:
         print("pytest-xdist is not installed: running serially")
         workers = 1
 
-    tests = run_session(root, ["tests"] if args.all else list(TEST_FILES), mode, workers, args.pytest_args)
+    tests = run_session(
+        root, ["tests"] if args.all else list(TEST_FILES), mode, workers, args.pytest_args
+    )
     if not args.no_examples:
         for example in EXAMPLE_FILES:
             if (root / example).exists():

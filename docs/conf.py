@@ -17,7 +17,7 @@ import sys
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)  # the jaxbn of this checkout, installed or not
 
-import jaxbn
+import jaxbn  # noqa: E402  (after the path insertion above)
 
 project = "jaxbn"
 author = "the jaxbn authors"
@@ -25,11 +25,7 @@ copyright = "the jaxbn authors"
 release = jaxbn.__version__
 version = release
 
-extensions = [
-    "myst_parser",
-    "sphinx.ext.autodoc",
-    "sphinx.ext.napoleon",
-]
+extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon"]
 
 source_suffix = {".md": "markdown"}
 root_doc = "docs/index"

@@ -52,8 +52,19 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (batch_indices, check_args, differs, example_parser, load_digits,  # noqa: E402
-                    markdown_table, mean_and_spread, progress, pyplot, save_figure, write_report)
+from common import (  # noqa: E402
+    batch_indices,
+    check_args,
+    differs,
+    example_parser,
+    load_digits,
+    markdown_table,
+    mean_and_spread,
+    progress,
+    pyplot,
+    save_figure,
+    write_report,
+)
 
 NAME = "activations"
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
@@ -82,7 +93,9 @@ def make_model(placement: str):
         @nn.compact
         def __call__(self, x, activation, train: bool):
             for layer in range(LAYERS):
-                x = nn.Dense(WIDTH, name=f"dense_{layer}")(x)  # the same names: the same initial weights
+                x = nn.Dense(WIDTH, name=f"dense_{layer}")(
+                    x
+                )  # the same names: the same initial weights
                 if placement == "BN before":
                     x = bn.BatchNorm(use_running_average=not train, momentum=MOMENTUM)(x)
                 preactivation = x
@@ -100,8 +113,12 @@ def initial_variables(seeds: int, n_inputs: int) -> dict[str, Any]:
     import jax.numpy as jnp
 
     x = jnp.zeros((2, n_inputs), jnp.float32)
-    init_all = jax.vmap(lambda key: {placement: make_model(placement).init(key, x, 0, train=False)
-                                     for placement in PLACEMENTS})
+    init_all = jax.vmap(
+        lambda key: {
+            placement: make_model(placement).init(key, x, 0, train=False)
+            for placement in PLACEMENTS
+        }
+    )
     return jax.jit(init_all)(jax.random.split(jax.random.key(0), seeds))
 
 
@@ -132,20 +149,32 @@ def train(placement: str, variables, orders: np.ndarray, lr: float, data) -> dic
         """The probe's pre-activations with its own batch statistics (nothing updated) and the test accuracy with
         the running ones."""
         variables = {"params": params, "batch_stats": state}
-        (_, probe), _ = model.apply(variables, x_test, activation, train=True, mutable=["batch_stats"])
+        (_, probe), _ = model.apply(
+            variables, x_test, activation, train=True, mutable=["batch_stats"]
+        )
         logits, _ = model.apply(variables, x_test, activation, train=False)
-        return {"percentiles": jnp.percentile(probe[:, UNIT], jnp.array(PERCENTILES)),
-                "mean": probe.mean(0), "std": probe.std(0),
-                "test_accuracy": jnp.mean(jnp.argmax(logits, -1) == y_test)}
+        return {
+            "percentiles": jnp.percentile(probe[:, UNIT], jnp.array(PERCENTILES)),
+            "mean": probe.mean(0),
+            "std": probe.std(0),
+            "test_accuracy": jnp.mean(jnp.argmax(logits, -1) == y_test),
+        }
 
     def run(activation, variables, order):
         def step(carry, index):
             params, state, opt_state = carry
 
             def loss_fn(params):
-                (logits, _), updates = model.apply({"params": params, "batch_stats": state}, x_train[index],
-                                                   activation, train=True, mutable=["batch_stats"])
-                loss = optax.softmax_cross_entropy_with_integer_labels(logits, y_train[index]).mean()
+                (logits, _), updates = model.apply(
+                    {"params": params, "batch_stats": state},
+                    x_train[index],
+                    activation,
+                    train=True,
+                    mutable=["batch_stats"],
+                )
+                loss = optax.softmax_cross_entropy_with_integer_labels(
+                    logits, y_train[index]
+                ).mean()
                 return loss, updates.get("batch_stats", {})
 
             (_, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -180,12 +209,20 @@ def drift(mean: np.ndarray, std: np.ndarray, start: int = 0) -> tuple[np.ndarray
 def plot_percentiles(results: dict, steps: np.ndarray, out) -> Any:
     """Percentile bands of unit :data:`UNIT`'s pre-activation over training, seed 0: activation x placement."""
     plt = pyplot()
-    figure, grid = plt.subplots(len(ACTIVATIONS), len(PLACEMENTS), figsize=(12, 8.5), sharex=True, sharey="row")
+    figure, grid = plt.subplots(
+        len(ACTIVATIONS), len(PLACEMENTS), figsize=(12, 8.5), sharex=True, sharey="row"
+    )
     for row, activation in enumerate(ACTIVATIONS):
         for column, placement in enumerate(PLACEMENTS):
             axes = grid[row, column]
             low, median, high = results[placement]["percentiles"][row, 0].T
-            axes.fill_between(steps, low, high, alpha=0.3, label=f"{PERCENTILES[0]}th-{PERCENTILES[2]}th percentile")
+            axes.fill_between(
+                steps,
+                low,
+                high,
+                alpha=0.3,
+                label=f"{PERCENTILES[0]}th-{PERCENTILES[2]}th percentile",
+            )
             axes.plot(steps, median, label="median")
             axes.set_title(f"{activation}, {placement}")
             axes.grid(alpha=0.3)
@@ -194,7 +231,9 @@ def plot_percentiles(results: dict, steps: np.ndarray, out) -> Any:
             if column == 0:
                 axes.set_ylabel(f"unit {UNIT}'s input to {activation}")
     grid[0, 0].legend(loc="best", fontsize="small")
-    figure.suptitle("Pre-activation of one unit of the last hidden layer on a fixed probe batch (seed 0)")
+    figure.suptitle(
+        "Pre-activation of one unit of the last hidden layer on a fixed probe batch (seed 0)"
+    )
     figure.tight_layout()
     return save_figure(figure, out, f"{NAME}_percentiles.png")
 
@@ -208,7 +247,9 @@ def plot_training(results: dict, steps: np.ndarray, n_test: int, out) -> Any:
             run = results[placement]
             error = np.maximum(1 - run["test_accuracy"][column].mean(0), 1 / n_test)
             grid[0, column].plot(steps, error, label=placement)
-            shift = np.abs(np.diff(run["mean"][column], axis=1)) / np.maximum(run["std"][column][:, :-1], 1e-6)
+            shift = np.abs(np.diff(run["mean"][column], axis=1)) / np.maximum(
+                run["std"][column][:, :-1], 1e-6
+            )
             grid[1, column].plot(steps[1:], shift.mean((0, 2)), label=placement)
         grid[0, column].set_title(f"{activation}: test error (running averages)")
         grid[0, column].set_yscale("log")
@@ -227,6 +268,7 @@ def plot_training(results: dict, steps: np.ndarray, n_test: int, out) -> Any:
 def findings(rows: dict, n_test: int) -> str:
     """'What this shows', worded from the measured numbers; ``rows[(activation, placement)]`` holds per-seed
     arrays."""
+
     def mean(activation, placement, key):
         return float(np.mean(rows[activation, placement][key]))
 
@@ -235,43 +277,76 @@ def findings(rows: dict, n_test: int) -> str:
 
     lines = []
     for activation in ACTIVATIONS:
-        numbers = {key: ", ".join(f"{mean(activation, p, key):.3f}" for p in PLACEMENTS)
-                   for key in ("shift", "late_shift", "scale", "test_accuracy")}
-        lines.append(f"- {activation} (none, BN before, BN after): a unit's probe mean moves {numbers['shift']} std "
-                     f"per checkpoint interval ({numbers['late_shift']} over the second half), its log std "
-                     f"{numbers['scale']}; test accuracy {numbers['test_accuracy']}.")
+        numbers = {
+            key: ", ".join(f"{mean(activation, p, key):.3f}" for p in PLACEMENTS)
+            for key in ("shift", "late_shift", "scale", "test_accuracy")
+        }
+        lines.append(
+            f"- {activation} (none, BN before, BN after): a unit's probe mean moves {numbers['shift']} std "
+            f"per checkpoint interval ({numbers['late_shift']} over the second half), its log std "
+            f"{numbers['scale']}; test accuracy {numbers['test_accuracy']}."
+        )
     steadier = [a for a in ACTIVATIONS if mean(a, "BN before", "shift") < mean(a, "none", "shift")]
-    late = [a for a in ACTIVATIONS if mean(a, "BN before", "late_shift") < mean(a, "none", "late_shift")]
-    ratio = min(mean(a, "none", "shift") / max(mean(a, "BN before", "shift"), 1e-12) for a in ACTIVATIONS)
+    late = [
+        a for a in ACTIVATIONS if mean(a, "BN before", "late_shift") < mean(a, "none", "late_shift")
+    ]
+    ratio = min(
+        mean(a, "none", "shift") / max(mean(a, "BN before", "shift"), 1e-12) for a in ACTIVATIONS
+    )
     lines.append(
         f"\nThe claim that batch norm before the activation steadies the pre-activations holds over the whole run "
         f"for {listed(steadier)} (the mean drifts at least {ratio:.0f} times less with it), and over the second "
         f"half for {listed(late)}. Part of this holds by construction: with batch norm before the activation, the "
         "probe's mean and std are the learned bias and scale (the probe is normalized with its own statistics), "
-        "so only their learning moves them; the percentile bands show the rest of the distribution.")
+        "so only their learning moves them; the percentile bands show the rest of the distribution."
+    )
     after_scale = np.mean([mean(a, "BN after", "scale") for a in ACTIVATIONS])
     before_scale = np.mean([mean(a, "BN before", "scale") for a in ACTIVATIONS])
     none_scale = np.mean([mean(a, "none", "scale") for a in ACTIVATIONS])
-    lines.append(f"With batch norm after the activation (the next Dense sees normalized inputs), the log std of the "
-                 f"pre-activations changes by {after_scale:.3f} per interval on average over the activations: "
-                 f"{after_scale / max(before_scale, 1e-12):.1f} times as much as with batch norm before, "
-                 f"{after_scale / max(none_scale, 1e-12):.2f} times as much as without.")
+    lines.append(
+        f"With batch norm after the activation (the next Dense sees normalized inputs), the log std of the "
+        f"pre-activations changes by {after_scale:.3f} per interval on average over the activations: "
+        f"{after_scale / max(before_scale, 1e-12):.1f} times as much as with batch norm before, "
+        f"{after_scale / max(none_scale, 1e-12):.2f} times as much as without."
+    )
     resolution = 1 / n_test
-    helped = [a for a in ACTIVATIONS if mean(a, "BN before", "test_accuracy") > mean(a, "none", "test_accuracy")
-              and differs(rows[a, "BN before"]["test_accuracy"], rows[a, "none"]["test_accuracy"], resolution)]
-    lines.append(f"Batch norm before the activation raises the test accuracy beyond the seed spread for "
-                 f"{listed(helped)}.")
-    placement = [f"{a} {mean(a, 'BN before', 'test_accuracy') - mean(a, 'BN after', 'test_accuracy'):+.3f}"
-                 for a in ACTIVATIONS]
-    matters = [a for a in ACTIVATIONS
-               if differs(rows[a, "BN before"]["test_accuracy"], rows[a, "BN after"]["test_accuracy"], resolution)]
+    helped = [
+        a
+        for a in ACTIVATIONS
+        if mean(a, "BN before", "test_accuracy") > mean(a, "none", "test_accuracy")
+        and differs(
+            rows[a, "BN before"]["test_accuracy"], rows[a, "none"]["test_accuracy"], resolution
+        )
+    ]
+    lines.append(
+        f"Batch norm before the activation raises the test accuracy beyond the seed spread for "
+        f"{listed(helped)}."
+    )
+    placement = [
+        f"{a} {mean(a, 'BN before', 'test_accuracy') - mean(a, 'BN after', 'test_accuracy'):+.3f}"
+        for a in ACTIVATIONS
+    ]
+    matters = [
+        a
+        for a in ACTIVATIONS
+        if differs(
+            rows[a, "BN before"]["test_accuracy"], rows[a, "BN after"]["test_accuracy"], resolution
+        )
+    ]
     only = "" if len(matters) == len(ACTIVATIONS) else " only"
-    lines.append(f"BN before minus BN after, test accuracy: {', '.join(placement)}; "
-                 + (f"the difference exceeds the seed spread (sum of the two stds, at least one test image) for "
-                    f"{listed(matters)}{only}." if matters else
-                    "within the seed spread for every activation: the placement does not matter here."))
+    lines.append(
+        f"BN before minus BN after, test accuracy: {', '.join(placement)}; "
+        + (
+            f"the difference exceeds the seed spread (sum of the two stds, at least one test image) for "
+            f"{listed(matters)}{only}."
+            if matters
+            else "within the seed spread for every activation: the placement does not matter here."
+        )
+    )
     if len(rows[ACTIVATIONS[0], "none"]["test_accuracy"]) == 1:
-        lines.append("With one seed there is no spread: the comparisons above only ask for one test image.")
+        lines.append(
+            "With one seed there is no spread: the comparisons above only ask for one test image."
+        )
     return "\n".join(lines)
 
 
@@ -279,21 +354,33 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], dict[str, np.nd
     started = time.perf_counter()
     parser = example_parser(__doc__.split("\n\n")[0], NAME, seeds=5)
     parser.add_argument("--steps", type=int, default=3000, help="training steps (batch 64)")
-    parser.add_argument("--checkpoints", type=int, default=60, help="measurements over training (after init)")
-    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9), every setting")
+    parser.add_argument(
+        "--checkpoints", type=int, default=60, help="measurements over training (after init)"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9), every setting"
+    )
     args = check_args(parser, parser.parse_args(argv))
     if args.quick:
         args.steps, args.checkpoints, args.seeds = 40, 4, 1
     if args.checkpoints < 2 or args.steps % args.checkpoints:
-        parser.error(f"--checkpoints must be >= 2 and divide --steps={args.steps}, got {args.checkpoints}")
+        parser.error(
+            f"--checkpoints must be >= 2 and divide --steps={args.steps}, got {args.checkpoints}"
+        )
 
     data = load_digits(0)
     variables = initial_variables(args.seeds, data.x_train.shape[1])
     per_checkpoint = args.steps // args.checkpoints
-    orders = np.stack([batch_indices(np.random.default_rng(seed), len(data.x_train), BATCH_SIZE, args.steps)
-                       for seed in range(args.seeds)]).reshape(args.seeds, args.checkpoints, per_checkpoint, -1)
-    results = {placement: train(placement, variables[placement], orders, args.lr, data)
-               for placement in progress(PLACEMENTS, desc="placements", enabled=not args.no_progress)}
+    orders = np.stack(
+        [
+            batch_indices(np.random.default_rng(seed), len(data.x_train), BATCH_SIZE, args.steps)
+            for seed in range(args.seeds)
+        ]
+    ).reshape(args.seeds, args.checkpoints, per_checkpoint, -1)
+    results = {
+        placement: train(placement, variables[placement], orders, args.lr, data)
+        for placement in progress(PLACEMENTS, desc="placements", enabled=not args.no_progress)
+    }
     steps = np.arange(args.checkpoints + 1) * per_checkpoint
 
     rows = {}
@@ -302,27 +389,62 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], dict[str, np.nd
             run = {key: value[a] for key, value in results[placement].items()}
             shift, scale = drift(run["mean"], run["std"])
             late_shift, late_scale = drift(run["mean"], run["std"], start=args.checkpoints // 2)
-            rows[activation, placement] = {"test_accuracy": run["test_accuracy"][:, -1], "shift": shift,
-                                           "scale": scale, "late_shift": late_shift, "late_scale": late_scale,
-                                           "percentiles": run["percentiles"]}
-    header = ["activation", "placement", "test accuracy", "mean shift / interval", "log-std change / interval",
-              "mean shift, 2nd half", "log-std change, 2nd half"]
-    table = markdown_table(header, [[activation, placement,
-                                     *(mean_and_spread(row[key]) for key in
-                                       ("test_accuracy", "shift", "scale", "late_shift", "late_scale"))]
-                                    for (activation, placement), row in rows.items()])
-    figures = [plot_percentiles(results, steps, args.out), plot_training(results, steps, len(data.x_test), args.out)]
-    setup = (f"{args.steps} steps of SGD (lr {args.lr:g}, momentum 0.9, batch {BATCH_SIZE}), {args.seeds} seed(s), "
-             f"{args.checkpoints} checkpoint intervals of {per_checkpoint} steps; probe: the {len(data.x_test)} "
-             f"test images; pre-activations of the last of {LAYERS} hidden layers of {WIDTH} units.")
+            rows[activation, placement] = {
+                "test_accuracy": run["test_accuracy"][:, -1],
+                "shift": shift,
+                "scale": scale,
+                "late_shift": late_shift,
+                "late_scale": late_scale,
+                "percentiles": run["percentiles"],
+            }
+    header = [
+        "activation",
+        "placement",
+        "test accuracy",
+        "mean shift / interval",
+        "log-std change / interval",
+        "mean shift, 2nd half",
+        "log-std change, 2nd half",
+    ]
+    table = markdown_table(
+        header,
+        [
+            [
+                activation,
+                placement,
+                *(
+                    mean_and_spread(row[key])
+                    for key in ("test_accuracy", "shift", "scale", "late_shift", "late_scale")
+                ),
+            ]
+            for (activation, placement), row in rows.items()
+        ],
+    )
+    figures = [
+        plot_percentiles(results, steps, args.out),
+        plot_training(results, steps, len(data.x_test), args.out),
+    ]
+    setup = (
+        f"{args.steps} steps of SGD (lr {args.lr:g}, momentum 0.9, batch {BATCH_SIZE}), {args.seeds} seed(s), "
+        f"{args.checkpoints} checkpoint intervals of {per_checkpoint} steps; probe: the {len(data.x_test)} "
+        f"test images; pre-activations of the last of {LAYERS} hidden layers of {WIDTH} units."
+    )
     text = findings(rows, len(data.x_test))
     images = " ".join(f"![{figure.stem}]({figure.name})" for figure in figures)
-    body = (f"{setup}\n\nMean ± std over seeds; the shifts are per checkpoint interval, averaged over the units "
-            f"(how far the probe mean moved, in probe std; the absolute change of the log std):\n\n{table}\n\n"
-            f"{images}\n\n### What this shows\n\n{text}\n")
+    body = (
+        f"{setup}\n\nMean ± std over seeds; the shifts are per checkpoint interval, averaged over the units "
+        f"(how far the probe mean moved, in probe std; the absolute change of the log std):\n\n{table}\n\n"
+        f"{images}\n\n### What this shows\n\n{text}\n"
+    )
     print(f"{setup}\n\n{table}\n\n{text}")
-    write_report(args.out, NAME, "Pre-activation drift with and without BatchNorm", body, started=started,
-                 argv=argv)
+    write_report(
+        args.out,
+        NAME,
+        "Pre-activation drift with and without BatchNorm",
+        body,
+        started=started,
+        argv=argv,
+    )
     return rows
 
 

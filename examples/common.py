@@ -51,7 +51,9 @@ def default_out(name: str) -> pathlib.Path:
     return pathlib.Path(tempfile.gettempdir()) / "jaxbn-examples" / name
 
 
-def example_parser(description: str, name: str, *, seeds: int | None = 3) -> argparse.ArgumentParser:
+def example_parser(
+    description: str, name: str, *, seeds: int | None = 3
+) -> argparse.ArgumentParser:
     """Returns a parser with the arguments every example takes; an example adds its own.
 
     Args:
@@ -59,19 +61,30 @@ def example_parser(description: str, name: str, *, seeds: int | None = 3) -> arg
       name: the example's name (``examples/<name>.py``): it names the report and the default output folder.
       seeds: the default number of seeds; None: the example takes no ``--seeds`` (it runs each setting once).
     """
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.set_defaults(example_name=name)
-    parser.add_argument("--quick", action="store_true",
-                        help="a tiny run that checks the code works (the test suite uses it); its numbers mean little")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny run that checks the code works (the test suite uses it); its numbers mean little",
+    )
     if seeds is not None:
         parser.add_argument("--seeds", type=int, default=seeds, help="independent runs per setting")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out", type=pathlib.Path, default=None,
-                       help=f"where the PNGs and the report go (default: {default_out(name)}, outside the repository)")
-    where.add_argument("--update-committed", action="store_true",
-                       help=f"write into {FIGURES.parent.name}/{FIGURES.name} ({FIGURES.parent.name}/{FIGURES.name}/"
-                            f"{QUICK_FIGURES.name} with --quick): regenerate the committed report and figures")
+    where.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=None,
+        help=f"where the PNGs and the report go (default: {default_out(name)}, outside the repository)",
+    )
+    where.add_argument(
+        "--update-committed",
+        action="store_true",
+        help=f"write into {FIGURES.parent.name}/{FIGURES.name} ({FIGURES.parent.name}/{FIGURES.name}/"
+        f"{QUICK_FIGURES.name} with --quick): regenerate the committed report and figures",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -100,7 +113,9 @@ def force_cpu_devices(n: int) -> None:
     flag = "--xla_force_host_platform_device_count"
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
     os.environ["XLA_FLAGS"] = " ".join([*kept, f"{flag}={n}"])
-    os.environ["JAX_PLATFORMS"] = "cpu"  # else a GPU machine picks its accelerator and ignores the CPU devices
+    os.environ["JAX_PLATFORMS"] = (
+        "cpu"  # else a GPU machine picks its accelerator and ignores the CPU devices
+    )
 
 
 def load_digits(seed: int = 0, *, images: bool = False, test_fraction: float = 0.25) -> Split:
@@ -121,8 +136,9 @@ def load_digits(seed: int = 0, *, images: bool = False, test_fraction: float = 0
     x = (digits.images / 16.0).astype(np.float32)  # pixels are integers in [0, 16]
     x = x[..., None] if images else x.reshape(len(x), -1)
     y = digits.target.astype(np.int32)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_fraction, random_state=seed,
-                                                        stratify=y)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=y
+    )
     return Split(x_train, y_train, x_test, y_test)
 
 
@@ -143,8 +159,13 @@ def batch_indices(rng: np.random.Generator, n: int, batch_size: int, steps: int)
     return order[: steps * batch_size].reshape(steps, batch_size)
 
 
-def progress(iterable: Iterable[Any], *, total: int | None = None, desc: str | None = None,
-             enabled: bool = True) -> Iterable[Any]:
+def progress(
+    iterable: Iterable[Any],
+    *,
+    total: int | None = None,
+    desc: str | None = None,
+    enabled: bool = True,
+) -> Iterable[Any]:
     """Wraps ``iterable`` in a tqdm progress bar on a terminal (stderr) when tqdm is installed.
 
     Args:
@@ -171,6 +192,7 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, digi
     | 0.100 | 0.971 |
     | 1.000 | - |
     """
+
     def cell(value: Any) -> str:
         if value is None:
             return "-"
@@ -241,8 +263,15 @@ def pyplot():
     return plt
 
 
-def write_report(out_dir: pathlib.Path, name: str, title: str, body: str, *, started: float,
-                 argv: Sequence[str] | None) -> pathlib.Path:
+def write_report(
+    out_dir: pathlib.Path,
+    name: str,
+    title: str,
+    body: str,
+    *,
+    started: float,
+    argv: Sequence[str] | None,
+) -> pathlib.Path:
     """Writes ``out_dir/name.md``: the title, the command, the date, the wall time and ``body``; prints the files.
 
     The printed line, ``wrote <files> in <out_dir>``, lists the report and the figures
@@ -259,8 +288,10 @@ def write_report(out_dir: pathlib.Path, name: str, title: str, body: str, *, sta
     argv = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(["python", f"examples/{name}.py", *argv])
     seconds = time.perf_counter() - started
-    header = (f"## {title}\n\n`{command}` on {datetime.date.today().isoformat()}, "
-              f"{seconds:.0f} s on {os.cpu_count()} CPU core(s)\n\n")
+    header = (
+        f"## {title}\n\n`{command}` on {datetime.date.today().isoformat()}, "
+        f"{seconds:.0f} s on {os.cpu_count()} CPU core(s)\n\n"
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.md"
     path.write_text(header + body.rstrip() + "\n")

@@ -57,8 +57,18 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (batch_indices, check_args, example_parser, load_digits, markdown_table,  # noqa: E402
-                    mean_and_spread, progress, pyplot, save_figure, write_report)
+from common import (  # noqa: E402
+    batch_indices,
+    check_args,
+    example_parser,
+    load_digits,
+    markdown_table,
+    mean_and_spread,
+    progress,
+    pyplot,
+    save_figure,
+    write_report,
+)
 
 NAME = "convergence_and_learning_rate"
 SETTINGS = ("BatchNorm", "no BatchNorm")
@@ -67,8 +77,13 @@ BN_MOMENTUM = 0.9  # running averages settle within ~20 steps, so early evaluati
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = example_parser(__doc__.split("\n\n")[0], NAME)
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0],
-                        help="the learning rates of the sweep")
+    parser.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0],
+        help="the learning rates of the sweep",
+    )
     parser.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (0: plain SGD)")
     parser.add_argument("--steps", type=int, default=2000, help="SGD steps per run")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -78,9 +93,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=10, help="steps between test evaluations")
     args = check_args(parser, parser.parse_args(argv))
     if args.quick:
-        args.lrs, args.steps, args.width, args.eval_every, args.target = [0.5, 30.0], 60, 32, 20, 0.8
+        args.lrs, args.steps, args.width, args.eval_every, args.target = (
+            [0.5, 30.0],
+            60,
+            32,
+            20,
+            0.8,
+        )
     if args.steps < 1 or args.eval_every < 1 or args.steps % args.eval_every:
-        parser.error(f"--steps ({args.steps}) must be a positive multiple of --eval-every ({args.eval_every})")
+        parser.error(
+            f"--steps ({args.steps}) must be a positive multiple of --eval-every ({args.eval_every})"
+        )
     if min(args.lrs) <= 0:
         parser.error(f"--lrs must be positive, got {args.lrs}")
     return args
@@ -99,7 +122,9 @@ def make_network(args: argparse.Namespace, use_bn: bool):
         params, state = [], []
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             hidden = i < len(sizes) - 2
-            std = math.sqrt((2.0 if hidden else 1.0) / fan_in)  # He for ReLU layers, LeCun for the head
+            std = math.sqrt(
+                (2.0 if hidden else 1.0) / fan_in
+            )  # He for ReLU layers, LeCun for the head
             layer = {"w": std * rng.standard_normal((fan_in, fan_out), np.float32)}
             if hidden and use_bn:
                 layer["bn"], bn_state = jax.tree.map(np.asarray, jaxbn.batch_norm_init(fan_out))
@@ -114,8 +139,9 @@ def make_network(args: argparse.Namespace, use_bn: bool):
         for layer in params[:-1]:
             x = x @ layer["w"]
             if use_bn:
-                x, layer_state = jaxbn.batch_norm(x, layer["bn"], state[len(new_state)], training=training,
-                                                  momentum=BN_MOMENTUM)
+                x, layer_state = jaxbn.batch_norm(
+                    x, layer["bn"], state[len(new_state)], training=training, momentum=BN_MOMENTUM
+                )
                 new_state.append(layer_state)
             else:
                 x = x + layer["b"]
@@ -151,7 +177,8 @@ def make_trainer(args: argparse.Namespace, apply, data):
         def step(carry, index):
             params, state, velocity = carry
             (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                params, state, x_train[index], y_train[index])
+                params, state, x_train[index], y_train[index]
+            )
             velocity = jax.tree.map(lambda v, g: args.momentum * v + g, velocity, grads)
             params = jax.tree.map(lambda p, v: p - lr * v, params, velocity)
             return (params, state, velocity), loss
@@ -160,16 +187,21 @@ def make_trainer(args: argparse.Namespace, apply, data):
             carry, losses = jax.lax.scan(step, carry, chunk_indices)
             return carry, (losses, test_accuracy(carry[0], carry[1]))
 
-        (params, state, velocity), (losses, accuracies) = jax.lax.scan(evaluation, (params, state, velocity),
-                                                                      indices)
+        (params, state, velocity), (losses, accuracies) = jax.lax.scan(
+            evaluation, (params, state, velocity), indices
+        )
         return params, state, velocity, losses.reshape(-1), accuracies
 
-    over_lrs = jax.vmap(one_run, in_axes=(0, 0, 0, 0, None))  # each lr has its own copy of the weights
+    over_lrs = jax.vmap(
+        one_run, in_axes=(0, 0, 0, 0, None)
+    )  # each lr has its own copy of the weights
     over_seeds = jax.vmap(over_lrs, in_axes=(0, 0, 0, None, 0))
     return jax.jit(over_seeds)
 
 
-def train_all(args: argparse.Namespace, data, indices: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+def train_all(
+    args: argparse.Namespace, data, indices: np.ndarray
+) -> dict[str, dict[str, np.ndarray]]:
     """Trains every setting; returns per setting ``losses`` (seeds, lrs, steps) and ``accuracies``
     (seeds, lrs, evaluations), the first after ``eval_every`` steps."""
     import jax
@@ -185,27 +217,36 @@ def train_all(args: argparse.Namespace, data, indices: np.ndarray) -> dict[str, 
             init, apply = make_network(args, setting == "BatchNorm")
             chunk = make_trainer(args, apply, data)
             # The same initial weights for every learning rate of a seed.
-            params, state = jax.tree.map(lambda *a: jnp.asarray(np.repeat(np.stack(a)[:, None], n_lrs, axis=1)),
-                                         *[init(seed) for seed in range(seeds)])
+            params, state = jax.tree.map(
+                lambda *a: jnp.asarray(np.repeat(np.stack(a)[:, None], n_lrs, axis=1)),
+                *[init(seed) for seed in range(seeds)],
+            )
             velocity = jax.tree.map(jnp.zeros_like, params)
             losses, accuracies = [], []
             results[setting] = {"losses": losses, "accuracies": accuracies}
         params, state, velocity, chunk_losses, chunk_accuracies = chunk(
-            params, state, velocity, lrs, indices[:, start:start + per_call])
+            params, state, velocity, lrs, indices[:, start : start + per_call]
+        )
         losses.append(np.asarray(chunk_losses))
         accuracies.append(np.asarray(chunk_accuracies))
-    return {setting: {key: np.concatenate(parts, -1) for key, parts in run.items()}
-            for setting, run in results.items()}
+    return {
+        setting: {key: np.concatenate(parts, -1) for key, parts in run.items()}
+        for setting, run in results.items()
+    }
 
 
 def summarize(args: argparse.Namespace, runs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
     """Per setting and learning rate: steps to the target, final accuracy and loss, divergence, per seed."""
-    steps_of_evaluation = (np.arange(runs[SETTINGS[0]]["accuracies"].shape[-1]) + 1) * args.eval_every
+    steps_of_evaluation = (
+        np.arange(runs[SETTINGS[0]]["accuracies"].shape[-1]) + 1
+    ) * args.eval_every
     chance = math.log(10.0)
     summary: dict[str, Any] = {}
     for setting, run in runs.items():
         losses, accuracies = run["losses"], run["accuracies"]
-        final_loss = losses[..., -args.eval_every:].mean(-1)  # the mean over the last evaluation's steps
+        final_loss = losses[..., -args.eval_every :].mean(
+            -1
+        )  # the mean over the last evaluation's steps
         diverged = ~np.isfinite(losses).all(-1) | ~(final_loss <= chance)
         reached = accuracies >= args.target
         steps = np.where(reached.any(-1), steps_of_evaluation[reached.argmax(-1)], -1)
@@ -247,27 +288,52 @@ def plot_curves(args: argparse.Namespace, runs, path_name: str):
         interval_losses = losses.reshape(*losses.shape[:2], -1, args.eval_every).mean(-1)
         loss_steps = (np.arange(interval_losses.shape[-1]) + 1) * args.eval_every
         for j, lr in enumerate(args.lrs):
-            for row, (x, y) in enumerate(((eval_steps, accuracies[:, j]), (loss_steps, interval_losses[:, j]))):
+            for row, (x, y) in enumerate(
+                ((eval_steps, accuracies[:, j]), (loss_steps, interval_losses[:, j]))
+            ):
                 ax = axes[row, j]
                 with np.errstate(invalid="ignore"):
                     ax.plot(x, np.mean(y, 0), color=colors[setting], label=f"{setting} (mean)")
                     if len(y) > 1:
-                        ax.fill_between(x, np.min(y, 0), np.max(y, 0), color=colors[setting], alpha=0.2,
-                                        label=f"{setting} (min-max over seeds)")
+                        ax.fill_between(
+                            x,
+                            np.min(y, 0),
+                            np.max(y, 0),
+                            color=colors[setting],
+                            alpha=0.2,
+                            label=f"{setting} (min-max over seeds)",
+                        )
     for j, lr in enumerate(args.lrs):
         axes[0, j].set_title(f"lr {lr:g}")
-        axes[0, j].axhline(args.target, color="gray", linestyle="--", linewidth=0.8, label=f"target {args.target:g}")
+        axes[0, j].axhline(
+            args.target,
+            color="gray",
+            linestyle="--",
+            linewidth=0.8,
+            label=f"target {args.target:g}",
+        )
         axes[0, j].set_ylim(0, 1)
         axes[1, j].set_yscale("log")
         axes[1, j].set_ylim(1e-3, 1e2)
         axes[1, j].set_xlabel("SGD step")
     axes[0, 0].set_ylabel("test accuracy\n(running averages)")
-    axes[1, 0].set_ylabel("training loss\n(mean over 20 steps; gaps: NaN)".replace("20", str(args.eval_every)))
+    axes[1, 0].set_ylabel(
+        "training loss\n(mean over 20 steps; gaps: NaN)".replace("20", str(args.eval_every))
+    )
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, bbox_to_anchor=(0.5, -0.04))
+    figure.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncol=len(labels),
+        fontsize=8,
+        bbox_to_anchor=(0.5, -0.04),
+    )
     optimizer = "plain SGD" if args.momentum == 0 else f"SGD, momentum {args.momentum:g}"
-    figure.suptitle(f"MLP on digits with and without BatchNorm: {optimizer}, batch {args.batch_size}, "
-                    f"{args.seeds} seed(s)")
+    figure.suptitle(
+        f"MLP on digits with and without BatchNorm: {optimizer}, batch {args.batch_size}, "
+        f"{args.seeds} seed(s)"
+    )
     return save_figure(figure, args.out, path_name)
 
 
@@ -276,29 +342,61 @@ def plot_summary(args: argparse.Namespace, summary, path_name: str):
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     colors = {"BatchNorm": "tab:blue", "no BatchNorm": "tab:orange"}
     for offset, (setting, rows) in zip((-0.04, 0.04), summary.items()):
-        lrs = np.asarray(args.lrs) * 10 ** offset  # side by side on the log axis
+        lrs = np.asarray(args.lrs) * 10**offset  # side by side on the log axis
         accuracy = [np.mean(rows[lr]["final_accuracy"]) for lr in args.lrs]
         accuracy_std = [np.std(rows[lr]["final_accuracy"]) for lr in args.lrs]
-        left.errorbar(lrs, accuracy, yerr=accuracy_std, marker="o", capsize=3, color=colors[setting], label=setting)
-        diverged = [(x, a) for lr, x, a in zip(args.lrs, lrs, accuracy) if any(rows[lr]["diverged"])]
+        left.errorbar(
+            lrs,
+            accuracy,
+            yerr=accuracy_std,
+            marker="o",
+            capsize=3,
+            color=colors[setting],
+            label=setting,
+        )
+        diverged = [
+            (x, a) for lr, x, a in zip(args.lrs, lrs, accuracy) if any(rows[lr]["diverged"])
+        ]
         if diverged:
-            left.scatter(*zip(*diverged), marker="x", s=90, color=colors[setting], zorder=3,
-                         label=f"{setting}: a seed diverged")
+            left.scatter(
+                *zip(*diverged),
+                marker="x",
+                s=90,
+                color=colors[setting],
+                zorder=3,
+                label=f"{setting}: a seed diverged",
+            )
         steps = [[s for s in rows[lr]["steps_to_target"] if s is not None] for lr in args.lrs]
         shown = [(x, np.mean(s), np.std(s)) for x, s in zip(lrs, steps) if s]
         if shown:
             x, mean, std = zip(*shown)
-            right.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=colors[setting], label=setting)
-    left.axhline(args.target, color="gray", linestyle="--", linewidth=0.8, label=f"target {args.target:g}")
-    left.set(xscale="log", xlabel="learning rate", ylabel="final test accuracy", ylim=(0, 1.02),
-             title="Final test accuracy (mean ± std over seeds)")
-    right.set(xscale="log", yscale="log", xlabel="learning rate", ylabel=f"SGD steps to test accuracy {args.target:g}",
-              title="Steps to the target (seeds that reached it)")
+            right.errorbar(
+                x, mean, yerr=std, marker="o", capsize=3, color=colors[setting], label=setting
+            )
+    left.axhline(
+        args.target, color="gray", linestyle="--", linewidth=0.8, label=f"target {args.target:g}"
+    )
+    left.set(
+        xscale="log",
+        xlabel="learning rate",
+        ylabel="final test accuracy",
+        ylim=(0, 1.02),
+        title="Final test accuracy (mean ± std over seeds)",
+    )
+    right.set(
+        xscale="log",
+        yscale="log",
+        xlabel="learning rate",
+        ylabel=f"SGD steps to test accuracy {args.target:g}",
+        title="Steps to the target (seeds that reached it)",
+    )
     left.legend(fontsize=8, loc="lower left")
     if right.lines:
         right.legend(fontsize=8)
     else:
-        right.text(0.5, 0.5, "no learning rate reached the target", ha="center", transform=right.transAxes)
+        right.text(
+            0.5, 0.5, "no learning rate reached the target", ha="center", transform=right.transAxes
+        )
     return save_figure(figure, args.out, path_name)
 
 
@@ -307,7 +405,9 @@ def findings(args: argparse.Namespace, summary) -> str:
     bn, plain = (summary[s] for s in SETTINGS)
 
     def all_reached(rows, lr):
-        return all(s is not None for s in rows[lr]["steps_to_target"]) and not any(rows[lr]["diverged"])
+        return all(s is not None for s in rows[lr]["steps_to_target"]) and not any(
+            rows[lr]["diverged"]
+        )
 
     def mean_steps(rows, lr):
         return float(np.mean(rows[lr]["steps_to_target"]))
@@ -320,34 +420,51 @@ def findings(args: argparse.Namespace, summary) -> str:
     target = f"test accuracy {args.target:g}"
     bn_lr, plain_lr = fastest(bn), fastest(plain)
     if bn_lr is None and plain_lr is None:
-        lines.append(f"Neither network reached {target} in every seed at any learning rate within {args.steps} "
-                     "steps, so the speed claim is not tested here.")
+        lines.append(
+            f"Neither network reached {target} in every seed at any learning rate within {args.steps} "
+            "steps, so the speed claim is not tested here."
+        )
     elif plain_lr is None or bn_lr is None:
         winner, loser = ("with", "without") if plain_lr is None else ("without", "with")
         lr = bn_lr if plain_lr is None else plain_lr
         rows = bn if plain_lr is None else plain
-        lines.append(f"Only the network {winner} BatchNorm reached {target} in every seed (at best in "
-                     f"{mean_steps(rows, lr):.0f} steps, lr {lr:g}); {loser} it, no learning rate got there "
-                     f"within {args.steps} steps.")
+        lines.append(
+            f"Only the network {winner} BatchNorm reached {target} in every seed (at best in "
+            f"{mean_steps(rows, lr):.0f} steps, lr {lr:g}); {loser} it, no learning rate got there "
+            f"within {args.steps} steps."
+        )
     else:
         ratio = mean_steps(plain, plain_lr) / mean_steps(bn, bn_lr)
-        verdict = (f"BatchNorm got there {ratio:.1f}x faster" if ratio > 1 else
-                   "BatchNorm was NOT faster" + (" (the same number of steps)" if ratio == 1 else
-                                                 f" ({1 / ratio:.1f}x slower)"))
-        lines.append(f"At its best learning rate each network reached {target} in: with BatchNorm "
-                     f"{mean_steps(bn, bn_lr):.0f} steps (lr {bn_lr:g}), without {mean_steps(plain, plain_lr):.0f} "
-                     f"steps (lr {plain_lr:g}): {verdict}.")
+        verdict = (
+            f"BatchNorm got there {ratio:.1f}x faster"
+            if ratio > 1
+            else "BatchNorm was NOT faster"
+            + (" (the same number of steps)" if ratio == 1 else f" ({1 / ratio:.1f}x slower)")
+        )
+        lines.append(
+            f"At its best learning rate each network reached {target} in: with BatchNorm "
+            f"{mean_steps(bn, bn_lr):.0f} steps (lr {bn_lr:g}), without {mean_steps(plain, plain_lr):.0f} "
+            f"steps (lr {plain_lr:g}): {verdict}."
+        )
     both = [lr for lr in args.lrs if all_reached(bn, lr) and all_reached(plain, lr)]
     faster = [lr for lr in both if mean_steps(bn, lr) < mean_steps(plain, lr)]
     only_bn = [lr for lr in args.lrs if all_reached(bn, lr) and not all_reached(plain, lr)]
     only_plain = [lr for lr in args.lrs if all_reached(plain, lr) and not all_reached(bn, lr)]
-    same_lr = [f"at the same learning rate, BatchNorm needed fewer steps at {len(faster)} of the {len(both)} "
-               "learning rates where both reached the target"] if both else []
+    same_lr = (
+        [
+            f"at the same learning rate, BatchNorm needed fewer steps at {len(faster)} of the {len(both)} "
+            "learning rates where both reached the target"
+        ]
+        if both
+        else []
+    )
     if only_bn:
         same_lr.append("only BatchNorm reached it at lr " + ", ".join(f"{lr:g}" for lr in only_bn))
     if only_plain:
-        same_lr.append("only the network without BatchNorm reached it at lr "
-                       + ", ".join(f"{lr:g}" for lr in only_plain))
+        same_lr.append(
+            "only the network without BatchNorm reached it at lr "
+            + ", ".join(f"{lr:g}" for lr in only_plain)
+        )
     if same_lr:
         joined = "; ".join(same_lr)
         lines.append(joined[0].upper() + joined[1:] + ".")
@@ -357,23 +474,31 @@ def findings(args: argparse.Namespace, summary) -> str:
         return max(stable) if stable else None
 
     bn_top, plain_top = largest_stable(bn), largest_stable(plain)
-    diverged_somewhere = {s: [lr for lr in args.lrs if any(summary[s][lr]["diverged"])] for s in SETTINGS}
+    diverged_somewhere = {
+        s: [lr for lr in args.lrs if any(summary[s][lr]["diverged"])] for s in SETTINGS
+    }
 
     def describe(top, setting):
         if top is None:
             return f"{setting} diverged at every learning rate"
         bad = diverged_somewhere[setting]
         return f"{setting} trained without divergence up to lr {top:g}" + (
-            " (diverged at " + ", ".join(f"{lr:g}" for lr in bad) + ")" if bad else " (never diverged)")
+            " (diverged at " + ", ".join(f"{lr:g}" for lr in bad) + ")"
+            if bad
+            else " (never diverged)"
+        )
 
     sentence = f"{describe(bn_top, 'BatchNorm')}; {describe(plain_top, 'no BatchNorm')}: "
     if bn_top is not None and (plain_top is None or bn_top > plain_top):
         sentence += "BatchNorm tolerated higher learning rates, as claimed."
     elif bn_top == plain_top:
-        sentence += ("the claim that BatchNorm tolerates higher learning rates does NOT show in this sweep "
-                     f"(both were stable up to the largest lr tried, {max(args.lrs):g})"
-                     if bn_top == max(args.lrs) else "the claim that BatchNorm tolerates higher learning rates "
-                     "does NOT show in this sweep (both have the same largest stable lr).")
+        sentence += (
+            "the claim that BatchNorm tolerates higher learning rates does NOT show in this sweep "
+            f"(both were stable up to the largest lr tried, {max(args.lrs):g})"
+            if bn_top == max(args.lrs)
+            else "the claim that BatchNorm tolerates higher learning rates "
+            "does NOT show in this sweep (both have the same largest stable lr)."
+        )
         if not sentence.endswith("."):
             sentence += "."
     else:
@@ -384,15 +509,20 @@ def findings(args: argparse.Namespace, summary) -> str:
         lr = max(args.lrs, key=lambda lr: np.mean(rows[lr]["final_accuracy"]))
         return lr, np.mean(rows[lr]["final_accuracy"]), np.std(rows[lr]["final_accuracy"])
 
-    (bn_acc_lr, bn_acc, bn_std), (plain_acc_lr, plain_acc, plain_std) = best_accuracy(bn), best_accuracy(plain)
+    (bn_acc_lr, bn_acc, bn_std), (plain_acc_lr, plain_acc, plain_std) = (
+        best_accuracy(bn),
+        best_accuracy(plain),
+    )
     gap = bn_acc - plain_acc
     if abs(gap) <= max(bn_std, plain_std, 1 / 450):  # 1/450: one test image of the 450
         comparison = "the same within the spread over seeds"
     else:
         comparison = f"{'higher' if gap > 0 else 'lower'} with BatchNorm by {abs(gap):.3f}"
-    lines.append(f"The best final test accuracy was {mean_and_spread(bn[bn_acc_lr]['final_accuracy'])} with "
-                 f"BatchNorm (lr {bn_acc_lr:g}) and {mean_and_spread(plain[plain_acc_lr]['final_accuracy'])} without "
-                 f"(lr {plain_acc_lr:g}): {comparison}.")
+    lines.append(
+        f"The best final test accuracy was {mean_and_spread(bn[bn_acc_lr]['final_accuracy'])} with "
+        f"BatchNorm (lr {bn_acc_lr:g}) and {mean_and_spread(plain[plain_acc_lr]['final_accuracy'])} without "
+        f"(lr {plain_acc_lr:g}): {comparison}."
+    )
     return " ".join(lines)
 
 
@@ -404,35 +534,65 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     data = load_digits(0)
     evaluations = args.steps // args.eval_every
-    indices = np.stack([batch_indices(np.random.default_rng(seed), len(data.y_train), args.batch_size, args.steps)
-                        .reshape(evaluations, args.eval_every, args.batch_size) for seed in range(args.seeds)])
+    indices = np.stack(
+        [
+            batch_indices(
+                np.random.default_rng(seed), len(data.y_train), args.batch_size, args.steps
+            ).reshape(evaluations, args.eval_every, args.batch_size)
+            for seed in range(args.seeds)
+        ]
+    )
     runs = train_all(args, data, indices)
     summary = summarize(args, runs)
 
-    header = ["lr", "network", f"steps to {args.target:g} (seeds reached)", "final test accuracy",
-              "final training loss", "diverged seeds"]
-    rows = [[f"{lr:g}", setting, steps_cell(summary[setting][lr]["steps_to_target"]),
-             mean_and_spread(summary[setting][lr]["final_accuracy"]), loss_cell(summary[setting][lr]["final_loss"]),
-             f"{sum(summary[setting][lr]['diverged'])}/{args.seeds}"]
-            for lr in args.lrs for setting in SETTINGS]
+    header = [
+        "lr",
+        "network",
+        f"steps to {args.target:g} (seeds reached)",
+        "final test accuracy",
+        "final training loss",
+        "diverged seeds",
+    ]
+    rows = [
+        [
+            f"{lr:g}",
+            setting,
+            steps_cell(summary[setting][lr]["steps_to_target"]),
+            mean_and_spread(summary[setting][lr]["final_accuracy"]),
+            loss_cell(summary[setting][lr]["final_loss"]),
+            f"{sum(summary[setting][lr]['diverged'])}/{args.seeds}",
+        ]
+        for lr in args.lrs
+        for setting in SETTINGS
+    ]
     table = markdown_table(header, rows)
     optimizer = "plain SGD" if args.momentum == 0 else f"SGD with momentum {args.momentum:g}"
-    setup = (f"MLP 64-{'-'.join([str(args.width)] * args.hidden_layers)}-10 (ReLU, He init) on digits "
-             f"({len(data.y_train)} train / {len(data.y_test)} test images), {optimizer}, batch {args.batch_size}, "
-             f"{args.steps} steps, {args.seeds} seed(s); test accuracy every {args.eval_every} steps with the "
-             f"running averages (momentum {BN_MOMENTUM}); mean ± std over seeds. A run diverged when its loss "
-             "turned non-finite or its final training loss (the mean over the last evaluation interval) stayed "
-             "above the loss at initialization, ln 10.")
+    setup = (
+        f"MLP 64-{'-'.join([str(args.width)] * args.hidden_layers)}-10 (ReLU, He init) on digits "
+        f"({len(data.y_train)} train / {len(data.y_test)} test images), {optimizer}, batch {args.batch_size}, "
+        f"{args.steps} steps, {args.seeds} seed(s); test accuracy every {args.eval_every} steps with the "
+        f"running averages (momentum {BN_MOMENTUM}); mean ± std over seeds. A run diverged when its loss "
+        "turned non-finite or its final training loss (the mean over the last evaluation interval) stayed "
+        "above the loss at initialization, ln 10."
+    )
     print(setup + "\n\n" + table)
     curves = plot_curves(args, runs, f"{NAME}_curves.png")
     summary_png = plot_summary(args, summary, f"{NAME}_summary.png")
     what = findings(args, summary)
     print("\nWhat this shows: " + what)
-    body = (f"{setup}\n\n{table}\n\n![test accuracy and training loss per learning rate]({curves.name})\n\n"
-            f"![final accuracy and steps to the target against the learning rate]({summary_png.name})\n\n"
-            f"**What this shows.** {what}\n")
-    report = write_report(args.out, NAME, "BatchNorm, convergence speed and the learning rate", body,
-                          started=started, argv=argv)
+    body = (
+        f"{setup}\n\n{table}\n\n![test accuracy and training loss per learning rate]({curves.name})\n\n"
+        f"![final accuracy and steps to the target against the learning rate]({summary_png.name})\n\n"
+        f"**What this shows.** {what}\n"
+    )
+    report = write_report(
+        args.out,
+        NAME,
+        "BatchNorm, convergence speed and the learning rate",
+        body,
+        started=started,
+        argv=argv,
+    )
     return {**summary, "figures": [curves, summary_png], "report": report}
 
 

@@ -82,17 +82,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parses command-line arguments (``None`` reads ``sys.argv``)."""
     # --quick, --out, --update-committed, --no-progress; no --seeds: every process and mode must agree on one seed.
     parser = example_parser(__doc__.split("\n\n", 1)[0], NAME, seeds=None)
-    parser.add_argument("--launch", type=int, metavar="N", help="start N local processes on 127.0.0.1")
+    parser.add_argument(
+        "--launch", type=int, metavar="N", help="start N local processes on 127.0.0.1"
+    )
     parser.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process runs)")
     parser.add_argument("--num-processes", type=int, default=1)
     parser.add_argument("--process-id", type=int, default=0)
-    parser.add_argument("--auto", action="store_true",
-                        help="jax.distributed.initialize() without arguments (Cloud TPU, SLURM, Open MPI)")
+    parser.add_argument(
+        "--auto",
+        action="store_true",
+        help="jax.distributed.initialize() without arguments (Cloud TPU, SLURM, Open MPI)",
+    )
     parser.add_argument("--cpu-devices", type=int, help="make the CPU appear as this many devices")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=48, help="global batch size")
     parser.add_argument("--valid", help="valid examples per block of the global batch, e.g. 16,9,3")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES)
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds --launch waits")
     args = check_args(parser, parser.parse_args(argv))
@@ -105,8 +112,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.valid = tuple(int(v) for v in args.valid.split(","))
         block = args.batch // len(args.valid)
         if args.batch % len(args.valid) or not all(0 <= v <= block for v in args.valid):
-            parser.error(f"--valid {args.valid}: {len(args.valid)} blocks of the batch {args.batch} "
-                         f"must be equal and each count in [0, {block}]")
+            parser.error(
+                f"--valid {args.valid}: {len(args.valid)} blocks of the batch {args.batch} "
+                f"must be equal and each count in [0, {block}]"
+            )
     if args.launch is not None and args.launch < 1:
         parser.error(f"--launch must be >= 1, got {args.launch}")
     if args.steps < 1:
@@ -156,9 +165,9 @@ def make_model(axis_name: str | None):
         @nn.compact
         def __call__(self, x, mask, train: bool):
             h = nn.Dense(HIDDEN, use_bias=False)(x)  # BatchNorm's bias replaces it
-            h = jaxbn.linen.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, axis_name=axis_name)(
-                h, mask=None if mask is None else mask[:, None]
-            )
+            h = jaxbn.linen.BatchNorm(
+                use_running_average=not train, momentum=BN_MOMENTUM, axis_name=axis_name
+            )(h, mask=None if mask is None else mask[:, None])
             return nn.Dense(1)(nn.relu(h))[:, 0]
 
     return Net()
@@ -208,7 +217,9 @@ def make_step(mode: str, mesh, optimizer):
     if mode == "pmap":
 
         def device_step(params, batch_stats, opt_state, x, y, mask):
-            grad_fn = jax.value_and_grad(functools.partial(local_loss, axis_name="data"), has_aux=True)
+            grad_fn = jax.value_and_grad(
+                functools.partial(local_loss, axis_name="data"), has_aux=True
+            )
             (loss, batch_stats), grads = grad_fn(params, batch_stats, x, y, mask)
             # Each device differentiated its own share of the loss: the
             # gradient of the global loss is their sum.
@@ -226,14 +237,20 @@ def make_step(mode: str, mesh, optimizer):
                 loss, batch_stats = local_loss(params, batch_stats, x, y, mask, axis_name="data")
                 return jax.lax.psum(loss, "data"), batch_stats
 
-            return shard_map(shard_loss, mesh=mesh, in_specs=(P(), P(), batch_spec, batch_spec, batch_spec),
-                             out_specs=(P(), P()))(params, batch_stats, x, y, mask)
+            return shard_map(
+                shard_loss,
+                mesh=mesh,
+                in_specs=(P(), P(), batch_spec, batch_spec, batch_spec),
+                out_specs=(P(), P()),
+            )(params, batch_stats, x, y, mask)
     else:  # jit: the global batch, axis_name=None; XLA reduces across devices and hosts
         global_loss = functools.partial(local_loss, axis_name=None)
 
     @jax.jit
     def step(params, batch_stats, opt_state, x, y, mask):
-        (loss, batch_stats), grads = jax.value_and_grad(global_loss, has_aux=True)(params, batch_stats, x, y, mask)
+        (loss, batch_stats), grads = jax.value_and_grad(global_loss, has_aux=True)(
+            params, batch_stats, x, y, mask
+        )
         params, opt_state = apply_update(params, opt_state, grads)
         return params, batch_stats, opt_state, loss
 
@@ -245,7 +262,9 @@ def init_variables(batch: int, valid, seed: int) -> dict:
     import jax
 
     x, _, mask = global_batch(0, batch, valid, seed)
-    return make_model(None).init(jax.random.key(seed), x[:2], None if mask is None else mask[:2], train=False)
+    return make_model(None).init(
+        jax.random.key(seed), x[:2], None if mask is None else mask[:2], train=False
+    )
 
 
 def process_rows(sharding, batch: int) -> slice:
@@ -258,7 +277,9 @@ def process_rows(sharding, batch: int) -> slice:
     return slice(start, stop)
 
 
-def train(mode: str, *, steps: int, batch: int, valid, seed: int, devices=None) -> dict[str, np.ndarray]:
+def train(
+    mode: str, *, steps: int, batch: int, valid, seed: int, devices=None
+) -> dict[str, np.ndarray]:
     """Trains ``steps`` steps in ``mode`` on ``devices`` (default: every device of every process).
 
     Returns:
@@ -274,7 +295,9 @@ def train(mode: str, *, steps: int, batch: int, valid, seed: int, devices=None) 
 
     devices = jax.devices() if devices is None else list(devices)
     if batch % len(devices):
-        raise ValueError(f"--batch {batch} must be a multiple of the number of devices, {len(devices)}")
+        raise ValueError(
+            f"--batch {batch} must be a multiple of the number of devices, {len(devices)}"
+        )
     mesh = Mesh(np.array(devices), ("data",))
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     rows = process_rows(sharded, batch)
@@ -289,9 +312,13 @@ def train(mode: str, *, steps: int, batch: int, valid, seed: int, devices=None) 
         if len(local_devices) != jax.local_device_count() or len(devices) != jax.device_count():
             raise ValueError("pmap mode runs on all devices")
         # One copy of the state per local device (a host array with a leading axis).
-        state = jax.tree.map(lambda a: np.broadcast_to(np.asarray(a), (len(local_devices),) + np.shape(a)), state)
+        state = jax.tree.map(
+            lambda a: np.broadcast_to(np.asarray(a), (len(local_devices),) + np.shape(a)), state
+        )
     else:
-        state = jax.tree.map(lambda a: jax.make_array_from_process_local_data(replicated, np.asarray(a)), state)
+        state = jax.tree.map(
+            lambda a: jax.make_array_from_process_local_data(replicated, np.asarray(a)), state
+        )
 
     def to_numpy(tree):
         # This process's first copy: the state is replicated (identical on every device).
@@ -301,11 +328,17 @@ def train(mode: str, *, steps: int, batch: int, valid, seed: int, devices=None) 
     for i in range(steps):
         x, y, mask = (None if a is None else a[rows] for a in global_batch(i, batch, valid, seed))
         if mode == "pmap":
-            per_device = lambda a: None if a is None else a.reshape((len(local_devices), -1) + a.shape[1:])
+            per_device = lambda a: (
+                None if a is None else a.reshape((len(local_devices), -1) + a.shape[1:])
+            )
             inputs = [per_device(a) for a in (x, y, mask)]
         else:
-            inputs = [None if a is None else jax.make_array_from_process_local_data(sharded, a, (batch,) + a.shape[1:])
-                      for a in (x, y, mask)]
+            inputs = [
+                None
+                if a is None
+                else jax.make_array_from_process_local_data(sharded, a, (batch,) + a.shape[1:])
+                for a in (x, y, mask)
+            ]
         *state, loss = step_fn(*state, *inputs)
         losses.append(float(to_numpy(loss).ravel()[0]))
         if i == 0:
@@ -313,9 +346,15 @@ def train(mode: str, *, steps: int, batch: int, valid, seed: int, devices=None) 
 
     params, batch_stats, _ = to_numpy(state)
     if mode == "pmap":
-        params, batch_stats, step1 = (jax.tree.map(lambda a: a[0], t) for t in (params, batch_stats, step1))
+        params, batch_stats, step1 = (
+            jax.tree.map(lambda a: a[0], t) for t in (params, batch_stats, step1)
+        )
     out = {"loss": np.asarray(losses, np.float32)}
-    for prefix, tree in (("params", params), ("batch_stats", batch_stats), ("step1_batch_stats", step1)):
+    for prefix, tree in (
+        ("params", params),
+        ("batch_stats", batch_stats),
+        ("step1_batch_stats", step1),
+    ):
         for key, value in traverse_util.flatten_dict(tree, sep="/").items():
             out[f"{prefix}/{key}"] = np.asarray(value)
     return out
@@ -341,24 +380,43 @@ def run_process(args: argparse.Namespace) -> dict[str, dict[str, np.ndarray]]:
         else:
             host = args.coordinator.rsplit(":", 1)[0]
             jax.distributed.initialize(
-                coordinator_address=args.coordinator, num_processes=args.num_processes,
+                coordinator_address=args.coordinator,
+                num_processes=args.num_processes,
                 process_id=args.process_id,
                 # A local run listens on loopback only (the default is every interface).
-                coordinator_bind_address=args.coordinator if host in ("127.0.0.1", "localhost") else None,
+                coordinator_bind_address=args.coordinator
+                if host in ("127.0.0.1", "localhost")
+                else None,
             )
     try:
-        print(f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local, "
-              f"{jax.device_count()} global {jax.devices()[0].platform} devices", flush=True)
-        results = {mode: train(mode, steps=args.steps, batch=args.batch, valid=args.valid, seed=args.seed)
-                   for mode in args.modes}
+        print(
+            f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local, "
+            f"{jax.device_count()} global {jax.devices()[0].platform} devices",
+            flush=True,
+        )
+        results = {
+            mode: train(mode, steps=args.steps, batch=args.batch, valid=args.valid, seed=args.seed)
+            for mode in args.modes
+        }
         for mode, result in results.items():
-            print(f"process {jax.process_index()} {mode:9s} losses " + " ".join(f"{v:.6f}" for v in result["loss"]),
-                  flush=True)
-        if distributed:  # how the launcher (or a user of a cluster run) collects each process's results
+            print(
+                f"process {jax.process_index()} {mode:9s} losses "
+                + " ".join(f"{v:.6f}" for v in result["loss"]),
+                flush=True,
+            )
+        if (
+            distributed
+        ):  # how the launcher (or a user of a cluster run) collects each process's results
             os.makedirs(args.out, exist_ok=True)
             path = os.path.join(args.out, f"process_{jax.process_index()}.npz")
-            np.savez(path, **{f"{mode}:{key}": value
-                              for mode, result in results.items() for key, value in result.items()})
+            np.savez(
+                path,
+                **{
+                    f"{mode}:{key}": value
+                    for mode, result in results.items()
+                    for key, value in result.items()
+                },
+            )
             print(f"process {jax.process_index()} wrote {path}", flush=True)
     finally:
         if distributed:
@@ -383,8 +441,9 @@ def load_results(path: str) -> dict[str, dict[str, np.ndarray]]:
     return results
 
 
-def launch(num_processes: int, argv: list[str], out: str, *, cpu_devices: int = 4,
-           timeout: float = 120.0) -> list[dict[str, dict[str, np.ndarray]]]:
+def launch(
+    num_processes: int, argv: list[str], out: str, *, cpu_devices: int = 4, timeout: float = 120.0
+) -> list[dict[str, dict[str, np.ndarray]]]:
     """Runs this script as ``num_processes`` processes on 127.0.0.1 and returns their results.
 
     Each child gets ``cpu_devices`` forced CPU devices (its own ``XLA_FLAGS``
@@ -397,17 +456,36 @@ def launch(num_processes: int, argv: list[str], out: str, *, cpu_devices: int = 
     port = free_port()
     env = dict(os.environ)
     flag = "--xla_force_host_platform_device_count"
-    env["XLA_FLAGS"] = " ".join([*(f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(flag)),
-                                 f"{flag}={cpu_devices}"])
+    env["XLA_FLAGS"] = " ".join(
+        [
+            *(f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(flag)),
+            f"{flag}={cpu_devices}",
+        ]
+    )
     env["JAX_PLATFORMS"] = "cpu"
     procs, logs = [], []
     try:
         for k in range(num_processes):
-            cmd = [sys.executable, os.path.abspath(__file__), *argv, "--coordinator", f"127.0.0.1:{port}",
-                   "--num-processes", str(num_processes), "--process-id", str(k), "--out", out]
-            stdout, stderr = (open(os.path.join(out, f"process_{k}.{s}"), "w") for s in ("out", "err"))
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                *argv,
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                str(num_processes),
+                "--process-id",
+                str(k),
+                "--out",
+                out,
+            ]
+            stdout, stderr = (
+                open(os.path.join(out, f"process_{k}.{s}"), "w") for s in ("out", "err")
+            )
             logs += [stdout, stderr]
-            procs.append(subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, start_new_session=True))
+            procs.append(
+                subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+            )
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
             if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
@@ -416,14 +494,18 @@ def launch(num_processes: int, argv: list[str], out: str, *, cpu_devices: int = 
     finally:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)  # the child's own group: it and anything it started
+                os.killpg(
+                    p.pid, signal.SIGKILL
+                )  # the child's own group: it and anything it started
             p.wait()
         for f in logs:
             f.close()
     codes = [p.returncode for p in procs]
     if any(codes):
-        report = [f"{num_processes} processes (pids {[p.pid for p in procs]}) on 127.0.0.1:{port}, exit codes {codes} "
-                  f"(negative: killed by that signal, after {timeout:.0f} s or a sibling's failure)"]
+        report = [
+            f"{num_processes} processes (pids {[p.pid for p in procs]}) on 127.0.0.1:{port}, exit codes {codes} "
+            f"(negative: killed by that signal, after {timeout:.0f} s or a sibling's failure)"
+        ]
         for k in range(num_processes):
             with open(os.path.join(out, f"process_{k}.err")) as f:
                 report.append(f"--- process {k} stderr (tail) ---\n" + f.read()[-4000:])
@@ -453,35 +535,75 @@ def compare(results: list[dict[str, dict[str, np.ndarray]]], rtol: float = 1e-6)
 def largest_difference(results: list[dict[str, dict[str, np.ndarray]]]) -> float:
     """The largest difference of any (process, mode) result from the first, over max(1, the array's magnitude)."""
     reference = results[0][next(iter(results[0]))]
-    return max(float(np.max(np.abs(result[key] - expected))) / max(1.0, float(np.max(np.abs(expected))))
-               for per_mode in results for result in per_mode.values() for key, expected in reference.items())
+    return max(
+        float(np.max(np.abs(result[key] - expected))) / max(1.0, float(np.max(np.abs(expected))))
+        for per_mode in results
+        for result in per_mode.values()
+        for key, expected in reference.items()
+    )
 
 
-def report(args: argparse.Namespace, results: list[dict[str, dict[str, np.ndarray]]], devices: str,
-           problems: list[str], started: float, argv: list[str] | None) -> None:
+def report(
+    args: argparse.Namespace,
+    results: list[dict[str, dict[str, np.ndarray]]],
+    devices: str,
+    problems: list[str],
+    started: float,
+    argv: list[str] | None,
+) -> None:
     """Writes ``multihost.md`` to ``args.out``: the setup, every process's and mode's losses, and the verdict."""
-    valid = "" if args.valid is None else f", valid examples per block {','.join(map(str, args.valid))}"
-    setup = (f"{len(results)} process(es), {devices}; global batch {args.batch}{valid}; {args.steps} SGD steps "
-             f"(lr {LEARNING_RATE}, momentum {SGD_MOMENTUM}), BatchNorm momentum {BN_MOMENTUM}, seed {args.seed}.")
-    table = markdown_table(["process", "mode", *(f"loss, step {i + 1}" for i in range(args.steps))],
-                           [[k, mode, *(f"{v:.6f}" for v in result["loss"])]
-                            for k, per_mode in enumerate(results) for mode, result in per_mode.items()])
+    valid = (
+        "" if args.valid is None else f", valid examples per block {','.join(map(str, args.valid))}"
+    )
+    setup = (
+        f"{len(results)} process(es), {devices}; global batch {args.batch}{valid}; {args.steps} SGD steps "
+        f"(lr {LEARNING_RATE}, momentum {SGD_MOMENTUM}), BatchNorm momentum {BN_MOMENTUM}, seed {args.seed}."
+    )
+    table = markdown_table(
+        ["process", "mode", *(f"loss, step {i + 1}" for i in range(args.steps))],
+        [
+            [k, mode, *(f"{v:.6f}" for v in result["loss"])]
+            for k, per_mode in enumerate(results)
+            for mode, result in per_mode.items()
+        ],
+    )
     first = results[0][args.modes[0]]
-    stats = markdown_table(["running statistic", "values"],
-                           [[key.removeprefix("batch_stats/"), np.array2string(first[key], precision=4,
-                                                                              max_line_width=10**6)]
-                            for key in sorted(first) if key.startswith("batch_stats/")])
-    verdict = (f"Every process and mode ends with the same losses, parameters and running statistics: the largest "
-               f"difference from process 0's {args.modes[0]} run is {largest_difference(results):.1e} of the "
-               "array's magnitude (at least 1), within float32 rounding (rtol 1e-6)." if not problems else
-               "The processes or modes DISAGREE beyond rtol 1e-6:\n\n" + "\n".join(f"- {p}" for p in problems))
-    body = (f"{setup}\n\n{table}\n\nRunning statistics after the last step (process 0, {args.modes[0]}):\n\n"
-            f"{stats}\n\n**What this shows.** {verdict}\n")
-    write_report(args.out, NAME, "Data-parallel BatchNorm on one or several processes", body, started=started,
-                 argv=argv)
+    stats = markdown_table(
+        ["running statistic", "values"],
+        [
+            [
+                key.removeprefix("batch_stats/"),
+                np.array2string(first[key], precision=4, max_line_width=10**6),
+            ]
+            for key in sorted(first)
+            if key.startswith("batch_stats/")
+        ],
+    )
+    verdict = (
+        f"Every process and mode ends with the same losses, parameters and running statistics: the largest "
+        f"difference from process 0's {args.modes[0]} run is {largest_difference(results):.1e} of the "
+        "array's magnitude (at least 1), within float32 rounding (rtol 1e-6)."
+        if not problems
+        else "The processes or modes DISAGREE beyond rtol 1e-6:\n\n"
+        + "\n".join(f"- {p}" for p in problems)
+    )
+    body = (
+        f"{setup}\n\n{table}\n\nRunning statistics after the last step (process 0, {args.modes[0]}):\n\n"
+        f"{stats}\n\n**What this shows.** {verdict}\n"
+    )
+    write_report(
+        args.out,
+        NAME,
+        "Data-parallel BatchNorm on one or several processes",
+        body,
+        started=started,
+        argv=argv,
+    )
 
 
-def strip_options(argv: list[str], with_value: tuple[str, ...], flags: tuple[str, ...]) -> list[str]:
+def strip_options(
+    argv: list[str], with_value: tuple[str, ...], flags: tuple[str, ...]
+) -> list[str]:
     """``argv`` without the options ``with_value`` (``--opt V`` or ``--opt=V``) and the ``flags``."""
     kept, skip = [], False
     for a in argv:
@@ -500,20 +622,30 @@ def main(argv: list[str] | None = None) -> Any:
     args = parse_args(argv)
     if args.launch is None:
         results = run_process(args)
-        if not (args.auto or args.num_processes > 1):  # a process of a multi-process run leaves process_K.npz
+        if not (
+            args.auto or args.num_processes > 1
+        ):  # a process of a multi-process run leaves process_K.npz
             import jax
 
             problems = compare([results])
             print("all modes agree" if not problems else "DISAGREE:\n" + "\n".join(problems))
-            report(args, [results], f"{jax.device_count()} {jax.devices()[0].platform} device(s)", problems,
-                   started, argv)
+            report(
+                args,
+                [results],
+                f"{jax.device_count()} {jax.devices()[0].platform} device(s)",
+                problems,
+                started,
+                argv,
+            )
         return results
     full_argv = list(sys.argv[1:] if argv is None else argv)
     # The children take the same options, less --launch N and where the results go (launch passes --out).
     child_argv = strip_options(full_argv, ("--launch", "--out"), ("--update-committed",))
     cpu_devices = 4
     with tempfile.TemporaryDirectory() as out:
-        results = launch(args.launch, child_argv, out, cpu_devices=cpu_devices, timeout=args.timeout)
+        results = launch(
+            args.launch, child_argv, out, cpu_devices=cpu_devices, timeout=args.timeout
+        )
         for k in range(args.launch):
             with open(os.path.join(out, f"process_{k}.out")) as f:
                 print(f.read(), end="")

@@ -42,8 +42,18 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (Split, check_args, example_parser, force_cpu_devices, load_digits, markdown_table,  # noqa: E402
-                    progress, pyplot, save_figure, write_report)
+from common import (  # noqa: E402
+    Split,
+    check_args,
+    example_parser,
+    force_cpu_devices,
+    load_digits,
+    markdown_table,
+    progress,
+    pyplot,
+    save_figure,
+    write_report,
+)
 
 NORMS = ("jaxbn", "flax", "none")
 
@@ -149,11 +159,7 @@ def make_model(norm: str) -> Any:
 
 
 def train_one(
-    norm: str,
-    data: tuple[np.ndarray, ...],
-    args: argparse.Namespace,
-    mesh: Any,
-    batch_size: int,
+    norm: str, data: tuple[np.ndarray, ...], args: argparse.Namespace, mesh: Any, batch_size: int
 ) -> dict[str, float]:
     """Trains and evaluates one model.
 
@@ -198,10 +204,7 @@ def train_one(
 
     def loss_fn(params, batch_stats, x, y):
         logits, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats},
-            x,
-            train=True,
-            mutable=["batch_stats"],
+            {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
         )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, updates.get("batch_stats", {})
@@ -358,18 +361,32 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     table = markdown_table(
         ["norm", "train loss", "test accuracy", "seconds", "compile seconds"],
-        [[norm, r["train_loss"], r["test_accuracy"], f"{r['seconds']:.1f}", f"{r['compile_seconds']:.1f}"]
-         for norm, r in results.items()],
+        [
+            [
+                norm,
+                r["train_loss"],
+                r["test_accuracy"],
+                f"{r['seconds']:.1f}",
+                f"{r['compile_seconds']:.1f}",
+            ]
+            for norm, r in results.items()
+        ],
         digits=4,
     )
-    setup = (f"{n_devices} {devices[0].platform} device(s), global batch {batch_size}, {args.epochs} epoch(s) of SGD "
-             f"(lr {args.lr:g}, momentum 0.9), seed {args.seed}; test accuracy with the running averages; seconds: "
-             "wall time of the run; compile seconds: the part before the first step.")
+    setup = (
+        f"{n_devices} {devices[0].platform} device(s), global batch {batch_size}, {args.epochs} epoch(s) of SGD "
+        f"(lr {args.lr:g}, momentum 0.9), seed {args.seed}; test accuracy with the running averages; seconds: "
+        "wall time of the run; compile seconds: the part before the first step."
+    )
     print(f"\n{setup}\n\n{table}")
     plot = plot_curves(results, args.out)
     write_report(
-        args.out, "train_digits", "Digits CNN: jaxbn vs flax.linen BatchNorm vs none",
-        f"{setup}\n\n{table}\n\n![curves]({plot.name})\n", started=started, argv=argv,
+        args.out,
+        "train_digits",
+        "Digits CNN: jaxbn vs flax.linen BatchNorm vs none",
+        f"{setup}\n\n{table}\n\n![curves]({plot.name})\n",
+        started=started,
+        argv=argv,
     )
     return results
 
@@ -385,7 +402,9 @@ def plot_curves(results: dict[str, dict[str, Any]], out_dir: pathlib.Path) -> pa
         loss_axes.plot(epochs, r["curves"]["train_loss"], marker="o", label=norm, **style)
         accuracy_axes.plot(epochs, r["curves"]["test_accuracy"], marker="o", label=norm, **style)
     loss_axes.set(xlabel="epoch", ylabel="mean training loss", yscale="log", title="training loss")
-    accuracy_axes.set(xlabel="epoch", ylabel="test accuracy (running averages)", title="test accuracy")
+    accuracy_axes.set(
+        xlabel="epoch", ylabel="test accuracy (running averages)", title="test accuracy"
+    )
     loss_axes.legend()
     return save_figure(figure, out_dir, "train_digits.png")
 
