@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,69 +35,48 @@ def _inverse_sqrt_jvp(primals, tangents):
 
 
 def affine_normalize(
-    x: jax.Array,
-    shift: jax.Array,
-    mean_minus_shift: jax.Array | None,
-    var: jax.Array,
-    params: Mapping[str, jax.Array],
-    reduction_axes: tuple[int, ...],
-    epsilon: Any,
-    compute_dtype: Any,
-    out_dtype: Any,
-    mask: jax.Array | None = None,
+    x, shift, var, params, reduction_axes, epsilon, compute_dtype, out_dtype, mask=None, offset=None
 ) -> jax.Array:
-    """``((x - shift) - mean_minus_shift) * rsqrt(var + eps) * scale + bias`` in one pass, the
-    per-feature factors computed once (:func:`jaxbn.stats.computed_once`); masked-out non-finite
-    elements count as 0."""
-
-    def expand(v):
-        return jnp.expand_dims(jnp.asarray(v, compute_dtype), reduction_axes)
-
+    """``((x - shift) - offset) * rsqrt(var + epsilon) * scale + bias`` over ``reduction_axes``
+    (``offset``: the mean minus the shift, if given) in one pass, the per-feature factors computed
+    once (:func:`jaxbn.stats.computed_once`); masked-out non-finite elements count as 0."""
+    expand = lambda v: jnp.expand_dims(jnp.asarray(v, compute_dtype), reduction_axes)
     multiplier = inverse_sqrt(jnp.asarray(var, compute_dtype) + epsilon)
     beyond = multiplier == 0  # a variance beyond the dtype: centred on 0, the output is the bias
     shift = jnp.where(beyond, 0, shift)
-    mean_minus_shift = None if mean_minus_shift is None else jnp.where(beyond, 0, mean_minus_shift)
+    offset = None if offset is None else jnp.where(beyond, 0, offset)
     if "scale" in params:
         multiplier = multiplier * jnp.asarray(params["scale"], compute_dtype)
-    shift, mean_minus_shift, multiplier = stats.computed_once(shift, mean_minus_shift, multiplier)
+    shift, offset, multiplier = stats.computed_once(shift, offset, multiplier)
     y = finite_outside_mask(x, mask).astype(compute_dtype) - expand(shift)
-    if mean_minus_shift is not None:
-        y = y - expand(mean_minus_shift)
+    if offset is not None:
+        y = y - expand(offset)
     y = y * expand(multiplier)
     if "bias" in params:
         y = y + expand(params["bias"])
     return y.astype(out_dtype)
 
 
-def fill_empty_features(batch: stats.Moments, running_mean: jax.Array, running_var: jax.Array
-                        ) -> stats.Moments:
+def fill_empty_features(batch: stats.Moments, running_mean, running_var) -> stats.Moments:
     """``batch`` with features without a valid element taking the (finite) running statistics."""
     empty = batch.count == 0
     mean = jnp.where(jnp.isfinite(running_mean), running_mean, 0).astype(batch.mean.dtype)
     var = jnp.where(jnp.isfinite(running_var) & (running_var >= 0), running_var, 1)
     var = var.astype(batch.var.dtype)
-    return batch._replace(
-        mean=jnp.where(empty, mean, batch.mean),
-        var=jnp.where(empty, var, batch.var),
-        mean_minus_shift=jnp.where(empty, mean - batch.shift, batch.mean_minus_shift),
-    )
+    filled = jnp.where(empty, mean, batch.mean), jnp.where(empty, var, batch.var)
+    offset = jnp.where(empty, mean - batch.shift, batch.mean_minus_shift)
+    return batch._replace(mean=filled[0], var=filled[1], mean_minus_shift=offset)
 
 
-#: The checkpoint name of the per-feature values the step's derivatives read (besides ``x``):
-#: the only residuals reverse mode saves.
-_RESIDUAL = "jaxbn_train_step"
+_RESIDUAL = "jaxbn_train_step"  # the per-feature values reverse mode saves (besides x)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def _train(x, scale, bias, outer_scale, outer_bias, plan: stats.Plan, inputs: tuple):
-    """``(y, batch Moments)``: ``x`` normalized with its batch statistics over ``plan.axes``, then
-    ``* scale + bias`` (per feature), then ``* outer_scale + outer_bias`` (any broadcasting shape).
-
-    ``inputs``: ``(shift, epsilon, mask, running_mean, running_var, correction_args)``; the shift
-    serves features whose first element is not valid, the running statistics features without a
-    valid element, and ``plan.correction(batch, running_mean, running_var, epsilon, *args)``, if
-    set, gives the per-feature ``(r, d)`` of ``y = scale (x̂ r + d) + bias``.
-    """
+    """``(y, batch Moments)``: ``x`` normalized with its batch statistics over ``plan.axes``,
+    ``* scale + bias`` (per feature), ``* outer_scale + outer_bias`` (broadcasting). ``inputs``:
+    ``(shift, epsilon, mask, running_mean, running_var, args)``, the running statistics for empty
+    features; ``plan.correction(batch, *inputs[3:5], epsilon, *args)`` gives ``(r, d)``, if set."""
     shift, epsilon, mask, running_mean, running_var, correction_args = inputs
     axes, dtype = plan.axes, plan.dtype
     shift = jnp.asarray(shift, dtype)
@@ -131,18 +109,9 @@ def _train(x, scale, bias, outer_scale, outer_bias, plan: stats.Plan, inputs: tu
 
 @_train.defjvp
 def _train_jvp(plan: stats.Plan, primals, tangents):
-    """The step's derivative, linear in the tangents and shaped so that its transpose is the
-    hand-written backward: two sums (of dy and of dy (x - K)), one collective, one pass for dx.
-
-    With x̂ = ((x - K) - (μ - K)) / σ, S1 = Σ m dx and S2 = Σ m x̂ dx (the sums over the valid
-    elements m, of every device):
-
-        dy = G dx + A + x̂ B,  G = γ r / σ,  A = -G S1 / n + d dγ + dβ,  B = -G S2 / n + r dγ,
-        d mean = S1 / n,  d var = 2 σ S2 / n,
-
-    written with (x - K) in place of x̂ (A and B absorb the constant), so that the transpose's
-    sums are Σ dy and Σ dy (x - K). Outer parameters multiply every term and add ``z dγ' + dβ'``.
-    """
+    """The step's derivative ``dy = G dx + A + x̂ B`` (``docs/internals.md``, section 3), linear in
+    the tangents, its transpose the hand-written backward; outer parameters multiply every term
+    and add ``z dγ' + dβ'``."""
     x, scale, bias, outer_scale, outer_bias, inputs = primals
     dx, dscale, dbias, douter_scale, douter_bias, _ = tangents
     _, epsilon, mask, running_mean, running_var, correction_args = inputs
@@ -161,10 +130,7 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
         gain = gain * r
     n = jnp.maximum(batch.count, 1)
     std = jnp.where(beyond, 0, 1 / jnp.where(beyond, 1, inv_std))
-
-    def expand(v):
-        return jnp.expand_dims(v, axes)
-
+    expand = lambda v: jnp.expand_dims(v, axes)
     dx = dx.astype(dtype)  # once: a half-precision cotangent is rounded once, at the end
     # x̂ itself, not (x - K) and 1/σ: the transpose's dx pass multiplies x̂ by a per-feature factor
     # of dy's scale (a factor 1/σ² would underflow for σ beyond ~1e13 in float32)
@@ -195,11 +161,8 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     (x_view,) = stats.cpu_barrier(x)
     centered_view = finite_outside_mask(x_view, mask).astype(dtype) - expand(centre)
     out = y.dtype
-
-    def per_feature(v):  # expanded, the outer scale folded in: small, broadcast where it is used
-        v = expand(v)
-        return v if outer_scale is None else v * outer_scale
-
+    # expanded, the outer scale folded in: small, broadcast where it is used
+    per_feature = lambda v: expand(v) if outer_scale is None else expand(v) * outer_scale
     (dy_b,) = stats.cpu_barrier((centered_view * per_feature(b)).astype(out))
     # (broadcast, then cast: the transpose sums a float32 cotangent)
     (dy_ab,) = stats.cpu_barrier(jnp.broadcast_to(per_feature(a), dy_b.shape).astype(out) + dy_b)
@@ -222,16 +185,13 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     return (y, batch), (dy, batch_tangent)
 
 
-#: Reverse mode keeps x and the named per-feature values, and recomputes the elementwise
-#: (x - K) in the backward instead of saving a full-size intermediate.
-_step = jax.checkpoint(_train, static_argnums=(5,), prevent_cse=False,
-                       policy=jax.checkpoint_policies.save_only_these_names(_RESIDUAL))
+# Reverse mode keeps x and the named per-feature values, and recomputes x - K in the backward.
+_policy = jax.checkpoint_policies.save_only_these_names(_RESIDUAL)
+_step = jax.checkpoint(_train, static_argnums=(5,), prevent_cse=False, policy=_policy)
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
-def batch_norm_train(
-    x: jax.Array, params: Mapping[str, jax.Array], plan: stats.Plan, inputs: tuple
-) -> tuple[jax.Array, stats.Moments]:
+def batch_norm_train(x: jax.Array, params: Mapping, plan: stats.Plan, inputs: tuple) -> tuple:
     """Batch norm's training step: ``(y, batch Moments)`` (see ``_train``), differentiable in
     forward and reverse mode, to any order, in ``x`` and ``params`` (not in ``inputs``)."""
     inputs = jax.tree_util.tree_map(lax.stop_gradient, inputs)
@@ -239,9 +199,7 @@ def batch_norm_train(
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
-def normalize_then_affine_train(
-    x: jax.Array, params: Mapping[str, jax.Array], plan: stats.Plan, epsilon: jax.Array, mask: Any
-) -> jax.Array:
+def normalize_then_affine_train(x, params: Mapping, plan: stats.Plan, epsilon, mask) -> jax.Array:
     """The training step without parameters of its own, then ``y * scale + bias`` with ``params``
     that broadcast to ``x`` (layer, group and instance norm: statistics per example, parameters per
     feature). A feature without a valid element has mean 0 and variance 0."""

@@ -1,13 +1,11 @@
-"""Batch norm as pure functions ``(inputs, params, state) -> (outputs, new state)``, with flax's
-``params`` (``{'scale', 'bias'}``) and ``batch_stats`` (``{'mean', 'var'}``, and ``'count'`` for
-``momentum=None``). ``docs/internals.md`` follows a training call."""
+"""Batch norm as pure functions ``(inputs, params, state) -> (outputs, new state)`` of flax's
+``params`` and ``batch_stats`` dicts; ``docs/internals.md`` follows a training call."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +13,7 @@ from jax import lax
 
 from jaxbn import _train_step, _validation, stats
 
-__all__ = ["normalize", "batch_norm", "batch_norm_init", "update_running_stats"]
+__all__ = ["batch_norm", "batch_norm_init", "normalize", "update_running_stats"]
 
 Params = Mapping[str, jax.Array]
 State = Mapping[str, jax.Array]
@@ -29,8 +27,8 @@ def batch_norm_init(
     use_bias: bool = True,
     cumulative: bool = False,
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """Creates batch-norm parameters (``scale = 1``, ``bias = 0``) and running statistics
-    (``mean = 0``, ``var = 1``, and ``count = 0`` if ``cumulative``), as flax initializes them.
+    """``(params, state)``: batch-norm parameters (``scale = 1``, ``bias = 0``) and running
+    statistics (``mean = 0``, ``var = 1``, and ``count = 0`` if ``cumulative``), as flax's.
 
     Args:
       num_features: the size of the feature axis (or a tuple of sizes).
@@ -39,11 +37,9 @@ def batch_norm_init(
       use_bias: include ``'bias'`` in the parameters.
       cumulative: add ``'count'``, the state of ``batch_norm(..., momentum=None)``.
 
-    Returns:
-      ``(params, state)``.
-
     Raises:
-      TypeError / ValueError: ``num_features`` or ``dtype`` that do not fit.
+      TypeError: a ``num_features`` or ``dtype`` of the wrong type.
+      ValueError: a ``num_features`` that is not positive.
 
     >>> params, state = batch_norm_init(3)
     >>> params['scale'], state['var']
@@ -51,9 +47,7 @@ def batch_norm_init(
     """
     shape = _validation.check_init(num_features, dtype)
     real_dtype = jnp.finfo(dtype).dtype  # of the variance and the parameters: float32 for complex64
-    params = {}
-    if use_scale:
-        params["scale"] = jnp.ones(shape, real_dtype)
+    params = {"scale": jnp.ones(shape, real_dtype)} if use_scale else {}
     if use_bias:
         params["bias"] = jnp.zeros(shape, real_dtype)
     state = {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, real_dtype)}
@@ -86,11 +80,9 @@ def normalize(
       epsilon: added to the variance, > 0.
       dtype: output dtype; default: the promotion of ``x``, ``scale`` and ``bias`` (flax's rule).
 
-    Returns:
-      The normalized array, shaped as ``x``.
-
     Raises:
-      TypeError / ValueError: an argument that does not fit (``docs/errors.md``).
+      TypeError: an argument of the wrong type or dtype (``docs/errors.md`` lists them).
+      ValueError: an argument of the wrong value or shape.
 
     >>> import jax.numpy as jnp
     >>> normalize(jnp.array([[1.0, 10.0], [3.0, 30.0]]), jnp.array([2.0, 20.0]),
@@ -102,7 +94,7 @@ def normalize(
         x, mean, var, scale, bias, axis, epsilon, dtype
     )
     with jax.named_scope("jaxbn.normalize"):
-        return _train_step.affine_normalize(x, mean, None, var, params, axes, epsilon, compute, out)
+        return _train_step.affine_normalize(x, mean, var, params, axes, epsilon, compute, out)
 
 
 def batch_norm(
@@ -123,18 +115,16 @@ def batch_norm(
     ghost_batch_size: int | None = None,
     return_moments: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]] | tuple[jax.Array, dict, stats.Moments | None]:
-    r"""Batch normalization with explicit running statistics.
+    r"""Batch normalization with explicit running statistics: ``(y, new_state)``, and with
+    ``return_moments`` the batch's :class:`jaxbn.Moments` (or None) too.
 
     Training normalizes with the batch's statistics (over every axis but ``axis``, and every
     device of ``axis_name``) and averages them into the state; inference uses ``state``:
-
-    .. math::
-        y = \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} \gamma + \beta,
-        \qquad
-        \text{state}' = m \cdot \text{state} + (1 - m) \cdot (\mu_B, \sigma_B^2)
-
-    with flax's momentum convention (PyTorch's is ``1 - m``). A non-finite batch leaves the state
-    unchanged; ``docs/internals.md`` describes the other edge cases and the derivative.
+    :math:`y = (x - \mu_B) / \sqrt{\sigma_B^2 + \epsilon} \cdot \gamma + \beta` and
+    :math:`\text{state}' = m \cdot \text{state} + (1 - m) \cdot (\mu_B, \sigma_B^2)`, with
+    flax's momentum convention (PyTorch's is ``1 - m``). A non-finite batch leaves the state
+    unchanged; ``docs/internals.md`` describes the other edge cases and the derivative, and
+    ``docs/options.md`` the options flax does not have.
 
     Args:
       x: floating or complex input, e.g. NHWC (``axis=-1``) or NCHW (``axis=1``).
@@ -143,23 +133,20 @@ def batch_norm(
       training: a Python bool: batch statistics (True) or running ones.
       update_running_stats: a Python bool, or None for ``training``.
       axis: the feature axis or axes.
-      momentum: in [0, 1], the weight of the old running statistics; None for the cumulative
-        average (``batch_norm_init(..., cumulative=True)``).
+      momentum: in [0, 1], the old statistics' weight; None: the cumulative average.
       unbiased_running_var: average ``var * n / (n - 1)`` into the state.
       epsilon: > 0, added to the variance; may be traced.
-      axis_name: device axis name(s) bound by ``pmap``/``shard_map``/``vmap``; None under ``jit``.
+      axis_name: device axis name(s) (``docs/multi_device.md``); None under ``jit``.
       axis_index_groups: optional subgroups of ``axis_name`` (pmap only).
       mask: optional boolean array broadcastable to ``x``: the elements the statistics count.
       dtype: output dtype; default: the promotion of ``x`` and the params.
       ghost_batch_size: None, or a divisor of the local batch: statistics per group of examples.
-      return_moments: also return the batch's :class:`jaxbn.Moments` (or None).
-
-    Returns:
-      ``(y, new_state)``, or ``(y, new_state, moments)``.
+      return_moments: a Python bool: also return the batch's moments.
 
     Raises:
-      TypeError / ValueError: at trace time, for any argument that does not fit (a zero-size
-        batch where statistics are taken included); see ``docs/errors.md``.
+      TypeError: at trace time, an argument of the wrong type or dtype (``docs/errors.md``).
+      ValueError: at trace time, an argument of the wrong value or shape, or a zero-size batch
+        where statistics are taken.
 
     >>> import jax.numpy as jnp
     >>> params, state = batch_norm_init(2)
@@ -171,12 +158,7 @@ def batch_norm(
     >>> state['mean']
     Array([0.1, 2. ], dtype=float32)
     """
-    call = _validation.check_batch_norm(
-        "batch_norm", x, params, state, training=training, axis=axis, momentum=momentum,
-        update_running_stats=update_running_stats, unbiased_running_var=unbiased_running_var,
-        epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
-        dtype=dtype, ghost_batch_size=ghost_batch_size, return_moments=return_moments,
-    )
+    call = _validation.check_batch_norm("batch_norm", **locals())  # (the arguments, by name)
     with jax.named_scope("jaxbn.batch_norm"):
         return apply_checked(call)
 
@@ -184,78 +166,76 @@ def batch_norm(
 def apply_checked(call: _validation.BatchNormCall) -> tuple:
     """:func:`batch_norm` (and :func:`jaxbn.batch_renorm`) of checked arguments: ``(y, new_state)``,
     and the batch moments (or None) with ``return_moments``."""
-    x, params, state, dtype = call.x, call.params, call.state, call.compute_dtype
-    batch = None
+    x, params, state, epsilon, plan = call.x, call.params, call.state, call.epsilon, call.plan
+    dtype, out, running, batch = plan.dtype, plan.out_dtype, (state["mean"], state["var"]), None
+    update, want_moments = call.update_running_stats, call.return_moments
     if not call.training:  # normalized with the running statistics
-        y = _train_step.affine_normalize(
-            x, state["mean"], None, state["var"], params, call.axes, call.epsilon, dtype,
-            call.out_dtype,
-        )
+        y = _train_step.affine_normalize(x, *running, params, plan.axes, epsilon, dtype, out)
     if call.single_value:
         y, batch = _single_value(call, None if call.training else y)
-    elif call.training or call.update or call.want_moments:  # batch statistics
-        x_stats, params_stats, mask, axes, shift = x, params, call.mask, call.axes, state["mean"]
-        running_mean, running_var = state["mean"], state["var"]
-        axis_name, groups = call.axis_name, call.groups
-        if call.ghost:  # statistics per ghost batch (an extra feature axis) and device
-            x_stats, mask, axes, params_stats, shift = _ghost_view(x, mask, axes, params, shift,
-                                                                    call.ghost)
-            running_mean, running_var = (jnp.broadcast_to(v, shift.shape)
-                                         for v in (running_mean, running_var))
-            axis_name, groups = None, None
-        plan = stats.Plan(axes, jnp.dtype(dtype), jnp.dtype(jnp.finfo(dtype).dtype), axis_name,
-                          groups, jnp.dtype(call.out_dtype), call.correction)
+    elif call.training or update or want_moments:  # batch statistics
+        x_stats, params_stats, mask, shift = x, params, call.mask, state["mean"]
+        if ghost := call.ghost_batch_size:  # statistics per ghost batch (a feature axis), device
+            groups = x.shape[0] // ghost
+            x_stats = x.reshape((groups, ghost) + x.shape[1:])  # (B/g, g, ...)
+            if mask is not None:
+                mask = jnp.reshape(mask, (1,) * (x_stats.ndim - 1 - mask.ndim) + mask.shape)
+                lead = (groups, ghost) if mask.shape[0] != 1 else (1, 1)
+                mask = mask.reshape(lead + mask.shape[1:])
+            axes = (1,) + tuple(i + 1 for i in plan.axes if i != 0)
+            params_stats = {k: _broadcast_to_groups(v, groups) for k, v in params.items()}
+            shift = jnp.broadcast_to(shift, (groups,) + shift.shape)
+            mean, var = (jnp.broadcast_to(v, shift.shape) for v in running)
+            running = mean, var
+            plan = plan._replace(axes=axes, axis_name=None, axis_index_groups=None)
         if not call.training:  # (empty features keep their state: no fallback needed)
             batch = stats.batch_moments(plan, x_stats, mask, jnp.asarray(shift, dtype))
         elif not jnp.iscomplexobj(x):  # the custom-JVP step
-            inputs = (shift, jnp.asarray(call.epsilon, dtype), mask, running_mean, running_var,
-                      tuple(jnp.asarray(v) for v in call.correction_args))
+            limits = () if plan.correction is None else (call.r_max, call.d_max)
+            args = tuple(map(jnp.asarray, limits))
+            inputs = (shift, jnp.asarray(epsilon, dtype), mask, *running, args)
             y, batch = _train_step.batch_norm_train(x_stats, params_stats, plan, inputs)
             y = y.reshape(x.shape)
         else:  # complex: JAX's autodiff through the statistics and the normalization
             shift = jnp.asarray(lax.stop_gradient(shift), dtype)
             batch = stats.batch_moments(plan, x_stats, mask, shift)
-            batch = _train_step.fill_empty_features(batch, running_mean, running_var)
-            y = _train_step.affine_normalize(
-                x_stats, batch.shift, batch.mean_minus_shift, batch.var, params_stats, axes,
-                jnp.asarray(call.epsilon, dtype), dtype, call.out_dtype, mask,
-            ).reshape(x.shape)
+            batch = _train_step.fill_empty_features(batch, *running)
+            epsilon = jnp.asarray(epsilon, dtype)
+            rest = (params_stats, plan.axes, epsilon, dtype, out, mask, batch.mean_minus_shift)
+            y = _train_step.affine_normalize(x_stats, batch.shift, batch.var, *rest)
+            y = y.reshape(x.shape)
     new_state = call.given_state
-    if call.update or call.want_moments:
-        if call.ghost:
-            batch = _combine_ghost_moments(batch, state["mean"], call.axis_name, call.groups)
-        if call.update:  # (one value per feature: unbiased, so that the variance is kept)
-            static = call.momentum is None or isinstance(call.momentum, (int, float))
-            average = _averaged_into_static_momentum if static else _averaged_into_jitted
-            new_state = average(state, batch, call.momentum, call.unbiased or call.single_value)
-    return (y, new_state, batch) if call.want_moments else (y, new_state)
+    if call.ghost_batch_size and (update or want_moments):
+        batch = _combine_ghost_moments(batch, state["mean"], call.plan)
+    if update:  # (one value per feature: unbiased, so that the variance is kept)
+        static = call.momentum is None or isinstance(call.momentum, (int, float))
+        average = _averaged_into_static_momentum if static else _averaged_into_jitted
+        unbiased = call.unbiased_running_var or call.single_value
+        new_state = average(state, batch, call.momentum, unbiased)
+    return (y, new_state, batch) if want_moments else (y, new_state)
 
 
 def _single_value(call: _validation.BatchNormCall, y: jax.Array | None) -> tuple:
     """One value per feature: the mean is ``x``, the variance 0. Training outputs ``(x - x)``
     normalized, exactly the bias, with flax's gradients: none into ``x`` or the scale."""
-    x, state, dtype = call.x, call.state, call.compute_dtype
+    x, state, params, plan, dtype = call.x, call.state, call.params, call.plan, call.plan.dtype
     mean = x.reshape(state["mean"].shape).astype(jnp.promote_types(x.dtype, dtype))  # d mean/dx = 1
-    shift = lax.stop_gradient(mean)
-    zeros = jnp.zeros(mean.shape, jnp.finfo(mean.dtype).dtype)
+    shift, zeros = lax.stop_gradient(mean), jnp.zeros(mean.shape, jnp.finfo(mean.dtype).dtype)
     batch = stats.Moments(mean, zeros, zeros + 1, shift, mean - shift)
     if y is not None:
         return y, batch
-    params = call.params
-    if call.correction is not None:  # y = scale (x_hat r + d) + bias, as the step folds it
+    if plan.correction is not None:  # y = scale (x_hat r + d) + bias, as the step folds it
         constants = jax.tree_util.tree_map(lax.stop_gradient, batch)  # (r, d) carry no gradient
-        epsilon = jnp.asarray(call.epsilon, dtype)
-        r, d = call.correction(constants, state["mean"], state["var"], epsilon,
-                               *map(jnp.asarray, call.correction_args))
+        running = (state["mean"], state["var"], jnp.asarray(call.epsilon, dtype))
+        limits = map(jnp.asarray, (call.r_max, call.d_max))
+        r, d = plan.correction(constants, *running, *limits)
         if "scale" in params:
             r, d = params["scale"].astype(r.dtype) * r, params["scale"].astype(d.dtype) * d
         params = {"scale": r, "bias": d + params["bias"].astype(d.dtype) if "bias" in params else d}
     wide = x.astype(dtype)  # x - x in the compute dtype: the two cotangents cancel there
-    y = _train_step.affine_normalize(
-        wide, wide.reshape(mean.shape), None, jnp.zeros_like(state["var"]), params, call.axes,
-        call.epsilon, dtype, call.out_dtype,
-    )
-    return y, batch
+    centre, var = wide.reshape(mean.shape), jnp.zeros_like(state["var"])
+    args = (params, plan.axes, call.epsilon, dtype, plan.out_dtype)
+    return _train_step.affine_normalize(wide, centre, var, *args), batch
 
 
 def _averaged_into(state: State, batch: stats.Moments, momentum: Any, unbiased: bool) -> dict:
@@ -279,10 +259,9 @@ def _averaged_into(state: State, batch: stats.Moments, momentum: Any, unbiased: 
             averaged = momentum * previous + (1 - momentum) * value
         averaged = jnp.where(jnp.isfinite(previous), averaged, value)  # a bad state is replaced
         new_state[key] = jnp.where(keep, averaged, old).astype(old.dtype)
-    for key in ("count", "steps"):
-        if key in state:
-            advanced = jnp.where(jnp.any(update), state[key] + 1, state[key])
-            new_state[key] = advanced.astype(state[key].dtype)
+    for key in [key for key in ("count", "steps") if key in state]:  # advanced with an update
+        advanced = jnp.where(jnp.any(update), state[key] + 1, state[key])
+        new_state[key] = advanced.astype(state[key].dtype)
     return new_state
 
 
@@ -298,8 +277,9 @@ def update_running_stats(
     momentum: float | None = 0.99,
     unbiased_running_var: bool = False,
 ) -> dict[str, jax.Array]:
-    """Averages batch moments into running statistics, as :func:`batch_norm`'s training step does
-    (with the same guards): after :func:`jaxbn.merge_moments`, one update per optimizer step.
+    """The running statistics with batch moments averaged in (the old state's keys and dtypes), as
+    :func:`batch_norm`'s training step does: after :func:`jaxbn.merge_moments`, one update per
+    optimizer step.
 
     Args:
       state: ``{'mean', 'var'}`` (and ``'count'`` for ``momentum=None``).
@@ -307,38 +287,23 @@ def update_running_stats(
       momentum: in [0, 1], or None for the cumulative average.
       unbiased_running_var: average ``var * n / (n - 1)`` into the state.
 
-    Returns:
-      The new state, with the old one's keys and dtypes.
-
     Raises:
-      TypeError / ValueError: a state, momentum or moments that do not fit.
+      TypeError: a state, momentum or moments of the wrong type or dtype.
+      ValueError: a state, momentum or moments of the wrong value, keys or shape.
 
     >>> import jax.numpy as jnp, jaxbn
     >>> x = jnp.arange(8.0).reshape(4, 2)
     >>> params, state = jaxbn.batch_norm_init(2)
-    >>> micro = [jaxbn.batch_norm(x[i:i + 2], params, state, training=True, momentum=0.9,
-    ...                           update_running_stats=False, return_moments=True)[2] for i in (0, 2)]
+    >>> kw = dict(training=True, momentum=0.9, update_running_stats=False, return_moments=True)
+    >>> micro = [jaxbn.batch_norm(x[i:i + 2], params, state, **kw)[2] for i in (0, 2)]
     >>> update_running_stats(state, jaxbn.merge_moments(micro), momentum=0.9)['mean']
     Array([0.3, 0.4], dtype=float32)
     """
-    checked = _validation.check_running_update(state, batch, momentum, unbiased_running_var)
+    unbiased = unbiased_running_var
+    checked = _validation.check_running_update(stats.Moments, state, batch, momentum, unbiased)
     static = momentum is None or isinstance(momentum, (int, float))
     average = _averaged_into_static_momentum if static else _averaged_into_jitted
-    return average(checked, batch, momentum, unbiased_running_var)
-
-
-def _ghost_view(x: jax.Array, mask: Any, axes: tuple[int, ...], params: Params, shift: jax.Array,
-                ghost: int) -> tuple:
-    """``x`` as ``(B/g, g, ...)``, the group axis a feature axis; mask, params, shift to match."""
-    groups = x.shape[0] // ghost
-    x = x.reshape((groups, ghost) + x.shape[1:])
-    if mask is not None:
-        mask = jnp.reshape(mask, (1,) * (x.ndim - 1 - mask.ndim) + mask.shape)
-        lead = (groups, ghost) if mask.shape[0] != 1 else (1, 1)
-        mask = mask.reshape(lead + mask.shape[1:])
-    axes = (1,) + tuple(i + 1 for i in axes if i != 0)
-    params = {key: _broadcast_to_groups(value, groups) for key, value in params.items()}
-    return x, mask, axes, params, jnp.broadcast_to(shift, (groups,) + shift.shape)
+    return average(checked, batch, momentum, unbiased)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -356,10 +321,10 @@ def _broadcast_to_groups_jvp(groups, primals, tangents):
     return _broadcast_to_groups(value, groups), tangent
 
 
-def _combine_ghost_moments(batch: stats.Moments, shift: jax.Array, axis_name: Any, groups: Any
-                           ) -> stats.Moments:
-    """The ghost batches' moments, count-weighted (with ``axis_name`` over every device's, in one
-    collective): ``mean = Σ n_k μ_k / Σ n_k``, ``var = Σ n_k σ²_k / Σ n_k``, count ``Σ n_k``."""
+def _combine_ghost_moments(batch, shift, plan: stats.Plan) -> stats.Moments:
+    """The ghost batches' moments, count-weighted (with ``plan.axis_name`` over every device's, in
+    one collective): ``mean = Σ n_k μ_k / Σ n_k``, ``var = Σ n_k σ²_k / Σ n_k``, count ``Σ n_k``."""
+    axis_name = plan.axis_name
     count = jnp.sum(batch.count, 0)
     if axis_name is None:
         # weights n_k / N: one group (g = B) gives its own statistics (to rounding)
@@ -370,7 +335,7 @@ def _combine_ghost_moments(batch: stats.Moments, shift: jax.Array, axis_name: An
         weighted_mean = jnp.sum(batch.count * batch.mean, 0)
         weighted_var = jnp.sum(batch.count * batch.var, 0).astype(dtype)
         count, weighted_mean, weighted_var = stats.cross_device_sum(
-            [count.astype(dtype), weighted_mean, weighted_var], axis_name, groups
+            [count.astype(dtype), weighted_mean, weighted_var], axis_name, plan.axis_index_groups
         )
         count, safe = count.real, jnp.maximum(count.real, 1)
         mean, var = weighted_mean / safe, weighted_var.real / safe

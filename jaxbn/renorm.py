@@ -19,20 +19,11 @@ __all__ = ["batch_renorm", "renorm_clipping"]
 check_renorm_limits = _validation.check_renorm_limits  # (the Flax modules check limits with it)
 
 
-def renorm_correction(
-    batch: stats.Moments,
-    running_mean: jax.Array,
-    running_var: jax.Array,
-    epsilon: jax.Array,
-    r_max: jax.Array,
-    d_max: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """Batch renormalization's ``(r, d)``, constants for autodiff.
-
-    ``r = clip(σ_B / σ, 1/r_max, r_max)`` and ``d = clip((μ_B - μ) / σ, -d_max, d_max)``, with
-    ``σ_B, σ = sqrt(var + eps)`` of the batch and the running statistics and ``μ_B - μ`` taken as
-    ``(K - μ) + (μ_B - K)`` (``K``: the batch's shift), exact at a large offset.
-    """
+def renorm_correction(batch: stats.Moments, running_mean, running_var, epsilon, r_max, d_max):
+    """Batch renormalization's ``(r, d)``, constants for autodiff: ``r = clip(σ_B / σ, 1/r_max,
+    r_max)`` and ``d = clip((μ_B - μ) / σ, -d_max, d_max)``, with ``σ_B, σ = sqrt(var + eps)`` of
+    the batch and the running statistics and ``μ_B - μ`` taken as ``(K - μ) + (μ_B - K)`` (``K``:
+    the batch's shift), exact at a large offset."""
     limits = (running_mean, running_var, r_max, d_max)
     running_mean, running_var, r_max, d_max = (jnp.asarray(v, batch.var.dtype) for v in limits)
     running_std = jnp.sqrt(running_var + epsilon)
@@ -55,25 +46,23 @@ def renorm_clipping(
     r_max_steps: int = 40000,
     d_max_steps: int = 25000,
 ) -> tuple[jax.Array, jax.Array]:
-    r"""Batch renormalization's clipping schedule (Ioffe, 2017): ``(r_max, d_max)`` at ``step``.
-
-    Plain batch norm (``r_max = 1``, ``d_max = 0``) up to ``warmup_steps``, then each limit is
-    relaxed linearly to its final value at ``r_max_steps`` / ``d_max_steps``; the defaults are
-    the paper's.
+    r"""Batch renormalization's clipping schedule (Ioffe, 2017): ``(r_max, d_max)`` at ``step``,
+    plain batch norm (``r_max = 1``, ``d_max = 0``) up to ``warmup_steps``, then each limit relaxed
+    linearly to its final value at ``r_max_steps`` / ``d_max_steps``; the defaults are the paper's.
 
     Args:
-      step: the training step (0 for the first), an int or float scalar or array, maybe traced.
+      step: the training step (0 for the first), an int or float scalar or array, maybe traced;
+        the limits returned are float32 arrays of its shape.
       r_max: final ``r_max``, finite and >= 1.
       d_max: final ``d_max``, finite and >= 0.
       warmup_steps: steps of plain batch norm, >= 0.
       r_max_steps: the step at which ``r_max`` is reached, >= ``warmup_steps``.
       d_max_steps: the step at which ``d_max`` is reached, >= ``warmup_steps``.
 
-    Returns:
-      ``(r_max, d_max)`` at ``step``, float32 arrays of ``step``'s shape.
-
     Raises:
-      TypeError / ValueError: limits, step counts or ``step`` that do not fit.
+      TypeError: a ``step`` that is not an integer or float scalar or array, or limits that are
+        not real numbers.
+      ValueError: limits or step counts out of range, or not Python numbers.
 
     >>> import jax.numpy as jnp
     >>> r_max, d_max = renorm_clipping(jnp.array([0, 5000, 15000, 25000, 40000, 10**6]))
@@ -83,20 +72,27 @@ def renorm_clipping(
     for name, value, lower in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
         number = _validation.static_float(value, name, f"a finite number >= {lower:g}")
         if number is None or not (np.isfinite(number) and number >= lower):
-            raise ValueError(f"renorm_clipping's {name} must be a finite Python number >= {lower:g}, got {value!r}.")
-    for name, value in (("warmup_steps", warmup_steps), ("r_max_steps", r_max_steps), ("d_max_steps", d_max_steps)):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"{name} must be a non-negative Python int, got {value!r}.")
-        if name != "warmup_steps" and value < warmup_steps:
             raise ValueError(
-                f"{name}={value} is before warmup_steps={warmup_steps}: the limit is relaxed only after "
-                f"warm-up, so {name} must be >= warmup_steps."
+                f"renorm_clipping's {name} must be a finite Python number >= {lower:g}, got "
+                f"{value!r}."
+            )
+    steps = {"warmup_steps": warmup_steps, "r_max_steps": r_max_steps, "d_max_steps": d_max_steps}
+    for name, value in steps.items():
+        integer = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+        if not integer or value < 0:
+            raise ValueError(f"{name} must be a non-negative Python int, got {value!r}.")
+        if value < warmup_steps:
+            raise ValueError(
+                f"{name}={value} is before warmup_steps={warmup_steps}: the limit is relaxed only "
+                f"after warm-up, so {name} must be >= warmup_steps."
             )
     dtype = getattr(step, "dtype", None)
     if dtype is None:
-        dtype = np.asarray(step).dtype if isinstance(step, (str, bytes)) else jnp.asarray(step).dtype
-    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
-        raise TypeError(f"step must be an integer or float scalar or array, got {step!r} of dtype {dtype}.")
+        dtype = (np.asarray if isinstance(step, (str, bytes)) else jnp.asarray)(step).dtype
+    if not _validation.is_real_dtype(dtype):
+        raise TypeError(
+            f"step must be an integer or float scalar or array, got {step!r} of dtype {dtype}."
+        )
     t = jnp.asarray(step).astype(jnp.float32)
 
     def progress(end):
@@ -130,28 +126,22 @@ def batch_renorm(
     r"""Batch renormalization (Ioffe, 2017) with explicit running statistics.
 
     Training normalizes with the batch statistics, then corrects towards the running ones (for
-    small or non-i.i.d. batches):
-
-    .. math::
-        y = \gamma\,(\hat x\, r + d) + \beta, \qquad
-        r = \mathrm{sg}\Big(\mathrm{clip}_{[1/r_{max},\, r_{max}]}\frac{\sigma_B}{\sigma}\Big), \qquad
-        d = \mathrm{sg}\Big(\mathrm{clip}_{[-d_{max},\, d_{max}]}\frac{\mu_B - \mu}{\sigma}\Big),
-
-    with :math:`\hat x` batch norm's, :math:`\mu, \sigma` from ``state`` and ``sg`` a
-    stop-gradient; ``r_max = 1, d_max = 0`` is :func:`jaxbn.batch_norm`. The other arguments,
-    the running statistics and inference are batch norm's (``x`` real in training); ``state``
-    may hold an int scalar ``'steps'``, advanced with every update (scheduled limits read it).
+    small or non-i.i.d. batches): :math:`y = \gamma\,(\hat x\, r + d) + \beta` with
+    :math:`r = \mathrm{sg}(\mathrm{clip}_{[1/r_{max},\, r_{max}]}\, \sigma_B / \sigma)` and
+    :math:`d = \mathrm{sg}(\mathrm{clip}_{[-d_{max},\, d_{max}]}\, (\mu_B - \mu) / \sigma)`,
+    :math:`\hat x` batch norm's, :math:`\mu, \sigma` from ``state`` and ``sg`` a
+    stop-gradient; ``r_max = 1, d_max = 0`` is :func:`jaxbn.batch_norm`. The other arguments, the
+    outputs, the running statistics and inference are batch norm's (``x`` real in training);
+    ``state`` may hold an int scalar ``'steps'``, advanced with every update (for schedules).
 
     Args:
       r_max: >= 1, the bound of ``r`` (``inf``: unbounded); a number or a scalar array,
         possibly traced (e.g. ``renorm_clipping(step)[0]``), which cannot be checked.
       d_max: >= 0, the bound of ``|d|``; as ``r_max``.
 
-    Returns:
-      ``(y, new_state)``, or ``(y, new_state, moments)`` with ``return_moments=True``.
-
     Raises:
-      TypeError / ValueError: as :func:`jaxbn.batch_norm`, and for limits that do not fit.
+      TypeError: as :func:`jaxbn.batch_norm`, and for limits that are not real scalars.
+      ValueError: as :func:`jaxbn.batch_norm`, and for limits out of range.
 
     >>> import jax.numpy as jnp
     >>> from jaxbn import batch_norm_init
@@ -163,12 +153,6 @@ def batch_renorm(
     Array([[0., 2.],
            [2., 8.]], dtype=float32)
     """
-    call = _validation.check_batch_norm(
-        "batch_renorm", x, params, state, training=training, axis=axis, momentum=momentum,
-        update_running_stats=update_running_stats, unbiased_running_var=unbiased_running_var,
-        epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
-        dtype=dtype, ghost_batch_size=ghost_batch_size, return_moments=return_moments,
-        correction=renorm_correction, limits=(r_max, d_max),
-    )
+    call = _validation.check_batch_norm("batch_renorm", renorm_correction, **locals())
     with jax.named_scope("jaxbn.batch_renorm"):
         return functional.apply_checked(call)

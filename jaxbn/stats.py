@@ -16,10 +16,10 @@ from jax import lax
 from jax.interpreters import ad, batching, mlir
 
 from jaxbn import _validation
-from jaxbn._validation import axis_size
+from jaxbn._validation import Plan, axis_size
 
-__all__ = ["Moments", "moments", "merge_moments", "merge_stacked", "all_gather", "cross_device_sum",
-           "axis_size"]
+__all__ = ["Moments", "all_gather", "axis_size", "cross_device_sum", "merge_moments"]
+__all__ += ["merge_stacked", "moments"]
 
 AxisName = Any  # a hashable name or a tuple of names
 
@@ -38,22 +38,9 @@ class Moments(NamedTuple):
 
     mean: jax.Array
     var: jax.Array
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     shift: jax.Array
     mean_minus_shift: jax.Array
-
-
-class Plan(NamedTuple):
-    """The static configuration of the statistics (and of a training step: ``out_dtype``,
-    ``correction``); ``dtype`` is the compute dtype, at least float32."""
-
-    axes: tuple[int, ...]
-    dtype: Any
-    real_dtype: Any
-    axis_name: AxisName | None
-    axis_index_groups: tuple[tuple[int, ...], ...] | None
-    out_dtype: Any = None
-    correction: Any = None
 
 
 def moments(
@@ -67,55 +54,49 @@ def moments(
     shift: jax.Array | None = None,
     source: jax.Array | None = None,
 ) -> Moments:
-    """Mean and variance over ``axes``, exact across devices and at any offset: two passes around
-    an element of the batch, and with ``axis_name`` one ``all_gather`` of every device's moments.
+    """The :class:`Moments` of ``x`` over ``axes``, exact across devices and at any offset: two
+    passes around an element of the batch, with ``axis_name`` one ``all_gather`` of every device's.
 
     Args:
       x: floating or complex input (complex: real variance ``E|x - mean|^2``).
       axes: the axes to reduce (an int or a sequence).
       mask: optional boolean array broadcastable to ``x``: only ``True`` elements count.
-      axis_name: device axis name(s) bound by ``pmap``, ``shard_map`` or ``vmap`` to reduce
-        over as well; None under plain ``jit`` (XLA reduces over a sharded batch itself).
+      axis_name: device axis name(s) to reduce over as well; None under plain ``jit``.
       axis_index_groups: optional subgroups of ``axis_name`` (pmap only).
       dtype: optional minimum dtype for the statistics (always at least float32).
-      shift: optional reference point (no gradient) for a feature whose first element is
-        masked out or not finite (0 if not given).
+      shift: a reference point (no gradient) where a feature's first element is not valid.
       source: optional, ``x``'s values in a narrower dtype (``x`` is its cast), read instead.
 
-    Returns:
-      :class:`Moments` with arrays of shape ``x.shape`` without ``axes``.
-
     Raises:
-      TypeError / ValueError: an argument that does not fit (``docs/errors.md``).
+      TypeError: an argument of the wrong type or dtype (``docs/errors.md`` lists them).
+      ValueError: an argument of the wrong value or shape, or an unbound ``axis_name``.
 
     >>> import jax.numpy as jnp
     >>> x = jnp.array([[1e4 + 1.0, 2.0], [1e4 - 1.0, 4.0]])
     >>> m = moments(x, axes=0)
-    >>> m.mean, m.var, m.count
-    (Array([10000.,     3.], dtype=float32), Array([1., 1.], dtype=float32), Array([2., 2.], dtype=float32))
+    >>> m.mean, m.var
+    (Array([10000.,     3.], dtype=float32), Array([1., 1.], dtype=float32))
     >>> moments(x, 0, mask=jnp.array([[True], [False]])).count
     Array([1., 1.], dtype=float32)
     """
-    x, axes, mask, source, groups, stats_dtype, real_dtype = _validation.check_moments(
+    x, plan, mask, source = _validation.check_moments(
         x, axes, mask, axis_name, axis_index_groups, dtype, source
     )
-    feature_shape = tuple(x.shape[i] for i in range(x.ndim) if i not in axes)
+    feature_shape = tuple(x.shape[i] for i in range(x.ndim) if i not in plan.axes)
+    shift = jnp.asarray(0 if shift is None else shift, plan.dtype)
     try:
-        shift = jnp.broadcast_to(jnp.asarray(0 if shift is None else shift, stats_dtype),
-                                 feature_shape)
+        shift = jnp.broadcast_to(shift, feature_shape)
     except ValueError:
         raise ValueError(
-            f"shift of shape {jnp.shape(shift)} does not broadcast to the reduced "
-            f"shape {feature_shape} (the input shape {x.shape} without axes {axes})."
+            f"shift of shape {jnp.shape(shift)} does not broadcast to the reduced shape "
+            f"{feature_shape} (the input shape {x.shape} without axes {plan.axes})."
         ) from None
-    plan = Plan(axes, stats_dtype, real_dtype, axis_name, groups)
     with jax.named_scope("jaxbn.moments"):
         source = None if source is None else lax.stop_gradient(source)
         return batch_moments(plan, x, mask, shift, source)
 
 
-def batch_moments(plan: Plan, x: jax.Array, mask: Any, shift: jax.Array, source: Any = None
-                  ) -> Moments:
+def batch_moments(plan: Plan, x: jax.Array, mask: Any, shift: jax.Array, source=None) -> Moments:
     """:func:`moments` of checked arguments (``shift`` of the reduced shape, in ``plan.dtype``)."""
     fallback = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
     count, shift, offset, var = _shifted_moments(plan, x, mask, fallback, source)
@@ -124,14 +105,14 @@ def batch_moments(plan: Plan, x: jax.Array, mask: Any, shift: jax.Array, source:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _shifted_moments(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Array, source: Any = None):
-    """:func:`_statistics` of ``source`` (if given) or ``x``; ``K`` is constant to the derivative."""
+    """:func:`_statistics` of ``source`` (if given) or ``x``; ``K`` constant to the derivative."""
     return _statistics(plan, x if source is None else source, mask, fallback)
 
 
 @_shifted_moments.defjvp
 def _shifted_moments_jvp(plan, primals, tangents):
     x, mask, fallback, source = primals
-    count, shift, offset, var = out = _shifted_moments(plan, x, mask, fallback, source)
+    count, shift, offset, _ = out = _shifted_moments(plan, x, mask, fallback, source)
     shift, offset = lax.stop_gradient(shift), lax.stop_gradient(offset)
     dx = tangents[0]
     # Linear in dx (no optimization barrier: reverse mode transposes this).
@@ -145,37 +126,28 @@ def _shifted_moments_jvp(plan, primals, tangents):
     # d|d|^2 = 2 Re(conj(d) dd): 2 d dd for real input
     d_square = 2 * (centered.conj() * dx).real if jnp.iscomplexobj(centered) else 2 * centered * dx
     sums = [jnp.sum(dx, plan.axes), jnp.sum(d_square, plan.axes)]
-    if jnp.iscomplexobj(sums[0]):
-        d_mean_re, d_mean_im, d_var = cross_device_sum(
-            [sums[0].real, sums[0].imag, sums[1]], plan.axis_name, plan.axis_index_groups
-        )
-        d_mean = lax.complex(d_mean_re, d_mean_im)
-    else:
-        d_mean, d_var = cross_device_sum(sums, plan.axis_name, plan.axis_index_groups)
+    if jnp.iscomplexobj(sums[0]):  # one collective of real parts
+        sums = [sums[0].real, sums[0].imag, sums[1]]
+    *d_mean, d_var = cross_device_sum(sums, plan.axis_name, plan.axis_index_groups)
+    d_mean = lax.complex(*d_mean) if len(d_mean) == 2 else d_mean[0]
     safe_count = jnp.maximum(count, 1)
     zeros = jnp.zeros_like(count), jnp.zeros_like(shift)
     return out, (*zeros, d_mean / safe_count, d_var / safe_count)
 
 
-_INT = {32: jnp.int32, 64: jnp.int64}
-
-
 def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Array) -> tuple:
-    """``(count, shift K, mean - K, variance)`` of the valid elements of every device.
-
-    ``K`` is this device's first valid, finite element along the axes (``fallback`` where there
-    is none). Pass one sums ``d = x - K`` and ``|d|``, pass two ``|s (d - mean(d))|^2`` with ``s``
-    a power of two that keeps every square finite; no step depends on a decision taken from the
-    data. With ``plan.axis_name`` the devices' moments are merged after one collective.
-    """
+    """``(count, shift K, mean - K, variance)`` of the valid elements of every device, ``K`` this
+    device's first valid, finite element along the axes (else ``fallback``): two passes, then with
+    ``plan.axis_name`` one collective (``docs/internals.md`` describes the scaling)."""
     axes, dtype, real = plan.axes, plan.dtype, plan.real_dtype
     info = jnp.finfo(real)
-    top, int_type = info.maxexp - 1, _INT[info.bits]  # the greatest normal exponent
+    top = info.maxexp - 1  # the greatest normal exponent
+    int_type = {32: jnp.int32, 64: jnp.int64}[info.bits]
     size = math.prod(x.shape[i] for i in axes)
     if any(isinstance(x.shape[i], int) and x.shape[i] == 0 for i in axes):  # no element to take
         shift = fallback
     elif mask is None:  # x at index 0 of each axis (gathered along an explicitly sharded one)
-        sharding = getattr(jax.typeof(x), "sharding", None)
+        sharding: Any = getattr(jax.typeof(x), "sharding", None)
         spec, value = tuple(getattr(sharding, "spec", None) or ()), x
         for axis in [axis for axis in axes if axis < len(spec) and spec[axis] is not None]:
             spec = tuple(None if i == axis else part for i, part in enumerate(spec))
@@ -192,7 +164,7 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     if isinstance(size, int):
         log_size = max(size - 1, 0).bit_length()  # ceil(log2 size)
         exponents = (top - 1 - log_size, -2 - log_size, 2 + log_size)
-        near, s0_far, u0_far = (np.asarray(2.0 ** e, real) for e in exponents)
+        near, s0_far, u0_far = (np.asarray(2.0**e, real) for e in exponents)
     else:  # a symbolic size (jax.export): the same powers of two, built from their exponent bits
         log_size = jnp.ceil(jnp.log2(jnp.maximum(jnp.asarray(size, real), 1))).astype(int_type)
         near, s0_far, u0_far = (
@@ -226,14 +198,14 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     # Σ|s2 (d - mean(d))|^2 <= (2 s2 Σ|d|)^2 stays below 2^(top - 1)
     bits = int_type(info.nmant)
     biased = lax.shift_right_logical(lax.bitcast_convert_type(spread, int_type), bits)
-    exponent = lax.clamp(int_type(1), int_type(top // 2 - 2 + 2 * top) - biased,
-                         int_type(2 * top - 1))
-    s2, u2 = (lax.bitcast_convert_type(lax.shift_left(e, bits), real)
-              for e in (exponent, int_type(2 * top) - exponent))
+    lowest, highest = int_type(1), int_type(2 * top - 1)
+    exponent = lax.clamp(lowest, int_type(top // 2 - 2 + 2 * top) - biased, highest)
+    inverse = int_type(2 * top) - exponent
+    s2, u2 = (lax.bitcast_convert_type(lax.shift_left(e, bits), real) for e in (exponent, inverse))
     d = deviation(*cpu_barrier(x, scaled_shift, mask, s0, offset0, s2))
     second = jnp.sum(d.real * d.real + d.imag * d.imag if jnp.iscomplexobj(d) else d * d, axes)
     # first sums beyond the dtype (values far beyond |K| near the maximum): a variance beyond it
-    beyond = (spread == np.inf) & (first == first)
+    beyond = (spread == np.inf) & (first == first)  # noqa: PLR0124 (first is not NaN)
     offset0, second = jnp.where(beyond, 0, offset0), jnp.where(beyond, np.inf, second)
     # unscaled one power of two at a time (a/s/s would become a/(s*s), which may overflow); the mean
     # as (its rounding, the rest): K + offset may be representable where offset is not
@@ -254,7 +226,7 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
 _statistics = _two_pass_statistics
 
 
-def _first_valid(x: jax.Array, mask: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+def _first_valid(x: jax.Array, mask: jax.Array, axes: tuple[int, ...]) -> tuple:
     """Per feature, the first valid element of ``x`` along ``axes`` and whether there is one."""
     position = jnp.zeros(x.shape, jnp.int32)
     for axis in axes:
@@ -264,7 +236,7 @@ def _first_valid(x: jax.Array, mask: jax.Array, axes: tuple[int, ...]) -> tuple[
     found = first < none
     first = first_flat = jnp.where(found, first, 0)
     feature_axes = [i for i in range(x.ndim) if i not in axes]
-    index = [None] * x.ndim
+    index: list[Any] = [None] * x.ndim
     for axis in reversed(axes):
         index[axis], first = first % x.shape[axis], first // x.shape[axis]
     for k, axis in enumerate(feature_axes):
@@ -278,19 +250,16 @@ def _first_valid(x: jax.Array, mask: jax.Array, axes: tuple[int, ...]) -> tuple[
 
 
 def merge_moments(parts: Sequence[Moments]) -> Moments:
-    r"""The moments of several batches together, from each batch's :class:`Moments`.
-
-    The exact count-weighted combination (:func:`moments` of the concatenated batches, up to
-    rounding): ``n = Σ n_i``, ``μ = Σ n_i μ_i / n``, ``σ² = Σ n_i (σ_i² + (μ_i - μ)²) / n``.
+    r"""The :class:`Moments` of several batches together, from each batch's: the exact
+    count-weighted combination (:func:`moments` of the concatenated batches, up to rounding),
+    ``n = Σ n_i``, ``μ = Σ n_i μ_i / n``, ``σ² = Σ n_i (σ_i² + (μ_i - μ)²) / n``.
 
     Args:
       parts: one or more :class:`Moments` of the same shape.
 
-    Returns:
-      Their :class:`Moments`.
-
     Raises:
-      TypeError / ValueError: ``parts`` is not a non-empty sequence of one shape.
+      TypeError: ``parts`` is not a sequence of :class:`Moments`.
+      ValueError: ``parts`` is empty, or its moments have different shapes.
 
     >>> import jax.numpy as jnp
     >>> x = jnp.array([[1.0], [2.0], [3.0], [10.0]])
@@ -300,20 +269,23 @@ def merge_moments(parts: Sequence[Moments]) -> Moments:
     """
     if isinstance(parts, Moments):
         raise TypeError(
-            "parts must be a sequence of Moments, got a single Moments; pass a list, e.g. [moments]."
+            "parts must be a sequence of Moments, got a single Moments; pass a list, e.g. "
+            "[moments]."
         )
     parts = list(parts)
     if not parts:
         raise ValueError(f"parts must be a non-empty sequence of Moments, got {parts!r}.")
     for i, part in enumerate(parts):
         if not isinstance(part, Moments):
-            raise TypeError(f"parts must be a non-empty sequence of Moments, but parts[{i}] is a "
-                            f"{type(part).__name__}.")
+            kind = type(part).__name__
+            raise TypeError(
+                f"parts must be a non-empty sequence of Moments, but parts[{i}] is a {kind}."
+            )
     shapes = {jnp.shape(part.mean) for part in parts}
     if len(shapes) != 1:
         raise ValueError(f"parts must all have one shape, got {sorted(shapes)}.")
-    fields = [jnp.stack(jnp.broadcast_arrays(*(getattr(part, name) for part in parts)))
-              for name in ("count", "shift", "mean_minus_shift", "var")]
+    names = ("count", "shift", "mean_minus_shift", "var")
+    fields = [jnp.stack(jnp.broadcast_arrays(*(getattr(p, name) for p in parts))) for name in names]
     total, shift, offset, spread = merge_stacked(*fields)
     return Moments(shift + offset, spread, total, shift, offset)
 
@@ -328,8 +300,7 @@ def merge_stacked(count, shift, offset, var) -> tuple[jax.Array, ...]:
 
 def _merge(count, shift, offset, var, total, common) -> tuple[jax.Array, ...]:
     """Chan's merge of parts, summed by ``total``, around ``common(weights)`` (near every shift)."""
-    has_data = count > 0
-    n = total(count)
+    has_data, n = count > 0, total(count)
     weight = count / jnp.maximum(n, 1)
     reference = common(weight)
     # where, not a product: an empty part's distance may be anything, and 0 * inf is NaN
@@ -344,26 +315,18 @@ def _merge_devices(plan: Plan, count, shift, offset, var) -> tuple[jax.Array, ..
     everywhere); ``vmap`` axes inside ``shard_map`` (lanes) after the mesh axes, by sums."""
     names = plan.axis_name if isinstance(plan.axis_name, tuple) else (plan.axis_name,)
     manual = _manual_mesh_axes()
-    lanes = tuple(name for name in names if manual and name not in manual)
-    if lanes:
-        mesh = tuple(name for name in names if name in manual)
-        if mesh:
+    if lanes := tuple(name for name in names if manual and name not in manual):
+        if mesh := tuple(name for name in names if name in manual):
             count, shift, offset, var = _merge_devices(
                 plan._replace(axis_name=mesh), count, shift, offset, var
             )
-        total = functools.partial(_lane_sum, lanes=lanes)
+        total = functools.partial(_lane_sum.bind, lanes=lanes)
         return _merge(count, shift, offset, var, total, lambda weight: total(weight * shift))
-    is_complex = jnp.iscomplexobj(shift)
-    if is_complex:
-        parts = [count, shift.real, shift.imag, offset.real, offset.imag, var]
-    else:
-        parts = [count, shift, offset, var]
-    gathered = all_gather(jnp.stack(parts), plan.axis_name, plan.axis_index_groups)
-    if is_complex:
-        count, shift_re, shift_im, offset_re, offset_im, var = (gathered[:, i] for i in range(6))
-        shift, offset = lax.complex(shift_re, shift_im), lax.complex(offset_re, offset_im)
-    else:
-        count, shift, offset, var = (gathered[:, i] for i in range(4))
+    is_complex = jnp.iscomplexobj(shift)  # gathered as real and imaginary parts
+    parts = [shift.real, shift.imag, offset.real, offset.imag] if is_complex else [shift, offset]
+    gathered = all_gather(jnp.stack([count, *parts, var]), plan.axis_name, plan.axis_index_groups)
+    count, *parts, var = (gathered[:, i] for i in range(len(parts) + 2))
+    shift, offset = (lax.complex(*parts[:2]), lax.complex(*parts[2:])) if is_complex else parts
     return merge_stacked(count, shift, offset, var)
 
 
@@ -373,57 +336,44 @@ def all_gather(value: jax.Array, axis_name: AxisName, axis_index_groups: Any = N
     axis_size(axis_name, axis_index_groups)  # a clear error for an unbound name
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
     manual = _manual_mesh_axes()
-    in_device = tuple(name for name in names if manual and name not in manual)
-    if in_device:
-        raise ValueError(f"all_gather over vmap axes {in_device} inside shard_map: merge them with "
-                         "psums (jaxbn.stats._merge_devices does).")
+    if in_device := tuple(name for name in names if manual and name not in manual):
+        raise ValueError(
+            f"all_gather over vmap axes {in_device} inside shard_map: merge them with psums "
+            "(jaxbn.stats._merge_devices does)."
+        )
     if not manual or axis_index_groups is not None:
-        if axis_index_groups is not None:
-            # JAX refuses groups in a psum inside shard_map (not under pmap) but not in an
-            # all_gather: ask the psum (dead code, removed by XLA) for the same, clear, refusal
-            try:
-                lax.psum(jnp.zeros((), value.dtype), axis_name, axis_index_groups=axis_index_groups)
-            except NotImplementedError as err:
-                message = _GROUPS_IN_SHARD_MAP.format(groups=axis_index_groups, name=axis_name)
-                raise NotImplementedError(message) from err
+        if axis_index_groups is not None:  # JAX refuses groups in a psum inside shard_map, not in
+            # an all_gather: ask the psum (dead code, removed by XLA) for the same, clear, refusal
+            _psum(jnp.zeros((), value.dtype), axis_name, axis_index_groups)
         return lax.all_gather(value, axis_name, axis_index_groups=axis_index_groups)
     original = value.shape
-    missing = frozenset(names) - varying_axes(value)
-    if missing:  # a replicated input: each device still contributes its copy
+    if missing := frozenset(names) - varying_axes(value):  # replicated: each device's copy counts
         value = lax.pcast(value, tuple(sorted(missing, key=str)), to="varying")
     # invariant: every device holds the same values, and may return them as replicated
     return lax.all_gather(value, names, to="invarying").reshape((-1,) + original)
 
 
-_GROUPS_IN_SHARD_MAP = (
-    "axis_index_groups={groups!r} with axis_name={name!r}: JAX implements axis_index_groups under pmap "
-    "only, not inside shard_map. For statistics over sub-groups of devices, factor the mesh axis instead, "
-    "e.g. jax.make_mesh((replicas, group_size), ('replica', 'group')) with the batch sharded over "
-    "('replica', 'group'), and pass axis_name='group' (see the README's 'Sub-group statistics')."
-)
+def _psum(value: jax.Array, axis_name: Any, groups: Any) -> jax.Array:
+    """``lax.psum``, refusing ``groups`` inside ``shard_map`` (JAX's are pmap's only) clearly."""
+    try:
+        return lax.psum(value, axis_name, axis_index_groups=groups)
+    except NotImplementedError as err:
+        if groups is None:
+            raise
+        raise NotImplementedError(
+            f"axis_index_groups={groups!r} with axis_name={axis_name!r}: JAX implements "
+            "axis_index_groups under pmap only, not inside shard_map. For statistics over "
+            "sub-groups of devices, factor the mesh axis instead, e.g. jax.make_mesh((replicas, "
+            "group_size), ('replica', 'group')) with the batch sharded over ('replica', 'group'), "
+            "and pass axis_name='group' (see docs/multi_device.md, 'Sub-group statistics and "
+            "nested axis names')."
+        ) from err
 
 
-def cross_device_sum(
-    values: Sequence[jax.Array],
-    axis_name: AxisName | None,
-    axis_index_groups: Sequence[Sequence[int]] | None = None,
-) -> list[jax.Array]:
-    """Sums same-shaped arrays over devices with ONE collective (one ``lax.psum`` of their stack);
-    unchanged without an ``axis_name``. ``vmap`` axes inside ``shard_map`` are summed on the device.
-
-    Args:
-      values: arrays of one shape and dtype.
-      axis_name: the device axis (or tuple of axes) to sum over, or None.
-      axis_index_groups: optional subgroups of that axis.
-
-    Returns:
-      The summed arrays, in order.
-
-    >>> import jax, jax.numpy as jnp
-    >>> f = lambda a: cross_device_sum([a, 2 * a], 'i')
-    >>> jax.vmap(f, axis_name='i')(jnp.arange(3.0))
-    [Array([3., 3., 3.], dtype=float32), Array([6., 6., 6.], dtype=float32)]
-    """
+def cross_device_sum(values: Sequence[jax.Array], axis_name: Any, axis_index_groups=None) -> list:
+    """Arrays of one shape and dtype, each summed over the devices of ``axis_name`` (and its
+    ``axis_index_groups``) with ONE collective, one ``lax.psum`` of their stack; unchanged without
+    an ``axis_name``. ``vmap`` axes inside ``shard_map`` are summed on the device."""
     values = list(values)
     if axis_name is None:
         return values
@@ -434,35 +384,25 @@ def cross_device_sum(
     lanes = tuple(name for name in names if name not in manual)
     if manual and lanes and axis_index_groups is None:  # a collective over the mesh, then lanes
         mesh = tuple(name for name in names if name in manual)
-        return list(_lane_sum(lax.psum(stacked, mesh) if mesh else stacked, lanes))
-    try:
-        return list(lax.psum(stacked, axis_name, axis_index_groups=axis_index_groups))
-    except NotImplementedError as err:
-        if axis_index_groups is None:
-            raise
-        message = _GROUPS_IN_SHARD_MAP.format(groups=axis_index_groups, name=axis_name)
-        raise NotImplementedError(message) from err
-
-
-def _lane_sum(value: jax.Array, lanes: tuple) -> jax.Array:
-    """``lax.psum(value, lanes)`` over ``vmap`` axes inside ``shard_map``, which JAX's psum refuses
-    there with the varying-axes check on: a primitive whose batching rule sums over the lanes."""
-    return _lane_sum_p.bind(value, lanes=tuple(lanes))
+        return list(_lane_sum.bind(lax.psum(stacked, mesh) if mesh else stacked, lanes=lanes))
+    return list(_psum(stacked, axis_name, axis_index_groups))
 
 
 def _lane_sum_batched(axis_data, values, dims, *, lanes):
     (value,), (dim,) = values, dims
     if axis_data.name not in lanes:
-        return _lane_sum_p.bind(value, lanes=lanes), dim
+        return _lane_sum.bind(value, lanes=lanes), dim
     value = value * axis_data.size if dim is None else jnp.sum(value, dim)
     rest = tuple(name for name in lanes if name != axis_data.name)
-    return (_lane_sum_p.bind(value, lanes=rest) if rest else value), None
+    return (_lane_sum.bind(value, lanes=rest) if rest else value), None
 
 
-_lane_sum_p = jax.extend.core.Primitive("jaxbn_lane_sum")
-_lane_sum_p.def_abstract_eval(lambda aval, *, lanes: aval)
-ad.deflinear(_lane_sum_p, lambda cotangent, *, lanes: [_lane_sum_p.bind(cotangent, lanes=lanes)])
-batching.fancy_primitive_batchers[_lane_sum_p] = _lane_sum_batched
+# _lane_sum.bind(value, lanes=lanes): lax.psum(value, lanes) over vmap axes inside shard_map,
+# which JAX's psum refuses there with the varying-axes check on; its batching rule sums the lanes
+_lane_sum = jax.extend.core.Primitive("jaxbn_lane_sum")
+_lane_sum.def_abstract_eval(lambda aval, *, lanes: aval)
+ad.deflinear(_lane_sum, lambda cotangent, *, lanes: [_lane_sum.bind(cotangent, lanes=lanes)])
+batching.fancy_primitive_batchers[_lane_sum] = _lane_sum_batched
 
 
 def _manual_mesh_axes() -> frozenset:
@@ -474,7 +414,7 @@ def _manual_mesh_axes() -> frozenset:
 def varying_axes(value: Any) -> frozenset:
     """The manual mesh axes ``value`` varies over inside ``shard_map`` (empty elsewhere)."""
     aval = jax.typeof(value)
-    vma = getattr(aval, "vma", None)  # newer JAX
+    vma: Any = getattr(aval, "vma", None)  # newer JAX
     if vma is None:
         manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10
         vma = getattr(manual, "varying", frozenset())
@@ -484,9 +424,7 @@ def varying_axes(value: Any) -> frozenset:
 def varying_like(value: jax.Array, *likes: jax.Array) -> jax.Array:
     """``value``, typed to vary over every mesh axis one of ``likes`` varies over (a no-op cast)."""
     missing = frozenset().union(*map(varying_axes, likes)) - varying_axes(value)
-    if not missing:
-        return value
-    return lax.pcast(value, tuple(sorted(missing, key=str)), to="varying")
+    return lax.pcast(value, tuple(sorted(missing, key=str)), to="varying") if missing else value
 
 
 def abs_square(v: jax.Array) -> jax.Array:
@@ -495,19 +433,10 @@ def abs_square(v: jax.Array) -> jax.Array:
     return v.real * v.real + v.imag * v.imag if jnp.iscomplexobj(v) else v * v
 
 
-def channel_sums(
-    summands: Sequence[Any], operands: Sequence[jax.Array], axes: tuple[int, ...], *,
-    fuse: bool | None = None,
-) -> tuple[jax.Array, ...]:
+def channel_sums(summands: Sequence, operands: Sequence, axes: tuple, *, fuse=None) -> tuple:
     """Local sums over ``axes`` of ``summand(*operands)`` for each summand, each (on XLA:CPU)
     reading its own view of the operands (see :func:`cpu_barrier`); ``fuse`` True forces the shared
-    (GPU/TPU) form, False the separate (CPU) one.
-
-    >>> import jax.numpy as jnp
-    >>> x = jnp.arange(6.0).reshape(3, 2)
-    >>> channel_sums([lambda x: x, lambda x: x * x], [x], (0,))
-    (Array([6., 9.], dtype=float32), Array([20., 35.], dtype=float32))
-    """
+    (GPU/TPU) form, False the separate (CPU) one."""
     sums = []
     for summand in summands:
         # chained, not repeated: XLA would merge identical barriers
@@ -522,11 +451,8 @@ def channel_sums(
 def cpu_barrier(*values: Any) -> tuple[Any, ...]:
     """``values`` behind an ``optimization_barrier`` on XLA:CPU, unchanged elsewhere (``None`` too):
     there reductions are library kernels that absorb only elementwise work nothing else shares."""
-    arrays = [i for i, value in enumerate(values) if value is not None]
-    out = list(values)
-    for i, value in zip(arrays, _cpu_barrier_p.bind(*(values[i] for i in arrays))):
-        out[i] = value
-    return tuple(out)
+    barred = iter(_cpu_barrier_p.bind(*(value for value in values if value is not None)))
+    return tuple(None if value is None else next(barred) for value in values)
 
 
 def _cpu_barrier_jvp(primals, tangents):
@@ -544,20 +470,15 @@ _cpu_barrier_p.def_impl(lambda *values: values)  # eager: one operation at a tim
 _cpu_barrier_p.def_abstract_eval(lambda *avals: avals)
 ad.primitive_jvps[_cpu_barrier_p] = _cpu_barrier_jvp
 ad.primitive_transposes[_cpu_barrier_p] = _cpu_barrier_transpose
-batching.primitive_batchers[_cpu_barrier_p] = lambda values, dims: (_cpu_barrier_p.bind(*values), dims)
+batching.primitive_batchers[_cpu_barrier_p] = lambda vs, dims: (_cpu_barrier_p.bind(*vs), dims)
 mlir.register_lowering(_cpu_barrier_p, mlir.lower_fun(lambda *v: v, multiple_results=True))
-mlir.register_lowering(_cpu_barrier_p, mlir.lower_fun(lambda *v: lax.optimization_barrier(v),
-                                                      multiple_results=True), platform="cpu")
+_barrier = mlir.lower_fun(lambda *v: lax.optimization_barrier(v), multiple_results=True)
+mlir.register_lowering(_cpu_barrier_p, _barrier, platform="cpu")
 
 
 def computed_once(*values: Any) -> tuple[Any, ...]:
     """``values`` unchanged (a zero's sign aside), each computed by XLA once: stacked (by shape and
-    dtype) and summed with ``-0.0``, a reduction XLA does not copy into each reader. Linear.
-
-    >>> import jax.numpy as jnp
-    >>> computed_once(jnp.array([1.0, -2.0]), None)
-    (Array([ 1., -2.], dtype=float32), None)
-    """
+    dtype) and summed with ``-0.0``, a reduction XLA does not copy into each reader. Linear."""
     out = list(values)
     groups: dict[tuple, list[int]] = {}
     for i, value in enumerate(values):
