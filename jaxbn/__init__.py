@@ -32,6 +32,7 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted({*globals(), *_TOOLS})
 
+
 __all__ = [
     "DegenerateBatchWarning",
     "Moments",
