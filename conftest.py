@@ -3,6 +3,7 @@
 Multi-device tests run on 8 forced CPU devices. XLA reads the flag once, when
 JAX initialises its backends, so it is set here, before anything imports jax.
 """
+
 import os
 
 _FLAG = "--xla_force_host_platform_device_count=8"

@@ -58,15 +58,24 @@ class Model(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = nn.Conv(FEATURES, (3, 3), kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(),
-                                                                       (None, None, None, "model")))(x)
+        x = nn.Conv(
+            FEATURES,
+            (3, 3),
+            kernel_init=nn.with_partitioning(
+                nn.initializers.lecun_normal(), (None, None, None, "model")
+            ),
+        )(x)
         x = jaxbn.linen.BatchNorm(
-            use_running_average=not train, momentum=0.9,
+            use_running_average=not train,
+            momentum=0.9,
             scale_init=nn.with_partitioning(nn.initializers.ones, ("model",)),
             bias_init=nn.with_partitioning(nn.initializers.zeros, ("model",)),
         )(x)
         x = nn.relu(x).mean((1, 2))
-        return nn.Dense(CLASSES, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), ("model", None)))(x)
+        return nn.Dense(
+            CLASSES,
+            kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), ("model", None)),
+        )(x)
 
 
 MODEL = Model()
@@ -82,9 +91,15 @@ def _step(state: dict, x: jax.Array, y: jax.Array) -> dict:
     variables = state["variables"]
 
     def loss(params):
-        logits, updates = MODEL.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                      mutable=["batch_stats"])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates["batch_stats"]
+        logits, updates = MODEL.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates[
+            "batch_stats"
+        ]
 
     grads, batch_stats = jax.grad(loss, has_aux=True)(variables["params"])
     updates, opt_state = TX.update(grads, state["opt_state"], variables["params"])
@@ -106,7 +121,9 @@ def train(state: dict, start: int, stop: int, step_fn=train_step, put=lambda a: 
 def save(directory: pathlib.Path, step: int, state: dict) -> None:
     """Saves ``state`` (one item per key) as step ``step`` and waits until it is on disk."""
     mngr = ocp.CheckpointManager(directory, item_names=tuple(state))
-    mngr.save(step, args=ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in state.items()}))
+    mngr.save(
+        step, args=ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in state.items()})
+    )
     mngr.wait_until_finished()
     mngr.close()
 
@@ -115,15 +132,20 @@ def restore(directory: pathlib.Path, abstract: dict) -> tuple[int, dict]:
     """The latest step and its state, restored as ``abstract`` says (shapes, dtypes, shardings)."""
     mngr = ocp.CheckpointManager(directory, item_names=tuple(abstract))
     step = mngr.latest_step()
-    restored = mngr.restore(step, args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v)
-                                                             for k, v in abstract.items()}))
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in abstract.items()}),
+    )
     mngr.close()
     return step, {k: restored[k] for k in abstract}
 
 
 def flat(tree) -> dict[str, np.ndarray]:
     """``{keystr(path): numpy array}`` of a pytree's leaves."""
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        jax.tree_util.keystr(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def shardings(mesh: jax.sharding.Mesh) -> dict:
@@ -132,7 +154,10 @@ def shardings(mesh: jax.sharding.Mesh) -> dict:
     variables = nn.get_sharding(boxed, mesh)
     abstract_params = nn.unbox(boxed)["params"]
     opt_state = optax.tree_map_params(
-        TX, lambda _, s: s, jax.eval_shape(TX.init, abstract_params), variables["params"],
+        TX,
+        lambda _, s: s,
+        jax.eval_shape(TX.init, abstract_params),
+        variables["params"],
         transform_non_params=lambda _: NamedSharding(mesh, P()),
     )
     return {"variables": variables, "opt_state": opt_state}
@@ -143,7 +168,9 @@ def abstract_state(sharding_tree=None) -> dict:
     abstract = jax.eval_shape(init_state)
     if sharding_tree is None:
         return abstract
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sharding_tree)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sharding_tree
+    )
 
 
 def _linen(directory: pathlib.Path) -> None:
@@ -157,7 +184,8 @@ def _linen(directory: pathlib.Path) -> None:
     np.savez(directory / "sharded_restored.npz", **flat(sharded))
     specs = {
         jax.tree_util.keystr(path): {
-            "spec": list(leaf.sharding.spec), "mesh": list(leaf.sharding.mesh.axis_names),
+            "spec": list(leaf.sharding.spec),
+            "mesh": list(leaf.sharding.mesh.axis_names),
             "devices": len({shard.device for shard in leaf.addressable_shards}),
             "shard_shape": list(leaf.addressable_shards[0].data.shape),
         }
@@ -167,7 +195,9 @@ def _linen(directory: pathlib.Path) -> None:
 
     data = NamedSharding(mesh, P("data"))  # batch over 'data', features over 'model'
     sharded_step = jax.jit(_step, in_shardings=(target, data, data), out_shardings=target)
-    resumed = train(sharded, step, step + RESUME_STEPS, sharded_step, lambda a: jax.device_put(a, data))
+    resumed = train(
+        sharded, step, step + RESUME_STEPS, sharded_step, lambda a: jax.device_put(a, data)
+    )
     np.savez(directory / "sharded_resumed.npz", **flat(resumed))
 
 
@@ -211,13 +241,18 @@ def nnx_states(model: NnxNet, optimizer: nnx.Optimizer) -> dict:
 
 def nnx_flat(model: NnxNet, optimizer: nnx.Optimizer) -> dict[str, np.ndarray]:
     """:func:`flat` of the pure dicts of :func:`nnx_states`."""
-    return flat({key: nnx.to_pure_dict(state) for key, state in nnx_states(model, optimizer).items()})
+    return flat(
+        {key: nnx.to_pure_dict(state) for key, state in nnx_states(model, optimizer).items()}
+    )
 
 
 def nnx_restore(directory: pathlib.Path) -> tuple[int, NnxNet, nnx.Optimizer]:
     """The latest step, and the model and optimizer built abstractly (``nnx.eval_shape``) and filled from it."""
     abstract_model, abstract_optimizer = nnx.eval_shape(nnx_init)
-    (model_def, model_state), (opt_def, opt_state) = nnx.split(abstract_model), nnx.split(abstract_optimizer)
+    (model_def, model_state), (opt_def, opt_state) = (
+        nnx.split(abstract_model),
+        nnx.split(abstract_optimizer),
+    )
     step, restored = restore(directory, {"model": model_state, "optimizer": opt_state})
     return step, nnx.merge(model_def, restored["model"]), nnx.merge(opt_def, restored["optimizer"])
 

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jax.numpy as jnp
 
 LD = np.longdouble
 
@@ -40,7 +39,12 @@ STATISTICS_FACTOR = 2.0**6
 EPSILON_MIN = {"float32": 2.0**-100, "float64": 2.0**-960}
 GRADIENT_VARIANCE_MAX = {"float32": 2.0**100, "float64": 2.0**1000}
 
-_UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
+_UNIT_ROUNDOFF = {
+    "float16": 2.0**-11,
+    "bfloat16": 2.0**-8,
+    "float32": 2.0**-24,
+    "float64": 2.0**-53,
+}
 
 
 def unit_roundoff(dtype) -> float:
@@ -56,7 +60,11 @@ def compute_roundoff(dtype) -> float:
 def smallest(dtype) -> float:
     """The smallest positive subnormal of ``dtype``: the absolute floor of rounding near 0."""
     info = jnp.finfo(dtype)
-    return float(info.smallest_subnormal) if hasattr(info, "smallest_subnormal") else float(info.tiny) * float(info.eps)
+    return (
+        float(info.smallest_subnormal)
+        if hasattr(info, "smallest_subnormal")
+        else float(info.tiny) * float(info.eps)
+    )
 
 
 def values(a) -> np.ndarray:
@@ -103,8 +111,21 @@ class Normalized:
     to be summed over the non-feature axes for the scale's gradient), ``g`` (``w * scale``).
     """
 
-    def __init__(self, x, valid, axes, scale=None, bias=None, *, epsilon, w=None, center=True,
-                 fallback=None, gain=None, offset=None):
+    def __init__(
+        self,
+        x,
+        valid,
+        axes,
+        scale=None,
+        bias=None,
+        *,
+        epsilon,
+        w=None,
+        center=True,
+        fallback=None,
+        gain=None,
+        offset=None,
+    ):
         """``scale``/``bias`` broadcast to ``x``'s shape (or None); ``fallback``: (mean, var) for empty groups.
 
         ``gain``/``offset`` (keepdims, per group): batch renormalization's ``r`` and ``d``:
@@ -121,7 +142,13 @@ class Normalized:
             first = np.where(empty, np.asarray(fallback[0], LD), first)
             second = np.where(empty, 0, second)
             var = np.where(empty, np.asarray(fallback[1], LD), var)
-        self.first, self.second, self.mean, self.var, self.count = first, second, first + second, var, count
+        self.first, self.second, self.mean, self.var, self.count = (
+            first,
+            second,
+            first + second,
+            var,
+            count,
+        )
         self.r = 1 / np.sqrt(var + LD(epsilon))
         self.x_hat = ((x - first) - second) * self.r
         one = LD(1)
@@ -166,14 +193,25 @@ def state_reference(state, ref, single_value, momentum, unbiased, features_shape
         update_var = update & (n > 1)
     if momentum is None:
         count = values(state["count"])
-        new_mean, new_var = old_mean + (mean - old_mean) / (count + 1), old_var + (var - old_var) / (count + 1)
+        new_mean, new_var = (
+            old_mean + (mean - old_mean) / (count + 1),
+            old_var + (var - old_var) / (count + 1),
+        )
     else:
-        new_mean, new_var = momentum * old_mean + (1 - momentum) * mean, momentum * old_var + (1 - momentum) * var
+        new_mean, new_var = (
+            momentum * old_mean + (1 - momentum) * mean,
+            momentum * old_var + (1 - momentum) * var,
+        )
     u = compute_roundoff(ref.compute_dtype)
     u_state = unit_roundoff(state["mean"].dtype)
-    mean_tol = u_state * np.abs(new_mean) + STATISTICS_FACTOR * u * (np.abs(old_mean) + np.abs(mean) + np.sqrt(var))
+    mean_tol = u_state * np.abs(new_mean) + STATISTICS_FACTOR * u * (
+        np.abs(old_mean) + np.abs(mean) + np.sqrt(var)
+    )
     var_tol = u_state * np.abs(new_var) + STATISTICS_FACTOR * u * (old_var + var)
-    expected = {"mean": np.where(update, new_mean, old_mean), "var": np.where(update_var, new_var, old_var)}
+    expected = {
+        "mean": np.where(update, new_mean, old_mean),
+        "var": np.where(update_var, new_var, old_var),
+    }
     tolerance = {"mean": np.where(update, mean_tol, 0), "var": np.where(update_var, var_tol, 0)}
     if momentum is None:
         expected["count"] = values(state["count"]) + update.any()
@@ -186,11 +224,18 @@ def renorm_correction(ref, running_mean, running_var, epsilon, r_max, d_max):
     sigma = np.sqrt(running_var + LD(epsilon))
     r_raw = np.sqrt((ref.var + LD(epsilon)) / (running_var + LD(epsilon)))
     d_raw = ((ref.first - running_mean) + ref.second) / sigma
-    return np.clip(r_raw, 1 / LD(r_max), LD(r_max)), np.clip(d_raw, -LD(d_max), LD(d_max)), r_raw, d_raw, sigma
+    return (
+        np.clip(r_raw, 1 / LD(r_max), LD(r_max)),
+        np.clip(d_raw, -LD(d_max), LD(d_max)),
+        r_raw,
+        d_raw,
+        sigma,
+    )
 
 
-
-def batch_norm_reference(x_values, valid, reduction, features, params, state, epsilon, w_values, compute, limits):
+def batch_norm_reference(
+    x_values, valid, reduction, features, params, state, epsilon, w_values, compute, limits
+):
     """The exact training-mode batch norm (renorm with ``limits``) and the extra bound renorm's r, d need.
 
     Returns ``(reference, extra output bound, renorm error units, scale, bias)`` with ``scale`` and
@@ -201,8 +246,16 @@ def batch_norm_reference(x_values, valid, reduction, features, params, state, ep
     run_mean, run_var = (values(state[k]).reshape(bshape) for k in ("mean", "var"))
     broadcast = broadcast_params(params, shape, features)
     scale, bias = broadcast.get("scale"), broadcast.get("bias")
-    ref = Normalized(x_values, valid, reduction, scale, bias, epsilon=epsilon, w=w_values,
-                        fallback=(run_mean, run_var))
+    ref = Normalized(
+        x_values,
+        valid,
+        reduction,
+        scale,
+        bias,
+        epsilon=epsilon,
+        w=w_values,
+        fallback=(run_mean, run_var),
+    )
     ref.compute_dtype, ref.gain, ref.offset = compute, None, None
     if limits is None:
         return ref, 0.0, 0.0, scale, bias
@@ -210,14 +263,27 @@ def batch_norm_reference(x_values, valid, reduction, features, params, state, ep
     cu = STATISTICS_FACTOR * compute_roundoff(compute)
     # d = ((K - mu) + (mu_B - K)) / sigma: the rounding of mu_B - mu and of the mean, over sigma
     d_units = (np.abs(ref.mean - run_mean) + 4 * np.sqrt(ref.var)) / sigma
-    d_units = np.where(np.abs(d_raw) - cu * d_units > limits[1], 0, d_units)  # clipped with margin: exact
-    renorm_units = r * (1 + 2 * np.abs(ref.x_hat)) + d_units  # x_hat r + d: x_hat's, r's and d's errors
+    d_units = np.where(
+        np.abs(d_raw) - cu * d_units > limits[1], 0, d_units
+    )  # clipped with margin: exact
+    renorm_units = (
+        r * (1 + 2 * np.abs(ref.x_hat)) + d_units
+    )  # x_hat r + d: x_hat's, r's and d's errors
     extra = cu * (1 if scale is None else np.abs(scale)) * renorm_units
-    ref = Normalized(x_values, valid, reduction, scale, bias, epsilon=epsilon, w=w_values,
-                        fallback=(run_mean, run_var), gain=r, offset=d)
+    ref = Normalized(
+        x_values,
+        valid,
+        reduction,
+        scale,
+        bias,
+        epsilon=epsilon,
+        w=w_values,
+        fallback=(run_mean, run_var),
+        gain=r,
+        offset=d,
+    )
     ref.compute_dtype, ref.gain, ref.offset = compute, r, d
     return ref, extra, renorm_units, scale, bias
-
 
 
 # -- bounds ----------------------------------------------------------------------------------------------
@@ -228,8 +294,12 @@ def output_tolerance(ref: Normalized, scale, bias, compute_dtype, out_dtype, ext
     u, u_out = compute_roundoff(compute_dtype), unit_roundoff(out_dtype)
     scale_ = 1 if scale is None else np.abs(np.asarray(scale, LD))
     bias_ = 0 if bias is None else np.abs(np.asarray(bias, LD))
-    return (u_out * np.abs(ref.y) + STATISTICS_FACTOR * u * (scale_ * (1 + np.abs(ref.x_hat)) + bias_)
-            + extra + smallest(out_dtype))
+    return (
+        u_out * np.abs(ref.y)
+        + STATISTICS_FACTOR * u * (scale_ * (1 + np.abs(ref.x_hat)) + bias_)
+        + extra
+        + smallest(out_dtype)
+    )
 
 
 def dx_tolerance(ref: Normalized, axes, compute_dtype, x_dtype):
@@ -237,8 +307,11 @@ def dx_tolerance(ref: Normalized, axes, compute_dtype, x_dtype):
     u, u_x = compute_roundoff(compute_dtype), unit_roundoff(x_dtype)
     g_max = np.abs(ref.g).max(axes, keepdims=True)
     x_hat_max = np.abs(ref.x_hat).max(axes, keepdims=True)
-    return (u_x * np.abs(ref.dx) + STATISTICS_FACTOR * u * ref.r * g_max * (1 + np.abs(ref.x_hat)) * (1 + x_hat_max)
-            + smallest(x_dtype))
+    return (
+        u_x * np.abs(ref.dx)
+        + STATISTICS_FACTOR * u * ref.r * g_max * (1 + np.abs(ref.x_hat)) * (1 + x_hat_max)
+        + smallest(x_dtype)
+    )
 
 
 def sum_tolerance(terms, expected, axes, compute_dtype, param_dtype):
@@ -252,8 +325,13 @@ def statistics_tolerance(mean, var, compute_dtype):
 
     Plus the compute dtype's smallest normal number: XLA flushes subnormal results to 0.
     """
-    u, tiny = compute_roundoff(compute_dtype), float(jnp.finfo(jnp.promote_types(compute_dtype, jnp.float32)).tiny)
-    return STATISTICS_FACTOR * u * (np.abs(mean) + np.sqrt(var)) + tiny, STATISTICS_FACTOR * u * var + tiny
+    u, tiny = (
+        compute_roundoff(compute_dtype),
+        float(jnp.finfo(jnp.promote_types(compute_dtype, jnp.float32)).tiny),
+    )
+    return STATISTICS_FACTOR * u * (
+        np.abs(mean) + np.sqrt(var)
+    ) + tiny, STATISTICS_FACTOR * u * var + tiny
 
 
 # -- checks ----------------------------------------------------------------------------------------------
@@ -271,7 +349,9 @@ def check(what, actual, expected, tolerance, dtype=None, where=None):
     """
     actual = np.asarray(values(actual) if not isinstance(actual, np.ndarray) else actual, LD)
     expected = np.asarray(expected, LD)
-    tolerance = np.broadcast_to(np.asarray(tolerance, LD), np.broadcast_shapes(actual.shape, expected.shape))
+    tolerance = np.broadcast_to(
+        np.asarray(tolerance, LD), np.broadcast_shapes(actual.shape, expected.shape)
+    )
     if dtype is not None:
         big = LD(float(jnp.finfo(dtype).max))
         actual, expected = np.clip(actual, -big, big), np.clip(expected, -big, big)

@@ -14,11 +14,19 @@ import pytest
 # Property tests: CI searches a modest, fixed set of examples (derandomized, so a run is repeatable and its time
 # known); `pytest --hypothesis-profile=long` searches ten times as many, newly drawn each run.
 hypothesis.settings.register_profile(
-    "ci", max_examples=10, deadline=None, derandomize=True, database=None, print_blob=True,
+    "ci",
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
     suppress_health_check=[hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.data_too_large],
 )
 hypothesis.settings.register_profile(
-    "long", max_examples=100, deadline=None, print_blob=True,
+    "long",
+    max_examples=100,
+    deadline=None,
+    print_blob=True,
     suppress_health_check=[hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.data_too_large],
 )
 hypothesis.settings.load_profile("ci")

@@ -43,7 +43,9 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*)$")
 _OPCODE = re.compile(r"\s*([a-z][a-z0-9\-]*)\(")
 _NAMES = r"(%?[\w.\-]+|\{[^}]*\})"
 _CALL_EDGES = re.compile(r"\b(?:calls|to_apply|condition|called_computations)=" + _NAMES)
-_BRANCH_EDGES = re.compile(r"\b(?:branch_computations|true_computation|false_computation)=" + _NAMES)
+_BRANCH_EDGES = re.compile(
+    r"\b(?:branch_computations|true_computation|false_computation)=" + _NAMES
+)
 _LOOP_EDGES = re.compile(r"\bbody=" + _NAMES)
 
 
@@ -168,9 +170,13 @@ def count_per_execution(hlo_text: str, op: str = "all-reduce") -> int:
         for opcode, rest in computations.get(name, []):
             total += opcode in wanted
             if opcode == "conditional":
-                total += min(count(b) for group in _BRANCH_EDGES.findall(rest) for b in _names(group))
+                total += min(
+                    count(b) for group in _BRANCH_EDGES.findall(rest) for b in _names(group)
+                )
                 continue
-            total += sum(count(callee) for group in _CALL_EDGES.findall(rest) for callee in _names(group))
+            total += sum(
+                count(callee) for group in _CALL_EDGES.findall(rest) for callee in _names(group)
+            )
         return total
 
     return count(entry)
@@ -184,12 +190,38 @@ def count_in_branches(hlo_text: str, op: str = "all-reduce") -> int:
 
 
 _ARRAY_TYPE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8\w*)\[([\d,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-          "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
 # Instructions that move no data themselves: bookkeeping, or control flow whose
 # bodies do the work (a conditional is charged its cheapest branch).
-_NOT_KERNELS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "conditional",
-                "while", "call", "after-all", "partition-id", "replica-id"}
+_NOT_KERNELS = {
+    "parameter",
+    "constant",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "conditional",
+    "while",
+    "call",
+    "after-all",
+    "partition-id",
+    "replica-id",
+}
 _NAMED = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _PARAMETER = re.compile(r"\bparameter\((\d+)\)")
 _FUSED = re.compile(r"\bcalls=%?([\w.\-]+)")
@@ -257,8 +289,13 @@ def _sliced_parameters(lines: list[str]) -> dict[int, int]:
         """Elements of ``name`` (of ``elements`` in all) the computation reads; None: all of them."""
         total = 0
         for user, opcode, type_text in uses.get(name, []) or [("", None, "")]:
-            if opcode in ("slice", "gather"):  # at most one element of the operand per output element
-                if opcode == "gather" and gather_operands.get(user) != name:  # the indices, not the data
+            if opcode in (
+                "slice",
+                "gather",
+            ):  # at most one element of the operand per output element
+                if (
+                    opcode == "gather" and gather_operands.get(user) != name
+                ):  # the indices, not the data
                     return None
                 more = demanded(user, _elements(type_text))
                 total += _elements(type_text) if more is None else more

@@ -60,11 +60,15 @@ def batch_norm_grads(x, w, scale, axis=-1, epsilon=1e-5):
     r = (1.0 / np.sqrt(var + epsilon)).reshape(shape)
     xhat = (x - mean.reshape(shape)) * r
     g = w * np.asarray(scale, np.float64).reshape(shape)
-    dx = r * (g - g.mean(reduce_axes, keepdims=True) - xhat * (g * xhat).mean(reduce_axes, keepdims=True))
+    dx = r * (
+        g - g.mean(reduce_axes, keepdims=True) - xhat * (g * xhat).mean(reduce_axes, keepdims=True)
+    )
     return dx, (w * xhat).sum(reduce_axes), w.sum(reduce_axes)
 
 
-def per_example_norm(x, reduction_axes, feature_axes, scale=None, bias=None, mask=None, epsilon=1e-6, center=True):
+def per_example_norm(
+    x, reduction_axes, feature_axes, scale=None, bias=None, mask=None, epsilon=1e-6, center=True
+):
     """Layer/instance/RMS norm in float64: statistics over ``reduction_axes`` (valid elements only).
 
     ``scale`` and ``bias`` have the sizes of ``feature_axes`` and broadcast along

@@ -19,14 +19,18 @@ def test_merged_moments_are_the_moments_of_the_whole(offset, rng):
     mask = np.ones((24, 3), bool)
     mask[16:] = False  # the last part has no valid element
     parts = [
-        jaxbn.moments(jnp.asarray(x[i:i + 8]), 0, mask=mask[i:i + 8], shift=jnp.asarray(x[i]))
+        jaxbn.moments(jnp.asarray(x[i : i + 8]), 0, mask=mask[i : i + 8], shift=jnp.asarray(x[i]))
         for i in (0, 8, 16)
     ]
     merged = jaxbn.merge_moments(parts)
     mean, var = reference.batch_stats(x[:16])
     np.testing.assert_allclose(merged.count, [16, 16, 16])
-    np.testing.assert_allclose(np.asarray(merged.shift, np.float64) + np.asarray(merged.mean_minus_shift), mean,
-                               rtol=1e-7, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(merged.shift, np.float64) + np.asarray(merged.mean_minus_shift),
+        mean,
+        rtol=1e-7,
+        atol=1e-6,
+    )
     np.testing.assert_allclose(merged.var, var, rtol=1e-5)
     with pytest.raises(ValueError, match="non-empty sequence of Moments"):
         jaxbn.merge_moments([])
@@ -38,17 +42,29 @@ def test_one_update_per_step_over_micro_batches_equals_the_whole_batch(rng):
     params, state = jaxbn.batch_norm_init(5)
     micro = []
     for chunk in jnp.split(x, 4):
-        y, same, moments = jaxbn.batch_norm(chunk, params, state, training=True, momentum=0.9,
-                                            update_running_stats=False, return_moments=True)
+        y, same, moments = jaxbn.batch_norm(
+            chunk,
+            params,
+            state,
+            training=True,
+            momentum=0.9,
+            update_running_stats=False,
+            return_moments=True,
+        )
         assert same is state
         micro.append(moments)
-    accumulated = jaxbn.update_running_stats(state, jaxbn.merge_moments(micro), momentum=0.9,
-                                             unbiased_running_var=True)
-    _, whole = jaxbn.batch_norm(x, params, state, training=True, momentum=0.9, unbiased_running_var=True)
+    accumulated = jaxbn.update_running_stats(
+        state, jaxbn.merge_moments(micro), momentum=0.9, unbiased_running_var=True
+    )
+    _, whole = jaxbn.batch_norm(
+        x, params, state, training=True, momentum=0.9, unbiased_running_var=True
+    )
     for key in ("mean", "var"):
         np.testing.assert_allclose(accumulated[key], whole[key], rtol=1e-6)
     sequential = state
-    for chunk in jnp.split(x, 4):  # what each micro-batch applying its own update does: momentum 0.9**4
+    for chunk in jnp.split(
+        x, 4
+    ):  # what each micro-batch applying its own update does: momentum 0.9**4
         _, sequential = jaxbn.batch_norm(chunk, params, sequential, training=True, momentum=0.9)
     assert not np.allclose(sequential["mean"], whole["mean"], rtol=1e-3)
     with pytest.raises(TypeError, match="batch must be jaxbn.Moments"):
@@ -65,7 +81,8 @@ def test_modules_sow_their_batch_moments_when_asked(rng):
     np.testing.assert_allclose(sown.mean, expected.mean, rtol=1e-6)
     np.testing.assert_allclose(sown.var, expected.var, rtol=1e-6)
     _, collections = jaxbn.linen.BatchNorm(use_running_average=False).apply(
-        variables, x, mutable=["batch_stats", "intermediates"])
+        variables, x, mutable=["batch_stats", "intermediates"]
+    )
     assert "intermediates" not in collections  # flax's variables unless asked
     if not hasattr(nnx, "capture"):
         pytest.skip("this flax has no nnx.capture")
@@ -80,7 +97,9 @@ def test_moments_in_inference_count_the_mask_and_cost_nothing_unless_asked(rng):
     x = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
     mask = jnp.arange(8)[:, None] < 5
     params, state = jaxbn.batch_norm_init(3)
-    _, same, moments = jaxbn.batch_norm(x, params, state, training=False, mask=mask, return_moments=True)
+    _, same, moments = jaxbn.batch_norm(
+        x, params, state, training=False, mask=mask, return_moments=True
+    )
     assert same is state
     np.testing.assert_allclose(moments.mean, x[:5].mean(0), rtol=1e-5, atol=1e-6)
     module = jaxbn.linen.BatchNorm(use_running_average=True)
@@ -96,7 +115,11 @@ _W = np.array([0.7, -1.3, 0.4], np.float32)
 
 def _moments_loss(moments):
     # mean, var and mean_minus_shift (linear in it: its value depends on the shift taken, its gradient does not)
-    return jnp.sum(_W * moments.mean) + jnp.sum(_W ** 2 * moments.var) + jnp.sum(_W[::-1] * moments.mean_minus_shift)
+    return (
+        jnp.sum(_W * moments.mean)
+        + jnp.sum(_W**2 * moments.var)
+        + jnp.sum(_W[::-1] * moments.mean_minus_shift)
+    )
 
 
 def _output_loss(y):
@@ -113,8 +136,10 @@ def _group_moments(x, ghost, **kwargs):
 
 _CASES = {
     "training": (dict(training=True), lambda x: jaxbn.moments(x, 0)),
-    "mask": (dict(training=True, mask=(np.arange(12) % 3 != 0)[:, None]),
-             lambda x: jaxbn.moments(x, 0, mask=(np.arange(12) % 3 != 0)[:, None])),
+    "mask": (
+        dict(training=True, mask=(np.arange(12) % 3 != 0)[:, None]),
+        lambda x: jaxbn.moments(x, 0, mask=(np.arange(12) % 3 != 0)[:, None]),
+    ),
     "ghost": (dict(training=True, ghost_batch_size=4), lambda x: _group_moments(x, 4)),
     "inference": (dict(training=False), lambda x: jaxbn.moments(x, 0)),
     "unbiased": (dict(training=True, unbiased_running_var=True), lambda x: jaxbn.moments(x, 0)),
@@ -129,7 +154,9 @@ def test_returned_moments_carry_the_gradient_of_jaxbn_moments(case, normalizer, 
     x = jnp.asarray(rng.normal(size=(12, 3)) * 2 + 3, jnp.float32)
     params, state = jaxbn.batch_norm_init(3)
     params["scale"] = params["scale"] * 1.5
-    state["mean"] = state["mean"] + 2.5  # a running mean far from the batch: the moments must not depend on it
+    state["mean"] = (
+        state["mean"] + 2.5
+    )  # a running mean far from the batch: the moments must not depend on it
     function = getattr(jaxbn, normalizer)
     if normalizer == "batch_renorm":
         if "ghost_batch_size" in kwargs:
@@ -145,7 +172,9 @@ def test_returned_moments_carry_the_gradient_of_jaxbn_moments(case, normalizer, 
         return _output_loss(y) + _moments_loss(reference_moments(x))
 
     got, want = jax.jit(jax.grad(loss))(x), jax.jit(jax.grad(reference))(x)
-    assert np.abs(np.asarray(jax.grad(lambda x: _moments_loss(reference_moments(x)))(x))).max() > 0.1
+    assert (
+        np.abs(np.asarray(jax.grad(lambda x: _moments_loss(reference_moments(x)))(x))).max() > 0.1
+    )
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
@@ -154,8 +183,11 @@ def test_the_moments_of_one_value_per_feature_carry_the_gradient(rng):
     x = jnp.asarray(rng.normal(size=(1, 3)), jnp.float32)
     params, state = jaxbn.batch_norm_init(3)
     with pytest.warns(jaxbn.DegenerateBatchWarning):
-        grad = jax.grad(lambda x: _moments_loss(
-            jaxbn.batch_norm(x, params, state, training=True, return_moments=True)[2]))(x)
+        grad = jax.grad(
+            lambda x: _moments_loss(
+                jaxbn.batch_norm(x, params, state, training=True, return_moments=True)[2]
+            )
+        )(x)
     np.testing.assert_allclose(grad, (_W + _W[::-1])[None], rtol=1e-6)
 
 
@@ -167,7 +199,9 @@ def test_complex_moments_carry_the_gradient(rng):
     def loss(moments):
         return jnp.sum(jnp.abs(moments.mean) ** 2) + jnp.sum(_W * moments.var)
 
-    got = jax.grad(lambda x: loss(jaxbn.batch_norm(x, params, state, training=True, return_moments=True)[2]))(x)
+    got = jax.grad(
+        lambda x: loss(jaxbn.batch_norm(x, params, state, training=True, return_moments=True)[2])
+    )(x)
     want = jax.grad(lambda x: loss(jaxbn.moments(x, 0)))(x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -181,17 +215,26 @@ def test_moments_gradient_alone_and_running_statistics_carry_none(dtype, rng):
     """
     x = jnp.asarray(rng.normal(size=(16, 3)) + 1, dtype)
     params, state = jaxbn.batch_norm_init(3)
-    got = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, params, state, training=True, return_moments=True)[2].var))(x)
+    got = jax.grad(
+        lambda x: jnp.sum(
+            jaxbn.batch_norm(x, params, state, training=True, return_moments=True)[2].var
+        )
+    )(x)
     want = jax.grad(lambda x: jnp.sum(jaxbn.moments(x, 0).var))(x)
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-3)
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-3
+    )
     for key in ("mean", "var"):
-        running = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, params, state, training=True)[1][key]))(x)
+        running = jax.grad(
+            lambda x: jnp.sum(jaxbn.batch_norm(x, params, state, training=True)[1][key])
+        )(x)
         # exactly 0 by construction: the update stops the gradient, so no arithmetic produces this zero
         assert not np.any(np.asarray(running, np.float32))
 
 
 def _cross_device_runs():
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     mesh = jax.make_mesh((4,), ("i",), axis_types=(jax.sharding.AxisType.Auto,))
 
@@ -199,8 +242,9 @@ def _cross_device_runs():
         return jax.device_put(x.reshape((-1,) + x.shape[2:]), NamedSharding(mesh, P("i")))
 
     def shard_map(check):
-        return lambda f, x: jax.shard_map(jax.grad(f), mesh=mesh, in_specs=P("i"), out_specs=P("i"),
-                                          check_vma=check)(shard(x)).reshape(x.shape)
+        return lambda f, x: jax.shard_map(
+            jax.grad(f), mesh=mesh, in_specs=P("i"), out_specs=P("i"), check_vma=check
+        )(shard(x)).reshape(x.shape)
 
     return {
         "pmap": lambda f, x: jax.pmap(jax.grad(f), axis_name="i", devices=jax.devices()[:4])(x),
@@ -210,15 +254,26 @@ def _cross_device_runs():
     }
 
 
-@pytest.mark.parametrize("setup", ["pmap", "vmap", *(pytest.param(s, marks=pytest.mark.slow)  # ~30-50 s each, eager
-                                                      for s in ("shard_map", "shard_map_unchecked"))])
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "pmap",
+        "vmap",
+        *(
+            pytest.param(s, marks=pytest.mark.slow)  # ~30-50 s each, eager
+            for s in ("shard_map", "shard_map_unchecked")
+        ),
+    ],
+)
 def test_moments_gradient_across_devices_equals_autodiff_through_jaxbn_moments(setup, rng):
     """Under each device setup the moments' gradient is what autodiff through jaxbn.moments' collectives gives."""
     x = jnp.asarray(rng.normal(size=(4, 5, 3)) * 2 + 3, jnp.float32)
     params, state = jaxbn.batch_norm_init(3)
 
     def loss(x):
-        y, _, moments = jaxbn.batch_norm(x, params, state, training=True, axis_name="i", return_moments=True)
+        y, _, moments = jaxbn.batch_norm(
+            x, params, state, training=True, axis_name="i", return_moments=True
+        )
         return _output_loss(y) + _moments_loss(moments)
 
     def reference(x):

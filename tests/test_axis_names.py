@@ -39,10 +39,14 @@ def _data(seed, shape):
     rng = np.random.default_rng(seed)
     x = (rng.normal(size=shape) * 2 + 3).astype(np.float32)
     w = rng.normal(size=shape).astype(np.float32)
-    params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, shape[-1]), jnp.float32),
-              "bias": jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)}
-    state = {"mean": jnp.asarray(rng.normal(size=shape[-1]), jnp.float32),
-             "var": jnp.asarray(rng.uniform(0.5, 2, shape[-1]), jnp.float32)}
+    params = {
+        "scale": jnp.asarray(rng.uniform(0.5, 1.5, shape[-1]), jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=shape[-1]), jnp.float32),
+    }
+    state = {
+        "mean": jnp.asarray(rng.normal(size=shape[-1]), jnp.float32),
+        "var": jnp.asarray(rng.uniform(0.5, 2, shape[-1]), jnp.float32),
+    }
     return x, w, params, state
 
 
@@ -55,7 +59,9 @@ def _train(x, w, params, state, axis_name):
         )
         return jnp.sum(w * y), (y, new_state)
 
-    (_, (y, new_state)), (dx, dparams) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, params)
+    (_, (y, new_state)), (dx, dparams) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        x, params
+    )
     return y, new_state, dx, dparams
 
 
@@ -72,12 +78,18 @@ def _factored_step(axis_name):
     """
     spec = P(("replica", "group"))
     per_replica = P("replica") if axis_name == "group" else P()
-    step = jax.jit(jax.shard_map(
-        functools.partial(_train, axis_name=axis_name), mesh=FACTORED,
-        in_specs=(spec, spec, P(), P()), out_specs=(spec, per_replica, spec, P()),
-    ))
+    step = jax.jit(
+        jax.shard_map(
+            functools.partial(_train, axis_name=axis_name),
+            mesh=FACTORED,
+            in_specs=(spec, spec, P(), P()),
+            out_specs=(spec, per_replica, spec, P()),
+        )
+    )
     sharding = NamedSharding(FACTORED, spec)
-    return lambda x, w, p, s: _numpy(step(jax.device_put(x, sharding), jax.device_put(w, sharding), p, s))
+    return lambda x, w, p, s: _numpy(
+        step(jax.device_put(x, sharding), jax.device_put(w, sharding), p, s)
+    )
 
 
 def _numpy(tree):
@@ -98,10 +110,14 @@ def _assert_same(result, expected, state):
     # the terms by at most half an ulp (u = eps / 2) of their magnitude, so the two differ by at
     # most eps * (|MOMENTUM * old| + |(1 - MOMENTUM) * batch_mean|): that absolute tolerance, no more.
     old = MOMENTUM * np.abs(np.asarray(state["mean"], np.float64))
-    terms = old + np.abs(np.asarray(state1["mean"], np.float64) - MOMENTUM * np.asarray(state["mean"], np.float64))
+    terms = old + np.abs(
+        np.asarray(state1["mean"], np.float64) - MOMENTUM * np.asarray(state["mean"], np.float64)
+    )
     eps = np.finfo(np.float32).eps
-    np.testing.assert_array_less(np.abs(np.asarray(new_state["mean"], np.float64) - state1["mean"]),
-                                 np.maximum(1e-6 * np.abs(np.asarray(state1["mean"], np.float64)), eps * terms))
+    np.testing.assert_array_less(
+        np.abs(np.asarray(new_state["mean"], np.float64) - state1["mean"]),
+        np.maximum(1e-6 * np.abs(np.asarray(state1["mean"], np.float64)), eps * terms),
+    )
     np.testing.assert_allclose(new_state["var"], state1["var"], rtol=1e-6)
     for key in ("scale", "bias"):
         np.testing.assert_allclose(dparams[key], dp1[key], rtol=1e-5, atol=1e-5)
@@ -118,13 +134,19 @@ def test_factored_mesh_axis_gives_sub_group_statistics():
         part = slice(r * local, (r + 1) * local)
         y1, state1, dx1, dp1 = _single(x[part], w[part], params, state)
         mean, var = reference.batch_stats(x[part])
-        np.testing.assert_allclose(y1, reference.normalize(x[part], mean, var, params["scale"],
-                                                           params["bias"], epsilon=EPSILON), atol=2e-5)
+        np.testing.assert_allclose(
+            y1,
+            reference.normalize(
+                x[part], mean, var, params["scale"], params["bias"], epsilon=EPSILON
+            ),
+            atol=2e-5,
+        )
         np.testing.assert_allclose(y[part], y1, atol=1e-5)
         np.testing.assert_allclose(dx[part], dx1, atol=1e-5)
         for key in ("mean", "var"):
-            np.testing.assert_allclose(new_state[key][r * CHANNELS:(r + 1) * CHANNELS], state1[key],
-                                       rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(
+                new_state[key][r * CHANNELS : (r + 1) * CHANNELS], state1[key], rtol=1e-6, atol=1e-7
+            )
         dparams_sum = {key: dparams_sum[key] + dp1[key] for key in dparams_sum}
     for key in ("scale", "bias"):
         np.testing.assert_allclose(dparams[key], dparams_sum[key], rtol=1e-5, atol=1e-5)
@@ -136,20 +158,33 @@ def test_factored_mesh_equals_pmap_axis_index_groups():
     groups = [list(range(r * GROUP, (r + 1) * GROUP)) for r in range(REPLICAS)]
 
     pmapped = jax.pmap(lambda x, w: _train_groups(x, w, params, state, groups), axis_name="i")
-    y_p, state_p, dx_p = pmapped(x.reshape(N_DEVICES, 2, 5, CHANNELS), w.reshape(N_DEVICES, 2, 5, CHANNELS))
+    y_p, state_p, dx_p = pmapped(
+        x.reshape(N_DEVICES, 2, 5, CHANNELS), w.reshape(N_DEVICES, 2, 5, CHANNELS)
+    )
     y, new_state, dx, _ = _factored_step("group")(x, w, params, state)
     np.testing.assert_allclose(y, y_p.reshape(y.shape), atol=1e-6)
     np.testing.assert_allclose(dx, dx_p.reshape(dx.shape), atol=1e-6)
     for r in range(REPLICAS):
         for key in ("mean", "var"):
-            np.testing.assert_allclose(new_state[key][r * CHANNELS:(r + 1) * CHANNELS],
-                                       state_p[key][r * GROUP], rtol=1e-6)
+            np.testing.assert_allclose(
+                new_state[key][r * CHANNELS : (r + 1) * CHANNELS],
+                state_p[key][r * GROUP],
+                rtol=1e-6,
+            )
 
 
 def _train_groups(x, w, params, state, groups):
     def loss(x):
-        y, new_state = jaxbn.batch_norm(x, params, state, training=True, momentum=MOMENTUM, epsilon=EPSILON,
-                                        axis_name="i", axis_index_groups=groups)
+        y, new_state = jaxbn.batch_norm(
+            x,
+            params,
+            state,
+            training=True,
+            momentum=MOMENTUM,
+            epsilon=EPSILON,
+            axis_name="i",
+            axis_index_groups=groups,
+        )
         return jnp.sum(w * y), (y, new_state)
 
     (_, (y, new_state)), dx = jax.value_and_grad(loss, has_aux=True)(x)
@@ -158,13 +193,25 @@ def _train_groups(x, w, params, state, groups):
 
 def test_axis_index_groups_inside_shard_map_says_what_to_do():
     params, state = jaxbn.batch_norm_init(CHANNELS)
-    fn = jax.jit(jax.shard_map(
-        lambda x: jaxbn.batch_norm(x, params, state, training=True, axis_name="i",
-                                   axis_index_groups=[[0, 1, 2, 3], [4, 5, 6, 7]]),
-        mesh=FLAT, in_specs=P("i"), out_specs=(P("i"), P()),
-    ))
+    fn = jax.jit(
+        jax.shard_map(
+            lambda x: jaxbn.batch_norm(
+                x,
+                params,
+                state,
+                training=True,
+                axis_name="i",
+                axis_index_groups=[[0, 1, 2, 3], [4, 5, 6, 7]],
+            ),
+            mesh=FLAT,
+            in_specs=P("i"),
+            out_specs=(P("i"), P()),
+        )
+    )
     x = jax.device_put(jnp.ones((16, CHANNELS)), NamedSharding(FLAT, P("i")))
-    with pytest.raises(NotImplementedError, match=r"(?s)pmap only.*factor the mesh axis.*axis_name='group'"):
+    with pytest.raises(
+        NotImplementedError, match=r"(?s)pmap only.*factor the mesh axis.*axis_name='group'"
+    ):
         fn(x)
 
 
@@ -175,11 +222,19 @@ def test_tuple_of_mesh_axes_under_shard_map_equals_global_batch():
     y1, state1, dx1, dp1 = _single(x, w, params, state)
     _assert_same((y, new_state, dx, dparams), (y1, state1, dx1, dp1), state)
     spec = NamedSharding(FACTORED, P(("replica", "group")))
-    step = jax.jit(jax.shard_map(
-        functools.partial(_train, axis_name=("replica", "group")), mesh=FACTORED,
-        in_specs=(spec.spec, spec.spec, P(), P()), out_specs=(spec.spec, P(), spec.spec, P()),
-    ))
-    text = step.lower(jax.device_put(x, spec), jax.device_put(w, spec), params, state).compile().as_text()
+    step = jax.jit(
+        jax.shard_map(
+            functools.partial(_train, axis_name=("replica", "group")),
+            mesh=FACTORED,
+            in_specs=(spec.spec, spec.spec, P(), P()),
+            out_specs=(spec.spec, P(), spec.spec, P()),
+        )
+    )
+    text = (
+        step.lower(jax.device_put(x, spec), jax.device_put(w, spec), params, state)
+        .compile()
+        .as_text()
+    )
     _assert_one_collective_per_direction(text)
 
 
@@ -202,14 +257,24 @@ def _vmapped_step(x, w, params, state):
     y, new_state, dx, dparams = jax.vmap(lane, axis_name="v")(x, w)
     # Each lane differentiates its own loss: the global gradient is the sum over lanes.
     merge = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
-    return merge(y), jax.tree.map(lambda a: a[0], new_state), merge(dx), jax.tree.map(lambda a: a.sum(0), dparams)
+    return (
+        merge(y),
+        jax.tree.map(lambda a: a[0], new_state),
+        merge(dx),
+        jax.tree.map(lambda a: a.sum(0), dparams),
+    )
 
 
 @functools.cache
 def _vmap_in_shard_map():
-    return jax.jit(jax.shard_map(
-        _vmapped_step, mesh=FLAT, in_specs=(P("i"), P("i"), P(), P()), out_specs=(P("i"), P(), P("i"), P())
-    ))
+    return jax.jit(
+        jax.shard_map(
+            _vmapped_step,
+            mesh=FLAT,
+            in_specs=(P("i"), P("i"), P(), P()),
+            out_specs=(P("i"), P(), P("i"), P()),
+        )
+    )
 
 
 def test_vmap_axis_beside_mesh_axis_under_shard_map_with_checks_on():
@@ -232,8 +297,16 @@ def test_vmap_axis_beside_mesh_axis_under_shard_map_with_checks_on():
 # Per-example norms across devices: features sharded (layer/RMS), or the spatial axis (group/instance).
 ALTERNATIVES = {
     # name: (function of (x, params, axis_name), sharded axis of x, params sharded with x?)
-    "layer_norm": (lambda x, p, n: jaxbn.layer_norm(x, p, reduction_axes=-1, feature_axes=-1, axis_name=n), 2, True),
-    "rms_norm": (lambda x, p, n: jaxbn.rms_norm(x, p, reduction_axes=-1, feature_axes=-1, axis_name=n), 2, True),
+    "layer_norm": (
+        lambda x, p, n: jaxbn.layer_norm(x, p, reduction_axes=-1, feature_axes=-1, axis_name=n),
+        2,
+        True,
+    ),
+    "rms_norm": (
+        lambda x, p, n: jaxbn.rms_norm(x, p, reduction_axes=-1, feature_axes=-1, axis_name=n),
+        2,
+        True,
+    ),
     "group_norm": (lambda x, p, n: jaxbn.group_norm(x, p, num_groups=2, axis_name=n), 1, False),
     "instance_norm": (lambda x, p, n: jaxbn.instance_norm(x, p, axis_name=n), 1, False),
 }
@@ -264,16 +337,24 @@ def _alt_step(name, kind):
         pplace = lambda a: jax.device_put(a, NamedSharding(FLAT, pspec))  # noqa: E731
         return lambda x, w, p: _numpy(step(place(x), place(w), jax.tree.map(pplace, p)))
     if kind == "shard_map":
+
         def local(x, w, p):
             (_, y), grads = grad(x, w, p, "i")  # the loss is this device's part
             return y, grads
 
-        step = jax.jit(jax.shard_map(
-            local, mesh=FLAT, in_specs=(spec, spec, pspec), out_specs=(spec, (spec, pspec)),
-        ))
+        step = jax.jit(
+            jax.shard_map(
+                local, mesh=FLAT, in_specs=(spec, spec, pspec), out_specs=(spec, (spec, pspec))
+            )
+        )
         sharding, psharding = NamedSharding(FLAT, spec), NamedSharding(FLAT, pspec)
-        return lambda x, w, p: _numpy(step(jax.device_put(x, sharding), jax.device_put(w, sharding),
-                                           jax.device_put(p, psharding)))
+        return lambda x, w, p: _numpy(
+            step(
+                jax.device_put(x, sharding),
+                jax.device_put(w, sharding),
+                jax.device_put(p, psharding),
+            )
+        )
 
     # pmap: split the sharded axis into a leading device axis.
     def split(a, ax):
@@ -282,8 +363,11 @@ def _alt_step(name, kind):
     def join(a, ax):
         return np.concatenate(list(np.asarray(a)), axis=ax)
 
-    step = jax.pmap(lambda x, w, p: grad(x, w, p, "i"), axis_name="i",
-                    in_axes=(0, 0, 0 if params_sharded else None))
+    step = jax.pmap(
+        lambda x, w, p: grad(x, w, p, "i"),
+        axis_name="i",
+        in_axes=(0, 0, 0 if params_sharded else None),
+    )
 
     def run(x, w, p):
         p_in = jax.tree.map(lambda a: split(a, 0), p) if params_sharded else p
@@ -297,24 +381,31 @@ def _alt_step(name, kind):
     return run
 
 
-@pytest.mark.parametrize("kind", [pytest.param("pmap", marks=pytest.mark.slow), "shard_map", "jit_sharded"])
+@pytest.mark.parametrize(
+    "kind", [pytest.param("pmap", marks=pytest.mark.slow), "shard_map", "jit_sharded"]
+)
 @pytest.mark.parametrize("name", sorted(ALTERNATIVES))
 def test_per_example_norm_over_sharded_axis_equals_unsharded(name, kind):
     """Statistics reduced over the device axis equal those of the unsharded tensor, grads too."""
     rng = np.random.default_rng(4)
     x = (rng.normal(size=ALT_SHAPE) * 3 + 20).astype(np.float32)
     w = rng.normal(size=ALT_SHAPE).astype(np.float32)
-    params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, ALT_SHAPE[-1]), jnp.float32),
-              "bias": jnp.asarray(rng.normal(size=ALT_SHAPE[-1]), jnp.float32)}
+    params = {
+        "scale": jnp.asarray(rng.uniform(0.5, 1.5, ALT_SHAPE[-1]), jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=ALT_SHAPE[-1]), jnp.float32),
+    }
     if name == "rms_norm":
         del params["bias"]  # RMS norm has a scale only
     y1, (dx1, dp1) = _alt_step(name, "single")(x, w, params)
     y, (dx, dp) = _alt_step(name, kind)(x, w, params)
 
-    reduction = {"layer_norm": (2,), "rms_norm": (2,), "group_norm": None, "instance_norm": (1,)}[name]
+    reduction = {"layer_norm": (2,), "rms_norm": (2,), "group_norm": None, "instance_norm": (1,)}[
+        name
+    ]
     if reduction is not None:  # float64 reference of the unsharded result
-        expected = reference.per_example_norm(x, reduction, (2,), params["scale"], params.get("bias"),
-                                              center=name != "rms_norm")
+        expected = reference.per_example_norm(
+            x, reduction, (2,), params["scale"], params.get("bias"), center=name != "rms_norm"
+        )
         np.testing.assert_allclose(y1, expected, atol=2e-5)
     np.testing.assert_allclose(y, y1, atol=2e-5)
     np.testing.assert_allclose(dx, dx1, atol=2e-5)

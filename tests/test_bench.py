@@ -23,11 +23,18 @@ TRAFFIC = re.compile(r"^\d+\.\d\dS$")
 
 def _run(*args, pythonpath=None):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = re.sub(
+        r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")
+    )
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, str(BENCH), "--quick", *args], env=env, capture_output=True,
-                            text=True, timeout=900)  # a hang fails; a loaded machine does not
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # a hang fails; a loaded machine does not
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -40,7 +47,9 @@ def _section(output, title):
 
 @pytest.fixture(scope="module")
 def quick_output():
-    return _run("--layouts", "NHWC")  # NCHW: in test_quick_reports_missing_libraries_instead_of_failing
+    return _run(
+        "--layouts", "NHWC"
+    )  # NCHW: in test_quick_reports_missing_libraries_instead_of_failing
 
 
 def test_quick_prints_the_header_and_a_timing_table_per_mode_and_dtype(quick_output):
@@ -48,11 +57,14 @@ def test_quick_prints_the_header_and_a_timing_table_per_mode_and_dtype(quick_out
     assert "versions: jaxbn" in quick_output and "command:" in quick_output
     tables = re.findall(r"^## (.*), (float32|bfloat16): ms per call", quick_output, re.M)
     assert [(title.split(" (")[0], dtype) for title, dtype in tables] == [
-        (mode, dtype) for mode in MODES for dtype in ("float32", "bfloat16")]
+        (mode, dtype) for mode in MODES for dtype in ("float32", "bfloat16")
+    ]
 
 
 def test_quick_timing_tables_have_ratio_columns_and_every_row(quick_output):
-    for title, _ in re.findall(r"^## ((.*), (?:float32|bfloat16): ms per call.*)$", quick_output, re.M):
+    for title, _ in re.findall(
+        r"^## ((.*), (?:float32|bfloat16): ms per call.*)$", quick_output, re.M
+    ):
         header, *rows = _section(quick_output, title)
         assert header[:5] == ["implementation", "layout", "median", "min", "max"]
         assert {"/flax.linen", "/torch CL", "/copy"} <= set(header)
@@ -90,9 +102,20 @@ def test_quick_reports_missing_libraries_instead_of_failing(tmp_path):
     for name in ("equinox", "haiku"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(
-            f"raise ModuleNotFoundError('No module named {name}', name='{name}')\n")
-    output = _run("--libs", "jaxbn", "equinox", "haiku", "copy", "--dtypes", "float32", "--layouts", "NCHW",
-                  pythonpath=tmp_path)
+            f"raise ModuleNotFoundError('No module named {name}', name='{name}')\n"
+        )
+    output = _run(
+        "--libs",
+        "jaxbn",
+        "equinox",
+        "haiku",
+        "copy",
+        "--dtypes",
+        "float32",
+        "--layouts",
+        "NCHW",
+        pythonpath=tmp_path,
+    )
     _, *rows = _section(output, "train forward (y + new running stats), float32")
     notes = {row[0]: row[-1] for row in rows if row[1] == "NCHW"}
     assert "jaxbn" in notes  # the NCHW path, timed

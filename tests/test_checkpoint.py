@@ -41,7 +41,10 @@ def _run_worker(scenario: str, directory: pathlib.Path) -> None:
     """Runs a scenario of tests/_checkpoint_worker.py in a fresh interpreter; fails with its stderr."""
     result = subprocess.run(
         [sys.executable, "-m", "tests._checkpoint_worker", scenario, str(directory)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, f"worker {scenario!r} failed:\n{result.stderr[-4000:]}"
 
@@ -92,21 +95,32 @@ def test_linen_resume_in_new_process_is_bitwise_identical(linen_run):
 def test_linen_sharded_restore_places_each_array_as_annotated(linen_run):
     """Restored onto a ('data', 'model') mesh: the saved values, features split over 'model', stats like scale."""
     directory, saved, _ = linen_run
-    _assert_bitwise_equal(dict(np.load(directory / "sharded_restored.npz")), saved)  # exact: a restore
+    _assert_bitwise_equal(
+        dict(np.load(directory / "sharded_restored.npz")), saved
+    )  # exact: a restore
     specs = json.loads((directory / "sharded_specs.json").read_text())
     model_size = N_DEVICES // 2
     expected = {
-        "['BatchNorm_0']['scale']": ["model"], "['BatchNorm_0']['bias']": ["model"],
-        "['BatchNorm_0']['mean']": ["model"], "['BatchNorm_0']['var']": ["model"],
-        "['Conv_0']['kernel']": [None, None, None, "model"], "['Conv_0']['bias']": [],
-        "['Dense_0']['kernel']": ["model", None], "['Dense_0']['bias']": [],
+        "['BatchNorm_0']['scale']": ["model"],
+        "['BatchNorm_0']['bias']": ["model"],
+        "['BatchNorm_0']['mean']": ["model"],
+        "['BatchNorm_0']['var']": ["model"],
+        "['Conv_0']['kernel']": [None, None, None, "model"],
+        "['Conv_0']['bias']": [],
+        "['Dense_0']['kernel']": ["model", None],
+        "['Dense_0']['bias']": [],
     }
     assert len(specs) == 14  # 6 params, 2 running statistics, 6 momenta
     for key, got in specs.items():
         (spec,) = [spec for suffix, spec in expected.items() if key.endswith(suffix)]
-        assert got["spec"] == spec and got["mesh"] == ["data", "model"] and got["devices"] == N_DEVICES, key
+        assert (
+            got["spec"] == spec and got["mesh"] == ["data", "model"] and got["devices"] == N_DEVICES
+        ), key
         full = list(saved[key].shape)
-        shard = [n // model_size if name == "model" else n for n, name in zip(full, spec + [None] * len(full))]
+        shard = [
+            n // model_size if name == "model" else n
+            for n, name in zip(full, spec + [None] * len(full))
+        ]
         assert got["shard_shape"] == shard, key
 
 
@@ -117,7 +131,9 @@ def test_linen_sharded_resume_matches_uninterrupted(linen_run):
     resumed = dict(np.load(directory / "sharded_resumed.npz"))
     assert sorted(resumed) == sorted(uninterrupted)
     for key in uninterrupted:  # XLA reduces in another order across devices: equal up to rounding
-        np.testing.assert_allclose(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(
+            resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6, err_msg=key
+        )
 
 
 # --- flax.linen.BatchNorm checkpoint -> jaxbn.linen.BatchNorm -> flax -----------------------------------
@@ -141,8 +157,12 @@ def _net_step(norm):
 
     def step(variables, x):
         def loss(params):
-            y, updates = net.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                   mutable=["batch_stats"])
+            y, updates = net.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
             return jnp.sum(y**2), updates["batch_stats"]
 
         grads, batch_stats = jax.grad(loss, has_aux=True)(variables["params"])
@@ -178,15 +198,21 @@ def test_flax_checkpoint_loads_into_jaxbn_and_back(tmp_path, rng):
     loaded = _save_restore(tmp_path / "flax", flax_vars, jaxbn_abstract)
     assert jax.tree.structure(loaded) == jax.tree.structure(flax_vars)
     _assert_bitwise_equal(worker.flat(loaded), worker.flat(flax_vars))  # exact: a restore
-    np.testing.assert_allclose(jaxbn_eval(loaded, x[1]), flax_eval(flax_vars, x[1]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        jaxbn_eval(loaded, x[1]), flax_eval(flax_vars, x[1]), rtol=1e-5, atol=1e-5
+    )
 
     trained = jaxbn_step(jaxbn_step(loaded, x[1]), x[2])
     back = _save_restore(tmp_path / "jaxbn", trained, flax_abstract)
     assert jax.tree.structure(back) == jax.tree.structure(flax_vars)
     _assert_bitwise_equal(worker.flat(back), worker.flat(trained))  # exact: a restore
-    assert not np.array_equal(back["batch_stats"]["BatchNorm_0"]["mean"],  # jaxbn's steps changed it
-                              flax_vars["batch_stats"]["BatchNorm_0"]["mean"])
-    np.testing.assert_allclose(flax_eval(back, x[0]), jaxbn_eval(trained, x[0]), rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(
+        back["batch_stats"]["BatchNorm_0"]["mean"],  # jaxbn's steps changed it
+        flax_vars["batch_stats"]["BatchNorm_0"]["mean"],
+    )
+    np.testing.assert_allclose(
+        flax_eval(back, x[0]), jaxbn_eval(trained, x[0]), rtol=1e-5, atol=1e-5
+    )
 
 
 # --- sharding metadata on the running statistics ---------------------------------------------------------
@@ -197,13 +223,29 @@ RULES = (("embed", "model"),)
 ONES, ZEROS = nn.initializers.ones, nn.initializers.zeros
 ANNOTATIONS = {
     # name: (BatchNorm keyword arguments, the names the running statistics should carry)
-    "partitioned": (dict(scale_init=nn.with_partitioning(ONES, ("model",)),
-                         bias_init=nn.with_partitioning(ZEROS, ("model",))), ("model",)),
-    "logical": (dict(scale_init=nn.with_logical_partitioning(ONES, ("embed",)),
-                     bias_init=nn.with_logical_partitioning(ZEROS, ("embed",))), ("embed",)),
+    "partitioned": (
+        dict(
+            scale_init=nn.with_partitioning(ONES, ("model",)),
+            bias_init=nn.with_partitioning(ZEROS, ("model",)),
+        ),
+        ("model",),
+    ),
+    "logical": (
+        dict(
+            scale_init=nn.with_logical_partitioning(ONES, ("embed",)),
+            bias_init=nn.with_logical_partitioning(ZEROS, ("embed",)),
+        ),
+        ("embed",),
+    ),
     "scale_only": (dict(scale_init=nn.with_partitioning(ONES, ("model",))), ("model",)),
-    "bias_only": (dict(use_scale=False, bias_init=nn.with_partitioning(ZEROS, ("model",))), ("model",)),
-    "cumulative": (dict(momentum=None, scale_init=nn.with_partitioning(ONES, ("model",))), ("model",)),
+    "bias_only": (
+        dict(use_scale=False, bias_init=nn.with_partitioning(ZEROS, ("model",))),
+        ("model",),
+    ),
+    "cumulative": (
+        dict(momentum=None, scale_init=nn.with_partitioning(ONES, ("model",))),
+        ("model",),
+    ),
 }
 
 
@@ -216,7 +258,9 @@ def _mesh_shardings(abstract, logical: bool):
     specs = nn.get_partition_spec(abstract)
     if logical:
         return nn.logical_to_mesh_sharding(specs, MESH, RULES)
-    return jax.tree.map(lambda spec: NamedSharding(MESH, spec), specs, is_leaf=lambda s: isinstance(s, P))
+    return jax.tree.map(
+        lambda spec: NamedSharding(MESH, spec), specs, is_leaf=lambda s: isinstance(s, P)
+    )
 
 
 @pytest.mark.parametrize("name", sorted(ANNOTATIONS))
@@ -241,9 +285,14 @@ def test_unannotated_running_stats_stay_plain_arrays(rng):
     x = _x(rng)
     ours = jaxbn.linen.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
     theirs = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
-    assert all(type(leaf) is type(jnp.zeros(1)) for leaf in jax.tree.leaves(ours, is_leaf=meta.is_axis_metadata))
+    assert all(
+        type(leaf) is type(jnp.zeros(1))
+        for leaf in jax.tree.leaves(ours, is_leaf=meta.is_axis_metadata)
+    )
     assert jax.tree.structure(ours) == jax.tree.structure(theirs)
-    _assert_bitwise_equal(worker.flat(ours), worker.flat(theirs))  # exact: constant inits (ones, zeros)
+    _assert_bitwise_equal(
+        worker.flat(ours), worker.flat(theirs)
+    )  # exact: constant inits (ones, zeros)
 
 
 @pytest.mark.parametrize("name", ["partitioned", "logical"])
@@ -262,7 +311,9 @@ def test_running_stats_shard_like_scale(name, tmp_path, rng):
     for collection, key in (("params", "scale"), ("batch_stats", "mean"), ("batch_stats", "var")):
         value = variables[collection][key].value
         assert value.sharding.is_equivalent_to(features, 1)
-        assert {shard.data.shape for shard in value.addressable_shards} == {(FEATURES // N_DEVICES,)}
+        assert {shard.data.shape for shard in value.addressable_shards} == {
+            (FEATURES // N_DEVICES,)
+        }
 
     # A step keeps the boxes (so the updated statistics save and restore with the same specs) and computes
     # what the unannotated module computes on one device.
@@ -272,14 +323,18 @@ def test_running_stats_shard_like_scale(name, tmp_path, rng):
     for key in ("mean", "var"):
         assert type(updates["batch_stats"][key]) is type(abstract["batch_stats"][key])
         # sharded sums round differently: relative to the statistics' scale, not to a mean near 0
-        np.testing.assert_allclose(updates["batch_stats"][key].value, expected["batch_stats"][key], rtol=1e-6,
-                                   atol=1e-7)
+        np.testing.assert_allclose(
+            updates["batch_stats"][key].value, expected["batch_stats"][key], rtol=1e-6, atol=1e-7
+        )
 
     # Saved from one device, restored onto the mesh as the annotations say.
     state = nn.unbox({"params": variables["params"], "batch_stats": updates["batch_stats"]})
     state = jax.tree.map(lambda a: jax.device_put(a, jax.devices()[0]), state)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.unbox(abstract), shardings)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.unbox(abstract),
+        shardings,
+    )
     restored = _save_restore(tmp_path / "stats", state, target)
     _assert_bitwise_equal(worker.flat(restored), worker.flat(state))  # exact: a restore
     for key in ("mean", "var"):
@@ -341,7 +396,9 @@ def test_flax_nnx_state_loads_into_jaxbn_nnx_and_back(tmp_path):
     flax_state = nnx.state(theirs)
     loaded = _save_restore(tmp_path / "flax", flax_state, jaxbn_abstract)
     assert jax.tree.structure(loaded) == jax.tree.structure(flax_state)
-    _assert_bitwise_equal(worker.flat(nnx.to_pure_dict(loaded)), worker.flat(nnx.to_pure_dict(flax_state)))  # restore
+    _assert_bitwise_equal(
+        worker.flat(nnx.to_pure_dict(loaded)), worker.flat(nnx.to_pure_dict(flax_state))
+    )  # restore
     nnx.update(ours, loaded)
     np.testing.assert_allclose(_nnx_eval(ours, x), _nnx_eval(theirs, x), rtol=1e-5, atol=1e-5)
 
@@ -349,19 +406,27 @@ def test_flax_nnx_state_loads_into_jaxbn_nnx_and_back(tmp_path):
     jaxbn_state = nnx.state(ours)
     back = _save_restore(tmp_path / "jaxbn", jaxbn_state, flax_abstract)
     assert jax.tree.structure(back) == jax.tree.structure(flax_state)
-    _assert_bitwise_equal(worker.flat(nnx.to_pure_dict(back)), worker.flat(nnx.to_pure_dict(jaxbn_state)))  # restore
+    _assert_bitwise_equal(
+        worker.flat(nnx.to_pure_dict(back)), worker.flat(nnx.to_pure_dict(jaxbn_state))
+    )  # restore
     assert not np.array_equal(back["bn"]["mean"][...], flax_state["bn"]["mean"][...])
     nnx.update(theirs, back)
     np.testing.assert_allclose(_nnx_eval(theirs, x), _nnx_eval(ours, x), rtol=1e-5, atol=1e-5)
 
 
 NNX_ANNOTATIONS = {  # every parameter placed on the mesh, so that a jitted call sees one device set
-    "metadata": dict(scale_metadata={"out_sharding": ("model",), "mesh": MESH},
-                     bias_metadata={"out_sharding": ("model",), "mesh": MESH}),
-    "initializer": dict(scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("model",), mesh=MESH),
-                        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("model",), mesh=MESH)),
-    "scale_first": dict(scale_metadata={"out_sharding": ("model",), "mesh": MESH},  # bias replicated
-                        bias_metadata={"out_sharding": (None,), "mesh": MESH}),
+    "metadata": dict(
+        scale_metadata={"out_sharding": ("model",), "mesh": MESH},
+        bias_metadata={"out_sharding": ("model",), "mesh": MESH},
+    ),
+    "initializer": dict(
+        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("model",), mesh=MESH),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("model",), mesh=MESH),
+    ),
+    "scale_first": dict(
+        scale_metadata={"out_sharding": ("model",), "mesh": MESH},  # bias replicated
+        bias_metadata={"out_sharding": (None,), "mesh": MESH},
+    ),
     "bias_only": dict(use_scale=False, bias_metadata={"out_sharding": ("model",), "mesh": MESH}),
 }
 
@@ -381,18 +446,26 @@ def test_nnx_running_stats_shard_like_scale(name, tmp_path, rng):
 
     # A checkpoint of an unannotated module (one device) restores onto the annotated module's devices.
     x = _x(rng)
-    plain = jaxbn.nnx.BatchNorm(FEATURES, momentum=0.9, rngs=nnx.Rngs(0), use_scale=param == "scale")
+    plain = jaxbn.nnx.BatchNorm(
+        FEATURES, momentum=0.9, rngs=nnx.Rngs(0), use_scale=param == "scale"
+    )
     plain(x)
     graphdef, abstract = nnx.split(
-        nnx.eval_shape(lambda: jaxbn.nnx.BatchNorm(FEATURES, momentum=0.9, rngs=nnx.Rngs(0), **kwargs))
+        nnx.eval_shape(
+            lambda: jaxbn.nnx.BatchNorm(FEATURES, momentum=0.9, rngs=nnx.Rngs(0), **kwargs)
+        )
     )
     restored = _save_restore(tmp_path / "stats", nnx.state(plain), abstract)
     # exact: a restore of the saved state
-    _assert_bitwise_equal(worker.flat(nnx.to_pure_dict(restored)), worker.flat(nnx.to_pure_dict(nnx.state(plain))))
+    _assert_bitwise_equal(
+        worker.flat(nnx.to_pure_dict(restored)), worker.flat(nnx.to_pure_dict(nnx.state(plain)))
+    )
     for key in ("mean", "var"):
         assert restored[key][...].sharding.is_equivalent_to(features, 1)
     sharded = nnx.merge(graphdef, restored)
-    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(sharded, x), plain(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        nnx.jit(lambda m, x: m(x))(sharded, x), plain(x), rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(sharded.mean[...], plain.mean[...], rtol=1e-6, atol=1e-7)
 
 

@@ -18,8 +18,12 @@ import pytest
 BENCH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "compile.py"
 NORMS = ("jaxbn", "flax")
 FAMILIES = ("linen", "nnx")
-EAGER_ROWS = {"functional batch_norm vs flax.linen BatchNorm apply", "linen BatchNorm apply", "nnx BatchNorm call",
-              "layer_norm vs flax.linen LayerNorm apply"}
+EAGER_ROWS = {
+    "functional batch_norm vs flax.linen BatchNorm apply",
+    "linen BatchNorm apply",
+    "nnx BatchNorm call",
+    "layer_norm vs flax.linen LayerNorm apply",
+}
 
 
 # A loop counting to 10: 3 instructions in ENTRY, 4 in the condition, 5 in the body.
@@ -66,7 +70,10 @@ def quick(bench, tmp_path_factory):
     log_compiles, propagate = jax.config.jax_log_compiles, logging.getLogger("jax").propagate
     results = bench.main(["--quick", "--json", str(path)])
     # the eager section switches JAX's compile log on for its own counting, and off again
-    assert jax.config.jax_log_compiles == log_compiles and logging.getLogger("jax").propagate == propagate
+    assert (
+        jax.config.jax_log_compiles == log_compiles
+        and logging.getLogger("jax").propagate == propagate
+    )
     return results, json.loads(path.read_text())
 
 
@@ -84,7 +91,9 @@ def test_every_compile_row_has_positive_times_and_instruction_counts(quick):
         for norm in NORMS:
             row = rows[norm]
             assert row["lower_s"] > 0 and row["compile_s"] > 0, (family, norm, row)
-            assert len(row["lower_s_all"]) == len(row["compile_s_all"]) == 1  # --quick: one repetition
+            assert (
+                len(row["lower_s_all"]) == len(row["compile_s_all"]) == 1
+            )  # --quick: one repetition
             assert row["instructions"] > 0 and row["instructions"] == sum(row["opcodes"].values())
             assert 0 <= row["in_loops"] < row["instructions"]
             assert row["whiles"] >= 0 and row["opcodes"].get("fusion", 0) > 0
@@ -109,11 +118,18 @@ def test_every_eager_row_has_both_libraries_timed_and_counted(quick):
 @pytest.mark.slow  # runs benchmarks/compile.py --quick
 def test_targets_cover_every_ratio_and_the_json_holds_the_results(quick):
     results, written = quick
-    assert [t["metric"] for t in results["targets"]] == ["compile", "lower", "instructions"] * 2 + ["eager"] * 4
+    assert [t["metric"] for t in results["targets"]] == ["compile", "lower", "instructions"] * 2 + [
+        "eager"
+    ] * 4
     assert all(t["ratio"] > 0 and isinstance(t["held"], bool) for t in results["targets"])
     assert written["targets"] == results["targets"]
     assert set(written["compile"]) == set(FAMILIES) and set(written["eager"]) == EAGER_ROWS
     environment = written["environment"]
     assert {"jax", "jaxlib", "flax"} <= set(environment["versions"])
-    assert environment["backend"] and environment["device"] and environment["cpus"] and environment["date"]
+    assert (
+        environment["backend"]
+        and environment["device"]
+        and environment["cpus"]
+        and environment["date"]
+    )
     assert written["model"]["batch_norms"] == 17  # --quick: one bottleneck block per stage

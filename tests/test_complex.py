@@ -45,14 +45,18 @@ def reference_stats(z, axes, mask=None):
     return mean, var
 
 
-def reference_norm(z, axes, scale=None, bias=None, feature_shape=None, mask=None, center=True, epsilon=EPSILON):
+def reference_norm(
+    z, axes, scale=None, bias=None, feature_shape=None, mask=None, center=True, epsilon=EPSILON
+):
     z = np.asarray(z, np.complex128)
     if center:
         mean, var = reference_stats(z, axes, mask)
     else:
         valid = np.ones(z.shape, bool) if mask is None else np.broadcast_to(mask, z.shape)
         mean = 0
-        var = np.where(valid, np.abs(z) ** 2, 0).sum(axes, keepdims=True) / valid.sum(axes, keepdims=True)
+        var = np.where(valid, np.abs(z) ** 2, 0).sum(axes, keepdims=True) / valid.sum(
+            axes, keepdims=True
+        )
     y = (z - mean) / np.sqrt(var + epsilon)
     if scale is not None:
         y = y * np.reshape(scale, feature_shape)
@@ -66,12 +70,16 @@ def _feature_shape(shape, axis):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("dtype", [np.complex64, pytest.param(np.complex128, marks=pytest.mark.slow)])  # x64: slow tier
+@pytest.mark.parametrize(
+    "dtype", [np.complex64, pytest.param(np.complex128, marks=pytest.mark.slow)]
+)  # x64: slow tier
 def test_moments_match_complex128_reference(dtype, masked):
     """Mean complex, variance real and exact at a large complex offset, count real."""
     z = _complex((64, 5), offset=1e4 - 3e3j, dtype=dtype)
     mask = np.random.default_rng(2).uniform(size=z.shape) < 0.6 if masked else None
-    if masked:  # a feature whose first element is masked out: its sums cannot go around that element
+    if (
+        masked
+    ):  # a feature whose first element is masked out: its sums cannot go around that element
         mask[0, 0] = False
     with jax.enable_x64(dtype == np.complex128):
         # One path, whatever `shift` is (0 by default, or the offset itself): two passes around an
@@ -85,25 +93,36 @@ def test_moments_match_complex128_reference(dtype, masked):
             np.testing.assert_allclose(m.mean, mean[0], rtol=tol)
             # float32 at |offset| ~ 1e4: the data themselves carry rounding of 1e4 * 6e-8
             np.testing.assert_allclose(m.var, var[0], rtol=1e-5 if dtype == np.complex64 else 1e-12)
-            np.testing.assert_allclose(m.count, (~np.isnan(z.real) if mask is None else mask).sum(0))
+            np.testing.assert_allclose(
+                m.count, (~np.isnan(z.real) if mask is None else mask).sum(0)
+            )
 
 
 @pytest.mark.slow  # ~3 s; test_synchronized_complex_batch_norm_under_pmap_equals_global_batch stays
 def test_moments_across_devices_equal_global():
     """With an axis name the complex sums cross devices in the one collective and give global statistics."""
     z = _complex((4, 6, 3), seed=3)
-    per_device = jax.vmap(lambda a: stats.moments(a, 0, axis_name="i"), axis_name="i")(jnp.asarray(z))
+    per_device = jax.vmap(lambda a: stats.moments(a, 0, axis_name="i"), axis_name="i")(
+        jnp.asarray(z)
+    )
     mean, var = reference_stats(z.reshape(24, 3), (0,))
     np.testing.assert_allclose(per_device.mean, np.broadcast_to(mean, (4, 3)), rtol=1e-6)
     np.testing.assert_allclose(per_device.var, np.broadcast_to(var, (4, 3)), rtol=1e-5)
-    if jax.device_count() >= 4:  # real and imaginary parts travel with count and variance: one all-gather
+    if (
+        jax.device_count() >= 4
+    ):  # real and imaginary parts travel with count and variance: one all-gather
         for mask in (None, np.ones((4, 6, 1), bool)):
-            step = jax.pmap(lambda a, m: stats.moments(a, 0, axis_name="i", mask=m), axis_name="i",
-                            in_axes=(0, None if mask is None else 0))
+            step = jax.pmap(
+                lambda a, m: stats.moments(a, 0, axis_name="i", mask=m),
+                axis_name="i",
+                in_axes=(0, None if mask is None else 0),
+            )
             text = hlo.compiled_text(step, jnp.asarray(z), mask)
             assert hlo.count_collectives(text, "all-gather") == 1
             assert hlo.count_collectives(text, "all-reduce") == 0
-            assert " while(" not in text and " conditional(" not in text  # nothing decided from the data
+            assert (
+                " while(" not in text and " conditional(" not in text
+            )  # nothing decided from the data
             result = step(jnp.asarray(z), mask)
             np.testing.assert_allclose(result.var, np.broadcast_to(var, (4, 3)), rtol=1e-5)
 
@@ -115,21 +134,35 @@ def test_batch_norm_training_matches_reference_and_flax(layout, masked):
     axis, shape = LAYOUTS[layout]
     channels = shape[axis]
     rng = np.random.default_rng(1)
-    params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32),
-              "bias": jnp.asarray(rng.normal(size=channels), jnp.float32)}
+    params = {
+        "scale": jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=channels), jnp.float32),
+    }
     mask = rng.uniform(size=shape) < 0.7 if masked else None
     state = jaxbn.batch_norm_init(channels, dtype=jnp.complex64)[1]
     module = nn.BatchNorm(axis=axis, momentum=MOMENTUM, epsilon=EPSILON)
-    flax_state = module.init(jax.random.key(0), jnp.zeros(shape, jnp.complex64), False)["batch_stats"]
+    flax_state = module.init(jax.random.key(0), jnp.zeros(shape, jnp.complex64), False)[
+        "batch_stats"
+    ]
     expected_mean, expected_var = np.zeros(channels, complex), np.ones(channels)
-    step = jax.jit(functools.partial(jaxbn.batch_norm, training=True, axis=axis, momentum=MOMENTUM,
-                                     epsilon=EPSILON, mask=mask))
+    step = jax.jit(
+        functools.partial(
+            jaxbn.batch_norm,
+            training=True,
+            axis=axis,
+            momentum=MOMENTUM,
+            epsilon=EPSILON,
+            mask=mask,
+        )
+    )
     for seed in range(2):
         z = _complex(shape, seed=seed)
         y, state = step(jnp.asarray(z), params, state)
         axes = _reduce_axes(len(shape), axis)
         fs = _feature_shape(shape, axis)
-        np.testing.assert_allclose(y, reference_norm(z, axes, params["scale"], params["bias"], fs, mask), atol=2e-5)
+        np.testing.assert_allclose(
+            y, reference_norm(z, axes, params["scale"], params["bias"], fs, mask), atol=2e-5
+        )
         assert y.dtype == jnp.complex64
         mean, var = reference_stats(z, axes, mask)
         expected_mean = MOMENTUM * expected_mean + (1 - MOMENTUM) * mean.ravel()
@@ -137,16 +170,25 @@ def test_batch_norm_training_matches_reference_and_flax(layout, masked):
         assert state["mean"].dtype == jnp.complex64 and state["var"].dtype == jnp.float32
         np.testing.assert_allclose(state["mean"], expected_mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(state["var"], expected_var, rtol=1e-5)
-        y_flax, updates = module.apply({"params": params, "batch_stats": flax_state}, jnp.asarray(z), False,
-                                       mask=mask, mutable=["batch_stats"])
+        y_flax, updates = module.apply(
+            {"params": params, "batch_stats": flax_state},
+            jnp.asarray(z),
+            False,
+            mask=mask,
+            mutable=["batch_stats"],
+        )
         flax_state = updates["batch_stats"]
         np.testing.assert_allclose(y, y_flax, atol=2e-5)
         np.testing.assert_allclose(state["mean"], flax_state["mean"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(state["var"], flax_state["var"], rtol=1e-5)
     # inference with the complex running mean, as flax
-    y, same = jaxbn.batch_norm(jnp.asarray(z), params, state, training=False, axis=axis, epsilon=EPSILON)
+    y, same = jaxbn.batch_norm(
+        jnp.asarray(z), params, state, training=False, axis=axis, epsilon=EPSILON
+    )
     assert same is state
-    y_flax = module.apply({"params": params, "batch_stats": flax_state}, jnp.asarray(z), use_running_average=True)
+    y_flax = module.apply(
+        {"params": params, "batch_stats": flax_state}, jnp.asarray(z), use_running_average=True
+    )
     np.testing.assert_allclose(y, y_flax, atol=2e-5)
 
 
@@ -168,14 +210,27 @@ def test_linen_batch_norm_complex_variables_and_flax_parity():
     theirs = nn.BatchNorm(use_running_average=False, momentum=MOMENTUM)
     variables = ours.init(jax.random.key(0), z)
     flax_variables = theirs.init(jax.random.key(0), z)
-    assert variables["batch_stats"]["mean"].dtype == jnp.complex64  # flax: float32 until the first update
-    assert variables["batch_stats"]["var"].dtype == flax_variables["batch_stats"]["var"].dtype == jnp.float32
+    assert (
+        variables["batch_stats"]["mean"].dtype == jnp.complex64
+    )  # flax: float32 until the first update
+    assert (
+        variables["batch_stats"]["var"].dtype
+        == flax_variables["batch_stats"]["var"].dtype
+        == jnp.float32
+    )
     y, updates = ours.apply(variables, z, mutable=["batch_stats"])
     y_flax, flax_updates = theirs.apply(flax_variables, z, mutable=["batch_stats"])
-    assert flax_updates["batch_stats"]["mean"].dtype == updates["batch_stats"]["mean"].dtype == jnp.complex64
+    assert (
+        flax_updates["batch_stats"]["mean"].dtype
+        == updates["batch_stats"]["mean"].dtype
+        == jnp.complex64
+    )
     np.testing.assert_allclose(y, y_flax, atol=2e-5)
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
-                 updates["batch_stats"], flax_updates["batch_stats"])
+    jax.tree.map(
+        functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+        updates["batch_stats"],
+        flax_updates["batch_stats"],
+    )
 
 
 MODULES = {
@@ -186,15 +241,22 @@ MODULES = {
 }
 
 
-@pytest.mark.parametrize("name", [n if n in ("LayerNorm", "RMSNorm") else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in sorted(MODULES)])  # GroupNorm, InstanceNorm: ~3 s each
+@pytest.mark.parametrize(
+    "name",
+    [
+        n if n in ("LayerNorm", "RMSNorm") else pytest.param(n, marks=pytest.mark.slow)
+        for n in sorted(MODULES)
+    ],
+)  # GroupNorm, InstanceNorm: ~3 s each
 def test_per_example_norms_match_reference_and_flax(name):
     """Layer/RMS/group/instance norm of complex input: reference and flax.linen agree with jaxbn."""
     ours, theirs, kwargs, axes, center = MODULES[name]
     z = jnp.asarray(_complex((2, 3, 3, 4), seed=4))
     variables = theirs(**kwargs).init(jax.random.key(0), z)
     rng = np.random.default_rng(5)
-    variables = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape), a.dtype), variables)
+    variables = jax.tree.map(
+        lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape), a.dtype), variables
+    )
     y = ours(**kwargs).apply(variables, z)
     y_flax = theirs(**kwargs).apply(variables, z)
     assert y.dtype == y_flax.dtype == jnp.complex64
@@ -206,7 +268,9 @@ def test_per_example_norms_match_reference_and_flax(name):
         expected = reference_norm(grouped, (1, 2, 4), epsilon=1e-6).reshape(z.shape)
         expected = expected * np.reshape(p["scale"], fs) + np.reshape(p["bias"], fs)
     else:
-        expected = reference_norm(z, axes, p["scale"], p.get("bias"), fs, center=center, epsilon=1e-6)
+        expected = reference_norm(
+            z, axes, p["scale"], p.get("bias"), fs, center=center, epsilon=1e-6
+        )
     np.testing.assert_allclose(y, expected, atol=3e-5)
 
 
@@ -235,12 +299,22 @@ def test_batch_norm_gradients_match_autodiff_reference(layout, masked):
     with jax.enable_x64(True):
         z = jnp.asarray(_complex(shape, seed=7, dtype=np.complex128))
         w = jnp.asarray(rng.uniform(0.5, 1.5, shape))
-        scale, bias = jnp.asarray(rng.uniform(0.5, 1.5, shape[axis])), jnp.asarray(rng.normal(size=shape[axis]))
+        scale, bias = (
+            jnp.asarray(rng.uniform(0.5, 1.5, shape[axis])),
+            jnp.asarray(rng.normal(size=shape[axis])),
+        )
         state = {"mean": jnp.zeros(shape[axis], jnp.complex128), "var": jnp.ones(shape[axis])}
 
         def loss(z, scale, bias):
-            y, _ = jaxbn.batch_norm(z, {"scale": scale, "bias": bias}, state, training=True, axis=axis,
-                                    epsilon=EPSILON, mask=mask)
+            y, _ = jaxbn.batch_norm(
+                z,
+                {"scale": scale, "bias": bias},
+                state,
+                training=True,
+                axis=axis,
+                epsilon=EPSILON,
+                mask=mask,
+            )
             return jnp.sum(w * jnp.abs(y) ** 2)
 
         def reference_loss(z, scale, bias):
@@ -256,7 +330,9 @@ def test_batch_norm_gradients_match_autodiff_reference(layout, masked):
         e = jnp.zeros(shape, jnp.complex128).at[(0,) * len(shape)].set(1)
         d_re = (loss(z + h * e, scale, bias) - loss(z - h * e, scale, bias)) / (2 * h)
         d_im = (loss(z + 1j * h * e, scale, bias) - loss(z - 1j * h * e, scale, bias)) / (2 * h)
-        np.testing.assert_allclose(got[0][(0,) * len(shape)], d_re - 1j * d_im, rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(
+            got[0][(0,) * len(shape)], d_re - 1j * d_im, rtol=1e-5, atol=1e-8
+        )
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
@@ -278,7 +354,10 @@ def test_per_example_gradients_match_autodiff_reference(name):
                 y = z / jnp.sqrt((jnp.abs(z) ** 2).mean(-1, keepdims=True) + 1e-6)
             return jnp.sum(jnp.abs(y * scale - 1j) ** 2)
 
-        for g, r in zip(jax.jit(jax.grad(loss, (0, 1)))(z, scale), jax.jit(jax.grad(reference, (0, 1)))(z, scale)):
+        for g, r in zip(
+            jax.jit(jax.grad(loss, (0, 1)))(z, scale),
+            jax.jit(jax.grad(reference, (0, 1)))(z, scale),
+        ):
             np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-10)
 
 
@@ -286,16 +365,22 @@ def test_normalize_complex():
     """normalize with a complex mean and real variance; a real dtype for complex input is refused."""
     z = _complex((6, 3))
     mean, var = reference_stats(z, (0,))
-    y = jaxbn.normalize(jnp.asarray(z), jnp.asarray(mean[0], jnp.complex64), jnp.asarray(var[0], jnp.float32))
+    y = jaxbn.normalize(
+        jnp.asarray(z), jnp.asarray(mean[0], jnp.complex64), jnp.asarray(var[0], jnp.float32)
+    )
     np.testing.assert_allclose(y, reference_norm(z, (0,)), atol=2e-5)
-    with pytest.raises(TypeError, match=r"dtype=float32 is real, but the input is complex64.*imaginary"):
+    with pytest.raises(
+        TypeError, match=r"dtype=float32 is real, but the input is complex64.*imaginary"
+    ):
         jaxbn.normalize(jnp.asarray(z), mean[0], var[0], dtype=jnp.float32)
 
 
 @pytest.mark.parametrize(
     "call",
     [
-        lambda x: jaxbn.batch_norm(x, None, jaxbn.batch_norm_init(3, dtype=jnp.complex64)[1], training=True),
+        lambda x: jaxbn.batch_norm(
+            x, None, jaxbn.batch_norm_init(3, dtype=jnp.complex64)[1], training=True
+        ),
         lambda x: jaxbn.layer_norm(x),
         lambda x: jaxbn.rms_norm(x),
         lambda x: stats.moments(x, 0),
@@ -312,7 +397,9 @@ def test_complex_dtype_for_real_input_is_refused():
     """A complex output dtype for real input is an error (nothing would fill the imaginary part)."""
     with pytest.raises(TypeError, match=r"dtype must be a floating dtype or None, got complex64"):
         jaxbn.layer_norm(jnp.ones((2, 3)), dtype=jnp.complex64)
-    y = jaxbn.layer_norm(jnp.asarray(_complex((2, 3))), dtype=jnp.complex128 if jax.config.x64_enabled else None)
+    y = jaxbn.layer_norm(
+        jnp.asarray(_complex((2, 3))), dtype=jnp.complex128 if jax.config.x64_enabled else None
+    )
     assert y.dtype == jnp.complex64
 
 
@@ -321,13 +408,18 @@ def test_ghost_batches_of_complex_input():
     """ghost_batch_size with complex input: each group as its own batch; state from the groups' average."""
     z = jnp.asarray(_complex((8, 2, 3), seed=11))
     params, state = jaxbn.batch_norm_init(3, dtype=jnp.complex64)
-    y, new_state = jaxbn.batch_norm(z, params, state, training=True, ghost_batch_size=4, momentum=MOMENTUM)
-    groups = [jaxbn.batch_norm(z[i : i + 4], params, state, training=True, momentum=0.0) for i in (0, 4)]
+    y, new_state = jaxbn.batch_norm(
+        z, params, state, training=True, ghost_batch_size=4, momentum=MOMENTUM
+    )
+    groups = [
+        jaxbn.batch_norm(z[i : i + 4], params, state, training=True, momentum=0.0) for i in (0, 4)
+    ]
     np.testing.assert_allclose(y, jnp.concatenate([g[0] for g in groups]), atol=1e-6)
     for key in ("mean", "var"):
         average = (groups[0][1][key] + groups[1][1][key]) / 2
-        np.testing.assert_allclose(new_state[key], MOMENTUM * state[key] + (1 - MOMENTUM) * average, rtol=1e-6,
-                                   atol=1e-7)
+        np.testing.assert_allclose(
+            new_state[key], MOMENTUM * state[key] + (1 - MOMENTUM) * average, rtol=1e-6, atol=1e-7
+        )
 
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (forced CPU) devices")
@@ -347,16 +439,22 @@ def test_synchronized_complex_batch_norm_under_pmap_equals_global_batch():
 
     y1, state1, dz1 = jax.jit(functools.partial(step, axis_name=None))(z, w)
     y, new_state, dz = jax.pmap(functools.partial(step, axis_name="i"), axis_name="i")(
-        z.reshape(4, 4, 3, 4), w.reshape(4, 4, 3, 4))
+        z.reshape(4, 4, 3, 4), w.reshape(4, 4, 3, 4)
+    )
     np.testing.assert_allclose(y.reshape(z.shape), y1, atol=2e-5)
     np.testing.assert_allclose(dz.reshape(z.shape), dz1, atol=2e-5)
     for key in state1:
-        np.testing.assert_allclose(new_state[key], np.broadcast_to(state1[key], new_state[key].shape), rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            new_state[key], np.broadcast_to(state1[key], new_state[key].shape), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_batch_renorm_training_refuses_complex_with_a_clear_message():
     """Where complex input is not supported, the error says so (and where it is)."""
     params, state = jaxbn.batch_norm_init(3)
-    with pytest.raises(TypeError, match=r"got complex64: this function does not support complex input.*batch_norm"):
-        jaxbn.batch_renorm(jnp.asarray(_complex((4, 3))), params, state, training=True, r_max=3.0, d_max=5.0)
+    with pytest.raises(
+        TypeError, match=r"got complex64: this function does not support complex input.*batch_norm"
+    ):
+        jaxbn.batch_renorm(
+            jnp.asarray(_complex((4, 3))), params, state, training=True, r_max=3.0, d_max=5.0
+        )

@@ -28,9 +28,20 @@ from tests.conftest import needs_devices
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 REPO = EXAMPLES.parent
 QUICK_REPORTS = EXAMPLES / "figures" / "quick"
-SCRIPTS = ("activations", "convergence_and_learning_rate", "data_parallel", "deep_network", "fold_for_inference",
-           "multihost", "small_batches", "swa_recalibration", "train_digits")
-sys.path.insert(0, str(EXAMPLES))  # the examples import their shared helpers: from common import ...
+SCRIPTS = (
+    "activations",
+    "convergence_and_learning_rate",
+    "data_parallel",
+    "deep_network",
+    "fold_for_inference",
+    "multihost",
+    "small_batches",
+    "swa_recalibration",
+    "train_digits",
+)
+sys.path.insert(
+    0, str(EXAMPLES)
+)  # the examples import their shared helpers: from common import ...
 
 
 def _load(name):
@@ -48,8 +59,20 @@ def _git_status():
     """
     if shutil.which("git") is None:
         return None
-    done = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=all", "--", "examples"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            "git",
+            "-C",
+            str(REPO),
+            "status",
+            "--porcelain",
+            "--untracked-files=all",
+            "--",
+            "examples",
+        ],
+        capture_output=True,
+        text=True,
+    )
     return done.stdout if done.returncode == 0 else None
 
 
@@ -64,7 +87,9 @@ _NOT_COMPARED = re.compile(r"seconds|\bms\b|speedup|quartiles|operations|max abs
 # at B=4, per-device statistics at 2 per device) make every step depend on single roundings.
 _CHAOTIC = {
     "convergence_and_learning_rate": lambda row, column: row[0] == "30" or row[1] == "no BatchNorm",
-    "data_parallel": lambda row, column: column.startswith("per-device") or column.endswith("- per-device"),
+    "data_parallel": lambda row, column: (
+        column.startswith("per-device") or column.endswith("- per-device")
+    ),
     "small_batches": lambda row, column: row[0] == "ghost batches",
 }
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?")
@@ -97,6 +122,7 @@ def _close(column, committed, rerun):
     more: the SWA quick run at lr 0.055 instead of 0.05 moves the test loss of the final network from 0.056 to
     0.048, beyond its allowance of 0.0047.
     """
+
     def unit(text):
         mantissa, _, exponent = text.lower().partition("e")
         return 10.0 ** (int(exponent or 0) - len(mantissa.partition(".")[2]))
@@ -116,13 +142,19 @@ def _assert_matches_committed(name, report):
     assert [t[0] for t in ours] == [t[0] for t in theirs], f"{name}: other tables; {regenerate}"
     for table, rerun in zip(ours, theirs):
         header = table[0]
-        assert [row[:1] for row in table] == [row[:1] for row in rerun], f"{name}: other rows; {regenerate}"
+        assert [row[:1] for row in table] == [row[:1] for row in rerun], (
+            f"{name}: other rows; {regenerate}"
+        )
         for row, rerun_row in zip(table[1:], rerun[1:]):
             for column, cell, rerun_cell in zip(header, row, rerun_row):
-                if _NOT_COMPARED.search(column) or _CHAOTIC.get(name, lambda *_: False)(row, column):
+                if _NOT_COMPARED.search(column) or _CHAOTIC.get(name, lambda *_: False)(
+                    row, column
+                ):
                     continue
                 where = f"{name}.md, row {row[:2]}, column {column!r}: committed {cell!r}, rerun {rerun_cell!r}"
-                assert _NUMBER.sub("#", cell) == _NUMBER.sub("#", rerun_cell), f"{where}; {regenerate}"
+                assert _NUMBER.sub("#", cell) == _NUMBER.sub("#", rerun_cell), (
+                    f"{where}; {regenerate}"
+                )
                 for a, b in zip(_NUMBER.findall(cell), _NUMBER.findall(rerun_cell)):
                     assert _close(column, a, b), f"{where}; {regenerate}"
 
@@ -140,7 +172,11 @@ def _run_quick(name, capsys, monkeypatch, tmp_path, *extra):
     printed = capsys.readouterr().out
     (out,) = re.findall(rf"^wrote .*\b{name}\.md\b.* in (.+)$", printed, re.MULTILINE)
     out = pathlib.Path(out)
-    expected = pathlib.Path(extra[extra.index("--out") + 1]) if "--out" in extra else tmp_path / "jaxbn-examples" / name
+    expected = (
+        pathlib.Path(extra[extra.index("--out") + 1])
+        if "--out" in extra
+        else tmp_path / "jaxbn-examples" / name
+    )
     assert out == expected and (out / f"{name}.md").is_file()
     assert not out.resolve().is_relative_to(REPO.resolve())
     assert _git_status() == before  # nothing written into examples/, the committed reports included
@@ -156,7 +192,9 @@ def test_every_example_takes_the_common_flags(name, capsys):
         _load(name).main(["--help"])
     assert exit_.value.code == 0
     printed = capsys.readouterr().out
-    seeds = "--seed " if name in ("train_digits", "multihost") else "--seeds "  # they run each setting once
+    seeds = (
+        "--seed " if name in ("train_digits", "multihost") else "--seeds "
+    )  # they run each setting once
     for flag in ("--quick", "--out ", "--update-committed", "--no-progress", seeds):
         assert flag in printed, f"{name}.py --help lacks {flag}"
     with pytest.raises(SystemExit) as exit_:  # the committed folder or another: not both
@@ -169,11 +207,25 @@ def test_examples_write_outside_the_repository_unless_asked():
     import common
 
     parser = common.example_parser("an example", "some_example")
-    out = [common.check_args(parser, parser.parse_args(argv)).out
-           for argv in ([], ["--quick"], ["--update-committed"], ["--quick", "--update-committed"], ["--out", "x"])]
-    assert out[0] == out[1] == pathlib.Path(tempfile.gettempdir()) / "jaxbn-examples" / "some_example"
-    assert out[2] == EXAMPLES / "figures" and out[3] == QUICK_REPORTS and out[4] == pathlib.Path("x")
-    assert {p.stem for p in QUICK_REPORTS.glob("*.md")} == set(SCRIPTS)  # a committed quick report per example
+    out = [
+        common.check_args(parser, parser.parse_args(argv)).out
+        for argv in (
+            [],
+            ["--quick"],
+            ["--update-committed"],
+            ["--quick", "--update-committed"],
+            ["--out", "x"],
+        )
+    ]
+    assert (
+        out[0] == out[1] == pathlib.Path(tempfile.gettempdir()) / "jaxbn-examples" / "some_example"
+    )
+    assert (
+        out[2] == EXAMPLES / "figures" and out[3] == QUICK_REPORTS and out[4] == pathlib.Path("x")
+    )
+    assert {p.stem for p in QUICK_REPORTS.glob("*.md")} == set(
+        SCRIPTS
+    )  # a committed quick report per example
 
 
 @pytest.mark.slow  # runs the example's --quick mode
@@ -181,11 +233,15 @@ def test_train_digits_learns_and_jaxbn_matches_flax(capsys, monkeypatch, tmp_pat
     """--quick (one epoch) data-parallel over the 8 test devices, --out given: both BNs learn and agree."""
     pytest.importorskip("sklearn")
     out = tmp_path / "chosen"
-    results, printed, _ = _run_quick("train_digits", capsys, monkeypatch, tmp_path, "--out", str(out))
+    results, printed, _ = _run_quick(
+        "train_digits", capsys, monkeypatch, tmp_path, "--out", str(out)
+    )
     assert "8 cpu device(s)" in printed and "test accuracy" in printed
     assert results["jaxbn"]["test_accuracy"] > 0.85  # 0.95 measured after one epoch
     assert results["jaxbn"]["train_loss"] == pytest.approx(results["flax"]["train_loss"], rel=1e-3)
-    assert results["jaxbn"]["test_accuracy"] == pytest.approx(results["flax"]["test_accuracy"], abs=3 / 360)
+    assert results["jaxbn"]["test_accuracy"] == pytest.approx(
+        results["flax"]["test_accuracy"], abs=3 / 360
+    )
     assert set(results) == {"jaxbn", "flax", "none"}
     assert len(results["jaxbn"]["curves"]["test_accuracy"]) == 1
     assert (out / "train_digits.png").stat().st_size > 0
@@ -195,7 +251,9 @@ def test_train_digits_learns_and_jaxbn_matches_flax(capsys, monkeypatch, tmp_pat
 @pytest.mark.slow  # runs benchmarks/accuracy.py
 def test_accuracy_benchmark_runs_and_jaxbn_meets_the_bounds(capsys):
     """benchmarks/accuracy.py runs; jaxbn's rows meet the accuracy bounds at every offset."""
-    spec = importlib.util.spec_from_file_location("accuracy", EXAMPLES.parent / "benchmarks" / "accuracy.py")
+    spec = importlib.util.spec_from_file_location(
+        "accuracy", EXAMPLES.parent / "benchmarks" / "accuracy.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     rows = module.main(["--shape", "16", "4", "4", "8"])
@@ -222,7 +280,9 @@ def test_swa_recalibration_example_lowers_the_drift(capsys, monkeypatch, tmp_pat
 def test_convergence_and_learning_rate_example_runs_and_bn_learns(capsys, monkeypatch, tmp_path):
     """The learning-rate sweep runs every setting: BatchNorm learns at the small lr, lr 30 diverges without it."""
     pytest.importorskip("sklearn")
-    results, printed, out = _run_quick("convergence_and_learning_rate", capsys, monkeypatch, tmp_path)
+    results, printed, out = _run_quick(
+        "convergence_and_learning_rate", capsys, monkeypatch, tmp_path
+    )
     assert "| lr | network |" in printed and "What this shows" in printed
     for setting in ("BatchNorm", "no BatchNorm"):
         for row in results[setting].values():
@@ -250,7 +310,9 @@ def test_deep_network_example_runs_and_reports_gradients(capsys, monkeypatch, tm
         assert sorted(results[depth][network]) == [0.5, 1.0, 2.0]
         for row in results[depth][network].values():
             assert all(0.0 <= a <= 1.0 for a in row["test_accuracy"])
-            assert all(len(norms) == depth + 1 for norms in row["grad_init"])  # the hidden layers and the head
+            assert all(
+                len(norms) == depth + 1 for norms in row["grad_init"]
+            )  # the hidden layers and the head
             assert all(math.isfinite(n) and n > 0 for norms in row["grad_init"] for n in norms)
     bn = results[depth]["BatchNorm"][1.0]
     assert max(bn["final_loss"]) < 2.1 and min(bn["test_accuracy"]) > 0.3  # ~1.6 and ~0.55 measured
@@ -262,17 +324,30 @@ def test_deep_network_example_runs_and_reports_gradients(capsys, monkeypatch, tm
 
 @pytest.mark.slow  # runs the example's --quick mode
 @needs_devices
-def test_data_parallel_styles_equal_one_device_and_per_device_statistics_run(capsys, monkeypatch, tmp_path):
+def test_data_parallel_styles_equal_one_device_and_per_device_statistics_run(
+    capsys, monkeypatch, tmp_path
+):
     """--quick: jit, shard_map and pmap end where one device ends; synced and per-device runs, figure, report."""
     pytest.importorskip("sklearn")
     results, printed, out = _run_quick("data_parallel", capsys, monkeypatch, tmp_path)
     assert "| pmap | 'data' |" in printed
-    for style in ("jit", "shard_map", "pmap"):  # 10 steps: float32 rounding (measured 2e-7 relative)
-        assert results["check"][style]["params_rel"] < 1e-5 and results["check"][style]["stats_rel"] < 1e-5
-    assert results["check"]["pmap"]["loss"] == pytest.approx(results["check"]["one device"]["loss"], rel=1e-5)
+    for style in (
+        "jit",
+        "shard_map",
+        "pmap",
+    ):  # 10 steps: float32 rounding (measured 2e-7 relative)
+        assert (
+            results["check"][style]["params_rel"] < 1e-5
+            and results["check"][style]["stats_rel"] < 1e-5
+        )
+    assert results["check"]["pmap"]["loss"] == pytest.approx(
+        results["check"]["one device"]["loss"], rel=1e-5
+    )
     assert {synced for _, synced in results["sweep"]} == {True, False}
     for (_, synced), run in results["sweep"].items():
-        assert len(run["accuracy"]) == 1 and len(run["curves"][0]) == 2  # 1 seed, 20 steps evaluated every 10
+        assert (
+            len(run["accuracy"]) == 1 and len(run["curves"][0]) == 2
+        )  # 1 seed, 20 steps evaluated every 10
         assert 0.0 <= run["accuracy"][0] <= 1.0 and len(run["recalibrated"]) == (0 if synced else 1)
     assert results["sweep"][2, True]["accuracy"][0] > 0.5  # 0.9 measured after 20 steps
     assert (out / "data_parallel.png").stat().st_size > 0
@@ -288,7 +363,9 @@ def test_fold_for_inference_outputs_equal_and_timings_taken(capsys, monkeypatch,
     assert "speedup" in printed
     (check,) = results["check"]
     assert check["batch_norms_folded"] == 4
-    assert check["max_abs_diff"] <= 1e-5 * max(check["max_abs_logit"], 1.0)  # 3e-7 of the largest logit measured
+    assert check["max_abs_diff"] <= 1e-5 * max(
+        check["max_abs_logit"], 1.0
+    )  # 3e-7 of the largest logit measured
     assert check["same_predictions"] == check["n_test"]
     assert check["accuracy_folded"] == check["accuracy_unfolded"]
     assert set(results["timing"]) == {1, 16}
@@ -306,12 +383,23 @@ def test_small_batches_example_runs_every_normalization(capsys, monkeypatch, tmp
     pytest.importorskip("sklearn")
     results, printed, out = _run_quick("small_batches", capsys, monkeypatch, tmp_path)
     assert "| normalization | B=4 |" in printed and "| normalization | gap in | B=4 |" in printed
-    assert set(results) == {"batch norm", "batch renorm", "ghost batches", "group norm", "layer norm", "none"}
+    assert set(results) == {
+        "batch norm",
+        "batch renorm",
+        "ghost batches",
+        "group norm",
+        "layer norm",
+        "none",
+    }
     for norm, runs in results.items():
         (run,) = runs.values()
         assert all(0.0 <= a <= 1.0 for a in run["test_accuracy"])
         assert all(math.isfinite(v) for v in [*run["test_loss"], *run["final_train_loss"]])
-        if norm in ("batch norm", "batch renorm", "ghost batches"):  # running averages minus batch statistics
+        if norm in (
+            "batch norm",
+            "batch renorm",
+            "ghost batches",
+        ):  # running averages minus batch statistics
             assert all(-1.0 <= g <= 1.0 for g in run["accuracy_gap"])
             assert all(math.isfinite(g) for g in run["loss_gap"])
         else:
@@ -328,14 +416,24 @@ def test_activations_example_runs_every_activation_and_placement(capsys, monkeyp
     pytest.importorskip("sklearn")
     rows, printed, out = _run_quick("activations", capsys, monkeypatch, tmp_path)
     assert "| activation | placement |" in printed
-    assert set(rows) == {(a, p) for a in ("relu", "tanh", "sigmoid") for p in ("none", "BN before", "BN after")}
+    assert set(rows) == {
+        (a, p) for a in ("relu", "tanh", "sigmoid") for p in ("none", "BN before", "BN after")
+    }
     for row in rows.values():
         assert all(0.0 <= a <= 1.0 for a in row["test_accuracy"])
         for key in ("shift", "scale", "late_shift", "late_scale"):
             assert all(math.isfinite(v) and v >= 0 for v in row[key])
-        low, median, high = row["percentiles"][..., 0], row["percentiles"][..., 1], row["percentiles"][..., 2]
+        low, median, high = (
+            row["percentiles"][..., 0],
+            row["percentiles"][..., 1],
+            row["percentiles"][..., 2],
+        )
         assert (low <= median).all() and (median <= high).all()
-    for activation in ("relu", "tanh", "sigmoid"):  # BN before pins the probe's mean: 0.003-0.009 vs 0.5-5 measured
+    for activation in (
+        "relu",
+        "tanh",
+        "sigmoid",
+    ):  # BN before pins the probe's mean: 0.003-0.009 vs 0.5-5 measured
         assert rows[activation, "BN before"]["shift"][0] < rows[activation, "none"]["shift"][0]
     report = (out / "activations.md").read_text()
     for name in ("activations_percentiles.png", "activations_training.png"):

@@ -19,15 +19,31 @@ AFFINE = {"scale": jnp.linspace(0.5, 2.0, C), "bias": jnp.linspace(-1.0, 1.0, C)
 
 # name: (function of x, symbolic shape, a concrete shape that fits it)
 CASES = {
-    "batch_norm training": (lambda x: jaxbn.batch_norm(x, PARAMS, STATE, training=True), "b, h, w, 8", (6, 5, 3, C)),
-    "batch_norm inference": (lambda x: jaxbn.batch_norm(x, PARAMS, STATE, training=False), "b, h, w, 8",
-                             (6, 5, 3, C)),
-    "batch_norm with a mask": (lambda x: jaxbn.batch_norm(x, PARAMS, STATE, training=True, mask=x[..., :1] > 0),
-                               "b, h, w, 8", (6, 5, 3, C)),
-    "ghost batches": (lambda x: jaxbn.batch_norm(x, PARAMS, STATE, training=True, ghost_batch_size=2),
-                      "2*b, h, w, 8", (6, 5, 3, C)),
-    "batch_renorm": (lambda x: jaxbn.batch_renorm(x, PARAMS, STATE, training=True, r_max=2.0, d_max=1.0),
-                     "b, h, w, 8", (6, 5, 3, C)),
+    "batch_norm training": (
+        lambda x: jaxbn.batch_norm(x, PARAMS, STATE, training=True),
+        "b, h, w, 8",
+        (6, 5, 3, C),
+    ),
+    "batch_norm inference": (
+        lambda x: jaxbn.batch_norm(x, PARAMS, STATE, training=False),
+        "b, h, w, 8",
+        (6, 5, 3, C),
+    ),
+    "batch_norm with a mask": (
+        lambda x: jaxbn.batch_norm(x, PARAMS, STATE, training=True, mask=x[..., :1] > 0),
+        "b, h, w, 8",
+        (6, 5, 3, C),
+    ),
+    "ghost batches": (
+        lambda x: jaxbn.batch_norm(x, PARAMS, STATE, training=True, ghost_batch_size=2),
+        "2*b, h, w, 8",
+        (6, 5, 3, C),
+    ),
+    "batch_renorm": (
+        lambda x: jaxbn.batch_renorm(x, PARAMS, STATE, training=True, r_max=2.0, d_max=1.0),
+        "b, h, w, 8",
+        (6, 5, 3, C),
+    ),
     "layer_norm": (lambda x: jaxbn.layer_norm(x, AFFINE), "b, t, 8", (6, 7, C)),
     "rms_norm": (lambda x: jaxbn.rms_norm(x, {"scale": AFFINE["scale"]}), "b, t, 8", (6, 7, C)),
     "group_norm": (lambda x: jaxbn.group_norm(x, AFFINE, num_groups=4), "b, h, w, 8", (6, 5, 3, C)),
@@ -39,8 +55,12 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_export_with_symbolic_shapes_equals_jit(name, rng):
     function, spec, shape = CASES[name]
-    exported = export.export(jax.jit(function))(jax.ShapeDtypeStruct(export.symbolic_shape(spec), jnp.float32))
-    x = jnp.asarray(rng.normal(size=shape) * 3 + 1e3, jnp.float32)  # an offset: the statistics must stay exact
+    exported = export.export(jax.jit(function))(
+        jax.ShapeDtypeStruct(export.symbolic_shape(spec), jnp.float32)
+    )
+    x = jnp.asarray(
+        rng.normal(size=shape) * 3 + 1e3, jnp.float32
+    )  # an offset: the statistics must stay exact
     got, want = exported.call(x), jax.jit(function)(x)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, want)
     # no data-dependent control flow in what runs (channel_sums' per-platform choice is a constant case)
@@ -53,9 +73,11 @@ def test_exported_moments_at_the_edges_of_float32_equal_jit(values):
     """With a symbolic batch the scaling powers of two come from the symbolic size (not a constant):
     the exported statistics still equal the jitted ones where the scaling matters."""
     rng = np.random.default_rng(0)
-    x = {"both signs near the maximum": 3e38 * rng.choice([-1.0, 1.0], (16, 4)),
-         "subnormal": 1e-40 * rng.normal(size=(16, 4)),
-         "offset 1e6": 1e6 + rng.normal(size=(16, 4))}[values]
+    x = {
+        "both signs near the maximum": 3e38 * rng.choice([-1.0, 1.0], (16, 4)),
+        "subnormal": 1e-40 * rng.normal(size=(16, 4)),
+        "offset 1e6": 1e6 + rng.normal(size=(16, 4)),
+    }[values]
     x = jnp.asarray(x, jnp.float32)
     f = jax.jit(lambda x: jaxbn.moments(x, 0))
     exported = export.export(f)(jax.ShapeDtypeStruct(export.symbolic_shape("b, 4"), jnp.float32))
@@ -75,5 +97,8 @@ def test_exported_linen_training_step_round_trips(rng):
     shape = jax.ShapeDtypeStruct(export.symbolic_shape("b, 3, 3, 8"), jnp.float32)
     exported = export.deserialize(export.export(jax.jit(step))(variables, shape).serialize())
     x = jnp.asarray(rng.normal(size=(10, 3, 3, C)) + 5, jnp.float32)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
-                 exported.call(variables, x), jax.jit(step)(variables, x))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+        exported.call(variables, x),
+        jax.jit(step)(variables, x),
+    )

@@ -67,10 +67,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from flax import nnx
 
 import jaxbn
 import jaxbn.linen
@@ -93,7 +93,9 @@ GARBAGE = np.array([np.nan, np.inf, -np.inf, 3e38, -3e38, 7.0], np.float32)
 
 MESH = jax.make_mesh((N_DEVICES,), ("d",))
 LINEN_BN = jaxbn.linen.BatchNorm(use_running_average=False, momentum=MOMENTUM, axis_name="d")
-NNX_GRAPH, _ = nnx.split(jaxbn.nnx.BatchNorm(FEATURES, momentum=MOMENTUM, axis_name="d", rngs=nnx.Rngs(0)))
+NNX_GRAPH, _ = nnx.split(
+    jaxbn.nnx.BatchNorm(FEATURES, momentum=MOMENTUM, axis_name="d", rngs=nnx.Rngs(0))
+)
 
 
 def _data(seed=0):
@@ -103,7 +105,9 @@ def _data(seed=0):
     drift = np.linspace(0.0, 2.0, STEPS)[:, None, None]  # the statistics move during the run
     x = rng.normal(size=(STEPS, BATCH, FEATURES)) * [1.0, 0.5, 3.0] + [2.0, -1.0, 5.0] + drift
     x = x.astype(np.float32)
-    target = (x @ np.array([0.5, -1.0, 0.25], np.float32) + 0.1 * rng.normal(size=(STEPS, BATCH))).astype(np.float32)
+    target = (
+        x @ np.array([0.5, -1.0, 0.25], np.float32) + 0.1 * rng.normal(size=(STEPS, BATCH))
+    ).astype(np.float32)
     mask = np.ones((STEPS, BATCH, 1), bool)
     faulty = x.copy()
     devices = np.full(STEPS, -1)
@@ -119,7 +123,9 @@ def _data(seed=0):
             rows = slice(device * PER_DEVICE, (device + 1) * PER_DEVICE)
             mask[step, rows] = False
             faulty[step, rows] = rng.choice(GARBAGE, size=(PER_DEVICE, FEATURES))
-    clean = np.where(mask, x, 0.0).astype(np.float32)  # masked-out padding: zeros instead of garbage
+    clean = np.where(mask, x, 0.0).astype(
+        np.float32
+    )  # masked-out padding: zeros instead of garbage
     return [FAULTS[k] for k in kinds], faulty, clean, mask, target, devices
 
 
@@ -128,8 +134,15 @@ def _init():
     params = {"bn": params_bn, "head": jnp.asarray([0.3, -0.2, 0.1], jnp.float32)}
     cumulative = jaxbn.batch_norm_init(FEATURES, cumulative=True)[1]
     linen = LINEN_BN.init(jax.random.key(0), jnp.zeros((2, FEATURES)))
-    nnx_state = nnx.state(jaxbn.nnx.BatchNorm(FEATURES, momentum=MOMENTUM, axis_name="d", rngs=nnx.Rngs(0)))
-    states = {"ema": state, "cumulative": cumulative, "linen": linen["batch_stats"], "nnx": nnx.to_pure_dict(nnx_state)}
+    nnx_state = nnx.state(
+        jaxbn.nnx.BatchNorm(FEATURES, momentum=MOMENTUM, axis_name="d", rngs=nnx.Rngs(0))
+    )
+    states = {
+        "ema": state,
+        "cumulative": cumulative,
+        "linen": linen["batch_stats"],
+        "nnx": nnx.to_pure_dict(nnx_state),
+    }
     return params, states, linen["params"]
 
 
@@ -140,21 +153,41 @@ def _train_step(params, states, linen_params, x, mask, target, *, axis_name):
         count = lax.psum(count, axis_name)
 
     def loss_fn(params, x):
-        y, state = jaxbn.batch_norm(x, params["bn"], states["ema"], training=True, momentum=MOMENTUM, mask=mask,
-                                    axis_name=axis_name)
+        y, state = jaxbn.batch_norm(
+            x,
+            params["bn"],
+            states["ema"],
+            training=True,
+            momentum=MOMENTUM,
+            mask=mask,
+            axis_name=axis_name,
+        )
         # Masked-out rows still come out normalized (3e38 becomes inf): select, not multiply, before the head.
         error = jnp.where(mask[:, 0], jnp.where(mask, y, 0.0) @ params["head"] - target, 0.0)
         return jnp.sum(error**2) / jnp.maximum(count, 1.0), state
 
     (_, ema), (grads, dx) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, x)
     finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    new_params = jax.tree.map(lambda p, g: jnp.where(finite, p - LEARNING_RATE * g, p), params, grads)
-    _, cumulative = jaxbn.batch_norm(x, params["bn"], states["cumulative"], training=True, momentum=None, mask=mask,
-                                     axis_name=axis_name)
+    new_params = jax.tree.map(
+        lambda p, g: jnp.where(finite, p - LEARNING_RATE * g, p), params, grads
+    )
+    _, cumulative = jaxbn.batch_norm(
+        x,
+        params["bn"],
+        states["cumulative"],
+        training=True,
+        momentum=None,
+        mask=mask,
+        axis_name=axis_name,
+    )
     linen, nnx_state = states["linen"], states["nnx"]  # the single-device reference has no modules
     if axis_name is not None:
-        _, updates = LINEN_BN.apply({"params": linen_params, "batch_stats": states["linen"]}, x, mask=mask,
-                                    mutable=["batch_stats"])
+        _, updates = LINEN_BN.apply(
+            {"params": linen_params, "batch_stats": states["linen"]},
+            x,
+            mask=mask,
+            mutable=["batch_stats"],
+        )
         linen = updates["batch_stats"]
         module = nnx.merge(NNX_GRAPH, nnx_state)
         module(x, mask=mask)
@@ -165,7 +198,11 @@ def _train_step(params, states, linen_params, x, mask, target, *, axis_name):
         # exact: a masked-out element's gradient is a zero selected by the mask, not computed
         "masked_dx_zero": jnp.all(jnp.where(mask, True, dx == 0.0)),
     }
-    return new_params, {"ema": ema, "cumulative": cumulative, "linen": linen, "nnx": nnx_state}, checks
+    return (
+        new_params,
+        {"ema": ema, "cumulative": cumulative, "linen": linen, "nnx": nnx_state},
+        checks,
+    )
 
 
 @functools.cache
@@ -179,24 +216,36 @@ def _sharded_soak():
             varying = lambda tree: jax.tree.map(lambda v: stats.varying_like(v, x), tree)  # noqa: E731
 
             def run(params, states):
-                params, states, checks = _train_step(params, states, linen_params, x, mask, target, axis_name="d")
+                params, states, checks = _train_step(
+                    params, states, linen_params, x, mask, target, axis_name="d"
+                )
                 return params, states, varying(checks)
 
             def skipped(params, states):
-                return params, states, varying({"applied": False, "dx_finite": True, "masked_dx_zero": True})
+                return (
+                    params,
+                    states,
+                    varying({"applied": False, "dx_finite": True, "masked_dx_zero": True}),
+                )
 
             params, states, checks = lax.cond(skip, skipped, run, params, states)
             return (params, states), (states, checks)
 
-        (params, states), (trajectory, checks) = lax.scan(step, (params, states), (xs, masks, targets, skip))
+        (params, states), (trajectory, checks) = lax.scan(
+            step, (params, states), (xs, masks, targets, skip)
+        )
         per_device = lambda tree: jax.tree.map(lambda v: stats.varying_like(v, xs)[None], tree)  # noqa: E731
         return per_device(params), per_device(states), per_device(trajectory), per_device(checks)
 
     batch = P(None, "d")
-    return jax.jit(jax.shard_map(
-        soak, mesh=MESH, in_specs=(P(), P(), P(), batch, batch, batch, P()),
-        out_specs=(P("d"), P("d"), P("d"), P("d")),
-    ))
+    return jax.jit(
+        jax.shard_map(
+            soak,
+            mesh=MESH,
+            in_specs=(P(), P(), P(), batch, batch, batch, P()),
+            out_specs=(P("d"), P("d"), P("d"), P("d")),
+        )
+    )
 
 
 @jax.jit
@@ -208,13 +257,22 @@ def _single_device_soak(params, states, linen_params, xs, targets, drop):
         x, target, drop = inputs
 
         def all_rows(params, states):
-            return _train_step(params, states, linen_params, x, jnp.ones((BATCH, 1), bool), target, axis_name=None)[:2]
+            return _train_step(
+                params, states, linen_params, x, jnp.ones((BATCH, 1), bool), target, axis_name=None
+            )[:2]
 
         def without_device(params, states):
             rows = jnp.arange(BATCH - PER_DEVICE)
             rows = rows + PER_DEVICE * (rows >= drop * PER_DEVICE)  # skip the dropped device's rows
-            return _train_step(params, states, linen_params, x[rows], jnp.ones((rows.size, 1), bool), target[rows],
-                               axis_name=None)[:2]
+            return _train_step(
+                params,
+                states,
+                linen_params,
+                x[rows],
+                jnp.ones((rows.size, 1), bool),
+                target[rows],
+                axis_name=None,
+            )[:2]
 
         return lax.cond(drop < 0, all_rows, without_device, params, states), None
 
@@ -224,11 +282,15 @@ def _single_device_soak(params, states, linen_params, xs, targets, drop):
 
 def _assert_bitwise(a, b, what):
     """Same bits (NaN matching NaN): only for values guaranteed equal by construction (see the module docstring)."""
-    for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
+    for (path, u), v in zip(
+        jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
+    ):
         u, v = np.asarray(u), np.asarray(v)
         assert u.shape == v.shape, (what, path)
         differ = ~((u == v) | (np.isnan(u) & np.isnan(v)))
-        assert not differ.any(), f"{what}{jax.tree_util.keystr(path)} differs at {np.argwhere(differ)[:5].tolist()}"
+        assert not differ.any(), (
+            f"{what}{jax.tree_util.keystr(path)} differs at {np.argwhere(differ)[:5].tolist()}"
+        )
 
 
 def test_random_faults_lose_nothing_on_any_device():
@@ -240,7 +302,9 @@ def test_random_faults_lose_nothing_on_any_device():
     put = lambda a: jax.device_put(a, NamedSharding(MESH, P(None, "d")))  # noqa: E731
 
     # The faulty run: every step runs.
-    out = soak(params, states, linen_params, put(faulty), put(mask), put(target), np.zeros(STEPS, bool))
+    out = soak(
+        params, states, linen_params, put(faulty), put(mask), put(target), np.zeros(STEPS, bool)
+    )
     got_params, got_states, trajectory, checks = jax.device_get(out)
 
     # The clean run: the removed steps dropped (the rest in order), padded with skipped steps.
@@ -248,8 +312,15 @@ def test_random_faults_lose_nothing_on_any_device():
     n_kept = int(kept.sum())
     pad = lambda a: np.concatenate([a[kept], np.zeros_like(a[: STEPS - n_kept])])  # noqa: E731
     skip = np.arange(STEPS) >= n_kept
-    ref = soak(params, states, linen_params, put(pad(clean)), put(pad(mask) | skip[:, None, None]), put(pad(target)),
-               skip)
+    ref = soak(
+        params,
+        states,
+        linen_params,
+        put(pad(clean)),
+        put(pad(mask) | skip[:, None, None]),
+        put(pad(target)),
+        skip,
+    )
     ref_params, ref_states, ref_trajectory, _ = jax.device_get(ref)
 
     # Bit for bit, on every device: final parameters and states, and the state after every step. Exact by
@@ -271,11 +342,20 @@ def test_random_faults_lose_nothing_on_any_device():
     nnx_stats = {key: trajectory["nnx"][key] for key in ("mean", "var")}
     for name, tree in (("linen", trajectory["linen"]), ("nnx", nnx_stats)):
         for key in ("mean", "var"):
-            np.testing.assert_allclose(tree[key], trajectory["ema"][key], rtol=1e-6, atol=1e-6,
-                                       err_msg=f"{name} vs functional: {key}")
+            np.testing.assert_allclose(
+                tree[key],
+                trajectory["ema"][key],
+                rtol=1e-6,
+                atol=1e-6,
+                err_msg=f"{name} vs functional: {key}",
+            )
     # Every device holds the same state, bit for bit: the same program on the same all-reduced sums.
     for tree in (got_params, got_states):
-        _assert_bitwise(jax.tree.map(lambda v: v[1:], tree), jax.tree.map(lambda v: v[:-1], tree), "across devices")
+        _assert_bitwise(
+            jax.tree.map(lambda v: v[1:], tree),
+            jax.tree.map(lambda v: v[:-1], tree),
+            "across devices",
+        )
     # exact: a count of kept steps (a small integer, each step adds exactly 1)
     np.testing.assert_array_equal(got_states["cumulative"]["count"], n_kept)
     assert all(np.isfinite(v).all() for v in jax.tree.leaves(trajectory))
@@ -288,11 +368,19 @@ def test_random_faults_lose_nothing_on_any_device():
 
     # To rounding: one device on exactly the remaining examples, without masks.
     ref1_params, ref1_states = jax.device_get(
-        _single_device_soak(params, states, linen_params, clean[kept], target[kept], devices[kept]))
+        _single_device_soak(params, states, linen_params, clean[kept], target[kept], devices[kept])
+    )
     for name in ("ema", "cumulative"):
         for key in ("mean", "var"):
-            np.testing.assert_allclose(got_states[name][key], np.broadcast_to(ref1_states[name][key], (N_DEVICES, 3)),
-                                       rtol=2e-6, atol=1e-6, err_msg=f"{name}/{key}")
-    np.testing.assert_array_equal(ref1_states["cumulative"]["count"], n_kept)  # exact: a count of steps
+            np.testing.assert_allclose(
+                got_states[name][key],
+                np.broadcast_to(ref1_states[name][key], (N_DEVICES, 3)),
+                rtol=2e-6,
+                atol=1e-6,
+                err_msg=f"{name}/{key}",
+            )
+    np.testing.assert_array_equal(
+        ref1_states["cumulative"]["count"], n_kept
+    )  # exact: a count of steps
     for got, want in zip(jax.tree.leaves(got_params), jax.tree.leaves(ref1_params), strict=True):
         np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=1e-5, atol=1e-6)

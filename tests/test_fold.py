@@ -38,16 +38,29 @@ class LinenNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         def bn(y):
-            return y if self.folded else self.norm(use_running_average=not train, momentum=0.5, epsilon=1e-3)(y)
+            return (
+                y
+                if self.folded
+                else self.norm(use_running_average=not train, momentum=0.5, epsilon=1e-3)(y)
+            )
 
         x = nn.relu(bn(nn.Conv(8, (3, 3), use_bias=self.conv_bias or self.folded)(x)))
-        x = nn.relu(bn(nn.Conv(12, (3, 3), feature_group_count=4, use_bias=self.conv_bias or self.folded)(x)))
-        x = bn(nn.Conv(24, (3, 3), feature_group_count=12, padding="VALID", use_bias=self.folded)(x))  # depthwise x2
+        x = nn.relu(
+            bn(
+                nn.Conv(12, (3, 3), feature_group_count=4, use_bias=self.conv_bias or self.folded)(
+                    x
+                )
+            )
+        )
+        x = bn(
+            nn.Conv(24, (3, 3), feature_group_count=12, padding="VALID", use_bias=self.folded)(x)
+        )  # depthwise x2
         return bn(nn.Dense(5, use_bias=self.conv_bias or self.folded)(x.mean((1, 2))))
 
 
 def randomize_linen(variables, rng):
     """Non-trivial running statistics and affine parameters (and biases), float32."""
+
     def draw(path, value):
         name = path[-1].key
         shape = value.shape
@@ -56,10 +69,13 @@ def randomize_linen(variables, rng):
         if name == "mean":
             return jnp.asarray(rng.normal(0.5, 1.0, shape), jnp.float32)
         if name == "scale":
-            return jnp.asarray(rng.uniform(0.5, 2.0, shape) * rng.choice([-1, 1], shape), jnp.float32)
+            return jnp.asarray(
+                rng.uniform(0.5, 2.0, shape) * rng.choice([-1, 1], shape), jnp.float32
+            )
         if name == "bias":
             return jnp.asarray(rng.normal(0.0, 1.0, shape), jnp.float32)
         return value
+
     return jax.tree_util.tree_map_with_path(draw, variables)
 
 
@@ -72,7 +88,9 @@ def test_linen_folded_equals_unfolded(rng, norm, conv_bias):
     assert isinstance(folded, FoldedLinen) and isinstance(folded.model, FoldedModel)
     assert set(folded.variables) == {"params"}  # the batch_stats of the folded BatchNorms are gone
     assert sorted(folded.variables["params"]) == ["Conv_0", "Conv_1", "Conv_2", "Dense_0"]
-    assert all(set(p) == {"kernel", "bias"} for p in folded.variables["params"].values())  # bias-less got one
+    assert all(
+        set(p) == {"kernel", "bias"} for p in folded.variables["params"].values()
+    )  # bias-less got one
     reference = model.apply(variables, x, train=False)
     # the returned model runs the original code (Conv_2 keeps use_bias=False: the wrapper adds its bias)
     assert_close(folded.model.apply(folded.variables, x, train=False), reference)
@@ -81,7 +99,10 @@ def test_linen_folded_equals_unfolded(rng, norm, conv_bias):
     assert_close(model.clone(folded=True).apply(folded.variables, x), reference)
     assert float(jnp.abs(reference).max()) > 1.0  # the BatchNorms did something
     # the input variables are untouched
-    assert variables["params"]["Conv_0"]["kernel"] is not folded.variables["params"]["Conv_0"]["kernel"]
+    assert (
+        variables["params"]["Conv_0"]["kernel"]
+        is not folded.variables["params"]["Conv_0"]["kernel"]
+    )
     assert "BatchNorm_0" in variables["params"]
 
 
@@ -90,12 +111,14 @@ class NNXNet(nnx.Module):
         bn = lambda n: norm(n, momentum=0.5, epsilon=1e-3, rngs=rngs)  # noqa: E731
         self.conv0 = nnx.Conv(6, 8, (3, 3), use_bias=conv_bias, rngs=rngs)
         self.bn0 = bn(8)
-        self.blocks = nnx.List([
-            nnx.Conv(8, 12, (3, 3), feature_group_count=4, use_bias=conv_bias, rngs=rngs),
-            bn(12),
-            nnx.Conv(12, 24, (3, 3), feature_group_count=12, use_bias=False, rngs=rngs),
-            bn(24),
-        ])
+        self.blocks = nnx.List(
+            [
+                nnx.Conv(8, 12, (3, 3), feature_group_count=4, use_bias=conv_bias, rngs=rngs),
+                bn(12),
+                nnx.Conv(12, 24, (3, 3), feature_group_count=12, use_bias=False, rngs=rngs),
+                bn(24),
+            ]
+        )
         self.head = nnx.Linear(24, 5, use_bias=conv_bias, rngs=rngs)
         self.bn_head = bn(5)
 
@@ -106,8 +129,13 @@ class NNXNet(nnx.Module):
         return self.bn_head(self.head(x.mean((1, 2))))
 
 
-@pytest.mark.parametrize("norm,conv_bias", [pytest.param("jaxbn", True, marks=pytest.mark.slow),  # ~7 s
-                                            ("flax", False)])
+@pytest.mark.parametrize(
+    "norm,conv_bias",
+    [
+        pytest.param("jaxbn", True, marks=pytest.mark.slow),  # ~7 s
+        ("flax", False),
+    ],
+)
 def test_nnx_folded_equals_unfolded(rng, norm, conv_bias):
     model = NNXNet(NNX_NORMS[norm], conv_bias, nnx.Rngs(0))
     x = jnp.asarray(rng.normal(2.0, 2.0, (4, 7, 7, 6)), jnp.float32)
@@ -126,7 +154,10 @@ def test_nnx_folded_equals_unfolded(rng, norm, conv_bias):
     assert isinstance(folded.bn0, FoldedBatchNorm) and isinstance(folded.blocks[3], FoldedBatchNorm)
     state = nnx.to_pure_dict(nnx.state(folded))
     assert sorted(state) == ["blocks", "conv0", "head"] and sorted(state["blocks"]) == [0, 2]
-    assert all(set(p) == {"kernel", "bias"} for p in (state["conv0"], state["head"], *state["blocks"].values()))
+    assert all(
+        set(p) == {"kernel", "bias"}
+        for p in (state["conv0"], state["head"], *state["blocks"].values())
+    )
     # the module passed in is unchanged (exact: the same arrays, nothing recomputed)
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model)), before)
     assert isinstance(model.bn0, NNX_NORMS[norm])
@@ -144,7 +175,9 @@ def test_conv_matches_pytorch_fusion(rng, groups, conv_bias):
     class Net(nn.Module):
         @nn.compact
         def __call__(self, x):
-            x = nn.Conv(cout, (3, 2), feature_group_count=groups, use_bias=conv_bias, padding="VALID")(x)
+            x = nn.Conv(
+                cout, (3, 2), feature_group_count=groups, use_bias=conv_bias, padding="VALID"
+            )(x)
             return jaxbn.linen.BatchNorm(use_running_average=True, epsilon=1e-3)(x)
 
     x = jnp.asarray(rng.normal(size=(2, 5, 5, cin)), jnp.float32)
@@ -175,8 +208,10 @@ def test_conv_matches_pytorch_fusion(rng, groups, conv_bias):
 
 
 def test_dense_matches_pytorch_fusion(rng):
-    model = nnx.Sequential(nnx.Linear(7, 4, rngs=nnx.Rngs(0)), nnx.BatchNorm(4, use_running_average=True, epsilon=1e-3,
-                                                                             rngs=nnx.Rngs(0)))
+    model = nnx.Sequential(
+        nnx.Linear(7, 4, rngs=nnx.Rngs(0)),
+        nnx.BatchNorm(4, use_running_average=True, epsilon=1e-3, rngs=nnx.Rngs(0)),
+    )
     linear, bn = model.layers
     bn.mean[...] = jnp.asarray(rng.normal(size=4), jnp.float32)
     bn.var[...] = jnp.asarray(rng.uniform(0.1, 4.0, 4), jnp.float32)
@@ -190,12 +225,20 @@ def test_dense_matches_pytorch_fusion(rng):
     with torch.no_grad():
         t_linear.weight.copy_(_torch(linear.kernel[...]).T)  # (in, out) -> (out, in)
         t_linear.bias.copy_(_torch(linear.bias[...]))
-        for name, value in (("weight", bn.scale), ("bias", bn.bias), ("running_mean", bn.mean),
-                            ("running_var", bn.var)):
+        for name, value in (
+            ("weight", bn.scale),
+            ("bias", bn.bias),
+            ("running_mean", bn.mean),
+            ("running_var", bn.var),
+        ):
             getattr(t_bn, name).copy_(_torch(value[...]))
     fused = torch.nn.utils.fusion.fuse_linear_bn_eval(t_linear.eval(), t_bn.eval())
-    np.testing.assert_allclose(folded.layers[0].kernel[...], fused.weight.detach().numpy().T, rtol=RTOL, atol=0)
-    np.testing.assert_allclose(folded.layers[0].bias[...], fused.bias.detach().numpy(), rtol=RTOL, atol=1e-6)
+    np.testing.assert_allclose(
+        folded.layers[0].kernel[...], fused.weight.detach().numpy().T, rtol=RTOL, atol=0
+    )
+    np.testing.assert_allclose(
+        folded.layers[0].bias[...], fused.bias.detach().numpy(), rtol=RTOL, atol=1e-6
+    )
 
 
 class TwoDense(nn.Module):
@@ -217,7 +260,9 @@ def test_explicit_pairs_fold_only_those(rng):
     assert sorted(kept) == ["BatchNorm_0"] and "BatchNorm_1" not in out
     assert not np.allclose(out["out"]["kernel"], variables["params"]["out"]["kernel"], rtol=0.01)
     # exact: an unfolded layer's kernel is copied, not recomputed
-    np.testing.assert_array_equal(out["Dense_0"]["kernel"], variables["params"]["Dense_0"]["kernel"])
+    np.testing.assert_array_equal(
+        out["Dense_0"]["kernel"], variables["params"]["Dense_0"]["kernel"]
+    )
     assert_close(folded.model.apply(folded.variables, x), model.apply(variables, x))
 
 
@@ -249,13 +294,17 @@ def _init(model, x):
 
 def test_refuses_function_between():
     x = jnp.ones((1, 5, 5, 3))
-    with pytest.raises(ValueError, match=r"BatchNorm 'BatchNorm_0' cannot be folded.*'Conv_0', is followed by code"):
+    with pytest.raises(
+        ValueError, match=r"BatchNorm 'BatchNorm_0' cannot be folded.*'Conv_0', is followed by code"
+    ):
         jaxbn.fold_batch_norm(ReluBetween(), _init(ReluBetween(), x), x)
 
 
 def test_refuses_module_between():
     x = jnp.ones((2, 3))
-    with pytest.raises(ValueError, match=r"'BatchNorm_0' cannot be folded: its input is the output of 'AddOne_0'"):
+    with pytest.raises(
+        ValueError, match=r"'BatchNorm_0' cannot be folded: its input is the output of 'AddOne_0'"
+    ):
         jaxbn.fold_batch_norm(ModuleBetween(), _init(ModuleBetween(), x), x)
 
 
@@ -263,7 +312,10 @@ def test_refuses_pair_that_does_not_match(rng):
     model = TwoDense()
     x = jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)
     variables = model.init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match=r"pairs: \('Dense_0', 'BatchNorm_1'\) does not match.*output of 'out' \(Dense\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"pairs: \('Dense_0', 'BatchNorm_1'\) does not match.*output of 'out' \(Dense\)",
+    ):
         jaxbn.fold_batch_norm(model, variables, x, pairs=[("Dense_0", "BatchNorm_1")])
     with pytest.raises(ValueError, match=r"pairs: no module at 'Conv_9'"):
         jaxbn.fold_batch_norm(model, variables, x, pairs=[("Conv_9", "BatchNorm_0")])
@@ -282,8 +334,10 @@ def test_refuses_nchw_batch_norm():
     x = jnp.ones((1, 4, 4, 4))
     with pytest.raises(ValueError, match=r"'BatchNorm_0' normalizes axis=1 .*NCHW"):
         jaxbn.fold_batch_norm(NCHW(), _init(NCHW(), x), x)
-    model = nnx.Sequential(nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)),
-                           nnx.BatchNorm(4, axis=1, use_running_average=True, rngs=nnx.Rngs(0)))
+    model = nnx.Sequential(
+        nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)),
+        nnx.BatchNorm(4, axis=1, use_running_average=True, rngs=nnx.Rngs(0)),
+    )
     with pytest.raises(ValueError, match=r"'layers/1' normalizes axis=1"):
         jaxbn.fold_batch_norm(model, jnp.ones((1, 4, 4, 3)))
 
@@ -294,7 +348,9 @@ def test_refuses_training_mode_and_bad_arguments():
     variables = _init(model, x)
     with pytest.raises(ValueError, match=r"'BatchNorm_0' is called in training mode"):
         jaxbn.fold_batch_norm(model, variables, x, train=True)
-    nnx_model = nnx.Sequential(nnx.Linear(5, 3, rngs=nnx.Rngs(0)), jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+    nnx_model = nnx.Sequential(
+        nnx.Linear(5, 3, rngs=nnx.Rngs(0)), jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    )
     with pytest.raises(ValueError, match=r"'layers/1' is called in training mode.*model.eval\(\)"):
         jaxbn.fold_batch_norm(nnx_model, x)  # a BatchNorm trains by default
     with pytest.raises(TypeError, match="model must be a flax.linen.Module"):
@@ -347,7 +403,9 @@ def test_refuses_layer_output_used_by_plain_code_linen(rng, use):
     model = LinenPlainUse(use=PLAIN_USES[use])
     x = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
     variables = randomize_linen(_init(model, x), rng)
-    with pytest.raises(ValueError, match=r"output of 'Dense_0' is used besides BatchNorm 'BatchNorm_0' .*reaches"):
+    with pytest.raises(
+        ValueError, match=r"output of 'Dense_0' is used besides BatchNorm 'BatchNorm_0' .*reaches"
+    ):
         jaxbn.fold_batch_norm(model, variables, x)
 
 
@@ -362,7 +420,9 @@ def test_refuses_layer_output_used_by_plain_code_nnx(use):
             h = self.dense(x)
             return self.bn(h) + PLAIN_USES[use](h)
 
-    with pytest.raises(ValueError, match=r"output of 'dense' is used besides BatchNorm 'bn' .*reaches"):
+    with pytest.raises(
+        ValueError, match=r"output of 'dense' is used besides BatchNorm 'bn' .*reaches"
+    ):
         jaxbn.fold_batch_norm(Residual(nnx.Rngs(0)), jnp.ones((2, 3)))
 
 
@@ -378,7 +438,9 @@ def test_refuses_layer_output_written_to_nnx_state():
             self.last[...] = h
             return self.bn(h)
 
-    with pytest.raises(ValueError, match=r"output of 'dense' is used besides BatchNorm 'bn' .*or its state"):
+    with pytest.raises(
+        ValueError, match=r"output of 'dense' is used besides BatchNorm 'bn' .*or its state"
+    ):
         jaxbn.fold_batch_norm(Keeps(nnx.Rngs(0)), jnp.ones((2, 3)))
 
 
@@ -438,7 +500,9 @@ def test_linen_folded_model_with_partial_convs_without_bias(rng):
     # the added biases matter: zeroing one (as flax does for a use_bias=False conv) changes the output
     params = flax.core.unfreeze(folded.variables["params"])
     params["proj"]["bias"] = jnp.zeros_like(params["proj"]["bias"])
-    assert not np.allclose(folded.model.apply({"params": params}, x), reference, rtol=1e-3, atol=1e-3)
+    assert not np.allclose(
+        folded.model.apply({"params": params}, x), reference, rtol=1e-3, atol=1e-3
+    )
 
 
 def test_folded_model_refuses_what_it_cannot_run_exactly(rng):
@@ -448,7 +512,9 @@ def test_folded_model_refuses_what_it_cannot_run_exactly(rng):
     folded = jaxbn.fold_batch_norm(model, variables, x)
     with pytest.raises(ValueError, match=r"BatchNorm 'BatchNorm_0' is folded .*training mode"):
         folded.model.apply(folded.variables, x, train=True)
-    with pytest.raises(ValueError, match=r"lack params/Conv_0/bias, the folded bias .*not to the original ones"):
+    with pytest.raises(
+        ValueError, match=r"lack params/Conv_0/bias, the folded bias .*not to the original ones"
+    ):
         folded.model.apply(variables, x)  # the original variables: no bias on the bias-less conv
     with pytest.raises(ValueError, match=r"cannot init the folded bias of 'Conv_0'"):
         folded.model.init(jax.random.key(0), x)
@@ -456,7 +522,9 @@ def test_folded_model_refuses_what_it_cannot_run_exactly(rng):
     two = TwoDense()
     variables = _init(two, x[:, 0, 0])
     folded = jaxbn.fold_batch_norm(two, variables, x[:, 0, 0])
-    with pytest.raises(ValueError, match=r"hold the batch_stats of BatchNorm 'BatchNorm_0', which is folded"):
+    with pytest.raises(
+        ValueError, match=r"hold the batch_stats of BatchNorm 'BatchNorm_0', which is folded"
+    ):
         folded.model.apply(variables, x[:, 0, 0])
 
 
@@ -490,7 +558,12 @@ class Scanned(nn.Module):
                 return nn.relu(nn.BatchNorm(use_running_average=True)(nn.Dense(4)(h))), None
 
         x = nn.BatchNorm(use_running_average=True)(nn.Dense(4)(x))
-        scan = nn.scan(Block, variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True}, length=2)
+        scan = nn.scan(
+            Block,
+            variable_axes={"params": 0, "batch_stats": 0},
+            split_rngs={"params": True},
+            length=2,
+        )
         return scan(name="blocks")(x, None)[0]
 
 
@@ -498,10 +571,15 @@ def test_refuses_modules_inside_lifted_transforms(rng):
     model = Scanned()
     x = jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)
     variables = randomize_linen(_init(model, x), rng)
-    with pytest.raises(ValueError, match=r"'blocks/BatchNorm_0' \(BatchNorm\) runs inside a lifted transform .*"
-                                         r"module at 'blocks' is wrapped in nn.scan"):
+    with pytest.raises(
+        ValueError,
+        match=r"'blocks/BatchNorm_0' \(BatchNorm\) runs inside a lifted transform .*"
+        r"module at 'blocks' is wrapped in nn.scan",
+    ):
         jaxbn.fold_batch_norm(model, variables, x)
-    with pytest.raises(ValueError, match=r"'blocks/Dense_0' \(Dense\) runs inside a lifted transform"):
+    with pytest.raises(
+        ValueError, match=r"'blocks/Dense_0' \(Dense\) runs inside a lifted transform"
+    ):
         jaxbn.fold_batch_norm(model, variables, x, pairs=[("blocks/Dense_0", "blocks/BatchNorm_0")])
     # the BatchNorm outside the scan folds; the scanned ones run unchanged
     folded = jaxbn.fold_batch_norm(model, variables, x, pairs=[("Dense_0", "BatchNorm_0")])
@@ -517,12 +595,15 @@ def test_refuses_a_model_that_cannot_be_traced():
             return x if float(x.sum()) > 0 else -x
 
     x = jnp.ones((2, 3))
-    with pytest.raises(ValueError, match=r"model: its forward pass cannot be traced .*ConcretizationTypeError"):
+    with pytest.raises(
+        ValueError, match=r"model: its forward pass cannot be traced .*ConcretizationTypeError"
+    ):
         jaxbn.fold_batch_norm(PythonIf(), _init(PythonIf(), x), x)
 
 
 def test_batch_norm_called_with_keyword_input(rng):
     """bn(x=h) pairs like bn(h); a residual on h is still refused."""
+
     class Keyword(nn.Module):
         residual: bool = False
 
@@ -535,5 +616,7 @@ def test_batch_norm_called_with_keyword_input(rng):
     variables = randomize_linen(_init(Keyword(), x), rng)
     folded = jaxbn.fold_batch_norm(Keyword(), variables, x)
     assert_close(folded.model.apply(folded.variables, x), Keyword().apply(variables, x))
-    with pytest.raises(ValueError, match=r"output of 'Dense_0' is used besides BatchNorm 'BatchNorm_0'"):
+    with pytest.raises(
+        ValueError, match=r"output of 'Dense_0' is used besides BatchNorm 'BatchNorm_0'"
+    ):
         jaxbn.fold_batch_norm(Keyword(residual=True), variables, x)

@@ -18,12 +18,15 @@ EPS = 1e-5
 SHAPE = (8, 3, 2, 4)
 
 
-def _reference(x, scale, bias, mask=None, axes=(0, 1, 2), feature=-1, ghost=None, renorm=None, state=None):
+def _reference(
+    x, scale, bias, mask=None, axes=(0, 1, 2), feature=-1, ghost=None, renorm=None, state=None
+):
     """Batch norm in plain JAX (autodiff differentiates it in both modes)."""
     if ghost:
         groups = x.reshape((x.shape[0] // ghost, ghost) + x.shape[1:])
-        return jax.vmap(lambda g: _reference(g, scale, bias, None, axes, feature, None, renorm, state))(
-            groups).reshape(x.shape)
+        return jax.vmap(
+            lambda g: _reference(g, scale, bias, None, axes, feature, None, renorm, state)
+        )(groups).reshape(x.shape)
     m = jnp.ones(x.shape) if mask is None else jnp.broadcast_to(mask, x.shape).astype(x.dtype)
     shape = [1] * x.ndim
     shape[feature] = -1
@@ -33,8 +36,12 @@ def _reference(x, scale, bias, mask=None, axes=(0, 1, 2), feature=-1, ghost=None
     x_hat = (x - mean.reshape(shape)) / jnp.sqrt(var.reshape(shape) + EPS)
     if renorm is not None:
         r_max, d_max = renorm
-        r = jax.lax.stop_gradient(jnp.clip(jnp.sqrt(var + EPS) / jnp.sqrt(state["var"] + EPS), 1 / r_max, r_max))
-        d = jax.lax.stop_gradient(jnp.clip((mean - state["mean"]) / jnp.sqrt(state["var"] + EPS), -d_max, d_max))
+        r = jax.lax.stop_gradient(
+            jnp.clip(jnp.sqrt(var + EPS) / jnp.sqrt(state["var"] + EPS), 1 / r_max, r_max)
+        )
+        d = jax.lax.stop_gradient(
+            jnp.clip((mean - state["mean"]) / jnp.sqrt(state["var"] + EPS), -d_max, d_max)
+        )
         x_hat = x_hat * r.reshape(shape) + d.reshape(shape)
     return x_hat * scale.reshape(shape) + bias.reshape(shape)
 
@@ -42,12 +49,18 @@ def _reference(x, scale, bias, mask=None, axes=(0, 1, 2), feature=-1, ghost=None
 @pytest.fixture
 def data(rng):
     x = jnp.asarray(rng.normal(size=SHAPE) * 2 + 3, jnp.float32)
-    params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 4), jnp.float32),
-              "bias": jnp.asarray(rng.normal(size=4), jnp.float32)}
-    state = {"mean": jnp.asarray(rng.normal(size=4), jnp.float32),
-             "var": jnp.asarray(rng.uniform(0.5, 3, 4), jnp.float32)}
-    tangents = (jnp.asarray(rng.normal(size=SHAPE), jnp.float32),
-                jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape), jnp.float32), params))
+    params = {
+        "scale": jnp.asarray(rng.uniform(0.5, 1.5, 4), jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=4), jnp.float32),
+    }
+    state = {
+        "mean": jnp.asarray(rng.normal(size=4), jnp.float32),
+        "var": jnp.asarray(rng.uniform(0.5, 3, 4), jnp.float32),
+    }
+    tangents = (
+        jnp.asarray(rng.normal(size=SHAPE), jnp.float32),
+        jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape), jnp.float32), params),
+    )
     mask = jnp.asarray(rng.uniform(size=(8, 3, 2, 1)) > 0.3)
     return x, params, state, tangents, mask
 
@@ -60,8 +73,13 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in ("ghost", "mask") else c  # ~10 s each
-                                  for c in sorted(CASES)])
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, marks=pytest.mark.slow) if c in ("ghost", "mask") else c  # ~10 s each
+        for c in sorted(CASES)
+    ],
+)
 def test_jvp_jacfwd_linearize_through_training_batch_norm(case, data):
     x, params, state, (tx, tp), mask = data
     options, reference_options = CASES[case]
@@ -73,7 +91,9 @@ def test_jvp_jacfwd_linearize_through_training_batch_norm(case, data):
 
     def ours(x, p):
         if renorm:
-            return jaxbn.batch_renorm(x, p, state, training=True, r_max=renorm[0], d_max=renorm[1], **options)[0]
+            return jaxbn.batch_renorm(
+                x, p, state, training=True, r_max=renorm[0], d_max=renorm[1], **options
+            )[0]
         return jaxbn.batch_norm(x, p, state, training=True, **options)[0]
 
     def reference(x, p):
@@ -85,15 +105,22 @@ def test_jvp_jacfwd_linearize_through_training_batch_norm(case, data):
     np.testing.assert_allclose(dy, dy_ref, rtol=1e-4, atol=1e-4)
     y_lin, linear = jax.linearize(ours, x, params)
     np.testing.assert_allclose(linear(tx, tp), dy, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(jax.jacfwd(lambda x: ours(x, params))(x),  # full Jacobians: jacfwd = jacrev
-                               jax.jacrev(lambda x: ours(x, params))(x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        jax.jacfwd(lambda x: ours(x, params))(x),  # full Jacobians: jacfwd = jacrev
+        jax.jacrev(lambda x: ours(x, params))(x),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.slow  # ~7 s of eager forward mode
 def test_forward_mode_of_the_returned_moments_and_under_vmap_with_an_axis_name(data):
     x, params, state, (tx, _), _ = data
     _, moments_tangent = jax.jvp(
-        lambda x: jaxbn.batch_norm(x, params, state, training=True, return_moments=True)[2], (x,), (tx,))
+        lambda x: jaxbn.batch_norm(x, params, state, training=True, return_moments=True)[2],
+        (x,),
+        (tx,),
+    )
     _, want = jax.jvp(lambda x: jaxbn.moments(x, (0, 1, 2)), (x,), (tx,))
     np.testing.assert_allclose(moments_tangent.mean, want.mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(moments_tangent.var, want.var, rtol=1e-4, atol=1e-5)
@@ -103,7 +130,9 @@ def test_forward_mode_of_the_returned_moments_and_under_vmap_with_an_axis_name(d
 
     split = lambda v: v.reshape((2, 4) + v.shape[1:])  # noqa: E731
     _, dy = jax.jvp(jax.vmap(per_device, axis_name="i"), (split(x),), (split(tx),))
-    _, dy_global = jax.jvp(lambda x: jaxbn.batch_norm(x, params, state, training=True)[0], (x,), (tx,))
+    _, dy_global = jax.jvp(
+        lambda x: jaxbn.batch_norm(x, params, state, training=True)[0], (x,), (tx,)
+    )
     np.testing.assert_allclose(dy.reshape(x.shape), dy_global, rtol=1e-4, atol=1e-5)
 
 
@@ -111,16 +140,26 @@ def test_forward_mode_through_the_modules_equals_flax(data):
     x, _, _, (tx, _), _ = data
     from flax import linen as nn
 
-    ours, theirs = jaxbn.linen.BatchNorm(use_running_average=False), nn.BatchNorm(use_running_average=False)
+    ours, theirs = (
+        jaxbn.linen.BatchNorm(use_running_average=False),
+        nn.BatchNorm(use_running_average=False),
+    )
     variables = theirs.init(jax.random.key(0), x)
 
     def apply(module):
         return lambda x: module.apply(variables, x, mutable=["batch_stats"])[0]
 
-    np.testing.assert_allclose(jax.jvp(apply(ours), (x,), (tx,))[1], jax.jvp(apply(theirs), (x,), (tx,))[1],
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        jax.jvp(apply(ours), (x,), (tx,))[1],
+        jax.jvp(apply(theirs), (x,), (tx,))[1],
+        rtol=1e-4,
+        atol=1e-5,
+    )
     tangents = []
-    for cls in (jaxbn.nnx.BatchNorm, nnx.BatchNorm):  # the state passed in (a training call writes it)
+    for cls in (
+        jaxbn.nnx.BatchNorm,
+        nnx.BatchNorm,
+    ):  # the state passed in (a training call writes it)
         graph, state = nnx.split(cls(4, rngs=nnx.Rngs(0)))
 
         def call(x, state):

@@ -25,7 +25,10 @@ def test_training_steps_match_float64_reference(axis, affine, rng):
     features = batches[0].shape[axis]
     params, state = jaxbn.batch_norm_init(features, use_scale=affine, use_bias=affine)
     if affine:
-        params = {"scale": jnp.linspace(0.5, 2.0, features), "bias": jnp.linspace(-1.0, 1.0, features)}
+        params = {
+            "scale": jnp.linspace(0.5, 2.0, features),
+            "bias": jnp.linspace(-1.0, 1.0, features),
+        }
     step = jax.jit(functools.partial(jaxbn.batch_norm, training=True, axis=axis, momentum=0.9))
     outputs = []
     for x in batches:
@@ -42,7 +45,9 @@ def test_training_steps_match_float64_reference(axis, affine, rng):
     assert same is state
     np.testing.assert_allclose(
         y_eval,
-        reference.normalize(batches[0], state["mean"], state["var"], params.get("scale"), params.get("bias"), axis),
+        reference.normalize(
+            batches[0], state["mean"], state["var"], params.get("scale"), params.get("bias"), axis
+        ),
         atol=2e-5,
     )
 
@@ -73,7 +78,9 @@ def test_normalize_matches_reference_and_keeps_dtype_rule(rng):
     scale, bias = jnp.array([2.0, 3.0]), jnp.array([0.5, -0.5])
     y = jaxbn.normalize(x, mean, var, scale, bias)
     assert y.dtype == jnp.float32  # bf16 input, f32 params: promoted, as flax
-    np.testing.assert_allclose(y, reference.normalize(x.astype(jnp.float32), mean, var, scale, bias), atol=1e-5)
+    np.testing.assert_allclose(
+        y, reference.normalize(x.astype(jnp.float32), mean, var, scale, bias), atol=1e-5
+    )
     assert jaxbn.normalize(x, mean, var, scale, bias, dtype=jnp.bfloat16).dtype == jnp.bfloat16
     assert jaxbn.normalize(x, mean, var).dtype == jnp.bfloat16
 
@@ -138,7 +145,9 @@ def test_large_offset_first_step_and_steady_state(rng):
         y, state = step(x, params, state)
         if i in (0, 49):
             mean, var = reference.batch_stats(x)
-            assert np.abs(np.asarray(y, np.float64) - reference.normalize(x, mean, var)).max() <= 1e-4
+            assert (
+                np.abs(np.asarray(y, np.float64) - reference.normalize(x, mean, var)).max() <= 1e-4
+            )
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -150,7 +159,9 @@ def test_half_precision_input_keeps_float32_state(dtype, rng):
     assert y.dtype == dtype and new["mean"].dtype == new["var"].dtype == jnp.float32
     mean, var = reference.batch_stats(np.asarray(x.astype(jnp.float32)))
     np.testing.assert_allclose(new["var"], var, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(y, np.float32), reference.normalize(x.astype(jnp.float32), mean, var), atol=2e-2)
+    np.testing.assert_allclose(
+        np.asarray(y, np.float32), reference.normalize(x.astype(jnp.float32), mean, var), atol=2e-2
+    )
 
 
 def _loss(x, params, state, **kw):
@@ -175,17 +186,28 @@ def test_transforms_jit_grad_vmap_scan_remat_eval_shape(rng):
     np.testing.assert_allclose(final["mean"], loop_state["mean"], rtol=1e-6)
 
     grads = jax.jit(jax.grad(_loss, argnums=(0, 1), has_aux=True))(batches[0], params, state)[0]
-    remat_grads = jax.grad(jax.checkpoint(lambda x, p: _loss(x, p, state)[0]), argnums=(0, 1))(batches[0], params)
-    jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), grads, remat_grads)
+    remat_grads = jax.grad(jax.checkpoint(lambda x, p: _loss(x, p, state)[0]), argnums=(0, 1))(
+        batches[0], params
+    )
+    jax.tree_util.tree_map(
+        functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), grads, remat_grads
+    )
 
     per_example = jax.vmap(lambda x: jaxbn.batch_norm(x, params, state, training=True)[0])(batches)
     np.testing.assert_allclose(
-        per_example[1], jaxbn.batch_norm(batches[1], params, state, training=True)[0], rtol=1e-6, atol=1e-6
+        per_example[1],
+        jaxbn.batch_norm(batches[1], params, state, training=True)[0],
+        rtol=1e-6,
+        atol=1e-6,
     )
-    synced = jax.vmap(lambda x: jaxbn.batch_norm(x, params, state, training=True, axis_name="b")[0], axis_name="b")(batches)
+    synced = jax.vmap(
+        lambda x: jaxbn.batch_norm(x, params, state, training=True, axis_name="b")[0], axis_name="b"
+    )(batches)
     np.testing.assert_allclose(
-        synced.reshape(24, 3), jaxbn.batch_norm(batches.reshape(24, 3), params, state, training=True)[0],
-        rtol=1e-5, atol=1e-5,
+        synced.reshape(24, 3),
+        jaxbn.batch_norm(batches.reshape(24, 3), params, state, training=True)[0],
+        rtol=1e-5,
+        atol=1e-5,
     )
 
     shapes = jax.eval_shape(lambda x: jaxbn.batch_norm(x, params, state, training=True), batches[0])
@@ -205,7 +227,9 @@ def test_gradients_pass_numerical_check_orders_1_and_2():
         mask = jnp.array([[1], [1], [0], [1], [1], [1]], bool)
         for kw in ({}, {"mask": mask}):
             f = lambda x, scale, bias: _loss(x, {"scale": scale, "bias": bias}, state, **kw)[0]
-            check_grads(jax.jit(f), (x, params["scale"], params["bias"]), order=2, modes=("rev",), eps=1e-4)
+            check_grads(
+                jax.jit(f), (x, params["scale"], params["bias"]), order=2, modes=("rev",), eps=1e-4
+            )
 
 
 def test_init_rejects_bad_feature_counts():
@@ -221,7 +245,12 @@ def _call(x=None, params=None, state=None, **kw):
     x = jnp.ones((4, 3), jnp.float32) if x is None else x
     default_params, default_state = jaxbn.batch_norm_init(3)
     kw.setdefault("training", True)
-    return jaxbn.batch_norm(x, default_params if params is None else params, default_state if state is None else state, **kw)
+    return jaxbn.batch_norm(
+        x,
+        default_params if params is None else params,
+        default_state if state is None else state,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize(
@@ -234,13 +263,25 @@ def _call(x=None, params=None, state=None, **kw):
         (dict(epsilon=0.0), ValueError, "epsilon must be a finite number > 0"),
         (dict(epsilon=-1e-5), ValueError, "epsilon must be a finite number > 0"),
         (dict(axis=2), ValueError, r"axis=2 is out of range for an input with 2 dimensions"),
-        (dict(axis=0), ValueError, r"params\['scale'\] has shape \(3,\), but the input has feature shape \(4,\)"),
+        (
+            dict(axis=0),
+            ValueError,
+            r"params\['scale'\] has shape \(3,\), but the input has feature shape \(4,\)",
+        ),
         (dict(params={"gamma": jnp.ones(3)}), ValueError, r"unknown keys \['gamma'\]"),
         (dict(state={"mean": jnp.zeros(3)}), ValueError, r"missing \['var'\]"),
-        (dict(state={"mean": jnp.zeros(4), "var": jnp.ones(4)}), ValueError, r"state\['mean'\] has shape \(4,\)"),
+        (
+            dict(state={"mean": jnp.zeros(4), "var": jnp.ones(4)}),
+            ValueError,
+            r"state\['mean'\] has shape \(4,\)",
+        ),
         (dict(x=jnp.ones((4, 3), jnp.int32)), TypeError, "x must have a floating dtype"),
         (dict(x=jnp.ones((4, 3), bool)), TypeError, "x must have a floating dtype"),
-        (dict(mask=jnp.ones((3, 3), bool)), ValueError, r"mask of shape \(3, 3\) does not broadcast"),
+        (
+            dict(mask=jnp.ones((3, 3), bool)),
+            ValueError,
+            r"mask of shape \(3, 3\) does not broadcast",
+        ),
         (dict(axis_name="data"), ValueError, "not bound"),
         (dict(training=1), TypeError, "training must be a Python bool"),
         (dict(dtype=jnp.int8), TypeError, "dtype must be a floating dtype"),
@@ -280,11 +321,15 @@ class EagerEqualsJitTest(chex.TestCase):
         params, state = jaxbn.batch_norm_init(4)
         calls = {
             "batch_norm": lambda x: jaxbn.batch_norm(x, params, state, training=True),
-            "batch_renorm": lambda x: jaxbn.batch_renorm(x, params, state, training=True, r_max=2.0, d_max=1.0),
+            "batch_renorm": lambda x: jaxbn.batch_renorm(
+                x, params, state, training=True, r_max=2.0, d_max=1.0
+            ),
             "layer_norm": jaxbn.layer_norm,
             "rms_norm": jaxbn.rms_norm,
             "group_norm": lambda x: jaxbn.group_norm(x, num_groups=2),
             "moments": lambda x: jaxbn.moments(x, 0),
         }
         for name, call in calls.items():
-            chex.assert_trees_all_close(self.variant(call)(x), call(x), rtol=1e-6, atol=1e-6, custom_message=name)
+            chex.assert_trees_all_close(
+                self.variant(call)(x), call(x), rtol=1e-6, atol=1e-6, custom_message=name
+            )

@@ -54,7 +54,9 @@ def _mask(kind, shape, seed=1):
     return rng.uniform(size=shape) < 0.7  # elements
 
 
-def ghost_reference(x, ghost, axis, params, state, mask=None, momentum=MOMENTUM, epsilon=EPSILON, unbiased=False):
+def ghost_reference(
+    x, ghost, axis, params, state, mask=None, momentum=MOMENTUM, epsilon=EPSILON, unbiased=False
+):
     """Float64 ghost batch norm: per-group statistics; state from their count-weighted average."""
     x = np.asarray(x, np.float64)
     mask = None if mask is None else np.broadcast_to(mask, x.shape)
@@ -63,7 +65,9 @@ def ghost_reference(x, ghost, axis, params, state, mask=None, momentum=MOMENTUM,
         group = x[start : start + ghost]
         group_mask = None if mask is None else mask[start : start + ghost]
         mean, var = reference.batch_stats(group, axis, group_mask)
-        outputs.append(reference.normalize(group, mean, var, params["scale"], params["bias"], axis, epsilon))
+        outputs.append(
+            reference.normalize(group, mean, var, params["scale"], params["bias"], axis, epsilon)
+        )
         valid = np.ones(group.shape, bool) if group_mask is None else group_mask
         counts.append(np.moveaxis(valid, axis, -1).reshape(-1, group.shape[axis]).sum(0))
         means.append(mean)
@@ -74,8 +78,10 @@ def ghost_reference(x, ghost, axis, params, state, mask=None, momentum=MOMENTUM,
     var = (counts * variances).sum(0) / total
     if unbiased:
         var = var * total / (total - 1)
-    new_state = {"mean": momentum * np.asarray(state["mean"]) + (1 - momentum) * mean,
-                 "var": momentum * np.asarray(state["var"]) + (1 - momentum) * var}
+    new_state = {
+        "mean": momentum * np.asarray(state["mean"]) + (1 - momentum) * mean,
+        "var": momentum * np.asarray(state["var"]) + (1 - momentum) * var,
+    }
     return np.concatenate(outputs), new_state
 
 
@@ -85,10 +91,17 @@ def _as(tree, dtype):
 
 @functools.cache
 def _step(ghost, axis, **kwargs):
-    return jax.jit(functools.partial(
-        jaxbn.batch_norm, training=True, axis=axis, momentum=MOMENTUM, epsilon=EPSILON, ghost_batch_size=ghost,
-        **kwargs,
-    ))
+    return jax.jit(
+        functools.partial(
+            jaxbn.batch_norm,
+            training=True,
+            axis=axis,
+            momentum=MOMENTUM,
+            epsilon=EPSILON,
+            ghost_batch_size=ghost,
+            **kwargs,
+        )
+    )
 
 
 TOLERANCES = {jnp.float32: (3e-5, 1e-5), jnp.bfloat16: (3e-2, 1e-3), jnp.float64: (1e-10, 1e-12)}
@@ -96,8 +109,11 @@ TOLERANCES = {jnp.float32: (3e-5, 1e-5), jnp.bfloat16: (3e-2, 1e-3), jnp.float64
 
 @pytest.mark.parametrize("mask_kind", [None, "examples", "elements"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, pytest.param(jnp.float64, marks=pytest.mark.slow)],
-                         ids=["f32", "bf16", "f64"])  # x64: slow tier
+@pytest.mark.parametrize(
+    "dtype",
+    [jnp.float32, jnp.bfloat16, pytest.param(jnp.float64, marks=pytest.mark.slow)],
+    ids=["f32", "bf16", "f64"],
+)  # x64: slow tier
 def test_outputs_and_running_statistics_match_float64_reference(dtype, layout, mask_kind):
     """Each ghost batch normalized by its own statistics; state from their count-weighted average."""
     axis, shape = LAYOUTS[layout]
@@ -106,31 +122,48 @@ def test_outputs_and_running_statistics_match_float64_reference(dtype, layout, m
     with jax.enable_x64(dtype == jnp.float64):
         stats_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
         xd = jnp.asarray(x, dtype)
-        y, new_state = _step(4, axis)(xd, _as(params, stats_dtype), _as(state, stats_dtype), mask=mask)
+        y, new_state = _step(4, axis)(
+            xd, _as(params, stats_dtype), _as(state, stats_dtype), mask=mask
+        )
         assert y.dtype == stats_dtype and y.shape == shape  # flax's rule: promotion of x and params
         y_ref, state_ref = ghost_reference(np.asarray(xd, np.float64), 4, axis, params, state, mask)
         y_tol, state_tol = TOLERANCES[dtype]
         np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, atol=y_tol, rtol=y_tol)
         for key in state_ref:
             assert new_state[key].dtype == stats_dtype
-            np.testing.assert_allclose(np.asarray(new_state[key], np.float64), state_ref[key], rtol=state_tol,
-                                       atol=state_tol)
+            np.testing.assert_allclose(
+                np.asarray(new_state[key], np.float64),
+                state_ref[key],
+                rtol=state_tol,
+                atol=state_tol,
+            )
 
 
 def test_unbiased_running_var_uses_total_count():
     """unbiased_running_var scales the averaged ghost variance by N / (N - 1), N the total count."""
     axis, shape = LAYOUTS["NHWC"]
     x, params, state = _data(shape, axis)
-    _, new_state = _step(4, axis, unbiased_running_var=True)(jnp.asarray(x, jnp.float32), _as(params, jnp.float32),
-                                                           _as(state, jnp.float32))
+    _, new_state = _step(4, axis, unbiased_running_var=True)(
+        jnp.asarray(x, jnp.float32), _as(params, jnp.float32), _as(state, jnp.float32)
+    )
     _, state_ref = ghost_reference(x, 4, axis, params, state, unbiased=True)
     np.testing.assert_allclose(new_state["var"], state_ref["var"], rtol=1e-5)
 
 
 def _ghost_loss(ghost, axis, mask=None, **kwargs):
     def loss(x, params, state, w):
-        y, new_state = jaxbn.batch_norm(x, params, state, training=True, axis=axis, momentum=MOMENTUM,
-                                        epsilon=EPSILON, ghost_batch_size=ghost, mask=mask, **kwargs)
+        y, new_state = jaxbn.batch_norm(
+            x,
+            params,
+            state,
+            training=True,
+            axis=axis,
+            momentum=MOMENTUM,
+            epsilon=EPSILON,
+            ghost_batch_size=ghost,
+            mask=mask,
+            **kwargs,
+        )
         return jnp.sum(w * y), (y, new_state)
 
     return loss
@@ -150,8 +183,12 @@ def test_ghost_size_equal_to_batch_is_batch_norm(layout, masked):
     x, params, state = _data(shape, axis)
     w = np.random.default_rng(3).normal(size=shape)
     mask = _mask("elements", shape) if masked else None
-    args = (jnp.asarray(x, jnp.float32), _as(params, jnp.float32), _as(state, jnp.float32),
-            jnp.asarray(w, jnp.float32))
+    args = (
+        jnp.asarray(x, jnp.float32),
+        _as(params, jnp.float32),
+        _as(state, jnp.float32),
+        jnp.asarray(w, jnp.float32),
+    )
     results = []
     for ghost in (None, shape[0]):
         grad = jax.value_and_grad(_ghost_loss(ghost, axis, mask), argnums=(0, 1), has_aux=True)
@@ -173,13 +210,22 @@ def _jnp_ghost_reference(x, params, ghost, axis, mask):
     var = jnp.where(valid, (groups - mean) ** 2, 0).sum(axes, keepdims=True) / count
     shape = [1] * groups.ndim
     shape[axis + 1] = x.shape[axis]
-    y = (groups - mean) / jnp.sqrt(var + EPSILON) * params["scale"].reshape(shape) + params["bias"].reshape(shape)
+    y = (groups - mean) / jnp.sqrt(var + EPSILON) * params["scale"].reshape(shape) + params[
+        "bias"
+    ].reshape(shape)
     return y.reshape(x.shape)
 
 
-@pytest.mark.parametrize("layout, masked", [  # ~5-15 s each: the default tier keeps NHWC, masked
-    (layout, masked) if (layout, masked) == ("NHWC", True) else pytest.param(layout, masked, marks=pytest.mark.slow)
-    for masked in (False, True) for layout in sorted(LAYOUTS)])
+@pytest.mark.parametrize(
+    "layout, masked",
+    [  # ~5-15 s each: the default tier keeps NHWC, masked
+        (layout, masked)
+        if (layout, masked) == ("NHWC", True)
+        else pytest.param(layout, masked, marks=pytest.mark.slow)
+        for masked in (False, True)
+        for layout in sorted(LAYOUTS)
+    ],
+)
 def test_gradients_match_autodiff_of_float64_reference(layout, masked):
     """dx, dscale, dbias of sum(w * y) in float64 equal jax.grad of a plain jnp ghost batch norm."""
     axis, shape = LAYOUTS[layout]
@@ -190,12 +236,15 @@ def test_gradients_match_autodiff_of_float64_reference(layout, masked):
         args = (jnp.asarray(x), _as(params, jnp.float64), _as(state, jnp.float64), jnp.asarray(w))
         grads = jax.grad(lambda *a: _ghost_loss(4, axis, mask)(*a)[0], argnums=(0, 1))(*args)
         expected = jax.grad(
-            lambda x, p: jnp.sum(args[3] * _jnp_ghost_reference(x, p, 4, axis, mask)), argnums=(0, 1)
+            lambda x, p: jnp.sum(args[3] * _jnp_ghost_reference(x, p, 4, axis, mask)),
+            argnums=(0, 1),
         )(args[0], args[1])
         for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
         y = _ghost_loss(4, axis, mask)(*args)[1][0]
-        np.testing.assert_allclose(y, _jnp_ghost_reference(args[0], args[1], 4, axis, mask), atol=1e-12)
+        np.testing.assert_allclose(
+            y, _jnp_ghost_reference(args[0], args[1], 4, axis, mask), atol=1e-12
+        )
 
 
 def test_non_finite_ghost_batch_keeps_whole_state():
@@ -210,8 +259,14 @@ def test_non_finite_ghost_batch_keeps_whole_state():
     assert np.isfinite(y[4:8, ..., [0, 2, 3]]).all()
     for key in state:  # exact: the update is skipped, the old state selected unchanged
         np.testing.assert_array_equal(new_state[key], state[key])
-    _, cumulative = jaxbn.batch_norm(jnp.asarray(x, jnp.float32), params, {**state, "count": jnp.float32(3)},
-                                     training=True, momentum=None, ghost_batch_size=4)
+    _, cumulative = jaxbn.batch_norm(
+        jnp.asarray(x, jnp.float32),
+        params,
+        {**state, "count": jnp.float32(3)},
+        training=True,
+        momentum=None,
+        ghost_batch_size=4,
+    )
     assert cumulative["count"] == 3  # exact: a count (small integer), kept unchanged
 
 
@@ -222,8 +277,9 @@ def test_fully_masked_ghost_batch_has_no_weight():
     mask = np.ones((shape[0], 1, 1, 1), bool)
     mask[8:12] = False  # ghost batch 2
     x[8:12] = np.nan  # its padding may be junk
-    y, new_state = _step(4, axis)(jnp.asarray(x, jnp.float32), _as(params, jnp.float32), _as(state, jnp.float32),
-                                  mask=mask)
+    y, new_state = _step(4, axis)(
+        jnp.asarray(x, jnp.float32), _as(params, jnp.float32), _as(state, jnp.float32), mask=mask
+    )
     valid = np.r_[0:8, 12:16]
     assert np.isfinite(np.asarray(y)[valid]).all()
     _, expected = ghost_reference(x[valid], 4, axis, params, state)
@@ -242,10 +298,20 @@ def test_inference_and_reestimation():
     # exact: inference drops ghost_batch_size at validation, so both calls run the same eager ops on the same inputs
     np.testing.assert_array_equal(plain[0], ghost[0])
     assert ghost[1] is state
-    y, new_state = jaxbn.batch_norm(x, params, state, training=False, update_running_stats=True, axis=axis,
-                                    momentum=MOMENTUM, ghost_batch_size=4)
+    y, new_state = jaxbn.batch_norm(
+        x,
+        params,
+        state,
+        training=False,
+        update_running_stats=True,
+        axis=axis,
+        momentum=MOMENTUM,
+        ghost_batch_size=4,
+    )
     # exact: y is the inference transform, the same eager ops on the same inputs (the update only adds statistics)
-    np.testing.assert_array_equal(y, jaxbn.batch_norm(x, params, state, training=False, axis=axis)[0])
+    np.testing.assert_array_equal(
+        y, jaxbn.batch_norm(x, params, state, training=False, axis=axis)[0]
+    )
     _, trained_state = _step(4, axis)(x, params, state)
     for key in state:
         np.testing.assert_allclose(new_state[key], trained_state[key], rtol=1e-6, atol=1e-7)
@@ -266,15 +332,20 @@ def test_invalid_ghost_batch_size_raises_at_trace_time(ghost, shape, axis, error
     """Each bad ghost_batch_size names the value and what was expected, before anything runs."""
     params, state = jaxbn.batch_norm_init(shape[axis])
     with pytest.raises(error, match=message):
-        jax.jit(lambda x: jaxbn.batch_norm(x, params, state, training=True, axis=axis,
-                                           ghost_batch_size=ghost)).lower(jnp.ones(shape))
+        jax.jit(
+            lambda x: jaxbn.batch_norm(
+                x, params, state, training=True, axis=axis, ghost_batch_size=ghost
+            )
+        ).lower(jnp.ones(shape))
 
 
 def test_linen_field_appended_and_matches_functional():
     """BatchNorm(ghost_batch_size=g) equals the functional call; flax's fields keep their positions."""
     flax_fields = [f for f in nn.BatchNorm.__dataclass_fields__ if f not in ("parent", "name")]
     ours = [f for f in jaxbn.linen.BatchNorm.__dataclass_fields__ if f not in ("parent", "name")]
-    assert ours[: len(flax_fields)] == flax_fields and "ghost_batch_size" in ours[len(flax_fields):]
+    assert (
+        ours[: len(flax_fields)] == flax_fields and "ghost_batch_size" in ours[len(flax_fields) :]
+    )
     axis, shape = LAYOUTS["NHWC"]
     x = jnp.asarray(_data(shape, axis)[0], jnp.float32)
     module = jaxbn.linen.BatchNorm(use_running_average=False, momentum=MOMENTUM, ghost_batch_size=4)
@@ -283,7 +354,9 @@ def test_linen_field_appended_and_matches_functional():
     y_ref, state_ref = _step(4, axis)(x, variables["params"], variables["batch_stats"])
     # eager apply vs jitted function: same math, XLA may fuse differently (an ulp)
     np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6), updates["batch_stats"], state_ref)
+    jax.tree.map(
+        functools.partial(np.testing.assert_allclose, rtol=1e-6), updates["batch_stats"], state_ref
+    )
     default = jaxbn.linen.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
     flax_default = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
     assert jax.tree.map(jnp.shape, default) == jax.tree.map(jnp.shape, flax_default)
@@ -291,7 +364,9 @@ def test_linen_field_appended_and_matches_functional():
 
 # ---------------------------------------------------------------- devices
 
-needs_devices = pytest.mark.skipif(jax.device_count() < N_DEVICES, reason="needs 8 (forced CPU) devices")
+needs_devices = pytest.mark.skipif(
+    jax.device_count() < N_DEVICES, reason="needs 8 (forced CPU) devices"
+)
 MD_SHAPE = (32, 3, 3, 4)  # 4 examples per device: two ghost batches of 2
 MD_GHOST = 2
 
@@ -299,13 +374,19 @@ MD_GHOST = 2
 def _md_data():
     x, params, state = _data(MD_SHAPE, -1, seed=5)
     w = np.random.default_rng(6).normal(size=MD_SHAPE)
-    return (jnp.asarray(x, jnp.float32), _as(params, jnp.float32), _as(state, jnp.float32),
-            jnp.asarray(w, jnp.float32))
+    return (
+        jnp.asarray(x, jnp.float32),
+        _as(params, jnp.float32),
+        _as(state, jnp.float32),
+        jnp.asarray(w, jnp.float32),
+    )
 
 
 def _forward_backward(x, params, state, w, axis_name=None):
     loss = _ghost_loss(MD_GHOST, -1, axis_name=axis_name)
-    (_, (y, new_state)), (dx, dparams) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, params, state, w)
+    (_, (y, new_state)), (dx, dparams) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        x, params, state, w
+    )
     return y, new_state, dx, dparams
 
 
@@ -327,8 +408,14 @@ def _md_step(kind, axis_name):
         return run
     # shard_map: replicated params and state (P()); with axis_name the new state is replicated too
     state_spec = P() if axis_name else P("i")
-    step = jax.jit(shard_map(local, mesh=mesh, in_specs=(P("i"), P(), P(), P("i")),
-                             out_specs=(P("i"), state_spec, P("i"), P())))
+    step = jax.jit(
+        shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P("i"), P(), P(), P("i")),
+            out_specs=(P("i"), state_spec, P("i"), P()),
+        )
+    )
     batch = NamedSharding(mesh, P("i"))
 
     def run(x, p, s, w):
@@ -356,15 +443,21 @@ def test_per_device_ghost_batches_equal_single_device(kind, axis_name):
     np.testing.assert_allclose(dx, dx1, atol=1e-5)
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5), dparams, dp1)
     for key in state:
-        per_device = np.asarray(new_state[key]).reshape(-1, MD_SHAPE[-1]) if kind == "pmap" or not axis_name \
+        per_device = (
+            np.asarray(new_state[key]).reshape(-1, MD_SHAPE[-1])
+            if kind == "pmap" or not axis_name
             else np.asarray(new_state[key])[None]
+        )
         if axis_name:
-            np.testing.assert_allclose(per_device, np.broadcast_to(state1[key], per_device.shape), rtol=1e-5)
+            np.testing.assert_allclose(
+                per_device, np.broadcast_to(state1[key], per_device.shape), rtol=1e-5
+            )
         else:
             local = MD_SHAPE[0] // N_DEVICES
             for d in range(N_DEVICES):
-                _, expected, _, _ = _md_step("single", None)(x[d * local : (d + 1) * local], params, state,
-                                                        w[d * local : (d + 1) * local])
+                _, expected, _, _ = _md_step("single", None)(
+                    x[d * local : (d + 1) * local], params, state, w[d * local : (d + 1) * local]
+                )
                 np.testing.assert_allclose(per_device[d], expected[key], rtol=1e-5, atol=1e-6)
 
 
@@ -392,11 +485,17 @@ def test_jit_sharded_ghost_batches_need_no_statistics_collective():
     xs, ws = (jax.device_put(a, NamedSharding(mesh, P("i"))) for a in (x, w))
     expected = {False: [], True: ["(f32[4]{0}, f32[4]{0})"]}
     for update in (False, True):
-        forward = jax.jit(lambda x, p, s: jaxbn.batch_norm(
-            x, p, s, training=True, update_running_stats=update, ghost_batch_size=MD_GHOST))
+        forward = jax.jit(
+            lambda x, p, s: jaxbn.batch_norm(
+                x, p, s, training=True, update_running_stats=update, ghost_batch_size=MD_GHOST
+            )
+        )
         text = hlo.compiled_text(forward, xs, params, state)
         counts = _collectives(text)
-        assert counts == {**dict.fromkeys(counts, 0), "all-reduce": len(expected[update])}, (update, counts)
+        assert counts == {**dict.fromkeys(counts, 0), "all-reduce": len(expected[update])}, (
+            update,
+            counts,
+        )
         assert _all_reduce_types(text) == expected[update]
     # forward + backward: the backward adds the parameter gradients' sum over the batch (one all-reduce)
     step = jax.jit(lambda x, p, s, w: _forward_backward(x, p, s, w)[2:])
@@ -414,10 +513,17 @@ def test_shard_map_collectives(axis_name, expected):
     """Under shard_map ghost batch norm's forward has no collective; axis_name adds one for the state."""
     mesh = jax.make_mesh((N_DEVICES,), ("i",))
     x, params, state, _ = _md_data()
-    local = lambda x, p, s: jaxbn.batch_norm(x, p, s, training=True, ghost_batch_size=MD_GHOST,
-                                             axis_name=axis_name)
-    fn = jax.jit(shard_map(local, mesh=mesh, in_specs=(P("i"), P(), P()),
-                           out_specs=(P("i"), P() if axis_name else P("i"))))
+    local = lambda x, p, s: jaxbn.batch_norm(
+        x, p, s, training=True, ghost_batch_size=MD_GHOST, axis_name=axis_name
+    )
+    fn = jax.jit(
+        shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P("i"), P(), P()),
+            out_specs=(P("i"), P() if axis_name else P("i")),
+        )
+    )
     text = hlo.compiled_text(fn, jax.device_put(x, NamedSharding(mesh, P("i"))), params, state)
     assert _collectives(text) == {**dict.fromkeys(_collectives(text), 0), "all-reduce": expected}
 
@@ -440,12 +546,20 @@ def test_moments_exact_at_large_offsets_whatever_the_shift():
     x = (rng.normal(size=(8, 2, 5, 3)) + 1e4).astype(np.float32)  # (ghost groups, g, ..., C)
     x64 = np.asarray(x, np.float64)
     mask = np.ones(x.shape, bool)
-    mask[:, 0, 0] = False  # the first element of every group masked out: the sums cannot go around it
+    mask[:, 0, 0] = (
+        False  # the first element of every group masked out: the sums cannot go around it
+    )
     valid = np.where(mask, x64, np.nan)
-    expected = {"unmasked": (x64.mean((1, 2)), x64.var((1, 2))),
-                "masked": (np.nanmean(valid, (1, 2)), np.nanvar(valid, (1, 2)))}
-    shifts = {"none": None, "zero": np.zeros((8, 3), np.float32),
-              "mean": expected["unmasked"][0].astype(np.float32), "1e8 away": np.full((8, 3), -1e8, np.float32)}
+    expected = {
+        "unmasked": (x64.mean((1, 2)), x64.var((1, 2))),
+        "masked": (np.nanmean(valid, (1, 2)), np.nanvar(valid, (1, 2))),
+    }
+    shifts = {
+        "none": None,
+        "zero": np.zeros((8, 3), np.float32),
+        "mean": expected["unmasked"][0].astype(np.float32),
+        "1e8 away": np.full((8, 3), -1e8, np.float32),
+    }
     xs = jax.device_put(jnp.asarray(x), NamedSharding(mesh, P("i")))
     fn = jax.jit(lambda x, m, k: stats.moments(x, (1, 2), mask=m, shift=k))
     # (the masked case unsharded: test_masked_ghost_batches_under_jit_with_a_sharded_batch shards it)
@@ -459,7 +573,9 @@ def test_moments_exact_at_large_offsets_whatever_the_shift():
             mean, var = expected[case]
             # float32 data at 1e4: the mean to its rounding, the variance (~1) to 1e-4 (the data's own
             # rounding, 1e4 * 6e-8, relative to a standard deviation of 1)
-            np.testing.assert_allclose(result.mean, mean, rtol=1e-6, err_msg=f"{case}, shift {name}")
+            np.testing.assert_allclose(
+                result.mean, mean, rtol=1e-6, err_msg=f"{case}, shift {name}"
+            )
             np.testing.assert_allclose(result.var, var, rtol=1e-4, err_msg=f"{case}, shift {name}")
     with pytest.raises(TypeError, match="reshift"):  # no longer an argument: Python's own TypeError
         stats.moments(x, 0, reshift=True)
@@ -475,19 +591,31 @@ def test_masked_ghost_batches_under_jit_with_a_sharded_batch():
     mask[::MD_GHOST] = False  # every group's first example masked out
     mask[1::MD_GHOST] = True  # ... and none empty
     sharding = NamedSharding(mesh, P("i"))
-    forward = jax.jit(lambda x, m, p, s: jaxbn.batch_norm(
-        x, p, s, training=True, update_running_stats=False, mask=m, ghost_batch_size=MD_GHOST)[0])
-    y = forward(jax.device_put(x, sharding), jax.device_put(jnp.asarray(mask), sharding), params, state)
+    forward = jax.jit(
+        lambda x, m, p, s: jaxbn.batch_norm(
+            x, p, s, training=True, update_running_stats=False, mask=m, ghost_batch_size=MD_GHOST
+        )[0]
+    )
+    y = forward(
+        jax.device_put(x, sharding), jax.device_put(jnp.asarray(mask), sharding), params, state
+    )
     y_ref, _ = ghost_reference(np.asarray(x, np.float64), MD_GHOST, -1, params, state, mask)
     valid = np.broadcast_to(mask, x.shape)
     np.testing.assert_allclose(np.asarray(y)[valid], y_ref[valid], atol=1e-5)
-    text = hlo.compiled_text(forward, jax.device_put(x, sharding), jax.device_put(jnp.asarray(mask), sharding),
-                             params, state)
+    text = hlo.compiled_text(
+        forward,
+        jax.device_put(x, sharding),
+        jax.device_put(jnp.asarray(mask), sharding),
+        params,
+        state,
+    )
     assert _collectives(text) == dict.fromkeys(_collectives(text), 0)
 
 
-@pytest.mark.skipif(jax.__version_info__ < (0, 10, 2) or jax.default_backend() != "cpu",
-                    reason="compiled structure pinned for XLA:CPU of jax >= 0.10.2 (as tests/test_performance.py)")
+@pytest.mark.skipif(
+    jax.__version_info__ < (0, 10, 2) or jax.default_backend() != "cpu",
+    reason="compiled structure pinned for XLA:CPU of jax >= 0.10.2 (as tests/test_performance.py)",
+)
 def test_ghost_batches_cost_no_more_traffic_than_batch_norm():
     """Ghost training moves no more of x than plain batch norm (5S/11S on XLA:CPU, both).
 
@@ -505,13 +633,19 @@ def test_ghost_batches_cost_no_more_traffic_than_batch_norm():
     def traffic(ghost):
         def forward_backward(x, p, s, dy):
             (y, new_state), vjp = jax.vjp(
-                lambda x, p: jaxbn.batch_norm(x, p, s, training=True, ghost_batch_size=ghost), x, p)
+                lambda x, p: jaxbn.batch_norm(x, p, s, training=True, ghost_batch_size=ghost), x, p
+            )
             return y, new_state, vjp((dy, jax.tree.map(jnp.zeros_like, new_state)))
 
         x = jnp.zeros(shape)
-        forward = jax.jit(lambda x, p, s: jaxbn.batch_norm(x, p, s, training=True, ghost_batch_size=ghost))
-        return (hlo.memory_traffic(hlo.compiled_text(forward, x, params, state))[0] / size,
-                hlo.memory_traffic(hlo.compiled_text(jax.jit(forward_backward), x, params, state, x))[0] / size)
+        forward = jax.jit(
+            lambda x, p, s: jaxbn.batch_norm(x, p, s, training=True, ghost_batch_size=ghost)
+        )
+        return (
+            hlo.memory_traffic(hlo.compiled_text(forward, x, params, state))[0] / size,
+            hlo.memory_traffic(hlo.compiled_text(jax.jit(forward_backward), x, params, state, x))[0]
+            / size,
+        )
 
     plain, ghost = traffic(None), traffic(4)
     assert ghost[0] <= plain[0] + 0.1 and ghost[1] <= plain[1] + 0.1, (plain, ghost)

@@ -38,8 +38,10 @@ MODULES = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
 
 
 def _graph(top_level_only: bool) -> dict[str, set[str]]:
-    return {name: {m for m in _imports(path, top_level_only) if m in MODULES and m != name}
-            for name, path in MODULES.items()}
+    return {
+        name: {m for m in _imports(path, top_level_only) if m in MODULES and m != name}
+        for name, path in MODULES.items()
+    }
 
 
 def test_no_import_cycle_anywhere():
@@ -54,7 +56,7 @@ def test_no_import_cycle_anywhere():
         state[node] = 1
         for child in sorted(graph[node]):
             if state.get(child) == 1:
-                pytest.fail(f"import cycle: {' -> '.join(stack[stack.index(child):] + [child])}")
+                pytest.fail(f"import cycle: {' -> '.join(stack[stack.index(child) :] + [child])}")
             if child not in state:
                 visit(child, stack + [child])
         state[node] = 2
@@ -75,26 +77,35 @@ def test_the_functional_core_imports_no_flax():
             todo.extend(graph[name])
     assert "jaxbn.linen" not in loaded and "jaxbn.recalibration" not in loaded
     for name in loaded:
-        flax = {m for m in _imports(MODULES[name], top_level_only=True) if m.split(".")[0] == "flax"}
+        flax = {
+            m for m in _imports(MODULES[name], top_level_only=True) if m.split(".")[0] == "flax"
+        }
         assert not flax, f"{name} imports {sorted(flax)} at import time"
 
 
 @pytest.mark.slow
 def test_import_jaxbn_loads_no_flax_in_a_fresh_interpreter():
-    code = ("import sys, jaxbn; assert not [m for m in sys.modules if m.split('.')[0] == 'flax'], "
-            "'flax was imported'; jaxbn.recalibrate; assert 'flax' in sys.modules")
+    code = (
+        "import sys, jaxbn; assert not [m for m in sys.modules if m.split('.')[0] == 'flax'], "
+        "'flax was imported'; jaxbn.recalibrate; assert 'flax' in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
-@pytest.mark.parametrize("function, module", [
-    ("recalibrate", "jaxbn.recalibration"),
-    ("fold_batch_norm", "jaxbn.folding"),
-    ("inspect_batch_norms", "jaxbn.inspection"),
-])
+@pytest.mark.parametrize(
+    "function, module",
+    [
+        ("recalibrate", "jaxbn.recalibration"),
+        ("fold_batch_norm", "jaxbn.folding"),
+        ("inspect_batch_norms", "jaxbn.inspection"),
+    ],
+)
 def test_tools_are_reachable_from_jaxbn_and_their_modules_are_modules(function, module):
     imported = importlib.import_module(module)
     assert type(imported).__name__ == "module"
-    assert getattr(jaxbn, function) is getattr(imported, function)  # the function, also after the import
+    assert getattr(jaxbn, function) is getattr(
+        imported, function
+    )  # the function, also after the import
     assert function in jaxbn.__all__ and function in dir(jaxbn)
 
 

@@ -41,7 +41,9 @@ class TorchBasicBlock(torch.nn.Module):
         self.bn2 = bn(cout)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1, stride, bias=False), bn(cout))
+            self.downsample = torch.nn.Sequential(
+                torch.nn.Conv2d(cin, cout, 1, stride, bias=False), bn(cout)
+            )
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -68,7 +70,14 @@ class TorchResNet(torch.nn.Module):
 
 def _conv(features, kernel, stride, name):
     pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=[(pad, pad)] * 2, use_bias=False, name=name)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        (stride, stride),
+        padding=[(pad, pad)] * 2,
+        use_bias=False,
+        name=name,
+    )
 
 
 class FlaxBasicBlock(nn.Module):
@@ -92,7 +101,11 @@ class FlaxResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.relu(BatchNorm(use_running_average=not train, name="bn1", **dict(self.bn))(_conv(8, 3, 1, "conv1")(x)))
+        x = nn.relu(
+            BatchNorm(use_running_average=not train, name="bn1", **dict(self.bn))(
+                _conv(8, 3, 1, "conv1")(x)
+            )
+        )
         x = FlaxBasicBlock(8, 1, False, self.bn, name="layer1_0")(x, train)
         x = FlaxBasicBlock(16, 2, True, self.bn, name="layer2_0")(x, train)
         return nn.Dense(N_CLASSES, name="fc")(x.mean((1, 2)))
@@ -132,7 +145,9 @@ def _torch_train(model, batches):
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.0)
     for x, y in batches:
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+        torch.nn.functional.cross_entropy(
+            model(torch.from_numpy(x)), torch.from_numpy(y)
+        ).backward()
         optimizer.step()
 
 
@@ -151,7 +166,9 @@ def _flax_train(model, variables, batches):
 
     params, batch_stats = variables["params"], variables["batch_stats"]
     for x, y in batches:
-        params, batch_stats = step(params, batch_stats, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y))
+        params, batch_stats = step(
+            params, batch_stats, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)
+        )
     return {"params": params, "batch_stats": batch_stats}
 
 
@@ -187,7 +204,9 @@ def test_resnet_eval_outputs_match_after_conversion(rng):
     assert not torch.allclose(torch_model.layer2[0].downsample[1].running_var, torch.ones(16))
     variables = interop.torch_to_flax(torch_model.state_dict(), template)
     assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, template)
-    assert "count" not in variables["batch_stats"]["bn1"]  # num_batches_tracked dropped (momentum 0.1)
+    assert (
+        "count" not in variables["batch_stats"]["bn1"]
+    )  # num_batches_tracked dropped (momentum 0.1)
 
     x = batches[3][0]
     torch_model.eval()
@@ -197,10 +216,14 @@ def test_resnet_eval_outputs_match_after_conversion(rng):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert np.max(np.abs(expected)) > 0.1  # a non-trivial output
 
-    result = interop.compare(torch_model, flax_model, variables, x, apply_kwargs={"train": False}, rtol=1e-5, atol=1e-6)
+    result = interop.compare(
+        torch_model, flax_model, variables, x, apply_kwargs={"train": False}, rtol=1e-5, atol=1e-6
+    )
     assert result.ok and result.first_mismatch is None
     assert [name for name, _ in result.layer_diffs][:3] == ["conv1", "bn1", "layer1.0.conv1"]
-    assert len(result.layer_diffs) == 13  # every conv (6), bn (6) and the linear, in execution order
+    assert (
+        len(result.layer_diffs) == 13
+    )  # every conv (6), bn (6) and the linear, in execution order
     assert result.max_abs_diff == pytest.approx(np.max(np.abs(got - expected)), abs=1e-7)
 
 
@@ -212,16 +235,26 @@ def test_compare_names_the_first_mismatching_batchnorm(rng):
     stats = variables["batch_stats"]["layer2_0"]["bn1"]
     stats["var"] = stats["var"].at[3].multiply(1.5)  # one channel of one BatchNorm
     result = interop.compare(
-        torch_model, flax_model, variables, batches[1][0], apply_kwargs={"train": False}, raise_on_mismatch=False
+        torch_model,
+        flax_model,
+        variables,
+        batches[1][0],
+        apply_kwargs={"train": False},
+        raise_on_mismatch=False,
     )
     assert not result.ok
     assert result.first_mismatch.startswith("module 'layer2.0.bn1' (layer2_0/bn1)")
     assert result.state_mismatches == (result.state_mismatches[0],)
-    assert "layer2.0.bn1" in result.state_mismatches[0] and "batch_stats/layer2_0/bn1/var" in result.state_mismatches[0]
+    assert (
+        "layer2.0.bn1" in result.state_mismatches[0]
+        and "batch_stats/layer2_0/bn1/var" in result.state_mismatches[0]
+    )
     diffs = dict(result.layer_diffs)
     assert diffs["layer1.0.bn2"] < 1e-5 < diffs["layer2.0.bn1"]
     with pytest.raises(AssertionError, match=r"first mismatch: module 'layer2.0.bn1'"):
-        interop.compare(torch_model, flax_model, variables, batches[1][0], apply_kwargs={"train": False})
+        interop.compare(
+            torch_model, flax_model, variables, batches[1][0], apply_kwargs={"train": False}
+        )
     # a plain apply function: no per-layer outputs, the state comparison still names it
     apply = lambda v, x: flax_model.apply(v, x, train=False)  # noqa: E731
     result = interop.compare(torch_model, apply, variables, batches[1][0], raise_on_mismatch=False)
@@ -233,7 +266,9 @@ def test_compare_names_the_first_mismatching_batchnorm(rng):
     stats["mean"] = stats["mean"] + 0.01
     result = interop.compare(torch_model, apply, variables, batches[1][0], raise_on_mismatch=False)
     assert [text.split(" (")[0] for text in result.state_mismatches] == [
-        "module 'layer1.0.bn2'", "module 'layer2.0.bn1'", "module 'layer2.0.conv2'"
+        "module 'layer1.0.bn2'",
+        "module 'layer2.0.bn1'",
+        "module 'layer2.0.conv2'",
     ]
     assert result.first_mismatch == result.state_mismatches[0]
 
@@ -261,7 +296,9 @@ def test_three_training_steps_give_the_same_running_statistics(rng, torch_moment
     batches = _batches(rng, 5)
     _torch_train(torch_model, batches[:2])  # start from trained weights and statistics
     variables = before = interop.torch_to_flax(torch_model, template)
-    if torch_momentum is None:  # exact: a count of batches (a small integer), converted from num_batches_tracked
+    if (
+        torch_momentum is None
+    ):  # exact: a count of batches (a small integer), converted from num_batches_tracked
         assert float(variables["batch_stats"]["layer2_0"]["downsample_1"]["count"]) == 2.0
     else:
         assert "count" not in variables["batch_stats"]["layer2_0"]["downsample_1"]
@@ -283,7 +320,9 @@ def test_three_training_steps_give_the_same_running_statistics(rng, torch_moment
 
 def test_round_trip_flax_torch_flax_is_exact(rng):
     torch_model, _, template = _models()
-    variables = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape).astype(np.float32)), template)
+    variables = jax.tree.map(
+        lambda v: jnp.asarray(rng.normal(size=v.shape).astype(np.float32)), template
+    )
     state_dict = interop.flax_to_torch(variables, torch_model)
     assert list(state_dict) == list(torch_model.state_dict())
     torch_model.load_state_dict(state_dict)  # strict: every key, every shape
@@ -309,8 +348,10 @@ def test_round_trip_torch_flax_torch_state_dict_equal(rng):
     assert int(interop.flax_to_torch(variables, fresh)["bn1.num_batches_tracked"]) == 0
     # NumPy in, NumPy out
     as_numpy = interop.flax_to_torch(variables, {k: v.numpy() for k, v in original.items()})
-    assert all(isinstance(v, np.ndarray) and np.array_equal(v, original[k].numpy())  # exact: copies
-               for k, v in as_numpy.items())
+    assert all(
+        isinstance(v, np.ndarray) and np.array_equal(v, original[k].numpy())  # exact: copies
+        for k, v in as_numpy.items()
+    )
 
 
 def test_numpy_reference_gets_a_0d_counter_from_count():
@@ -326,10 +367,14 @@ def test_numpy_reference_gets_a_0d_counter_from_count():
 
 
 @pytest.mark.parametrize(
-    "dims, groups", [(1, 1), (2, 1), (2, 2), (2, 4), (3, 1)], ids=["conv1d", "conv2d", "grouped", "depthwise", "conv3d"]
+    "dims, groups",
+    [(1, 1), (2, 1), (2, 2), (2, 4), (3, 1)],
+    ids=["conv1d", "conv2d", "grouped", "depthwise", "conv3d"],
 )
 def test_conv_kernels_compute_the_same(rng, dims, groups):
-    conv = [None, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d][dims](4, 8, 3, padding=1, groups=groups)
+    conv = [None, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d][dims](
+        4, 8, 3, padding=1, groups=groups
+    )
     variables = interop.torch_to_flax(conv.state_dict())  # the root module: path ()
     kernel = variables["params"]["kernel"]
     assert kernel.shape == (3,) * dims + (4 // groups, 8)
@@ -340,7 +385,9 @@ def test_conv_kernels_compute_the_same(rng, dims, groups):
     got = flax_conv.apply(variables, jnp.asarray(np.moveaxis(x, 1, -1)))
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
     back = interop.flax_to_torch(variables, conv)
-    assert all(torch.equal(back[k], v) for k, v in conv.state_dict().items())  # exact: a round trip of copies
+    assert all(
+        torch.equal(back[k], v) for k, v in conv.state_dict().items()
+    )  # exact: a round trip of copies
 
 
 def test_linear_and_batchnorm1d(rng):
@@ -349,19 +396,23 @@ def test_linear_and_batchnorm1d(rng):
     model[1].running_var.copy_(torch.tensor([0.25, 4.0, 1.5]))
     variables = interop.torch_to_flax(model, name_map={"0": ("fc",), "1": "bn"})
     # exact: the kernel is the weight transposed, the same values
-    np.testing.assert_array_equal(variables["params"]["fc"]["kernel"], model[0].weight.detach().numpy().T)
+    np.testing.assert_array_equal(
+        variables["params"]["fc"]["kernel"], model[0].weight.detach().numpy().T
+    )
 
     class Model(nn.Module):
         @nn.compact
         def __call__(self, x):
-            return BatchNorm(use_running_average=True, name="bn", **interop.batch_norm_kwargs(model[1]))(
-                nn.Dense(3, name="fc")(x)
-            )
+            return BatchNorm(
+                use_running_average=True, name="bn", **interop.batch_norm_kwargs(model[1])
+            )(nn.Dense(3, name="fc")(x))
 
     x = rng.normal(size=(4, 5)).astype(np.float32)
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(np.asarray(Model().apply(variables, jnp.asarray(x))), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(Model().apply(variables, jnp.asarray(x))), expected, rtol=1e-5, atol=1e-6
+    )
 
 
 # --------------------------------------------------------------------------- names and errors
@@ -372,10 +423,16 @@ def test_default_prefix_rule_and_name_map():
     assert interop.default_prefix_rule("layer2.0.downsample.0") == ("layer2_0", "downsample_0")
     assert interop.default_prefix_rule("features.3") == ("features_3",)
     assert interop.default_prefix_rule("0.1") == ("layers_0_1",)
-    state_dict = {"a.b.running_mean": np.zeros(2), "a.b.running_var": np.ones(2), "skip.weight": np.ones(3)}
+    state_dict = {
+        "a.b.running_mean": np.zeros(2),
+        "a.b.running_var": np.ones(2),
+        "skip.weight": np.ones(3),
+    }
     variables = interop.torch_to_flax(state_dict, name_map={"a.b": "x/y", "skip": None})
     assert set(variables["batch_stats"]["x"]["y"]) == {"mean", "var"} and "params" not in variables
-    custom = interop.torch_to_flax(state_dict, name_map={"skip": None}, rule=lambda p: ("custom", p.replace(".", "-")))
+    custom = interop.torch_to_flax(
+        state_dict, name_map={"skip": None}, rule=lambda p: ("custom", p.replace(".", "-"))
+    )
     assert set(custom["batch_stats"]["custom"]) == {"a-b"}
 
 
@@ -397,7 +454,9 @@ def test_errors_for_shapes(rng):
         interop.torch_to_flax({"w.weight": np.zeros((1,) * 6)})
     variables = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), template)
     variables["params"]["fc"]["kernel"] = jnp.zeros((10, 16))  # torch's layout by mistake
-    with pytest.raises(ValueError, match=r"shape mismatch for 'fc.weight'.*reference has \(10, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"shape mismatch for 'fc.weight'.*reference has \(10, 16\)"
+    ):
         interop.flax_to_torch(variables, torch_model)
 
 
@@ -408,23 +467,34 @@ def test_errors_for_unknown_and_missing_keys():
     with pytest.raises(ValueError, match=r"unknown key 'bn1.gamma'"):
         interop.torch_to_flax({**state_dict, "bn1.gamma": torch.ones(8)}, template)
     extra = {**state_dict, "head.weight": torch.ones(2, 16)}
-    message = r"unknown key 'head.weight': it maps to 'params/head/kernel', which the template lacks"
+    message = (
+        r"unknown key 'head.weight': it maps to 'params/head/kernel', which the template lacks"
+    )
     with pytest.raises(ValueError, match=message):
         interop.torch_to_flax(extra, template)
     interop.torch_to_flax(extra, template, name_map={"head": None})  # dropped on request
-    with pytest.raises(ValueError, match=r"unknown key 'conv1.weight': its module 'conv1' is not in name_map"):
+    with pytest.raises(
+        ValueError, match=r"unknown key 'conv1.weight': its module 'conv1' is not in name_map"
+    ):
         interop.torch_to_flax(state_dict, template, name_map={"bn1": "bn1"}, rule=None)
     del state_dict["layer2.0.downsample.1.running_var"]
     with pytest.raises(ValueError, match=r"missing key 'layer2.0.downsample.1.running_var'"):
         interop.torch_to_flax(state_dict)
     state_dict = {k: v for k, v in torch_model.state_dict().items() if not k.startswith("fc.")}
-    with pytest.raises(ValueError, match=r"missing keys: the template's 'params/fc/bias', 'params/fc/kernel'"):
+    with pytest.raises(
+        ValueError, match=r"missing keys: the template's 'params/fc/bias', 'params/fc/kernel'"
+    ):
         interop.torch_to_flax(state_dict, template)
-    variables = {"params": {**zeros["params"], "extra": {"kernel": jnp.ones((2, 2))}},
-                 "batch_stats": zeros["batch_stats"]}
+    variables = {
+        "params": {**zeros["params"], "extra": {"kernel": jnp.ones((2, 2))}},
+        "batch_stats": zeros["batch_stats"],
+    }
     with pytest.raises(ValueError, match=r"unknown keys: 'params/extra/kernel' in variables"):
         interop.flax_to_torch(variables, torch_model)
-    variables = {"params": {k: v for k, v in zeros["params"].items() if k != "fc"}, "batch_stats": zeros["batch_stats"]}
+    variables = {
+        "params": {k: v for k, v in zeros["params"].items() if k != "fc"},
+        "batch_stats": zeros["batch_stats"],
+    }
     with pytest.raises(ValueError, match=r"missing key: 'fc.weight' needs 'params/fc/kernel'"):
         interop.flax_to_torch(variables, torch_model)
     with pytest.raises(TypeError, match=r"variables' 'params/conv1/kernel' is a ShapeDtypeStruct"):
@@ -446,15 +516,29 @@ def test_momentum_conversion_and_batch_norm_kwargs():
     # rounded, the same on every platform), so decimal momenta convert to the float of the decimal literal;
     # epsilon is passed through unchanged.
     assert interop.momentum_from_torch(0.1) == 0.9 and interop.momentum_to_torch(0.9) == 0.1
-    assert interop.momentum_from_torch(0.0) == 1.0 and interop.momentum_to_torch(0.999) == pytest.approx(1e-3)
+    assert interop.momentum_from_torch(0.0) == 1.0 and interop.momentum_to_torch(
+        0.999
+    ) == pytest.approx(1e-3)
     assert interop.momentum_from_torch(None) is None and interop.momentum_to_torch(None) is None
     assert interop.momentum_to_torch(interop.momentum_from_torch(0.25)) == 0.25
-    for bad, error in ((1.5, ValueError), (-0.1, ValueError), (True, TypeError), ("0.1", TypeError)):
+    for bad, error in (
+        (1.5, ValueError),
+        (-0.1, ValueError),
+        (True, TypeError),
+        ("0.1", TypeError),
+    ):
         with pytest.raises(error, match="momentum"):
             interop.momentum_from_torch(bad)
-    kwargs = interop.batch_norm_kwargs(torch.nn.BatchNorm3d(4, eps=1e-4, momentum=0.05, affine=False))
-    assert kwargs == {"momentum": pytest.approx(0.95), "epsilon": 1e-4, "unbiased_running_var": True,
-                      "use_scale": False, "use_bias": False}
+    kwargs = interop.batch_norm_kwargs(
+        torch.nn.BatchNorm3d(4, eps=1e-4, momentum=0.05, affine=False)
+    )
+    assert kwargs == {
+        "momentum": pytest.approx(0.95),
+        "epsilon": 1e-4,
+        "unbiased_running_var": True,
+        "use_scale": False,
+        "use_bias": False,
+    }
     BatchNorm(**kwargs)  # valid arguments of the module
     with pytest.raises(ValueError, match="track_running_stats=False"):
         interop.batch_norm_kwargs(torch.nn.BatchNorm2d(4, track_running_stats=False))
@@ -465,7 +549,9 @@ def test_momentum_conversion_and_batch_norm_kwargs():
 @pytest.mark.slow  # a fresh interpreter
 def test_importing_the_module_does_not_import_torch():
     code = "import sys, jaxbn.interop.torch; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
     assert out.stdout.strip() == "False"
 
 
@@ -478,8 +564,9 @@ def test_nnx_module_loads_a_torch_state_dict_and_exports_it_back(rng):
     from jaxbn.interop.torch import nnx_to_torch, torch_to_nnx
 
     torch.manual_seed(0)
-    torch_model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
-                                      torch.nn.ReLU())
+    torch_model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU()
+    )
     torch_model.train()
     for _ in range(3):  # non-trivial running statistics
         torch_model(torch.randn(4, 3, 6, 6) * 2 + 1)
@@ -487,8 +574,12 @@ def test_nnx_module_loads_a_torch_state_dict_and_exports_it_back(rng):
 
     class Stem(nnx.Module):
         def __init__(self):
-            self.layers = nnx.List([nnx.Conv(3, 8, (3, 3), padding=1, use_bias=False, rngs=nnx.Rngs(0)),
-                                    jaxbn.nnx.BatchNorm(8, use_running_average=True, rngs=nnx.Rngs(0))])
+            self.layers = nnx.List(
+                [
+                    nnx.Conv(3, 8, (3, 3), padding=1, use_bias=False, rngs=nnx.Rngs(0)),
+                    jaxbn.nnx.BatchNorm(8, use_running_average=True, rngs=nnx.Rngs(0)),
+                ]
+            )
 
         def __call__(self, x):
             return nnx.relu(self.layers[1](self.layers[0](x)))
@@ -498,7 +589,12 @@ def test_nnx_module_loads_a_torch_state_dict_and_exports_it_back(rng):
     assert torch_to_nnx(torch_model.state_dict(), stem, name_map=name_map) is stem
     x = rng.normal(size=(2, 3, 6, 6)).astype(np.float32)
     expected = torch_model(torch.tensor(x)).detach().numpy().transpose(0, 2, 3, 1)
-    np.testing.assert_allclose(stem(jnp.asarray(x.transpose(0, 2, 3, 1))), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        stem(jnp.asarray(x.transpose(0, 2, 3, 1))), expected, rtol=1e-5, atol=1e-6
+    )
     back = nnx_to_torch(stem, torch_model, name_map=name_map)
-    for key, value in torch_model.state_dict().items():  # exact: loaded and exported copies, not computed
+    for (
+        key,
+        value,
+    ) in torch_model.state_dict().items():  # exact: loaded and exported copies, not computed
         np.testing.assert_array_equal(np.asarray(back[key]), value.numpy(), err_msg=key)

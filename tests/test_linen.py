@@ -17,7 +17,10 @@ def _run_steps(module, variables, batches, scale_weights):
 
     def loss(params, x, batch_stats):
         y, updates = module.apply(
-            {"params": params, "batch_stats": batch_stats}, x, use_running_average=False, mutable=["batch_stats"]
+            {"params": params, "batch_stats": batch_stats},
+            x,
+            use_running_average=False,
+            mutable=["batch_stats"],
         )
         return jnp.sum(jnp.sin(y) * scale_weights), (y, updates["batch_stats"])
 
@@ -30,7 +33,9 @@ def _run_steps(module, variables, batches, scale_weights):
     return results, batch_stats
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.float64, marks=pytest.mark.slow)])  # x64: slow tier
+@pytest.mark.parametrize(
+    "dtype", [jnp.float32, pytest.param(jnp.float64, marks=pytest.mark.slow)]
+)  # x64: slow tier
 @pytest.mark.parametrize("axis", [-1, 1])
 @pytest.mark.parametrize("use_scale, use_bias", [(True, True), (False, False), (True, False)])
 def test_parity_with_flax_two_pass(dtype, axis, use_scale, use_bias, rng):
@@ -38,7 +43,9 @@ def test_parity_with_flax_two_pass(dtype, axis, use_scale, use_bias, rng):
     with jax.enable_x64(dtype == jnp.float64):
         shape = (6, 3, 4, 4) if axis == 1 else (6, 4, 4, 3)
         batches = [jnp.asarray(rng.normal(size=shape) * 2 + 5, dtype) for _ in range(3)]
-        kwargs = dict(momentum=0.8, use_scale=use_scale, use_bias=use_bias, axis=axis, param_dtype=dtype)
+        kwargs = dict(
+            momentum=0.8, use_scale=use_scale, use_bias=use_bias, axis=axis, param_dtype=dtype
+        )
         ours = jaxbn.linen.BatchNorm(**kwargs)
         theirs = nn.BatchNorm(use_fast_variance=False, **kwargs)
         variables = theirs.init(jax.random.key(0), batches[0], use_running_average=False)
@@ -58,7 +65,9 @@ def test_parity_with_flax_two_pass(dtype, axis, use_scale, use_bias, rng):
         for (y, *grads), (y_ref, *grads_ref) in zip(ours_out, theirs_out):
             np.testing.assert_allclose(y, y_ref, **tol)
             assert y.dtype == y_ref.dtype
-            jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, **grad_tol), grads, grads_ref)
+            jax.tree_util.tree_map(
+                lambda u, v: np.testing.assert_allclose(u, v, **grad_tol), grads, grads_ref
+            )
         # flax's init stores batch_stats in float32 even under x64 (jaxbn's: float64 for a float64
         # param_dtype, test_float64_param_dtype_keeps_float64_running_stats); applied to flax's
         # variables, flax's update silently promotes them to float64, jaxbn's keeps the stored
@@ -72,8 +81,12 @@ def test_parity_with_flax_two_pass(dtype, axis, use_scale, use_bias, rng):
         # flax takes rsqrt of the float32 running variance in float32; jaxbn in the input's dtype
         np.testing.assert_allclose(y_ours, y_theirs, rtol=1e-5, atol=1e-5)
         y_eval_ref = reference.normalize(
-            batches[0], ours_stats["mean"], ours_stats["var"],
-            variables.get("params", {}).get("scale"), variables.get("params", {}).get("bias"), axis,
+            batches[0],
+            ours_stats["mean"],
+            ours_stats["var"],
+            variables.get("params", {}).get("scale"),
+            variables.get("params", {}).get("bias"),
+            axis,
         )
         np.testing.assert_allclose(y_ours, y_eval_ref, **tol)
         # and both against float64 NumPy
@@ -92,7 +105,9 @@ def test_checkpoints_swap_both_ways(rng):
     ours_vars = jaxbn.linen.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
     # exact by construction: both initialize with ones and zeros
     jax.tree_util.tree_map(np.testing.assert_array_equal, flax_vars, ours_vars)
-    assert jax.tree_util.tree_map(lambda a: a.dtype, flax_vars) == jax.tree_util.tree_map(lambda a: a.dtype, ours_vars)
+    assert jax.tree_util.tree_map(lambda a: a.dtype, flax_vars) == jax.tree_util.tree_map(
+        lambda a: a.dtype, ours_vars
+    )
     _, flax_updates = nn.BatchNorm(use_running_average=False, use_fast_variance=False).apply(
         flax_vars, x, mutable=["batch_stats"]
     )
@@ -110,8 +125,12 @@ def test_init_neither_syncs_nor_updates():
     np.testing.assert_array_equal(variables["batch_stats"]["var"], np.ones(3))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        y, _ = jaxbn.linen.BatchNorm(use_running_average=False).init_with_output(jax.random.key(0), jnp.ones((1, 3)))
-    np.testing.assert_array_equal(y, jnp.zeros((1, 3)))  # the bias, as flax (exact: x - mean is 0 for one value)
+        y, _ = jaxbn.linen.BatchNorm(use_running_average=False).init_with_output(
+            jax.random.key(0), jnp.ones((1, 3))
+        )
+    np.testing.assert_array_equal(
+        y, jnp.zeros((1, 3))
+    )  # the bias, as flax (exact: x - mean is 0 for one value)
 
 
 def test_call_argument_overrides_field_as_in_flax(rng):
@@ -138,7 +157,9 @@ def test_mask_and_guard_reach_the_module(rng):
     x[0, 0] = np.nan
     _, updates = module.apply(variables, x, mutable=["batch_stats"])
     # exact by construction: a non-finite batch is skipped, the stored values are kept
-    jax.tree_util.tree_map(np.testing.assert_array_equal, updates["batch_stats"], variables["batch_stats"])
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, updates["batch_stats"], variables["batch_stats"]
+    )
 
 
 def test_validation_reaches_the_module():
@@ -169,17 +190,22 @@ class _SmallCNN(nn.Module):
 def test_swapping_the_import_in_a_model_keeps_everything(rng):
     """A CNN with jaxbn's BatchNorm has flax's variable tree and trains to the same numbers."""
     x = jnp.asarray(rng.normal(size=(4, 6, 6, 2)), jnp.float32)
-    ours, theirs = _SmallCNN(jaxbn.linen.BatchNorm), _SmallCNN(
-        lambda **kw: nn.BatchNorm(use_fast_variance=False, **kw)
+    ours, theirs = (
+        _SmallCNN(jaxbn.linen.BatchNorm),
+        _SmallCNN(lambda **kw: nn.BatchNorm(use_fast_variance=False, **kw)),
     )
     variables = theirs.init(jax.random.key(0), x, train=False)
     assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
         ours.init(jax.random.key(0), x, train=False)
     )
-    out_ours, upd_ours = jax.jit(lambda v, x: ours.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
+    out_ours, upd_ours = jax.jit(
+        lambda v, x: ours.apply(v, x, train=True, mutable=["batch_stats"])
+    )(variables, x)
     out_theirs, upd_theirs = theirs.apply(variables, x, train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(out_ours, out_theirs, rtol=1e-5, atol=1e-5)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), upd_ours, upd_theirs)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), upd_ours, upd_theirs
+    )
 
 
 def test_summaries_show_no_helper_rows():
@@ -191,7 +217,9 @@ def test_summaries_show_no_helper_rows():
             x = jaxbn.linen.BatchNorm(use_running_average=False)(nn.Dense(4)(x))
             return jaxbn.linen.BatchRenorm(use_running_average=False, r_max=lambda s: 1.0 + s)(x)
 
-    table = Model().tabulate(jax.random.key(0), jnp.ones((2, 3)), show_repeated=True, console_kwargs={"width": 300})
+    table = Model().tabulate(
+        jax.random.key(0), jnp.ones((2, 3)), show_repeated=True, console_kwargs={"width": 300}
+    )
     assert "functional_call" not in table and "_extra_running_stats" not in table
     assert table.count("BatchNorm_0") == 1 and table.count("BatchRenorm_0") == 1
 
@@ -208,24 +236,43 @@ def test_float64_param_dtype_keeps_float64_running_stats(cls, rng):
         x = jnp.asarray(rng.normal(size=(8, 3)) * 2 + 5, jnp.float64)
         for force_float32 in (True, False):
             ours = cls(param_dtype=jnp.float64, force_float32_reductions=force_float32, **kwargs)
-            theirs = nn.BatchNorm(param_dtype=jnp.float64, force_float32_reductions=force_float32,
-                                  use_fast_variance=False, **kwargs)
+            theirs = nn.BatchNorm(
+                param_dtype=jnp.float64,
+                force_float32_reductions=force_float32,
+                use_fast_variance=False,
+                **kwargs,
+            )
             variables = ours.init(jax.random.key(0), x)
-            assert {v.dtype for v in jax.tree.leaves(variables["batch_stats"])} == {jnp.dtype(jnp.float64)}
-            stats, flax_stats = variables["batch_stats"], theirs.init(jax.random.key(0), x)["batch_stats"]
+            assert {v.dtype for v in jax.tree.leaves(variables["batch_stats"])} == {
+                jnp.dtype(jnp.float64)
+            }
+            stats, flax_stats = (
+                variables["batch_stats"],
+                theirs.init(jax.random.key(0), x)["batch_stats"],
+            )
             for step in range(2):
-                _, stats = ours.apply({**variables, "batch_stats": stats}, x, mutable=["batch_stats"])
-                _, flax_stats = theirs.apply({**variables, "batch_stats": flax_stats}, x, mutable=["batch_stats"])
+                _, stats = ours.apply(
+                    {**variables, "batch_stats": stats}, x, mutable=["batch_stats"]
+                )
+                _, flax_stats = theirs.apply(
+                    {**variables, "batch_stats": flax_stats}, x, mutable=["batch_stats"]
+                )
                 stats, flax_stats = stats["batch_stats"], flax_stats["batch_stats"]
                 for key in ("mean", "var"):
                     assert stats[key].dtype == flax_stats[key].dtype == jnp.float64
-                    if not force_float32:  # (else flax's first update, from float32, rounds momentum to float32)
-                        np.testing.assert_allclose(stats[key], flax_stats[key], rtol=1e-12, atol=1e-12)
+                    if (
+                        not force_float32
+                    ):  # (else flax's first update, from float32, rounds momentum to float32)
+                        np.testing.assert_allclose(
+                            stats[key], flax_stats[key], rtol=1e-12, atol=1e-12
+                        )
             mean, var = reference.batch_stats(x)
             np.testing.assert_allclose(stats["mean"], 0.36 * mean, rtol=1e-12, atol=1e-12)
             np.testing.assert_allclose(stats["var"], 0.64 + 0.36 * var, rtol=1e-12, atol=1e-12)
         for param_dtype, force_float32, expected in (
-            (jnp.bfloat16, True, jnp.float32), (jnp.float32, True, jnp.float32), (jnp.bfloat16, False, jnp.bfloat16),
+            (jnp.bfloat16, True, jnp.float32),
+            (jnp.float32, True, jnp.float32),
+            (jnp.bfloat16, False, jnp.bfloat16),
         ):
             kw = dict(param_dtype=param_dtype, force_float32_reductions=force_float32, **kwargs)
             stats = cls(**kw).init(jax.random.key(0), x)["batch_stats"]
@@ -233,6 +280,8 @@ def test_float64_param_dtype_keeps_float64_running_stats(cls, rng):
             assert stats["mean"].dtype == stats["var"].dtype == flax_stats["mean"].dtype == expected
     x = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # float64 requested without x64: JAX warns (for the params)
+        warnings.simplefilter(
+            "ignore", UserWarning
+        )  # float64 requested without x64: JAX warns (for the params)
         stats = cls(param_dtype=jnp.float64, **kwargs).init(jax.random.key(0), x)["batch_stats"]
     assert stats["mean"].dtype == stats["var"].dtype == jnp.float32

@@ -52,12 +52,20 @@ def _forward_backward(x, params, state, w, *, axis, axis_name):
 
     def loss(x, params):
         y, new_state = jaxbn.batch_norm(
-            x, params, state, training=True, axis=axis, momentum=MOMENTUM, epsilon=EPSILON,
+            x,
+            params,
+            state,
+            training=True,
+            axis=axis,
+            momentum=MOMENTUM,
+            epsilon=EPSILON,
             axis_name=axis_name,
         )
         return jnp.sum(w * y), (y, new_state)
 
-    (_, (y, new_state)), (dx, dparams) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, params)
+    (_, (y, new_state)), (dx, dparams) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        x, params
+    )
     return y, new_state, dx, dparams
 
 
@@ -91,7 +99,10 @@ def _train_step(kind, axis):
         return run
     step = jax.jit(
         jax.shard_map(
-            local, mesh=MESH, in_specs=(P("i"), P(), P(), P("i")), out_specs=(P("i"), P(), P("i"), P())
+            local,
+            mesh=MESH,
+            in_specs=(P("i"), P(), P(), P("i")),
+            out_specs=(P("i"), P(), P("i"), P()),
         )
     )
     return lambda x, p, s, w: step(jax.device_put(x, BATCH), p, s, jax.device_put(w, BATCH))
@@ -106,10 +117,14 @@ def test_synchronized_batch_norm_equals_global_batch(kind, layout):
     channels = shape[axis]
     x = (rng.normal(size=shape) * 2 + 1).astype(np.float32)
     w = rng.normal(size=shape).astype(np.float32)
-    params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32),
-              "bias": jnp.asarray(rng.normal(size=channels), jnp.float32)}
-    state = {"mean": jnp.asarray(rng.normal(size=channels), jnp.float32),
-             "var": jnp.asarray(rng.uniform(0.5, 2, channels), jnp.float32)}
+    params = {
+        "scale": jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=channels), jnp.float32),
+    }
+    state = {
+        "mean": jnp.asarray(rng.normal(size=channels), jnp.float32),
+        "var": jnp.asarray(rng.uniform(0.5, 2, channels), jnp.float32),
+    }
 
     y1, state1, dx1, dp1 = _train_step("single", axis)(x, params, state, w)
     y, new_state, dx, dparams = _train_step(kind, axis)(x, params, state, w)
@@ -117,12 +132,19 @@ def test_synchronized_batch_norm_equals_global_batch(kind, layout):
     # Float64 reference for the single-device result.
     mean, var = reference.batch_stats(x, axis)
     np.testing.assert_allclose(
-        y1, reference.normalize(x, mean, var, params["scale"], params["bias"], axis, EPSILON), atol=2e-5
+        y1,
+        reference.normalize(x, mean, var, params["scale"], params["bias"], axis, EPSILON),
+        atol=2e-5,
     )
-    np.testing.assert_allclose(state1["mean"], MOMENTUM * np.asarray(state["mean"]) + (1 - MOMENTUM) * mean,
-                               rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(state1["var"], MOMENTUM * np.asarray(state["var"]) + (1 - MOMENTUM) * var,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        state1["mean"],
+        MOMENTUM * np.asarray(state["mean"]) + (1 - MOMENTUM) * mean,
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        state1["var"], MOMENTUM * np.asarray(state["var"]) + (1 - MOMENTUM) * var, rtol=1e-6
+    )
     ref_dx, ref_dscale, ref_dbias = reference.batch_norm_grads(x, w, params["scale"], axis, EPSILON)
     np.testing.assert_allclose(dx1, ref_dx, atol=2e-5)
     np.testing.assert_allclose(dp1["scale"], ref_dscale, rtol=1e-5, atol=1e-5)
@@ -142,7 +164,14 @@ def test_synchronized_batch_norm_equals_global_batch(kind, layout):
 
 def _masked_forward(x, mask, params, state, *, axis_name):
     return jaxbn.batch_norm(
-        x, params, state, training=True, axis=-1, momentum=MOMENTUM, epsilon=EPSILON, axis_name=axis_name,
+        x,
+        params,
+        state,
+        training=True,
+        axis=-1,
+        momentum=MOMENTUM,
+        epsilon=EPSILON,
+        axis_name=axis_name,
         mask=mask,
     )
 
@@ -160,7 +189,9 @@ def _masked_step(kind):
 
         return run
     step = jax.jit(
-        jax.shard_map(local, mesh=MESH, in_specs=(P("i"), P("i"), P(), P()), out_specs=(P("i"), P()))
+        jax.shard_map(
+            local, mesh=MESH, in_specs=(P("i"), P("i"), P(), P()), out_specs=(P("i"), P())
+        )
     )
 
     def run(x, mask, p, s):
@@ -176,16 +207,22 @@ def _masked_data(seed, local_batch=8):
     rng = _rng(seed)
     shape = (N_DEVICES * local_batch, 2, 3)
     x = rng.normal(size=shape) + np.repeat(np.arange(N_DEVICES), local_batch)[:, None, None]
-    params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 3), jnp.float32),
-              "bias": jnp.asarray(rng.normal(size=3), jnp.float32)}
-    state = {"mean": jnp.asarray(rng.normal(size=3), jnp.float32),
-             "var": jnp.asarray(rng.uniform(0.5, 2, 3), jnp.float32)}
+    params = {
+        "scale": jnp.asarray(rng.uniform(0.5, 1.5, 3), jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=3), jnp.float32),
+    }
+    state = {
+        "mean": jnp.asarray(rng.normal(size=3), jnp.float32),
+        "var": jnp.asarray(rng.uniform(0.5, 2, 3), jnp.float32),
+    }
     return x, params, state
 
 
 def _expected_state(state, mean, var):
-    return {"mean": MOMENTUM * np.asarray(state["mean"], np.float64) + (1 - MOMENTUM) * mean,
-            "var": MOMENTUM * np.asarray(state["var"], np.float64) + (1 - MOMENTUM) * var}
+    return {
+        "mean": MOMENTUM * np.asarray(state["mean"], np.float64) + (1 - MOMENTUM) * mean,
+        "var": MOMENTUM * np.asarray(state["var"], np.float64) + (1 - MOMENTUM) * var,
+    }
 
 
 @pytest.mark.parametrize("kind", ["pmap", "shard_map"])
@@ -199,14 +236,17 @@ def test_uneven_masked_counts_give_global_statistics(kind):
 
     mean, var = reference.batch_stats(x, -1, mask=np.broadcast_to(mask, x.shape))
     # The data distinguishes count weighting from averaging per-device means.
-    per_device_means = [x[d * local_batch : d * local_batch + d + 1].mean((0, 1)) for d in range(N_DEVICES)]
+    per_device_means = [
+        x[d * local_batch : d * local_batch + d + 1].mean((0, 1)) for d in range(N_DEVICES)
+    ]
     assert np.all(np.abs(np.mean(per_device_means, 0) - mean) > 0.5)
 
     y, new_state = _masked_step(kind)(x, mask, params, state)
     expected = _expected_state(state, mean, var)
     for key in ("mean", "var"):
-        np.testing.assert_allclose(new_state[key], np.broadcast_to(expected[key], (N_DEVICES, 3)), rtol=1e-6,
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            new_state[key], np.broadcast_to(expected[key], (N_DEVICES, 3)), rtol=1e-6, atol=1e-6
+        )
     # Every element is normalized with the global statistics, padding included.
     y_ref = reference.normalize(x, mean, var, params["scale"], params["bias"], -1, EPSILON)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-4)
@@ -230,15 +270,22 @@ def test_fully_masked_devices_do_not_produce_nan(kind):
     assert np.all(np.isfinite(y))
     for key in ("mean", "var"):
         assert np.all(np.isfinite(new_state[key]))
-        np.testing.assert_allclose(new_state[key], np.broadcast_to(expected[key], (N_DEVICES, 3)), rtol=1e-6,
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            new_state[key], np.broadcast_to(expected[key], (N_DEVICES, 3)), rtol=1e-6, atol=1e-6
+        )
     np.testing.assert_allclose(
-        y, reference.normalize(x, mean, var, params["scale"], params["bias"], -1, EPSILON), rtol=1e-5, atol=1e-4
+        y,
+        reference.normalize(x, mean, var, params["scale"], params["bias"], -1, EPSILON),
+        rtol=1e-5,
+        atol=1e-4,
     )
 
     y, new_state = run(x, np.zeros_like(mask), params, state)
     assert np.all(np.isfinite(y))
-    for key in ("mean", "var"):  # exact: no valid element, the update is skipped, the old state selected unchanged
+    for key in (
+        "mean",
+        "var",
+    ):  # exact: no valid element, the update is skipped, the old state selected unchanged
         np.testing.assert_array_equal(new_state[key], np.broadcast_to(state[key], (N_DEVICES, 3)))
 
 
@@ -246,8 +293,11 @@ def test_fully_masked_devices_do_not_produce_nan(kind):
 def _pmap_forward(training=True, axis_name="i"):
     """pmapped unmasked batch norm ``(x, params, state) -> (y, new_state)``, NHWC."""
     return jax.pmap(
-        lambda x, p, s: jaxbn.batch_norm(x, p, s, training=training, momentum=MOMENTUM, axis_name=axis_name),
-        axis_name="i", in_axes=(0, None, None),
+        lambda x, p, s: jaxbn.batch_norm(
+            x, p, s, training=training, momentum=MOMENTUM, axis_name=axis_name
+        ),
+        axis_name="i",
+        in_axes=(0, None, None),
     )
 
 
@@ -345,7 +395,11 @@ def test_collectives_per_batch_norm_call(case, all_gathers, all_reduces):
     elif case == "inference":
         fn, args = _pmap_forward(training=False), (x, params, state)
     elif case == "train_masked_forward":
-        fn = jax.pmap(functools.partial(_masked_forward, axis_name="i"), axis_name="i", in_axes=(0, 0, None, None))
+        fn = jax.pmap(
+            functools.partial(_masked_forward, axis_name="i"),
+            axis_name="i",
+            in_axes=(0, 0, None, None),
+        )
         args = (x, jnp.ones((N_DEVICES, 4, 1), bool), params, state)
     elif case == "train_forward_backward":
 
@@ -356,15 +410,23 @@ def test_collectives_per_batch_norm_call(case, all_gathers, all_reduces):
         fn = jax.pmap(jax.grad(loss, argnums=(0, 1)), axis_name="i", in_axes=(0, None, None))
         args = (x, params, state)
     elif case == "shard_map_train_forward":
-        fn = jax.jit(jax.shard_map(
-            lambda x, p, s: jaxbn.batch_norm(x, p, s, training=True, axis_name="i"),
-            mesh=MESH, in_specs=(P("i"), P(), P()), out_specs=(P("i"), P()),
-        ))
+        fn = jax.jit(
+            jax.shard_map(
+                lambda x, p, s: jaxbn.batch_norm(x, p, s, training=True, axis_name="i"),
+                mesh=MESH,
+                in_specs=(P("i"), P(), P()),
+                out_specs=(P("i"), P()),
+            )
+        )
         args = (jax.device_put(_global(x), BATCH), params, state)
     else:
         module = jaxbn.linen.BatchNorm(use_running_average=False, axis_name="i")
         variables = module.init(jax.random.key(0), x[0])
-        fn = jax.pmap(lambda v, x: module.apply(v, x, mutable=["batch_stats"]), axis_name="i", in_axes=(None, 0))
+        fn = jax.pmap(
+            lambda v, x: module.apply(v, x, mutable=["batch_stats"]),
+            axis_name="i",
+            in_axes=(None, 0),
+        )
         args = (variables, x)
     lowered = fn.lower(*args)
     text = lowered.compile().as_text()
@@ -391,7 +453,9 @@ def _pmap_scan(momentum):
 
     def local(xs, params, state):
         def step(state, x):
-            y, state = jaxbn.batch_norm(x, params, state, training=True, momentum=momentum, axis_name="i")
+            y, state = jaxbn.batch_norm(
+                x, params, state, training=True, momentum=momentum, axis_name="i"
+            )
             return state, (y, state)
 
         return lax.scan(step, state, xs)[1]
@@ -427,7 +491,9 @@ def test_large_offsets_keep_variance_exact(dtype, param_dtype, means):
     ys, states = _pmap_scan(0.0)(xs, params, state)
     assert ys.dtype == jnp.result_type(dtype, param_dtype)
 
-    batch = np.moveaxis(x64, 1, 0).reshape(STEPS, -1, channels)  # step, all devices' values, channel
+    batch = np.moveaxis(x64, 1, 0).reshape(
+        STEPS, -1, channels
+    )  # step, all devices' values, channel
     mean, var = batch.mean(1), batch.var(1)
     np.testing.assert_array_equal(np.asarray(state["mean"]), 0)  # step 1: a cold start
     assert np.all(np.abs(mean[0]) > 50 * np.sqrt(var[0]))  # ... far from every batch mean
@@ -458,10 +524,15 @@ def test_linen_module_under_pmap_equals_global_batch():
     variables = single_module.init(jax.random.key(0), batches[0])
     params = variables["params"]
 
-    single = jax.jit(lambda p, s, x: single_module.apply({"params": p, "batch_stats": s}, x, mutable=["batch_stats"]))
+    single = jax.jit(
+        lambda p, s, x: single_module.apply(
+            {"params": p, "batch_stats": s}, x, mutable=["batch_stats"]
+        )
+    )
     pmapped = jax.pmap(
         lambda p, s, x: module.apply({"params": p, "batch_stats": s}, x, mutable=["batch_stats"]),
-        axis_name="i", in_axes=(None, 0, 0),
+        axis_name="i",
+        in_axes=(None, 0, 0),
     )
     ref_outputs, ref_state = reference.batch_norm_steps(batches, momentum=MOMENTUM, epsilon=EPSILON)
     stats_single = variables["batch_stats"]
@@ -474,7 +545,10 @@ def test_linen_module_under_pmap_equals_global_batch():
         np.testing.assert_allclose(_global(y), y1, atol=1e-5)
         for key in ("mean", "var"):
             np.testing.assert_allclose(
-                stats_devices[key], np.broadcast_to(stats_single[key], (N_DEVICES, 5)), rtol=1e-6, atol=1e-6
+                stats_devices[key],
+                np.broadcast_to(stats_single[key], (N_DEVICES, 5)),
+                rtol=1e-6,
+                atol=1e-6,
             )
     for key in ("mean", "var"):
         np.testing.assert_allclose(stats_single[key], ref_state[key], rtol=1e-5, atol=1e-6)
@@ -489,7 +563,9 @@ def test_unbound_axis_name_raises(where):
     def call(x):
         return jaxbn.batch_norm(x, params, state, training=True, axis_name="i")
 
-    fn = {"eager": call, "jit": jax.jit(call), "pmap_other_name": jax.pmap(call, axis_name="j")}[where]
+    fn = {"eager": call, "jit": jax.jit(call), "pmap_other_name": jax.pmap(call, axis_name="j")}[
+        where
+    ]
     with pytest.raises(ValueError, match=r"(?s)'i'.*shard_map.*pmap"):
         fn(x)
 
@@ -502,15 +578,21 @@ def test_tuple_of_axis_names_reduces_over_both():
     params, state = jaxbn.batch_norm_init(4)
 
     def loss(x, w, p):
-        y, new_state = jaxbn.batch_norm(x, p, state, training=True, momentum=MOMENTUM, axis_name=("i", "v"))
+        y, new_state = jaxbn.batch_norm(
+            x, p, state, training=True, momentum=MOMENTUM, axis_name=("i", "v")
+        )
         return jnp.sum(w * y), new_state
 
     inner = jax.vmap(jax.value_and_grad(loss, has_aux=True), in_axes=(0, 0, None), axis_name="v")
     (_, new_state), dx = jax.pmap(inner, axis_name="i", in_axes=(0, 0, None))(x, w, params)
     flat_x, flat_w = x.reshape(-1, 4), w.reshape(-1, 4)
     mean, var = reference.batch_stats(flat_x)
-    np.testing.assert_allclose(new_state["mean"][0, 0], MOMENTUM * 0 + (1 - MOMENTUM) * mean, rtol=1e-6)
-    np.testing.assert_allclose(new_state["var"][3, 1], MOMENTUM * 1 + (1 - MOMENTUM) * var, rtol=1e-5)
+    np.testing.assert_allclose(
+        new_state["mean"][0, 0], MOMENTUM * 0 + (1 - MOMENTUM) * mean, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        new_state["var"][3, 1], MOMENTUM * 1 + (1 - MOMENTUM) * var, rtol=1e-5
+    )
     ref_dx, _, _ = reference.batch_norm_grads(flat_x, flat_w, params["scale"], -1, EPSILON)
     np.testing.assert_allclose(dx.reshape(-1, 4), ref_dx, atol=2e-5)
 
@@ -548,11 +630,15 @@ def _option_step(x, w, params, state, *, option, axis_name):
         y, new_state = fn(x, params, state, training=True, axis_name=axis_name, **kwargs)
         return jnp.sum(jnp.real(jnp.conj(w) * y)), (y, new_state)
 
-    (_, (y, new_state)), (dx, dparams) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, params)
+    (_, (y, new_state)), (dx, dparams) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        x, params
+    )
     return y, new_state, dx, dparams
 
 
-@pytest.mark.parametrize("kind", [k if k == "shard_map" else pytest.param(k, marks=pytest.mark.slow) for k in KINDS])
+@pytest.mark.parametrize(
+    "kind", [k if k == "shard_map" else pytest.param(k, marks=pytest.mark.slow) for k in KINDS]
+)
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_options_and_complex_input_sync_like_batch_norm(option, kind):
     """Cumulative average, unbiased variance, batch renorm and complex input: the global batch's results."""
@@ -560,19 +646,32 @@ def test_options_and_complex_input_sync_like_batch_norm(option, kind):
     single = jax.jit(functools.partial(_option_step, option=option, axis_name=None))
     y1, state1, dx1, dp1 = single(x, w, params, state)
     if kind == "jit_sharded":
-        y, new_state, dx, dparams = single(jax.device_put(x, BATCH), jax.device_put(w, BATCH), params, state)
+        y, new_state, dx, dparams = single(
+            jax.device_put(x, BATCH), jax.device_put(w, BATCH), params, state
+        )
     elif kind == "shard_map":
         local = functools.partial(_option_step, option=option, axis_name="i")
-        step = jax.jit(jax.shard_map(local, mesh=MESH, in_specs=(P("i"), P("i"), P(), P()),
-                                     out_specs=(P("i"), P(), P("i"), P())))
-        y, new_state, dx, dparams = step(jax.device_put(x, BATCH), jax.device_put(w, BATCH), params, state)
+        step = jax.jit(
+            jax.shard_map(
+                local,
+                mesh=MESH,
+                in_specs=(P("i"), P("i"), P(), P()),
+                out_specs=(P("i"), P(), P("i"), P()),
+            )
+        )
+        y, new_state, dx, dparams = step(
+            jax.device_put(x, BATCH), jax.device_put(w, BATCH), params, state
+        )
     else:
         local = functools.partial(_option_step, option=option, axis_name="i")
         y, new_state, dx, dparams = jax.pmap(local, axis_name="i", in_axes=(0, 0, None, None))(
-            _per_device(x), _per_device(w), params, state)
+            _per_device(x), _per_device(w), params, state
+        )
         y, dx = _global(y), _global(dx)
         new_state = jax.tree.map(lambda a: a[0], new_state)
-        dparams = jax.tree.map(lambda g: g.sum(0), dparams)  # each device's gradient of its own loss
+        dparams = jax.tree.map(
+            lambda g: g.sum(0), dparams
+        )  # each device's gradient of its own loss
     np.testing.assert_allclose(np.asarray(y), y1, atol=2e-5)
     np.testing.assert_allclose(np.asarray(dx), dx1, atol=2e-5)
     for key in state1:
@@ -581,7 +680,9 @@ def test_options_and_complex_input_sync_like_batch_norm(option, kind):
         np.testing.assert_allclose(np.asarray(dparams[key]), dp1[key], rtol=1e-5, atol=2e-5)
     if option == "cumulative":  # (2 batches averaged before) -> the mean of 3
         np.testing.assert_allclose(state1["count"], 3.0)
-        np.testing.assert_allclose(state1["mean"], (2 * 0.5 + x.reshape(-1, 4).mean(0)) / 3, rtol=1e-5)
+        np.testing.assert_allclose(
+            state1["mean"], (2 * 0.5 + x.reshape(-1, 4).mean(0)) / 3, rtol=1e-5
+        )
     if option == "unbiased":
         n = x.size // 4
         var = np.asarray(x, np.float64).reshape(-1, 4).var(0) * n / (n - 1)

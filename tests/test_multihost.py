@@ -50,7 +50,9 @@ def _example():
 @functools.cache
 def _single_process(valid):
     """The reference: plain jit on one device of this process, the same global batch."""
-    return _example().train("jit", steps=STEPS, batch=BATCH, valid=valid, seed=0, devices=jax.devices()[:1])
+    return _example().train(
+        "jit", steps=STEPS, batch=BATCH, valid=valid, seed=0, devices=jax.devices()[:1]
+    )
 
 
 def _assert_close(actual, expected, msg):
@@ -70,11 +72,16 @@ def test_every_process_and_style_matches_one_process(case, tmp_path):
 
     for k in range(num_processes):
         printed = (tmp_path / f"process_{k}.out").read_text()
-        assert f"process {k}/{num_processes}: 4 local, {4 * num_processes} global cpu devices" in printed
+        assert (
+            f"process {k}/{num_processes}: 4 local, {4 * num_processes} global cpu devices"
+            in printed
+        )
 
     # The first step's running statistics: count-weighted over all valid examples (float64).
     x, _, mask = example.global_batch(0, BATCH, valid, seed=0)
-    kernel = np.asarray(example.init_variables(BATCH, valid, 0)["params"]["Dense_0"]["kernel"], np.float64)
+    kernel = np.asarray(
+        example.init_variables(BATCH, valid, 0)["params"]["Dense_0"]["kernel"], np.float64
+    )
     hidden = x.astype(np.float64) @ kernel
     mean, var = reference.batch_stats(hidden[mask] if mask is not None else hidden, -1)
     momentum = example.BN_MOMENTUM
@@ -82,12 +89,16 @@ def test_every_process_and_style_matches_one_process(case, tmp_path):
     if valid is not None:
         # The data tell count weighting from averaging per-process means.
         blocks = np.split(hidden, num_processes)
-        per_process = np.mean([b[: v].mean(0) for b, v in zip(blocks, valid)], 0)
+        per_process = np.mean([b[:v].mean(0) for b, v in zip(blocks, valid)], 0)
         assert np.max(np.abs(per_process - mean)) > 0.1
 
     single = _single_process(valid)
     for key in ("mean", "var"):
-        _assert_close(single[f"step1_batch_stats/BatchNorm_0/{key}"], expected_step1[key], f"one device: {key}")
+        _assert_close(
+            single[f"step1_batch_stats/BatchNorm_0/{key}"],
+            expected_step1[key],
+            f"one device: {key}",
+        )
     assert single["loss"][-1] < single["loss"][0]  # it trains
 
     for k, per_style in enumerate(results):
@@ -95,7 +106,9 @@ def test_every_process_and_style_matches_one_process(case, tmp_path):
         for style, result in per_style.items():
             assert sorted(result) == sorted(single)
             for key, expected in single.items():
-                _assert_close(result[key], expected, f"process {k} of {num_processes}, {style}: {key}")
+                _assert_close(
+                    result[key], expected, f"process {k} of {num_processes}, {style}: {key}"
+                )
 
 
 def test_launch_timeout_kills_every_child(tmp_path):

@@ -15,7 +15,6 @@ import functools
 import warnings
 
 import flax.errors
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,17 +32,40 @@ from tests.conftest import N_DEVICES
 
 # (name, jaxbn class, flax class, constructor kwargs, input shape)
 CASES = {
-    "batch_nhwc": (jaxbn.nnx.BatchNorm, nnx.BatchNorm, dict(num_features=3, momentum=0.8), (6, 4, 4, 3)),
-    "batch_nchw": (jaxbn.nnx.BatchNorm, nnx.BatchNorm, dict(num_features=3, momentum=0.8, axis=1), (6, 3, 4, 4)),
+    "batch_nhwc": (
+        jaxbn.nnx.BatchNorm,
+        nnx.BatchNorm,
+        dict(num_features=3, momentum=0.8),
+        (6, 4, 4, 3),
+    ),
+    "batch_nchw": (
+        jaxbn.nnx.BatchNorm,
+        nnx.BatchNorm,
+        dict(num_features=3, momentum=0.8, axis=1),
+        (6, 3, 4, 4),
+    ),
     "layer": (jaxbn.nnx.LayerNorm, nnx.LayerNorm, dict(num_features=5), (4, 3, 5)),
     "layer_2d": (
-        jaxbn.nnx.LayerNorm, nnx.LayerNorm, dict(num_features=5, reduction_axes=(1, 2), feature_axes=-1), (4, 3, 5),
+        jaxbn.nnx.LayerNorm,
+        nnx.LayerNorm,
+        dict(num_features=5, reduction_axes=(1, 2), feature_axes=-1),
+        (4, 3, 5),
     ),
     "rms": (jaxbn.nnx.RMSNorm, nnx.RMSNorm, dict(num_features=5), (4, 3, 5)),
     "group": (jaxbn.nnx.GroupNorm, nnx.GroupNorm, dict(num_features=6, num_groups=3), (4, 3, 3, 6)),
-    "group_size": (jaxbn.nnx.GroupNorm, nnx.GroupNorm, dict(num_features=6, num_groups=None, group_size=3), (4, 5, 6)),
+    "group_size": (
+        jaxbn.nnx.GroupNorm,
+        nnx.GroupNorm,
+        dict(num_features=6, num_groups=None, group_size=3),
+        (4, 5, 6),
+    ),
     "instance": (jaxbn.nnx.InstanceNorm, nnx.InstanceNorm, dict(num_features=4), (3, 5, 5, 4)),
-    "instance_nchw": (jaxbn.nnx.InstanceNorm, nnx.InstanceNorm, dict(num_features=4, feature_axes=1), (3, 4, 5, 5)),
+    "instance_nchw": (
+        jaxbn.nnx.InstanceNorm,
+        nnx.InstanceNorm,
+        dict(num_features=4, feature_axes=1),
+        (3, 4, 5, 5),
+    ),
 }
 # Another layout or grouping of a module that a case above covers: their parity and swap cases are in the slow tier.
 VARIANTS = ("batch_nchw", "layer_2d", "group_size", "instance_nchw")
@@ -59,7 +81,9 @@ def _kwargs(cls, kwargs, **extra):
 def _pair(name, **extra):
     ours_cls, flax_cls, kwargs, shape = CASES[name]
     ours = ours_cls(**_kwargs(flax_cls, kwargs, **extra), rngs=nnx.Rngs(0))
-    theirs = flax_cls(**_kwargs(flax_cls, kwargs, **extra), use_fast_variance=False, rngs=nnx.Rngs(0))
+    theirs = flax_cls(
+        **_kwargs(flax_cls, kwargs, **extra), use_fast_variance=False, rngs=nnx.Rngs(0)
+    )
     return ours, theirs, shape
 
 
@@ -86,13 +110,22 @@ def _eval_step(model, x):
 
 
 def _assert_close(a, b, tol):
-    jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u, np.float64), np.asarray(v, np.float64), **tol),
-                 a, b)
+    jax.tree.map(
+        lambda u, v: np.testing.assert_allclose(
+            np.asarray(u, np.float64), np.asarray(v, np.float64), **tol
+        ),
+        a,
+        b,
+    )
 
 
 # bfloat16 input for one configuration of each class (layouts and axes are dtype-independent)
-PARITY = [pytest.param(name, jnp.float32, marks=pytest.mark.slow) if name in VARIANTS else (name, jnp.float32)
-          for name in CASES] + [  # bfloat16: the slow tier
+PARITY = [
+    pytest.param(name, jnp.float32, marks=pytest.mark.slow)
+    if name in VARIANTS
+    else (name, jnp.float32)
+    for name in CASES
+] + [  # bfloat16: the slow tier
     pytest.param(name, jnp.bfloat16, marks=pytest.mark.slow)
     for name in ("batch_nhwc", "layer", "rms", "group", "instance")
 ]
@@ -122,9 +155,14 @@ def test_training_parity_with_flax(name, dtype, rng):
         assert jax.tree.map(lambda a: a.dtype, state) == jax.tree.map(lambda a: a.dtype, state_ref)
         _assert_close(state, state_ref, grad_tol)  # params after SGD; running statistics
     # the last training output against float64 NumPy (with the parameters before the last SGD step)
-    before = jax.tree.map(lambda p, g: p + 0.1 * g, nnx.to_pure_dict(nnx.state(ours, nnx.Param)),
-                          nnx.to_pure_dict(grads))
-    np.testing.assert_allclose(np.asarray(y, np.float64), _numpy_reference(ours, x, **before), **tol)
+    before = jax.tree.map(
+        lambda p, g: p + 0.1 * g,
+        nnx.to_pure_dict(nnx.state(ours, nnx.Param)),
+        nnx.to_pure_dict(grads),
+    )
+    np.testing.assert_allclose(
+        np.asarray(y, np.float64), _numpy_reference(ours, x, **before), **tol
+    )
     if isinstance(ours, jaxbn.nnx.BatchNorm):
         ours.eval()
         theirs.eval()
@@ -136,7 +174,9 @@ def _numpy_reference(module, x, scale=None, bias=None):
     """Float64 training-mode output of ``module`` (one of CASES) on ``x``."""
     x = np.asarray(x, np.float64)
     if isinstance(module, jaxbn.nnx.BatchNorm):
-        return reference.normalize(x, *reference.batch_stats(x, module.axis), scale, bias, module.axis, module.epsilon)
+        return reference.normalize(
+            x, *reference.batch_stats(x, module.axis), scale, bias, module.axis, module.epsilon
+        )
     features = module.feature_axes if not isinstance(module, jaxbn.nnx.GroupNorm) else -1
     features = tuple(np.atleast_1d(features) % x.ndim)
     broadcast = [x.shape[i] if i in features else 1 for i in range(x.ndim)]
@@ -187,25 +227,41 @@ def test_swapping_the_import_in_a_model_keeps_everything(rng):
     """A CNN built with jaxbn.nnx's layers has flax's state (same keys drawn from one Rngs) and
     trains to the same numbers under nnx.jit with nnx.Optimizer (SGD with momentum)."""
     ours = _SmallCNN(jaxbn.nnx.BatchNorm, jaxbn.nnx.LayerNorm, nnx.Rngs(0))
-    theirs = _SmallCNN(functools.partial(nnx.BatchNorm, use_fast_variance=False),
-                       functools.partial(nnx.LayerNorm, use_fast_variance=False), nnx.Rngs(0))
+    theirs = _SmallCNN(
+        functools.partial(nnx.BatchNorm, use_fast_variance=False),
+        functools.partial(nnx.LayerNorm, use_fast_variance=False),
+        nnx.Rngs(0),
+    )
     assert _flat_types(ours) == _flat_types(theirs)
     # exact by construction: the same initializers called with the same keys
-    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(ours)), nnx.to_pure_dict(nnx.state(theirs)))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        nnx.to_pure_dict(nnx.state(ours)),
+        nnx.to_pure_dict(nnx.state(theirs)),
+    )
     opt_ours = nnx.Optimizer(ours, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
     opt_theirs = nnx.Optimizer(theirs, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
     for _ in range(3):
         x = jnp.asarray(rng.normal(size=(8, 5, 5, 2)) + 1, jnp.float32)
         labels = jnp.asarray(rng.integers(0, 3, size=8))
-        np.testing.assert_allclose(_cnn_step(ours, opt_ours, x, labels), _cnn_step(theirs, opt_theirs, x, labels),
-                                   rtol=1e-5)
-    _assert_close(nnx.to_pure_dict(nnx.state(ours)), nnx.to_pure_dict(nnx.state(theirs)), dict(rtol=1e-4, atol=1e-5))
+        np.testing.assert_allclose(
+            _cnn_step(ours, opt_ours, x, labels),
+            _cnn_step(theirs, opt_theirs, x, labels),
+            rtol=1e-5,
+        )
+    _assert_close(
+        nnx.to_pure_dict(nnx.state(ours)),
+        nnx.to_pure_dict(nnx.state(theirs)),
+        dict(rtol=1e-4, atol=1e-5),
+    )
     ours.eval()
     theirs.eval()
     _assert_close(_eval_step(ours, x), _eval_step(theirs, x), dict(rtol=1e-4, atol=1e-5))
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in VARIANTS else n for n in CASES])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in VARIANTS else n for n in CASES]
+)
 def test_state_swaps_with_flax(name, rng):
     """A flax module's state merged into jaxbn's graphdef (and back) gives the same outputs."""
     ours, theirs, shape = _pair(name, param_dtype=jnp.float32)
@@ -219,8 +275,14 @@ def test_state_swaps_with_flax(name, rng):
     assert jax.tree.structure(state_ours) == jax.tree.structure(state_theirs)
     swapped = nnx.merge(graph_ours, state_theirs)
     np.testing.assert_allclose(swapped(x), theirs(x), rtol=1e-5, atol=1e-5)
-    back = nnx.merge(graph_theirs, nnx.state(swapped))  # exact by construction: the same arrays, moved
-    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(back)), nnx.to_pure_dict(state_theirs))
+    back = nnx.merge(
+        graph_theirs, nnx.state(swapped)
+    )  # exact by construction: the same arrays, moved
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        nnx.to_pure_dict(nnx.state(back)),
+        nnx.to_pure_dict(state_theirs),
+    )
 
 
 @pytest.mark.parametrize("use_scale, use_bias", [(False, False), (True, False), (False, True)])
@@ -228,18 +290,32 @@ def test_state_swaps_with_flax(name, rng):
 def test_optional_params_and_metadata_match_flax(cls, use_scale, use_bias, rng):
     """Disabled scale/bias, Param metadata and the keys drawn from a shared Rngs are flax's."""
     ours_cls, flax_cls, kwargs, shape = CASES[cls]
-    extra = dict(use_scale=use_scale, use_bias=use_bias, scale_metadata={"tag": "s"}, bias_metadata={"tag": "b"})
+    extra = dict(
+        use_scale=use_scale,
+        use_bias=use_bias,
+        scale_metadata={"tag": "s"},
+        bias_metadata={"tag": "b"},
+    )
     rngs_ours, rngs_theirs = nnx.Rngs(3), nnx.Rngs(3)
     ours = ours_cls(**_kwargs(flax_cls, kwargs, **extra), rngs=rngs_ours)
     theirs = flax_cls(**_kwargs(flax_cls, kwargs, **extra), rngs=rngs_theirs)
     assert _flat_types(ours) == _flat_types(theirs)
     # exact by construction: the same initializers called with the same keys
-    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(ours)), nnx.to_pure_dict(nnx.state(theirs)))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        nnx.to_pure_dict(nnx.state(ours)),
+        nnx.to_pure_dict(nnx.state(theirs)),
+    )
     for attr in ("scale", "bias"):
         assert (getattr(ours, attr) is None) == (getattr(theirs, attr) is None)
         if getattr(ours, attr) is not None:
-            assert getattr(ours, attr).get_metadata()["tag"] == getattr(theirs, attr).get_metadata()["tag"]
-    np.testing.assert_array_equal(jax.random.key_data(rngs_ours.params()), jax.random.key_data(rngs_theirs.params()))
+            assert (
+                getattr(ours, attr).get_metadata()["tag"]
+                == getattr(theirs, attr).get_metadata()["tag"]
+            )
+    np.testing.assert_array_equal(
+        jax.random.key_data(rngs_ours.params()), jax.random.key_data(rngs_theirs.params())
+    )
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     y, y_ref = ours(x), theirs(x)
     assert y.dtype == y_ref.dtype
@@ -267,10 +343,14 @@ def test_custom_promote_dtype_as_flax(rng):
         ours_cls, flax_cls, kwargs, _ = CASES[name]
         kwargs = {**kwargs, "num_features": 4}
         ours = ours_cls(**kwargs, promote_dtype=to_bfloat16, rngs=nnx.Rngs(0))
-        theirs = flax_cls(**kwargs, promote_dtype=to_bfloat16, use_fast_variance=False, rngs=nnx.Rngs(0))
+        theirs = flax_cls(
+            **kwargs, promote_dtype=to_bfloat16, use_fast_variance=False, rngs=nnx.Rngs(0)
+        )
         y, y_ref = ours(x), theirs(x)
         assert y.dtype == y_ref.dtype == jnp.bfloat16
-        np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), rtol=2e-2, atol=2e-2)
+        np.testing.assert_allclose(
+            np.asarray(y, np.float32), np.asarray(y_ref, np.float32), rtol=2e-2, atol=2e-2
+        )
         for key, value in nnx.to_pure_dict(nnx.state(ours, nnx.BatchStat)).items():
             assert value.dtype == jnp.float32
             np.testing.assert_allclose(value, getattr(theirs, key)[...], rtol=1e-2, atol=1e-2)
@@ -286,12 +366,16 @@ def test_float64_param_dtype_keeps_float64_running_stats(cls, rng):
     with jax.enable_x64(True):
         x = jnp.asarray(rng.normal(size=(8, 3)) * 2 + 5, jnp.float64)
         ours = cls(3, momentum=0.8, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
-        theirs = nnx.BatchNorm(3, momentum=0.8, param_dtype=jnp.float64, use_fast_variance=False, rngs=nnx.Rngs(0))
+        theirs = nnx.BatchNorm(
+            3, momentum=0.8, param_dtype=jnp.float64, use_fast_variance=False, rngs=nnx.Rngs(0)
+        )
         assert ours.mean[...].dtype == ours.var[...].dtype == jnp.float64
         for _ in range(2):
             ours(x)
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # flax: float64 scattered into float32
+                warnings.simplefilter(
+                    "ignore", FutureWarning
+                )  # flax: float64 scattered into float32
                 theirs(x)
         assert ours.mean[...].dtype == ours.var[...].dtype == jnp.float64
         assert theirs.mean[...].dtype == jnp.float32
@@ -299,20 +383,31 @@ def test_float64_param_dtype_keeps_float64_running_stats(cls, rng):
         np.testing.assert_allclose(ours.mean[...], 0.36 * mean, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(ours.var[...], 0.64 + 0.36 * var, rtol=1e-12, atol=1e-12)
         for key in ("mean", "var"):
-            np.testing.assert_allclose(getattr(ours, key)[...], getattr(theirs, key)[...], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(
+                getattr(ours, key)[...], getattr(theirs, key)[...], rtol=1e-6, atol=1e-6
+            )
         ours.eval()
         theirs.eval()
         y = ours(x)
         assert y.dtype == jnp.float64
-        np.testing.assert_allclose(y, reference.normalize(x, 0.36 * mean, 0.64 + 0.36 * var), rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(
+            y, reference.normalize(x, 0.36 * mean, 0.64 + 0.36 * var), rtol=1e-10, atol=1e-10
+        )
         for param_dtype in (jnp.bfloat16, jnp.float32):
             layer = cls(3, param_dtype=param_dtype, momentum=None, rngs=nnx.Rngs(0))
             layer(x)
             flax_layer = nnx.BatchNorm(3, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-            assert layer.mean[...].dtype == layer.var[...].dtype == flax_layer.mean[...].dtype == jnp.float32
+            assert (
+                layer.mean[...].dtype
+                == layer.var[...].dtype
+                == flax_layer.mean[...].dtype
+                == jnp.float32
+            )
             assert layer.count[...].dtype == jnp.float32
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # float64 requested without x64: JAX warns (for the params)
+        warnings.simplefilter(
+            "ignore", UserWarning
+        )  # float64 requested without x64: JAX warns (for the params)
         layer = cls(3, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
     assert layer.mean[...].dtype == layer.var[...].dtype == jnp.float32
 
@@ -333,10 +428,16 @@ def test_complex_input(rng):
     np.testing.assert_allclose(bn.mean[...], 0.5 * mean, rtol=1e-5)
     np.testing.assert_allclose(bn.var[...], 0.5 + 0.5 * var, rtol=1e-5)
     bn.eval()
-    np.testing.assert_allclose(bn(z), (z64 - 0.5 * mean) / np.sqrt(0.5 + 0.5 * var + 1e-5), rtol=1e-5)
+    np.testing.assert_allclose(
+        bn(z), (z64 - 0.5 * mean) / np.sqrt(0.5 + 0.5 * var + 1e-5), rtol=1e-5
+    )
     layer = jaxbn.nnx.LayerNorm(3, rngs=nnx.Rngs(0))
-    np.testing.assert_allclose(layer(z), nnx.LayerNorm(3, use_fast_variance=False, rngs=nnx.Rngs(0))(z),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        layer(z),
+        nnx.LayerNorm(3, use_fast_variance=False, rngs=nnx.Rngs(0))(z),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_batchnorm_mode_switches_as_flax(rng):
@@ -349,8 +450,12 @@ def test_batchnorm_mode_switches_as_flax(rng):
             self.dropout = nnx.Dropout(0.5, deterministic=True)
 
     block = Block(nnx.Rngs(0))
-    np.testing.assert_allclose(block.bn(x), x / np.sqrt(1 + 1e-5), rtol=1e-6)  # eval: nothing updated
-    np.testing.assert_array_equal(block.bn.mean[...], np.zeros(2))  # exact here and below: the zeros, not written
+    np.testing.assert_allclose(
+        block.bn(x), x / np.sqrt(1 + 1e-5), rtol=1e-6
+    )  # eval: nothing updated
+    np.testing.assert_array_equal(
+        block.bn.mean[...], np.zeros(2)
+    )  # exact here and below: the zeros, not written
     block.train()
     assert block.bn.use_running_average is False and block.dropout.deterministic is False
     view = nnx.view(block, use_running_average=True)
@@ -375,15 +480,24 @@ def test_batchnorm_options_beyond_flax(rng):
     for x in batches:
         cumulative(x)
     stats = [reference.batch_stats(x) for x in batches]
-    np.testing.assert_allclose(cumulative.mean[...], np.mean([m for m, _ in stats], 0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(cumulative.var[...], np.mean([v * 8 / 7 for _, v in stats], 0), rtol=1e-5)
+    np.testing.assert_allclose(
+        cumulative.mean[...], np.mean([m for m, _ in stats], 0), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        cumulative.var[...], np.mean([v * 8 / 7 for _, v in stats], 0), rtol=1e-5
+    )
     assert cumulative.count[...] == 3  # exact: a float32 counter of small integers
 
-    recalibrate = jaxbn.nnx.BatchNorm(3, use_running_average=True, update_running_stats=True, momentum=0.0,
-                                      rngs=nnx.Rngs(0))
+    recalibrate = jaxbn.nnx.BatchNorm(
+        3, use_running_average=True, update_running_stats=True, momentum=0.0, rngs=nnx.Rngs(0)
+    )
     x = batches[1]
-    np.testing.assert_allclose(recalibrate(x), x / np.sqrt(1 + 1e-5), rtol=1e-6)  # normalized with (0, 1) ...
-    np.testing.assert_allclose(recalibrate.mean[...], stats[1][0], rtol=1e-5, atol=1e-6)  # ... and updated
+    np.testing.assert_allclose(
+        recalibrate(x), x / np.sqrt(1 + 1e-5), rtol=1e-6
+    )  # normalized with (0, 1) ...
+    np.testing.assert_allclose(
+        recalibrate.mean[...], stats[1][0], rtol=1e-5, atol=1e-6
+    )  # ... and updated
     frozen = jaxbn.nnx.BatchNorm(3, update_running_stats=False, rngs=nnx.Rngs(0))
     frozen(x)
     np.testing.assert_array_equal(frozen.var[...], np.ones(3))  # exact by construction: not written
@@ -408,15 +522,21 @@ def test_several_feature_axes_keep_flax_shapes(rng):
     assert bn.mean[...].shape == (6,)
     flat = x.reshape(5, 6)
     np.testing.assert_allclose(bn.mean[...], flat.mean(0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(y.reshape(5, 6), reference.normalize(flat, *reference.batch_stats(flat)), atol=1e-5)
+    np.testing.assert_allclose(
+        y.reshape(5, 6), reference.normalize(flat, *reference.batch_stats(flat)), atol=1e-5
+    )
 
 
 def _linen_steps(module, variables, batches, w):
     """jaxbn.linen training steps: outputs, grads (x, params), final variables."""
 
     def loss(params, x, batch_stats):
-        y, updates = module.apply({"params": params, "batch_stats": batch_stats}, x, use_running_average=False,
-                                  mutable=["batch_stats"])
+        y, updates = module.apply(
+            {"params": params, "batch_stats": batch_stats},
+            x,
+            use_running_average=False,
+            mutable=["batch_stats"],
+        )
         return jnp.sum(jnp.sin(y) * w), (y, updates["batch_stats"])
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
@@ -443,7 +563,9 @@ def test_ghost_batches_and_renorm_match_linen(kind, rng):
     over 3 steps (outputs, grads, running statistics, step counter); they share the functional core."""
     kwargs = dict(momentum=0.8, axis=1)
     if kind == "ghost":
-        ours = jaxbn.nnx.BatchNorm(3, ghost_batch_size=2, **kwargs, **RANDOM_INITS, rngs=nnx.Rngs(0))
+        ours = jaxbn.nnx.BatchNorm(
+            3, ghost_batch_size=2, **kwargs, **RANDOM_INITS, rngs=nnx.Rngs(0)
+        )
         linen = jaxbn.linen.BatchNorm(ghost_batch_size=2, **kwargs)
     else:
         if kind == "renorm":
@@ -458,8 +580,10 @@ def test_ghost_batches_and_renorm_match_linen(kind, rng):
     batches = [jnp.asarray(rng.normal(size=shape) * (2 + i) + 3 * i, jnp.float32) for i in range(3)]
     w = jnp.asarray(rng.normal(size=shape), jnp.float32)
     state = nnx.to_pure_dict(nnx.state(ours))
-    variables = {"params": {k: state[k] for k in ("scale", "bias")},
-                 "batch_stats": {k: v for k, v in state.items() if k not in ("scale", "bias")}}
+    variables = {
+        "params": {k: state[k] for k in ("scale", "bias")},
+        "batch_stats": {k: v for k, v in state.items() if k not in ("scale", "bias")},
+    }
     assert jax.tree.structure(variables) == jax.tree.structure(
         linen.init(jax.random.key(0), batches[0], use_running_average=False)
     )
@@ -467,7 +591,11 @@ def test_ghost_batches_and_renorm_match_linen(kind, rng):
     tol = dict(rtol=1e-5, atol=1e-5)
     for x, (y_ref, dx_ref, dparams_ref) in zip(batches, linen_out):
         y, dx, grads = _nnx_grads(ours, x, w)
-        _assert_close((y, dx, nnx.to_pure_dict(grads)), (y_ref, dx_ref, dparams_ref), dict(rtol=1e-5, atol=1e-4))
+        _assert_close(
+            (y, dx, nnx.to_pure_dict(grads)),
+            (y_ref, dx_ref, dparams_ref),
+            dict(rtol=1e-5, atol=1e-4),
+        )
     final = nnx.to_pure_dict(nnx.state(ours, nnx.BatchStat))
     assert jax.tree.map(lambda a: a.dtype, final) == jax.tree.map(lambda a: a.dtype, linen_stats)
     _assert_close(final, linen_stats, tol)
@@ -480,7 +608,8 @@ def test_ghost_batches_and_renorm_match_linen(kind, rng):
             group = x[start : start + 2]
             np.testing.assert_allclose(
                 linen_out[-1][0][start : start + 2],
-                reference.normalize(group, *reference.batch_stats(group, 1), scale, bias, 1), **tol,
+                reference.normalize(group, *reference.batch_stats(group, 1), scale, bias, 1),
+                **tol,
             )
 
 
@@ -493,8 +622,11 @@ def test_batch_renorm_without_clipping_room_is_batch_norm(rng):
     tol = dict(rtol=1e-6, atol=1e-6)  # one formula, but its kernel may round in another order
     for _ in range(2):
         np.testing.assert_allclose(brn(x), bn(x), **tol)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tol), nnx.to_pure_dict(nnx.state(brn)),
-                 nnx.to_pure_dict(nnx.state(bn)))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, **tol),
+        nnx.to_pure_dict(nnx.state(brn)),
+        nnx.to_pure_dict(nnx.state(bn)),
+    )
     with pytest.raises(ValueError, match="r_max must be a real scalar >= 1"):
         jaxbn.nnx.BatchRenorm(3, r_max=0.5, rngs=nnx.Rngs(0))
 
@@ -515,7 +647,9 @@ def test_vmap_called_twice_in_training(rng):
     vmapped = nnx.vmap(lambda m, x: m(x), in_axes=(state_axes, 1), out_axes=1, axis_name="batch")
     synced = jaxbn.nnx.BatchNorm(4, momentum=0.5, axis_name="batch", rngs=nnx.Rngs(0))
     jitted = jaxbn.nnx.BatchNorm(4, momentum=0.5, axis_name="batch", rngs=nnx.Rngs(0))
-    theirs = nnx.BatchNorm(4, momentum=0.5, axis_name="batch", use_fast_variance=False, rngs=nnx.Rngs(0))
+    theirs = nnx.BatchNorm(
+        4, momentum=0.5, axis_name="batch", use_fast_variance=False, rngs=nnx.Rngs(0)
+    )
     single = jaxbn.nnx.BatchNorm(4, momentum=0.5, rngs=nnx.Rngs(0))
     jit_vmapped = nnx.jit(vmapped)
     for _ in range(2):
@@ -557,9 +691,9 @@ def test_eval_shape_gives_abstract_state():
         assert value.shape == ((4,) if path[-1] != "count" else ()) and value.dtype == jnp.float32
     flax_abstract = nnx.eval_shape(lambda: nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
     ours_abstract = nnx.eval_shape(lambda: jaxbn.nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
-    assert jax.tree.map(lambda v: (v.shape, v.dtype), nnx.to_pure_dict(nnx.state(ours_abstract))) == jax.tree.map(
-        lambda v: (v.shape, v.dtype), nnx.to_pure_dict(nnx.state(flax_abstract))
-    )
+    assert jax.tree.map(
+        lambda v: (v.shape, v.dtype), nnx.to_pure_dict(nnx.state(ours_abstract))
+    ) == jax.tree.map(lambda v: (v.shape, v.dtype), nnx.to_pure_dict(nnx.state(flax_abstract)))
     bn = jaxbn.nnx.BatchNorm(4, rngs=nnx.Rngs(0))
     out = nnx.eval_shape(lambda m, x: m(x), bn, jax.ShapeDtypeStruct((8, 4), jnp.bfloat16))
     assert out.shape == (8, 4) and out.dtype == jnp.float32
@@ -571,7 +705,8 @@ def test_eval_shape_gives_abstract_state():
 # --- statistics across 8 devices ------------------------------------------------------------
 
 needs_devices = pytest.mark.skipif(
-    jax.device_count() < N_DEVICES, reason=f"needs {N_DEVICES} devices (conftest.py forces 8 CPU devices)"
+    jax.device_count() < N_DEVICES,
+    reason=f"needs {N_DEVICES} devices (conftest.py forces 8 CPU devices)",
 )
 
 
@@ -603,7 +738,9 @@ def test_shard_map_and_sharded_jit_equal_the_global_batch(cls, rng):
     @nnx.shard_map(mesh=mesh, in_specs=(P(), P("i"), P("i")), out_specs=(P(), P("i"), P("i")))
     def local_grads(model, x, w):
         # the parameters are device-invariant inside the body, so their gradient is summed over devices
-        (grads, dx), y = nnx.grad(lambda m, x: loss(m, x, w), argnums=(0, 1), has_aux=True)(model, x)
+        (grads, dx), y = nnx.grad(lambda m, x: loss(m, x, w), argnums=(0, 1), has_aux=True)(
+            model, x
+        )
         return grads, dx, y
 
     step_mapped = nnx.jit(local_grads)
@@ -619,8 +756,11 @@ def test_shard_map_and_sharded_jit_equal_the_global_batch(cls, rng):
             _assert_close(nnx.to_pure_dict(out[0]), nnx.to_pure_dict(g), dict(rtol=1e-5, atol=1e-4))
             _assert_close(out[1:], (dx, y), dict(rtol=1e-5, atol=1e-5))
     for module in (mapped, sharded):
-            _assert_close(nnx.to_pure_dict(nnx.state(module, nnx.BatchStat)),
-                          nnx.to_pure_dict(nnx.state(single, nnx.BatchStat)), dict(rtol=1e-5, atol=1e-6))
+        _assert_close(
+            nnx.to_pure_dict(nnx.state(module, nnx.BatchStat)),
+            nnx.to_pure_dict(nnx.state(single, nnx.BatchStat)),
+            dict(rtol=1e-5, atol=1e-6),
+        )
     mean, var = reference.batch_stats(x)
     np.testing.assert_allclose(y, reference.normalize(x, mean, var), rtol=1e-5, atol=1e-5)
 
@@ -629,7 +769,9 @@ def test_shard_map_and_sharded_jit_equal_the_global_batch(cls, rng):
 def test_pmap_with_axis_index_groups(rng):
     """axis_index_groups reaches the statistics: each group of 4 devices normalizes its own half."""
     groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
-    bn = jaxbn.nnx.BatchNorm(3, momentum=0.0, axis_name="i", axis_index_groups=groups, rngs=nnx.Rngs(0))
+    bn = jaxbn.nnx.BatchNorm(
+        3, momentum=0.0, axis_name="i", axis_index_groups=groups, rngs=nnx.Rngs(0)
+    )
     graphdef, state = nnx.split(bn)
 
     def step(state, x):
@@ -637,7 +779,9 @@ def test_pmap_with_axis_index_groups(rng):
         return module(x), nnx.state(module)
 
     x = np.asarray(rng.normal(size=(16, 3)) * 2 + np.repeat([[0.0], [5.0]], 8, 0), np.float32)
-    y, new_state = jax.pmap(step, axis_name="i", in_axes=(None, 0))(state, x.reshape(N_DEVICES, 2, 3))
+    y, new_state = jax.pmap(step, axis_name="i", in_axes=(None, 0))(
+        state, x.reshape(N_DEVICES, 2, 3)
+    )
     for half, devices in enumerate(groups):
         part = x[8 * half : 8 * half + 8]
         mean, var = reference.batch_stats(part)
@@ -658,7 +802,12 @@ def test_bad_arguments_raise_with_clear_messages():
         jaxbn.nnx.BatchNorm(3, momentum=1.5, rngs=rngs)
     with pytest.raises(TypeError, match="momentum"):
         jaxbn.nnx.BatchNorm(3, momentum="0.9", rngs=rngs)
-    for cls in (jaxbn.nnx.BatchNorm, jaxbn.nnx.LayerNorm, jaxbn.nnx.RMSNorm, jaxbn.nnx.InstanceNorm):
+    for cls in (
+        jaxbn.nnx.BatchNorm,
+        jaxbn.nnx.LayerNorm,
+        jaxbn.nnx.RMSNorm,
+        jaxbn.nnx.InstanceNorm,
+    ):
         with pytest.raises(ValueError, match="epsilon must be a finite number > 0"):
             cls(3, epsilon=0.0, rngs=rngs)
         with pytest.raises(ValueError, match="num_features must be a positive int"):
@@ -675,12 +824,18 @@ def test_bad_arguments_raise_with_clear_messages():
         jaxbn.nnx.BatchNorm(3, ghost_batch_size=3, rngs=rngs)(jnp.ones((8, 3)))
     with pytest.raises(TypeError, match="unbiased_running_var"):
         jaxbn.nnx.BatchNorm(3, unbiased_running_var=1, rngs=rngs)
-    with pytest.raises(ValueError, match=r"BatchNorm\(num_features=4\) got an input of shape \(8, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"BatchNorm\(num_features=4\) got an input of shape \(8, 3\)"
+    ):
         jaxbn.nnx.BatchNorm(4, rngs=rngs)(jnp.ones((8, 3)))
     with pytest.raises(ValueError, match=r"num_features=3\) got .* feature_axes=1"):
         jaxbn.nnx.InstanceNorm(3, feature_axes=1, rngs=rngs)(jnp.ones((2, 4, 5)))
-    with pytest.raises(ValueError, match=r"GroupNorm\(num_features=6\) got .* 4 features along feature_axis=-1"):
-        jaxbn.nnx.GroupNorm(6, num_groups=2, use_scale=False, use_bias=False, rngs=rngs)(jnp.ones((2, 4)))
+    with pytest.raises(
+        ValueError, match=r"GroupNorm\(num_features=6\) got .* 4 features along feature_axis=-1"
+    ):
+        jaxbn.nnx.GroupNorm(6, num_groups=2, use_scale=False, use_bias=False, rngs=rngs)(
+            jnp.ones((2, 4))
+        )
     with pytest.raises(ValueError, match="out of range"):
         jaxbn.nnx.BatchNorm(3, axis=2, rngs=rngs)(jnp.ones((8, 3)))
     with pytest.raises(TypeError, match="floating dtype"):
@@ -691,7 +846,9 @@ def test_vmap_closure_in_training_says_what_to_do():
     """flax#4760's pattern (a training BatchNorm captured by nnx.vmap) raises with the fix in the message."""
     bn = jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
     x = jnp.arange(24.0).reshape(4, 2, 3)
-    with pytest.raises(flax.errors.TraceContextError, match=r"captured as a closure.*nnx\.StateAxes"):
+    with pytest.raises(
+        flax.errors.TraceContextError, match=r"captured as a closure.*nnx\.StateAxes"
+    ):
         nnx.vmap(lambda x: bn(x))(x)
     # the advice works: statistics over the whole batch, state updated
     synced = jaxbn.nnx.BatchNorm(3, axis_name="batch", rngs=nnx.Rngs(0))
@@ -708,13 +865,17 @@ def test_per_example_vmap_with_one_value_per_feature():
     results = {}
     for name, cls in (("jaxbn", jaxbn.nnx.BatchNorm), ("flax", nnx.BatchNorm)):
         axes = nnx.StateAxes({nnx.BatchStat: 0, ...: None})
-        bn = nnx.vmap(lambda _: cls(3, momentum=0.5, rngs=nnx.Rngs(0)), in_axes=0, out_axes=axes)(jnp.arange(5))
+        bn = nnx.vmap(lambda _: cls(3, momentum=0.5, rngs=nnx.Rngs(0)), in_axes=0, out_axes=axes)(
+            jnp.arange(5)
+        )
         f = nnx.vmap(lambda m, x: m(x), in_axes=(axes, 0))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", jaxbn.DegenerateBatchWarning)
             results[name] = (f(bn, x), bn.mean[...], bn.var[...])
     np.testing.assert_allclose(results["jaxbn"][0], results["flax"][0], atol=1e-6)
-    np.testing.assert_allclose(results["jaxbn"][1], results["flax"][1], rtol=1e-6)  # the means move alike
+    np.testing.assert_allclose(
+        results["jaxbn"][1], results["flax"][1], rtol=1e-6
+    )  # the means move alike
     # exact by construction: jaxbn keeps the variance of a one-value batch; flax's go towards 0
     np.testing.assert_array_equal(results["jaxbn"][2], jnp.ones((5, 3)))
 

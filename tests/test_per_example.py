@@ -15,13 +15,31 @@ SHAPE = (4, 3, 5, 6)  # (batch, ..., channels last) except for the NCHW instance
 # name: (jaxbn module, flax module, fields, reference axes). Group norm's reference
 # axes are those of the input reshaped to (..., groups, channels // groups).
 CASES = {
-    "layer": (jaxbn.linen.LayerNorm, nn.LayerNorm, dict(reduction_axes=(2, 3), feature_axes=(1, 3)),
-              dict(reduction_axes=(2, 3), feature_axes=(1, 3))),
-    "rms": (jaxbn.linen.RMSNorm, nn.RMSNorm, {}, dict(reduction_axes=(3,), feature_axes=(3,), center=False)),
+    "layer": (
+        jaxbn.linen.LayerNorm,
+        nn.LayerNorm,
+        dict(reduction_axes=(2, 3), feature_axes=(1, 3)),
+        dict(reduction_axes=(2, 3), feature_axes=(1, 3)),
+    ),
+    "rms": (
+        jaxbn.linen.RMSNorm,
+        nn.RMSNorm,
+        {},
+        dict(reduction_axes=(3,), feature_axes=(3,), center=False),
+    ),
     "group": (jaxbn.linen.GroupNorm, nn.GroupNorm, dict(num_groups=3), dict(groups=3)),
-    "group_size": (jaxbn.linen.GroupNorm, nn.GroupNorm, dict(num_groups=None, group_size=3), dict(groups=2)),
-    "instance_nchw": (jaxbn.linen.InstanceNorm, nn.InstanceNorm, dict(feature_axes=1),
-                      dict(reduction_axes=(2, 3), feature_axes=(1,))),
+    "group_size": (
+        jaxbn.linen.GroupNorm,
+        nn.GroupNorm,
+        dict(num_groups=None, group_size=3),
+        dict(groups=2),
+    ),
+    "instance_nchw": (
+        jaxbn.linen.InstanceNorm,
+        nn.InstanceNorm,
+        dict(feature_axes=1),
+        dict(reduction_axes=(2, 3), feature_axes=(1,)),
+    ),
 }
 
 
@@ -43,7 +61,11 @@ def _reference(name, x, params, mask=None):
     grouped = x.shape[:-1] + (groups, x.shape[-1] // groups)
     mask = None if mask is None else np.broadcast_to(mask, x.shape).reshape(grouped)
     y = reference.per_example_norm(
-        x.reshape(grouped), tuple(range(1, x.ndim - 1)) + (x.ndim,), (x.ndim - 1, x.ndim), mask=mask, **params
+        x.reshape(grouped),
+        tuple(range(1, x.ndim - 1)) + (x.ndim,),
+        (x.ndim - 1, x.ndim),
+        mask=mask,
+        **params,
     )
     return y.reshape(x.shape)
 
@@ -70,14 +92,23 @@ def _init(name, x, affine=True):
     params = dict(variables.get("params", {}))
     for key, start in (("scale", 0.5), ("bias", -1.0)):
         if key in params:
-            params[key] = jnp.linspace(start, start + 1.5, params[key].size, dtype=x.dtype).reshape(params[key].shape)
+            params[key] = jnp.linspace(start, start + 1.5, params[key].size, dtype=x.dtype).reshape(
+                params[key].shape
+            )
     return ours, theirs, params
 
 
 # float32 only: tests/test_properties.py compares every dtype (float64 included) with an extended-precision reference
-@pytest.mark.parametrize("variant", ["affine", pytest.param("plain", marks=pytest.mark.slow), "masked"])
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "group_size" else n  # "group" stays
-                                  for n in CASES])
+@pytest.mark.parametrize(
+    "variant", ["affine", pytest.param("plain", marks=pytest.mark.slow), "masked"]
+)
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.slow) if n == "group_size" else n  # "group" stays
+        for n in CASES
+    ],
+)
 def test_parity_with_flax_and_float64_reference(name, variant, rng):
     """Outputs and grads (x, scale, bias) equal flax's two-pass module and float64 NumPy."""
     x = jnp.asarray(rng.normal(size=SHAPE) * 2 + 3, jnp.float32)
@@ -91,7 +122,9 @@ def test_parity_with_flax_and_float64_reference(name, variant, rng):
     np.testing.assert_allclose(y, y_ref, **tol)
     np.testing.assert_allclose(x_grad, x_grad_ref, **grad_tol)
     assert param_grads.keys() == param_grads_ref.keys() == params.keys()
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, **grad_tol), param_grads, param_grads_ref)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, **grad_tol), param_grads, param_grads_ref
+    )
     np.testing.assert_allclose(y, _reference(name, x, params, mask), **tol)
 
 
@@ -103,9 +136,13 @@ def test_large_offset_is_exact_where_flax_default_is_not(name, capsys, rng):
     _, flax_default = _modules(name, use_fast_variance=True)
     expected = _reference(name, x, params)
     ours_error = np.abs(np.asarray(ours.apply({"params": params}, x), np.float64) - expected).max()
-    flax_error = np.abs(np.asarray(flax_default.apply({"params": params}, x), np.float64) - expected).max()
+    flax_error = np.abs(
+        np.asarray(flax_default.apply({"params": params}, x), np.float64) - expected
+    ).max()
     with capsys.disabled():
-        print(f"\n{name}: offset 1e4 max abs output error: jaxbn {ours_error:.2e}, flax default {flax_error:.2e}")
+        print(
+            f"\n{name}: offset 1e4 max abs output error: jaxbn {ours_error:.2e}, flax default {flax_error:.2e}"
+        )
     assert ours_error <= 1e-4
 
 
@@ -148,9 +185,15 @@ def test_functions_match_their_modules_and_are_exported(rng):
         (jaxbn.linen.GroupNorm(num_groups=2), jaxbn.group_norm(x, params, num_groups=2)),
     ]:
         # a module and the function: two programs computing the same value (outputs of order 1-2)
-        np.testing.assert_allclose(module.apply({"params": params}, x), function, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(jaxbn.linen.RMSNorm().apply({"params": {"scale": scale}}, x),
-                               jaxbn.rms_norm(x, {"scale": scale}), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            module.apply({"params": params}, x), function, rtol=1e-6, atol=1e-6
+        )
+    np.testing.assert_allclose(
+        jaxbn.linen.RMSNorm().apply({"params": {"scale": scale}}, x),
+        jaxbn.rms_norm(x, {"scale": scale}),
+        rtol=1e-6,
+        atol=1e-6,
+    )
     # a mask that broadcasts (size 1 on the channel axis), which flax's GroupNorm cannot reshape
     mask = jnp.arange(4)[None, :, None] < 3
     np.testing.assert_allclose(
@@ -162,35 +205,109 @@ def test_functions_match_their_modules_and_are_exported(rng):
 X = jnp.ones((2, 3, 4, 6))
 
 ERRORS = [
-    (lambda: jaxbn.layer_norm(jnp.ones((2, 3), jnp.int32)), TypeError, "x must have a floating dtype"),
+    (
+        lambda: jaxbn.layer_norm(jnp.ones((2, 3), jnp.int32)),
+        TypeError,
+        "x must have a floating dtype",
+    ),
     (lambda: jaxbn.rms_norm(jnp.ones((2, 3), bool)), TypeError, "x must have a floating dtype"),
-    (lambda: jaxbn.group_norm(jnp.ones((2, 4), jnp.int32), num_groups=2), TypeError, "floating dtype"),
+    (
+        lambda: jaxbn.group_norm(jnp.ones((2, 4), jnp.int32), num_groups=2),
+        TypeError,
+        "floating dtype",
+    ),
     (lambda: jaxbn.instance_norm(jnp.ones((2, 3, 4), jnp.int8)), TypeError, "floating dtype"),
     (lambda: jaxbn.layer_norm(X, epsilon=0.0), ValueError, "epsilon must be a finite number > 0"),
     (lambda: jaxbn.rms_norm(X, epsilon=-1.0), ValueError, "epsilon must be a finite number > 0"),
-    (lambda: jaxbn.group_norm(X, num_groups=2, epsilon="1e-5"), TypeError, "epsilon must be a positive real"),
+    (
+        lambda: jaxbn.group_norm(X, num_groups=2, epsilon="1e-5"),
+        TypeError,
+        "epsilon must be a positive real",
+    ),
     (lambda: jaxbn.instance_norm(X, epsilon=float("nan")), ValueError, "epsilon must be a finite"),
     (lambda: jaxbn.layer_norm(X, dtype=jnp.int32), TypeError, "dtype must be a floating dtype"),
-    (lambda: jaxbn.layer_norm(X, reduction_axes=4), ValueError, r"reduction_axes=4 is out of range"),
-    (lambda: jaxbn.rms_norm(X, feature_axes=(1, 1)), ValueError, r"feature_axes=\(1, 1\) names the same axis"),
-    (lambda: jaxbn.layer_norm(X, {"scale": jnp.ones(5)}), ValueError, r"params\['scale'\] has shape \(5,\)"),
+    (
+        lambda: jaxbn.layer_norm(X, reduction_axes=4),
+        ValueError,
+        r"reduction_axes=4 is out of range",
+    ),
+    (
+        lambda: jaxbn.rms_norm(X, feature_axes=(1, 1)),
+        ValueError,
+        r"feature_axes=\(1, 1\) names the same axis",
+    ),
+    (
+        lambda: jaxbn.layer_norm(X, {"scale": jnp.ones(5)}),
+        ValueError,
+        r"params\['scale'\] has shape \(5,\)",
+    ),
     (lambda: jaxbn.layer_norm(X, {"gamma": jnp.ones(6)}), ValueError, r"unknown keys \['gamma'\]"),
-    (lambda: jaxbn.rms_norm(X, {"bias": jnp.ones(6)}), ValueError, r"unknown keys \['bias'\]; expected only \['scale'\]"),
-    (lambda: jaxbn.instance_norm(X, {"bias": jnp.ones(4)}), ValueError, r"has shape \(4,\).*feature shape \(6,\)"),
-    (lambda: jaxbn.layer_norm(X, mask=jnp.ones((3, 3), bool)), ValueError, r"mask of shape \(3, 3\) does not broadcast"),
-    (lambda: jaxbn.group_norm(X, num_groups=2, mask=jnp.ones((5,), bool)), ValueError, "mask of shape"),
+    (
+        lambda: jaxbn.rms_norm(X, {"bias": jnp.ones(6)}),
+        ValueError,
+        r"unknown keys \['bias'\]; expected only \['scale'\]",
+    ),
+    (
+        lambda: jaxbn.instance_norm(X, {"bias": jnp.ones(4)}),
+        ValueError,
+        r"has shape \(4,\).*feature shape \(6,\)",
+    ),
+    (
+        lambda: jaxbn.layer_norm(X, mask=jnp.ones((3, 3), bool)),
+        ValueError,
+        r"mask of shape \(3, 3\) does not broadcast",
+    ),
+    (
+        lambda: jaxbn.group_norm(X, num_groups=2, mask=jnp.ones((5,), bool)),
+        ValueError,
+        "mask of shape",
+    ),
     (lambda: jaxbn.group_norm(X), ValueError, "num_groups=32 does not divide the 6 channels"),
-    (lambda: jaxbn.group_norm(X, num_groups=4), ValueError, "num_groups=4 does not divide the 6 channels"),
-    (lambda: jaxbn.group_norm(X, num_groups=None, group_size=4), ValueError, "group_size=4 does not divide the 6"),
-    (lambda: jaxbn.group_norm(X, num_groups=2, group_size=3), ValueError,
-     "exactly one of num_groups and group_size must be given, got num_groups=2 and group_size=3"),
-    (lambda: jaxbn.group_norm(X, num_groups=None), ValueError, "exactly one of num_groups and group_size"),
-    (lambda: jaxbn.group_norm(X, num_groups=0), ValueError, "num_groups must be a positive int or None, got 0"),
-    (lambda: jaxbn.group_norm(X, num_groups=2.0), TypeError, "num_groups must be a positive int or None, got 2.0"),
-    (lambda: jaxbn.group_norm(X, num_groups=None, group_size=True), TypeError, "group_size must be a positive int"),
-    (lambda: jaxbn.group_norm(X, num_groups=2, reduction_axes=(1, 2)), ValueError,
-     r"reduction_axes=\(1, 2\) must include the last axis \(3, or -1\)"),
-    (lambda: jaxbn.instance_norm(X, feature_axes=(0, 3)), ValueError, r"feature_axes=\(0, 3\) includes axis 0"),
+    (
+        lambda: jaxbn.group_norm(X, num_groups=4),
+        ValueError,
+        "num_groups=4 does not divide the 6 channels",
+    ),
+    (
+        lambda: jaxbn.group_norm(X, num_groups=None, group_size=4),
+        ValueError,
+        "group_size=4 does not divide the 6",
+    ),
+    (
+        lambda: jaxbn.group_norm(X, num_groups=2, group_size=3),
+        ValueError,
+        "exactly one of num_groups and group_size must be given, got num_groups=2 and group_size=3",
+    ),
+    (
+        lambda: jaxbn.group_norm(X, num_groups=None),
+        ValueError,
+        "exactly one of num_groups and group_size",
+    ),
+    (
+        lambda: jaxbn.group_norm(X, num_groups=0),
+        ValueError,
+        "num_groups must be a positive int or None, got 0",
+    ),
+    (
+        lambda: jaxbn.group_norm(X, num_groups=2.0),
+        TypeError,
+        "num_groups must be a positive int or None, got 2.0",
+    ),
+    (
+        lambda: jaxbn.group_norm(X, num_groups=None, group_size=True),
+        TypeError,
+        "group_size must be a positive int",
+    ),
+    (
+        lambda: jaxbn.group_norm(X, num_groups=2, reduction_axes=(1, 2)),
+        ValueError,
+        r"reduction_axes=\(1, 2\) must include the last axis \(3, or -1\)",
+    ),
+    (
+        lambda: jaxbn.instance_norm(X, feature_axes=(0, 3)),
+        ValueError,
+        r"feature_axes=\(0, 3\) includes axis 0",
+    ),
 ]
 
 
@@ -206,7 +323,9 @@ def test_modules_reject_half_precision_statistics_and_ignore_fast_variance(name,
     x = jnp.asarray(rng.normal(size=SHAPE) + 3, jnp.float32)
     ours, _ = _modules(name, force_float32_reductions=False)
     variables = ours.init(jax.random.key(0), x)  # float32: the field changes nothing
-    with pytest.raises(NotImplementedError, match=r"force_float32_reductions=False\) with a bfloat16 input"):
+    with pytest.raises(
+        NotImplementedError, match=r"force_float32_reductions=False\) with a bfloat16 input"
+    ):
         ours.apply(variables, x.astype(jnp.bfloat16))
     fast, _ = _modules(name, use_fast_variance=True)
     # exact: the field is ignored, so both run the same eager ops on the same inputs
@@ -214,8 +333,14 @@ def test_modules_reject_half_precision_statistics_and_ignore_fast_variance(name,
 
 
 # Options flax lacks, appended after flax's fields; their defaults change nothing.
-EXTRA_FIELDS = {"BatchNorm": [("unbiased_running_var", False), ("update_running_stats", None), ("ghost_batch_size", None),
-                            ("sow_moments", False)]}
+EXTRA_FIELDS = {
+    "BatchNorm": [
+        ("unbiased_running_var", False),
+        ("update_running_stats", None),
+        ("ghost_batch_size", None),
+        ("sow_moments", False),
+    ]
+}
 
 
 @pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm", "BatchNorm"])
@@ -224,9 +349,13 @@ def test_module_fields_order_and_defaults_are_flax(name):
     import dataclasses
 
     def fields(cls):
-        return [(f.name, f.default) for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+        return [
+            (f.name, f.default) for f in dataclasses.fields(cls) if f.name not in ("parent", "name")
+        ]
 
-    assert fields(getattr(jaxbn.linen, name)) == fields(getattr(nn, name)) + EXTRA_FIELDS.get(name, [])
+    assert fields(getattr(jaxbn.linen, name)) == fields(getattr(nn, name)) + EXTRA_FIELDS.get(
+        name, []
+    )
 
 
 @pytest.mark.slow  # ~10 s; test_axis_names.py shards features too
@@ -236,4 +365,6 @@ def test_features_sharded_over_a_named_axis_give_the_global_statistics(rng):
     shards = x.reshape(3, 2, 4).transpose(1, 0, 2)  # (devices, batch, features / devices)
     for function in (jaxbn.layer_norm, jaxbn.rms_norm):
         sharded = jax.vmap(lambda s: function(s, axis_name="d"), axis_name="d")(shards)
-        np.testing.assert_allclose(sharded.transpose(1, 0, 2).reshape(3, 8), function(x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            sharded.transpose(1, 0, 2).reshape(3, 8), function(x), rtol=1e-5, atol=1e-5
+        )

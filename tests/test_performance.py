@@ -38,7 +38,6 @@ from tests.conftest import N_DEVICES, needs_devices, structural
 SHAPE = (32, 16, 16, 64)
 
 
-
 def _programs(dtype, mask=None, shape=SHAPE):
     """jaxbn's training forward, forward+backward and inference, jitted."""
     params, state = jaxbn.batch_norm_init(shape[-1])
@@ -71,7 +70,11 @@ def _flax_forward_backward(dtype):
         return y, updates, vjp((dy, jax.tree_util.tree_map(jnp.zeros_like, updates)))
 
     x = jnp.zeros(SHAPE, dtype)
-    return jax.jit(forward_backward).lower(x, variables["params"], variables["batch_stats"], x).compile()
+    return (
+        jax.jit(forward_backward)
+        .lower(x, variables["params"], variables["batch_stats"], x)
+        .compile()
+    )
 
 
 # (traffic in S, kernels) reached on XLA:CPU with jax 0.10; kernels include the
@@ -108,12 +111,20 @@ def test_no_data_dependent_control_flow_in_training(case):
     def forward(x, p):
         if case == "layer_norm":
             return jaxbn.layer_norm(x, p, reduction_axes=(1, 2, 3), feature_axes=-1)
-        kwargs = {"mask": mask} if case == "masked" else {"ghost_batch_size": 8} if case == "ghost" else {}
+        kwargs = (
+            {"mask": mask}
+            if case == "masked"
+            else {"ghost_batch_size": 8}
+            if case == "ghost"
+            else {}
+        )
         return jaxbn.batch_norm(x, p, state, training=True, **kwargs)
 
     def forward_backward(x, p, dy):
         out, vjp = jax.vjp(forward, x, p)
-        return out, vjp(jax.tree.map(lambda o: dy if o.shape == dy.shape else jnp.zeros_like(o), out))
+        return out, vjp(
+            jax.tree.map(lambda o: dy if o.shape == dy.shape else jnp.zeros_like(o), out)
+        )
 
     x = jnp.zeros(shape)
     for fn, args in ((forward, (x, params)), (forward_backward, (x, params, x))):
@@ -146,7 +157,11 @@ def test_no_custom_call_in_any_lowering(platform):
 
 
 def _instructions(compiled) -> int:
-    return sum(1 for line in compiled.as_text().splitlines() if re.match(r"\s*(ROOT )?%\S+ = \S+ [\w-]+\(", line))
+    return sum(
+        1
+        for line in compiled.as_text().splitlines()
+        if re.match(r"\s*(ROOT )?%\S+ = \S+ [\w-]+\(", line)
+    )
 
 
 @structural
@@ -155,8 +170,10 @@ def test_compiled_instructions_within_twice_flax():
     (``stats.computed_once``), not copied by XLA into every fusion that reads it (2.8x flax's count
     that way). 1.7x today: the exact statistics take three sums and their scaling, flax's two sums;
     ``benchmarks/compile.py`` measures what this costs a whole model."""
-    ours, theirs = _instructions(_programs(jnp.float32)["forward_backward"]), _instructions(
-        _flax_forward_backward(jnp.float32))
+    ours, theirs = (
+        _instructions(_programs(jnp.float32)["forward_backward"]),
+        _instructions(_flax_forward_backward(jnp.float32)),
+    )
     assert ours <= 2 * theirs, (ours, theirs)
 
 
@@ -170,7 +187,10 @@ def test_less_traffic_and_temp_memory_than_flax(dtype):
     # 11S vs 15S in float32 (0.73), 11S vs 29S in bfloat16 (0.38), per-feature vectors aside
     assert hlo.memory_traffic(ours.as_text())[0] <= 0.75 * hlo.memory_traffic(theirs.as_text())[0]
     size = np.prod(SHAPE) * jnp.dtype(dtype).itemsize
-    temp, flax_temp = ours.memory_analysis().temp_size_in_bytes, theirs.memory_analysis().temp_size_in_bytes
+    temp, flax_temp = (
+        ours.memory_analysis().temp_size_in_bytes,
+        theirs.memory_analysis().temp_size_in_bytes,
+    )
     # a few KB in both dtypes (flax's float32: 1.5 KB, its bfloat16: 2S of float32 x)
     assert temp <= size / 100, temp
     assert temp <= max(flax_temp, size / 100), (temp, flax_temp)
@@ -269,8 +289,14 @@ def test_accelerator_lowerings_under_shard_map(platform):
         (y, new_state), vjp = jax.vjp(lambda x, p: forward(x, p, s), x, p)
         return y, new_state, vjp((y, jax.tree_util.tree_map(jnp.zeros_like, new_state)))
 
-    x = jax.device_put(jnp.ones((64, 16)), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("i")))
-    specs = (jax.sharding.PartitionSpec("i"), jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec())
+    x = jax.device_put(
+        jnp.ones((64, 16)), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("i"))
+    )
+    specs = (
+        jax.sharding.PartitionSpec("i"),
+        jax.sharding.PartitionSpec(),
+        jax.sharding.PartitionSpec(),
+    )
     for fn, out_specs, all_reduces in (
         (forward, (specs[0], specs[1]), 0),
         (forward_backward, (specs[0], specs[1], (specs[0], specs[1])), 1),
@@ -287,7 +313,9 @@ def test_accelerator_lowerings_under_shard_map(platform):
             compiled = mapped.lower(x, params, state).compile().as_text()
             assert _no_control_flow(compiled)
             assert hlo.count_collectives(compiled, "all-gather", include_branches=True) == 1
-            assert hlo.count_collectives(compiled, "all-reduce", include_branches=True) == all_reduces
+            assert (
+                hlo.count_collectives(compiled, "all-reduce", include_branches=True) == all_reduces
+            )
 
 
 @pytest.mark.parametrize("call", ["batch_norm", "linen", "nnx", "layer_norm"])
@@ -344,7 +372,9 @@ def test_per_example_norms_in_bfloat16_move_less_than_flax(norm):
     x = jnp.zeros(shape, jnp.bfloat16)
     p = {"scale": jnp.ones(shape[-1]), "bias": jnp.zeros(shape[-1])}
     if norm == "layer_norm":
-        ours = lambda x, p: jaxbn.layer_norm(x, p, reduction_axes=(1, 2, 3), feature_axes=-1, dtype=jnp.bfloat16)
+        ours = lambda x, p: jaxbn.layer_norm(
+            x, p, reduction_axes=(1, 2, 3), feature_axes=-1, dtype=jnp.bfloat16
+        )
         module = nn.LayerNorm(reduction_axes=(1, 2, 3), feature_axes=-1, dtype=jnp.bfloat16)
     else:
         ours = lambda x, p: jaxbn.group_norm(x, p, num_groups=groups, dtype=jnp.bfloat16)
@@ -355,13 +385,17 @@ def test_per_example_norms_in_bfloat16_move_less_than_flax(norm):
         def run(x, p, dy):
             y, vjp = jax.vjp(f, x, p)
             return y, vjp(dy)
+
         return run
 
     size = x.size * x.dtype.itemsize
     traffic = {}
     for name, f in (("ours", ours), ("theirs", theirs)):
         forward = hlo.memory_traffic(jax.jit(f).lower(x, p).compile().as_text())[0] / size
-        both = hlo.memory_traffic(jax.jit(with_backward(f)).lower(x, p, x).compile().as_text())[0] / size
+        both = (
+            hlo.memory_traffic(jax.jit(with_backward(f)).lower(x, p, x).compile().as_text())[0]
+            / size
+        )
         traffic[name] = (forward, both)
     assert traffic["ours"][0] <= {"layer_norm": 5.1, "group_norm": 7.5}[norm], traffic
     assert traffic["ours"][1] <= 0.9 * traffic["theirs"][1], traffic
@@ -379,8 +413,14 @@ def test_layers_of_one_shape_share_one_lowered_step():
         return x
 
     def lowered(count):
-        text = jax.jit(jax.grad(lambda x: jnp.sum(layers(x, count)))).lower(jnp.ones((5, 3, 7))).as_text()
-        return len(re.findall(r"func\.func private @batch_norm_train", text)), text.count("call @batch_norm_train")
+        text = (
+            jax.jit(jax.grad(lambda x: jnp.sum(layers(x, count))))
+            .lower(jnp.ones((5, 3, 7)))
+            .as_text()
+        )
+        return len(re.findall(r"func\.func private @batch_norm_train", text)), text.count(
+            "call @batch_norm_train"
+        )
 
     # (one layer lowers one function fewer than several: the count is compared from two layers up)
     (two_defined, two_called), (eight_defined, eight_called) = lowered(2), lowered(8)

@@ -46,7 +46,9 @@ def test_ci_runs_the_readme_commands():
     bash = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
     lines = [line for block in bash for line in block.splitlines()]
     commands = [SETUP_COMMANDS[1]]
-    commands += [line for line in lines if line.startswith(".venv/bin/python -m pytest -n 2 -m slow")][:1]
+    commands += [
+        line for line in lines if line.startswith(".venv/bin/python -m pytest -n 2 -m slow")
+    ][:1]
     commands += [line for line in lines if "-m sphinx" in line]
     assert len(commands) == 3, commands
     ci = CI.read_text()
@@ -65,6 +67,14 @@ def test_readme_python_block_runs_alone(index):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["JAX_PLATFORMS"] = "cpu"  # the CI machine's platform; the blocks name no device
     # 600 s: a block's quiet time is under 30 s on 2 cores (a fresh interpreter importing jax and flax)
-    run = subprocess.run([sys.executable, "-c", BLOCKS[index]], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=README.parent)
-    assert run.returncode == 0, f"README python block {index} failed alone:\n{BLOCKS[index]}\n{run.stderr[-3000:]}"
+    run = subprocess.run(
+        [sys.executable, "-c", BLOCKS[index]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=README.parent,
+    )
+    assert run.returncode == 0, (
+        f"README python block {index} failed alone:\n{BLOCKS[index]}\n{run.stderr[-3000:]}"
+    )

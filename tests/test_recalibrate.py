@@ -30,7 +30,9 @@ class LinenNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask=None):
-        norm = functools.partial(self.norm, use_running_average=True, momentum=self.momentum, axis_name=self.axis_name)
+        norm = functools.partial(
+            self.norm, use_running_average=True, momentum=self.momentum, axis_name=self.axis_name
+        )
         h = norm()(nn.Dense(5)(x), mask=mask)
         return norm()(nn.Dense(4)(nn.relu(h)), mask=mask)
 
@@ -46,7 +48,9 @@ class NnxNet(nnx.Module):
 
 def _batches(rng, count=4, size=16):
     """Batches whose means differ, so the population variance is not the mean of the batch variances."""
-    return [jnp.asarray(rng.normal(size=(size, 3)) * (1 + b) + 3 * b, jnp.float32) for b in range(count)]
+    return [
+        jnp.asarray(rng.normal(size=(size, 3)) * (1 + b) + 3 * b, jnp.float32) for b in range(count)
+    ]
 
 
 def _reference(batches, dense1, dense2, bn1=None, masks=None):
@@ -65,7 +69,9 @@ def _reference(batches, dense1, dense2, bn1=None, masks=None):
 
 
 def _dense(params, name):
-    return np.asarray(params[name]["kernel"], np.float64), np.asarray(params[name]["bias"], np.float64)
+    return np.asarray(params[name]["kernel"], np.float64), np.asarray(
+        params[name]["bias"], np.float64
+    )
 
 
 @pytest.mark.parametrize("norm", [jaxbn.linen.BatchNorm, nn.BatchNorm], ids=["jaxbn", "flax"])
@@ -75,7 +81,9 @@ def test_linen_population_statistics_equal_float64(norm, rng):
     variables = model.init(jax.random.key(0), batches[0])
     new = jaxbn.recalibrate(model, variables, batches, progress=False)
     assert jax.tree.structure(new) == jax.tree.structure(variables)
-    expected = _reference(batches, _dense(variables["params"], "Dense_0"), _dense(variables["params"], "Dense_1"))
+    expected = _reference(
+        batches, _dense(variables["params"], "Dense_0"), _dense(variables["params"], "Dense_1")
+    )
     for layer, (mean, var) in zip(("BatchNorm_0", "BatchNorm_1"), expected):
         np.testing.assert_allclose(new["batch_stats"][layer]["mean"], mean, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(new["batch_stats"][layer]["var"], var, rtol=1e-5)
@@ -89,8 +97,12 @@ def test_normalizing_with_the_running_statistics(rng):
     variables = model.init(jax.random.key(0), batches[0])
     new = jaxbn.recalibrate(model, variables, batches, normalize_with="running", progress=False)
     old = variables["batch_stats"]["BatchNorm_0"]
-    expected = _reference(batches, _dense(variables["params"], "Dense_0"), _dense(variables["params"], "Dense_1"),
-                          bn1=(np.asarray(old["mean"]), np.asarray(old["var"])))
+    expected = _reference(
+        batches,
+        _dense(variables["params"], "Dense_0"),
+        _dense(variables["params"], "Dense_1"),
+        bn1=(np.asarray(old["mean"]), np.asarray(old["var"])),
+    )
     np.testing.assert_allclose(new["batch_stats"]["BatchNorm_1"]["var"], expected[1][1], rtol=1e-5)
 
 
@@ -100,10 +112,16 @@ def test_masks_count_only_valid_elements_and_cumulative_modules_get_a_count(rng)
     model = LinenNet(momentum=None)
     variables = model.init(jax.random.key(0), batches[0])
     new = jaxbn.recalibrate(model, variables, list(zip(batches, masks)), progress=False)
-    expected = _reference(batches, _dense(variables["params"], "Dense_0"), _dense(variables["params"], "Dense_1"),
-                          masks=masks)
+    expected = _reference(
+        batches,
+        _dense(variables["params"], "Dense_0"),
+        _dense(variables["params"], "Dense_1"),
+        masks=masks,
+    )
     np.testing.assert_allclose(new["batch_stats"]["BatchNorm_0"]["var"], expected[0][1], rtol=1e-5)
-    np.testing.assert_allclose(new["batch_stats"]["BatchNorm_1"]["mean"], expected[1][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        new["batch_stats"]["BatchNorm_1"]["mean"], expected[1][0], rtol=1e-5, atol=1e-5
+    )
     # exact by construction: the count is the number of batches, a small integer, written as a float
     assert float(new["batch_stats"]["BatchNorm_0"]["count"]) == len(batches)
 
@@ -116,10 +134,13 @@ def test_a_sharded_batch_gives_the_statistics_of_one_device(rng):
     variables = model.init(jax.random.key(0), batches[0])
     sharding = NamedSharding(jax.make_mesh((N_DEVICES,), ("data",)), P("data"))
     synchronized = LinenNet(axis_name="data")  # as a shard_map / pmap training step would build it
-    sharded = jaxbn.recalibrate(synchronized, variables, [jax.device_put(b, sharding) for b in batches],
-                                progress=False)
+    sharded = jaxbn.recalibrate(
+        synchronized, variables, [jax.device_put(b, sharding) for b in batches], progress=False
+    )
     single = jaxbn.recalibrate(model, variables, batches, progress=False)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), sharded, single)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), sharded, single
+    )
 
 
 def test_nnx_module_is_updated_in_place_and_matches_linen(rng):
@@ -127,8 +148,10 @@ def test_nnx_module_is_updated_in_place_and_matches_linen(rng):
     module = NnxNet(nnx.Rngs(0))
     module.eval()
     assert jaxbn.recalibrate(module, batches, progress=False) is module
-    params = {name: {"kernel": getattr(module, name).kernel[...], "bias": getattr(module, name).bias[...]}
-              for name in ("dense1", "dense2")}
+    params = {
+        name: {"kernel": getattr(module, name).kernel[...], "bias": getattr(module, name).bias[...]}
+        for name in ("dense1", "dense2")
+    }
     expected = _reference(batches, _dense(params, "dense1"), _dense(params, "dense2"))
     for bn, (mean, var) in zip((module.bn1, module.bn2), expected):
         np.testing.assert_allclose(bn.mean[...], mean, rtol=1e-5, atol=1e-5)
@@ -143,8 +166,13 @@ def test_mean_of_batches_matches_pytorch_update_bn(rng):
     batches = _batches(rng)
     model = LinenNet()
     variables = model.init(jax.random.key(0), batches[0])
-    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5), torch.nn.ReLU(),
-                              torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4)).double()
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 5),
+        torch.nn.BatchNorm1d(5),
+        torch.nn.ReLU(),
+        torch.nn.Linear(5, 4),
+        torch.nn.BatchNorm1d(4),
+    ).double()
     with torch.no_grad():
         for index, name in ((0, "Dense_0"), (3, "Dense_1")):
             net[index].weight.copy_(torch.tensor(np.asarray(variables["params"][name]["kernel"]).T))
@@ -153,9 +181,12 @@ def test_mean_of_batches_matches_pytorch_update_bn(rng):
     torch.optim.swa_utils.update_bn(loader, net)
     new = jaxbn.recalibrate(model, variables, batches, estimator="mean_of_batches", progress=False)
     for index, layer in ((1, "BatchNorm_0"), (4, "BatchNorm_1")):
-        np.testing.assert_allclose(new["batch_stats"][layer]["mean"], net[index].running_mean.numpy(), rtol=1e-5,
-                                   atol=1e-5)
-        np.testing.assert_allclose(new["batch_stats"][layer]["var"], net[index].running_var.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(
+            new["batch_stats"][layer]["mean"], net[index].running_mean.numpy(), rtol=1e-5, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            new["batch_stats"][layer]["var"], net[index].running_var.numpy(), rtol=1e-5
+        )
 
 
 def test_clear_errors():
@@ -189,7 +220,9 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_default_progress_without_tqdm_on_a_terminal_shows_no_bar_and_does_not_fail(rng, monkeypatch):
+def test_default_progress_without_tqdm_on_a_terminal_shows_no_bar_and_does_not_fail(
+    rng, monkeypatch
+):
     """A plain install has no tqdm: on a terminal, the default (progress=None) runs without a bar; only an
     explicit progress=True asks for tqdm, with an ImportError that says how to get it."""
     batches = _batches(rng, count=8)  # more than 5: on a terminal the default would show a bar
@@ -237,7 +270,9 @@ def test_one_array_instead_of_an_iterable_of_batches_is_refused(array):
     before = np.asarray(module.bn1.mean[...])
     with pytest.raises(TypeError, match=message):
         jaxbn.recalibrate(module, x, progress=False)
-    np.testing.assert_array_equal(module.bn1.mean[...], before)  # refused before anything ran: unchanged
+    np.testing.assert_array_equal(
+        module.bn1.mean[...], before
+    )  # refused before anything ran: unchanged
     jaxbn.recalibrate(module, [x], progress=False)  # the fix the message names
 
 
@@ -254,7 +289,9 @@ def test_one_batch_of_arguments_instead_of_a_list_of_batches_is_refused():
         jaxbn.recalibrate(model, variables, (x, mask), progress=False)
     with pytest.raises(TypeError, match=message):
         jaxbn.recalibrate(NnxNet(nnx.Rngs(0)), (x, mask), progress=False)
-    jaxbn.recalibrate(model, variables, (x, x + 1), progress=False)  # two batches of one shape: as before
+    jaxbn.recalibrate(
+        model, variables, (x, x + 1), progress=False
+    )  # two batches of one shape: as before
 
 
 def test_recalibrating_a_linen_model_twice_compiles_once(caplog):
@@ -343,9 +380,18 @@ def test_two_tools_run_concurrently_in_threads(rng):
             inside[tool].set()
 
     threads = [
-        threading.Thread(target=run, args=("recalibrate", lambda: jaxbn.recalibrate(
-            Gated("recalibrate", nnx.Rngs(0)), batches, progress=False))),
-        threading.Thread(target=run, args=("fold", lambda: jaxbn.fold_batch_norm(gated, batches[0]))),
+        threading.Thread(
+            target=run,
+            args=(
+                "recalibrate",
+                lambda: jaxbn.recalibrate(
+                    Gated("recalibrate", nnx.Rngs(0)), batches, progress=False
+                ),
+            ),
+        ),
+        threading.Thread(
+            target=run, args=("fold", lambda: jaxbn.fold_batch_norm(gated, batches[0]))
+        ),
     ]
     call = jaxbn.nnx.BatchNorm.__call__
     threads[1].start()  # fold first: inside its forward pass, it waits for recalibrate's
@@ -357,12 +403,24 @@ def test_two_tools_run_concurrently_in_threads(rng):
         raise errors[0]
     for name in ("bn1", "bn2"):
         for stat in ("mean", "var"):
-            np.testing.assert_allclose(getattr(getattr(results["recalibrate"], name), stat)[...],
-                                       getattr(getattr(alone, name), stat)[...], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(
+                getattr(getattr(results["recalibrate"], name), stat)[...],
+                getattr(getattr(alone, name), stat)[...],
+                rtol=1e-6,
+                atol=1e-6,
+            )
     folded = results["fold"]
     for name in ("bn1", "bn2"):
-        assert type(getattr(folded, name)).__name__ == type(getattr(folded_alone, name)).__name__ == "FoldedBatchNorm"
+        assert (
+            type(getattr(folded, name)).__name__
+            == type(getattr(folded_alone, name)).__name__
+            == "FoldedBatchNorm"
+        )
     for x in batches:
-        np.testing.assert_allclose(NnxNet.__call__(folded, x), folded_alone(x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            NnxNet.__call__(folded, x), folded_alone(x), rtol=1e-5, atol=1e-5
+        )
         np.testing.assert_allclose(folded_alone(x), unfolded(x), rtol=1e-4, atol=1e-4)
-    assert type(alone.bn1) is jaxbn.nnx.BatchNorm and jaxbn.nnx.BatchNorm.__call__ is call  # nothing edited
+    assert (
+        type(alone.bn1) is jaxbn.nnx.BatchNorm and jaxbn.nnx.BatchNorm.__call__ is call
+    )  # nothing edited

@@ -58,9 +58,14 @@ def renorm_reference(x, scale, bias, state, r_max, d_max, *, axis=-1, mask=None,
     d = np.clip((mu_b - mean) / sigma, -d_max, d_max)
     shape = _shape_for(axis, x.ndim)
     x_hat = reference.normalize(x, mu_b, var_b, axis=axis, epsilon=EPSILON)
-    y = np.reshape(np.asarray(scale, np.float64), shape) * (x_hat * r.reshape(shape) + d.reshape(shape))
+    y = np.reshape(np.asarray(scale, np.float64), shape) * (
+        x_hat * r.reshape(shape) + d.reshape(shape)
+    )
     y = y + np.reshape(np.asarray(bias, np.float64), shape)
-    new_state = {"mean": momentum * mean + (1 - momentum) * mu_b, "var": momentum * var + (1 - momentum) * var_b}
+    new_state = {
+        "mean": momentum * mean + (1 - momentum) * mu_b,
+        "var": momentum * var + (1 - momentum) * var_b,
+    }
     return y, r, d, new_state
 
 
@@ -81,7 +86,9 @@ def renorm_reference_grads(x, w, scale, r, d, *, axis=-1, mask=None):
     x_hat = (x - mu_b.reshape(shape)) * inv_std
     n = valid.sum(reduce_axes).reshape(shape)
     g = w * np.reshape(np.asarray(scale, np.float64), shape) * r.reshape(shape)
-    correction = (g.sum(reduce_axes).reshape(shape) + x_hat * (g * x_hat).sum(reduce_axes).reshape(shape)) / n
+    correction = (
+        g.sum(reduce_axes).reshape(shape) + x_hat * (g * x_hat).sum(reduce_axes).reshape(shape)
+    ) / n
     dx = inv_std * (g - np.where(valid, correction, 0))
     return dx, r * (w * x_hat).sum(reduce_axes) + d * w.sum(reduce_axes), w.sum(reduce_axes)
 
@@ -96,8 +103,14 @@ def _data(layout, dtype=np.float32, seed=0):
     channel = _shape_for(axis, len(shape))
     x = (z * BATCH_STD.reshape(channel) + BATCH_MEAN.reshape(channel)).astype(dtype)
     w = rng.normal(size=shape).astype(dtype)
-    params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 4), dtype), "bias": jnp.asarray(rng.normal(size=4), dtype)}
-    state = {"mean": jnp.asarray(rng.normal(size=4) * 0.05, dtype), "var": jnp.asarray(rng.uniform(0.9, 1.1, 4), dtype)}
+    params = {
+        "scale": jnp.asarray(rng.uniform(0.5, 1.5, 4), dtype),
+        "bias": jnp.asarray(rng.normal(size=4), dtype),
+    }
+    state = {
+        "mean": jnp.asarray(rng.normal(size=4) * 0.05, dtype),
+        "var": jnp.asarray(rng.uniform(0.9, 1.1, 4), dtype),
+    }
     return x, w, params, state
 
 
@@ -111,13 +124,17 @@ def _renorm_step(x, w, params, state, *, r_max=R_MAX, d_max=D_MAX, fn=jaxbn.batc
             y, new_state = fn(x, params, state, training=True, r_max=r_max, d_max=d_max, **kwargs)
         return jnp.sum(w * y), (y, new_state)
 
-    (_, (y, new_state)), (dx, dparams) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, params)
+    (_, (y, new_state)), (dx, dparams) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        x, params
+    )
     return y, new_state, dx, dparams
 
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)])  # x64: slow tier
+@pytest.mark.parametrize(
+    "dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)]
+)  # x64: slow tier
 def test_matches_float64_reference(dtype, layout, masked):
     """Outputs, state and gradients equal the paper's equations in float64, r and d clipped and not."""
     axis, shape = LAYOUTS[layout]
@@ -128,22 +145,34 @@ def test_matches_float64_reference(dtype, layout, masked):
             x = np.where(mask, x, 1e3).astype(dtype)
         step = jax.jit(functools.partial(_renorm_step, axis=axis, momentum=MOMENTUM, mask=mask))
         y, new_state, dx, dparams = step(x, w, params, state)
-        y_ref, r, d, state_ref = renorm_reference(x, params["scale"], params["bias"], state, R_MAX, D_MAX,
-                                                  axis=axis, mask=mask)
-        dx_ref, dscale_ref, dbias_ref = renorm_reference_grads(x, w, params["scale"], r, d, axis=axis, mask=mask)
+        y_ref, r, d, state_ref = renorm_reference(
+            x, params["scale"], params["bias"], state, R_MAX, D_MAX, axis=axis, mask=mask
+        )
+        dx_ref, dscale_ref, dbias_ref = renorm_reference_grads(
+            x, w, params["scale"], r, d, axis=axis, mask=mask
+        )
 
     # The data clips r above and below in channels 1 and 2 and leaves channels 0 and 3 free (the float64
     # reference's r and d; exact where clipped: np.clip returns the limit itself).
     assert r[1] == R_MAX and r[2] == 1 / R_MAX and d[1] == D_MAX and d[2] == -D_MAX
-    assert 1 / R_MAX < r[0] < R_MAX and 1 / R_MAX < r[3] < R_MAX and abs(d[0]) < D_MAX and abs(d[3]) < D_MAX
+    assert (
+        1 / R_MAX < r[0] < R_MAX
+        and 1 / R_MAX < r[3] < R_MAX
+        and abs(d[0]) < D_MAX
+        and abs(d[3]) < D_MAX
+    )
     assert np.all(np.abs(r - 1) > 0.1)  # and differs from batch norm everywhere
     assert y.dtype == dx.dtype == jnp.dtype(dtype)
     tol = {"float32": dict(rtol=1e-5, atol=1e-4), "float64": dict(rtol=1e-10, atol=1e-9)}[dtype]
-    scale = np.abs(y_ref).max()  # junk padding makes masked outputs large: compare relative to the largest
+    scale = np.abs(
+        y_ref
+    ).max()  # junk padding makes masked outputs large: compare relative to the largest
     np.testing.assert_allclose(y, y_ref, rtol=tol["rtol"], atol=tol["atol"] * scale)
     for key in ("mean", "var"):
         np.testing.assert_allclose(new_state[key], state_ref[key], **tol)
-    np.testing.assert_allclose(dx, dx_ref, rtol=tol["rtol"], atol=tol["atol"] * np.abs(dx_ref).max())
+    np.testing.assert_allclose(
+        dx, dx_ref, rtol=tol["rtol"], atol=tol["atol"] * np.abs(dx_ref).max()
+    )
     np.testing.assert_allclose(dparams["scale"], dscale_ref, **tol)
     np.testing.assert_allclose(dparams["bias"], dbias_ref, **tol)
 
@@ -151,11 +180,18 @@ def test_matches_float64_reference(dtype, layout, masked):
 def test_unbounded_limits_give_the_inference_transform():
     """r_max = d_max = inf: y = scale (x - mu) / sigma + bias with the running statistics, state as batch norm."""
     x, _, params, state = _data("NHWC")
-    y, new_state = jaxbn.batch_renorm(x, params, state, training=True, r_max=np.inf, d_max=float("inf"))
-    y_ref = reference.normalize(x, state["mean"], state["var"], params["scale"], params["bias"], -1, EPSILON)
+    y, new_state = jaxbn.batch_renorm(
+        x, params, state, training=True, r_max=np.inf, d_max=float("inf")
+    )
+    y_ref = reference.normalize(
+        x, state["mean"], state["var"], params["scale"], params["bias"], -1, EPSILON
+    )
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-4)
     _, bn_state = jaxbn.batch_norm(x, params, state, training=True)
-    for key in ("mean", "var"):  # renorm and batch norm: other programs, the same statistics to rounding
+    for key in (
+        "mean",
+        "var",
+    ):  # renorm and batch norm: other programs, the same statistics to rounding
         np.testing.assert_allclose(new_state[key], bn_state[key], rtol=1e-6, atol=1e-7)
 
 
@@ -185,8 +221,12 @@ def test_unit_limits_equal_batch_norm(dtype, kwargs):
         kwargs["mask"] = np.random.default_rng(2).uniform(size=x.shape) < 0.6
     if "momentum" in kwargs and kwargs["momentum"] is None:
         state = {**state, "count": jnp.asarray(3.0, jnp.float32)}
-    renorm = jax.jit(functools.partial(_renorm_step, r_max=1.0, d_max=0.0, **kwargs))(x, w, params, state)
-    batch_norm = jax.jit(functools.partial(_renorm_step, fn=jaxbn.batch_norm, **kwargs))(x, w, params, state)
+    renorm = jax.jit(functools.partial(_renorm_step, r_max=1.0, d_max=0.0, **kwargs))(
+        x, w, params, state
+    )
+    batch_norm = jax.jit(functools.partial(_renorm_step, fn=jaxbn.batch_norm, **kwargs))(
+        x, w, params, state
+    )
     for a, b in zip(jax.tree.leaves(renorm), jax.tree.leaves(batch_norm), strict=True):
         assert a.dtype == b.dtype
         _assert_equal_to_rounding(a, b)
@@ -194,7 +234,9 @@ def test_unit_limits_equal_batch_norm(dtype, kwargs):
 
 def _assert_equal_to_rounding(a, b):
     """Two programs computing the same value: within a few ulps of the dtype, relative to the largest value."""
-    tol = 1e-2 if jnp.dtype(a.dtype) == jnp.bfloat16 else 1e-6  # bfloat16 holds ~3 digits, float32 ~7
+    tol = (
+        1e-2 if jnp.dtype(a.dtype) == jnp.bfloat16 else 1e-6
+    )  # bfloat16 holds ~3 digits, float32 ~7
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
 
@@ -204,12 +246,16 @@ def test_ghost_batches_renormalize_each_group():
     """ghost_batch_size: each group is renormalized with its own r, d; the state is ghost batch norm's."""
     x, w, params, state = _data("NHWC")
     ghost = 4
-    y, new_state, dx, dparams = jax.jit(functools.partial(_renorm_step, ghost_batch_size=ghost))(x, w, params, state)
+    y, new_state, dx, dparams = jax.jit(functools.partial(_renorm_step, ghost_batch_size=ghost))(
+        x, w, params, state
+    )
     dparams_sum = {"scale": 0.0, "bias": 0.0}
     for start in range(0, x.shape[0], ghost):
         part = slice(start, start + ghost)
         y_k, _, dx_k, dp_k = jax.jit(_renorm_step)(x[part], w[part], params, state)
-        y_ref, r, _, _ = renorm_reference(x[part], params["scale"], params["bias"], state, R_MAX, D_MAX)
+        y_ref, r, _, _ = renorm_reference(
+            x[part], params["scale"], params["bias"], state, R_MAX, D_MAX
+        )
         # clipping is active in the group (the reference's r; exact: np.clip returns the limit itself)
         assert np.any(r == R_MAX) or np.any(r == 1 / R_MAX)
         np.testing.assert_allclose(y[part], y_ref, rtol=1e-5, atol=1e-4)
@@ -222,8 +268,12 @@ def test_ghost_batches_renormalize_each_group():
     for key in ("mean", "var"):
         np.testing.assert_allclose(new_state[key], ghost_state[key], rtol=1e-6, atol=1e-7)
     # r_max=1, d_max=0 is ghost batch norm (to an ulp: XLA may fuse the two programs differently)
-    unit = jax.jit(functools.partial(_renorm_step, r_max=1.0, d_max=0.0, ghost_batch_size=ghost))(x, w, params, state)
-    bn = jax.jit(functools.partial(_renorm_step, fn=jaxbn.batch_norm, ghost_batch_size=ghost))(x, w, params, state)
+    unit = jax.jit(functools.partial(_renorm_step, r_max=1.0, d_max=0.0, ghost_batch_size=ghost))(
+        x, w, params, state
+    )
+    bn = jax.jit(functools.partial(_renorm_step, fn=jaxbn.batch_norm, ghost_batch_size=ghost))(
+        x, w, params, state
+    )
     for a, b in zip(jax.tree.leaves(unit), jax.tree.leaves(bn), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-7, atol=1e-7)
 
@@ -238,22 +288,35 @@ def test_gradients_pass_numerical_check_orders_1_and_2():
     """
     with jax.enable_x64(True):
         rng = np.random.default_rng(3)
-        x = jnp.asarray(rng.normal(size=(6, 3)) * np.array([6.0, 0.1, 5.0]) + np.array([9.0, -9.0, 0.0]))
+        x = jnp.asarray(
+            rng.normal(size=(6, 3)) * np.array([6.0, 0.1, 5.0]) + np.array([9.0, -9.0, 0.0])
+        )
         w = jnp.asarray(rng.normal(size=(6, 3)))
         params = {"scale": jnp.array([1.0, 2.0, 0.5]), "bias": jnp.array([0.0, 1.0, -1.0])}
         state = {"mean": jnp.array([0.0, 0.0, 6.0]), "var": jnp.ones(3, jnp.float64)}
         mask = jnp.array([[1], [1], [0], [1], [1], [1]], bool)
         for kw in ({}, {"mask": mask}):
-            y_ref, r, d, _ = renorm_reference(x, params["scale"], params["bias"], state, 2.0, 1.0, mask=kw.get("mask"))
+            y_ref, r, d, _ = renorm_reference(
+                x, params["scale"], params["bias"], state, 2.0, 1.0, mask=kw.get("mask")
+            )
             # every r and d clipped (the reference's; exact: np.clip returns the limits 2, 1/2, +-1 themselves)
             assert np.all((r == 2.0) | (r == 0.5)) and np.all(np.abs(d) == 1.0)
 
             def f(x, scale, bias, kw=kw):
-                y, _ = jaxbn.batch_renorm(x, {"scale": scale, "bias": bias}, state, training=True, r_max=2.0,
-                                          d_max=1.0, **kw)
+                y, _ = jaxbn.batch_renorm(
+                    x,
+                    {"scale": scale, "bias": bias},
+                    state,
+                    training=True,
+                    r_max=2.0,
+                    d_max=1.0,
+                    **kw,
+                )
                 return jnp.sum(w * jnp.sin(y))
 
-            check_grads(jax.jit(f), (x, params["scale"], params["bias"]), order=2, modes=("rev",), eps=1e-4)
+            check_grads(
+                jax.jit(f), (x, params["scale"], params["bias"]), order=2, modes=("rev",), eps=1e-4
+            )
 
 
 def test_schedule_values_and_traced_step():
@@ -275,8 +338,14 @@ def test_schedule_values_and_traced_step():
             assert got[0].dtype == got[1].dtype == jnp.float32
             np.testing.assert_allclose(got, (r_max, d_max), rtol=1e-6)
     np.testing.assert_allclose(jaxbn.renorm_clipping(22500), (2.0, 4.375), rtol=1e-6)  # Python int
-    custom = jaxbn.renorm_clipping(jnp.array([0, 10, 11, 20]), r_max=2.0, d_max=1.0, warmup_steps=10,
-                                   r_max_steps=20, d_max_steps=10)
+    custom = jaxbn.renorm_clipping(
+        jnp.array([0, 10, 11, 20]),
+        r_max=2.0,
+        d_max=1.0,
+        warmup_steps=10,
+        r_max_steps=20,
+        d_max_steps=10,
+    )
     np.testing.assert_allclose(custom, ([1.0, 1.0, 1.1, 2.0], [0.0, 0.0, 1.0, 1.0]), rtol=1e-6)
 
     # A step counter inside a jitted train step drives the limits.
@@ -292,8 +361,12 @@ def test_schedule_values_and_traced_step():
     for a, b in zip(jax.tree.leaves(during_warmup), jax.tree.leaves(batch_norm), strict=True):
         _assert_equal_to_rounding(a, b)  # r = 1, d = 0: batch norm's arithmetic, in another program
     relaxed = train_step(jnp.int32(50000), state)
-    for a, b in zip(jax.tree.leaves(relaxed), jax.tree.leaves(
-            jaxbn.batch_renorm(x, params, state, training=True, r_max=R_MAX, d_max=D_MAX))):
+    for a, b in zip(
+        jax.tree.leaves(relaxed),
+        jax.tree.leaves(
+            jaxbn.batch_renorm(x, params, state, training=True, r_max=R_MAX, d_max=D_MAX)
+        ),
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
@@ -322,7 +395,9 @@ def test_non_finite_batch_keeps_state():
     for key in ("mean", "var"):  # exact: the update is skipped, the old state selected unchanged
         np.testing.assert_array_equal(new_state[key], state[key])
     cumulative = {**state, "count": jnp.asarray(2.0, jnp.float32)}
-    _, new_state = jaxbn.batch_renorm(x, params, cumulative, training=True, r_max=R_MAX, d_max=D_MAX, momentum=None)
+    _, new_state = jaxbn.batch_renorm(
+        x, params, cumulative, training=True, r_max=R_MAX, d_max=D_MAX, momentum=None
+    )
     for key in ("mean", "var", "count"):  # exact: selected unchanged, as above
         np.testing.assert_array_equal(new_state[key], cumulative[key])
 
@@ -338,7 +413,10 @@ def test_inference_and_reestimation_are_batch_norms():
         # (inference transform, moments, update) on the same inputs
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
             np.testing.assert_array_equal(a, b)
-    assert jaxbn.batch_renorm(x, params, state, training=False, r_max=R_MAX, d_max=D_MAX, axis=1)[1] is state
+    assert (
+        jaxbn.batch_renorm(x, params, state, training=False, r_max=R_MAX, d_max=D_MAX, axis=1)[1]
+        is state
+    )
 
 
 def test_rejects_bad_arguments():
@@ -409,27 +487,45 @@ def _distributed_step(kind, axis):
             for value in jax.tree.leaves(new_state):
                 np.testing.assert_array_equal(value, np.broadcast_to(value[0], value.shape))
             # each device differentiates its own loss: the parameter gradient is their sum
-            return merge(y), jax.tree.map(lambda a: a[0], new_state), merge(dx), jax.tree.map(
-                lambda g: g.sum(0), dparams)
+            return (
+                merge(y),
+                jax.tree.map(lambda a: a[0], new_state),
+                merge(dx),
+                jax.tree.map(lambda g: g.sum(0), dparams),
+            )
 
         return run
-    step = jax.jit(_shard_map(local, mesh=_mesh(), in_specs=(P("i"), P("i"), P(), P()),
-                              out_specs=(P("i"), P(), P("i"), P())))
+    step = jax.jit(
+        _shard_map(
+            local,
+            mesh=_mesh(),
+            in_specs=(P("i"), P("i"), P(), P()),
+            out_specs=(P("i"), P(), P("i"), P()),
+        )
+    )
     return lambda x, w, p, s: step(jax.device_put(x, batch), jax.device_put(w, batch), p, s)
 
 
 @multidevice
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("kind", [pytest.param("pmap", marks=pytest.mark.slow), "shard_map", "jit_sharded"])
+@pytest.mark.parametrize(
+    "kind", [pytest.param("pmap", marks=pytest.mark.slow), "shard_map", "jit_sharded"]
+)
 def test_distributed_equals_global_batch(kind, layout):
     """pmap/shard_map/jit-sharded renorm equals the single-device run on the global batch (and the reference)."""
     axis, _ = LAYOUTS[layout]
     x, w, params, state = _data(layout)
     single = _distributed_step("single", axis)(x, w, params, state)
-    y_ref, r, d, state_ref = renorm_reference(x, params["scale"], params["bias"], state, R_MAX, D_MAX, axis=axis)
+    y_ref, r, d, state_ref = renorm_reference(
+        x, params["scale"], params["bias"], state, R_MAX, D_MAX, axis=axis
+    )
     np.testing.assert_allclose(single[0], y_ref, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(single[2], renorm_reference_grads(x, w, params["scale"], r, d, axis=axis)[0],
-                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        single[2],
+        renorm_reference_grads(x, w, params["scale"], r, d, axis=axis)[0],
+        rtol=1e-5,
+        atol=1e-4,
+    )
     got = _distributed_step(kind, axis)(x, w, params, state)
     np.testing.assert_allclose(got[0], single[0], rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(got[2], single[2], rtol=1e-6, atol=1e-5)
@@ -453,10 +549,16 @@ def test_one_collective_per_direction_under_pmap():
         return jnp.sum(jnp.sin(forward(x, p, s)[0]))
 
     for fn, all_reduces in ((forward, 0), (jax.grad(loss, argnums=(0, 1)), 1)):
-        text = hlo.compiled_text(jax.pmap(fn, axis_name="i", in_axes=(0, None, None)), x, params, state)
-        assert hlo.count_collectives(text, op="all-gather") == 1  # every device's (count, K, mean - K, var)
+        text = hlo.compiled_text(
+            jax.pmap(fn, axis_name="i", in_axes=(0, None, None)), x, params, state
+        )
+        assert (
+            hlo.count_collectives(text, op="all-gather") == 1
+        )  # every device's (count, K, mean - K, var)
         assert hlo.count_collectives(text) == all_reduces  # the backward's [Σdy, Σdy·x̂]
-        assert " while(" not in text and " conditional(" not in text  # nothing decided from the data
+        assert (
+            " while(" not in text and " conditional(" not in text
+        )  # nothing decided from the data
         for op in ("all-gather", "all-reduce"):
             assert hlo.count_in_branches(text, op=op) == 0
 
@@ -467,7 +569,9 @@ def test_one_collective_per_direction_under_pmap():
 def test_linen_variables_and_training_match_functional():
     """BatchRenorm: BatchNorm's variables; apply = batch_renorm; inference = BatchNorm's."""
     x, _, _, _ = _data("NHWC")
-    module = jaxbn.linen.BatchRenorm(use_running_average=False, momentum=MOMENTUM, r_max=R_MAX, d_max=D_MAX)
+    module = jaxbn.linen.BatchRenorm(
+        use_running_average=False, momentum=MOMENTUM, r_max=R_MAX, d_max=D_MAX
+    )
     batch_norm = jaxbn.linen.BatchNorm(use_running_average=False, momentum=MOMENTUM)
     variables = module.init(jax.random.key(0), x)
     bn_variables = batch_norm.init(jax.random.key(0), x)
@@ -476,34 +580,59 @@ def test_linen_variables_and_training_match_functional():
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)  # exact: both inits fill constants (ones and zeros)
 
-    variables = {"params": {"scale": jnp.linspace(0.5, 1.5, 4), "bias": jnp.linspace(-1, 1, 4)},
-                 "batch_stats": {"mean": jnp.full(4, 0.1), "var": jnp.full(4, 1.2)}}
+    variables = {
+        "params": {"scale": jnp.linspace(0.5, 1.5, 4), "bias": jnp.linspace(-1, 1, 4)},
+        "batch_stats": {"mean": jnp.full(4, 0.1), "var": jnp.full(4, 1.2)},
+    }
     y, updates = module.apply(variables, x, mutable=["batch_stats"])
-    y_ref, new_state = jaxbn.batch_renorm(x, variables["params"], variables["batch_stats"], training=True,
-                                          r_max=R_MAX, d_max=D_MAX, momentum=MOMENTUM)
+    y_ref, new_state = jaxbn.batch_renorm(
+        x,
+        variables["params"],
+        variables["batch_stats"],
+        training=True,
+        r_max=R_MAX,
+        d_max=D_MAX,
+        momentum=MOMENTUM,
+    )
     # the module and the function: equal to rounding (outputs and statistics of order 1)
     np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
     for key in ("mean", "var"):
-        np.testing.assert_allclose(updates["batch_stats"][key], new_state[key], rtol=1e-6, atol=1e-7)
-    y_ref = renorm_reference(x, variables["params"]["scale"], variables["params"]["bias"],
-                             variables["batch_stats"], R_MAX, D_MAX)[0]
+        np.testing.assert_allclose(
+            updates["batch_stats"][key], new_state[key], rtol=1e-6, atol=1e-7
+        )
+    y_ref = renorm_reference(
+        x,
+        variables["params"]["scale"],
+        variables["params"]["bias"],
+        variables["batch_stats"],
+        R_MAX,
+        D_MAX,
+    )[0]
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-4)
 
     inference = module.clone(use_running_average=True).apply(variables, x)
     # exact: BatchRenorm's inference is BatchNorm's code path, the same eager ops on the same inputs
-    np.testing.assert_array_equal(inference, batch_norm.clone(use_running_average=True).apply(variables, x))
+    np.testing.assert_array_equal(
+        inference, batch_norm.clone(use_running_average=True).apply(variables, x)
+    )
 
 
 def test_linen_unit_limits_equal_batch_norm_and_schedule_counts_steps():
     """r_max=1, d_max=0 is BatchNorm (to rounding); callable limits add batch_stats/steps and follow it."""
     x, _, _, _ = _data("NCHW")
-    renorm = jaxbn.linen.BatchRenorm(use_running_average=False, axis=1, momentum=MOMENTUM, r_max=1.0, d_max=0.0)
+    renorm = jaxbn.linen.BatchRenorm(
+        use_running_average=False, axis=1, momentum=MOMENTUM, r_max=1.0, d_max=0.0
+    )
     batch_norm = jaxbn.linen.BatchNorm(use_running_average=False, axis=1, momentum=MOMENTUM)
     variables = batch_norm.init(jax.random.key(0), x)
     v_renorm = v_bn = variables
     for shift in (0.0, 3.0):
-        y1, u1 = jax.jit(lambda v, x: renorm.apply(v, x, mutable=["batch_stats"]))(v_renorm, x + shift)
-        y2, u2 = jax.jit(lambda v, x: batch_norm.apply(v, x, mutable=["batch_stats"]))(v_bn, x + shift)
+        y1, u1 = jax.jit(lambda v, x: renorm.apply(v, x, mutable=["batch_stats"]))(
+            v_renorm, x + shift
+        )
+        y2, u2 = jax.jit(lambda v, x: batch_norm.apply(v, x, mutable=["batch_stats"]))(
+            v_bn, x + shift
+        )
         _assert_equal_to_rounding(y1, y2)  # two compiled programs: equal to rounding
         for key in ("mean", "var"):
             _assert_equal_to_rounding(u1["batch_stats"][key], u2["batch_stats"][key])
@@ -512,28 +641,44 @@ def test_linen_unit_limits_equal_batch_norm_and_schedule_counts_steps():
     # r_max = 1 + 2 * steps, d_max = 5 * steps: batch norm at step 0, (3, 5) at step 1.
     scheduled = renorm.clone(r_max=lambda s: 1.0 + 2.0 * s, d_max=lambda s: 5.0 * s)
     variables = scheduled.init(jax.random.key(0), x)
-    assert variables["batch_stats"]["steps"].dtype == jnp.int32 and variables["batch_stats"]["steps"] == 0
+    assert (
+        variables["batch_stats"]["steps"].dtype == jnp.int32
+        and variables["batch_stats"]["steps"] == 0
+    )
     step = jax.jit(lambda v, x: scheduled.apply(v, x, mutable=["batch_stats"]))
     y, updates = step(variables, x)
     assert updates["batch_stats"]["steps"] == 1
     bn_stats = {k: variables["batch_stats"][k] for k in ("mean", "var")}
     bn_step = jax.jit(lambda v, x: batch_norm.apply(v, x, mutable=["batch_stats"]))
-    bn_y, _ = bn_step({"params": variables["params"], "batch_stats": bn_stats}, x)  # compiled as `step`
+    bn_y, _ = bn_step(
+        {"params": variables["params"], "batch_stats": bn_stats}, x
+    )  # compiled as `step`
     _assert_equal_to_rounding(y, bn_y)
     state = {k: updates["batch_stats"][k] for k in ("mean", "var")}
     y, updates = step({"params": variables["params"], **updates}, x)
     assert updates["batch_stats"]["steps"] == 2
-    expected = jaxbn.batch_renorm(x, variables["params"], state, training=True, r_max=3.0, d_max=5.0, axis=1,
-                                  momentum=MOMENTUM)[0]
+    expected = jaxbn.batch_renorm(
+        x,
+        variables["params"],
+        state,
+        training=True,
+        r_max=3.0,
+        d_max=5.0,
+        axis=1,
+        momentum=MOMENTUM,
+    )[0]
     np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
     # evaluation does not advance the counter
     _, updates = scheduled.clone(use_running_average=True).apply(
-        {"params": variables["params"], **updates}, x, mutable=["batch_stats"])
+        {"params": variables["params"], **updates}, x, mutable=["batch_stats"]
+    )
     assert updates["batch_stats"]["steps"] == 2
 
 
-@pytest.mark.skipif(jax.__version_info__ < (0, 10, 2) or jax.default_backend() != "cpu",
-                    reason="compiled structure pinned for XLA:CPU of jax >= 0.10.2 (see test_performance.py)")
+@pytest.mark.skipif(
+    jax.__version_info__ < (0, 10, 2) or jax.default_backend() != "cpu",
+    reason="compiled structure pinned for XLA:CPU of jax >= 0.10.2 (see test_performance.py)",
+)
 def test_same_passes_as_batch_norm():
     """Renorm moves what batch norm moves (4S forward, 10S forward+backward on XLA:CPU), r and d aside.
 
@@ -550,10 +695,16 @@ def test_same_passes_as_batch_norm():
             (y, new_state), vjp = jax.vjp(lambda x, p: fn(x, p, s), x, p)
             return y, new_state, vjp((dy, jax.tree.map(jnp.zeros_like, new_state)))
 
-        return [hlo.memory_traffic(jax.jit(forward_backward).lower(x, params, state, x).compile().as_text()),
-                hlo.memory_traffic(jax.jit(fn).lower(x, params, state).compile().as_text())]
+        return [
+            hlo.memory_traffic(
+                jax.jit(forward_backward).lower(x, params, state, x).compile().as_text()
+            ),
+            hlo.memory_traffic(jax.jit(fn).lower(x, params, state).compile().as_text()),
+        ]
 
-    renorm = programs(lambda x, p, s: jaxbn.batch_renorm(x, p, s, training=True, r_max=R_MAX, d_max=D_MAX))
+    renorm = programs(
+        lambda x, p, s: jaxbn.batch_renorm(x, p, s, training=True, r_max=R_MAX, d_max=D_MAX)
+    )
     batch_norm = programs(lambda x, p, s: jaxbn.batch_norm(x, p, s, training=True))
     for (traffic, kernels), (bn_traffic, bn_kernels) in zip(renorm, batch_norm):
         assert abs(traffic - bn_traffic) / size < 0.01

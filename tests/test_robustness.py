@@ -36,20 +36,28 @@ def test_one_value_per_feature_outputs_the_bias_updates_the_mean_and_warns():
         return jnp.sum(w * y), (y, new_state)
 
     with pytest.warns(jaxbn.DegenerateBatchWarning, match="one value per feature"):
-        (_, (y, new_state)), (dx, dparams) = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, params)
+        (_, (y, new_state)), (dx, dparams) = jax.value_and_grad(loss, (0, 1), has_aux=True)(
+            x, params
+        )
     # exact: the normalized value is x - x of the same array (0) times a finite factor, so y is the bias itself
     np.testing.assert_array_equal(y, jnp.broadcast_to(params["bias"], (1, 3)))
     np.testing.assert_allclose(new_state["mean"], 0.9 * state["mean"] + 0.1 * x[0], rtol=1e-6)
-    np.testing.assert_array_equal(new_state["var"], state["var"])  # exact: n = 1, the old variance selected
+    np.testing.assert_array_equal(
+        new_state["var"], state["var"]
+    )  # exact: n = 1, the old variance selected
     module = nn.BatchNorm(use_running_average=False, momentum=0.9)
     variables = {"params": params, "batch_stats": state}
-    flax_loss = lambda x, p: jnp.sum(w * module.apply({**variables, "params": p}, x, mutable=["batch_stats"])[0])
+    flax_loss = lambda x, p: jnp.sum(
+        w * module.apply({**variables, "params": p}, x, mutable=["batch_stats"])[0]
+    )
     flax_dx, flax_dparams = jax.grad(flax_loss, (0, 1))(x, params)
     np.testing.assert_allclose(dx, flax_dx, atol=1e-6)
     np.testing.assert_allclose(dparams["scale"], flax_dparams["scale"], atol=1e-6)
     np.testing.assert_allclose(dparams["bias"], flax_dparams["bias"], atol=1e-6)
     nan_batch = x.at[0, 1].set(jnp.nan)  # a non-finite value still leaves everything as it was
-    with pytest.warns(jaxbn.DegenerateBatchWarning):  # exact: the update skipped, the old mean selected
+    with pytest.warns(
+        jaxbn.DegenerateBatchWarning
+    ):  # exact: the update skipped, the old mean selected
         assert jaxbn.batch_norm(nan_batch, params, state, training=True)[1]["mean"][0] == 1.0
 
 
@@ -87,7 +95,9 @@ def test_instance_norm_without_a_spatial_axis_outputs_the_bias_as_flax(shape, fe
     np.testing.assert_allclose(ours, expected, atol=1e-6)
     grad = lambda m: jax.grad(lambda x: jnp.sum(jnp.sin(m.apply(variables, x))))(x)
     with pytest.warns(jaxbn.DegenerateBatchWarning):
-        np.testing.assert_allclose(grad(jaxbn.linen.InstanceNorm(feature_axes=feature_axes)), grad(module), atol=1e-6)
+        np.testing.assert_allclose(
+            grad(jaxbn.linen.InstanceNorm(feature_axes=feature_axes)), grad(module), atol=1e-6
+        )
 
 
 # -- A4: features without a valid element --------------------------------------------------------
@@ -113,7 +123,9 @@ def test_feature_without_valid_elements_uses_the_running_statistics():
     mean, var = reference.batch_stats(x[:, [0, 2]])
     np.testing.assert_allclose(new_state["mean"][jnp.array([0, 2])], 0.5 * mean, rtol=1e-5)
     # the statistics of the empty feature do not depend on x: dx = scale * rsqrt(var + eps) * dy
-    np.testing.assert_allclose(grads[0][:, 1], jnp.cos(y[:, 1]) * 2.0 / np.sqrt(9.0 + 1e-5), rtol=1e-5)
+    np.testing.assert_allclose(
+        grads[0][:, 1], jnp.cos(y[:, 1]) * 2.0 / np.sqrt(9.0 + 1e-5), rtol=1e-5
+    )
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
@@ -124,18 +136,23 @@ def _masked_pair(seed=4, shape=(8, 6)):
     x = _normal(seed, shape, offset=1.0)
     mask = np.random.default_rng(seed).uniform(size=shape) < 0.7
     mask[0] = True
-    poisoned = np.where(mask, x, np.array([np.nan, np.inf, -np.inf])[np.arange(x.size) % 3].reshape(shape))
+    poisoned = np.where(
+        mask, x, np.array([np.nan, np.inf, -np.inf])[np.arange(x.size) % 3].reshape(shape)
+    )
     clean = np.where(mask, x, 0.0)
     return jnp.asarray(poisoned, jnp.float32), jnp.asarray(clean, jnp.float32), jnp.asarray(mask)
 
 
 NORMALIZERS = {
-    "batch_norm": lambda x, p, mask: jaxbn.batch_norm(x, p, jaxbn.batch_norm_init(6)[1], training=True, mask=mask)[0],
+    "batch_norm": lambda x, p, mask: jaxbn.batch_norm(
+        x, p, jaxbn.batch_norm_init(6)[1], training=True, mask=mask
+    )[0],
     "layer_norm": lambda x, p, mask: jaxbn.layer_norm(x, p, mask=mask),
     "rms_norm": lambda x, p, mask: jaxbn.rms_norm(x, {"scale": p["scale"]}, mask=mask),
     "group_norm": lambda x, p, mask: jaxbn.group_norm(x, p, num_groups=2, mask=mask),
-    "instance_norm": lambda x, p, mask: jaxbn.instance_norm(x.reshape(4, 2, 6), p, mask=mask.reshape(4, 2, 6))
-    .reshape(8, 6),
+    "instance_norm": lambda x, p, mask: jaxbn.instance_norm(
+        x.reshape(4, 2, 6), p, mask=mask.reshape(4, 2, 6)
+    ).reshape(8, 6),
 }
 
 
@@ -150,9 +167,14 @@ def test_masked_out_nan_and_inf_reach_no_output_or_gradient(name):
         return jnp.sum(jnp.where(mask, jnp.sin(normalizer(x, p, mask)), 0))
 
     grad = jax.jit(jax.value_and_grad(loss, (0, 1)))
-    (value, (dx, dp)), (value_clean, (dx_clean, dp_clean)) = grad(poisoned, params), grad(clean, params)
+    (value, (dx, dp)), (value_clean, (dx_clean, dp_clean)) = (
+        grad(poisoned, params),
+        grad(clean, params),
+    )
     np.testing.assert_allclose(value, value_clean, rtol=1e-6)
-    np.testing.assert_allclose(jnp.where(mask, dx, 0), jnp.where(mask, dx_clean, 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        jnp.where(mask, dx, 0), jnp.where(mask, dx_clean, 0), rtol=1e-5, atol=1e-6
+    )
     assert np.isfinite(dx).all()
     for key in dp:
         np.testing.assert_allclose(dp[key], dp_clean[key], rtol=1e-5, atol=1e-6)
@@ -196,7 +218,9 @@ def test_a_bad_running_mean_does_not_reach_training_outputs(bad):
     clean = {"mean": jnp.zeros(3), "var": jnp.ones(3)}
     bad_state = {"mean": jnp.array([bad, 0.0, bad], jnp.float32), "var": jnp.ones(3)}
     y_clean, _ = jaxbn.batch_norm(x, params, clean, training=True)
-    y, new_state = jax.jit(lambda s: jaxbn.batch_norm(x, params, s, training=True, momentum=0.0))(bad_state)
+    y, new_state = jax.jit(lambda s: jaxbn.batch_norm(x, params, s, training=True, momentum=0.0))(
+        bad_state
+    )
     np.testing.assert_allclose(y, y_clean, atol=2e-5)
     mean, var = reference.batch_stats(x)
     np.testing.assert_allclose(new_state["mean"], mean, rtol=1e-5)
@@ -211,7 +235,9 @@ def test_variance_is_exact_for_any_finite_shift(distance):
     """Running mean far from a batch of std 0.01: variance and output still match float64."""
     x = _normal(7, (256, 4), scale=0.01)
     state = {"mean": jnp.full(4, distance, jnp.float32), "var": jnp.ones(4)}
-    y, new_state = jaxbn.batch_norm(jnp.asarray(x), {}, state, training=True, momentum=0.0, epsilon=1e-12)
+    y, new_state = jaxbn.batch_norm(
+        jnp.asarray(x), {}, state, training=True, momentum=0.0, epsilon=1e-12
+    )
     mean, var = reference.batch_stats(x)
     np.testing.assert_allclose(new_state["var"], var, rtol=1e-5)
     np.testing.assert_allclose(new_state["mean"], mean, atol=1e-7)
@@ -230,7 +256,9 @@ def test_exact_statistics_at_far_shifts_under_vmap_and_shard_map(offset, shift):
     under vmap, over a vmap axis_name and over shard_map's devices (parts of different means merged)."""
     parts = N_DEVICES
     x = _normal(10, (parts * 4, 3), scale=0.01, offset=offset)
-    x = x + np.repeat(np.arange(parts, dtype=np.float32) * 0.03, 4)[:, None]  # the parts' means differ
+    x = (
+        x + np.repeat(np.arange(parts, dtype=np.float32) * 0.03, 4)[:, None]
+    )  # the parts' means differ
     x_parts = jnp.asarray(x).reshape(parts, 4, 3)
     shift = jnp.full(3, shift, jnp.float32)
     mean, var = reference.batch_stats(x, axis=1)
@@ -241,17 +269,38 @@ def test_exact_statistics_at_far_shifts_under_vmap_and_shard_map(offset, shift):
 
     per_example = jax.vmap(lambda part: jaxbn.moments(part, 0, shift=shift))(x_parts)
     expected = [reference.batch_stats(part, axis=1) for part in x.reshape(parts, 4, 3)]
-    check(per_example, np.stack([m for m, _ in expected]), np.stack([v for _, v in expected]), rtol=1e-4)
-    merged = jax.vmap(lambda part: jaxbn.moments(part, 0, shift=shift, axis_name="b"), axis_name="b")(x_parts)
+    check(
+        per_example,
+        np.stack([m for m, _ in expected]),
+        np.stack([v for _, v in expected]),
+        rtol=1e-4,
+    )
+    merged = jax.vmap(
+        lambda part: jaxbn.moments(part, 0, shift=shift, axis_name="b"), axis_name="b"
+    )(x_parts)
     check(merged, np.broadcast_to(mean, (parts, 3)), np.broadcast_to(var, (parts, 3)), rtol=1e-5)
 
     mesh = jax.make_mesh((N_DEVICES,), ("i",))
-    f = jax.shard_map(lambda x: jaxbn.moments(x, 0, shift=shift, axis_name="i"), mesh=mesh,
-                      in_specs=P("i"), out_specs=P())
-    check(f(jax.device_put(jnp.asarray(x), jax.sharding.NamedSharding(mesh, P("i")))), mean, var, rtol=1e-5)
+    f = jax.shard_map(
+        lambda x: jaxbn.moments(x, 0, shift=shift, axis_name="i"),
+        mesh=mesh,
+        in_specs=P("i"),
+        out_specs=P(),
+    )
+    check(
+        f(jax.device_put(jnp.asarray(x), jax.sharding.NamedSharding(mesh, P("i")))),
+        mean,
+        var,
+        rtol=1e-5,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        check(jax.jit(lambda x: jaxbn.moments(x, 0, shift=shift))(jnp.asarray(x)), mean, var, rtol=1e-5)
+        check(
+            jax.jit(lambda x: jaxbn.moments(x, 0, shift=shift))(jnp.asarray(x)),
+            mean,
+            var,
+            rtol=1e-5,
+        )
 
 
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
@@ -265,12 +314,25 @@ def test_a_masked_out_first_element_with_a_far_running_mean_keeps_the_variance(l
     if layout == "NCHW":
         x, mask = np.moveaxis(x, -1, 1), np.moveaxis(mask, -1, 1)
     valid = np.broadcast_to(mask, x.shape)
-    want = np.array([np.take(x, c, feature)[np.take(valid, c, feature)].astype(np.float64).var() for c in range(4)])
+    want = np.array(
+        [
+            np.take(x, c, feature)[np.take(valid, c, feature)].astype(np.float64).var()
+            for c in range(4)
+        ]
+    )
     moments = jax.jit(lambda x, m: jaxbn.moments(x, axes, mask=m, shift=jnp.full(4, 1e8)))(
-        jnp.asarray(x, jnp.float32), jnp.asarray(mask))
+        jnp.asarray(x, jnp.float32), jnp.asarray(mask)
+    )
     np.testing.assert_allclose(moments.var, want, rtol=1e-5)
     params, state = jaxbn.batch_norm_init(4)
     state["mean"] = jnp.full(4, 1e8)
-    _, new_state = jaxbn.batch_norm(jnp.asarray(x, jnp.float32), params, state, training=True, axis=feature,
-                                    mask=jnp.asarray(mask), momentum=0.0)
+    _, new_state = jaxbn.batch_norm(
+        jnp.asarray(x, jnp.float32),
+        params,
+        state,
+        training=True,
+        axis=feature,
+        mask=jnp.asarray(mask),
+        momentum=0.0,
+    )
     np.testing.assert_allclose(new_state["var"], want, rtol=1e-5)

@@ -42,7 +42,9 @@ def test_cumulative_average_is_mean_of_batch_statistics_and_matches_torch(unbias
     means, variances = zip(*(reference.batch_stats(x, axis=1) for x in batches))
     count = NCHW[0] * NCHW[2] * NCHW[3]
     expected_var = np.mean(variances, 0) * (count / (count - 1) if unbiased else 1)
-    assert state["count"] == len(batches) and state["count"].dtype == jnp.float32  # exact: a count of batches
+    assert (
+        state["count"] == len(batches) and state["count"].dtype == jnp.float32
+    )  # exact: a count of batches
     np.testing.assert_allclose(state["mean"], np.mean(means, 0), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(state["var"], expected_var, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(state["mean"], module.running_mean.numpy(), rtol=1e-6, atol=1e-6)
@@ -70,7 +72,9 @@ def test_unbiased_channel_with_one_valid_element_keeps_its_variance(rng):
     mask = np.ones((4, 3), bool)
     mask[1:, 0] = False  # channel 0: one valid element
     params, state = jaxbn.batch_norm_init(3)
-    _, new = jaxbn.batch_norm(x, params, state, training=True, momentum=0.5, unbiased_running_var=True, mask=mask)
+    _, new = jaxbn.batch_norm(
+        x, params, state, training=True, momentum=0.5, unbiased_running_var=True, mask=mask
+    )
     mean, var = reference.batch_stats(x, mask=mask)
     np.testing.assert_allclose(new["mean"], 0.5 * mean, rtol=1e-6)
     np.testing.assert_allclose(new["var"][0], 1.0)
@@ -90,7 +94,11 @@ def test_guard_keeps_cumulative_state_and_count(bad, rng):
     else:
         mask = np.zeros((4, 1), bool)
     _, new = jaxbn.batch_norm(x, params, state, training=True, momentum=None, mask=mask)
-    for key in ("mean", "var", "count"):  # exact: the update is skipped, the old state selected unchanged
+    for key in (
+        "mean",
+        "var",
+        "count",
+    ):  # exact: the update is skipped, the old state selected unchanged
         np.testing.assert_array_equal(new[key], state[key])
 
 
@@ -105,11 +113,15 @@ def test_switch_combinations_follow_the_table(training, update, rng):
     params = {"scale": jnp.array([0.5, 1.0, 2.0]), "bias": jnp.array([-1.0, 0.0, 1.0])}
     state = {"mean": jnp.array([0.5, 1.0, 1.5]), "var": jnp.array([1.0, 2.0, 3.0])}
     y, new = jax.jit(
-        functools.partial(jaxbn.batch_norm, training=training, update_running_stats=update, momentum=0.75)
+        functools.partial(
+            jaxbn.batch_norm, training=training, update_running_stats=update, momentum=0.75
+        )
     )(x, params, state, mask=mask)
     batch_mean, batch_var = reference.batch_stats(x, mask=np.broadcast_to(mask, x.shape))
     norm_mean, norm_var = (batch_mean, batch_var) if training else (state["mean"], state["var"])
-    np.testing.assert_allclose(y, reference.normalize(x, norm_mean, norm_var, params["scale"], params["bias"]), atol=2e-5)
+    np.testing.assert_allclose(
+        y, reference.normalize(x, norm_mean, norm_var, params["scale"], params["bias"]), atol=2e-5
+    )
     if training if update is None else update:
         np.testing.assert_allclose(new["mean"], 0.75 * state["mean"] + 0.25 * batch_mean, rtol=1e-6)
         np.testing.assert_allclose(new["var"], 0.75 * state["var"] + 0.25 * batch_var, rtol=1e-6)
@@ -117,18 +129,37 @@ def test_switch_combinations_follow_the_table(training, update, rng):
         for key in state:  # exact: no update, the state passed through unchanged
             np.testing.assert_array_equal(new[key], state[key])
     if update is False:  # outside jit the state object itself comes back
-        assert jaxbn.batch_norm(x, params, state, training=training, update_running_stats=False)[1] is state
+        assert (
+            jaxbn.batch_norm(x, params, state, training=training, update_running_stats=False)[1]
+            is state
+        )
 
 
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(momentum=None), ValueError, r"momentum=None .* batch_norm_init\(\.\.\., cumulative=True\)"),
+        (
+            dict(momentum=None),
+            ValueError,
+            r"momentum=None .* batch_norm_init\(\.\.\., cumulative=True\)",
+        ),
         (dict(cumulative=True, momentum=0.9), ValueError, "state has a 'count' entry"),
-        (dict(cumulative=True, momentum=None, count=jnp.zeros(3)), ValueError, r"state\['count'\] must be a scalar"),
-        (dict(update_running_stats=1), TypeError, "update_running_stats must be a Python bool or None"),
+        (
+            dict(cumulative=True, momentum=None, count=jnp.zeros(3)),
+            ValueError,
+            r"state\['count'\] must be a scalar",
+        ),
+        (
+            dict(update_running_stats=1),
+            TypeError,
+            "update_running_stats must be a Python bool or None",
+        ),
         (dict(unbiased_running_var=None), TypeError, "unbiased_running_var must be a Python bool"),
-        (dict(extra=True), ValueError, r"unknown keys \['n'\]; expected only \['mean', 'var', 'count'\]"),
+        (
+            dict(extra=True),
+            ValueError,
+            r"unknown keys \['n'\]; expected only \['mean', 'var', 'count'\]",
+        ),
     ],
 )
 def test_validation(kwargs, error, match):
@@ -149,19 +180,30 @@ def test_inference_passes_count_through():
     assert jaxbn.batch_norm(jnp.ones((4, 3)), None, state, training=False)[1] is state
 
 
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (conftest.py forces 8 CPU devices)")
+@pytest.mark.skipif(
+    jax.device_count() < 8, reason="needs 8 devices (conftest.py forces 8 CPU devices)"
+)
 @pytest.mark.parametrize("training", [True, False])
 def test_unbiased_factor_uses_global_count_across_devices(training, rng):
     """pmap over 8 devices with uneven masked counts: var * n/(n-1) with n the global count."""
     x = (rng.normal(size=(8, 4, 3)) * 2 + 1).astype(np.float32)
-    valid = np.arange(4)[None, :] < (np.arange(8) % 4 + 1)[:, None]  # 1..4 valid examples per device
+    valid = (
+        np.arange(4)[None, :] < (np.arange(8) % 4 + 1)[:, None]
+    )  # 1..4 valid examples per device
     mask = valid[..., None]
     params, state = jaxbn.batch_norm_init(3, cumulative=True)
 
     def step(x, mask):
         return jaxbn.batch_norm(
-            x, params, state, training=training, update_running_stats=True, momentum=None,
-            unbiased_running_var=True, axis_name="i", mask=mask,
+            x,
+            params,
+            state,
+            training=training,
+            update_running_stats=True,
+            momentum=None,
+            unbiased_running_var=True,
+            axis_name="i",
+            mask=mask,
         )[1]
 
     new = jax.pmap(step, axis_name="i")(x, mask)
@@ -185,16 +227,22 @@ def test_linen_default_variables_stay_flax_and_options_match_functional(rng):
     ours = jaxbn.linen.BatchNorm(use_running_average=False).init(key, x)
     theirs = nn.BatchNorm(use_running_average=False).init(key, x)
     assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(theirs)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, ours, theirs)  # exact: constant inits (ones, zeros)
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, ours, theirs
+    )  # exact: constant inits (ones, zeros)
 
     params, state = jaxbn.batch_norm_init(3, cumulative=True)
-    module = jaxbn.linen.BatchNorm(use_running_average=False, momentum=None, unbiased_running_var=True)
+    module = jaxbn.linen.BatchNorm(
+        use_running_average=False, momentum=None, unbiased_running_var=True
+    )
     variables = module.init(key, x)
     assert set(variables["batch_stats"]) == {"mean", "var", "count"}
     for _ in range(2):
         y, updates = _linen_update(module, variables, x)
         variables = {**variables, **updates}
-        y_ref, state = jaxbn.batch_norm(x, params, state, training=True, momentum=None, unbiased_running_var=True)
+        y_ref, state = jaxbn.batch_norm(
+            x, params, state, training=True, momentum=None, unbiased_running_var=True
+        )
     np.testing.assert_allclose(y, y_ref)
     jax.tree_util.tree_map(np.testing.assert_allclose, dict(variables["batch_stats"]), state)
 
@@ -202,13 +250,17 @@ def test_linen_default_variables_stay_flax_and_options_match_functional(rng):
 def test_linen_update_switch(rng):
     """update_running_stats=False keeps batch_stats in training; True updates them in inference."""
     x = jnp.asarray(_batches(rng, 1, shape=(8, 3))[0])
-    frozen = jaxbn.linen.BatchNorm(use_running_average=False, update_running_stats=False, momentum=0.5)
+    frozen = jaxbn.linen.BatchNorm(
+        use_running_average=False, update_running_stats=False, momentum=0.5
+    )
     variables = frozen.init(jax.random.key(0), x)
     y = frozen.apply(variables, x)  # nothing mutable is needed: nothing is written
     params, state = jaxbn.batch_norm_init(3)
     np.testing.assert_allclose(y, jaxbn.batch_norm(x, params, state, training=True)[0])
 
-    reestimate = jaxbn.linen.BatchNorm(use_running_average=True, update_running_stats=True, momentum=0.5)
+    reestimate = jaxbn.linen.BatchNorm(
+        use_running_average=True, update_running_stats=True, momentum=0.5
+    )
     y, updates = _linen_update(reestimate, variables, x)
     np.testing.assert_allclose(y, jaxbn.batch_norm(x, params, state, training=False)[0])
     expected = jaxbn.batch_norm(x, params, state, training=True, momentum=0.5)[1]

@@ -11,8 +11,12 @@ from tests import reference
 
 @pytest.mark.parametrize(
     "dtype, rtol",
-    [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-6), (jnp.float16, 1e-6),
-     pytest.param(jnp.float64, 1e-12, marks=pytest.mark.slow)],  # x64: slow tier
+    [
+        (jnp.float32, 1e-6),
+        (jnp.bfloat16, 1e-6),
+        (jnp.float16, 1e-6),
+        pytest.param(jnp.float64, 1e-12, marks=pytest.mark.slow),
+    ],  # x64: slow tier
 )
 @pytest.mark.parametrize("axes", [(0, 1, 2), (0, 2, 3), 0])
 def test_moments_match_float64_reference(dtype, rtol, axes, rng):
@@ -24,7 +28,9 @@ def test_moments_match_float64_reference(dtype, rtol, axes, rng):
         axes_t = (axes,) if isinstance(axes, int) else axes
         np.testing.assert_allclose(m.mean, values.mean(axes_t), rtol=rtol, atol=rtol)
         np.testing.assert_allclose(m.var, values.var(axes_t), rtol=rtol * 10)
-        np.testing.assert_array_equal(m.count, np.prod([x.shape[a] for a in axes_t]))  # exact: a count of elements
+        np.testing.assert_array_equal(
+            m.count, np.prod([x.shape[a] for a in axes_t])
+        )  # exact: a count of elements
         expected_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
         assert m.mean.dtype == m.var.dtype == m.count.dtype == expected_dtype
 
@@ -37,7 +43,9 @@ def test_mask_counts_and_statistics_match_reference(rng):
     mean, var = reference.batch_stats(x, axis=-1, mask=mask)
     np.testing.assert_allclose(m.mean, mean, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(m.var, var, rtol=1e-5)
-    np.testing.assert_array_equal(m.count, mask.sum(0))  # exact: counts of elements (small integers)
+    np.testing.assert_array_equal(
+        m.count, mask.sum(0)
+    )  # exact: counts of elements (small integers)
 
 
 def test_masked_out_nan_does_not_reach_statistics():
@@ -99,7 +107,9 @@ def test_gradients_match_two_pass_reference(rng):
 
     def plain(x):
         mean = x.mean(0)
-        return jnp.sum(mean * jnp.arange(3.0)) + jnp.sum(((x - mean) ** 2).mean(0) * jnp.arange(1.0, 4.0))
+        return jnp.sum(mean * jnp.arange(3.0)) + jnp.sum(
+            ((x - mean) ** 2).mean(0) * jnp.arange(1.0, 4.0)
+        )
 
     def ours(x, shift):
         m = stats.moments(x, 0, shift=shift)
@@ -117,7 +127,9 @@ def test_cross_device_sum_is_one_psum_under_vmap():
     np.testing.assert_array_equal(summed[0], [6.0] * 4)  # exact: 0 + 1 + 2 + 3 in small integers
     np.testing.assert_array_equal(summed[1], [-6.0] * 4)
     assert stats.cross_device_sum([a], None)[0] is a
-    jaxpr = jax.make_jaxpr(jax.vmap(lambda v: stats.cross_device_sum([v, v, v], "d"), axis_name="d"))(a)
+    jaxpr = jax.make_jaxpr(
+        jax.vmap(lambda v: stats.cross_device_sum([v, v, v], "d"), axis_name="d")
+    )(a)
     assert str(jaxpr).count("psum") == 1
 
 
@@ -138,7 +150,12 @@ def test_moments_under_vmap_axis_name_equals_global(rng):
 def test_cpu_barrier_is_an_identity_with_a_barrier_on_cpu_only(platform, barriers):
     """One primitive, lowered per platform: an optimization barrier on XLA:CPU, nothing elsewhere."""
     x = jnp.arange(6.0).reshape(2, 3)
-    text = jax.jit(lambda x: stats.cpu_barrier(x * 2)[0] + 1).trace(x).lower(lowering_platforms=(platform,)).as_text()
+    text = (
+        jax.jit(lambda x: stats.cpu_barrier(x * 2)[0] + 1)
+        .trace(x)
+        .lower(lowering_platforms=(platform,))
+        .as_text()
+    )
     assert text.count("stablehlo.optimization_barrier") == barriers
     assert "stablehlo.if" not in text and "case" not in text
 
@@ -157,10 +174,15 @@ def test_cpu_barrier_under_transforms(rng):
 
     np.testing.assert_allclose(f(x), reference_f(x), rtol=1e-6)
     np.testing.assert_allclose(jax.grad(f)(x), jax.grad(reference_f)(x), rtol=1e-6)
-    np.testing.assert_allclose(jax.jvp(f, (x,), (x,))[1], jax.jvp(reference_f, (x,), (x,))[1], rtol=1e-6)
-    np.testing.assert_allclose(jax.vmap(jax.grad(f))(x[:, None]), jax.vmap(jax.grad(reference_f))(x[:, None]),
-                               rtol=1e-6)
-    np.testing.assert_allclose(jax.jit(jax.hessian(f))(x[0]), jax.hessian(reference_f)(x[0]), rtol=1e-5)
+    np.testing.assert_allclose(
+        jax.jvp(f, (x,), (x,))[1], jax.jvp(reference_f, (x,), (x,))[1], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        jax.vmap(jax.grad(f))(x[:, None]), jax.vmap(jax.grad(reference_f))(x[:, None]), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        jax.jit(jax.hessian(f))(x[0]), jax.hessian(reference_f)(x[0]), rtol=1e-5
+    )
 
 
 def test_computed_once_keeps_values_and_gradients(rng):
@@ -169,7 +191,9 @@ def test_computed_once_keeps_values_and_gradients(rng):
     a = jnp.asarray([1.5, -np.inf, np.nan, -0.0], jnp.float32)
     b = jnp.asarray(rng.normal(size=(2, 3)), jnp.bfloat16)
     out = stats.computed_once(a, None, b, a * 2)
-    np.testing.assert_array_equal(out[0], a)  # v + (-0.0) == v for every v but -0.0, whose sign may become +0
+    np.testing.assert_array_equal(
+        out[0], a
+    )  # v + (-0.0) == v for every v but -0.0, whose sign may become +0
     assert out[1] is None and out[2].dtype == jnp.bfloat16
     np.testing.assert_array_equal(out[2], b)
     np.testing.assert_array_equal(out[3], a * 2)
@@ -188,8 +212,14 @@ def test_computed_once_keeps_values_and_gradients(rng):
         return jnp.sum(jnp.sin(x + v), 0), jnp.sum(jnp.cos(x - v), 0)
 
     x = jnp.ones((64, 16))
-    count = {once: jax.jit(two_readers, static_argnums=1).lower(x, once).compile().as_text().count(" select(")
-             for once in (False, True)}
+    count = {
+        once: jax.jit(two_readers, static_argnums=1)
+        .lower(x, once)
+        .compile()
+        .as_text()
+        .count(" select(")
+        for once in (False, True)
+    }
     assert count[True] == 8 < count[False], count
 
 

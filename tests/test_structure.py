@@ -68,7 +68,8 @@ def test_a_training_call_is_a_short_path_with_one_check():
     outside = {code for code in called if not code.co_filename.endswith("_validation.py")}
     named = sorted(
         (os.path.basename(code.co_filename), code.co_name, code.co_firstlineno)
-        for code in outside if code.co_name not in COMPREHENSIONS
+        for code in outside
+        if code.co_name not in COMPREHENSIONS
     )
     files = {name for name, _, _ in named}
     assert len(named) <= 12, named

@@ -32,7 +32,9 @@ def _data(rng, shape=(16, 3)):
 
 def _trained_variables(model, x):
     variables = model.init(jax.random.key(0), x)
-    _, updates = model.apply(variables, x + 1.0, mutable=["batch_stats"])  # non-trivial running stats
+    _, updates = model.apply(
+        variables, x + 1.0, mutable=["batch_stats"]
+    )  # non-trivial running stats
     return {**variables, **updates}
 
 
@@ -46,7 +48,9 @@ def test_linen_freeze_uses_and_keeps_running_stats(rng, flax_bn):
     jax.tree.map(np.testing.assert_array_equal, updates["batch_stats"], variables["batch_stats"])
     np.testing.assert_allclose(y, model.apply(variables, x, train=False), rtol=1e-5, atol=1e-5)
     y_train, _ = model.apply(variables, x, mutable=["batch_stats"])
-    assert not np.allclose(y, y_train, atol=1e-3)  # training output differs: the freeze did something
+    assert not np.allclose(
+        y, y_train, atol=1e-3
+    )  # training output differs: the freeze did something
 
 
 @pytest.mark.slow  # ~15 s of eager gradients
@@ -62,7 +66,9 @@ def test_linen_keep_affine_trainable_false_stops_gradients(rng):
     grads = jax.grad(loss)(variables["params"])["BatchNorm_0"]
     assert float(jnp.abs(grads["scale"]).sum()) > 0
     frozen = jax.grad(lambda p: loss(p, keep_affine_trainable=False))(variables["params"])
-    assert float(jnp.abs(frozen["BatchNorm_0"]["scale"]).sum()) == 0  # exact: stop_gradient gives zeros
+    assert (
+        float(jnp.abs(frozen["BatchNorm_0"]["scale"]).sum()) == 0
+    )  # exact: stop_gradient gives zeros
     assert float(jnp.abs(frozen["Dense_0"]["kernel"]).sum()) > 0
 
 
@@ -81,7 +87,9 @@ def test_linen_axis_name_override_synchronizes(rng, flax_bn):
     np.testing.assert_allclose(y.reshape(16, 3), y_global, rtol=1e-4, atol=1e-4)
     for leaf, ref in zip(jax.tree.leaves(upd), jax.tree.leaves(upd_global)):
         np.testing.assert_allclose(leaf[0], ref, rtol=1e-5, atol=1e-5)
-    y_local, _ = jax.vmap(lambda xs: model.apply(variables, xs, mutable=["batch_stats"]))(x.reshape(4, 4, 3))
+    y_local, _ = jax.vmap(lambda xs: model.apply(variables, xs, mutable=["batch_stats"]))(
+        x.reshape(4, 4, 3)
+    )
     assert not np.allclose(y_local.reshape(16, 3), y_global, atol=1e-3)
 
 
@@ -92,9 +100,13 @@ def test_linen_momentum_override(rng):
     h = nn.Dense(4).apply({"params": variables["params"]["Dense_0"]}, x)
     with jaxbn.linen.batch_norm_overrides(momentum=0.9):
         _, updates = model.apply(variables, x, mutable=["batch_stats"])
-    np.testing.assert_allclose(updates["batch_stats"]["BatchNorm_0"]["mean"], 0.1 * h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        updates["batch_stats"]["BatchNorm_0"]["mean"], 0.1 * h.mean(0), rtol=1e-5, atol=1e-6
+    )
     _, default = model.apply(variables, x, mutable=["batch_stats"])  # the field: momentum 0.5
-    np.testing.assert_allclose(default["batch_stats"]["BatchNorm_0"]["mean"], 0.5 * h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        default["batch_stats"]["BatchNorm_0"]["mean"], 0.5 * h.mean(0), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.slow  # ~30 s of eager applies; test_linen_use_jaxbn_keys_the_jit_cache stays
@@ -112,21 +124,39 @@ def test_linen_use_jaxbn_equals_flax_and_masks_weight_by_count(rng):
     mask = jnp.asarray(rng.random((16, 1)) < 0.6).at[:2].set(True)
     mask = mask.at[4:8].set(False).at[4].set(True)
     expected, exp_upd = jaxbn.linen.BatchNorm(momentum=0.5).apply(
-        {"params": variables["params"]["BatchNorm_0"], "batch_stats": variables["batch_stats"]["BatchNorm_0"]},
-        nn.Dense(4).apply({"params": variables["params"]["Dense_0"]}, x), use_running_average=False,
-        mask=jnp.broadcast_to(mask, (16, 4)), mutable=["batch_stats"])
+        {
+            "params": variables["params"]["BatchNorm_0"],
+            "batch_stats": variables["batch_stats"]["BatchNorm_0"],
+        },
+        nn.Dense(4).apply({"params": variables["params"]["Dense_0"]}, x),
+        use_running_average=False,
+        mask=jnp.broadcast_to(mask, (16, 4)),
+        mutable=["batch_stats"],
+    )
 
     def shard(xs, ms):
         with jaxbn.linen.use_jaxbn(), jaxbn.linen.batch_norm_overrides(axis_name="d"):
-            _, state = model.apply(variables, xs, mask=jnp.broadcast_to(ms, (4, 4)), mutable=["batch_stats",
-                                                                                               "intermediates"])
+            _, state = model.apply(
+                variables,
+                xs,
+                mask=jnp.broadcast_to(ms, (4, 4)),
+                mutable=["batch_stats", "intermediates"],
+            )
         return state
 
     state = jax.vmap(shard, axis_name="d")(x.reshape(4, 4, 3), mask.reshape(4, 4, 1))
-    np.testing.assert_allclose(state["batch_stats"]["BatchNorm_0"]["mean"][0], exp_upd["batch_stats"]["mean"],
-                               rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(state["batch_stats"]["BatchNorm_0"]["var"][0], exp_upd["batch_stats"]["var"],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        state["batch_stats"]["BatchNorm_0"]["mean"][0],
+        exp_upd["batch_stats"]["mean"],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        state["batch_stats"]["BatchNorm_0"]["var"][0],
+        exp_upd["batch_stats"]["var"],
+        rtol=1e-5,
+        atol=1e-5,
+    )
     del expected
 
 
@@ -159,7 +189,9 @@ class NnxNet(nnx.Module):
         self.dense = nnx.Linear(3, 4, rngs=rngs)
         bn = nnx.BatchNorm if flax_layers else jaxbn.nnx.BatchNorm
         self.blocks = nnx.List([bn(4, momentum=0.5, rngs=rngs)])
-        self.norms = nnx.Dict(ln=nnx.LayerNorm(4, rngs=rngs), gn=nnx.GroupNorm(4, num_groups=2, rngs=rngs))
+        self.norms = nnx.Dict(
+            ln=nnx.LayerNorm(4, rngs=rngs), gn=nnx.GroupNorm(4, num_groups=2, rngs=rngs)
+        )
 
     def __call__(self, x):
         return self.norms["gn"](self.norms["ln"](self.blocks[0](self.dense(x))))
@@ -173,7 +205,9 @@ def test_nnx_freeze_survives_train_and_unfreeze_restores(rng):
     model.train()
     y = model(x)
     # exact by construction: a frozen layer does not write its statistics
-    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)), before)
+    jax.tree.map(
+        np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)), before
+    )
     model.eval()
     np.testing.assert_allclose(y, model(x), rtol=1e-6)
     jaxbn.nnx.unfreeze(model)
@@ -186,7 +220,9 @@ def test_nnx_freeze_affine_and_set_batch_norm(rng):
     model, x = NnxNet(False, nnx.Rngs(0)), _data(rng)
     jaxbn.nnx.freeze(model, keep_affine_trainable=False)
     params = nnx.state(model, nnx.Param)
-    assert "blocks" not in nnx.to_pure_dict(params)  # the BatchNorm's scale and bias are no Param now
+    assert "blocks" not in nnx.to_pure_dict(
+        params
+    )  # the BatchNorm's scale and bias are no Param now
     assert "dense" in nnx.to_pure_dict(params)
     assert isinstance(model.blocks[0].scale, jaxbn.nnx.FrozenParam)
     jaxbn.nnx.unfreeze(model)
@@ -223,10 +259,15 @@ def test_nnx_convert_keeps_variables_and_outputs(rng):
     state = nnx.state(converted)
     assert jax.tree.structure(state) == jax.tree.structure(state_before)
     # exact by construction: the converted layers hold the very same variables
-    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(state), nnx.to_pure_dict(state_before))
+    jax.tree.map(
+        np.testing.assert_array_equal, nnx.to_pure_dict(state), nnx.to_pure_dict(state_before)
+    )
     np.testing.assert_allclose(converted(x), reference(x), rtol=1e-4, atol=1e-4)  # training step
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 nnx.to_pure_dict(nnx.state(converted)), nnx.to_pure_dict(nnx.state(reference)))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        nnx.to_pure_dict(nnx.state(converted)),
+        nnx.to_pure_dict(nnx.state(reference)),
+    )
     converted.eval(), reference.eval()
     np.testing.assert_allclose(converted(x), reference(x), rtol=1e-4, atol=1e-4)
     jaxbn.nnx.freeze(converted)  # now allowed
@@ -268,9 +309,13 @@ def test_linen_overrides_key_the_jit_cache(rng, flax_bn):
     assert_trains(step(variables, x))  # traced outside any block
     with _freeze():
         assert_frozen(step(variables, x))
-        with jaxbn.linen.batch_norm_overrides(update_running_stats=True):  # nested: the inner wins per name
+        with jaxbn.linen.batch_norm_overrides(
+            update_running_stats=True
+        ):  # nested: the inner wins per name
             y, updates = step(variables, x)
-            np.testing.assert_allclose(y, y_eval, rtol=1e-5, atol=1e-5)  # running statistics used ...
+            np.testing.assert_allclose(
+                y, y_eval, rtol=1e-5, atol=1e-5
+            )  # running statistics used ...
             assert not np.allclose(_mean(updates), stored, atol=1e-3)  # ... and updated
         assert_frozen(step(variables, x))
     assert_trains(step(variables, x))
@@ -300,7 +345,9 @@ def test_linen_use_jaxbn_keys_the_jit_cache(rng):
     step = jax.jit(lambda v, x: model.apply(v, x, mutable=["batch_stats"])[1])
     assert np.isnan(_mean(step(variables, x_nan))).all()  # flax's, traced before the block
     with jaxbn.linen.use_jaxbn():
-        np.testing.assert_array_equal(_mean(step(variables, x_nan)), _mean(variables))  # exact: the batch is skipped
+        np.testing.assert_array_equal(
+            _mean(step(variables, x_nan)), _mean(variables)
+        )  # exact: the batch is skipped
     assert np.isnan(_mean(step(variables, x_nan))).all()
     fresh = jax.jit(lambda v, x: model.apply(v, x, mutable=["batch_stats"])[1])
     with jaxbn.linen.use_jaxbn():
@@ -339,7 +386,12 @@ def test_linen_overrides_are_local_to_the_thread(rng):
         child.start()
         child.join(timeout=300)
         results["main_frozen"] = step(variables, x)
-    for name, frozen in (("worker", True), ("main", False), ("child", False), ("main_frozen", True)):
+    for name, frozen in (
+        ("worker", True),
+        ("main", False),
+        ("child", False),
+        ("main_frozen", True),
+    ):
         assert name in results, name
         # exact by construction when frozen (not written); far from it when trained
         assert np.array_equal(_mean(results[name][1]), stored) == frozen, name
@@ -353,20 +405,26 @@ def test_linen_axis_index_groups_override_as_lists(rng):
     variables = _trained_variables(model, x)
 
     def step(xs):
-        with jaxbn.linen.batch_norm_overrides(axis_name="i", axis_index_groups=[[0, 1, 2, 3], [4, 5, 6, 7]]):
+        with jaxbn.linen.batch_norm_overrides(
+            axis_name="i", axis_index_groups=[[0, 1, 2, 3], [4, 5, 6, 7]]
+        ):
             return model.apply(variables, xs, mutable=["batch_stats"])
 
     y, _ = jax.pmap(step, axis_name="i")(x.reshape(8, 2, 3))
     for half in range(2):
-        part = x[8 * half: 8 * half + 8]
+        part = x[8 * half : 8 * half + 8]
         y_half, _ = model.apply(variables, part, mutable=["batch_stats"])
-        np.testing.assert_allclose(np.asarray(y)[4 * half: 4 * half + 4].reshape(8, 3), y_half, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(y)[4 * half : 4 * half + 4].reshape(8, 3), y_half, rtol=1e-4, atol=1e-4
+        )
 
 
 def test_linen_overrides_must_be_static():
     """An override that cannot key the cache (a jax.Array of groups, a traced momentum) raises a
     TypeError naming it; lists, tuples and 0-d arrays of numbers are accepted."""
-    with pytest.raises(TypeError, match=r"(?s)axis_index_groups=.* is not a static Python value.*cache key"):
+    with pytest.raises(
+        TypeError, match=r"(?s)axis_index_groups=.* is not a static Python value.*cache key"
+    ):
         jaxbn.linen.batch_norm_overrides(axis_index_groups=jnp.asarray([[0, 1], [2, 3]]))
     with pytest.raises(TypeError, match=r"axis_name=\{.* is not a static Python value"):
         jaxbn.linen.batch_norm_overrides(axis_name={"a": 1})
@@ -378,8 +436,13 @@ def test_linen_overrides_must_be_static():
 
     with pytest.raises(TypeError, match="momentum=.*Tracer.* is not a static Python value"):
         traced_momentum(0.5)
-    for overrides in (dict(axis_index_groups=[[0, 1], [2, 3]]), dict(axis_index_groups=((0, 1), (2, 3))),
-                      dict(axis_name=["a", "b"]), dict(momentum=np.float32(0.5)), dict(momentum=jnp.asarray(0.5))):
+    for overrides in (
+        dict(axis_index_groups=[[0, 1], [2, 3]]),
+        dict(axis_index_groups=((0, 1), (2, 3))),
+        dict(axis_name=["a", "b"]),
+        dict(momentum=np.float32(0.5)),
+        dict(momentum=jnp.asarray(0.5)),
+    ):
         with jaxbn.linen.batch_norm_overrides(**overrides):
             pass
 
@@ -416,18 +479,27 @@ def test_nnx_convert_keeps_a_shared_layer_shared(rng):
     converted = jaxbn.nnx.convert(model)
     layer = converted.a
     assert type(layer) is jaxbn.nnx.BatchNorm
-    for name, other in (("b", converted.b), ("blocks[0]", converted.blocks[0]), ("named", converted.named["bn"]),
-                        ("sub", converted.sub.inner), ("plain_list", converted.plain_list[0]),
-                        ("plain_dict", converted.plain_dict["bn"])):
+    for name, other in (
+        ("b", converted.b),
+        ("blocks[0]", converted.blocks[0]),
+        ("named", converted.named["bn"]),
+        ("sub", converted.sub.inner),
+        ("plain_list", converted.plain_list[0]),
+        ("plain_dict", converted.plain_dict["bn"]),
+    ):
         assert other is layer, name
     assert type(converted.blocks[1]) is jaxbn.nnx.LayerNorm
     assert not any(isinstance(node, nnx.BatchNorm) for _, node in nnx.iter_graph(converted))
     # exact by construction: the very same variables
-    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(converted)), state_before)
+    jax.tree.map(
+        np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(converted)), state_before
+    )
     mean = np.asarray(layer.mean[...])
     for call in (converted.b, converted.sub.inner, converted.plain_dict["bn"]):
         call(x.at[0, 0].set(jnp.nan))
-        np.testing.assert_array_equal(layer.mean[...], mean)  # exact by construction: the batch is skipped
+        np.testing.assert_array_equal(
+            layer.mean[...], mean
+        )  # exact by construction: the batch is skipped
     assert np.isfinite(np.asarray(layer.var[...])).all()
 
 
@@ -442,8 +514,16 @@ def test_nnx_convert_changes_nothing_when_it_raises():
     before any layer is replaced."""
     rngs = nnx.Rngs(0)
     for last, error, match in (
-        (nnx.data((nnx.BatchNorm(3, rngs=rngs), 1)), TypeError, r"BatchNorm at later/0 inside a tuple.*Nothing"),
-        (nnx.List([nnx.BatchNorm(3, momentum=1.5, rngs=rngs)]), ValueError, r"BatchNorm at later/0: momentum.*Nothing"),
+        (
+            nnx.data((nnx.BatchNorm(3, rngs=rngs), 1)),
+            TypeError,
+            r"BatchNorm at later/0 inside a tuple.*Nothing",
+        ),
+        (
+            nnx.List([nnx.BatchNorm(3, momentum=1.5, rngs=rngs)]),
+            ValueError,
+            r"BatchNorm at later/0: momentum.*Nothing",
+        ),
     ):
         model = _Mixed(rngs, last)
         first = model.first
