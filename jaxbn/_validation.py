@@ -143,8 +143,7 @@ def check_dtype(dtype: Any, name: str = "dtype", *, complex_ok: bool = False) ->
 
 
 def _compute_dtype(x: jax.Array, epsilon: Any, dtype: Any) -> Any:
-    """The compute dtype (at least float32, never below ``x``'s or ``dtype``), with ``epsilon``
-    checked in it and the output ``dtype``: floating for real input, complex for complex input."""
+    """The compute dtype (at least float32, not below ``x``'s or ``dtype``), ``epsilon`` checked."""
     requested = x.dtype if dtype is None else jnp.promote_types(x.dtype, dtype)
     compute = jax.dtypes.canonicalize_dtype(jnp.promote_types(requested, jnp.float32))
     check_epsilon(epsilon, compute)
@@ -224,9 +223,7 @@ def check_mask(mask: Any, shape: tuple[int, ...]) -> jax.Array:
 
 
 def check_feature_arrays(arrays, name, shape, keys, required=False, scalars=()) -> dict[str, Any]:
-    """Checks a ``params``/``state`` dict: its ``keys`` (all of them if ``required``) and
-    ``scalars``, floating dtypes, and the feature ``shape`` (one value per feature, nothing
-    broadcast), or a scalar for the keys in ``scalars``."""
+    """Checks a ``params``/``state`` dict: keys, floating dtypes, the feature ``shape``."""
     allowed, arrays = [*keys, *scalars], {} if arrays is None else arrays
     if not isinstance(arrays, Mapping):
         raise TypeError(f"{name} must be a dict with keys {allowed}, got {type(arrays).__name__}.")
@@ -284,8 +281,7 @@ def check_variable_size(value: Any, size: int, name: str, owner: str) -> None:
 
 
 def axis_size(axis_name: Any, axis_index_groups: Sequence[Sequence[int]] | None = None) -> int:
-    """The number of devices a reduction over ``axis_name`` (None: 1, a name or a tuple of names)
-    combines, known at trace time: with ``axis_index_groups``, one group's size."""
+    """How many devices a reduction over ``axis_name`` combines (with groups: one group's size)."""
     groups = axis_index_groups
     if axis_name is None and groups is not None:
         raise ValueError(
@@ -346,8 +342,7 @@ def check_renorm_limits(r_max: Any, d_max: Any) -> None:
 
 
 def number_of_groups(channels: int, num_groups, group_size, channels_are: str = "") -> int:
-    """flax GroupNorm's rule: exactly one of the two, dividing the ``channels`` (``channels_are``
-    says whose: by default the input's last axis)."""
+    """flax GroupNorm's rule: exactly one of the two, dividing the ``channels``."""
     num_groups = positive_int(num_groups, "num_groups", none_ok=True)
     group_size = positive_int(group_size, "group_size", none_ok=True)
     if (num_groups is None) == (group_size is None):
@@ -367,8 +362,7 @@ def number_of_groups(channels: int, num_groups, group_size, channels_are: str = 
 
 
 def _check_state(state, shape, scalars, x, update, momentum, unbiased) -> dict[str, Any]:
-    """The checked running statistics: feature arrays whose dtype keeps their values, ``momentum``
-    and, if they are updated, a ``'count'`` exactly when ``momentum`` is None."""
+    """The checked running statistics (and ``momentum``, and ``count`` iff momentum is None)."""
     state = check_feature_arrays(state, "state", shape, _STATE_KEYS, True, scalars)
     if half := [key for key in _STATE_KEYS if state[key].dtype == jnp.float16]:
         raise TypeError(
@@ -405,8 +399,7 @@ def _check_state(state, shape, scalars, x, update, momentum, unbiased) -> dict[s
 
 
 class Plan(NamedTuple):
-    """The static configuration of the statistics (and of a training step: ``out_dtype``,
-    ``correction``); ``dtype`` is the compute dtype, at least float32."""
+    """The static configuration of the statistics (and of a training step); ``dtype``: compute."""
 
     axes: tuple[int, ...]  # the reduction axes
     dtype: Any
@@ -418,8 +411,7 @@ class Plan(NamedTuple):
 
 
 class BatchNormCall(NamedTuple):
-    """The arguments of :func:`jaxbn.batch_norm` (or :func:`jaxbn.batch_renorm`) by name, as
-    :func:`check_batch_norm` returns them: checked, with what they imply."""
+    """:func:`jaxbn.batch_norm`'s arguments by name, checked by :func:`check_batch_norm`."""
 
     x: jax.Array
     params: dict[str, jax.Array]
@@ -444,8 +436,7 @@ class BatchNormCall(NamedTuple):
 
 
 def check_batch_norm(function: str, correction: Any = None, **arguments: Any) -> BatchNormCall:
-    """Checks every argument of :func:`jaxbn.batch_norm` (``function`` names it in messages), or of
-    :func:`jaxbn.batch_renorm` given its ``correction``; returns them checked, with their plan."""
+    """Checks :func:`jaxbn.batch_norm`'s (with ``correction``: batch_renorm's) arguments."""
     call = BatchNormCall(**arguments)
     training, axis, axis_name, mask = call.training, call.axis, call.axis_name, call.mask
     check_static_bool(training, "training")
@@ -513,8 +504,7 @@ def check_batch_norm(function: str, correction: Any = None, **arguments: Any) ->
 
 
 def check_running_update(moments: Any, state, batch, momentum, unbiased) -> dict[str, Any]:
-    """Checks :func:`jaxbn.update_running_stats`' arguments, ``batch`` an instance of ``moments``
-    (:class:`jaxbn.Moments`, which imports this module); returns the checked state."""
+    """Checks :func:`jaxbn.update_running_stats`' arguments (``moments``: the Moments class)."""
     if not isinstance(batch, moments):
         raise TypeError(f"batch must be jaxbn.Moments, got {type(batch).__name__}.")
     shape = tuple(jnp.shape(batch.mean))
@@ -583,9 +573,7 @@ def check_moments(x, axes, mask, axis_name, axis_index_groups, dtype, source) ->
 
 
 def check_per_example(kind, x, params, epsilon, mask, axis_name, axis_index_groups, dtype, **axes):
-    """Checks a ``kind`` of per-example norm's arguments (``axes``: its ``reduction_axes``,
-    ``feature_axes``, ``num_groups``, ``group_size``); returns ``(x, params, plan, mask)`` to
-    normalize (group norm's ``x`` and ``mask`` in groups, the params broadcastable to ``x``)."""
+    """Checks a per-example norm's arguments; returns ``(x, params, plan, mask)`` (groups split)."""
     x = check_inexact(x)
     reduction_axes, feature_axes = axes.get("reduction_axes"), axes.get("feature_axes")
     if kind == "group_norm":

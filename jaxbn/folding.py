@@ -69,11 +69,9 @@ def _training(module: Any, args: tuple, kwargs: dict) -> bool:
 class _Recorder:
     """Traces ``forward(recorder)``, recording its module calls and probing each layer's output.
 
-    With ``probes`` (one traced zero per layer call outside lifted transforms, in call order;
-    None on the first pass, which only collects their shapes) a layer hands ``output + probe``
-    to the code that called it, and a BatchNorm handed exactly that object computes on
-    ``output`` itself: in the traced program every other use of the output depends on the
-    probe, the BatchNorm's does not.
+    With ``probes`` (traced zeros, one per layer call outside lifted transforms; None on the first
+    pass, which collects their shapes) a layer returns ``output + probe``, and a BatchNorm handed
+    exactly that computes on ``output``: only that use of the output does not depend on the probe.
     """
 
     def __init__(self, forward: Callable[[_Recorder], Any], fix: str):
@@ -126,8 +124,7 @@ class _Recorder:
 
 
 def _reached(jaxpr: Any) -> set[int]:
-    """The inputs of ``jaxpr`` that its outputs depend on, conservatively: through any equation
-    (higher-order ones included, a use that is numerically zero too) whose results reach one."""
+    """The inputs of ``jaxpr`` its outputs depend on, conservatively (through any equation)."""
     depends: dict[Any, int] = {v: 1 << i for i, v in enumerate(jaxpr.invars)}
     bits = lambda vs: [depends.get(v, 0) for v in vs if isinstance(v, jex_core.Var)]
     for eqn in jaxpr.eqns:
@@ -292,8 +289,7 @@ def _folds(forward: Callable, pairs: Any, fix: str, outputs: str) -> list[tuple[
 
 
 def _fold(layer: dict, stats: Mapping, norm: Mapping, epsilon: float, where: str) -> None:
-    """Folds into ``layer`` (its ``kernel``, ``bias``) a BatchNorm's running ``stats`` and
-    ``norm`` params (boxed or nnx Variables) as PyTorch's fuse_conv_bn_weights."""
+    """Folds a BatchNorm's ``stats``, ``norm`` into ``layer`` as PyTorch's fuse_conv_bn_weights."""
     kernel, bias = unboxed(layer["kernel"]), unboxed(layer.get("bias"))
     mean, var = unboxed(stats["mean"]), unboxed(stats["var"])
     scale, beta = unboxed(norm.get("scale")), unboxed(norm.get("bias"))
@@ -315,9 +311,8 @@ def _fold(layer: dict, stats: Mapping, norm: Mapping, epsilon: float, where: str
     new_kernel = (kernel.astype(dtype) * (gamma * rsqrt)).astype(kernel.dtype)
     new_bias = (cast(bias, 0) - mean.astype(dtype)) * rsqrt * gamma + cast(beta, 0)
     layer["kernel"] = reboxed(layer["kernel"], new_kernel)
-    layer["bias"] = reboxed(
-        layer.get("bias"), new_bias.astype(getattr(bias, "dtype", kernel.dtype))
-    )
+    bias_dtype = getattr(bias, "dtype", kernel.dtype)
+    layer["bias"] = reboxed(layer.get("bias"), new_bias.astype(bias_dtype))
 
 
 class FoldedModel(nn.Module):
@@ -341,8 +336,7 @@ class FoldedModel(nn.Module):
         nn.share_scope(self, self.module)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """``module(*args, **kwargs)`` with the folded BatchNorms as the identity and the folded
-        biases added."""
+        """``module(*args, **kwargs)`` with the folded BatchNorms as the identity, biases added."""
         folded = frozenset(map(tuple, self.layers)), frozenset(map(tuple, self.batch_norms))
         with nn.intercept_methods(functools.partial(_run_folded, tuple(self.path), *folded)):
             return self.module(*args, **kwargs)

@@ -164,8 +164,7 @@ def batch_norm(
 
 
 def apply_checked(call: _validation.BatchNormCall) -> tuple:
-    """:func:`batch_norm` (and :func:`jaxbn.batch_renorm`) of checked arguments: ``(y, new_state)``,
-    and the batch moments (or None) with ``return_moments``."""
+    """:func:`batch_norm` (or batch_renorm) of checked arguments: ``(y, new_state[, moments])``."""
     x, params, state, epsilon, plan = call.x, call.params, call.state, call.epsilon, call.plan
     dtype, out, running, batch = plan.dtype, plan.out_dtype, (state["mean"], state["var"]), None
     update, want_moments = call.update_running_stats, call.return_moments
@@ -324,7 +323,7 @@ def _broadcast_to_groups_jvp(groups, primals, tangents):
 def _combine_ghost_moments(batch, shift, plan: stats.Plan) -> stats.Moments:
     """The ghost batches' moments, count-weighted (with ``plan.axis_name`` over every device's, in
     one collective): ``mean = Σ n_k μ_k / Σ n_k``, ``var = Σ n_k σ²_k / Σ n_k``, count ``Σ n_k``."""
-    axis_name = plan.axis_name
+    axis_name, groups = plan.axis_name, plan.axis_index_groups
     count = jnp.sum(batch.count, 0)
     if axis_name is None:
         # weights n_k / N: one group (g = B) gives its own statistics (to rounding)
@@ -334,9 +333,8 @@ def _combine_ghost_moments(batch, shift, plan: stats.Plan) -> stats.Moments:
         dtype = batch.mean.dtype  # one stacked collective: complex if the mean is
         weighted_mean = jnp.sum(batch.count * batch.mean, 0)
         weighted_var = jnp.sum(batch.count * batch.var, 0).astype(dtype)
-        count, weighted_mean, weighted_var = stats.cross_device_sum(
-            [count.astype(dtype), weighted_mean, weighted_var], axis_name, plan.axis_index_groups
-        )
+        sums = [count.astype(dtype), weighted_mean, weighted_var]
+        count, weighted_mean, weighted_var = stats.cross_device_sum(sums, axis_name, groups)
         count, safe = count.real, jnp.maximum(count.real, 1)
         mean, var = weighted_mean / safe, weighted_var.real / safe
     return stats.Moments(mean, var, count, shift, mean - shift)

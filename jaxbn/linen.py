@@ -56,8 +56,7 @@ def _stored_params(module: nn.Module) -> dict[str, Any]:
 
 
 def _running_variable(module: nn.Module, name: str, shape: tuple, fill: Any, dtype: Any) -> None:
-    """Creates ``batch_stats/name`` in ``init``; outside it, raises for a missing one (flax restarts
-    it) or one of another size. Per-feature statistics get ``scale``'s (else ``bias``'s) box."""
+    """Creates ``batch_stats/name`` in ``init``; outside it, raises for a missing or wrong one."""
     where = f"{type(module).__name__} at '{path_name(module.path)}'"
     if not module.is_initializing():
         if not module.has_variable("batch_stats", name):
@@ -74,13 +73,11 @@ def _running_variable(module: nn.Module, name: str, shape: tuple, fill: Any, dty
 
     def initial() -> Any:
         value = jnp.full(shape, fill, dtype)
-        inits = [
-            getattr(module, f"{p}_init") for p in ("scale", "bias") if getattr(module, f"use_{p}")
-        ]
+        used = [p for p in ("scale", "bias") if getattr(module, f"use_{p}")]
+        inits = [getattr(module, f"{p}_init") for p in used]
+        key = jax.random.key(0)
         for init in inits if name in ("mean", "var") else []:  # traced only, for their metadata
-            box = jax.eval_shape(
-                lambda k, f=init: f(k, shape, module.param_dtype), jax.random.key(0)
-            )
+            box = jax.eval_shape(lambda k, f=init: f(k, shape, module.param_dtype), key)
             if isinstance(box, meta.AxisMetadata):
                 return box.replace_boxed(value)
         return value
@@ -91,8 +88,7 @@ def _running_variable(module: nn.Module, name: str, shape: tuple, fill: Any, dty
 def _batch_norm(
     module: nn.Module, x: Any, average: Any, mask: Any, overrides: Any = None, params: Any = None
 ) -> jax.Array:
-    """One BatchNorm call by the functional core, ``overrides`` replacing fields (None: jaxbn's own
-    call, possibly in ``init``; otherwise writes only where ``batch_stats`` is mutable)."""
+    """One BatchNorm call by the functional core, ``overrides`` (None: jaxbn's call) over fields."""
     switched, overrides = overrides is not None, overrides or {}
 
     def field(name: str, default: Any = None) -> Any:
@@ -198,9 +194,8 @@ class BatchNorm(nn.Module):
         """Normalizes ``x`` with batch or running statistics; ``mask`` (broadcastable to ``x``)
         selects the elements that count; ``use_running_average`` overrides the field."""
         _validation.check_not_traced(use_running_average, "use_running_average")
-        use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
+        name = "use_running_average"
+        use_running_average = nn.merge_param(name, getattr(self, name), use_running_average)
         x = x if hasattr(x, "dtype") else jnp.asarray(x)
         shape = _validation.feature_shape(x, self.axis)
         dtype = self.param_dtype

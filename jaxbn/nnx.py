@@ -47,8 +47,7 @@ class _Normalization(nnx.Module):
         def __getattr__(self, name: str) -> Any: ...
 
     def _setup(self, arguments: dict[str, Any], **attributes: Any) -> None:
-        """Checks the constructor's ``arguments`` (its ``locals()``), creates ``scale``/``bias``
-        as flax (same order, keys, metadata), stores the other arguments and ``attributes``."""
+        """Checks ``arguments`` (``locals()``), creates ``scale``/``bias``, stores the rest."""
         arguments = {k: v for k, v in arguments.items() if k != "self"}
         rngs, features = arguments.pop("rngs"), arguments.pop("num_features")
         self.num_features: int = _validation.positive_int(  # type: ignore[assignment]

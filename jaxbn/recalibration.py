@@ -51,8 +51,7 @@ def merged_moments(calls: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def running_stats(model: Any, variables: Any) -> Any:
-    """linen: a copy of ``variables['batch_stats']``; nnx (``variables`` None): per BatchNorm path,
-    its running statistics' Variables by name."""
+    """linen: a copy of ``variables['batch_stats']``; nnx: each BatchNorm's running Variables."""
     if variables is None:
         nodes = [(tuple(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, _BATCH_NORMS)]
         if not nodes:
@@ -102,8 +101,7 @@ def _record(normalize_with, info, run, args, kwargs, path, module):
 
 @functools.lru_cache(maxsize=32)
 def _forward(model: Any, normalize_with: str, call_kwargs: tuple) -> tuple[Any, dict]:
-    """A jitted ``(variables or nnx state, args) -> (sown moments, new nnx state)`` for a linen
-    model or nnx modules of graphdef ``model``, and the layers' settings its tracing notes."""
+    """A jitted ``(variables or nnx state, args) -> (sown moments, new nnx state)``."""
     info: dict[tuple, tuple[float, bool]] = {}  # in call order
     record = functools.partial(_record, normalize_with, info)
 
