@@ -1,5 +1,4 @@
-"""What the Flax-facing code shares: boxed values, module paths, the running statistics' dtype and
-intercepting the calls of an nnx module graph."""
+"""What the Flax-facing code shares: boxed values, paths, the statistics' dtype, nnx interception."""
 
 from __future__ import annotations
 
@@ -18,8 +17,7 @@ from flax.core import meta
 
 def unboxed(value: Any) -> Any:
     """``value`` without its partitioning box (``nn.with_partitioning``) or nnx Variable, if any."""
-    if isinstance(value, nnx.Variable):
-        return value[...]
+    value = value[...] if isinstance(value, nnx.Variable) else value
     return value.unbox() if isinstance(value, meta.AxisMetadata) else value
 
 
@@ -58,10 +56,8 @@ def node_at(tree: Any, path: Sequence[Any]) -> Any:
 
 
 def running_stats_dtype(param_dtype: Any) -> Any:
-    """The dtype BatchNorm keeps its running statistics in: float32, or ``param_dtype`` if wider.
-
-    float64 for a float64 ``param_dtype`` under ``jax_enable_x64``; never half precision; the
-    real dtype of a complex ``param_dtype``.
+    """The dtype of BatchNorm's running statistics: float32, or ``param_dtype`` if wider (float64
+    under ``jax_enable_x64``), never half precision, real for a complex ``param_dtype``.
 
     >>> running_stats_dtype(jnp.bfloat16)
     dtype('float32')
@@ -73,10 +69,9 @@ def running_stats_dtype(param_dtype: Any) -> Any:
 
 
 # -- intercepting nnx calls ----------------------------------------------------------------------
-# nnx has no nn.intercept_methods. The modules of a graph the caller owns (a copy made by
-# nnx.merge) become instances of a subclass whose __call__ asks the interceptor registered for
-# that very object in a context variable: no class is edited, so other models, copies and threads
-# are untouched, and a subclass's super().__call__ reaches its parent's own __call__.
+# nnx has no nn.intercept_methods: the modules of a copy the caller owns become instances of a
+# subclass whose __call__ asks a context variable for the object's interceptor. No class is edited
+# (other models, copies, threads are untouched); super().__call__ reaches the parent's own.
 
 #: ``(run, args, kwargs, path, module) -> output``; ``run(*args, **kwargs)`` is the module's call.
 Interceptor = Callable[[Callable[..., Any], tuple, dict, tuple, Any], Any]

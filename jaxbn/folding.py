@@ -491,9 +491,9 @@ def _fold_nnx(module: nnx.Module, args: tuple, kwargs: dict, pairs: Any) -> nnx.
 def fold_batch_norm(
     model: Any, *args: Any, pairs: Sequence[tuple[Any, Any]] | None = None, **kwargs: Any
 ) -> Any:
-    r"""Folds eval-mode BatchNorms into the ``Conv``/``Dense`` layers whose outputs they normalize.
-
-    Per output feature, :math:`s = \gamma / \sqrt{\mathrm{var} + \epsilon}`,
+    r"""Folds eval-mode BatchNorms into the ``Conv``/``Dense`` layers whose outputs they normalize:
+    linen gives a :class:`FoldedLinen`, run as ``folded.model.apply(folded.variables, ...)``, nnx
+    a folded copy of the module. Per output feature, :math:`s = \gamma / \sqrt{\mathrm{var} + \epsilon}`,
     :math:`W' = W s` and :math:`b' = (b - \mathrm{mean}) s + \beta`, computed in at least
     float32 in PyTorch's order (``fuse_conv_bn_weights``). One forward pass on the sample
     arguments is traced (the model must be traceable, as under ``jax.jit``). A fold is
@@ -509,10 +509,6 @@ def fold_batch_norm(
       pairs: None to fold every BatchNorm called, or ``(layer_path, batch_norm_path)``
         pairs (``'block/Conv_0'`` or a tuple of names) to fold only those.
       **kwargs: keyword arguments of the sample call.
-
-    Returns:
-      linen: a :class:`FoldedLinen` ``(model, variables)``, run as
-      ``folded.model.apply(folded.variables, ...)``; nnx: a folded copy of the module.
 
     Raises:
       ValueError: a BatchNorm cannot be folded exactly (the message says why and where).

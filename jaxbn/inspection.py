@@ -15,14 +15,12 @@ __all__ = ["LayerReport", "inspect_batch_norms", "plot"]
 
 
 class LayerReport(NamedTuple):
-    """One BatchNorm's statistics for a batch (NumPy float64 arrays per feature).
-
-    ``mean_shift`` is ``(batch_mean - running_mean) / sqrt(running_var + eps)``,
-    ``log_var_ratio`` is ``log((batch_var + eps) / (running_var + eps))``, ``drift`` the root
-    mean square of both over the features (0: the running statistics describe the batch;
-    about 1: one running standard deviation off, or e times the spread), ``dead_features``
-    counts the features whose batch variance is at most ``eps`` (e.g. a ReLU never firing).
-    """
+    """One BatchNorm's statistics for a batch (NumPy float64 arrays per feature): ``mean_shift``
+    is ``(batch_mean - running_mean) / sqrt(running_var + eps)``, ``log_var_ratio`` is
+    ``log((batch_var + eps) / (running_var + eps))``, ``drift`` the root mean square of both over
+    the features (0: the running statistics describe the batch; about 1: one running standard
+    deviation off, or e times the spread), ``dead_features`` the features whose batch variance
+    is at most ``eps`` (e.g. a ReLU never firing)."""
 
     path: tuple
     count: np.ndarray  # type: ignore[assignment]  # the field shadows tuple.count
@@ -44,7 +42,8 @@ def inspect_batch_norms(
     normalize_with: str = "running",
     **call_kwargs: Any,
 ) -> list[LayerReport]:
-    """Compares every BatchNorm's input statistics on ``batch`` with its running statistics.
+    """Compares every BatchNorm's input statistics on ``batch`` with its running statistics: a
+    :class:`LayerReport` per BatchNorm, in the order they were first called.
 
     The batch runs through the model once (jitted), each BatchNorm normalizing with its
     running statistics (``normalize_with="running"``, as inference does) or the batch's
@@ -56,9 +55,6 @@ def inspect_batch_norms(
       batch: linen: the batch (the first argument, or a tuple of the positional arguments).
       normalize_with: ``"running"`` or ``"batch"``.
       **call_kwargs: keyword arguments of the model's call.
-
-    Returns:
-      A :class:`LayerReport` per BatchNorm, in the order they were first called.
 
     Raises:
       ValueError: no BatchNorm was called, or ``normalize_with`` is not one of its values.
@@ -108,14 +104,11 @@ def inspect_batch_norms(
 
 
 def plot(reports: list[LayerReport], path: str | None = None) -> Any:
-    """Bar charts of each layer's drift and dead features, first layer on top (matplotlib).
+    """A ``matplotlib.figure.Figure``: bar charts of each layer's drift and dead features.
 
     Args:
       reports: what :func:`inspect_batch_norms` returned.
       path: a file to save the figure to (its suffix picks the format), or None.
-
-    Returns:
-      The ``matplotlib.figure.Figure``.
 
     Raises:
       ImportError: matplotlib is not installed.

@@ -86,7 +86,7 @@ class _Normalization(nnx.Module):
         return x, state, params, dtype
 
     def _to_feature_shape(
-        self, arrays: dict, x: jax.Array, shape: tuple, axes: str, always: bool = False
+        self, arrays: dict, x: Any, shape: tuple, axes: str, always=False
     ) -> dict:
         """The ``(num_features,)`` ``arrays``, checked, in the input's feature ``shape``."""
         owner = f"{type(self).__name__}(num_features={self.num_features})"

@@ -56,11 +56,9 @@ def running_stats(model: Any, variables: Any) -> Any:
         nodes = [(tuple(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, _BATCH_NORMS)]
         if not nodes:
             raise ValueError(f"found no BatchNorm in the {type(model).__name__} module.")
-        names = ("mean", "var", "count")
-        return {
-            p: {k: getattr(n, k) for k in names if getattr(n, k, None) is not None}
-            for p, n in nodes
-        }
+        keys = ("mean", "var", "count")
+        present = lambda n: {k: getattr(n, k) for k in keys if getattr(n, k, None) is not None}
+        return {p: present(n) for p, n in nodes}
     if not isinstance(variables, Mapping) or "batch_stats" not in variables:
         raise ValueError(
             "variables must be the model's variables with a 'batch_stats' collection (what "
@@ -191,7 +189,8 @@ def recalibrate(
     progress: bool | None = None,
     **call_kwargs: Any,
 ) -> Any:
-    """Re-estimates every BatchNorm's running statistics from ``batches``.
+    """Re-estimates every BatchNorm's running statistics from ``batches``: linen returns new
+    variables of the same structure, nnx updates the module in place and returns it.
 
     Each batch runs through the model once (jitted, whole: a sharded batch gives the whole
     batch's statistics, so no ``axis_name`` collective is needed), every BatchNorm
@@ -212,9 +211,6 @@ def recalibrate(
       progress: a tqdm bar; None: on a terminal for more than 5 batches if tqdm is
         installed; True: always (ImportError without tqdm); False: never.
       **call_kwargs: static keyword arguments of the model's call (e.g. ``train=False``).
-
-    Returns:
-      linen: new variables of the same structure; nnx: the module.
 
     Raises:
       ValueError: no BatchNorm was called, no batch was given, or an option is unknown.
