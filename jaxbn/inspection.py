@@ -5,8 +5,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import numpy as np
-from flax import linen as nn
-from flax import nnx
 
 from jaxbn._flax import node_at, path_name, unboxed
 from jaxbn.recalibration import check_options, layer_moments, merged_moments, running_stats
@@ -70,12 +68,7 @@ def inspect_batch_norms(
     >>> report.path, report.drift > 1  # the initial statistics (0, 1) are far from these activations
     (('BatchNorm_0',), True)
     """
-    check_options(normalize_with, "population")
-    linen = isinstance(model, nn.Module)
-    if not linen and not isinstance(model, nnx.Module):
-        raise TypeError(
-            f"model must be a flax.linen or flax.nnx module, got {type(model).__name__}."
-        )
+    linen = check_options(model, normalize_with, "population")
     if linen and batch is None:
         raise TypeError("inspect_batch_norms(linen_model, variables, batch): the batch is missing.")
     if not linen and batch is not None:

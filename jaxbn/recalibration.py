@@ -31,13 +31,19 @@ _ESTIMATORS = ("population", "mean_of_batches")
 _BATCH_NORMS = (nn.BatchNorm, jaxbn_linen.BatchNorm, nnx.BatchNorm, jaxbn_nnx.BatchNorm)
 
 
-def check_options(normalize_with: str, estimator: str) -> None:
+def check_options(model: Any, normalize_with: str, estimator: str) -> bool:
+    """Raises for a model that is no Flax module or an unknown option; returns whether it is linen."""
+    if not isinstance(model, (nn.Module, nnx.Module)):
+        raise TypeError(
+            f"model must be a flax.linen or flax.nnx module, got {type(model).__name__}."
+        )
     if normalize_with not in _NORMALIZE_WITH:
         raise ValueError(
             f"normalize_with must be one of {_NORMALIZE_WITH}, got {normalize_with!r}."
         )
     if estimator not in _ESTIMATORS:
         raise ValueError(f"estimator must be one of {_ESTIMATORS}, got {estimator!r}.")
+    return isinstance(model, nn.Module)
 
 
 def merged_moments(calls: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -229,12 +235,7 @@ def recalibrate(
     >>> bool(jnp.allclose(new['batch_stats']['BatchNorm_0']['mean'], h.mean(0), atol=1e-5))
     True
     """
-    check_options(normalize_with, estimator)
-    linen = isinstance(model, nn.Module)
-    if not linen and not isinstance(model, nnx.Module):
-        raise TypeError(
-            f"model must be a flax.linen or flax.nnx module, got {type(model).__name__}."
-        )
+    linen = check_options(model, normalize_with, estimator)
     if linen and batches is None:
         raise TypeError("recalibrate(linen_model, variables, batches): the batches are missing.")
     if not linen and batches is not None:
