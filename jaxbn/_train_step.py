@@ -57,6 +57,13 @@ def affine_normalize(
     return y.astype(out_dtype)
 
 
+def corrected_affine(r: jax.Array, d: jax.Array, scale, bias, dtype) -> tuple:
+    """Batch renorm's ``(r, d)`` folded into the affine parameters: scale ``γ r``, bias ``γ d + β``."""
+    if scale is not None:
+        r, d = scale.astype(dtype) * r, scale.astype(dtype) * d
+    return r, d if bias is None else d + bias.astype(dtype)
+
+
 def fill_empty_features(batch: stats.Moments, running_mean, running_var) -> stats.Moments:
     """``batch`` with features without a valid element taking the (finite) running statistics."""
     empty = batch.count == 0
@@ -87,9 +94,7 @@ def _train(x, scale, bias, outer_scale, outer_bias, plan: stats.Plan, inputs: tu
         batch = fill_empty_features(batch, running_mean, running_var)
     if plan.correction is not None:  # batch norm with scale γ r and bias γ d + β
         r, d = plan.correction(batch, running_mean, running_var, epsilon, *correction_args)
-        if scale is not None:
-            r, d = scale.astype(dtype) * r, scale.astype(dtype) * d
-        scale, bias = r, d if bias is None else d + bias.astype(dtype)
+        scale, bias = corrected_affine(r, d, scale, bias, dtype)
     multiplier = lax.rsqrt(batch.var + epsilon)  # (inverse_sqrt's value)
     beyond = multiplier == 0  # a variance beyond the dtype: centred on 0, the output is the bias
     if scale is not None:

@@ -228,9 +228,10 @@ def _single_value(call: _validation.BatchNormCall, y: jax.Array | None) -> tuple
         running = (state["mean"], state["var"], jnp.asarray(call.epsilon, dtype))
         limits = map(jnp.asarray, (call.r_max, call.d_max))
         r, d = plan.correction(constants, *running, *limits)
-        if "scale" in params:
-            r, d = params["scale"].astype(r.dtype) * r, params["scale"].astype(d.dtype) * d
-        params = {"scale": r, "bias": d + params["bias"].astype(d.dtype) if "bias" in params else d}
+        affine = _train_step.corrected_affine(
+            r, d, params.get("scale"), params.get("bias"), r.dtype
+        )
+        params = dict(zip(("scale", "bias"), affine))
     wide = x.astype(dtype)  # x - x in the compute dtype: the two cotangents cancel there
     centre, var = wide.reshape(mean.shape), jnp.zeros_like(state["var"])
     args = (params, plan.axes, call.epsilon, dtype, plan.out_dtype)
