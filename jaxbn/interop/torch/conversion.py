@@ -25,10 +25,8 @@ _numeric = lambda array: array.dtype.kind in "biuf" or array.dtype.name == "bflo
 
 
 def default_prefix_rule(prefix: str) -> FlaxPath:
-    """Maps a PyTorch module prefix to a Flax module path, as Flax names lists of submodules.
-
-    Args:
-      prefix: a state-dict key without its last part, e.g. ``'layer1.0.bn1'``.
+    """Maps a PyTorch module prefix (a state-dict key without its last part, e.g.
+    ``'layer1.0.bn1'``) to a Flax module path, as Flax names lists of submodules.
 
     Raises:
       ValueError: an empty part (``'a..b'``).
@@ -424,10 +422,8 @@ def _flip(momentum: Any, name: str) -> float | None:
 
 
 def momentum_from_torch(momentum: float | None) -> float | None:
-    """PyTorch's BatchNorm momentum (the batch's weight) as Flax's (the old value's weight).
-
-    Args:
-      momentum: PyTorch's momentum in [0, 1], or None (the cumulative average, kept).
+    """PyTorch's BatchNorm momentum in [0, 1] (the batch's weight) as Flax's (the old value's
+    weight); None, the cumulative average, stays None.
 
     Raises:
       TypeError: not a number or None.
@@ -440,10 +436,8 @@ def momentum_from_torch(momentum: float | None) -> float | None:
 
 
 def momentum_to_torch(momentum: float | None) -> float | None:
-    """Flax's (and jaxbn's) BatchNorm momentum as PyTorch's: :func:`momentum_from_torch` inverted.
-
-    Args:
-      momentum: Flax's momentum in [0, 1], or None.
+    """Flax's (and jaxbn's) BatchNorm momentum in [0, 1] or None as PyTorch's: the inverse of
+    :func:`momentum_from_torch`.
 
     Raises:
       TypeError: not a number or None.
@@ -456,10 +450,8 @@ def momentum_to_torch(momentum: float | None) -> float | None:
 
 
 def batch_norm_kwargs(module: Any) -> dict[str, Any]:
-    """The :class:`jaxbn.linen.BatchNorm` arguments that train as a PyTorch BatchNorm does.
-
-    Args:
-      module: a ``torch.nn.BatchNorm1d``/``2d``/``3d`` (or ``SyncBatchNorm``).
+    """The :class:`jaxbn.linen.BatchNorm` arguments that train as the PyTorch BatchNorm
+    ``module`` (``torch.nn.BatchNorm1d``/``2d``/``3d`` or ``SyncBatchNorm``) does.
 
     Raises:
       TypeError: not a PyTorch BatchNorm.
