@@ -232,7 +232,11 @@ class BatchNorm(_Normalization):
         return functional.batch_norm(x, params, state, **kwargs)
 
     def set_view(self, use_running_average: bool | None = None) -> None:
-        """Used by ``nnx.view``: sets ``use_running_average`` when given (recorded while frozen)."""
+        """Used by ``nnx.view``: sets ``use_running_average`` when given (recorded while frozen).
+
+        Args:
+          use_running_average: normalize with the running statistics (``nnx.view_info`` reads this).
+        """
         if use_running_average is not None:
             self.use_running_average = use_running_average
 

@@ -440,6 +440,15 @@ def test_complex_input(rng):
     )
 
 
+def test_view_info_describes_use_running_average_as_flax():
+    """nnx.view_info reads set_view's Args section: jaxbn's BatchNorm documents it as flax's does."""
+    model = nnx.Sequential(
+        jaxbn.nnx.BatchNorm(2, rngs=nnx.Rngs(0)), nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+    )
+    info = nnx.view_info(model)
+    assert info.count("use_running_average") == 2, info
+
+
 def test_batchnorm_mode_switches_as_flax(rng):
     """use_running_average from the constructor, the call, .train()/.eval() and nnx.view."""
     x = jnp.asarray(rng.normal(size=(6, 2)) + 4, jnp.float32)
