@@ -3,7 +3,6 @@ on static information only: each error names the argument, its value and what it
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import operator
@@ -124,9 +123,6 @@ def check_inexact(x: Any, name: str = "x", *, real: bool = False) -> jax.Array:
             "group_norm and instance_norm do)."
         )
     return x
-
-
-check_floating = functools.partial(check_inexact, real=True)  # (real floating input only)
 
 
 def check_dtype(dtype: Any, name: str = "dtype", *, complex_ok: bool = False) -> None:

@@ -207,10 +207,8 @@ def apply_checked(call: _validation.BatchNormCall) -> tuple:
     if call.ghost_batch_size and (update or want_moments):
         batch = _combine_ghost_moments(batch, state["mean"], call.plan)
     if update:  # (one value per feature: unbiased, so that the variance is kept)
-        static = call.momentum is None or isinstance(call.momentum, (int, float))
-        average = _averaged_into_static_momentum if static else _averaged_into_jitted
         unbiased = call.unbiased_running_var or call.single_value
-        new_state = average(state, batch, call.momentum, unbiased)
+        new_state = _average(state, batch, call.momentum, unbiased)
     return (y, new_state, batch) if want_moments else (y, new_state)
 
 
@@ -270,6 +268,12 @@ _averaged_into_static_momentum = jax.jit(_averaged_into, static_argnums=(2, 3))
 _averaged_into_jitted = jax.jit(_averaged_into, static_argnums=(3,))
 
 
+def _average(state: State, batch: Any, momentum: Any, unbiased: bool) -> dict:
+    static = momentum is None or isinstance(momentum, (int, float))
+    average = _averaged_into_static_momentum if static else _averaged_into_jitted
+    return average(state, batch, momentum, unbiased)
+
+
 def update_running_stats(
     state: State,
     batch: stats.Moments,
@@ -301,9 +305,7 @@ def update_running_stats(
     """
     unbiased = unbiased_running_var
     checked = _validation.check_running_update(stats.Moments, state, batch, momentum, unbiased)
-    static = momentum is None or isinstance(momentum, (int, float))
-    average = _averaged_into_static_momentum if static else _averaged_into_jitted
-    return average(checked, batch, momentum, unbiased)
+    return _average(checked, batch, momentum, unbiased)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))

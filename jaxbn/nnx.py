@@ -260,7 +260,7 @@ class BatchRenorm(BatchNorm):
     def __init__(self, num_features: int, *, r_max: Any = 3.0, d_max: Any = 5.0, **kwargs: Any):
         scheduled = callable(r_max) or callable(d_max)
         if not scheduled:
-            renorm.check_renorm_limits(r_max, d_max)
+            _validation.check_renorm_limits(r_max, d_max)
         super().__init__(num_features, **kwargs)
         if scheduled:  # only then, so the variables stay BatchNorm's
             self.steps = nnx.BatchStat(jnp.zeros((), jnp.int32))
@@ -414,7 +414,7 @@ class GroupNorm(_PerExample):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
-        num_groups = per_example.number_of_groups(
+        num_groups = _validation.number_of_groups(
             _validation.positive_int(num_features, "GroupNorm: num_features"),  # type: ignore[arg-type]
             num_groups,
             group_size,

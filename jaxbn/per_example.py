@@ -17,8 +17,6 @@ Params = Mapping[str, jax.Array]
 Axes = int | Sequence[int]
 Groups = Sequence[Sequence[int]] | None
 
-number_of_groups = _validation.number_of_groups  # flax GroupNorm's rule (the Flax modules use it)
-
 
 def _normalize(kind: str, arguments: dict[str, Any]) -> jax.Array:
     """The ``kind`` of norm of its ``arguments``: batch norm's training step over the norm's axes,

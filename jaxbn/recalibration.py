@@ -87,7 +87,7 @@ def _record(normalize_with, info, run, args, kwargs, path, module):
     params = {k: v for k in ("scale", "bias") if (v := get("params", k)) is not None}
     state = {k: get("batch_stats", k) for k in ("mean", "var")}
     owner = f"{type(module).__name__} at '{path_name(path)}'" if linen else type(module).__name__
-    x = _validation.check_floating(args[0] if args else kwargs["x"])
+    x = _validation.check_inexact(args[0] if args else kwargs["x"], real=True)
     # the model runs under jit on whole batches (XLA reduces over shards): no axis_name needed
     shape = _validation.feature_shape(x, module.axis)
     for collection, arrays in (("params", params), ("batch_stats", state)):

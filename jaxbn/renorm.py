@@ -16,8 +16,6 @@ from jaxbn.functional import Params, State
 
 __all__ = ["batch_renorm", "renorm_clipping"]
 
-check_renorm_limits = _validation.check_renorm_limits  # (the Flax modules check limits with it)
-
 
 def renorm_correction(batch: stats.Moments, running_mean, running_var, epsilon, r_max, d_max):
     """Batch renormalization's ``(r, d)``, constants for autodiff: ``r = clip(σ_B / σ, 1/r_max,
