@@ -212,30 +212,9 @@ def _check(case, dtype, make, epsilon):
     # batch norm and renorm: the statistics of each channel over (0, 1)
     reduction, features = (0, 1), [2]
     out = compute  # params in the compute dtype: outputs there too
-    ref, _, _, scale, bias = ab.batch_norm_reference(
-        x_values,
-        np.ones(SHAPE, bool),
-        reduction,
-        features,
-        params,
-        state,
-        epsilon,
-        w_values,
-        compute,
-        None,
-    )
-    renorm_ref, extra, _, _, _ = ab.batch_norm_reference(
-        x_values,
-        np.ones(SHAPE, bool),
-        reduction,
-        features,
-        params,
-        state,
-        epsilon,
-        w_values,
-        compute,
-        LIMITS,
-    )
+    common = (x_values, np.ones(SHAPE, bool), reduction, features, params, state, epsilon)
+    ref, _, _, scale, bias = ab.batch_norm_reference(*common, w_values, compute, None)
+    renorm_ref, extra, _, _, _ = ab.batch_norm_reference(*common, w_values, compute, LIMITS)
     fits = ref.var <= big * (1 - 1e-6)  # keepdims: the variance is a number in the compute dtype
     beyond = ref.var >= big * (1 + 1e-6)
     assert (fits | beyond).all(), "a case must not sit on the boundary of the dtype"
