@@ -246,16 +246,9 @@ def batch_norm_reference(
     run_mean, run_var = (values(state[k]).reshape(bshape) for k in ("mean", "var"))
     broadcast = broadcast_params(params, shape, features)
     scale, bias = broadcast.get("scale"), broadcast.get("bias")
-    ref = Normalized(
-        x_values,
-        valid,
-        reduction,
-        scale,
-        bias,
-        epsilon=epsilon,
-        w=w_values,
-        fallback=(run_mean, run_var),
-    )
+    inputs = (x_values, valid, reduction, scale, bias)
+    options = dict(epsilon=epsilon, w=w_values, fallback=(run_mean, run_var))
+    ref = Normalized(*inputs, **options)
     ref.compute_dtype, ref.gain, ref.offset = compute, None, None
     if limits is None:
         return ref, 0.0, 0.0, scale, bias
@@ -270,18 +263,7 @@ def batch_norm_reference(
         r * (1 + 2 * np.abs(ref.x_hat)) + d_units
     )  # x_hat r + d: x_hat's, r's and d's errors
     extra = cu * (1 if scale is None else np.abs(scale)) * renorm_units
-    ref = Normalized(
-        x_values,
-        valid,
-        reduction,
-        scale,
-        bias,
-        epsilon=epsilon,
-        w=w_values,
-        fallback=(run_mean, run_var),
-        gain=r,
-        offset=d,
-    )
+    ref = Normalized(*inputs, **options, gain=r, offset=d)
     ref.compute_dtype, ref.gain, ref.offset = compute, r, d
     return ref, extra, renorm_units, scale, bias
 
