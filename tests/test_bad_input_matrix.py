@@ -2247,7 +2247,7 @@ row(
     "interop.batch_norm_kwargs",
     _torch_row(lambda torch, m, t, n: T.batch_norm_kwargs(m[0])),
     TypeError,
-    r"expected a torch\.nn\.BatchNorm1d/2d/3d module, got Linear",
+    r"module must be a torch\.nn\.BatchNorm1d/2d/3d, got Linear",
 )
 
 

@@ -542,7 +542,7 @@ def test_momentum_conversion_and_batch_norm_kwargs():
     BatchNorm(**kwargs)  # valid arguments of the module
     with pytest.raises(ValueError, match="track_running_stats=False"):
         interop.batch_norm_kwargs(torch.nn.BatchNorm2d(4, track_running_stats=False))
-    with pytest.raises(TypeError, match="expected a torch.nn.BatchNorm1d/2d/3d module, got Linear"):
+    with pytest.raises(TypeError, match="module must be a torch.nn.BatchNorm1d/2d/3d, got Linear"):
         interop.batch_norm_kwargs(torch.nn.Linear(2, 2))
 
 

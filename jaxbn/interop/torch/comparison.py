@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from jaxbn.interop.torch import conversion
-from jaxbn.interop.torch.conversion import Rule, default_prefix_rule, flat_tree, torch_to_flax
+from jaxbn.interop.torch.conversion import Rule, bad, default_prefix_rule, flat_tree, torch_to_flax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +79,7 @@ def compare(
     import torch
 
     if not isinstance(torch_module, torch.nn.Module):
-        raise TypeError(
-            f"torch_module must be a torch.nn.Module, got {type(torch_module).__name__}."
-        )
+        raise bad("torch_module", "a torch.nn.Module", type(torch_module).__name__)
     given = flat_tree(variables)
     converted = flat_tree(torch_to_flax(torch_module, variables, name_map=name_map, rule=rule))
     resolve = conversion.path_resolver(name_map, rule)
@@ -117,8 +115,7 @@ def compare(
         y_flax, captured = flax_model(variables, to_flax(x_np), **kwargs), {}
     if (y_flax := np.asarray(y_flax, np.float64)).shape != y_torch.shape:
         raise ValueError(
-            f"the Flax output has shape {y_flax.shape}, the torch output (as Flax "
-            f"lays it out) {y_torch.shape}."
+            f"output shapes differ: Flax {y_flax.shape}, torch {y_torch.shape} (in Flax's layout)."
         )
     calls = flat_tree(captured.get("intermediates", {}))
     layer_diffs, first_layer = [], None

@@ -24,9 +24,13 @@ _is_tensor = lambda value: type(value).__module__.startswith("torch") and hasatt
 _numeric = lambda array: array.dtype.kind in "biuf" or array.dtype.name == "bfloat16"
 
 
+def bad(name: str, expected: str, got: Any, error: type[Exception] = TypeError) -> Exception:
+    """``error("<name> must be <expected>, got <got>.")``, for an argument with a wrong value."""
+    return error(f"{name} must be {expected}, got {got}.")
+
+
 def default_prefix_rule(prefix: str) -> FlaxPath:
-    """Maps a PyTorch module prefix (a state-dict key without its last part, e.g.
-    ``'layer1.0.bn1'``) to a Flax module path, as Flax names lists of submodules.
+    """Maps a PyTorch module prefix (``'layer1.0.bn1'``) to a Flax path, as Flax names module lists.
 
     Raises:
       ValueError: an empty part (``'a..b'``).
@@ -35,9 +39,7 @@ def default_prefix_rule(prefix: str) -> FlaxPath:
     [('layer2_0', 'downsample_1'), ('layers_0',), ()]
     """
     if prefix and "" in prefix.split("."):
-        raise ValueError(
-            f"module prefix {prefix!r} has an empty part; expected names separated by single dots."
-        )
+        raise bad("prefix", "names joined by single dots", repr(prefix), ValueError)
     path: list[str] = []
     for part in prefix.split(".") if prefix else ():
         path.append(f"{path.pop() if path else 'layers'}_{part}" if part.isdigit() else part)
@@ -47,32 +49,24 @@ def default_prefix_rule(prefix: str) -> FlaxPath:
 def path_resolver(name_map: Any, rule: Any) -> Resolver:
     """``(prefix, key) -> Flax path or None``, from ``name_map`` or else ``rule``."""
     if name_map is not None and not isinstance(name_map, Mapping):
-        raise TypeError(
-            "name_map must be a mapping of torch module prefixes to Flax paths, got "
-            f"{type(name_map)}."
-        )
+        raise bad("name_map", "a mapping of torch module prefixes to Flax paths", type(name_map))
     if rule is not None and not callable(rule):
-        raise TypeError(f"rule must be callable (prefix -> Flax path) or None, got {rule!r}.")
+        raise bad("rule", "callable (prefix -> Flax path) or None", repr(rule))
     names = dict(name_map or {})
 
     def resolve(prefix: str, key: str) -> FlaxPath | None:
         if prefix not in names and rule is None:
-            close = difflib.get_close_matches(prefix, list(names), n=1)
             raise ValueError(
-                f"unknown key {key!r}: its module {prefix!r} is not in name_map"
-                f"{f' (did you mean {close[0]!r}?)' if close else ''} and rule=None; "
-                "add it to name_map (None skips it) or pass a rule."
+                f"unknown key {key!r}: its module {prefix!r} is not in name_map and rule=None"
+                f"{_closest(prefix, names)}; add it to name_map (None skips it) or pass a rule."
             )
         value = names[prefix] if prefix in names else rule(prefix)
         value = tuple(filter(None, value.split("/"))) if isinstance(value, str) else value
         ok = isinstance(value, (tuple, list)) and all(isinstance(p, str) and p for p in value)
         if value is None or ok:
             return None if value is None else tuple(value)
-        raise TypeError(
-            f"{'name_map' if prefix in names else 'rule'} maps the torch module {prefix!r} to "
-            f"{value!r}; expected a tuple of Flax module names such as ('layer1_0', 'bn1'), a "
-            "string 'layer1_0/bn1', or None to skip the module."
-        )
+        where = f"name_map[{prefix!r}]" if prefix in names else f"rule({prefix!r})"
+        raise bad(where, "a tuple of Flax names, a string 'a/b' or None", repr(value))
 
     return resolve
 
@@ -97,22 +91,15 @@ def _state_dict_of(obj: Any, argument: str) -> tuple[dict[str, Any], Any]:
     """``(state dict, module or None)`` from a torch module or a mapping; never a path."""
     if isinstance(obj, (str, bytes, os.PathLike)):
         raise TypeError(
-            f"{argument} is {obj!r}, a path or bytes; pass the loaded state dict (a mapping of "
-            "names to tensors or arrays) or the torch module. jaxbn never reads or unpickles "
-            "files: load them yourself, e.g. torch.load(path, weights_only=True)."
+            f"{argument} is {obj!r}, a path or bytes; jaxbn never reads or unpickles files: "
+            "pass the torch module or torch.load(path, weights_only=True)."
         )
     if hasattr(obj, "state_dict") and hasattr(obj, "named_modules"):
         return dict(obj.state_dict()), obj
     if not isinstance(obj, Mapping):
-        raise TypeError(
-            f"{argument} must be a mapping of names to torch tensors or NumPy arrays, "
-            f"or a torch.nn.Module; got {type(obj).__name__}."
-        )
-    if bad := [key for key in obj if not isinstance(key, str)]:
-        raise TypeError(
-            f"{argument} has a non-string key {bad[0]!r}; expected state-dict names "
-            "such as 'bn1.weight'."
-        )
+        raise bad(argument, "a mapping of names to arrays or a torch.nn.Module", type(obj).__name__)
+    if keys := [key for key in obj if not isinstance(key, str)]:
+        raise bad(f"{argument}'s keys", "names such as 'bn1.weight'", repr(keys[0]))
     return dict(obj), None
 
 
@@ -121,13 +108,10 @@ def entry_paths(values: Mapping[str, Any], resolve: Resolver) -> Iterator[tuple[
     groups: dict[str, dict[str, str]] = {}
     for key in values:
         prefix, _, leaf = key.rpartition(".")
-        if leaf not in _BN_NAMES and not prefix:
-            raise ValueError(f"unknown key {key!r}.")
         if leaf not in _BN_NAMES:
             raise ValueError(
-                f"unknown key {key!r}: its last part {leaf!r} is none of {', '.join(_BN_NAMES)} "
-                "(the entries of BatchNorm, Conv and Linear modules); map or drop the module with "
-                "name_map={prefix: None}."
+                f"unknown key {key!r}: {leaf!r} is none of {', '.join(_BN_NAMES)} (BatchNorm, "
+                "Conv, Linear); drop its module with name_map={prefix: None}."
             )
         groups.setdefault(prefix, {})[leaf] = key
     for prefix, leaves in groups.items():
@@ -140,44 +124,30 @@ def _paths(prefix: str, leaves: dict[str, str], values: Any, at: FlaxPath) -> di
     """``{leaf: Flax variable path}`` of a module, after checking the shapes that go together."""
     shape = {leaf: tuple(np.shape(values[key])) for leaf, key in leaves.items()}
     module = prefix or "<root>"
+    mismatch = lambda leaf, want: ValueError(
+        f"shape mismatch for {leaves[leaf]!r}: {shape[leaf]}, expected {want}."
+    )
     if "running_mean" in leaves or "running_var" in leaves:
         if (leaf := "running_var" if "running_mean" in leaves else "running_mean") not in leaves:
+            key = f"{prefix}.{leaf}" if prefix else leaf
             raise ValueError(
-                f"missing key {f'{prefix}.{leaf}' if prefix else leaf!r}: the "
-                f"BatchNorm {module!r} has only {sorted(leaves)}."
+                f"missing key {key!r}: BatchNorm {module!r} has only {sorted(leaves)}."
             )
+        per_feature = f"{shape['running_mean']} (one per feature, as {leaves['running_mean']!r})"
         for leaf in ("weight", "bias", "running_mean", "running_var"):
             if leaf in leaves and (len(shape[leaf]) != 1 or shape[leaf] != shape["running_mean"]):
-                raise ValueError(
-                    f"shape mismatch for {leaves[leaf]!r}: {shape[leaf]}, expected "
-                    f"{shape['running_mean']} (one value per feature, as "
-                    f"{leaves['running_mean']!r})."
-                )
-        if (count := shape.get("num_batches_tracked", ())) != ():
-            raise ValueError(
-                f"shape mismatch for {leaves['num_batches_tracked']!r}: {count}, expected ()."
-            )
+                raise mismatch(leaf, per_feature)
+        if shape.get("num_batches_tracked", ()) != ():
+            raise mismatch("num_batches_tracked", "()")
         return {leaf: (_BN_NAMES[leaf][0], *at, _BN_NAMES[leaf][1]) for leaf in leaves}
     if "num_batches_tracked" in leaves:
-        raise ValueError(
-            f"unknown key {leaves['num_batches_tracked']!r}: num_batches_tracked "
-            "without running_mean/running_var."
-        )
+        raise ValueError(f"unknown key {leaves['num_batches_tracked']!r} without running_mean/var.")
     if "weight" not in leaves:
-        raise ValueError(
-            f"unknown key {leaves['bias']!r}: a bias without a weight in module {module!r}."
-        )
+        raise ValueError(f"unknown key {leaves['bias']!r}: a bias without a weight in {module!r}.")
     if not 1 <= len(weight := shape["weight"]) <= 5:
-        raise ValueError(
-            f"shape mismatch for {leaves['weight']!r}: {weight}, a {len(weight)}-D "
-            "weight; expected 1-D (a norm's scale), 2-D (Linear: out, in) or 3-5-D "
-            "(Conv: out, in/groups, *kernel)."
-        )
+        raise mismatch("weight", "1-D (a norm's scale), 2-D (Linear) or 3-5-D (Conv)")
     if "bias" in leaves and shape["bias"] != weight[:1]:
-        raise ValueError(
-            f"shape mismatch for {leaves['bias']!r}: {shape['bias']}, expected "
-            f"{weight[:1]} (the first dimension of {leaves['weight']!r}, {weight})."
-        )
+        raise mismatch("bias", f"{weight[:1]} (the first dimension of {leaves['weight']!r})")
     name = "scale" if len(weight) == 1 else "kernel"  # a norm's weight, or Linear's and Conv's
     return {leaf: ("params", *at, "bias" if leaf == "bias" else name) for leaf in leaves}
 
@@ -189,8 +159,9 @@ def flat_tree(tree: Any, path: FlaxPath = ()) -> dict[FlaxPath, Any]:
     return {p: v for key, sub in tree.items() for p, v in flat_tree(sub, (*path, str(key))).items()}
 
 
-def _closest(path: FlaxPath, paths: Iterable[FlaxPath]) -> str:
-    close = difflib.get_close_matches("/".join(path), ["/".join(p) for p in paths], n=1)
+def _closest(name: Any, names: Iterable[Any]) -> str:
+    join = lambda name: name if isinstance(name, str) else "/".join(name)  # a path, or a prefix
+    close = difflib.get_close_matches(join(name), [join(n) for n in names], n=1)
     return f"; the closest is {close[0]!r}" if close else ""
 
 
@@ -231,10 +202,7 @@ def torch_to_flax(
         bn, modules = torch.nn.modules.batchnorm._BatchNorm, module.named_modules()
         cumulative = [n for n, m in modules if isinstance(m, bn) and m.momentum is None]
     if isinstance(cumulative, str) or not isinstance(cumulative, bool | Iterable | None):
-        raise TypeError(
-            "cumulative must be None, a bool or a collection of torch module "
-            f"prefixes, got {cumulative!r}."
-        )
+        raise bad("cumulative", "None, a bool or a collection of torch prefixes", repr(cumulative))
     every = {key.rpartition(".")[0] for key in arrays} if cumulative is True else ()
     kept = None if cumulative is None else set(every if type(cumulative) is bool else cumulative)
     expected = {p: v for p, v in flat_tree(template or {}).items() if p[0] in _COLLECTIONS}
@@ -243,32 +211,28 @@ def torch_to_flax(
     for prefix, key, path in entry_paths(arrays, resolve):
         if path is None or path[-1] == "count" and not counted(prefix, path):
             continue  # skipped, or a num_batches_tracked (a float32 count if cumulative only)
-        array = np.moveaxis(arrays[key], (0, 1), (-1, -2)) if path[-1] == "kernel" else arrays[key]
+        kernel = path[-1] == "kernel"
+        array = np.moveaxis(arrays[key], (0, 1), (-1, -2)) if kernel else arrays[key]
         array = np.asarray(array, np.float32) if path[-1] == "count" else array
+        name = "/".join(path)
         if path in out:
-            raise ValueError(
-                f"{key!r} and {out[path][0]!r} both map to {'/'.join(path)!r}; give "
-                "the modules distinct paths in name_map."
-            )
+            raise ValueError(f"{key!r} and {out[path][0]!r} both map to {name!r}; see name_map.")
         if template is not None and path not in expected:
             raise ValueError(
-                f"unknown key {key!r}: it maps to {'/'.join(path)!r}, which the template lacks"
-                f"{_closest(path, expected)}. Fix the name with name_map, or drop the module "
-                "with name_map={prefix: None}."
+                f"unknown key {key!r}: it maps to {name!r}, which the template lacks"
+                f"{_closest(path, expected)}; rename or drop it (None) with name_map."
             )
         if template is not None and array.shape != (want := np.shape(expected[path])):
-            layout = " (transposed)" if array.ndim == 2 else " (OI...->...IO)"
+            layout = "" if not kernel else " (transposed)" if array.ndim == 2 else " (OI...->...IO)"
             raise ValueError(
-                f"shape mismatch for {key!r}: {arrays[key].shape} in torch is {array.shape} "
-                f"in Flax{layout if path[-1] == 'kernel' else ''}, but the template's "
-                f"{'/'.join(path)!r} is {tuple(want)}."
+                f"shape mismatch for {key!r}: {arrays[key].shape} in torch is {array.shape} in "
+                f"Flax{layout}, but the template's {name!r} is {tuple(want)}."
             )
         out[path] = key, jnp.asarray(array.astype(expected[path].dtype) if expected else array)
     if missing := sorted(path for path in expected if path not in out):
         raise ValueError(
-            f"missing keys: the template's {_listed(missing)} got no value from the state dict (a "
-            "module the state dict lacks, or a name that maps elsewhere: see name_map/rule; a "
-            "'count' needs the BatchNorm's num_batches_tracked)."
+            f"missing keys: the template's {_listed(missing)} got no value from the state dict "
+            "(see name_map/rule; a 'count' needs the BatchNorm's num_batches_tracked)."
         )
     return traverse_util.unflatten_dict({path: array for path, (_, array) in out.items()})
 
@@ -297,15 +261,12 @@ def flax_to_torch(
     {'weight': array([[1., 1.], [1., 1.], [1., 1.]])}
     """
     if not isinstance(variables, Mapping):
-        raise TypeError(
-            "variables must be a mapping such as {'params': ..., 'batch_stats': ...}, "
-            f"got {type(variables)}."
-        )
+        raise bad("variables", "a mapping {'params': ..., 'batch_stats': ...}", type(variables))
     entries, _ = _state_dict_of(reference, "reference")
     resolve, count = path_resolver(name_map, rule), num_batches_tracked
     flat = {path: leaf for path, leaf in flat_tree(variables).items() if path[0] in _COLLECTIONS}
     if isinstance(count, bool) or not isinstance(count, numbers.Integral | None):
-        raise TypeError(f"num_batches_tracked must be an int or None, got {count!r}.")
+        raise bad("num_batches_tracked", "an int or None", repr(count))
     out: dict[str, Any] = {}
     used: set[FlaxPath] = set()
     for _, key, path in entry_paths(entries, resolve):
@@ -341,8 +302,7 @@ def flax_to_torch(
     if unused := sorted(path for path in flat if path not in used):
         raise ValueError(
             f"unknown keys: {_listed(unused)} in variables match no key of the reference state "
-            "dict (a module the torch model lacks, or a name that maps elsewhere: see "
-            "name_map/rule)."
+            "dict (see name_map/rule)."
         )
     return out
 
@@ -350,7 +310,7 @@ def flax_to_torch(
 def _nnx_variables(module: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """An nnx module's ``Param`` and ``BatchStat`` states, and as ``{'params', 'batch_stats'}``."""
     if not isinstance(module, nnx.Module):
-        raise TypeError(f"module must be a flax.nnx.Module, got {type(module).__name__}.")
+        raise bad("module", "a flax.nnx.Module", type(module).__name__)
     states = nnx.state(module, nnx.Param, nnx.BatchStat)
     return states, dict(zip(_COLLECTIONS, map(nnx.to_pure_dict, states)))
 
@@ -415,15 +375,14 @@ def nnx_to_torch(
 def _flip(momentum: Any, name: str) -> float | None:
     """``1 - momentum`` to 15 digits, so that decimals convert back exactly (1 - 0.9 is 0.1)."""
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real | None):
-        raise TypeError(f"{name} must be a real number in [0, 1] or None, got {momentum!r}.")
+        raise bad(name, "a real number in [0, 1] or None", repr(momentum))
     if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1] or None, got {momentum!r}.")
+        raise bad(name, "in [0, 1] or None", repr(momentum), ValueError)
     return None if momentum is None else float(f"{1.0 - float(momentum):.15g}")
 
 
 def momentum_from_torch(momentum: float | None) -> float | None:
-    """PyTorch's BatchNorm momentum in [0, 1] (the batch's weight) as Flax's (the old value's
-    weight); None, the cumulative average, stays None.
+    """PyTorch's BatchNorm momentum (the batch's weight) as Flax's (the old value's); None stays.
 
     Raises:
       TypeError: not a number or None.
@@ -436,8 +395,7 @@ def momentum_from_torch(momentum: float | None) -> float | None:
 
 
 def momentum_to_torch(momentum: float | None) -> float | None:
-    """Flax's (and jaxbn's) BatchNorm momentum in [0, 1] or None as PyTorch's: the inverse of
-    :func:`momentum_from_torch`.
+    """Flax's (and jaxbn's) BatchNorm momentum as PyTorch's: :func:`momentum_from_torch` inverted.
 
     Raises:
       TypeError: not a number or None.
@@ -450,8 +408,7 @@ def momentum_to_torch(momentum: float | None) -> float | None:
 
 
 def batch_norm_kwargs(module: Any) -> dict[str, Any]:
-    """The :class:`jaxbn.linen.BatchNorm` arguments that train as the PyTorch BatchNorm
-    ``module`` (``torch.nn.BatchNorm1d``/``2d``/``3d`` or ``SyncBatchNorm``) does.
+    """The :class:`jaxbn.linen.BatchNorm` arguments that train as the torch BatchNorm ``module``.
 
     Raises:
       TypeError: not a PyTorch BatchNorm.
@@ -465,14 +422,11 @@ def batch_norm_kwargs(module: Any) -> dict[str, Any]:
     import torch
 
     if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-        raise TypeError(
-            f"expected a torch.nn.BatchNorm1d/2d/3d module, got {type(module).__name__}."
-        )
+        raise bad("module", "a torch.nn.BatchNorm1d/2d/3d", type(module).__name__)
     if not module.track_running_stats:
         raise ValueError(
-            f"{module!r} has track_running_stats=False: it normalizes with batch statistics in "
-            "eval mode too and keeps no running statistics. Call jaxbn's BatchNorm with "
-            "use_running_average=False and update_running_stats=False to do the same."
+            f"module {module!r} has track_running_stats=False (no running statistics); jaxbn's "
+            "BatchNorm does the same with use_running_average=False, update_running_stats=False."
         )
     kwargs = {"momentum": momentum_from_torch(module.momentum), "epsilon": float(module.eps)}
     affine = bool(module.affine)
