@@ -87,7 +87,10 @@ def _train(x, scale, bias, outer_scale, outer_bias, plan: stats.Plan, inputs: tu
     shift, epsilon, mask, running_mean, running_var, correction_args = inputs
     axes, dtype = plan.axes, plan.dtype
     shift = jnp.asarray(shift, dtype)
-    fallback = jnp.where(jnp.isfinite(shift), shift, 0)
+    # (where a feature's first element is not finite, its sums are not either: any finite K will do)
+    fallback = (
+        jnp.where(jnp.isfinite(shift), shift, 0) if mask is not None else jnp.zeros_like(shift)
+    )
     count, shift, offset, var = stats._statistics(plan, x, mask, fallback)
     batch = stats.Moments(shift + offset, var, count, shift, offset)
     if mask is not None or x.size == 0:  # only then can a feature be empty

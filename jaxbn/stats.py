@@ -194,27 +194,27 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
         count = jnp.sum(jnp.broadcast_to(mask, x.shape), axes, dtype=real)
     safe_count = jnp.maximum(count, 1)  # an empty feature: sums 0, so mean = K and var = 0
     offset0 = first / safe_count  # mean - K, in units of s0
-    # s2 = 2^(top/2 - 2 - e(spread)) and 1 / s2 from spread's exponent bits, both normal:
-    # Σ|s2 (d - mean(d))|^2 <= (2 s2 Σ|d|)^2 stays below 2^(top - 1)
-    bits = int_type(info.nmant)
-    biased = lax.shift_right_logical(lax.bitcast_convert_type(spread, int_type), bits)
-    lowest, highest = int_type(1), int_type(2 * top - 1)
-    exponent = lax.clamp(lowest, int_type(top // 2 - 2 + 2 * top) - biased, highest)
-    inverse = int_type(2 * top) - exponent
-    s2, u2 = (lax.bitcast_convert_type(lax.shift_left(e, bits), real) for e in (exponent, inverse))
+    # Σ|d - mean(d)|^2 <= (2 Σ|d|)^2 stays below the maximum while Σ|d| <= 2^(top//2 - 1); beyond,
+    # the deviations are scaled by 2^-(top//2 + 3) (what that may flush is below the bounds: see
+    # docs/internals.md)
+    big = spread > np.asarray(2.0 ** (top // 2 - 1), real)
+    s2, u2 = (
+        jnp.where(big, np.asarray(2.0**e, real), np.asarray(1, real))
+        for e in (-(top // 2 + 3), top // 2 + 3)
+    )
     d = deviation(*cpu_barrier(x, scaled_shift, mask, s0, offset0, s2))
     second = jnp.sum(d.real * d.real + d.imag * d.imag if jnp.iscomplexobj(d) else d * d, axes)
-    # first sums beyond the dtype (values far beyond |K| near the maximum): a variance beyond it
-    beyond = (spread == np.inf) & (first == first)  # noqa: PLR0124 (first is not NaN)
-    offset0, second = jnp.where(beyond, 0, offset0), jnp.where(beyond, np.inf, second)
-    # unscaled one power of two at a time (a/s/s would become a/(s*s), which may overflow); the mean
-    # as (its rounding, the rest): K + offset may be representable where offset is not
+    # an infinite first sum (values far beyond |K| near the maximum): the mean K, and the second sum
+    # is infinite, as the variance is beyond the dtype
+    offset0 = jnp.where(jnp.abs(first) == np.inf, 0, offset0)
+    # unscaled one power of two at a time (a/s/s would become a/(s*s), which may overflow); the
+    # mean as (K, mean - K), or, where mean - K is beyond the dtype, (mean, 0)
     u0 = jnp.where(near_top, u0_far, np.asarray(1, real))
-    mean = (scaled_shift + offset0) * u0
-    mean = jnp.where(jnp.isfinite(mean), mean, shift)
-    offset = ((scaled_shift - mean * s0) + offset0) * u0
+    offset = offset0 * u0
     var = second / safe_count * u2 * u2 * u0 * u0
-    shift = mean
+    wide = jnp.abs(offset) == np.inf
+    shift = jnp.where(wide, (scaled_shift + offset0) * u0, shift)
+    offset = jnp.where(wide, 0, offset)
     if plan.axis_name is not None:
         count, shift, offset, var = _merge_devices(plan, count, shift, offset, var)
     if mask is None and plan.axis_name is None:  # the count is a constant: XLA folds what it meets
