@@ -57,14 +57,6 @@ def affine_normalize(
     return y.astype(out_dtype)
 
 
-def centred(x: jax.Array, shift: jax.Array, offset: jax.Array) -> jax.Array:
-    """``(x - shift) - offset``, within the dtype's range: where the variance is beyond the dtype,
-    ``x - shift`` may overflow, and the factor it meets is 0 (a finite product, the output the
-    bias); where the variance is finite, the clip changes nothing."""
-    biggest = jnp.finfo(x.dtype).max
-    return jnp.clip((x - shift) - offset, -biggest, biggest)
-
-
 def corrected_affine(r: jax.Array, d: jax.Array, scale, bias, dtype) -> tuple:
     """Batch renorm's ``(r, d)`` folded into the affine parameters: scale ``γ r``, bias ``γ d + β``."""
     if scale is not None:
@@ -107,11 +99,13 @@ def _train(x, scale, bias, outer_scale, outer_bias, plan: stats.Plan, inputs: tu
         r, d = plan.correction(batch, running_mean, running_var, epsilon, *correction_args)
         scale, bias = corrected_affine(r, d, scale, bias, dtype)
     multiplier = lax.rsqrt(batch.var + epsilon)  # (inverse_sqrt's value)
+    beyond = multiplier == 0  # a variance beyond the dtype: centred on 0, the output is the bias
     if scale is not None:
         multiplier = multiplier * jnp.asarray(scale, dtype)
-    shift, offset, multiplier = (jnp.expand_dims(v, axes) for v in (batch[3], batch[4], multiplier))
+    shift, offset = jnp.where(beyond, 0, batch.shift), jnp.where(beyond, 0, batch.mean_minus_shift)
+    shift, offset, multiplier = (jnp.expand_dims(v, axes) for v in (shift, offset, multiplier))
     values = x if mask is None else jnp.where(mask | jnp.isfinite(x), x, 0)  # no masked-out NaN
-    y = centred(values.astype(dtype), shift, offset) * multiplier
+    y = ((values.astype(dtype) - shift) - offset) * multiplier
     if bias is not None:
         y = y + jnp.expand_dims(jnp.asarray(bias, dtype), axes)
     if outer_scale is not None:
@@ -136,6 +130,7 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     batch = jax.tree_util.tree_map(functools.partial(checkpoint_name, name=_RESIDUAL), batch)
     inv_std = inverse_sqrt(batch.var + epsilon)
     beyond = inv_std == 0
+    shift, mean_minus_shift = (jnp.where(beyond, 0, v) for v in batch[3:])
     r = d = None
     gain = inv_std if scale is None else inv_std * scale.astype(dtype)
     if plan.correction is not None:
@@ -147,7 +142,6 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     dx = dx.astype(dtype)  # once: a half-precision cotangent is rounded once, at the end
     # x̂ itself, not (x - K) and 1/σ: the transpose's dx pass multiplies x̂ by a per-feature factor
     # of dy's scale (a factor 1/σ² would underflow for σ beyond ~1e13 in float32)
-    shift, mean_minus_shift = (jnp.where(beyond, 0, v) for v in batch[3:])
     x_hat = finite_outside_mask(x, mask).astype(dtype) - expand(shift)
     x_hat = (x_hat - expand(mean_minus_shift)) * expand(inv_std)
     valid_dx = dx if mask is None else jnp.where(mask, dx, 0)
