@@ -48,7 +48,7 @@ def _sums(plan, x, mask, reference, scale=None):
 
 
 def loop_statistics(plan, x, mask, fallback):
-    """``(count, shift, mean - shift, var)`` as the loop design took them."""
+    """``(count, shift, mean - shift, var, mean)`` as the loop design took them."""
     size = math.prod(x.shape[i] for i in plan.axes)
     devices = stats.axis_size(plan.axis_name, plan.axis_index_groups)
     if mask is None:
@@ -90,7 +90,7 @@ def loop_statistics(plan, x, mask, fallback):
         again, step, (shift, first / safe, second / safe, one, jnp.zeros((), jnp.int32))
     )
     var = jnp.where(jnp.isposinf(raw), raw, jnp.maximum(raw - stats.abs_square(offset), 0))
-    return count, shift, offset, var
+    return count, shift, offset, var, shift + offset
 
 
 def install() -> None:

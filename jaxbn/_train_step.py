@@ -91,8 +91,8 @@ def _train(x, scale, bias, outer_scale, outer_bias, plan: stats.Plan, inputs: tu
     fallback = (
         jnp.where(jnp.isfinite(shift), shift, 0) if mask is not None else jnp.zeros_like(shift)
     )
-    count, shift, offset, var = stats._statistics(plan, x, mask, fallback)
-    batch = stats.Moments(shift + offset, var, count, shift, offset)
+    count, shift, offset, var, mean = stats._statistics(plan, x, mask, fallback)
+    batch = stats.Moments(mean, var, count, shift, offset)
     if mask is not None or x.size == 0:  # only then can a feature be empty
         batch = fill_empty_features(batch, running_mean, running_var)
     if plan.correction is not None:  # batch norm with scale γ r and bias γ d + β

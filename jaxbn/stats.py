@@ -99,8 +99,8 @@ def moments(
 def batch_moments(plan: Plan, x: jax.Array, mask: Any, shift: jax.Array, source=None) -> Moments:
     """:func:`moments` of checked arguments (``shift`` of the reduced shape, in ``plan.dtype``)."""
     fallback = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
-    count, shift, offset, var = _shifted_moments(plan, x, mask, fallback, source)
-    return Moments(mean=shift + offset, var=var, count=count, shift=shift, mean_minus_shift=offset)
+    count, shift, offset, var, mean = _shifted_moments(plan, x, mask, fallback, source)
+    return Moments(mean=mean, var=var, count=count, shift=shift, mean_minus_shift=offset)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -112,7 +112,7 @@ def _shifted_moments(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Array, s
 @_shifted_moments.defjvp
 def _shifted_moments_jvp(plan, primals, tangents):
     x, mask, fallback, source = primals
-    count, shift, offset, _ = out = _shifted_moments(plan, x, mask, fallback, source)
+    count, shift, offset, _, _ = out = _shifted_moments(plan, x, mask, fallback, source)
     shift, offset = lax.stop_gradient(shift), lax.stop_gradient(offset)
     dx = tangents[0]
     # Linear in dx (no optimization barrier: reverse mode transposes this).
@@ -132,13 +132,14 @@ def _shifted_moments_jvp(plan, primals, tangents):
     d_mean = lax.complex(*d_mean) if len(d_mean) == 2 else d_mean[0]
     safe_count = jnp.maximum(count, 1)
     zeros = jnp.zeros_like(count), jnp.zeros_like(shift)
-    return out, (*zeros, d_mean / safe_count, d_var / safe_count)
+    d_mean = d_mean / safe_count
+    return out, (*zeros, d_mean, d_var / safe_count, d_mean)
 
 
 def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Array) -> tuple:
-    """``(count, shift K, mean - K, variance)`` of the valid elements of every device, ``K`` this
-    device's first valid, finite element along the axes (else ``fallback``): two passes, then with
-    ``plan.axis_name`` one collective (``docs/internals.md`` describes the scaling)."""
+    """``(count, shift K, mean - K, variance, mean)`` of the valid elements of every device, ``K``
+    this device's first valid, finite element along the axes (else ``fallback``): two passes, then
+    with ``plan.axis_name`` one collective (``docs/internals.md`` describes the scaling)."""
     axes, dtype, real = plan.axes, plan.dtype, plan.real_dtype
     info = jnp.finfo(real)
     top = info.maxexp - 1  # the greatest normal exponent
@@ -207,19 +208,23 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     # an infinite first sum (values far beyond |K| near the maximum): the mean K, and the second sum
     # is infinite, as the variance is beyond the dtype
     offset0 = jnp.where(jnp.abs(first) == np.inf, 0, offset0)
-    # unscaled one power of two at a time (a/s/s would become a/(s*s), which may overflow); the
-    # mean as (K, mean - K), or, where mean - K is beyond the dtype, (mean, 0)
+    # unscaled one power of two at a time (a/s/s would become a/(s*s), which may overflow); mean - K
+    # is beyond the dtype only where the variance is (mean - K its infinity), the mean is not
     u0 = jnp.where(near_top, u0_far, np.asarray(1, real))
     offset = offset0 * u0
     var = second / safe_count * u2 * u2 * u0 * u0
-    wide = jnp.abs(offset) == np.inf
-    shift = jnp.where(wide, (scaled_shift + offset0) * u0, shift)
-    offset = jnp.where(wide, 0, offset)
-    if plan.axis_name is not None:
+    mean = jnp.where(jnp.abs(offset) == np.inf, (scaled_shift + offset0) * u0, shift + offset)
+    if plan.axis_name is not None:  # (merged around each device's mean where its offset is wide)
+        wide = jnp.abs(offset) == np.inf
+        shift, offset = jnp.where(wide, mean, shift), jnp.where(wide, 0, offset)
         count, shift, offset, var = _merge_devices(plan, count, shift, offset, var)
+        mean = shift + offset
+    # K stays a plain vector: the passes over x read it, and XLA:CPU's library reductions read a
+    # row of a stacked array only through a full-size broadcast
     if mask is None and plan.axis_name is None:  # the count is a constant: XLA folds what it meets
-        return (count, *computed_once(shift, offset, var))
-    return computed_once(count, shift, offset, var)
+        return (count, shift, *computed_once(offset, var, mean))
+    count, offset, var, mean = computed_once(count, offset, var, mean)
+    return count, shift, offset, var, mean
 
 
 # What the statistics are; benchmarks/_reshift_loop.py swaps in the loop design to time it.
