@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
@@ -95,15 +96,22 @@ def _train(x, scale, bias, outer_scale, outer_bias, plan: stats.Plan, inputs: tu
     batch = stats.Moments(mean, var, count, shift, offset)
     if mask is not None or x.size == 0:  # only then can a feature be empty
         batch = fill_empty_features(batch, running_mean, running_var)
+    # the centre: (K, mean - K), or (0, 0) where the variance is beyond the dtype (then rsqrt is 0
+    # and x - K may overflow: centred on 0, the output is the bias); computed once with the rest
+    # (the count only where it varies; K stays out, as in stats.moments)
+    beyond = batch.var == np.inf
+    centre = jnp.where(beyond, 0, batch.shift), jnp.where(beyond, 0, batch.mean_minus_shift)
+    varies = mask is not None or plan.axis_name is not None
+    rows = (batch.count if varies else None, batch.mean_minus_shift, batch.var, batch.mean)
+    once, offset, var, mean, *centre = stats.computed_once(*rows, *centre)
+    batch = stats.Moments(mean, var, batch.count if once is None else once, batch.shift, offset)
     if plan.correction is not None:  # batch norm with scale γ r and bias γ d + β
         r, d = plan.correction(batch, running_mean, running_var, epsilon, *correction_args)
         scale, bias = corrected_affine(r, d, scale, bias, dtype)
-    multiplier = lax.rsqrt(batch.var + epsilon)  # (inverse_sqrt's value)
-    beyond = multiplier == 0  # a variance beyond the dtype: centred on 0, the output is the bias
+    multiplier = lax.rsqrt(var + epsilon)  # (inverse_sqrt's value)
     if scale is not None:
         multiplier = multiplier * jnp.asarray(scale, dtype)
-    shift, offset = jnp.where(beyond, 0, batch.shift), jnp.where(beyond, 0, batch.mean_minus_shift)
-    shift, offset, multiplier = (jnp.expand_dims(v, axes) for v in (shift, offset, multiplier))
+    shift, offset, multiplier = (jnp.expand_dims(v, axes) for v in (*centre, multiplier))
     values = x if mask is None else jnp.where(mask | jnp.isfinite(x), x, 0)  # no masked-out NaN
     y = ((values.astype(dtype) - shift) - offset) * multiplier
     if bias is not None:

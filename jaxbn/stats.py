@@ -106,7 +106,14 @@ def batch_moments(plan: Plan, x: jax.Array, mask: Any, shift: jax.Array, source=
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _shifted_moments(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Array, source: Any = None):
     """:func:`_statistics` of ``source`` (if given) or ``x``; ``K`` constant to the derivative."""
-    return _statistics(plan, x if source is None else source, mask, fallback)
+    count, shift, offset, var, mean = _statistics(
+        plan, x if source is None else source, mask, fallback
+    )
+    # computed once, the count only where it varies (XLA folds a constant where it meets it); K
+    # stays out: XLA:CPU's library reductions read a row of a stack only through a broadcast
+    varies = mask is not None or plan.axis_name is not None
+    once, offset, var, mean = computed_once(count if varies else None, offset, var, mean)
+    return count if once is None else once, shift, offset, var, mean
 
 
 @_shifted_moments.defjvp
@@ -219,11 +226,6 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
         shift, offset = jnp.where(wide, mean, shift), jnp.where(wide, 0, offset)
         count, shift, offset, var = _merge_devices(plan, count, shift, offset, var)
         mean = shift + offset
-    # K stays a plain vector: the passes over x read it, and XLA:CPU's library reductions read a
-    # row of a stacked array only through a full-size broadcast
-    if mask is None and plan.axis_name is None:  # the count is a constant: XLA folds what it meets
-        return (count, shift, *computed_once(offset, var, mean))
-    count, offset, var, mean = computed_once(count, offset, var, mean)
     return count, shift, offset, var, mean
 
 
