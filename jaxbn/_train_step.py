@@ -181,9 +181,11 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     per_feature = lambda v: expand(v) if outer_scale is None else expand(v) * outer_scale
     (dy_b,) = stats.cpu_barrier((centered_view * per_feature(b)).astype(out))
     # (broadcast, then cast: the transpose sums a float32 cotangent)
-    (dy_ab,) = stats.cpu_barrier(jnp.broadcast_to(per_feature(a), dy_b.shape).astype(out) + dy_b)
+    # (with dy_b's sharding: a replicated broadcast would transpose to an all-gather of dy)
+    spread = functools.partial(jnp.broadcast_to, shape=dy_b.shape, out_sharding=_sharding(dy_b))
+    (dy_ab,) = stats.cpu_barrier(spread(per_feature(a)).astype(out) + dy_b)
     if douter_bias is not None and outer_bias is not None:
-        outer_bias_term = jnp.broadcast_to(douter_bias.astype(dtype), dy_b.shape).astype(out)
+        outer_bias_term = spread(douter_bias.astype(dtype)).astype(out)
         (dy_ab,) = stats.cpu_barrier(outer_bias_term + dy_ab)
     if douter_scale is not None and outer_scale is not None:  # (no inner parameters then: z = x̂)
         # x̂ dγ' as ((x - K) - (μ - K)) (dγ' / σ), the per-feature product small; 0 where the
@@ -199,6 +201,12 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     zeros = jnp.zeros_like(batch.count), jnp.zeros_like(batch.shift)
     batch_tangent = stats.Moments(mean_tangent, var_tangent, *zeros, mean_tangent)
     return (y, batch), (dy, batch_tangent)
+
+
+def _sharding(value: jax.Array):
+    """``value``'s sharding where it is explicit (sharding in types), else None."""
+    sharding = getattr(jax.typeof(value), "sharding", None)
+    return sharding if any(getattr(sharding, "spec", None) or ()) else None
 
 
 # Reverse mode keeps x and the named per-feature values, and recomputes x - K in the backward.

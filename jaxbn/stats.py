@@ -156,13 +156,16 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
         shift = fallback
     elif mask is None:  # x at index 0 of each axis (gathered along an explicitly sharded one)
         sharding: Any = getattr(jax.typeof(x), "sharding", None)
-        spec, value = tuple(getattr(sharding, "spec", None) or ()), x
-        for axis in [axis for axis in axes if axis < len(spec) and spec[axis] is not None]:
+        spec = tuple(getattr(sharding, "spec", None) or ())
+        sharded = [axis for axis in axes if axis < len(spec) and spec[axis] is not None]
+        # the axes on the device first: only the feature values travel
+        limits = [1 if i in axes and i not in sharded else n for i, n in enumerate(x.shape)]
+        value = lax.slice(x, [0] * x.ndim, limits)
+        for axis in sharded:
             spec = tuple(None if i == axis else part for i, part in enumerate(spec))
             out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
             value = value.at[(slice(None),) * axis + (np.array([0]),)].get(out_sharding=out)
-        limits = [1 if i in axes else n for i, n in enumerate(value.shape)]
-        value = lax.squeeze(lax.slice(value, [0] * value.ndim, limits), axes).astype(fallback.dtype)
+        value = lax.squeeze(value, axes).astype(fallback.dtype)
         shift = jnp.where(jnp.isfinite(value), value, fallback)
     else:
         value, found = _first_valid(x, jnp.broadcast_to(mask, x.shape), axes)

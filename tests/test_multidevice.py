@@ -370,6 +370,26 @@ ENTRY %main (p: f32[2], q: pred[]) -> (f32[2], f32[]) {
         hlo.count_collectives("HloModule empty")
 
 
+@pytest.mark.parametrize("program, all_reduces", [("forward", 3), ("step", 4)])
+def test_collectives_under_jit_with_a_sharded_batch(program, all_reduces):
+    """Without an axis name XLA's partitioner makes the collectives (docs/multi_device.md): one
+    all-reduce gives every device K (the first element, on the first shard), one per pass (pass
+    one's two sums in one tuple), one in the backward; no all-gather, no control flow."""
+    params, state = jaxbn.batch_norm_init(8)
+    x = jax.device_put(jnp.ones((N_DEVICES * 2, 4, 4, 8)), BATCH)
+
+    def forward(x, p):
+        return jaxbn.batch_norm(x, p, state, training=True)
+
+    def step(x, p):
+        return jax.grad(lambda x, p: jnp.sum(jnp.sin(forward(x, p)[0])), argnums=(0, 1))(x, p)
+
+    text = jax.jit(forward if program == "forward" else step).lower(x, params).compile().as_text()
+    assert hlo.count_collectives(text) == all_reduces
+    assert hlo.count_collectives(text, op="all-gather") == 0
+    assert " while(" not in text and " conditional(" not in text
+
+
 @pytest.mark.parametrize(
     "case, all_gathers, all_reduces",
     [
