@@ -100,10 +100,10 @@ def _train(x, scale, bias, outer_scale, outer_bias, plan: stats.Plan, inputs: tu
     # and x - K may overflow: centred on 0, the output is the bias); computed once with the rest
     # (the count only where it varies; K stays out, as in stats.moments)
     beyond = batch.var == np.inf
-    centre = jnp.where(beyond, 0, batch.shift), jnp.where(beyond, 0, batch.mean_minus_shift)
+    zeroed = jnp.where(beyond, 0, batch.shift), jnp.where(beyond, 0, batch.mean_minus_shift)
     varies = mask is not None or plan.axis_name is not None
     rows = (batch.count if varies else None, batch.mean_minus_shift, batch.var, batch.mean)
-    once, offset, var, mean, *centre = stats.computed_once(*rows, *centre)
+    once, offset, var, mean, *centre = stats.computed_once(*rows, *zeroed)
     batch = stats.Moments(mean, var, batch.count if once is None else once, batch.shift, offset)
     if plan.correction is not None:  # batch norm with scale γ r and bias γ d + β
         r, d = plan.correction(batch, running_mean, running_var, epsilon, *correction_args)
