@@ -33,7 +33,8 @@ class Moments(NamedTuple):
       var: their biased (population) variance, ``E[(x - mean)^2]``, >= 0.
       count: the number of valid elements, summed over devices.
       shift: the reference point ``K`` the sums were taken around, identical on every device.
-      mean_minus_shift: ``mean - shift``, exact where ``mean`` rounds at a large offset.
+      mean_minus_shift: ``mean - shift``, exact where ``mean`` rounds at a large offset; its
+        infinity where it is beyond the dtype (the variance is then too, the mean is not).
     """
 
     mean: jax.Array

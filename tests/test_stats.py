@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxbn
 from jaxbn import stats
 from tests import reference
 
@@ -238,3 +239,22 @@ def test_moments_read_from_a_narrow_source(rng):
     np.testing.assert_allclose(jax.grad(loss)(wide, narrow), jax.grad(loss)(wide, None), rtol=1e-5)
     with pytest.raises(ValueError, match="source must have x's shape"):
         stats.moments(wide, 0, source=narrow[:3])
+
+
+def test_an_offset_beyond_the_dtype_keeps_the_mean():
+    """mean - K beyond float32 (K at the maximum, the rest at minus it): mean_minus_shift is its
+    infinity, the variance infinite, the mean finite and within its bound; batch norm's training
+    output is then the bias and its state is kept."""
+    top = float(jnp.finfo(jnp.float32).max)
+    x = jnp.array([[top], [-top], [-top], [-top]], jnp.float32)
+    m = stats.moments(x, 0)
+    exact = (top - 3 * top) / 4  # -top / 2
+    assert float(m.mean_minus_shift[0]) == -np.inf
+    assert float(m.var[0]) == np.inf
+    assert abs(float(m.mean[0]) - exact) <= 64 * 2.0**-24 * (abs(exact) + top)
+    params, state = jaxbn.batch_norm_init(1)
+    params = {"scale": jnp.ones(1), "bias": jnp.full(1, 0.5)}
+    y, new_state = jaxbn.batch_norm(x, params, state, training=True)
+    # exact: 0 * (finite centred value) + 0.5, with no inf - inf on the way
+    np.testing.assert_array_equal(y, jnp.full(x.shape, 0.5))
+    jax.tree.map(np.testing.assert_array_equal, new_state, state)
