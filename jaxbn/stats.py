@@ -216,14 +216,15 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     )
     d = deviation(*cpu_barrier(x, scaled_shift, mask, s0, offset0, s2))
     second = jnp.sum(d.real * d.real + d.imag * d.imag if jnp.iscomplexobj(d) else d * d, axes)
-    # an infinite first sum (values far beyond |K| near the maximum): the mean K, and the second sum
-    # is infinite, as the variance is beyond the dtype
-    offset0 = jnp.where(jnp.abs(first) == np.inf, 0, offset0)
+    # an infinite first sum (values far beyond |K| near the maximum, or an infinite value): the
+    # mean K and the variance infinite (the second sum may be inf - inf there)
+    infinite = jnp.abs(first) == np.inf
+    offset0 = jnp.where(infinite, 0, offset0)
     # unscaled one power of two at a time (a/s/s would become a/(s*s), which may overflow); mean - K
     # is beyond the dtype only where the variance is (mean - K its infinity), the mean is not
     u0 = jnp.where(near_top, u0_far, np.asarray(1, real))
     offset = offset0 * u0
-    var = second / safe_count * u2 * u2 * u0 * u0
+    var = jnp.where(infinite, np.inf, second / safe_count * u2 * u2 * u0 * u0)
     mean = jnp.where(jnp.abs(offset) == np.inf, (scaled_shift + offset0) * u0, shift + offset)
     if plan.axis_name is not None:  # (merged around each device's mean where its offset is wide)
         wide = jnp.abs(offset) == np.inf

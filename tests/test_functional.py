@@ -107,6 +107,24 @@ def test_non_finite_batch_leaves_state_unchanged_and_recovers(bad, rng):
     np.testing.assert_array_equal(state["var"], clean_state["var"])
 
 
+@pytest.mark.parametrize("position", [0, 5])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf])
+def test_an_infinite_value_gives_an_infinite_variance_wherever_it_is(bad, position, rng):
+    """An infinite value of one sign: that feature's variance is +inf and its mean K (as for a
+    variance beyond the dtype), its other outputs the bias; the same whether the value is the
+    feature's first element (K's fallback) or not."""
+    x = _batches(rng, 1, shape=(8, 3))[0].copy()
+    x[position, 1] = bad
+    params = {"scale": jnp.full(3, 2.0), "bias": jnp.arange(3.0)}
+    _, state = jaxbn.batch_norm_init(3)
+    y, new, moments = jaxbn.batch_norm(x, params, state, training=True, return_moments=True)
+    assert float(moments.var[1]) == np.inf and np.isfinite(moments.mean[1])
+    others = np.delete(np.asarray(y[:, 1]), position)
+    # exact: a zero multiplier times a finite centred value, plus the bias
+    np.testing.assert_array_equal(others, np.full(7, 1.0))
+    np.testing.assert_array_equal(new["mean"], state["mean"])  # exact: the update is skipped
+
+
 def test_fully_masked_batch_and_channel_keep_their_state(rng):
     """No valid element: state unchanged, output finite; an empty channel keeps its own state."""
     x = _batches(rng, 1, shape=(6, 3))[0]
