@@ -182,10 +182,10 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     (dy_b,) = stats.cpu_barrier((centered_view * per_feature(b)).astype(out))
     # (broadcast, then cast: the transpose sums a float32 cotangent)
     # (with dy_b's sharding: a replicated broadcast would transpose to an all-gather of dy)
-    spread = functools.partial(jnp.broadcast_to, shape=dy_b.shape, out_sharding=_sharding(dy_b))
-    (dy_ab,) = stats.cpu_barrier(spread(per_feature(a)).astype(out) + dy_b)
+    like_dy = functools.partial(jnp.broadcast_to, shape=dy_b.shape, out_sharding=_sharding(dy_b))
+    (dy_ab,) = stats.cpu_barrier(like_dy(per_feature(a)).astype(out) + dy_b)
     if douter_bias is not None and outer_bias is not None:
-        outer_bias_term = spread(douter_bias.astype(dtype)).astype(out)
+        outer_bias_term = like_dy(douter_bias.astype(dtype)).astype(out)
         (dy_ab,) = stats.cpu_barrier(outer_bias_term + dy_ab)
     if douter_scale is not None and outer_scale is not None:  # (no inner parameters then: z = x̂)
         # x̂ dγ' as ((x - K) - (μ - K)) (dγ' / σ), the per-feature product small; 0 where the
