@@ -27,6 +27,7 @@ depends on the first step's gradients, so this covers the backward pass too.
 
     python benchmarks/e2e.py [--batch 32] [--image-size 32] [--width 16] [--dtype float32] [--reps 20]
     python benchmarks/e2e.py --quick   # tiny model and batch, 3 reps: a smoke test
+    python benchmarks/e2e.py --without-cpu-barriers   # also jaxbn without XLA:CPU's barriers
 
 It runs with glibc's huge pages (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``):
 when ``GLIBC_TUNABLES`` is not set it re-executes itself with it.
@@ -53,6 +54,7 @@ from flax import linen as nn
 
 import jaxbn
 import jaxbn.linen
+from jaxbn import stats
 
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 NORMS = {"jaxbn": jaxbn.linen.BatchNorm, "flax": nn.BatchNorm, "none": None}
@@ -214,6 +216,26 @@ def build(norm: str, dtype: str, args: argparse.Namespace) -> tuple[Variant, dic
     return Variant(make_train_step(model, tx), state, (x, labels)), variables
 
 
+NO_BARRIERS = "jaxbn, no barriers"  # the measuring variant's name
+
+
+def compiled_without_cpu_barriers(variant: Variant) -> Variant:
+    """``variant`` with its step compiled while ``jaxbn.stats.cpu_barrier`` is the identity: a
+    measuring variant, what XLA:CPU's per-sum barriers cost or buy in this step. The caches are
+    cleared around the compilation, so that no other step shares its traces (the others compile
+    again at their next call).
+    """
+    original = stats.cpu_barrier
+    stats.cpu_barrier = lambda *values: values
+    jax.clear_caches()
+    try:
+        compiled = variant.step.lower(variant.state, *variant.batch).compile()
+    finally:
+        stats.cpu_barrier = original
+        jax.clear_caches()
+    return dataclasses.replace(variant, step=compiled)
+
+
 def loss_check(variants: dict[str, Variant], initial: dict[str, Any]) -> dict[str, Any]:
     """Runs the first :data:`CHECK_STEPS` steps of jaxbn and flax; compares losses.
 
@@ -284,13 +306,13 @@ def summarize(
       is None where the flax value it divides by is not positive.
     """
     median = {name: float(np.median(value)) for name, value in times.items()}
-    overhead = {name: median[name] - median["none"] for name in ("jaxbn", "flax")}
+    overhead = {name: median[name] - median["none"] for name in times if name != "none"}
     print(
         f"\n## train step: ms per step over {reps} interleaved reps; BN overhead = median - none's median; "
         "paired IQR: quartiles of (step - none's step in the same rep), a noise gauge"
     )
     print(
-        f"{'norm':<6} {'median':>9} {'min':>9} {'max':>9} {'BN overhead':>12} {'paired IQR':>17} {'last loss':>10}"
+        f"{'norm':<18} {'median':>9} {'min':>9} {'max':>9} {'BN overhead':>12} {'paired IQR':>17} {'last loss':>10}"
     )
     for name, value in times.items():
         extra, spread = "-", "-"
@@ -298,28 +320,34 @@ def summarize(
             low, high = np.percentile(value - times["none"], [25, 75]) * 1e3
             extra, spread = f"{overhead[name] * 1e3:.3f}", f"{low:.3f}..{high:.3f}"
         print(
-            f"{name:<6} {median[name] * 1e3:>9.3f} {value.min() * 1e3:>9.3f} {value.max() * 1e3:>9.3f} "
+            f"{name:<18} {median[name] * 1e3:>9.3f} {value.min() * 1e3:>9.3f} {value.max() * 1e3:>9.3f} "
             f"{extra:>12} {spread:>17} {float(variants[name].losses[-1]):>10.4f}"
         )
 
     def ratio(a: float, b: float) -> float | None:
         return a / b if b > 0 else None
 
-    overhead_ratio = ratio(overhead["jaxbn"], overhead["flax"])
-    step_ratio = ratio(median["jaxbn"], median["flax"])
-    for label, value in [
-        ("BN overhead jaxbn / flax (lower is better)", overhead_ratio),
-        ("step time jaxbn / flax", step_ratio),
-    ]:
-        print(
-            f"{label}: "
-            + (f"{value:.3f}" if value is not None else "n/a (flax value not positive)")
-        )
+    ratios = {
+        name: (ratio(overhead[name], overhead["flax"]), ratio(median[name], median["flax"]))
+        for name in overhead
+        if name != "flax"
+    }
+    for name, (overhead_ratio, step_ratio) in ratios.items():
+        for label, value in [
+            (f"BN overhead {name} / flax (lower is better)", overhead_ratio),
+            (f"step time {name} / flax", step_ratio),
+        ]:
+            print(
+                f"{label}: "
+                + (f"{value:.3f}" if value is not None else "n/a (flax value not positive)")
+            )
+    overhead_ratio, step_ratio = ratios["jaxbn"]
     return {
         "median_s": median,
         "overhead_s": overhead,
         "overhead_ratio": overhead_ratio,
         "step_ratio": step_ratio,
+        "ratios": ratios,
     }
 
 
@@ -377,6 +405,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="tiny model and batch, 3 reps: a smoke test"
     )
+    parser.add_argument(
+        "--without-cpu-barriers",
+        action="store_true",
+        help="also time jaxbn compiled without XLA:CPU's per-sum barriers (a measuring variant)",
+    )
     args = parser.parse_args(argv)
     defaults = {
         "batch": (32, 4),
@@ -416,6 +449,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         {norm: built[norm][0] for norm in ("jaxbn", "flax")},
         {norm: built[norm][1] for norm in ("jaxbn", "flax")},
     )
+    if args.without_cpu_barriers:  # a fresh jaxbn variant, from the same initial state
+        fresh, _ = build("jaxbn", args.dtype, args)
+        variants = {**variants, NO_BARRIERS: compiled_without_cpu_barriers(fresh)}
     for variant in variants.values():
         while len(variant.losses) < WARMUP_STEPS:
             variant.run()

@@ -12,11 +12,13 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow  # every test runs benchmarks/bench.py --quick in a subprocess
 
 BENCH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+E2E = BENCH.with_name("e2e.py")
 MODES = ("train forward", "forward+backward", "inference")
 TRAFFIC = re.compile(r"^\d+\.\d\dS$")
 
@@ -121,3 +123,43 @@ def test_quick_reports_missing_libraries_instead_of_failing(tmp_path):
     assert "jaxbn" in notes  # the NCHW path, timed
     assert notes["equinox"] == "equinox not installed" and notes["haiku"] == "haiku not installed"
     assert "## HLO traffic" in output and "## all-reduces per direction" in output
+
+
+@pytest.mark.slow  # runs benchmarks/e2e.py in a subprocess
+def test_e2e_times_jaxbn_without_cpu_barriers_as_a_fourth_variant():
+    """--without-cpu-barriers adds a jaxbn variant compiled with stats.cpu_barrier the identity:
+    timed beside the others, the same computation (the same last loss), its ratios printed."""
+    done = subprocess.run(
+        [sys.executable, str(E2E), "--quick", "--reps", "2", "--without-cpu-barriers"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # ~40 s quiet; a hang fails, a loaded machine does not
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = done.stdout.split("## train step")[1].splitlines()
+    rows = {
+        line[:18].strip(): line.split()
+        for line in table
+        if line.startswith(("jaxbn ", "jaxbn, no barriers", "flax "))
+    }
+    assert set(rows) == {"jaxbn", "flax", "jaxbn, no barriers"}, done.stdout
+    assert rows["jaxbn, no barriers"][-1] == rows["jaxbn"][-1]  # the last loss, as printed
+    assert "step time jaxbn, no barriers / flax: " in done.stdout
+
+
+@pytest.mark.slow  # compiles a model and clears JAX's caches in the test process
+def test_compiled_without_cpu_barriers_restores_the_barrier():
+    """The measuring variant swaps stats.cpu_barrier only while it compiles."""
+    import argparse
+
+    from benchmarks import e2e
+    from jaxbn import stats
+
+    original = stats.cpu_barrier
+    args = argparse.Namespace(batch=2, image_size=4, width=2, blocks=1)
+    variant, _ = e2e.build("jaxbn", "float32", args)
+    compiled = e2e.compiled_without_cpu_barriers(variant)
+    assert stats.cpu_barrier is original
+    assert compiled.step is not variant.step
+    compiled.run()
+    assert np.isfinite(float(compiled.losses[-1]))
