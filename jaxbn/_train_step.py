@@ -182,7 +182,9 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     (dy_b,) = stats.cpu_barrier((centered_view * per_feature(b)).astype(out))
     # (broadcast, then cast: the transpose sums a float32 cotangent)
     # (with dy_b's sharding: a replicated broadcast would transpose to an all-gather of dy)
-    like_dy = functools.partial(jnp.broadcast_to, shape=dy_b.shape, out_sharding=_sharding(dy_b))
+    like_dy = functools.partial(
+        jnp.broadcast_to, shape=dy_b.shape, out_sharding=stats.explicit_sharding(dy_b)
+    )
     (dy_ab,) = stats.cpu_barrier(like_dy(per_feature(a)).astype(out) + dy_b)
     if douter_bias is not None and outer_bias is not None:
         outer_bias_term = like_dy(douter_bias.astype(dtype)).astype(out)
@@ -201,12 +203,6 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     zeros = jnp.zeros_like(batch.count), jnp.zeros_like(batch.shift)
     batch_tangent = stats.Moments(mean_tangent, var_tangent, *zeros, mean_tangent)
     return (y, batch), (dy, batch_tangent)
-
-
-def _sharding(value: jax.Array):
-    """``value``'s sharding where it is explicit (sharding in types), else None."""
-    sharding = getattr(jax.typeof(value), "sharding", None)
-    return sharding if any(getattr(sharding, "spec", None) or ()) else None
 
 
 # Reverse mode keeps x and the named per-feature values, and recomputes x - K in the backward.

@@ -240,9 +240,7 @@ class BatchRenorm(BatchNorm):
     @nn.nowrap
     def functional_call(self, x: jax.Array, params: Any, state: Any, **kwargs: Any) -> Any:
         """The functional call: :func:`jaxbn.batch_renorm` at the current limits."""
-        step = state.get("steps")
-        r_max, d_max = (f(step) if callable(f) else f for f in (self.r_max, self.d_max))
-        return renorm.batch_renorm(x, params, state, r_max=r_max, d_max=d_max, **kwargs)
+        return renorm.batch_renorm_scheduled(x, params, state, self.r_max, self.d_max, **kwargs)
 
 
 # each per-example kind's function, and the fields it takes beyond the common ones

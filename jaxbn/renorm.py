@@ -154,3 +154,13 @@ def batch_renorm(
     call = _validation.check_batch_norm("batch_renorm", renorm_correction, **locals())
     with jax.named_scope("jaxbn.batch_renorm"):
         return functional.apply_checked(call)
+
+
+def batch_renorm_scheduled(
+    x: jax.Array, params: Any, state: State, r_max: Any, d_max: Any, **kwargs
+):
+    """:func:`batch_renorm` with each limit a number or a schedule ``limit(step)``, evaluated at
+    ``state['steps']`` (the linen and nnx ``BatchRenorm`` modules' call)."""
+    step = state.get("steps")
+    r_max, d_max = (limit(step) if callable(limit) else limit for limit in (r_max, d_max))
+    return batch_renorm(x, params, state, r_max=r_max, d_max=d_max, **kwargs)

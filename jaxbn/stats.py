@@ -253,12 +253,19 @@ def _first_valid(x: jax.Array, mask: jax.Array, axes: tuple[int, ...]) -> tuple:
         index[axis], first = first % x.shape[axis], first // x.shape[axis]
     for k, axis in enumerate(feature_axes):
         index[axis] = lax.broadcasted_iota(jnp.int32, found.shape, k)
-    if any(getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) or ()):
+    if explicit_sharding(x) is not None:
         # explicitly sharded: a gather would cross devices; a sum of the one selected element per
         # feature (exact: the others add 0) reduces where the data lies, as the statistics do
         chosen = position == jnp.expand_dims(jnp.where(found, first_flat, -1), axes)
         return jnp.sum(jnp.where(chosen, x, 0), axes), found
     return x[tuple(index)], found
+
+
+def explicit_sharding(value: Any) -> Any:
+    """``value``'s sharding where it is explicit (sharding in types, a partitioned spec), else
+    None."""
+    sharding = getattr(jax.typeof(value), "sharding", None)
+    return sharding if any(getattr(sharding, "spec", None) or ()) else None
 
 
 def merge_moments(parts: Sequence[Moments]) -> Moments:
