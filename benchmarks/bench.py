@@ -28,6 +28,11 @@ shows its error instead of a time.
 
     python benchmarks/bench.py [--shape 64 32 32 128] [--reps 20] [--libs jaxbn flax torch copy]
     python benchmarks/bench.py --quick   # tiny shape, few repetitions: a smoke test
+    python benchmarks/bench.py --compute-dtype-barrier-views   # jaxbn's measuring variant
+
+``--compute-dtype-barrier-views`` compiles every jaxbn row with XLA:CPU's barriers on the float32
+views of a bfloat16 x and dy (``jaxbn.stats._barrier_views_in_compute_dtype``; e2e.py times it
+beside the default inside a model); the header says so.
 
 Optional libraries (equinox, dm-haiku, torch) that are not installed are
 reported as such. The bench runs with glibc's transparent huge pages
@@ -59,6 +64,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxbn
 import jaxbn.linen
+from jaxbn import stats
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -692,6 +698,8 @@ def print_header(args: argparse.Namespace) -> None:
         f"{TORCH} NHWC = a channels_last tensor; /torch CL: ratio to it. bf16: bf16 activations, "
         "float32 params, bf16 output requested"
     )
+    if args.compute_dtype_barrier_views:
+        print("jaxbn: measuring variant, XLA:CPU's barriers on float32 views of bfloat16 x and dy")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -720,6 +728,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="tiny shape and few reps: a smoke test"
     )
     parser.add_argument(
+        "--compute-dtype-barrier-views",
+        action="store_true",
+        help="jaxbn's measuring variant: XLA:CPU's barriers on float32 views of bfloat16 x and dy",
+    )
+    parser.add_argument(
         "--collectives-only",
         action="store_true",
         help="only the collectives section (run with forced host devices)",
@@ -736,13 +749,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.collectives_only:
         print_collectives(args.shape)
         return 0
+    stats._barrier_views_in_compute_dtype = args.compute_dtype_barrier_views
     print_header(args)
     names = [name for name, (library, _) in IMPLEMENTATIONS.items() if library in args.libs]
     print_traffic(run_timings(args, names))
     return run_collectives_subprocess(args.shape)
 
 
-def _reexec_with_huge_pages() -> None:
+def reexec_with_huge_pages() -> None:
     """glibc reads GLIBC_TUNABLES at startup: set it and start this script again."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" not in tunables:
@@ -751,5 +765,5 @@ def _reexec_with_huge_pages() -> None:
 
 
 if __name__ == "__main__":
-    _reexec_with_huge_pages()
+    reexec_with_huge_pages()
     sys.exit(main())

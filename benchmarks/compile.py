@@ -82,7 +82,7 @@ import jaxbn.nnx
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.bench import _reexec_with_huge_pages  # noqa: E402  (one copy of it)
+from benchmarks.bench import reexec_with_huge_pages  # noqa: E402  (one copy of it)
 from tests.hlo import parse_computations  # noqa: E402
 
 NORMS = ("jaxbn", "flax")
@@ -953,7 +953,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    _reexec_with_huge_pages()
+    reexec_with_huge_pages()
     result = main()
     sys.exit(
         0 if all(result["compile"][family]["loss_check"]["passed"] for family in FAMILIES) else 1

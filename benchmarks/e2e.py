@@ -28,6 +28,7 @@ depends on the first step's gradients, so this covers the backward pass too.
     python benchmarks/e2e.py [--batch 32] [--image-size 32] [--width 16] [--dtype float32] [--reps 20]
     python benchmarks/e2e.py --quick   # tiny model and batch, 3 reps: a smoke test
     python benchmarks/e2e.py --without-cpu-barriers   # also jaxbn without XLA:CPU's barriers
+    python benchmarks/e2e.py --dtype bfloat16 --compute-dtype-barrier-views   # ... on float32 views
 
 It runs with glibc's huge pages (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``):
 when ``GLIBC_TUNABLES`` is not set it re-executes itself with it.
@@ -216,24 +217,51 @@ def build(norm: str, dtype: str, args: argparse.Namespace) -> tuple[Variant, dic
     return Variant(make_train_step(model, tx), state, (x, labels)), variables
 
 
-NO_BARRIERS = "jaxbn, no barriers"  # the measuring variant's name
+NO_BARRIERS = "jaxbn, no barriers"  # the measuring variants' names
+WIDE_VIEWS = "jaxbn, wide views"
 
 
-def compiled_without_cpu_barriers(variant: Variant) -> Variant:
-    """``variant`` with its step compiled while ``jaxbn.stats.cpu_barrier`` is the identity: a
-    measuring variant, what XLA:CPU's per-sum barriers cost or buy in this step. The caches are
-    cleared around the compilation, so that no other step shares its traces (the others compile
-    again at their next call).
+def compiled_with(variant: Variant, name: str, value: Any) -> Variant:
+    """``variant`` with its step compiled while ``jaxbn.stats.<name>`` is ``value``: a measuring
+    variant. The caches are cleared around the compilation, so that no other step shares its
+    traces (the others compile again at their next call); the attribute is restored.
     """
-    original = stats.cpu_barrier
-    stats.cpu_barrier = lambda *values: values
+    original = getattr(stats, name)
+    setattr(stats, name, value)
     jax.clear_caches()
     try:
         compiled = variant.step.lower(variant.state, *variant.batch).compile()
     finally:
-        stats.cpu_barrier = original
+        setattr(stats, name, original)
         jax.clear_caches()
     return dataclasses.replace(variant, step=compiled)
+
+
+def compiled_without_cpu_barriers(variant: Variant) -> Variant:
+    """``variant`` compiled with ``jaxbn.stats.cpu_barrier`` the identity: what XLA:CPU's per-sum
+    barriers cost or buy in this step."""
+    return compiled_with(variant, "cpu_barrier", lambda *values: values)
+
+
+def compiled_with_wide_barrier_views(variant: Variant) -> Variant:
+    """``variant`` compiled with XLA:CPU's barriers on the compute-dtype (float32) views of a
+    half-precision x and dy (``jaxbn.stats._barrier_views_in_compute_dtype``), not on x and dy
+    themselves; the same step in float32."""
+    return compiled_with(variant, "_barrier_views_in_compute_dtype", True)
+
+
+def measuring_variants(args: argparse.Namespace) -> dict[str, Variant]:
+    """The measuring variants of jaxbn the command line asks for, by name, each built afresh from
+    the same initial state as the others."""
+    asked = {
+        NO_BARRIERS: (args.without_cpu_barriers, compiled_without_cpu_barriers),
+        WIDE_VIEWS: (args.compute_dtype_barrier_views, compiled_with_wide_barrier_views),
+    }
+    return {
+        name: compiled(build("jaxbn", args.dtype, args)[0])
+        for name, (wanted, compiled) in asked.items()
+        if wanted
+    }
 
 
 def loss_check(variants: dict[str, Variant], initial: dict[str, Any]) -> dict[str, Any]:
@@ -410,6 +438,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also time jaxbn compiled without XLA:CPU's per-sum barriers (a measuring variant)",
     )
+    parser.add_argument(
+        "--compute-dtype-barrier-views",
+        action="store_true",
+        help="also time jaxbn with XLA:CPU's barriers on the float32 views of bfloat16 x and dy "
+        "(a measuring variant)",
+    )
     args = parser.parse_args(argv)
     defaults = {
         "batch": (32, 4),
@@ -449,9 +483,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         {norm: built[norm][0] for norm in ("jaxbn", "flax")},
         {norm: built[norm][1] for norm in ("jaxbn", "flax")},
     )
-    if args.without_cpu_barriers:  # a fresh jaxbn variant, from the same initial state
-        fresh, _ = build("jaxbn", args.dtype, args)
-        variants = {**variants, NO_BARRIERS: compiled_without_cpu_barriers(fresh)}
+    variants = {**variants, **measuring_variants(args)}
     for variant in variants.values():
         while len(variant.losses) < WARMUP_STEPS:
             variant.run()

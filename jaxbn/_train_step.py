@@ -174,20 +174,23 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
         a, b = stats.varying_like(jnp.stack([a, b]), x_hat)
     # the transpose's Σ dy (x - K) reads its own view of x, and each of its sums its own view of
     # dy (a barrier transposes to one on the cotangent): no float32 copy of a half-precision dy
-    (x_view,) = stats.cpu_barrier(x)
+    # (the views in the compute dtype instead: a measuring variant, see stats)
+    wide = stats._barrier_views_in_compute_dtype
+    (x_view,) = stats.cpu_barrier(x.astype(dtype) if wide else x)
     centered_view = finite_outside_mask(x_view, mask).astype(dtype) - expand(centre)
     out = y.dtype
+    barred = dtype if wide else out  # the dtype of the terms that pass a barrier
     # expanded, the outer scale folded in: small, broadcast where it is used
     per_feature = lambda v: expand(v) if outer_scale is None else expand(v) * outer_scale
-    (dy_b,) = stats.cpu_barrier((centered_view * per_feature(b)).astype(out))
+    (dy_b,) = stats.cpu_barrier((centered_view * per_feature(b)).astype(barred))
     # (broadcast, then cast: the transpose sums a float32 cotangent)
     # (with dy_b's sharding: a replicated broadcast would transpose to an all-gather of dy)
     like_dy = functools.partial(
         jnp.broadcast_to, shape=dy_b.shape, out_sharding=stats.explicit_sharding(dy_b)
     )
-    (dy_ab,) = stats.cpu_barrier(like_dy(per_feature(a)).astype(out) + dy_b)
+    (dy_ab,) = stats.cpu_barrier(like_dy(per_feature(a)).astype(barred) + dy_b)
     if douter_bias is not None and outer_bias is not None:
-        outer_bias_term = like_dy(douter_bias.astype(dtype)).astype(out)
+        outer_bias_term = like_dy(douter_bias.astype(dtype)).astype(barred)
         (dy_ab,) = stats.cpu_barrier(outer_bias_term + dy_ab)
     if douter_scale is not None and outer_scale is not None:  # (no inner parameters then: z = x̂)
         # x̂ dγ' as ((x - K) - (μ - K)) (dγ' / σ), the per-feature product small; 0 where the
@@ -196,8 +199,8 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
         centered = finite_outside_mask(x_view, mask).astype(dtype) - expand(centre)
         centered = centered - expand(centre_offset)
         small = jnp.where(expand(beyond), 0, expand(inv_std) * douter_scale.astype(dtype))
-        (dy_ab,) = stats.cpu_barrier((centered * small).astype(out) + dy_ab)
-    dy = (per_feature(gain) * dx).astype(out) + dy_ab
+        (dy_ab,) = stats.cpu_barrier((centered * small).astype(barred) + dy_ab)
+    dy = (per_feature(gain) * dx).astype(out) + dy_ab.astype(out)
     mean_tangent = (sum_dx / n).astype(batch.mean.dtype)  # (mean_minus_shift's dtype too)
     var_tangent = (2 * std * sum_dx_xhat / n).astype(batch.var.dtype)
     zeros = jnp.zeros_like(batch.count), jnp.zeros_like(batch.shift)

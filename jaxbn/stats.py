@@ -197,7 +197,8 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
         return d if mask is None else jnp.where(mask, d, 0)  # where: masked-out NaN stays out
 
     # each sum reads its own view of its operands (chained barriers: XLA merges identical ones)
-    operands = cpu_barrier(x, scaled_shift, mask, s0)
+    seen = x.astype(dtype) if _barrier_views_in_compute_dtype else x
+    operands = cpu_barrier(seen, scaled_shift, mask, s0)
     first = jnp.sum(deviation(*operands), axes)
     spread = jnp.sum(jnp.abs(deviation(*cpu_barrier(*operands))), axes)
     if mask is None:
@@ -214,7 +215,7 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
         jnp.where(big, np.asarray(2.0**e, real), np.asarray(1, real))
         for e in (-(top // 2 + 3), top // 2 + 3)
     )
-    d = deviation(*cpu_barrier(x, scaled_shift, mask, s0, offset0, s2))
+    d = deviation(*cpu_barrier(seen, scaled_shift, mask, s0, offset0, s2))
     second = jnp.sum(d.real * d.real + d.imag * d.imag if jnp.iscomplexobj(d) else d * d, axes)
     # an infinite first sum (values far beyond |K| near the maximum, or an infinite value): the
     # mean K and the variance infinite (the second sum may be inf - inf there)
@@ -236,6 +237,12 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
 
 # What the statistics are; benchmarks/_reshift_loop.py swaps in the loop design to time it.
 _statistics = _two_pass_statistics
+
+# What XLA:CPU's barriers hold for a half-precision x and dy: their own dtype (False: no
+# full-size float32 copy of a bfloat16 parameter), or their view in the compute dtype (True: a
+# measuring variant, set by benchmarks/e2e.py --compute-dtype-barrier-views; inside a model XLA
+# reads that view off the float32 computation that made the tensor, RESULTS.md, 2026-12-06 (fifth))
+_barrier_views_in_compute_dtype = False
 
 
 def _first_valid(x: jax.Array, mask: jax.Array, axes: tuple[int, ...]) -> tuple:

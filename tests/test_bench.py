@@ -126,40 +126,68 @@ def test_quick_reports_missing_libraries_instead_of_failing(tmp_path):
 
 
 @pytest.mark.slow  # runs benchmarks/e2e.py in a subprocess
-def test_e2e_times_jaxbn_without_cpu_barriers_as_a_fourth_variant():
-    """--without-cpu-barriers adds a jaxbn variant compiled with stats.cpu_barrier the identity:
-    timed beside the others, the same computation (the same last loss), its ratios printed."""
+def test_e2e_times_the_measuring_variants_of_jaxbn_beside_the_others():
+    """--without-cpu-barriers and --compute-dtype-barrier-views add jaxbn variants compiled with
+    stats.cpu_barrier the identity and with the barriers on float32 views: timed beside the others,
+    the same computation (in float32, the same last loss), their ratios printed."""
+    flags = ["--without-cpu-barriers", "--compute-dtype-barrier-views"]
     done = subprocess.run(
-        [sys.executable, str(E2E), "--quick", "--reps", "2", "--without-cpu-barriers"],
+        [sys.executable, str(E2E), "--quick", "--reps", "2", *flags],
         capture_output=True,
         text=True,
         timeout=600,
-    )  # ~40 s quiet; a hang fails, a loaded machine does not
+    )  # ~50 s quiet; a hang fails, a loaded machine does not
     assert done.returncode == 0, done.stderr[-3000:]
     table = done.stdout.split("## train step")[1].splitlines()
-    rows = {
-        line[:18].strip(): line.split()
-        for line in table
-        if line.startswith(("jaxbn ", "jaxbn, no barriers", "flax "))
-    }
-    assert set(rows) == {"jaxbn", "flax", "jaxbn, no barriers"}, done.stdout
-    assert rows["jaxbn, no barriers"][-1] == rows["jaxbn"][-1]  # the last loss, as printed
-    assert "step time jaxbn, no barriers / flax: " in done.stdout
+    names = ("jaxbn, no barriers", "jaxbn, wide views", "jaxbn ", "flax ")
+    rows = {line[:18].strip(): line.split() for line in table if line.startswith(names)}
+    assert set(rows) == {"jaxbn", "flax", "jaxbn, no barriers", "jaxbn, wide views"}, done.stdout
+    for name in ("jaxbn, no barriers", "jaxbn, wide views"):
+        assert rows[name][-1] == rows["jaxbn"][-1]  # the last loss, as printed
+        assert f"step time {name} / flax: " in done.stdout
 
 
 @pytest.mark.slow  # compiles a model and clears JAX's caches in the test process
-def test_compiled_without_cpu_barriers_restores_the_barrier():
-    """The measuring variant swaps stats.cpu_barrier only while it compiles."""
+@pytest.mark.parametrize(
+    "variant", ["compiled_without_cpu_barriers", "compiled_with_wide_barrier_views"]
+)
+def test_measuring_variants_restore_the_library(variant):
+    """A measuring variant changes jaxbn.stats only while it compiles."""
     import argparse
 
     from benchmarks import e2e
     from jaxbn import stats
 
-    original = stats.cpu_barrier
+    before = (stats.cpu_barrier, stats._barrier_views_in_compute_dtype)
     args = argparse.Namespace(batch=2, image_size=4, width=2, blocks=1)
-    variant, _ = e2e.build("jaxbn", "float32", args)
-    compiled = e2e.compiled_without_cpu_barriers(variant)
-    assert stats.cpu_barrier is original
-    assert compiled.step is not variant.step
+    built, _ = e2e.build("jaxbn", "bfloat16", args)
+    compiled = getattr(e2e, variant)(built)
+    assert (stats.cpu_barrier, stats._barrier_views_in_compute_dtype) == before
+    assert compiled.step is not built.step
     compiled.run()
     assert np.isfinite(float(compiled.losses[-1]))
+
+
+@pytest.mark.slow  # runs benchmarks/bench.py and benchmarks/kernels.py in subprocesses
+def test_the_measuring_flags_of_bench_and_kernels_run():
+    """bench.py --compute-dtype-barrier-views says so in its header and times jaxbn; kernels.py
+    --e2e profiles every variant it is asked for (nothing here looks at the times)."""
+    output = _run(
+        "--libs", "jaxbn", "--dtypes", "bfloat16", "--layouts", "NHWC",
+        "--compute-dtype-barrier-views",
+    )  # fmt: skip
+    assert "jaxbn: measuring variant, XLA:CPU's barriers on float32 views" in output
+    _, *rows = _section(output, "forward+backward (y, dx, dscale, dbias; dy an argument), bfloat16")
+    row = next(row for row in rows if row[0] == "jaxbn")
+    assert float(row[2]) > 0, row
+    kernels = BENCH.with_name("kernels.py")
+    done = subprocess.run(
+        [sys.executable, str(kernels), "--quick", "--e2e", "--dtype", "bfloat16",
+         "--without-cpu-barriers", "--compute-dtype-barrier-views"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip  # ~30 s quiet
+    assert done.returncode == 0, done.stderr[-3000:]
+    header = "| kind | jaxbn | flax | none | jaxbn, no barriers | jaxbn, wide views |"
+    assert header in done.stdout and "by module" in done.stdout, done.stdout[-3000:]

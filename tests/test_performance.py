@@ -205,6 +205,60 @@ def test_bfloat16_tensors_stay_bfloat16():
         assert not full_size_f32.search(entry), mode
 
 
+@pytest.fixture
+def wide_barrier_views(monkeypatch):
+    """jaxbn compiled with XLA:CPU's barriers on float32 views (the measuring variant of
+    benchmarks/e2e.py), JAX's caches cleared around it (the jitted step caches by shapes only)."""
+    jax.clear_caches()
+    monkeypatch.setattr(stats, "_barrier_views_in_compute_dtype", True)
+    yield
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("norm", ["batch_norm", "layer_norm"])
+def test_wide_barrier_views_compute_the_same_step(norm, wide_barrier_views):
+    """The measuring variant moves XLA:CPU's barriers to the float32 views of a bfloat16 x and dy
+    (what a model's float32 producers hand over anyway): outputs, running statistics and
+    gradients are those of the default, and it writes full-size float32 tensors, which batch
+    norm's default does not (``test_bfloat16_tensors_stay_bfloat16``)."""
+    shape = SHAPE  # (at a few elements per feature XLA:CPU fuses the float32 views away)
+    x = jax.random.normal(jax.random.key(1), shape, jnp.bfloat16) * 3 + 100
+    dy = jax.random.normal(jax.random.key(2), shape, jnp.bfloat16)
+    params, state = jaxbn.batch_norm_init(shape[-1])
+    if norm == "batch_norm":
+        step = lambda x, p: jaxbn.batch_norm(x, p, state, training=True, dtype=jnp.bfloat16)
+    else:
+        step = lambda x, p: (jaxbn.layer_norm(x, p, dtype=jnp.bfloat16), ())
+
+    def forward_backward(x, p, dy):
+        y, vjp, aux = jax.vjp(step, x, p, has_aux=True)
+        return y, aux, vjp(dy)
+
+    wide = jax.jit(forward_backward)
+    wide_out, wide_text = wide(x, params, dy), wide.lower(x, params, dy).compile().as_text()
+    stats._barrier_views_in_compute_dtype = False  # (the fixture restores it, too)
+    jax.clear_caches()
+    default = jax.jit(forward_backward)
+    default_out, default_text = (
+        default(x, params, dy),
+        default.lower(x, params, dy).compile().as_text(),
+    )
+    full_size_f32 = re.compile(r"f32\[" + ",".join(map(str, shape)) + r"\]")
+    entry = lambda text: text.split("\nENTRY")[1]
+    assert full_size_f32.search(entry(wide_text))
+    if norm == "batch_norm":  # (layer norm's parameter gradients make one either way)
+        assert not full_size_f32.search(entry(default_text))
+    # the same sums of the same float32 values; only XLA's summation order may differ (by a
+    # rounding of the float32 sums: below one bfloat16 unit in the bfloat16 leaves)
+    for got, want in zip(
+        jax.tree_util.tree_leaves(wide_out), jax.tree_util.tree_leaves(default_out)
+    ):
+        rtol = 2.0**-8 if want.dtype == jnp.bfloat16 else 1e-5
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
 @structural
 def test_masked_training_traffic():
     """A mask costs one materialized tensor per statistics pass in the forward (9S), none in the backward (15S).
