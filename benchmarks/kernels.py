@@ -6,14 +6,16 @@ library reductions ``ynn_fusion``, convolutions, copies) to the compiled HLO: ea
 operations and the operation it was made from (``op_name``, which names the module, e.g.
 ``BasicBlock_0/BatchNorm_1``, and ``transpose(...)`` for the backward).
 
-Two workloads:
+Two workloads, and a compilation:
 
 - a layer (default): one batch norm's forward+backward as ``benchmarks/bench.py`` times it
   (``jax.vjp`` with a given ``dy``), jaxbn beside flax.linen, at ``--shape`` (NHWC) and ``--dtype``;
 - ``--e2e``: the training step of ``benchmarks/e2e.py``'s ResNet (its default sizes; with
   ``--quick`` its quick ones) with jaxbn.linen, flax.linen and no norm;
   ``--without-cpu-barriers`` and ``--compute-dtype-barrier-views`` add e2e.py's measuring
-  variants of jaxbn.
+  variants of jaxbn;
+- ``--compile``: one XLA compilation of ``benchmarks/compile.py``'s ResNet-50-shaped linen train
+  step, jaxbn beside flax: the profiler's events (HLO passes, kernel code generation) by name.
 
 Printed per variant: the median wall time per call while profiled, the kernels that ran, the
 sum of their durations per call (more than the wall time where kernels run concurrently: XLA:CPU
@@ -24,6 +26,7 @@ Durations come from the profiler and include its overhead; compare variants of o
 
     python benchmarks/kernels.py [--shape 64 32 32 128] [--dtype float32] [--calls 20] [--top 12]
     python benchmarks/kernels.py --e2e --dtype bfloat16 [--without-cpu-barriers] [--compute-dtype-barrier-views]
+    python benchmarks/kernels.py --compile [--top 30]   # --quick: a smaller ResNet
 
 It runs with glibc's huge pages (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``), as bench.py does.
 """
@@ -104,9 +107,9 @@ def kernels_of(hlo_text: str) -> dict[str, Kernel]:
     return out
 
 
-def profile(run: Callable[[], Any], hlo_text: str, calls: int) -> Profile:
-    """Times ``calls`` calls of ``run`` under JAX's profiler; sums each kernel's events per call."""
-    kernels = kernels_of(hlo_text)
+def traced(run: Callable[[], Any], calls: int) -> tuple[list[float], dict[str, float]]:
+    """Runs ``run`` ``calls`` times under JAX's profiler: the wall time of each call (s), and the
+    duration of the trace's complete events summed by name (µs, all calls together)."""
     walls = []
     with tempfile.TemporaryDirectory() as directory:
         with jax.profiler.trace(directory, create_perfetto_trace=True):
@@ -119,9 +122,42 @@ def profile(run: Callable[[], Any], hlo_text: str, calls: int) -> Profile:
             events = json.load(stream)["traceEvents"]
     summed: dict[str, float] = collections.defaultdict(float)
     for event in events:
-        if event.get("ph") == "X" and event.get("name") in kernels:
-            summed[event["name"]] += event["dur"] / calls
-    return Profile(1e3 * statistics.median(walls), dict(summed), kernels)
+        if event.get("ph") == "X":
+            summed[event["name"]] += event["dur"]
+    return walls, dict(summed)
+
+
+def profile(run: Callable[[], Any], hlo_text: str, calls: int) -> Profile:
+    """Times ``calls`` calls of ``run`` under JAX's profiler; sums each kernel's events per call."""
+    kernels = kernels_of(hlo_text)
+    walls, summed = traced(run, calls)
+    per_call = {name: us / calls for name, us in summed.items() if name in kernels}
+    return Profile(1e3 * statistics.median(walls), per_call, kernels)
+
+
+def compile_phases(top: int, quick: bool) -> None:
+    """compile.py's ResNet-50-shaped linen train step, jaxbn beside flax (``quick``: its widths
+    / 16, one block per stage): one XLA compilation of each under the profiler, its events
+    (passes, kernel codegen) summed by name, the ``top`` longest of jaxbn's beside flax's (ms;
+    nested events overlap their parents)."""
+    from benchmarks import compile as resnet
+
+    widths = tuple(width // 16 for width in resnet.WIDTHS) if quick else resnet.WIDTHS
+    blocks = (1, 1, 1, 1) if quick else resnet.BLOCKS
+    phases, seconds = {}, {}
+    for norm in ("jaxbn", "flax"):
+        model = resnet.build_linen(norm, widths, blocks)
+        jax.clear_caches()
+        lowered = jax.jit(model.make_step()).lower(*model.args)
+        walls, phases[norm] = traced(lowered.compile, 1)
+        seconds[norm] = walls[0]
+    print(f"compile, s: jaxbn {seconds['jaxbn']:.2f}, flax {seconds['flax']:.2f}\n")
+    print("| event | jaxbn ms | flax ms | difference |")
+    print("| --- | --- | --- | --- |")
+    jaxbn, flax = phases["jaxbn"], phases["flax"]
+    for name in sorted(jaxbn, key=lambda n: -jaxbn[n])[:top]:
+        ours, theirs = jaxbn[name] / 1e3, flax.get(name, 0.0) / 1e3
+        print(f"| {name[:70]} | {ours:.1f} | {theirs:.1f} | {ours - theirs:+.1f} |")
 
 
 def kind(name: str) -> str:
@@ -216,6 +252,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--e2e", action="store_true", help="profile e2e.py's train step")
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="profile the XLA compilation of compile.py's ResNet-50 step (jaxbn, flax)",
+    )
+    parser.add_argument(
         "--shape",
         type=int,
         nargs=4,
@@ -241,6 +282,9 @@ def main(argv: list[str] | None = None) -> dict[str, Profile]:
     """Profiles the variants and prints the tables; returns the profiles by variant."""
     args = parse_args(argv)
     print(f"# jaxbn kernels on {jax.default_backend()}: {' '.join(sys.orig_argv[1:])}")
+    if args.compile:
+        compile_phases(args.top, args.quick)
+        return {}
     variants = e2e_variants(args) if args.e2e else layer_variants(args)
     profiles = {name: profile(run, text, args.calls) for name, (run, text) in variants.items()}
     print_profiles(profiles, args.top, by_module=args.e2e)

@@ -171,7 +171,8 @@ def test_measuring_variants_restore_the_library(variant):
 @pytest.mark.slow  # runs benchmarks/bench.py and benchmarks/kernels.py in subprocesses
 def test_the_measuring_flags_of_bench_and_kernels_run():
     """bench.py --compute-dtype-barrier-views says so in its header and times jaxbn; kernels.py
-    --e2e profiles every variant it is asked for (nothing here looks at the times)."""
+    --e2e profiles every variant it is asked for, --compile both compilations (nothing here looks
+    at the times)."""
     output = _run(
         "--libs", "jaxbn", "--dtypes", "bfloat16", "--layouts", "NHWC",
         "--compute-dtype-barrier-views",
@@ -191,3 +192,12 @@ def test_the_measuring_flags_of_bench_and_kernels_run():
     assert done.returncode == 0, done.stderr[-3000:]
     header = "| kind | jaxbn | flax | none | jaxbn, no barriers | jaxbn, wide views |"
     assert header in done.stdout and "by module" in done.stdout, done.stdout[-3000:]
+    done = subprocess.run(
+        [sys.executable, str(kernels), "--quick", "--compile", "--top", "5"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # ~15 s quiet
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| event | jaxbn ms | flax ms | difference |" in done.stdout, done.stdout[-3000:]
+    assert re.search(r"^compile, s: jaxbn \d+\.\d+, flax \d+\.\d+$", done.stdout, re.M), done.stdout
