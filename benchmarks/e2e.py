@@ -44,7 +44,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -250,17 +250,37 @@ def compiled_with_wide_barrier_views(variant: Variant) -> Variant:
     return compiled_with(variant, "_barrier_views_in_compute_dtype", True)
 
 
+class Measuring(NamedTuple):
+    """A measuring variant of jaxbn: its name in the tables, how it is compiled, its flag's help."""
+
+    name: str
+    compiled: Callable[[Variant], Variant]
+    help: str
+
+
+# the measuring variants, by command-line flag (kernels.py takes the same flags)
+MEASURING = {
+    "--without-cpu-barriers": Measuring(
+        NO_BARRIERS,
+        compiled_without_cpu_barriers,
+        "also time jaxbn compiled without XLA:CPU's per-sum barriers (a measuring variant)",
+    ),
+    "--compute-dtype-barrier-views": Measuring(
+        WIDE_VIEWS,
+        compiled_with_wide_barrier_views,
+        "also time jaxbn with XLA:CPU's barriers on the float32 views of bfloat16 x and dy "
+        "(a measuring variant)",
+    ),
+}
+
+
 def measuring_variants(args: argparse.Namespace) -> dict[str, Variant]:
     """The measuring variants of jaxbn the command line asks for, by name, each built afresh from
     the same initial state as the others."""
-    asked = {
-        NO_BARRIERS: (args.without_cpu_barriers, compiled_without_cpu_barriers),
-        WIDE_VIEWS: (args.compute_dtype_barrier_views, compiled_with_wide_barrier_views),
-    }
     return {
-        name: compiled(build("jaxbn", args.dtype, args)[0])
-        for name, (wanted, compiled) in asked.items()
-        if wanted
+        measuring.name: measuring.compiled(build("jaxbn", args.dtype, args)[0])
+        for flag, measuring in MEASURING.items()
+        if getattr(args, flag[2:].replace("-", "_"))
     }
 
 
@@ -433,17 +453,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="tiny model and batch, 3 reps: a smoke test"
     )
-    parser.add_argument(
-        "--without-cpu-barriers",
-        action="store_true",
-        help="also time jaxbn compiled without XLA:CPU's per-sum barriers (a measuring variant)",
-    )
-    parser.add_argument(
-        "--compute-dtype-barrier-views",
-        action="store_true",
-        help="also time jaxbn with XLA:CPU's barriers on the float32 views of bfloat16 x and dy "
-        "(a measuring variant)",
-    )
+    for flag, measuring in MEASURING.items():
+        parser.add_argument(flag, action="store_true", help=measuring.help)
     args = parser.parse_args(argv)
     defaults = {
         "batch": (32, 4),

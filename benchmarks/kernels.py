@@ -50,13 +50,8 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from benchmarks import bench, e2e  # noqa: E402
+from tests.hlo import named_instructions  # noqa: E402
 
-# e2e.py's measuring variants of jaxbn, by its command-line flag
-MEASURING = {
-    "--without-cpu-barriers": "jaxbn without XLA:CPU's per-sum barriers",
-    "--compute-dtype-barrier-views": "jaxbn with the barriers on float32 views of bfloat16 x, dy",
-}
-_LINE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\S+)\s+([\w\-]+)\(")
 _CALLS = re.compile(r"calls=%([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _PLUMBING = {"parameter", "constant", "broadcast", "bitcast", "slice", "tuple", "get-tuple-element"}
@@ -80,30 +75,16 @@ class Profile(NamedTuple):
 
 def kernels_of(hlo_text: str) -> dict[str, Kernel]:
     """The ENTRY instructions of compiled HLO text that XLA:CPU runs as kernels, by name."""
-    bodies: dict[str, list[str]] = {}
-    name = None
-    for line in hlo_text.splitlines():
-        if not line.startswith(" ") and line.rstrip().endswith("{"):
-            name = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
-            bodies[name] = []
-        elif name is not None and line.startswith("  "):
-            bodies[name].append(line)
-    entry = next(body for key, body in bodies.items() if hlo_text.find("ENTRY %" + key) >= 0)
+    entry, computations = named_instructions(hlo_text)
     out = {}
-    for line in entry:
-        match = _LINE.match(line)
-        if not match or match.group(3) in _PLUMBING:
+    for name, opcode, rest in computations[entry]:
+        if opcode in _PLUMBING:
             continue
-        called = _CALLS.search(line)
-        ops = []
-        for inner in bodies.get(called.group(1), []) if called else []:
-            op = _LINE.match(inner)
-            if op and op.group(3) not in _PLUMBING:
-                ops.append(op.group(3))
-        op_name = _OP_NAME.search(line)
-        out[match.group(1)] = Kernel(
-            match.group(2), " ".join(ops), op_name.group(1) if op_name else ""
-        )
+        called = _CALLS.search(rest)
+        body = computations.get(called.group(1), []) if called else []
+        ops = " ".join(op for _, op, _ in body if op and op not in _PLUMBING)
+        op_name = _OP_NAME.search(rest)
+        out[name] = Kernel(rest.split()[0], ops, op_name.group(1) if op_name else "")
     return out
 
 
@@ -179,7 +160,7 @@ def layer_variants(args: argparse.Namespace) -> dict[str, tuple[Callable[[], Any
 
 def e2e_variants(args: argparse.Namespace) -> dict[str, tuple[Callable[[], Any], str]]:
     """e2e.py's train steps (its default sizes): ``{name: (run, hlo text)}``."""
-    flags = [flag for flag in MEASURING if getattr(args, flag[2:].replace("-", "_"))]
+    flags = [flag for flag in e2e.MEASURING if getattr(args, flag[2:].replace("-", "_"))]
     sizes = e2e.parse_args(["--dtype", args.dtype, *(["--quick"] if args.quick else []), *flags])
     out = {norm: e2e.build(norm, args.dtype, sizes)[0] for norm in e2e.NORMS}
     out.update(e2e.measuring_variants(sizes))
@@ -267,8 +248,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(bench.DTYPES), default="float32")
     parser.add_argument("--calls", type=int, default=20, help="profiled calls per variant")
     parser.add_argument("--top", type=int, default=12, help="kernels listed per variant")
-    for flag, variant in MEASURING.items():
-        parser.add_argument(flag, action="store_true", help=f"--e2e: also {variant}")
+    for flag, measuring in e2e.MEASURING.items():
+        parser.add_argument(flag, action="store_true", help=f"--e2e: {measuring.help}")
     parser.add_argument(
         "--quick", action="store_true", help="shape 8 8 8 16, 3 calls: a smoke test"
     )

@@ -35,11 +35,12 @@ __all__ = [
     "count_in_branches",
     "count_per_execution",
     "memory_traffic",
+    "named_instructions",
     "parse_computations",
 ]
 
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*)$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _OPCODE = re.compile(r"\s*([a-z][a-z0-9\-]*)\(")
 _NAMES = r"(%?[\w.\-]+|\{[^}]*\})"
 _CALL_EDGES = re.compile(r"\b(?:calls|to_apply|condition|called_computations)=" + _NAMES)
@@ -107,9 +108,20 @@ def parse_computations(hlo_text: str) -> tuple[str, dict[str, list[tuple[str | N
     Raises:
       ValueError: when the text has no ENTRY computation.
     """
+    entry, named = named_instructions(hlo_text)
+    return entry, {name: [(op, rest) for _, op, rest in body] for name, body in named.items()}
+
+
+def named_instructions(hlo_text: str) -> tuple[str, dict[str, list[tuple[str, str | None, str]]]]:
+    """:func:`parse_computations` with each instruction's name: ``(name, opcode, text after '=')``
+    triples (a kernel's name is what a profiler trace calls it)."""
     entry, bodies = _computation_lines(hlo_text)
     computations = {
-        name: [(_opcode(m.group(1)), m.group(1)) for m in map(_INSTRUCTION.match, lines) if m]
+        name: [
+            (m.group(1), _opcode(m.group(2)), m.group(2))
+            for m in map(_INSTRUCTION.match, lines)
+            if m
+        ]
         for name, lines in bodies.items()
     }
     return entry, computations
