@@ -32,7 +32,8 @@ def _inverse_sqrt_jvp(primals, tangents):
     (v,), (dv,) = primals, tangents
     out = lax.rsqrt(v)
     # -rsqrt(v)^3 dv / 2, one factor at a time: each intermediate stays near dv's scale over std's
-    return out, jnp.where(out == 0, 0, -0.5 * (out * (out * (out * dv)))).astype(out.dtype)
+    d_out = (-0.5 * (out * (out * (out * dv)))).astype(out.dtype)
+    return out, lax.select(out == 0, jnp.zeros_like(d_out), d_out)
 
 
 def affine_normalize(
@@ -100,7 +101,7 @@ def _train(x, scale, bias, outer_scale, outer_bias, plan: stats.Plan, inputs: tu
     # and x - K may overflow: centred on 0, the output is the bias); computed once with the rest
     # (the count only where it varies; K stays out, as in stats.moments)
     beyond = batch.var == np.inf
-    zeroed = jnp.where(beyond, 0, batch.shift), jnp.where(beyond, 0, batch.mean_minus_shift)
+    zeroed = tuple(lax.select(beyond, jnp.zeros_like(v), v) for v in batch[3:])
     varies = mask is not None or plan.axis_name is not None
     rows = (batch.count if varies else None, batch.mean_minus_shift, batch.var, batch.mean)
     once, offset, var, mean, *centre = stats.computed_once(*rows, *zeroed)
@@ -138,20 +139,27 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     batch = jax.tree_util.tree_map(functools.partial(checkpoint_name, name=_RESIDUAL), batch)
     inv_std = inverse_sqrt(batch.var + epsilon)
     beyond = inv_std == 0
-    shift, mean_minus_shift = (jnp.where(beyond, 0, v) for v in batch[3:])
+    shift, mean_minus_shift = (lax.select(beyond, jnp.zeros_like(v), v) for v in batch[3:])
     r = d = None
     gain = inv_std if scale is None else inv_std * scale.astype(dtype)
     if plan.correction is not None:
         r, d = plan.correction(batch, running_mean, running_var, epsilon, *correction_args)
         gain = gain * r
     n = jnp.maximum(batch.count, 1)
-    std = jnp.where(beyond, 0, 1 / jnp.where(beyond, 1, inv_std))
+    zero = jnp.zeros_like(inv_std)
+    std = lax.select(beyond, zero, 1 / lax.select(beyond, jnp.ones_like(inv_std), inv_std))
     expand = lambda v: jnp.expand_dims(v, axes)
+    broadcast = functools.partial(  # (one operation, as in stats._two_pass_statistics)
+        lax.broadcast_in_dim,
+        shape=x.shape,
+        broadcast_dimensions=tuple(i for i in range(x.ndim) if i not in axes),
+        out_sharding=stats.explicit_sharding(x),
+    )
     dx = dx.astype(dtype)  # once: a half-precision cotangent is rounded once, at the end
     # x̂ itself, not (x - K) and 1/σ: the transpose's dx pass multiplies x̂ by a per-feature factor
     # of dy's scale (a factor 1/σ² would underflow for σ beyond ~1e13 in float32)
-    x_hat = finite_outside_mask(x, mask).astype(dtype) - expand(shift)
-    x_hat = (x_hat - expand(mean_minus_shift)) * expand(inv_std)
+    x_hat = finite_outside_mask(x, mask).astype(dtype) - broadcast(shift)
+    x_hat = (x_hat - broadcast(mean_minus_shift)) * broadcast(inv_std)
     valid_dx = dx if mask is None else jnp.where(mask, dx, 0)
     local = [jnp.sum(valid_dx, axes), jnp.sum(x_hat * valid_dx, axes)]
     sum_dx, sum_dx_xhat = stats.cross_device_sum(local, plan.axis_name, plan.axis_index_groups)
@@ -166,8 +174,8 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     # x̂ b = (x - K) (b / σ) - (μ - K) b / σ, around the forward's shift (where the variance is
     # beyond the dtype, x - K may overflow, but b is 0 there, selected: so is Σ dy (x - K))
     centre, centre_offset = batch.shift, batch.mean_minus_shift
-    b = jnp.where(beyond, 0, inv_std * b)
-    a = a - jnp.where(beyond, 0, centre_offset * b)
+    b = lax.select(beyond, zero, inv_std * b)
+    a = a - lax.select(beyond, zero, centre_offset * b)
     # one cast to x's varying mesh axes (checked shard_map with replicated parameters), so that
     # the transpose sums both per-feature cotangents in one collective
     if stats.varying_axes(x_hat) - (stats.varying_axes(a) & stats.varying_axes(b)):
@@ -177,11 +185,11 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     # (the views in the compute dtype instead: a measuring variant, see stats)
     wide = stats._barrier_views_in_compute_dtype
     (x_view,) = stats.cpu_barrier(x.astype(dtype) if wide else x)
-    centered_view = finite_outside_mask(x_view, mask).astype(dtype) - expand(centre)
+    centered_view = finite_outside_mask(x_view, mask).astype(dtype) - broadcast(centre)
     out = y.dtype
     barred = dtype if wide else out  # the dtype of the terms that pass a barrier
     # expanded, the outer scale folded in: small, broadcast where it is used
-    per_feature = lambda v: expand(v) if outer_scale is None else expand(v) * outer_scale
+    per_feature = lambda v: broadcast(v) if outer_scale is None else expand(v) * outer_scale
     (dy_b,) = stats.cpu_barrier((centered_view * per_feature(b)).astype(barred))
     # (broadcast, then cast: the transpose sums a float32 cotangent)
     # (with dy_b's sharding: a replicated broadcast would transpose to an all-gather of dy)
@@ -196,8 +204,8 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
         # x̂ dγ' as ((x - K) - (μ - K)) (dγ' / σ), the per-feature product small; 0 where the
         # variance is beyond the dtype, selected (a sum of dy (x - K) may be infinite there).
         (x_view,) = stats.cpu_barrier(x_view)  # its own view of x
-        centered = finite_outside_mask(x_view, mask).astype(dtype) - expand(centre)
-        centered = centered - expand(centre_offset)
+        centered = finite_outside_mask(x_view, mask).astype(dtype) - broadcast(centre)
+        centered = centered - broadcast(centre_offset)
         small = jnp.where(expand(beyond), 0, expand(inv_std) * douter_scale.astype(dtype))
         (dy_ab,) = stats.cpu_barrier((centered * small).astype(barred) + dy_ab)
     dy = (per_feature(gain) * dx).astype(out) + dy_ab.astype(out)

@@ -242,7 +242,7 @@ def _averaged_into(state: State, batch: stats.Moments, momentum: Any, unbiased: 
     state (and ``count``/``steps``); a non-finite old statistic is replaced. Dtypes are kept."""
     mean, var, n = (lax.stop_gradient(v) for v in (batch.mean, batch.var, batch.count))
     has_data = n > 0
-    update = has_data & jnp.all(jnp.where(has_data, jnp.isfinite(mean) & jnp.isfinite(var), True))
+    update = has_data & jnp.all(~has_data | (jnp.isfinite(mean) & jnp.isfinite(var)))
     update_var = update
     if unbiased:
         var = var * n / jnp.maximum(n - 1, 1)

@@ -153,11 +153,19 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     top = info.maxexp - 1  # the greatest normal exponent
     int_type = {32: jnp.int32, 64: jnp.int64}[info.bits]
     size = math.prod(x.shape[i] for i in axes)
+    sharding: Any = getattr(jax.typeof(x), "sharding", None)
+    spec = tuple(getattr(sharding, "spec", None) or ())
+    # a per-feature vector broadcast to x's shape (and explicit sharding) in one operation, not
+    # expand_dims and a broadcasting one (four HLO instructions before optimization)
+    broadcast = functools.partial(
+        lax.broadcast_in_dim,
+        shape=x.shape,
+        broadcast_dimensions=tuple(i for i in range(x.ndim) if i not in axes),
+        out_sharding=sharding if any(spec) else None,
+    )
     if any(isinstance(x.shape[i], int) and x.shape[i] == 0 for i in axes):  # no element to take
         shift = fallback
     elif mask is None:  # x at index 0 of each axis (gathered along an explicitly sharded one)
-        sharding: Any = getattr(jax.typeof(x), "sharding", None)
-        spec = tuple(getattr(sharding, "spec", None) or ())
         sharded = [axis for axis in axes if axis < len(spec) and spec[axis] is not None]
         # the axes on the device first: only the feature values travel
         limits = [1 if i in axes and i not in sharded else n for i, n in enumerate(x.shape)]
@@ -167,11 +175,11 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
             out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
             value = value.at[(slice(None),) * axis + (np.array([0]),)].get(out_sharding=out)
         value = lax.squeeze(value, axes).astype(fallback.dtype)
-        shift = jnp.where(jnp.isfinite(value), value, fallback)
+        shift = lax.select(jnp.isfinite(value), value, fallback)
     else:
         value, found = _first_valid(x, jnp.broadcast_to(mask, x.shape), axes)
         value = value.astype(fallback.dtype)
-        shift = jnp.where(found & jnp.isfinite(value), value, fallback)
+        shift = lax.select(found & jnp.isfinite(value), value, fallback)
     # Where |K| n nears the maximum, d = s0 (x - K) with s0 = 2^-(2 + log2 n), else s0 = 1.
     if isinstance(size, int):
         log_size = max(size - 1, 0).bit_length()  # ceil(log2 size)
@@ -187,13 +195,14 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
         near_top = jnp.maximum(jnp.abs(shift.real), jnp.abs(shift.imag)) >= near
     else:
         near_top = jnp.abs(shift) >= near
-    s0 = jnp.where(near_top, s0_far, np.asarray(1, real))
+    ones = lax.full_like(near_top, 1, real)  # (full_like: near_top's shape and sharding)
+    s0 = lax.select(near_top, lax.full_like(near_top, s0_far, real), ones)
     scaled_shift = shift * s0
 
     def deviation(x, scaled_shift, mask, s0, offset=None, s2=None):
-        d = x.astype(dtype) * jnp.expand_dims(s0, axes) - jnp.expand_dims(scaled_shift, axes)
+        d = x.astype(dtype) * broadcast(s0) - broadcast(scaled_shift)
         if offset is not None:
-            d = (d - jnp.expand_dims(offset, axes)) * jnp.expand_dims(s2, axes)
+            d = (d - broadcast(offset)) * broadcast(s2)
         return d if mask is None else jnp.where(mask, d, 0)  # where: masked-out NaN stays out
 
     # each sum reads its own view of its operands (chained barriers: XLA merges identical ones)
@@ -212,7 +221,7 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     # docs/internals.md)
     big = spread > np.asarray(2.0 ** (top // 2 - 1), real)
     s2, u2 = (
-        jnp.where(big, np.asarray(2.0**e, real), np.asarray(1, real))
+        lax.select(big, lax.full_like(big, 2.0**e, real), ones)
         for e in (-(top // 2 + 3), top // 2 + 3)
     )
     d = deviation(*cpu_barrier(seen, scaled_shift, mask, s0, offset0, s2))
@@ -220,13 +229,14 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     # an infinite first sum (values far beyond |K| near the maximum, or an infinite value): the
     # mean K and the variance infinite (the second sum may be inf - inf there)
     infinite = jnp.abs(first) == np.inf
-    offset0 = jnp.where(infinite, 0, offset0)
+    offset0 = lax.select(infinite, jnp.zeros_like(offset0), offset0)
     # unscaled one power of two at a time (a/s/s would become a/(s*s), which may overflow); mean - K
     # is beyond the dtype only where the variance is (mean - K its infinity), the mean is not
-    u0 = jnp.where(near_top, u0_far, np.asarray(1, real))
+    u0 = lax.select(near_top, lax.full_like(near_top, u0_far, real), ones)
     offset = offset0 * u0
-    var = jnp.where(infinite, np.inf, second / safe_count * u2 * u2 * u0 * u0)
-    mean = jnp.where(jnp.abs(offset) == np.inf, (scaled_shift + offset0) * u0, shift + offset)
+    var = second / safe_count * u2 * u2 * u0 * u0
+    var = lax.select(infinite, lax.full_like(var, np.inf), var)
+    mean = lax.select(jnp.abs(offset) == np.inf, (scaled_shift + offset0) * u0, shift + offset)
     if plan.axis_name is not None:  # (merged around each device's mean where its offset is wide)
         wide = jnp.abs(offset) == np.inf
         shift, offset = jnp.where(wide, mean, shift), jnp.where(wide, 0, offset)
