@@ -4,10 +4,12 @@ guard-free reference BatchNorms, beside jaxbn's and flax's.
 Each reference is a linen BatchNorm (``use_running_average=False``, ``momentum``;
 ``scale`` and ``bias`` parameters, ``mean`` and ``var`` running statistics
 averaged in with the momentum) whose statistics take the sums named below over
-every axis but the last. All share one backward, a ``jax.custom_vjp``: ``Σ dy``
-and ``Σ dy x̂``, then one pass for ``dx``, as jaxbn's does. On XLA:CPU each sum
-reads its own view of its operands through jaxbn's ``stats.cpu_barrier``, as in
-jaxbn, so that each is a library reduction.
+every axis but the last. Their backward has jaxbn's shape: ``Σ dy`` and
+``Σ dy x̂``, then one pass for ``dx`` (written as a ``jax.custom_vjp``, or, in
+the forward-mode form, JAX's transpose of the tangent). On XLA:CPU each
+statistics sum, and each sum of the ``custom_vjp`` backward, reads its own view
+of its operands through jaxbn's ``stats.cpu_barrier``, as in jaxbn, so that each
+is a library reduction.
 
 - ``two passes``: the batch mean, then the centred squares: the textbook exact
   two-pass algorithm (no shift, no scaling).
