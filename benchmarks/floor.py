@@ -61,9 +61,14 @@ from jaxbn import stats  # noqa: E402
 EPSILON = 1e-5
 
 
+def _count(x: jax.Array, axes: tuple[int, ...]) -> int:
+    """The number of elements each statistic is taken over."""
+    return int(np.prod([x.shape[i] for i in axes]))
+
+
 def two_passes(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """``(mean, var)``: the mean, then the mean of the centred squares."""
-    count = np.prod([x.shape[i] for i in axes])
+    count = _count(x, axes)
     (first,) = stats.cpu_barrier(x)
     mean = jnp.sum(first, axes) / count
     (second,) = stats.cpu_barrier(first)
@@ -72,7 +77,7 @@ def two_passes(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Arra
 
 def three_sums(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """``(mean, var)`` from jaxbn's three sums around the first element, without guards."""
-    count = np.prod([x.shape[i] for i in axes])
+    count = _count(x, axes)
     half = (jnp.finfo(x.dtype).maxexp - 1) // 2  # half the greatest exponent (float32: 63)
     shift = x[(0,) * len(axes)]
     (first,) = stats.cpu_barrier(x)
@@ -98,7 +103,7 @@ def normalize_backward(residuals, dy) -> tuple:
     """``(dx, dscale, dbias)`` of the normalization: two sums, then one pass."""
     x, mean, inv_std, scale = residuals
     axes = tuple(range(x.ndim - 1))
-    count = np.prod([x.shape[i] for i in axes])
+    count = _count(x, axes)
     (dy_first,) = stats.cpu_barrier(dy)
     sum_dy = jnp.sum(dy_first, axes)
     dy_second, x_view = stats.cpu_barrier(dy_first, x)
@@ -138,7 +143,7 @@ def forward_mode_form(statistics_of):
         dx, dscale, dbias = tangents
         (y, mean, var), (_, _, inv_std, _) = normalize(statistics_of, x, scale, bias)
         axes = tuple(range(x.ndim - 1))
-        count = np.prod([x.shape[i] for i in axes])
+        count = _count(x, axes)
         x_hat = (x - mean) * inv_std
         gain = scale * inv_std
         sum_dx, sum_dx_xhat = jnp.sum(dx, axes), jnp.sum(x_hat * dx, axes)
