@@ -14,9 +14,9 @@ is a library reduction.
 - ``two passes``: the batch mean, then the centred squares: the textbook exact
   two-pass algorithm (no shift, no scaling).
 - ``three sums``: jaxbn's sums and nothing else: around the batch's first element
-  ``K``, ``Σ(x - K)`` and ``Σ|x - K|``, then ``Σ((x - K - o) s)²`` with ``o``
-  the mean minus ``K`` and ``s`` the power of two that ``Σ|x - K|`` selects
-  (``docs/internals.md``).
+  ``K``, ``Σ(x - K)``, then ``Σ(x - K - o)²`` and ``Σ((x - K - o) s)²`` with
+  ``o`` the mean minus ``K`` and ``s`` a power of two, the scaled sum taken where
+  the other overflows (``docs/internals.md``).
 - ``three sums, forward-mode form``: the same as a ``jax.custom_jvp`` whose
   tangent JAX transposes for reverse mode, the form jaxbn's step has.
 
@@ -82,11 +82,13 @@ def three_sums(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Arra
     shift = x[(0,) * len(axes)]
     (first,) = stats.cpu_barrier(x)
     offset = jnp.sum(first - shift, axes) / count
-    (spread,) = stats.cpu_barrier(first)
-    big = jnp.sum(jnp.abs(spread - shift), axes) > 2.0 ** (half - 1)
-    scale, unscale = (jnp.where(big, 2.0**e, 1.0) for e in (-(half + 3), half + 3))
-    (second,) = stats.cpu_barrier(spread)
-    squares = jnp.sum(jnp.square((second - shift - offset) * scale), axes)
+    (second,) = stats.cpu_barrier(first)
+    squares = jnp.sum(jnp.square(second - shift - offset), axes)
+    (scaled,) = stats.cpu_barrier(second)
+    scaled = jnp.sum(jnp.square((scaled - shift - offset) * 2.0 ** -(half + 3)), axes)
+    overflow = squares == jnp.inf
+    squares = jnp.where(overflow, scaled, squares)
+    unscale = jnp.where(overflow, 2.0 ** (half + 3), 1.0)
     return shift + offset, squares / count * unscale * unscale
 
 

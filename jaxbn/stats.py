@@ -199,33 +199,34 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     s0 = lax.select(near_top, lax.full_like(near_top, s0_far, real), ones)
     scaled_shift = shift * s0
 
-    def deviation(x, scaled_shift, mask, s0, offset=None, s2=None):
+    def deviation(x, scaled_shift, mask, s0, offset=None):
         d = x.astype(dtype) * broadcast(s0) - broadcast(scaled_shift)
         if offset is not None:
-            d = (d - broadcast(offset)) * broadcast(s2)
+            d = d - broadcast(offset)
         return d if mask is None else jnp.where(mask, d, 0)  # where: masked-out NaN stays out
 
     # each sum reads its own view of its operands (chained barriers: XLA merges identical ones)
     seen = x.astype(dtype) if _barrier_views_in_compute_dtype else x
     operands = cpu_barrier(seen, scaled_shift, mask, s0)
     first = jnp.sum(deviation(*operands), axes)
-    spread = jnp.sum(jnp.abs(deviation(*cpu_barrier(*operands))), axes)
     if mask is None:
         count = jnp.full(shift.shape, size, real)
     else:
         count = jnp.sum(jnp.broadcast_to(mask, x.shape), axes, dtype=real)
     safe_count = jnp.maximum(count, 1)  # an empty feature: sums 0, so mean = K and var = 0
     offset0 = first / safe_count  # mean - K, in units of s0
-    # Σ|d - mean(d)|^2 <= (2 Σ|d|)^2 stays below the maximum while Σ|d| <= 2^(top//2 - 1); beyond,
-    # the deviations are scaled by 2^-(top//2 + 3) (what that may flush is below the bounds: see
-    # docs/internals.md)
-    big = spread > np.asarray(2.0 ** (top // 2 - 1), real)
-    s2, u2 = (
-        lax.select(big, lax.full_like(big, 2.0**e, real), ones)
-        for e in (-(top // 2 + 3), top // 2 + 3)
-    )
-    d = deviation(*cpu_barrier(seen, scaled_shift, mask, s0, offset0, s2))
-    second = jnp.sum(d.real * d.real + d.imag * d.imag if jnp.iscomplexobj(d) else d * d, axes)
+    # pass two: Σ|d - mean(d)|^2, and beside it the same with the deviations scaled by
+    # 2^-(top//2 + 3), taken where the first overflows (the variance is then at least max / n, and
+    # what the scale flushes to 0 is far below the bounds: see docs/internals.md)
+    operands, sums = (seen, scaled_shift, mask, s0, offset0), []
+    for scale in (None, np.asarray(2.0 ** -(top // 2 + 3), real)):
+        operands = cpu_barrier(*operands)
+        d = deviation(*operands) if scale is None else deviation(*operands) * scale
+        squares = d.real * d.real + d.imag * d.imag if jnp.iscomplexobj(d) else d * d
+        sums.append(jnp.sum(squares, axes))
+    overflow = sums[0] == np.inf
+    second = lax.select(overflow, sums[1], sums[0])
+    u2 = lax.select(overflow, lax.full_like(overflow, 2.0 ** (top // 2 + 3), real), ones)
     # an infinite first sum (values far beyond |K| near the maximum, or an infinite value): the
     # mean K and the variance infinite (the second sum may be inf - inf there)
     infinite = jnp.abs(first) == np.inf

@@ -69,7 +69,7 @@ def test_the_forward_mode_form_has_forward_mode_derivatives(rng):
 
 
 def test_three_sums_scale_the_squares_of_a_wide_spread(rng):
-    """Deviations whose squares overflow float32 (the spread selects the smaller scale)."""
+    """Deviations whose squares overflow float32 (the scaled sum is taken where the other overflows)."""
     x = jnp.asarray(1e19 * rng.normal(size=(64, 3)), jnp.float32)  # Σ d² near 6e39 > max
     mean, var = jax.jit(floor.three_sums, static_argnums=1)(x, (0,))
     wide = np.asarray(x, np.float64)
