@@ -18,7 +18,7 @@ It writes ``OUT_DIR/gpu_suite.md`` (also printed) and ``OUT_DIR/gpu_suite.json``
   not fit the 8-minute budget;
 - the statistics design against the one it replaced. The default group times
   jaxbn as shipped: two passes around an element of the batch, with no
-  data-dependent control flow (on a GPU pass one's two sums fuse into one
+  data-dependent control flow (on a GPU pass two's two sums fuse into one
   read, so the statistics read x twice). The ``reshift_loop`` group times the
   replaced design (``benchmarks/_reshift_loop.py``: sums around the running
   mean, re-taken in a ``while`` loop while the shift is poor): fewer bytes,

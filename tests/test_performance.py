@@ -9,9 +9,9 @@ inference.
 
 jaxbn compiles to 5S / 11S / 2S here, in float32 and bfloat16. The statistics
 take two passes around an element of the batch, with no data-dependent control
-flow: pass one sums x - K and |x - K|, pass two |x - mean|^2. XLA:CPU's library
-reductions read x once per sum, so the statistics read x three times (GPUs and
-TPUs fuse pass one's two sums into one read, 1S less); the normalization reads
+flow: pass one sums x - K, pass two |x - mean|^2 and its scaled copy. XLA:CPU's
+library reductions read x once per sum, so the statistics read x three times (GPUs
+and TPUs fuse pass two's two sums into one read, 1S less); the normalization reads
 x and writes y (2S). The backward adds 6S: dy read for the bias gradient's
 sum, x and dy for the scale gradient's, and x and dy read with dx written.
 (The replaced design, sums around the running mean re-taken in a `while` loop
