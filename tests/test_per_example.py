@@ -100,13 +100,14 @@ def _init(name, x, affine=True):
 
 # float32 only: tests/test_properties.py compares every dtype (float64 included) with an extended-precision reference
 @pytest.mark.parametrize(
-    "variant", ["affine", pytest.param("plain", marks=pytest.mark.slow), "masked"]
-)
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.slow) if n == "group_size" else n  # "group" stays
-        for n in CASES
+    "name, variant",
+    [  # the default tier: every normalizer with parameters (but group_size: group stays), and
+        # layer norm masked
+        (name, variant)
+        if (variant == "affine" and name != "group_size") or (name, variant) == ("layer", "masked")
+        else pytest.param(name, variant, marks=pytest.mark.slow)
+        for name in CASES
+        for variant in ("affine", "plain", "masked")
     ],
 )
 def test_parity_with_flax_and_float64_reference(name, variant, rng):
