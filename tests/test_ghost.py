@@ -111,14 +111,14 @@ TOLERANCES = {jnp.float32: (3e-5, 1e-5), jnp.bfloat16: (3e-2, 1e-3), jnp.float64
 @pytest.mark.parametrize(
     "dtype, layout",
     [  # the default tier: float32 in both layouts, bfloat16 in NHWC; x64 in the slow tier
-        pytest.param(dtype, layout, id=f"{name}-{layout}", marks=marks)
+        pytest.param(
+            dtype,
+            layout,
+            id=f"{name}-{layout}",
+            marks=() if name == "f32" or (name, layout) == ("bf16", "NHWC") else pytest.mark.slow,
+        )
         for dtype, name in ((jnp.float32, "f32"), (jnp.bfloat16, "bf16"), (jnp.float64, "f64"))
         for layout in sorted(LAYOUTS)
-        for marks in [
-            ()
-            if dtype == jnp.float32 or (dtype == jnp.bfloat16 and layout == "NHWC")
-            else pytest.mark.slow
-        ]
     ],
 )
 def test_outputs_and_running_statistics_match_float64_reference(dtype, layout, mask_kind):
