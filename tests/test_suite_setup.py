@@ -1,0 +1,29 @@
+"""The test run's own setup (the root ``conftest.py``): its shared compilation cache."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import jax
+import pytest
+
+
+def test_the_run_compiles_into_a_cache_of_its_own():
+    """A new directory under the temporary directory, named for this purpose, the one every process
+    of the run (each xdist worker) uses."""
+    cache = pathlib.Path(jax.config.jax_compilation_cache_dir)
+    assert str(cache) == os.environ["JAXBN_TEST_COMPILATION_CACHE"]
+    assert cache.is_dir() and cache.parent == pathlib.Path(tempfile.gettempdir())
+    assert cache.name.startswith("jaxbn-test-compilation-cache-")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+
+
+@pytest.mark.slow  # starts a Python process
+def test_processes_a_test_starts_do_not_use_the_cache():
+    code = "import jax; print(jax.config.jax_compilation_cache_dir)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600
+    )
+    assert result.stdout.strip() == "None", result.stdout
