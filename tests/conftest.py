@@ -52,3 +52,12 @@ structural = pytest.mark.skipif(
 def rng(request) -> np.random.Generator:
     """A generator seeded by the test's id: draws depend neither on test order nor on xdist's split."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def tiered(first, second, default_tier):
+    """Every pair of ``first`` x ``second`` for a two-argument ``parametrize``, those not in
+    ``default_tier`` marked slow: each behaviour keeps a case in the default tier."""
+    return [
+        pair if pair in default_tier else pytest.param(*pair, marks=pytest.mark.slow)
+        for pair in ((a, b) for a in first for b in second)
+    ]

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxbn
 from tests import hlo, reference
-from tests.conftest import N_DEVICES, needs_devices
+from tests.conftest import N_DEVICES, needs_devices, tiered
 
 pytestmark = needs_devices
 
@@ -381,15 +381,13 @@ def _alt_step(name, kind):
     return run
 
 
-@pytest.mark.parametrize(
+@pytest.mark.parametrize(  # the default tier: each under shard_map, layer norm under sharded jit
     "name, kind",
-    [  # the default tier: every normalizer under shard_map, layer norm under sharded jit
-        (name, kind)
-        if kind == "shard_map" or (name, kind) == ("layer_norm", "jit_sharded")
-        else pytest.param(name, kind, marks=pytest.mark.slow)
-        for name in sorted(ALTERNATIVES)
-        for kind in ("pmap", "shard_map", "jit_sharded")
-    ],
+    tiered(
+        sorted(ALTERNATIVES),
+        ("pmap", "shard_map", "jit_sharded"),
+        {*((name, "shard_map") for name in ALTERNATIVES), ("layer_norm", "jit_sharded")},
+    ),
 )
 def test_per_example_norm_over_sharded_axis_equals_unsharded(name, kind):
     """Statistics reduced over the device axis equal those of the unsharded tensor, grads too."""

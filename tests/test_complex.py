@@ -19,6 +19,7 @@ import jaxbn
 import jaxbn.linen
 from jaxbn import stats
 from tests import hlo
+from tests.conftest import tiered
 
 EPSILON = 1e-5
 MOMENTUM = 0.9
@@ -128,14 +129,7 @@ def test_moments_across_devices_equal_global():
 
 
 @pytest.mark.parametrize(
-    "layout, masked",
-    [  # the default tier keeps one layout unmasked and the other masked
-        (layout, masked)
-        if (layout, masked) in (("NCHW", False), ("NHWC", True))
-        else pytest.param(layout, masked, marks=pytest.mark.slow)
-        for layout in sorted(LAYOUTS)
-        for masked in (False, True)
-    ],
+    "layout, masked", tiered(sorted(LAYOUTS), (False, True), {("NCHW", False), ("NHWC", True)})
 )
 def test_batch_norm_training_matches_reference_and_flax(layout, masked):
     """Two training steps: outputs and running statistics equal the reference and flax.linen.BatchNorm."""
@@ -293,16 +287,7 @@ def _jnp_batch_norm(z, scale, bias, axis, mask=None):
     return (z - mean) / jnp.sqrt(var + EPSILON) * scale.reshape(fs) + bias.reshape(fs)
 
 
-@pytest.mark.parametrize(
-    "layout, masked",
-    [  # the default tier keeps NHWC, masked
-        (layout, masked)
-        if (layout, masked) == ("NHWC", True)
-        else pytest.param(layout, masked, marks=pytest.mark.slow)
-        for layout in sorted(LAYOUTS)
-        for masked in (False, True)
-    ],
-)
+@pytest.mark.parametrize("layout, masked", tiered(sorted(LAYOUTS), (False, True), {("NHWC", True)}))
 def test_batch_norm_gradients_match_autodiff_reference(layout, masked):
     """jax.grad of a real loss sum(w |y|^2) w.r.t. complex x and real params, complex128 vs a jnp reference.
 

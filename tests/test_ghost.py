@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 import jaxbn
 import jaxbn.linen
 from tests import hlo, reference
-from tests.conftest import N_DEVICES
+from tests.conftest import N_DEVICES, tiered
 
 MOMENTUM = 0.9
 EPSILON = 1e-5
@@ -177,14 +177,7 @@ def _ghost_loss(ghost, axis, mask=None, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "layout, masked",
-    [  # the default tier keeps one layout unmasked and the other masked
-        (layout, masked)
-        if (layout, masked) in (("NCHW", False), ("NHWC", True))
-        else pytest.param(layout, masked, marks=pytest.mark.slow)
-        for layout in sorted(LAYOUTS)
-        for masked in (False, True)
-    ],
+    "layout, masked", tiered(sorted(LAYOUTS), (False, True), {("NCHW", False), ("NHWC", True)})
 )
 def test_ghost_size_equal_to_batch_is_batch_norm(layout, masked):
     """g = B is plain batch norm: y, state and gradients agree to float32 rounding.

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 import jaxbn
 import jaxbn.linen
 from tests import hlo, reference
-from tests.conftest import N_DEVICES, needs_devices
+from tests.conftest import N_DEVICES, needs_devices, tiered
 
 pytestmark = needs_devices
 
@@ -108,15 +108,9 @@ def _train_step(kind, axis):
     return lambda x, p, s, w: step(jax.device_put(x, BATCH), p, s, jax.device_put(w, BATCH))
 
 
-@pytest.mark.parametrize(
+@pytest.mark.parametrize(  # the default tier: every kind in NHWC, NCHW under shard_map
     "kind, layout",
-    [  # the default tier: every kind in NHWC, NCHW under shard_map
-        (kind, layout)
-        if layout == "NHWC" or kind == "shard_map"
-        else pytest.param(kind, layout, marks=pytest.mark.slow)
-        for kind in KINDS
-        for layout in sorted(LAYOUTS)
-    ],
+    tiered(KINDS, sorted(LAYOUTS), {*((kind, "NHWC") for kind in KINDS), ("shard_map", "NCHW")}),
 )
 def test_synchronized_batch_norm_equals_global_batch(kind, layout):
     """pmap/shard_map/jit-sharded outputs, state and gradients equal the global batch's."""
