@@ -221,7 +221,8 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     operands, sums = (seen, scaled_shift, mask, s0, offset0), []
     for scale in (None, np.asarray(2.0 ** -(top // 2 + 3), real)):
         operands = cpu_barrier(*operands)
-        d = deviation(*operands) if scale is None else deviation(*operands) * scale
+        d = deviation(*operands)
+        d = d if scale is None else d * scale
         squares = d.real * d.real + d.imag * d.imag if jnp.iscomplexobj(d) else d * d
         sums.append(jnp.sum(squares, axes))
     overflow = sums[0] == np.inf

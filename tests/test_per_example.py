@@ -9,6 +9,7 @@ from flax import linen as nn
 import jaxbn
 import jaxbn.linen
 from tests import reference
+from tests.conftest import tiered
 
 SHAPE = (4, 3, 5, 6)  # (batch, ..., channels last) except for the NCHW instance norm
 
@@ -99,16 +100,14 @@ def _init(name, x, affine=True):
 
 
 # float32 only: tests/test_properties.py compares every dtype (float64 included) with an extended-precision reference
-@pytest.mark.parametrize(
+@pytest.mark.parametrize(  # the default tier: each with parameters (group_size: group stays), and
+    # layer norm masked
     "name, variant",
-    [  # the default tier: every normalizer with parameters (but group_size: group stays), and
-        # layer norm masked
-        (name, variant)
-        if (variant == "affine" and name != "group_size") or (name, variant) == ("layer", "masked")
-        else pytest.param(name, variant, marks=pytest.mark.slow)
-        for name in CASES
-        for variant in ("affine", "plain", "masked")
-    ],
+    tiered(
+        CASES,
+        ("affine", "plain", "masked"),
+        {*((name, "affine") for name in CASES if name != "group_size"), ("layer", "masked")},
+    ),
 )
 def test_parity_with_flax_and_float64_reference(name, variant, rng):
     """Outputs and grads (x, scale, bias) equal flax's two-pass module and float64 NumPy."""
