@@ -21,7 +21,7 @@ is a library reduction.
   tangent JAX transposes for reverse mode, the form jaxbn's step has.
 
 What the references leave out and jaxbn keeps: a non-finite first element,
-values near the dtype's maximum (the shift's scaling), an infinite or NaN sum,
+values near the dtype's maximum (pass one's power-of-two scale), an infinite or NaN sum,
 a variance beyond the dtype (forward and backward), masks, devices, ghost
 batches and the running statistics' guards (a non-finite batch leaves them,
 a non-finite old statistic is replaced). So the ratios bound from below what

@@ -180,67 +180,60 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
         value, found = _first_valid(x, jnp.broadcast_to(mask, x.shape), axes)
         value = value.astype(fallback.dtype)
         shift = lax.select(found & jnp.isfinite(value), value, fallback)
-    # Where |K| n nears the maximum, d = s0 (x - K) with s0 = 2^-(2 + log2 n), else s0 = 1.
+    # Pass one sums c x - c K, c = 2^-(2 + log2 n): a sum never beyond the dtype, whatever the
+    # values (|c x - c K| <= max / 2n); what c flushes to 0 is below 3 tiny / c in the mean
     if isinstance(size, int):
         log_size = max(size - 1, 0).bit_length()  # ceil(log2 size)
-        exponents = (top - 1 - log_size, -2 - log_size, 2 + log_size)
-        near, s0_far, u0_far = (np.asarray(2.0**e, real) for e in exponents)
+        c, u = (np.asarray(2.0**e, real) for e in (-2 - log_size, 2 + log_size))
     else:  # a symbolic size (jax.export): the same powers of two, built from their exponent bits
         log_size = jnp.ceil(jnp.log2(jnp.maximum(jnp.asarray(size, real), 1))).astype(int_type)
-        near, s0_far, u0_far = (
+        c, u = (
             lax.bitcast_convert_type(lax.shift_left(e + top, int_type(info.nmant)), real)
-            for e in (top - 1 - log_size, -2 - log_size, 2 + log_size)
+            for e in (-2 - log_size, 2 + log_size)
         )
-    if jnp.iscomplexobj(shift):
-        near_top = jnp.maximum(jnp.abs(shift.real), jnp.abs(shift.imag)) >= near
-    else:
-        near_top = jnp.abs(shift) >= near
-    ones = lax.full_like(near_top, 1, real)  # (full_like: near_top's shape and sharding)
-    s0 = lax.select(near_top, lax.full_like(near_top, s0_far, real), ones)
-    scaled_shift = shift * s0
-
-    def deviation(x, scaled_shift, mask, s0, offset=None):
-        d = x.astype(dtype) * broadcast(s0) - broadcast(scaled_shift)
-        if offset is not None:
-            d = d - broadcast(offset)
-        return d if mask is None else jnp.where(mask, d, 0)  # where: masked-out NaN stays out
-
+    scaled_shift, overflow_scale = shift * c, np.asarray(2.0 ** -(top // 2 + 3), real)
     # each sum reads its own view of its operands (chained barriers: XLA merges identical ones)
     seen = x.astype(dtype) if _barrier_views_in_compute_dtype else x
-    operands = cpu_barrier(seen, scaled_shift, mask, s0)
-    first = jnp.sum(deviation(*operands), axes)
+    x_view, scaled_shift_view, mask_view = cpu_barrier(seen, scaled_shift, mask)
+    scaled = x_view.astype(dtype) * c - broadcast(scaled_shift_view)
+    first = jnp.sum(scaled if mask is None else jnp.where(mask_view, scaled, 0), axes)  # (no NaN)
     if mask is None:
         count = jnp.full(shift.shape, size, real)
     else:
         count = jnp.sum(jnp.broadcast_to(mask, x.shape), axes, dtype=real)
     safe_count = jnp.maximum(count, 1)  # an empty feature: sums 0, so mean = K and var = 0
-    offset0 = first / safe_count  # mean - K, in units of s0
-    # pass two: Σ|d - mean(d)|^2, and beside it the same with the deviations scaled by
-    # 2^-(top//2 + 3), taken where the first overflows (the variance is then at least max / n, and
-    # what the scale flushes to 0 is far below the bounds: see docs/internals.md)
-    operands, sums = (seen, scaled_shift, mask, s0, offset0), []
-    for scale in (None, np.asarray(2.0 ** -(top // 2 + 3), real)):
-        operands = cpu_barrier(*operands)
-        d = deviation(*operands)
-        d = d if scale is None else d * scale
-        squares = d.real * d.real + d.imag * d.imag if jnp.iscomplexobj(d) else d * d
-        sums.append(jnp.sum(squares, axes))
+    offset0 = first / safe_count  # mean - K, in units of c
+    # pass two: Σ|d|^2, d = x - K - (mean - K), and beside it the same with d scaled by
+    # overflow_scale = 2^-(top//2 + 3), taken where the first overflows (the variance is then at
+    # least max / n, and what the scale flushes to 0 is far below the bounds: docs/internals.md);
+    # where x - K or mean - K is beyond the dtype, so is the variance
+    deviation = lambda x, shift, offset: x.astype(dtype) - broadcast(shift) - broadcast(offset)
+    x_view, shift_view, mask_view, offset_view = cpu_barrier(seen, shift, mask, offset0 * u)
+    d = deviation(x_view, shift_view, offset_view)
+    if mask is None:  # the scaled sum reads its own view of x (chained barriers: XLA merges
+        # identical ones), so that a library reduction absorbs the elementwise work
+        scaled = deviation(*cpu_barrier(x_view, shift_view, offset_view)) * overflow_scale
+    else:  # both sums read one materialized d: XLA:CPU's library reductions do not absorb a select
+        d = jnp.where(mask_view, d, 0)  # (masked-out NaN stays out)
+        scaled = d * overflow_scale
+    sums = []
+    for v in (d, scaled):  # (|v|^2 inline: each call is a function on the traced path)
+        sums.append(
+            jnp.sum(v.real * v.real + v.imag * v.imag if jnp.iscomplexobj(v) else v * v, axes)
+        )
     overflow = sums[0] == np.inf
     second = lax.select(overflow, sums[1], sums[0])
-    u2 = lax.select(overflow, lax.full_like(overflow, 2.0 ** (top // 2 + 3), real), ones)
-    # an infinite first sum (values far beyond |K| near the maximum, or an infinite value): the
-    # mean K and the variance infinite (the second sum may be inf - inf there)
+    ones = lax.full_like(overflow, 1, real)
+    u2 = lax.select(overflow, lax.full_like(overflow, 1 / overflow_scale, real), ones)
+    # an infinite (or NaN) value: the mean K, the variance infinite
     infinite = jnp.abs(first) == np.inf
     offset0 = lax.select(infinite, jnp.zeros_like(offset0), offset0)
-    # unscaled one power of two at a time (a/s/s would become a/(s*s), which may overflow); mean - K
-    # is beyond the dtype only where the variance is (mean - K its infinity), the mean is not
-    u0 = lax.select(near_top, lax.full_like(near_top, u0_far, real), ones)
-    offset = offset0 * u0
-    var = second / safe_count * u2 * u2 * u0 * u0
-    var = lax.select(infinite, lax.full_like(var, np.inf), var)
-    mean = lax.select(jnp.abs(offset) == np.inf, (scaled_shift + offset0) * u0, shift + offset)
+    offset = offset0 * u  # beyond the dtype (its infinity) only where the variance is
+    wide = jnp.abs(offset) == np.inf
+    var = second / safe_count * u2 * u2
+    var = lax.select(infinite | wide, lax.full_like(var, np.inf), var)
+    mean = (scaled_shift + offset0) * u  # c K + c (mean - K), unscaled: finite where mean - K isn't
     if plan.axis_name is not None:  # (merged around each device's mean where its offset is wide)
-        wide = jnp.abs(offset) == np.inf
         shift, offset = jnp.where(wide, mean, shift), jnp.where(wide, 0, offset)
         count, shift, offset, var = _merge_devices(plan, count, shift, offset, var)
         mean = shift + offset

@@ -302,18 +302,19 @@ def sum_tolerance(terms, expected, axes, compute_dtype, param_dtype):
     return u_p * np.abs(expected) + STATISTICS_FACTOR * u * terms + smallest(param_dtype)
 
 
-def statistics_tolerance(mean, var, compute_dtype):
-    """(mean, var) bounds of a batch statistic: ``C u (|mean| + std)`` and ``C u var``.
+def statistics_tolerance(mean, var, compute_dtype, size):
+    """(mean, var) bounds of a batch statistic of ``size`` elements (valid or not, per device):
+    ``C u (|mean| + std) + 32 size tiny`` and ``C u var + tiny``.
 
-    Plus the compute dtype's smallest normal number: XLA flushes subnormal results to 0.
+    ``tiny``, the compute dtype's smallest normal number: XLA flushes subnormal results to 0; the
+    mean's first pass scales the values by ``2^-(2 + log2 size)`` first (docs/accuracy.md).
     """
     u, tiny = (
         compute_roundoff(compute_dtype),
         float(jnp.finfo(jnp.promote_types(compute_dtype, jnp.float32)).tiny),
     )
-    return STATISTICS_FACTOR * u * (
-        np.abs(mean) + np.sqrt(var)
-    ) + tiny, STATISTICS_FACTOR * u * var + tiny
+    spread = np.abs(mean) + np.sqrt(var)
+    return STATISTICS_FACTOR * u * spread + 32 * size * tiny, STATISTICS_FACTOR * u * var + tiny
 
 
 # -- checks ----------------------------------------------------------------------------------------------

@@ -69,6 +69,8 @@ CASES = {
         lambda r: 65504 * r.choice([-1.0, 1.0], SHAPE),
         1e-5,
     ),
+    # the mean's first pass scales by 2^-(2 + log2 n): products below tiny flushed (its floor)
+    "float32 values near 1e-36": ("float32", lambda r: 1e-36 * (2 + _normal(r)), 1e-5),
     # subnormals
     "float32 subnormal values": ("float32", lambda r: 1e-40 * _normal(r), 1e-5),
     "float32 subnormal variance": ("float32", lambda r: 1e-20 * _normal(r), 1e-5),
@@ -220,7 +222,7 @@ def _check(case, dtype, make, epsilon):
     assert (fits | beyond).all(), "a case must not sit on the boundary of the dtype"
     fits_b, beyond_b = (np.broadcast_to(a, SHAPE) for a in (fits, beyond))
     moments = results["moments"]
-    mean_tol, var_tol = ab.statistics_tolerance(ref.mean, ref.var, compute)
+    mean_tol, var_tol = ab.statistics_tolerance(ref.mean, ref.var, compute, SHAPE[0] * SHAPE[1])
     ab.check(
         f"{case}: moments mean", moments.mean, ref.mean.reshape(4), mean_tol.reshape(4), compute
     )
@@ -409,6 +411,35 @@ def test_moments_of_values_of_both_signs_near_the_maximum_under_jit():
         for m in (jax.jit(lambda x: jaxbn.moments(x, 0, shift=shift))(x),):
             np.testing.assert_allclose(m.mean, exact, rtol=1e-6)
             assert np.all(np.isposinf(np.asarray(m.var)))  # beyond float32: +inf, not NaN
+
+
+@pytest.mark.parametrize("first", [0.0, 1e-30, 1e37, -2e38])
+def test_mean_near_the_maximum_whatever_the_first_element(first):
+    """The first valid element (the sums' shift) far below values near the maximum: their sum around it
+    overflowed, and the mean came out as that element (0 for an exact 1.6e38); only a first element
+    near the maximum scaled the sums. Now the first pass never overflows: the mean is within its bound
+    in moments, batch norm's returned moments and a masked batch, eager and jitted."""
+    tail = np.array([3e38, 3e38, -1e38, 2e38, 3e38, 1e38, 3e38, -3e38, 3e38, 2.5e38, 3e38])
+    x = jnp.asarray(np.concatenate([[first], tail])[:, None] * [1.0, -1.0], jnp.float32)
+    exact, var = np.asarray(x, np.float64).mean(0), np.asarray(x, np.float64).var(0)
+    bound = ab.statistics_tolerance(exact, var, jnp.float32, 2 * x.shape[0])[0]
+    # every other row masked out, NaN there
+    padded = jnp.stack([x, jnp.full_like(x, np.nan)], 1).reshape(-1, 2)
+    mask = jnp.asarray(np.arange(padded.shape[0]) % 2 == 0)[:, None]
+    params, state = jaxbn.batch_norm_init(2)
+    train = dict(training=True, return_moments=True)
+    for run in (lambda f: f, jax.jit):
+        means = {
+            "moments": run(lambda x: jaxbn.moments(x, 0).mean)(x),
+            "masked": run(lambda x: jaxbn.moments(x, 0, mask=mask).mean)(padded),
+            "batch_norm": run(lambda x: jaxbn.batch_norm(x, params, state, **train)[2].mean)(x),
+        }
+        for name, mean in means.items():
+            assert np.all(np.abs(np.asarray(mean, np.float64) - exact) <= bound), (
+                name,
+                mean,
+                exact,
+            )
 
 
 def test_layer_norm_gradient_at_std_1e15():
