@@ -171,11 +171,13 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
         b = b + (dscale if r is None else r * dscale)
     if dbias is not None and bias is not None:
         a = a + dbias.astype(dtype)
-    # x̂ b = (x - K) (b / σ) - (μ - K) b / σ, around the forward's shift (where the variance is
-    # beyond the dtype, x - K may overflow, but b is 0 there, selected: so is Σ dy (x - K))
-    centre, centre_offset = batch.shift, batch.mean_minus_shift
+    # x̂ b = (x - K) (b / σ) - (μ - K) b / σ, around x̂'s centre: (0, 0) where the variance is
+    # beyond the dtype, where x - K may overflow (a forward-mode tangent inf * 0) and b is 0,
+    # selected (so is Σ dy x for an infinite x); the centre through XLA:CPU's barrier with x, so
+    # that the library reduction of Σ dy (x - K) reads it as a vector (not a full-size select)
+    centre, centre_offset = shift, mean_minus_shift
     b = lax.select(beyond, zero, inv_std * b)
-    a = a - lax.select(beyond, zero, centre_offset * b)
+    a = a - centre_offset * b
     # one cast to x's varying mesh axes (checked shard_map with replicated parameters), so that
     # the transpose sums both per-feature cotangents in one collective
     if stats.varying_axes(x_hat) - (stats.varying_axes(a) & stats.varying_axes(b)):
@@ -184,7 +186,7 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     # dy (a barrier transposes to one on the cotangent): no float32 copy of a half-precision dy
     # (the views in the compute dtype instead: a measuring variant, see stats)
     wide = stats._barrier_views_in_compute_dtype
-    (x_view,) = stats.cpu_barrier(x.astype(dtype) if wide else x)
+    x_view, centre = stats.cpu_barrier(x.astype(dtype) if wide else x, centre)
     centered_view = finite_outside_mask(x_view, mask).astype(dtype) - broadcast(centre)
     out = y.dtype
     barred = dtype if wide else out  # the dtype of the terms that pass a barrier
@@ -201,9 +203,11 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
         outer_bias_term = like_dy(douter_bias.astype(dtype)).astype(barred)
         (dy_ab,) = stats.cpu_barrier(outer_bias_term + dy_ab)
     if douter_scale is not None and outer_scale is not None:  # (no inner parameters then: z = x̂)
-        # x̂ dγ' as ((x - K) - (μ - K)) (dγ' / σ), the per-feature product small; 0 where the
-        # variance is beyond the dtype, selected (a sum of dy (x - K) may be infinite there).
-        (x_view,) = stats.cpu_barrier(x_view)  # its own view of x
+        # x̂ dγ' as ((x - K) - (μ - K)) (dγ' / σ) around x̂'s centre, the per-feature product
+        # small; 0 where the variance is beyond the dtype, selected (a sum of dy x may be infinite
+        # there, for an infinite x). Its own view of x and of the centre (as vectors: no
+        # full-size copy of the centred values on XLA:CPU).
+        x_view, centre, centre_offset = stats.cpu_barrier(x_view, centre, centre_offset)
         centered = finite_outside_mask(x_view, mask).astype(dtype) - broadcast(centre)
         centered = centered - broadcast(centre_offset)
         small = jnp.where(expand(beyond), 0, expand(inv_std) * douter_scale.astype(dtype))

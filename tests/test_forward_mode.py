@@ -168,3 +168,37 @@ def test_forward_mode_through_the_modules_equals_flax(data):
 
         tangents.append(jax.jvp(call, (x, state), (tx, jax.tree.map(jnp.zeros_like, state)))[1][0])
     np.testing.assert_allclose(tangents[0], tangents[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["batch_norm", "batch_renorm", "layer_norm", "group_norm"])
+def test_forward_mode_where_the_variance_is_beyond_float32(norm, rng):
+    """Values of both signs near the maximum (x - K overflows, the variance is beyond float32): the
+    tangent was NaN where x - K overflowed (inf * 0). It is the derivative of the documented output
+    (the bias, or 0): dβ for batch norm, γ d's tangent for renorm, 0 for the per-example norms; and
+    jacfwd equals jacrev."""
+    x = jnp.asarray(3e38 * rng.choice([-1.0, 1.0], (8, 4)), jnp.float32)
+    params = {"scale": jnp.full(4, 1.5), "bias": jnp.arange(4.0)}
+    state = {"mean": jnp.zeros(4), "var": jnp.ones(4)}
+    fn = {
+        "batch_norm": lambda x, p: jaxbn.batch_norm(x, p, state, training=True)[0],
+        "batch_renorm": lambda x, p: jaxbn.batch_renorm(
+            x, p, state, training=True, r_max=3.0, d_max=5.0
+        )[0],
+        "layer_norm": lambda x, p: jaxbn.layer_norm(x.reshape(2, 16), None).reshape(8, 4),
+        "group_norm": lambda x, p: jaxbn.group_norm(x.reshape(2, 16), None, num_groups=2).reshape(
+            8, 4
+        ),
+    }[norm]
+    tangents = (
+        jnp.asarray(rng.normal(size=x.shape), jnp.float32),
+        jax.tree.map(jnp.ones_like, params),
+    )
+    y, tangent = jax.jit(lambda x, p, t: jax.jvp(fn, (x, p), t))(x, params, tangents)
+    assert np.isfinite(np.asarray(y)).all() and np.isfinite(np.asarray(tangent)).all()
+    if norm == "batch_norm":  # y = β: dy = dβ
+        np.testing.assert_allclose(tangent, np.ones((8, 4)), rtol=1e-6)
+    if norm in ("layer_norm", "group_norm"):  # y = 0
+        np.testing.assert_allclose(tangent, 0, atol=1e-30)
+    forward = jax.jit(jax.jacfwd(fn))(x, params)
+    reverse = jax.jit(jax.jacrev(fn))(x, params)
+    np.testing.assert_allclose(forward, reverse, atol=1e-6)

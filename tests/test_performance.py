@@ -441,7 +441,9 @@ def test_an_eager_training_call_is_a_few_cached_jitted_calls(call, caplog):
 @pytest.mark.parametrize("norm", ["layer_norm", "group_norm"])
 def test_per_example_norms_in_bfloat16_move_less_than_flax(norm):
     """Layer and group norm of bfloat16 x read x in its own dtype (no float32 copy: 11S forward, 41S
-    forward+backward that way, flax 9S / 29S): at this shape 5S / 20S and 7S / 25S, gradients rounded once."""
+    forward+backward that way, flax 9S / 29S): at this shape 5S / 14.4S and 7.2S / 18.6S, gradients
+    rounded once (20S and 25S before the backward's x̂ dγ' term read its centre through XLA:CPU's
+    barrier with x)."""
     shape, groups = (16, 8, 8, 64), 16
     x = jnp.zeros(shape, jnp.bfloat16)
     p = {"scale": jnp.ones(shape[-1]), "bias": jnp.zeros(shape[-1])}
@@ -472,6 +474,7 @@ def test_per_example_norms_in_bfloat16_move_less_than_flax(norm):
         )
         traffic[name] = (forward, both)
     assert traffic["ours"][0] <= {"layer_norm": 5.1, "group_norm": 7.5}[norm], traffic
+    assert traffic["ours"][1] <= {"layer_norm": 14.5, "group_norm": 18.7}[norm], traffic
     assert traffic["ours"][1] <= 0.9 * traffic["theirs"][1], traffic
 
 
