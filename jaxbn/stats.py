@@ -195,8 +195,8 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     # each sum reads its own view of its operands (chained barriers: XLA merges identical ones)
     seen = x.astype(dtype) if _barrier_views_in_compute_dtype else x
     x_view, scaled_shift_view, mask_view = cpu_barrier(seen, scaled_shift, mask)
-    scaled = x_view.astype(dtype) * c - broadcast(scaled_shift_view)
-    first = jnp.sum(scaled if mask is None else jnp.where(mask_view, scaled, 0), axes)  # (no NaN)
+    summand = x_view.astype(dtype) * c - broadcast(scaled_shift_view)
+    first = jnp.sum(summand if mask is None else jnp.where(mask_view, summand, 0), axes)  # (no NaN)
     if mask is None:
         count = jnp.full(shift.shape, size, real)
     else:
@@ -223,6 +223,8 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
         )
     overflow = sums[0] == np.inf
     second = lax.select(overflow, sums[1], sums[0])
+    # unscaled one factor at a time, the factor selected: as constants XLA would fold 2^66 2^66 / n
+    # into one, infinite for small n
     ones = lax.full_like(overflow, 1, real)
     u2 = lax.select(overflow, lax.full_like(overflow, 1 / overflow_scale, real), ones)
     # an infinite (or NaN) value: the mean K, the variance infinite
