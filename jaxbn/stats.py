@@ -210,8 +210,8 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     deviation = lambda x, shift, offset: x.astype(dtype) - broadcast(shift) - broadcast(offset)
     x_view, shift_view, mask_view, offset_view = cpu_barrier(seen, shift, mask, offset0 * u)
     d = deviation(x_view, shift_view, offset_view)
-    if mask is None:  # the scaled sum reads its own view of x (chained barriers: XLA merges
-        # identical ones), so that a library reduction absorbs the elementwise work
+    if mask is None:  # the scaled sum reads its own view of x, so that a library reduction
+        # absorbs the elementwise work
         scaled = deviation(*cpu_barrier(x_view, shift_view, offset_view)) * overflow_scale
     else:  # both sums read one materialized d: XLA:CPU's library reductions do not absorb a select
         d = jnp.where(mask_view, d, 0)  # (masked-out NaN stays out)

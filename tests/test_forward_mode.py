@@ -197,6 +197,9 @@ def test_forward_mode_where_the_variance_is_beyond_float32(norm, rng):
     assert np.isfinite(np.asarray(y)).all() and np.isfinite(np.asarray(tangent)).all()
     if norm == "batch_norm":  # y = β: dy = dβ
         np.testing.assert_allclose(tangent, np.ones((8, 4)), rtol=1e-6)
+    if norm == "batch_renorm":  # y = γ d + β (r and d carry no gradient): dy = d dγ + dβ
+        d = np.clip(np.asarray(x, np.float64).mean(0) / np.sqrt(1 + 1e-5), -5.0, 5.0)
+        np.testing.assert_allclose(tangent, np.broadcast_to(d + 1, (8, 4)), rtol=1e-6)
     if norm in ("layer_norm", "group_norm"):  # y = 0
         np.testing.assert_allclose(tangent, 0, atol=1e-30)
     forward = jax.jit(jax.jacfwd(fn))(x, params)
