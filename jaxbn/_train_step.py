@@ -82,8 +82,9 @@ _RESIDUAL = "jaxbn_train_step"  # the per-feature values reverse mode saves (bes
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def _train(x, scale, bias, outer_scale, outer_bias, plan: stats.Plan, inputs: tuple):
-    """``(y, batch Moments)``: ``x`` normalized with its batch statistics over ``plan.axes``,
-    ``* scale + bias`` (per feature), ``* outer_scale + outer_bias`` (broadcasting). ``inputs``:
+    """``(y, batch Moments, centre)``: ``x`` normalized with its batch statistics over
+    ``plan.axes``, ``* scale + bias`` (per feature), ``* outer_scale + outer_bias``
+    (broadcasting), and the centre it was normalized around (see below). ``inputs``:
     ``(shift, epsilon, mask, running_mean, running_var, args)``, the running statistics for empty
     features; ``plan.correction(batch, *inputs[3:5], epsilon, *args)`` gives ``(r, d)``, if set."""
     shift, epsilon, mask, running_mean, running_var, correction_args = inputs
@@ -121,7 +122,7 @@ def _train(x, scale, bias, outer_scale, outer_bias, plan: stats.Plan, inputs: tu
         y = y * outer_scale
     if outer_bias is not None:
         y = y + outer_bias
-    return y.astype(plan.out_dtype), batch
+    return y.astype(plan.out_dtype), batch, tuple(centre)
 
 
 @_train.defjvp
@@ -133,13 +134,14 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     dx, dscale, dbias, douter_scale, douter_bias, _ = tangents
     _, epsilon, mask, running_mean, running_var, correction_args = inputs
     axes, dtype = plan.axes, plan.dtype
-    y, batch = _train(x, scale, bias, outer_scale, outer_bias, plan, inputs)
+    y, batch, centre_out = _train(x, scale, bias, outer_scale, outer_bias, plan, inputs)
 
-    # the residuals: the batch statistics (per feature); all else is recomputed from them and x
-    batch = jax.tree_util.tree_map(functools.partial(checkpoint_name, name=_RESIDUAL), batch)
+    # the residuals: the batch statistics and the forward's centre (per feature, as the forward
+    # computed them: no second select); all else is recomputed from them and x
+    name = functools.partial(checkpoint_name, name=_RESIDUAL)
+    batch, (shift, mean_minus_shift) = jax.tree_util.tree_map(name, (batch, centre_out))
     inv_std = inverse_sqrt(batch.var + epsilon)
     beyond = inv_std == 0
-    shift, mean_minus_shift = (lax.select(beyond, jnp.zeros_like(v), v) for v in batch[3:])
     r = d = None
     gain = inv_std if scale is None else inv_std * scale.astype(dtype)
     if plan.correction is not None:
@@ -217,7 +219,7 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     var_tangent = (2 * std * sum_dx_xhat / n).astype(batch.var.dtype)
     zeros = jnp.zeros_like(batch.count), jnp.zeros_like(batch.shift)
     batch_tangent = stats.Moments(mean_tangent, var_tangent, *zeros, mean_tangent)
-    return (y, batch), (dy, batch_tangent)
+    return (y, batch, centre_out), (dy, batch_tangent, tuple(map(jnp.zeros_like, centre_out)))
 
 
 # Reverse mode keeps x and the named per-feature values, and recomputes x - K in the backward.
@@ -230,7 +232,7 @@ def batch_norm_train(x: jax.Array, params: Mapping, plan: stats.Plan, inputs: tu
     """Batch norm's training step: ``(y, batch Moments)`` (see ``_train``), differentiable in
     forward and reverse mode, to any order, in ``x`` and ``params`` (not in ``inputs``)."""
     inputs = jax.tree_util.tree_map(lax.stop_gradient, inputs)
-    return _step(x, params.get("scale"), params.get("bias"), None, None, plan, inputs)
+    return _step(x, params.get("scale"), params.get("bias"), None, None, plan, inputs)[:2]
 
 
 @functools.partial(jax.jit, static_argnums=(2,))

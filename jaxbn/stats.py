@@ -509,17 +509,28 @@ _barrier = mlir.lower_fun(lambda *v: lax.optimization_barrier(v), multiple_resul
 mlir.register_lowering(_cpu_barrier_p, _barrier, platform="cpu")
 
 
+@jax.custom_jvp
 def computed_once(*values: Any) -> tuple[Any, ...]:
-    """``values`` unchanged (a zero's sign aside), each computed by XLA once: stacked (by shape and
-    dtype) and summed with ``-0.0``, a reduction XLA does not copy into each reader. Linear."""
+    """``values`` unchanged (a zero's sign aside), each computed by XLA once: those of one shape
+    summed with ``-0.0`` in one variadic reduction, which XLA does not copy into each reader and
+    whose results its readers take whole (a stacked sum costs a slice per reader). Linear: its
+    tangents pass unchanged."""
     out = list(values)
     groups: dict[tuple, list[int]] = {}
     for i, value in enumerate(values):
         if value is not None:
-            groups.setdefault((jnp.dtype(value.dtype), jnp.shape(value)), []).append(i)
-    for (dtype, shape), members in groups.items():
-        stacked = jnp.stack([values[i] for i in members])
-        summed = jnp.sum(jnp.stack([stacked, jnp.full(stacked.shape, -0.0, dtype)]), axis=0)
-        for k, i in enumerate(members):
-            out[i] = summed[k]
+            groups.setdefault(jnp.shape(value), []).append(i)
+    for members in groups.values():
+        pairs = [jnp.stack([values[i], jnp.full_like(values[i], -0.0)]) for i in members]
+        zeros = [np.asarray(-0.0, values[i].dtype) for i in members]
+        for i, value in zip(members, lax.reduce(pairs, zeros, _add_pairs, (0,))):
+            out[i] = value
     return tuple(out)
+
+
+_add_pairs = functools.partial(jax.tree.map, lax.add)  # (no jaxbn function on the traced path)
+
+
+@computed_once.defjvp  # (JAX's rule for a variadic reduce refuses a symbolic zero tangent)
+def _computed_once_jvp(primals, tangents):
+    return computed_once(*primals), tangents
