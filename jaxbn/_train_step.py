@@ -219,7 +219,9 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     var_tangent = (2 * std * sum_dx_xhat / n).astype(batch.var.dtype)
     zeros = jnp.zeros_like(batch.count), jnp.zeros_like(batch.shift)
     batch_tangent = stats.Moments(mean_tangent, var_tangent, *zeros, mean_tangent)
-    return (y, batch, centre_out), (dy, batch_tangent, tuple(map(jnp.zeros_like, centre_out)))
+    # (K is constant; μ - K moves with the mean, but not where the centre is 0)
+    centre_tangent = (zeros[1], lax.select(beyond, zero, mean_tangent.astype(zero.dtype)))
+    return (y, batch, centre_out), (dy, batch_tangent, centre_tangent)
 
 
 # Reverse mode keeps x and the named per-feature values, and recomputes x - K in the backward.

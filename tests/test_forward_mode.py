@@ -113,6 +113,50 @@ def test_jvp_jacfwd_linearize_through_training_batch_norm(case, data):
     )
 
 
+@pytest.mark.parametrize("case", ["plain", "mask", "renorm", "layer_norm"])
+def test_second_order_derivatives_equal_the_reference(case, rng):
+    """The step is differentiable to any order: Hessians (reverse over reverse, forward over
+    reverse) in ``x`` and mixed ``x``-parameter derivatives equal the plain-JAX reference's."""
+    x = jnp.asarray(rng.normal(size=(6, 4)) * 2 + 3, jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+    params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 4), jnp.float32), "bias": jnp.ones(4)}
+    state = {"mean": jnp.zeros(4), "var": jnp.full(4, 2.0)}
+    mask = jnp.asarray([[True], [True], [False], [True], [True], [False]])
+    options = {"mask": mask} if case == "mask" else {}
+    reference_options = dict(options, axes=(0,), state=state)
+    if case == "renorm":
+        reference_options["renorm"] = (1.2, 0.3)
+
+    def ours(x, p):
+        if case == "renorm":
+            y = jaxbn.batch_renorm(x, p, state, training=True, r_max=1.2, d_max=0.3)[0]
+        elif case == "layer_norm":
+            y = jaxbn.layer_norm(x, p, epsilon=EPS)
+        else:
+            y = jaxbn.batch_norm(x, p, state, training=True, epsilon=EPS, **options)[0]
+        return jnp.sum(jnp.sin(y) * weights)
+
+    def reference(x, p):
+        if case == "layer_norm":  # statistics per row (batch norm of x.T), parameters per feature
+            y = _reference(x.T, jnp.ones(6), jnp.zeros(6), axes=(0,)).T
+            y = y * p["scale"] + p["bias"]
+        else:
+            y = _reference(x, p["scale"], p["bias"], **reference_options)
+        return jnp.sum(jnp.sin(y) * weights)
+
+    for second_order in (
+        jax.hessian,
+        lambda f: jax.jacfwd(jax.grad(f)),
+        lambda f: jax.jacfwd(jax.grad(f, argnums=1)),  # d/dx of the parameters' gradient
+    ):
+        np.testing.assert_allclose(
+            jax.tree.leaves(jax.jit(second_order(ours))(x, params)),
+            jax.tree.leaves(jax.jit(second_order(reference))(x, params)),
+            rtol=2e-3,
+            atol=2e-3,
+        )
+
+
 @pytest.mark.slow  # ~7 s of eager forward mode
 def test_forward_mode_of_the_returned_moments_and_under_vmap_with_an_axis_name(data):
     x, params, state, (tx, _), _ = data
