@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxbn import _train_step, _validation, stats
@@ -242,7 +243,12 @@ def _averaged_into(state: State, batch: stats.Moments, momentum: Any, unbiased: 
     state (and ``count``/``steps``); a non-finite old statistic is replaced. Dtypes are kept."""
     mean, var, n = (lax.stop_gradient(v) for v in (batch.mean, batch.var, batch.count))
     has_data = n > 0
-    update = has_data & jnp.all(~has_data | (jnp.isfinite(mean) & jnp.isfinite(var)))
+    # whether every statistic is finite: a variadic reduction, one kernel (XLA:CPU splits a plain
+    # reduction of more than 32 values into two, besides the one that makes its operand)
+    finite = (~has_data | jnp.isfinite(mean), ~has_data | jnp.isfinite(var))
+    axes = tuple(range(jnp.ndim(mean)))
+    all_finite = lax.reduce(finite, (np.True_, np.True_), _both, axes)
+    update = has_data & all_finite[0] & all_finite[1]
     update_var = update
     if unbiased:
         var = var * n / jnp.maximum(n - 1, 1)
@@ -262,6 +268,8 @@ def _averaged_into(state: State, batch: stats.Moments, momentum: Any, unbiased: 
         new_state[key] = advanced.astype(state[key].dtype)
     return new_state
 
+
+_both = functools.partial(jax.tree.map, lax.bitwise_and)  # (no jaxbn function on the traced path)
 
 # One cached jitted call; a Python momentum stays static (1 - momentum in double precision).
 _averaged_into_static_momentum = jax.jit(_averaged_into, static_argnums=(2, 3))
