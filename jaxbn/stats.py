@@ -521,8 +521,9 @@ def computed_once(*values: Any) -> tuple[Any, ...]:
         if value is not None:
             groups.setdefault(jnp.shape(value), []).append(i)
     for members in groups.values():
-        pairs = [jnp.stack([values[i], jnp.full_like(values[i], -0.0)]) for i in members]
         zeros = [np.asarray(-0.0, values[i].dtype) for i in members]
+        pads = [(0, 1, 0)] + [(0, 0, 0)] * len(jnp.shape(values[members[0]]))
+        pairs = [lax.pad(values[i][None], zero, pads) for i, zero in zip(members, zeros)]
         for i, value in zip(members, lax.reduce(pairs, zeros, _add_pairs, (0,))):
             out[i] = value
     return tuple(out)
