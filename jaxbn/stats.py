@@ -512,14 +512,14 @@ mlir.register_lowering(_cpu_barrier_p, _barrier, platform="cpu")
 @jax.custom_jvp
 def computed_once(*values: Any) -> tuple[Any, ...]:
     """``values`` unchanged (a zero's sign aside), each computed by XLA once: those of one shape
-    summed with ``-0.0`` in one variadic reduction, which XLA does not copy into each reader and
-    whose results its readers take whole (a stacked sum costs a slice per reader). Linear: its
-    tangents pass unchanged."""
+    and dtype summed with ``-0.0`` in one variadic reduction, which XLA does not copy into each
+    reader and whose results its readers take whole (a stacked sum costs a slice per reader).
+    Linear: its tangents pass unchanged."""
     out = list(values)
     groups: dict[tuple, list[int]] = {}
     for i, value in enumerate(values):
-        if value is not None:
-            groups.setdefault(jnp.shape(value), []).append(i)
+        if value is not None:  # (XLA's verifier refuses a reduction of mixed precisions)
+            groups.setdefault((jnp.dtype(value.dtype), jnp.shape(value)), []).append(i)
     for members in groups.values():
         zeros = [np.asarray(-0.0, values[i].dtype) for i in members]
         pads = [(0, 1, 0)] + [(0, 0, 0)] * len(jnp.shape(values[members[0]]))

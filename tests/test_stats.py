@@ -191,13 +191,16 @@ def test_computed_once_keeps_values_and_gradients(rng):
     and XLA computes a chain of per-feature operations once, not in each of the fusions that read it."""
     a = jnp.asarray([1.5, -np.inf, np.nan, -0.0], jnp.float32)
     b = jnp.asarray(rng.normal(size=(2, 3)), jnp.bfloat16)
-    out = stats.computed_once(a, None, b, a * 2)
+    # (a's shape in two dtypes: XLA refuses one reduction of mixed precisions)
+    out = stats.computed_once(a, None, b, a * 2, a.astype(jnp.bfloat16))
     np.testing.assert_array_equal(
         out[0], a
     )  # v + (-0.0) == v for every v but -0.0, whose sign may become +0
     assert out[1] is None and out[2].dtype == jnp.bfloat16
     np.testing.assert_array_equal(out[2], b)
     np.testing.assert_array_equal(out[3], a * 2)
+    assert out[4].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out[4], a.astype(jnp.bfloat16))
     g = jax.grad(lambda v: jnp.sum(stats.computed_once(v * 3, v)[0] ** 2))(jnp.arange(3.0))
     np.testing.assert_allclose(g, 18 * jnp.arange(3.0))
 
