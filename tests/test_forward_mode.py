@@ -115,8 +115,9 @@ def test_jvp_jacfwd_linearize_through_training_batch_norm(case, data):
 
 @pytest.mark.parametrize("case", ["plain", "mask", "renorm", "layer_norm"])
 def test_second_order_derivatives_equal_the_reference(case, rng):
-    """The step is differentiable to any order: Hessians (reverse over reverse, forward over
-    reverse) in ``x`` and mixed ``x``-parameter derivatives equal the plain-JAX reference's."""
+    """The step is differentiable to any order: Hessians in ``x`` (forward over reverse, reverse
+    over reverse, reverse over forward) and mixed ``x``-parameter derivatives equal the plain-JAX
+    reference's."""
     x = jnp.asarray(rng.normal(size=(6, 4)) * 2 + 3, jnp.float32)
     weights = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
     params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 4), jnp.float32), "bias": jnp.ones(4)}
@@ -146,7 +147,8 @@ def test_second_order_derivatives_equal_the_reference(case, rng):
 
     for second_order in (
         jax.hessian,
-        lambda f: jax.jacfwd(jax.grad(f)),
+        lambda f: jax.jacrev(jax.grad(f)),
+        lambda f: jax.jacrev(jax.jacfwd(f)),
         lambda f: jax.jacfwd(jax.grad(f, argnums=1)),  # d/dx of the parameters' gradient
     ):
         np.testing.assert_allclose(
