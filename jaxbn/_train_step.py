@@ -139,7 +139,7 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     # the residuals: the batch statistics and the forward's centre (per feature, as the forward
     # computed them: no second select); all else is recomputed from them and x
     name = functools.partial(checkpoint_name, name=_RESIDUAL)
-    batch, (shift, mean_minus_shift) = jax.tree_util.tree_map(name, (batch, centre_out))
+    batch, (centre, centre_offset) = jax.tree_util.tree_map(name, (batch, centre_out))
     inv_std = inverse_sqrt(batch.var + epsilon)
     beyond = inv_std == 0
     r = d = None
@@ -160,8 +160,8 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     dx = dx.astype(dtype)  # once: a half-precision cotangent is rounded once, at the end
     # x̂ itself, not (x - K) and 1/σ: the transpose's dx pass multiplies x̂ by a per-feature factor
     # of dy's scale (a factor 1/σ² would underflow for σ beyond ~1e13 in float32)
-    x_hat = finite_outside_mask(x, mask).astype(dtype) - broadcast(shift)
-    x_hat = (x_hat - broadcast(mean_minus_shift)) * broadcast(inv_std)
+    x_hat = finite_outside_mask(x, mask).astype(dtype) - broadcast(centre)
+    x_hat = (x_hat - broadcast(centre_offset)) * broadcast(inv_std)
     valid_dx = dx if mask is None else jnp.where(mask, dx, 0)
     local = [jnp.sum(valid_dx, axes), jnp.sum(x_hat * valid_dx, axes)]
     sum_dx, sum_dx_xhat = stats.cross_device_sum(local, plan.axis_name, plan.axis_index_groups)
@@ -177,7 +177,6 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     # beyond the dtype, where x - K may overflow (a forward-mode tangent inf * 0) and b is 0,
     # selected (so is Σ dy x for an infinite x); the centre through XLA:CPU's barrier with x, so
     # that the library reduction of Σ dy (x - K) reads it as a vector (not a full-size select)
-    centre, centre_offset = shift, mean_minus_shift
     b = lax.select(beyond, zero, inv_std * b)
     a = a - centre_offset * b
     # one cast to x's varying mesh axes (checked shard_map with replicated parameters), so that

@@ -520,11 +520,10 @@ def computed_once(*values: Any) -> tuple[Any, ...]:
     for i, value in enumerate(values):
         if value is not None:  # (XLA's verifier refuses a reduction of mixed precisions)
             groups.setdefault((jnp.dtype(value.dtype), jnp.shape(value)), []).append(i)
-    for members in groups.values():
-        zeros = [np.asarray(-0.0, values[i].dtype) for i in members]
-        pads = [(0, 1, 0)] + [(0, 0, 0)] * len(jnp.shape(values[members[0]]))
-        pairs = [lax.pad(values[i][None], zero, pads) for i, zero in zip(members, zeros)]
-        for i, value in zip(members, lax.reduce(pairs, zeros, _add_pairs, (0,))):
+    for (dtype, shape), members in groups.items():
+        zero, pads = np.asarray(-0.0, dtype), [(0, 1, 0)] + [(0, 0, 0)] * len(shape)
+        pairs = [lax.pad(values[i][None], zero, pads) for i in members]
+        for i, value in zip(members, lax.reduce(pairs, [zero] * len(pairs), _add_pairs, (0,))):
             out[i] = value
     return tuple(out)
 
