@@ -31,7 +31,7 @@ shows its error instead of a time.
     python benchmarks/bench.py --compute-dtype-barrier-views   # jaxbn's measuring variant
 
 ``--compute-dtype-barrier-views`` compiles every jaxbn row with XLA:CPU's barriers on the float32
-views of a bfloat16 x and dy (``jaxbn.stats._barrier_views_in_compute_dtype``; e2e.py times it
+views of a bfloat16 x and dy (``jaxbn.stats.barrier_views_in_compute_dtype``; e2e.py times it
 beside the default inside a model); the header says so.
 
 Optional libraries (equinox, dm-haiku, torch) that are not installed are
@@ -749,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.collectives_only:
         print_collectives(args.shape)
         return 0
-    stats._barrier_views_in_compute_dtype = args.compute_dtype_barrier_views
+    stats.barrier_views_in_compute_dtype = args.compute_dtype_barrier_views
     print_header(args)
     names = [name for name, (library, _) in IMPLEMENTATIONS.items() if library in args.libs]
     print_traffic(run_timings(args, names))

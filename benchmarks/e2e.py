@@ -245,9 +245,9 @@ def compiled_without_cpu_barriers(variant: Variant) -> Variant:
 
 def compiled_with_wide_barrier_views(variant: Variant) -> Variant:
     """``variant`` compiled with XLA:CPU's barriers on the compute-dtype (float32) views of a
-    half-precision x and dy (``jaxbn.stats._barrier_views_in_compute_dtype``), not on x and dy
+    half-precision x and dy (``jaxbn.stats.barrier_views_in_compute_dtype``), not on x and dy
     themselves; the same step in float32."""
-    return compiled_with(variant, "_barrier_views_in_compute_dtype", True)
+    return compiled_with(variant, "barrier_views_in_compute_dtype", True)
 
 
 class Measuring(NamedTuple):

@@ -170,7 +170,7 @@ def run_group(name: str, group: dict[str, Any], smoke: bool) -> dict[str, Any]:
         _load(group["install"]).install()
     from jaxbn import stats
 
-    statistics = f"{stats._statistics.__module__}.{stats._statistics.__name__}"
+    statistics = f"{stats.batch_statistics.__module__}.{stats.batch_statistics.__name__}"
     result: dict[str, Any] = {
         "environment": _environment(),
         "statistics": statistics,

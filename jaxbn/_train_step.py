@@ -94,7 +94,7 @@ def _train(x, scale, bias, outer_scale, outer_bias, plan: stats.Plan, inputs: tu
     fallback = (
         jnp.where(jnp.isfinite(shift), shift, 0) if mask is not None else jnp.zeros_like(shift)
     )
-    count, shift, offset, var, mean = stats._statistics(plan, x, mask, fallback)
+    count, shift, offset, var, mean = stats.batch_statistics(plan, x, mask, fallback)
     batch = stats.Moments(mean, var, count, shift, offset)
     if mask is not None or x.size == 0:  # only then can a feature be empty
         batch = fill_empty_features(batch, running_mean, running_var)
@@ -186,7 +186,7 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     # the transpose's Σ dy (x - K) reads its own view of x, and each of its sums its own view of
     # dy (a barrier transposes to one on the cotangent): no float32 copy of a half-precision dy
     # (the views in the compute dtype instead: a measuring variant, see stats)
-    wide = stats._barrier_views_in_compute_dtype
+    wide = stats.barrier_views_in_compute_dtype
     x_view, centre = stats.cpu_barrier(x.astype(dtype) if wide else x, centre)
     centered_view = finite_outside_mask(x_view, mask).astype(dtype) - broadcast(centre)
     out = y.dtype

@@ -106,8 +106,8 @@ def batch_moments(plan: Plan, x: jax.Array, mask: Any, shift: jax.Array, source=
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _shifted_moments(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Array, source: Any = None):
-    """:func:`_statistics` of ``source`` (if given) or ``x``; ``K`` constant to the derivative."""
-    count, shift, offset, var, mean = _statistics(
+    """:func:`batch_statistics` of ``source`` (if given) or ``x``; ``K`` constant to the derivative."""
+    count, shift, offset, var, mean = batch_statistics(
         plan, x if source is None else source, mask, fallback
     )
     # computed once, the count only where it varies (XLA folds a constant where it meets it); K
@@ -193,7 +193,7 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
         )
     scaled_shift, overflow_scale = shift * c, np.asarray(2.0 ** -(top // 2 + 3), real)
     # each sum reads its own view of its operands (chained barriers: XLA merges identical ones)
-    seen = x.astype(dtype) if _barrier_views_in_compute_dtype else x
+    seen = x.astype(dtype) if barrier_views_in_compute_dtype else x
     x_view, scaled_shift_view, mask_view = cpu_barrier(seen, scaled_shift, mask)
     summand = x_view.astype(dtype) * c - broadcast(scaled_shift_view)
     first = jnp.sum(summand if mask is None else jnp.where(mask_view, summand, 0), axes)  # (no NaN)
@@ -243,13 +243,13 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
 
 
 # What the statistics are; benchmarks/_reshift_loop.py swaps in the loop design to time it.
-_statistics = _two_pass_statistics
+batch_statistics = _two_pass_statistics
 
 # What XLA:CPU's barriers hold for a half-precision x and dy: their own dtype (False: no
 # full-size float32 copy of a bfloat16 parameter), or their view in the compute dtype (True: a
 # measuring variant, set by benchmarks/e2e.py --compute-dtype-barrier-views; inside a model XLA
 # reads that view off the float32 computation that made the tensor, RESULTS.md, 2026-12-06 (fifth))
-_barrier_views_in_compute_dtype = False
+barrier_views_in_compute_dtype = False
 
 
 def _first_valid(x: jax.Array, mask: jax.Array, axes: tuple[int, ...]) -> tuple:

@@ -158,11 +158,11 @@ def test_measuring_variants_restore_the_library(variant):
     from benchmarks import e2e
     from jaxbn import stats
 
-    before = (stats.cpu_barrier, stats._barrier_views_in_compute_dtype)
+    before = (stats.cpu_barrier, stats.barrier_views_in_compute_dtype)
     args = argparse.Namespace(batch=2, image_size=4, width=2, blocks=1)
     built, _ = e2e.build("jaxbn", "bfloat16", args)
     compiled = getattr(e2e, variant)(built)
-    assert (stats.cpu_barrier, stats._barrier_views_in_compute_dtype) == before
+    assert (stats.cpu_barrier, stats.barrier_views_in_compute_dtype) == before
     assert compiled.step is not built.step
     compiled.run()
     assert np.isfinite(float(compiled.losses[-1]))

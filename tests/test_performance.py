@@ -238,7 +238,7 @@ def wide_barrier_views(monkeypatch):
     """jaxbn compiled with XLA:CPU's barriers on float32 views (the measuring variant of
     benchmarks/e2e.py), JAX's caches cleared around it (the jitted step caches by shapes only)."""
     jax.clear_caches()
-    monkeypatch.setattr(stats, "_barrier_views_in_compute_dtype", True)
+    monkeypatch.setattr(stats, "barrier_views_in_compute_dtype", True)
     yield
     monkeypatch.undo()
     jax.clear_caches()
@@ -265,7 +265,7 @@ def test_wide_barrier_views_compute_the_same_step(norm, wide_barrier_views):
 
     wide = jax.jit(forward_backward)
     wide_out, wide_text = wide(x, params, dy), wide.lower(x, params, dy).compile().as_text()
-    stats._barrier_views_in_compute_dtype = False  # (the fixture restores it, too)
+    stats.barrier_views_in_compute_dtype = False  # (the fixture restores it, too)
     jax.clear_caches()
     default = jax.jit(forward_backward)
     default_out, default_text = (
