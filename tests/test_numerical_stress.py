@@ -74,6 +74,9 @@ CASES = {
     # subnormals
     "float32 subnormal values": ("float32", lambda r: 1e-40 * _normal(r), 1e-5),
     "float32 subnormal variance": ("float32", lambda r: 1e-20 * _normal(r), 1e-5),
+    # squares just above tiny (variance ~5e-38): the variance's floor is tiny, not n tiny (a sum of
+    # squares scaled down by ~1/n, which could not overflow, would flush them)
+    "float32 squares just above tiny": ("float32", lambda r: 2.2e-19 * _normal(r), 1e-5),
     # epsilon below EPSILON_MIN: a flushed variance is no longer negligible, the documented behaviour
     "float32 smallest normal epsilon": (
         "float32",
