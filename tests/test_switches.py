@@ -256,10 +256,16 @@ def _nnx_net_float64(model, x, training):
     mean, var = reference.batch_stats(h) if training else (value(bn.mean), value(bn.var))
     h = reference.normalize(h, mean, var, value(bn.scale), value(bn.bias), epsilon=bn.epsilon)
     for name, groups in (("ln", 1), ("gn", 2)):  # per example, over each group of features
-        layer, grouped = model.norms[name], h.reshape(len(h), groups, -1)
-        grouped = grouped - grouped.mean(-1, keepdims=True)
-        grouped = grouped / np.sqrt(grouped.var(-1, keepdims=True) + layer.epsilon)
-        h = grouped.reshape(h.shape) * value(layer.scale) + value(layer.bias)
+        layer = model.norms[name]
+        grouped = reference.per_example_norm(
+            h.reshape(len(h), groups, -1),
+            (2,),
+            (1, 2),
+            value(layer.scale),
+            value(layer.bias),
+            epsilon=layer.epsilon,
+        )
+        h = grouped.reshape(h.shape)
     return h
 
 
