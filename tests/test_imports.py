@@ -1,4 +1,5 @@
-"""The package's import structure: no cycle, a functional core without Flax, tools loaded lazily."""
+"""The package's import structure: no cycle, no module reading another's private name, a functional
+core without Flax, tools loaded lazily."""
 
 from __future__ import annotations
 
@@ -64,6 +65,43 @@ def test_no_import_cycle_anywhere():
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
+
+
+def _private_names_read(name: str, path: pathlib.Path) -> list[str]:
+    """The ``_names`` (not dunders, not modules) of other jaxbn modules that module ``name`` reads:
+    ``module._name``, ``jaxbn.module._name`` or ``from jaxbn.module import _name``."""
+    private = lambda attr: attr.startswith("_") and not attr.startswith("__")
+    tree = ast.parse(path.read_text())
+    bound = {"jaxbn": "jaxbn"}  # local name -> the jaxbn module it is
+    read = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):  # import jaxbn.module as name
+            bound.update((a.asname, a.name) for a in node.names if a.asname and a.name in MODULES)
+        elif isinstance(node, ast.ImportFrom) and node.module in MODULES and node.level == 0:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                if full in MODULES:  # a module, private or not, is shared by design
+                    bound[alias.asname or alias.name] = full
+                elif private(alias.name) and node.module != name:
+                    read.append(f"line {node.lineno}: {full}")
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute) or not private(node.attr):
+            continue
+        owner, parts = node.value, []
+        while isinstance(owner, ast.Attribute):
+            owner, parts = owner.value, [owner.attr, *parts]
+        if isinstance(owner, ast.Name) and owner.id in bound:
+            module = ".".join([bound[owner.id], *parts])
+            if module in MODULES and module != name:
+                read.append(f"line {node.lineno}: {module}.{node.attr}")
+    return read
+
+
+def test_no_module_reads_another_modules_private_name():
+    """What two jaxbn modules share lives in one place under a name that module exports
+    (``DESIGN.md``)."""
+    read = {name: _private_names_read(name, path) for name, path in MODULES.items()}
+    assert not {name: names for name, names in read.items() if names}
 
 
 def test_the_functional_core_imports_no_flax():

@@ -4,11 +4,9 @@ A first (cache-cold) trace of ``jax.jit(lambda x, s: jaxbn.batch_norm(x, None, s
 is profiled with ``sys.setprofile``: it passes at most 12 jaxbn functions outside the validation
 module (lambdas count, comprehensions do not), in at most 3 files; it enters ``_validation`` once
 (one call that checks every argument); and it builds at most 3 record types (NamedTuples or
-dataclasses of jaxbn). ``docs/internals.md`` reads the path top to bottom. And no jaxbn module
-reads another's private (``_``) name.
+dataclasses of jaxbn). ``docs/internals.md`` reads the path top to bottom.
 """
 
-import ast
 import dataclasses
 import os
 import sys
@@ -78,45 +76,3 @@ def test_a_training_call_is_a_short_path_with_one_check():
     assert len(files) <= 3, files
     assert entries == ["check_batch_norm"], entries
     assert len(records) <= 3, records
-
-
-def _private_names_reached(package_dir):
-    """``(file, line, name)`` for every ``_name`` (not a dunder, not a module) of one jaxbn module
-    that another reads: ``module._name`` or ``from jaxbn.module import _name``."""
-    modules = {name[:-3] for name in os.listdir(package_dir) if name.endswith(".py")}
-    private = lambda name: name.startswith("_") and not name.startswith("__")
-    reached = []
-    for file in sorted(modules):
-        with open(os.path.join(package_dir, file + ".py")) as source_file:
-            tree = ast.parse(source_file.read())
-        bound = {"jaxbn": "__init__"}  # local name -> the jaxbn module it is
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):  # import jaxbn.module as name
-                for alias in node.names:
-                    parts = alias.name.split(".")
-                    if parts[0] == "jaxbn" and alias.asname and parts[-1] in modules:
-                        bound[alias.asname] = parts[-1]
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxbn"):
-                source = (node.module.split(".", 1) + ["__init__"])[1]
-                for alias in node.names:
-                    if alias.name in modules:  # a module, private or not, is shared by design
-                        bound[alias.asname or alias.name] = alias.name
-                    elif private(alias.name) and source != file:
-                        reached.append((file, node.lineno, f"{source}.{alias.name}"))
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.Attribute) or not private(node.attr):
-                continue
-            owner = node.value
-            if isinstance(owner, ast.Attribute) and isinstance(owner.value, ast.Name):
-                module = owner.attr if owner.value.id == "jaxbn" and owner.attr in modules else None
-            else:
-                module = bound.get(owner.id) if isinstance(owner, ast.Name) else None
-            if module is not None and module != file:
-                reached.append((file, node.lineno, f"{module}.{node.attr}"))
-    return reached
-
-
-def test_no_module_reaches_for_another_modules_private_name():
-    """What two jaxbn modules share lives in one place under a name that module exports
-    (``DESIGN.md``): no module reads another's ``_name``."""
-    assert _private_names_reached(PACKAGE) == []
