@@ -155,13 +155,14 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     size = math.prod(x.shape[i] for i in axes)
     sharding: Any = getattr(jax.typeof(x), "sharding", None)
     spec = tuple(getattr(sharding, "spec", None) or ())
+    explicitly_sharded = any(spec)
     # a per-feature vector broadcast to x's shape (and explicit sharding) in one operation, not
     # expand_dims and a broadcasting one (four HLO instructions before optimization)
     broadcast = functools.partial(
         lax.broadcast_in_dim,
         shape=x.shape,
         broadcast_dimensions=tuple(i for i in range(x.ndim) if i not in axes),
-        out_sharding=sharding if any(spec) else None,
+        out_sharding=sharding if explicitly_sharded else None,
     )
     if any(isinstance(x.shape[i], int) and x.shape[i] == 0 for i in axes):  # no element to take
         shift = fallback
@@ -192,11 +193,39 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
             for e in (-2 - log_size, 2 + log_size)
         )
     scaled_shift, overflow_scale = shift * c, np.asarray(2.0 ** -(top // 2 + 3), real)
-    # each sum reads its own view of its operands (chained barriers: XLA merges identical ones)
-    seen = x.astype(dtype) if barrier_views_in_compute_dtype else x
-    x_view, scaled_shift_view, mask_view = cpu_barrier(seen, scaled_shift, mask)
-    summand = x_view.astype(dtype) * c - broadcast(scaled_shift_view)
-    first = jnp.sum(summand if mask is None else jnp.where(mask_view, summand, 0), axes)  # (no NaN)
+    # Where the last axis holds at most LANES / 4 features and axes just before it are reduced, the
+    # sums read x as rows of k whole feature vectors (a reshape, free in x's layout) and add their k
+    # partial sums after: XLA:CPU's library reductions take 2-5x as long over rows of 16 features
+    # as of 128 (RESULTS.md, 2026-12-07, eleventh)
+    features, start, merged = x.shape[-1] if x.ndim else 0, x.ndim - 1, 1
+    widen = mask is None and not explicitly_sharded and start not in axes
+    widen = widen and isinstance(features, int) and 0 < 4 * features <= LANES
+    k = 1 << (-(-LANES // features) - 1).bit_length() if widen else 1  # 2^i >= LANES / features
+    while widen and merged % k and start - 1 in axes and isinstance(x.shape[start - 1], int):
+        start, merged = start - 1, merged * x.shape[start - 1]
+    if widen and merged and merged % k == 0:
+        xs = x.reshape(*x.shape[:start], merged // k, k * features)
+        sum_axes = (*(i for i in axes if i < start), start)
+        bcast = functools.partial(
+            lax.broadcast_in_dim,
+            shape=xs.shape,
+            broadcast_dimensions=tuple(i for i in range(xs.ndim) if i not in sum_axes),
+        )
+    else:
+        k, xs, sum_axes, bcast = 1, x, axes, broadcast
+    lanes = (1,) * (x.ndim - len(axes) - 1) + (k,)  # a per-feature vector's tiling to xs's rows
+    # each sum reads its own view of its operands (chained barriers: XLA merges identical ones),
+    # the scales too: as constants, the same in every layer of a shape, XLA:CPU merged their
+    # broadcasts across layers and handed each sum the merged one as a full-size buffer
+    seen = xs.astype(dtype) if barrier_views_in_compute_dtype else xs
+    scaled_shift_rows, shift_rows = (
+        jnp.tile(v, lanes) if k > 1 else v for v in (scaled_shift, shift)
+    )
+    x_view, scaled_shift_view, mask_view, c_view = cpu_barrier(seen, scaled_shift_rows, mask, c)
+    summand = x_view.astype(dtype) * c_view - bcast(scaled_shift_view)
+    first = jnp.sum(summand if mask is None else jnp.where(mask_view, summand, 0), sum_axes)
+    if k > 1:  # the rows' k partial sums of each feature
+        first = jnp.sum(first.reshape(*first.shape[:-1], k, features), -2)
     if mask is None:
         count = jnp.full(shift.shape, size, real)
     else:
@@ -207,20 +236,22 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     # overflow_scale = 2^-(top//2 + 3), taken where the first overflows (the variance is then at
     # least max / n, and what the scale flushes to 0 is far below the bounds: docs/internals.md);
     # where x - K or mean - K is beyond the dtype, so is the variance
-    deviation = lambda x, shift, offset: x.astype(dtype) - broadcast(shift) - broadcast(offset)
-    x_view, shift_view, mask_view, offset_view = cpu_barrier(seen, shift, mask, offset0 * u)
+    deviation = lambda x, shift, offset: x.astype(dtype) - bcast(shift) - bcast(offset)
+    offset_rows = jnp.tile(offset0 * u, lanes) if k > 1 else offset0 * u
+    x_view, shift_view, mask_view, offset_view, scale_view = cpu_barrier(
+        seen, shift_rows, mask, offset_rows, overflow_scale
+    )
     d = deviation(x_view, shift_view, offset_view)
     if mask is None:  # the scaled sum reads its own view of x, so that a library reduction
         # absorbs the elementwise work
-        scaled = deviation(*cpu_barrier(x_view, shift_view, offset_view)) * overflow_scale
+        scaled = deviation(*cpu_barrier(x_view, shift_view, offset_view)) * scale_view
     else:  # both sums read one materialized d: XLA:CPU's library reductions do not absorb a select
         d = jnp.where(mask_view, d, 0)  # (masked-out NaN stays out)
-        scaled = d * overflow_scale
+        scaled = d * scale_view
     sums = []
     for v in (d, scaled):  # (|v|^2 inline: each call is a function on the traced path)
-        sums.append(
-            jnp.sum(v.real * v.real + v.imag * v.imag if jnp.iscomplexobj(v) else v * v, axes)
-        )
+        v = jnp.sum(v.real * v.real + v.imag * v.imag if jnp.iscomplexobj(v) else v * v, sum_axes)
+        sums.append(jnp.sum(v.reshape(*v.shape[:-1], k, features), -2) if k > 1 else v)
     overflow = sums[0] == np.inf
     second = lax.select(overflow, sums[1], sums[0])
     # unscaled one factor at a time, the factor selected: as constants XLA would fold 2^66 2^66 / n
@@ -241,6 +272,9 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
         mean = shift + offset
     return count, shift, offset, var, mean
 
+
+# Elements per row that the statistics' sums read where the feature axis is narrower (above)
+LANES = 128
 
 # What the statistics are; benchmarks/_reshift_loop.py swaps in the loop design to time it.
 batch_statistics = _two_pass_statistics

@@ -99,6 +99,60 @@ def test_traffic_and_kernels_are_pinned(dtype):
         assert kernels <= expected_kernels, (mode, kernels)
 
 
+@structural
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_layers_of_one_shape_move_what_each_moves_alone(dtype, masked):
+    """Two training batch norms of one shape in one program (a model's layers) move twice what one
+    moves, forward and forward+backward. The passes' power-of-two scales are scalar constants, the
+    same in every layer of a shape: XLA:CPU merged their broadcasts across the layers and handed
+    each library reduction the merged broadcast as a full-size float32 operand, written once per
+    shape and read by every sum that scales (float32 forward: 16S for two layers, against 5S for
+    one), until each layer's scales passed its barrier with its x."""
+    mask = jnp.arange(SHAPE[0]).reshape(-1, 1, 1, 1) < SHAPE[0] - 2 if masked else None
+    params, state = jaxbn.batch_norm_init(SHAPE[-1])
+    layer = lambda x, p: jaxbn.batch_norm(x, p, state, training=True, dtype=dtype, mask=mask)
+
+    def forward_backward(*xs):
+        out, vjp = jax.vjp(lambda p: [layer(x, p) for x in xs], params)
+        return out, vjp([(x, jax.tree.map(jnp.zeros_like, state)) for x in xs])
+
+    size = np.prod(SHAPE) * jnp.dtype(dtype).itemsize
+    for fn in (lambda *xs: [layer(x, params) for x in xs], forward_backward):
+        one, two = (
+            hlo.memory_traffic(hlo.compiled_text(jax.jit(fn), *[jnp.zeros(SHAPE, dtype)] * n))[0]
+            / size
+            for n in (1, 2)
+        )
+        assert two <= 2 * one + 0.05, (one, two)
+
+
+@pytest.mark.parametrize(
+    "shape, rows",
+    [
+        ((64, 16, 16, 16), (64, 16, 2, 128)),  # 16 features: rows of 8 feature vectors
+        ((64, 16, 16, 32), (64, 16, 4, 128)),  # 32 features: rows of 4
+        ((128, 16, 16, 3), (128, 4, 192)),  # 3 features: rows of 64 (a power of two), 2 axes merged
+        ((64, 16, 16, 64), None),  # 64 features: summed as they are
+    ],
+)
+def test_narrow_features_are_summed_in_rows_of_lanes(shape, rows):
+    """The training statistics read a feature axis of at most ``stats.LANES / 4`` features as rows
+    of whole feature vectors at least ``LANES`` long (XLA:CPU's library reductions take 2-5x as long
+    over rows of 16 features as of 128: RESULTS.md, 2026-12-07, eleventh); wider ones as they are.
+    A reshape of x, the same traffic: forward 5S as pinned above."""
+    params, state = jaxbn.batch_norm_init(shape[-1])
+    forward = jax.jit(lambda x: jaxbn.batch_norm(x, params, state, training=True))
+    x = jnp.zeros(shape)
+    lowered = forward.lower(x).as_text(dialect="hlo")
+    reshaped = set(re.findall(r"= f32\[([\d,]+)\]\S* reshape\(", lowered))
+    wide = {tuple(map(int, dims.split(","))) for dims in reshaped} & {rows}
+    assert wide == ({rows} if rows else set()), reshaped
+    size = np.prod(shape) * 4
+    traffic = hlo.memory_traffic(forward.lower(x).compile().as_text())[0] / size
+    assert traffic <= EXPECTED["forward"][0] + 0.05, traffic
+
+
 def _no_control_flow(text):
     """No ``while`` and no ``conditional`` anywhere in compiled HLO text (any computation)."""
     return text.count(" while(") == 0 and text.count(" conditional(") == 0

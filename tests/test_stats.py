@@ -7,6 +7,7 @@ import pytest
 
 import jaxbn
 from jaxbn import stats
+from tests import accuracy_bounds as ab
 from tests import reference
 
 
@@ -34,6 +35,34 @@ def test_moments_match_float64_reference(dtype, rtol, axes, rng):
         )  # exact: a count of elements
         expected_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
         assert m.mean.dtype == m.var.dtype == m.count.dtype == expected_dtype
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "shape, axes",
+    [
+        ((32, 8, 8, 16), (0, 1, 2)),  # rows of 8 feature vectors
+        ((4, 6, 8, 3), (0, 1, 2)),  # 3 features: rows of 64 vectors, over two merged axes
+        ((5, 8, 8, 24), (1, 2)),  # instance-norm-like: per example and feature, rows of 8
+        ((7, 5, 32), (0, 1)),  # 32 features, 35 rows: not a multiple of 4, summed as they are
+        ((2, 4, 4, 64), (0, 1, 2)),  # 64 features: summed as they are
+    ],
+)
+def test_narrow_features_are_summed_within_the_bounds(shape, axes, dtype, rng):
+    """Where the feature axis is last and at most ``stats.LANES / 4`` wide, the sums read x as rows
+    of whole feature vectors and add their partial sums after: the moments stay within
+    docs/accuracy.md's bounds of the exact ones (at an offset, with a different one per feature)."""
+    offsets = rng.uniform(-1e3, 1e3, size=shape[-1])
+    x = jnp.asarray(rng.normal(size=shape) * rng.uniform(0.1, 10, size=shape[-1]) + offsets, dtype)
+    m = jax.jit(lambda x: stats.moments(x, axes))(x)
+    ref = ab.Normalized(ab.values(x), np.ones(shape, bool), axes, epsilon=1.0)
+    features = tuple(n for i, n in enumerate(shape) if i not in axes)
+    mean, var = ref.mean.reshape(features), ref.var.reshape(features)
+    size = int(np.prod([shape[i] for i in axes]))
+    mean_tol, var_tol = ab.statistics_tolerance(mean, var, jnp.float32, size)
+    ab.check("mean", m.mean, mean, mean_tol)
+    ab.check("var", m.var, var, var_tol)
+    np.testing.assert_array_equal(m.count, size)  # exact: a count of elements
 
 
 def test_mask_counts_and_statistics_match_reference(rng):
