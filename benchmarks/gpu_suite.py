@@ -3,7 +3,8 @@
     python benchmarks/gpu_suite.py OUT_DIR            # on the GPU machine, from the repository root
     python benchmarks/gpu_suite.py OUT_DIR --smoke    # the same code on CPU with tiny shapes
 
-It writes ``OUT_DIR/gpu_suite.md`` (also printed) and ``OUT_DIR/gpu_suite.json``:
+It writes ``OUT_DIR/gpu_suite.md`` (also printed) and ``OUT_DIR/gpu_suite.json``, both again
+after every group, so that a run cut short keeps the groups it finished:
 
 - the environment: devices, driver (``nvidia-smi``), versions, ``XLA_FLAGS``;
 - micro benchmarks (``bench.py``): bfloat16 (256, 56, 56, 64) and float32
@@ -25,6 +26,13 @@ It writes ``OUT_DIR/gpu_suite.md`` (also printed) and ``OUT_DIR/gpu_suite.json``
   one fused read for the statistics, but a data-dependent ``while`` per layer,
   a host round trip on XLA:GPU. The first GPU run decides between them (micro:
   jaxbn and the copy; end to end: both models);
+- the statistics' narrow-feature rows (where the feature axis holds at most 32
+  features, the sums read ``x`` as rows of at least 128 elements: measured on
+  XLA:CPU only) against summing the axis as it is: ``narrow`` and
+  ``narrow_rows_off`` (``benchmarks/_feature_rows_off.py``) time one bfloat16
+  (256, 32, 32, 16) layer each (jaxbn, flax.linen, the copy), and
+  ``narrow_rows_off`` the ResNet-20 (16 to 64 features) beside the default
+  group's;
 - the default with XLA:GPU's command buffers asked to capture ``while`` and
   conditional ops (``XLA_FLAGS`` ``--xla_gpu_enable_command_buffer``; the suite
   records whether the flag was accepted and the step times).
@@ -88,6 +96,8 @@ MICRO = [  # (shape, dtype)
     ((128, 56, 56, 128), "float32"),
 ]
 MICRO_LIBS = ["jaxbn", "flax", "nnx", "equinox", "torch", "copy"]
+MICRO_NARROW = ((256, 32, 32, 16), "bfloat16")  # 16 features: the statistics' rows apply
+NARROW_LIBS = ["jaxbn", "flax", "copy"]
 
 
 def _plan(smoke: bool) -> dict[str, dict[str, Any]]:
@@ -107,6 +117,17 @@ def _plan(smoke: bool) -> dict[str, dict[str, Any]]:
             "micro_libs": ["jaxbn", "copy"],
             "e2e": {} if smoke else e2e,
         },
+    }
+    # the narrow-feature rows against the axis summed as it is (smoke: the install's path through
+    # the micro benchmark)
+    narrow = micro[:1] if smoke else [MICRO_NARROW]
+    groups["narrow"] = {"env": {}, "micro": narrow, "micro_libs": NARROW_LIBS, "e2e": {}}
+    groups["narrow_rows_off"] = {
+        "env": {},
+        "install": "_feature_rows_off",
+        "micro": narrow,
+        "micro_libs": NARROW_LIBS,
+        "e2e": {} if smoke else {"resnet20": e2e["resnet20"]},
     }
     if not smoke:
         groups["command_buffers"] = {
@@ -171,6 +192,8 @@ def run_group(name: str, group: dict[str, Any], smoke: bool) -> dict[str, Any]:
     from jaxbn import stats
 
     statistics = f"{stats.batch_statistics.__module__}.{stats.batch_statistics.__name__}"
+    if stats.batch_statistics.__module__ == stats.__name__:  # (the default design's rows)
+        statistics += f", narrow features in rows of {stats.LANES}" if stats.LANES else ", no rows"
     result: dict[str, Any] = {
         "environment": _environment(),
         "statistics": statistics,
@@ -254,7 +277,8 @@ def _markdown(results: dict[str, Any], smoke: bool) -> str:
         "",
         "`default`: jaxbn as shipped (two-pass statistics, no data-dependent control flow); "
         "`reshift_loop`: the replaced design (sums around the running mean, a `while` re-shift loop per "
-        "layer; benchmarks/_reshift_loop.py); `command_buffers`: the default with XLA asked to capture "
+        "layer; benchmarks/_reshift_loop.py); `narrow_rows_off`: the default summing a narrow feature "
+        "axis as it is (benchmarks/_feature_rows_off.py); `command_buffers`: the default with XLA asked to capture "
         f"while/conditional ops in command buffers (`{COMMAND_BUFFER_FLAG}`).",
         "",
     ]
@@ -293,7 +317,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.group:
         print("GPU_SUITE_RESULT " + json.dumps(run_group(args.group, plan[args.group], args.smoke)))
         return {}
-    results = {}
+    results: dict[str, Any] = {}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     for name, group in plan.items():
         env = dict(os.environ, **group["env"])
         if "XLA_FLAGS" in group["env"] and os.environ.get("XLA_FLAGS"):
@@ -312,10 +337,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results[name] = {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
         else:
             results[name] = json.loads(marked[-1].split(" ", 1)[1])
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    markdown = _markdown(results, args.smoke)
-    (args.out_dir / "gpu_suite.md").write_text(markdown)
-    (args.out_dir / "gpu_suite.json").write_text(json.dumps(results, indent=1))
+        # written after every group: a run cut short by the device's time limit keeps what it measured
+        markdown = _markdown(results, args.smoke)
+        (args.out_dir / "gpu_suite.md").write_text(markdown)
+        (args.out_dir / "gpu_suite.json").write_text(json.dumps(results, indent=1))
     print(markdown)
     return results
 

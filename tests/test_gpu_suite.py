@@ -7,6 +7,7 @@ checks here cover e2e.py too. Nothing looks at how long a step took.
 import json
 import math
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -25,7 +26,7 @@ def test_smoke_run_writes_markdown_and_json(tmp_path):
     )  # ~30 s quiet; a hang fails, a loaded machine does not
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_suite.json").read_text())
-    assert set(results) == {"default", "reshift_loop"}
+    assert set(results) == {"default", "reshift_loop", "narrow", "narrow_rows_off"}
     assert all("error" not in group for group in results.values()), results
     row = results["default"]["e2e"]["resnet20"]
     assert row["loss_check_passed"] and set(row["median_ms"]) == {"jaxbn", "flax", "none"}
@@ -38,9 +39,12 @@ def test_smoke_run_writes_markdown_and_json(tmp_path):
             and "train forward" in group["micro"][0]["output"]
         )
     # each group's process measured the statistics it names: the install swapped them in its own process only
-    assert results["default"]["statistics"] == "jaxbn.stats._two_pass_statistics"
+    rows = "jaxbn.stats._two_pass_statistics, narrow features in rows of 128"
+    assert results["default"]["statistics"] == results["narrow"]["statistics"] == rows
+    assert results["narrow_rows_off"]["statistics"] == "jaxbn.stats._two_pass_statistics, no rows"
     assert results["reshift_loop"]["statistics"] == "_reshift_loop.loop_statistics"
-    assert results["reshift_loop"]["e2e"] == {}  # smoke: the e2e code is the default group's
+    for name in ("reshift_loop", "narrow", "narrow_rows_off"):  # smoke: e2e is the default's code
+        assert results[name]["e2e"] == {}, name
     markdown = (tmp_path / "gpu_suite.md").read_text()
     assert (
         "| default | resnet20 |" in markdown
@@ -52,10 +56,11 @@ def test_smoke_run_writes_markdown_and_json(tmp_path):
 
 def test_full_plan_times_both_statistics_designs():
     """Off smoke: the default and the replaced loop design, each micro (the loop: jaxbn and the copy) and end to
-    end on both models; the command-buffer group; no group sets an environment variable jaxbn would read."""
+    end on both models; the narrow-feature rows on and off; the command-buffer group; no group sets an
+    environment variable jaxbn would read."""
     suite = _suite()
     plan = suite._plan(smoke=False)
-    assert set(plan) == {"default", "reshift_loop", "command_buffers"}
+    assert set(plan) == {"default", "reshift_loop", "narrow", "narrow_rows_off", "command_buffers"}
     assert plan["reshift_loop"]["install"] == "_reshift_loop" and "install" not in plan["default"]
     assert plan["reshift_loop"]["micro"] == suite.MICRO and plan["reshift_loop"]["micro_libs"] == [
         "jaxbn",
@@ -63,6 +68,15 @@ def test_full_plan_times_both_statistics_designs():
     ]
     assert set(plan["reshift_loop"]["e2e"]) == set(plan["default"]["e2e"]) == set(suite.E2E_MODELS)
     assert plan["command_buffers"]["env"] == {"XLA_FLAGS": suite.COMMAND_BUFFER_FLAG}
+    # the narrow-feature rows (measured on XLA:CPU only) against the axis summed as it is: one
+    # 16-feature layer each, and the ResNet-20 (16 to 64 features) beside the default group's
+    assert plan["narrow"]["micro"] == plan["narrow_rows_off"]["micro"] == [suite.MICRO_NARROW]
+    assert suite.MICRO_NARROW[0][-1] * 4 <= 128  # (narrow enough for the rows)
+    assert (
+        plan["narrow_rows_off"]["install"] == "_feature_rows_off"
+        and "install" not in plan["narrow"]
+    )
+    assert set(plan["narrow_rows_off"]["e2e"]) == {"resnet20"} and plan["narrow"]["e2e"] == {}
     assert not any(name.startswith("JAXBN") for group in plan.values() for name in group["env"])
 
 
@@ -87,3 +101,49 @@ def test_markdown_writes_n_a_for_a_ratio_that_does_not_exist():
         {"default": {"environment": {}, "micro": [], "e2e": {"resnet20": row}}}, smoke=True
     )
     assert "| default | resnet20 | 2.000 | 1.000 | 1.500 | 2.000 | n/a |" in markdown
+
+
+def test_a_run_cut_short_keeps_the_groups_it_finished(tmp_path, monkeypatch):
+    """The files are written after every group: a device command killed at its time limit (10
+    minutes) still leaves what the finished groups measured."""
+    suite = _suite()
+    finished = {"environment": {}, "statistics": "s", "micro": [], "e2e": {}}
+    calls = []
+
+    def run(command, **kwargs):
+        calls.append(command[command.index("--group") + 1])
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # (what a kill at the limit looks like to this process)
+        line = "GPU_SUITE_RESULT " + json.dumps(finished)
+        return subprocess.CompletedProcess(command, 0, stdout=line + "\n", stderr="")
+
+    monkeypatch.setattr(suite.subprocess, "run", run)
+    with pytest.raises(KeyboardInterrupt):
+        suite.main([str(tmp_path)])
+    assert calls == list(suite._plan(smoke=False))[:2]
+    assert json.loads((tmp_path / "gpu_suite.json").read_text()) == {calls[0]: finished}
+    assert f"- statistics of `{calls[0]}`: `s`" in (tmp_path / "gpu_suite.md").read_text()
+
+
+def test_the_rows_off_install_sums_narrow_features_as_they_are(monkeypatch):
+    """``benchmarks/_feature_rows_off.py`` (the ``narrow_rows_off`` group): a 16-feature batch norm's
+    statistics read x as it is, where the default reads it as rows of 128 elements."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxbn
+    from jaxbn import stats
+
+    params, state = jaxbn.batch_norm_init(16)
+    x = jnp.zeros((8, 4, 4, 16))
+
+    def row_reshapes():
+        jax.clear_caches()
+        forward = jax.jit(lambda x: jaxbn.batch_norm(x, params, state, training=True))
+        return re.findall(r"\[[\d,]*128\]\S* reshape\(", forward.lower(x).as_text(dialect="hlo"))
+
+    assert row_reshapes()  # the default: rows of 8 feature vectors
+    monkeypatch.setattr(stats, "LANES", stats.LANES)  # (restored after the test)
+    _suite()._load("_feature_rows_off").install()
+    assert stats.LANES == 0 and not row_reshapes()
+    jax.clear_caches()
