@@ -156,14 +156,6 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     sharding: Any = getattr(jax.typeof(x), "sharding", None)
     spec = tuple(getattr(sharding, "spec", None) or ())
     explicitly_sharded = any(spec)
-    # a per-feature vector broadcast to x's shape (and explicit sharding) in one operation, not
-    # expand_dims and a broadcasting one (four HLO instructions before optimization)
-    broadcast = functools.partial(
-        lax.broadcast_in_dim,
-        shape=x.shape,
-        broadcast_dimensions=tuple(i for i in range(x.ndim) if i not in axes),
-        out_sharding=sharding if explicitly_sharded else None,
-    )
     if any(isinstance(x.shape[i], int) and x.shape[i] == 0 for i in axes):  # no element to take
         shift = fallback
     elif mask is None:  # x at index 0 of each axis (gathered along an explicitly sharded one)
@@ -206,13 +198,16 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     if widen and merged and merged % k == 0:
         xs = x.reshape(*x.shape[:start], merged // k, k * features)
         sum_axes = (*(i for i in axes if i < start), start)
-        bcast = functools.partial(
-            lax.broadcast_in_dim,
-            shape=xs.shape,
-            broadcast_dimensions=tuple(i for i in range(xs.ndim) if i not in sum_axes),
-        )
     else:
-        k, xs, sum_axes, bcast = 1, x, axes, broadcast
+        k, xs, sum_axes = 1, x, axes
+    # a per-feature vector broadcast to xs's shape (and explicit sharding) in one operation, not
+    # expand_dims and a broadcasting one (four HLO instructions before optimization)
+    broadcast = functools.partial(
+        lax.broadcast_in_dim,
+        shape=xs.shape,
+        broadcast_dimensions=tuple(i for i in range(xs.ndim) if i not in sum_axes),
+        out_sharding=sharding if explicitly_sharded else None,
+    )
     lanes = (1,) * (x.ndim - len(axes) - 1) + (k,)  # a per-feature vector's tiling to xs's rows
     # each sum reads its own view of its operands (chained barriers: XLA merges identical ones),
     # the scales too: as constants, the same in every layer of a shape, XLA:CPU merged their
@@ -222,7 +217,7 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
         jnp.tile(v, lanes) if k > 1 else v for v in (scaled_shift, shift)
     )
     x_view, scaled_shift_view, mask_view, c_view = cpu_barrier(seen, scaled_shift_rows, mask, c)
-    summand = x_view.astype(dtype) * c_view - bcast(scaled_shift_view)
+    summand = x_view.astype(dtype) * c_view - broadcast(scaled_shift_view)
     first = jnp.sum(summand if mask is None else jnp.where(mask_view, summand, 0), sum_axes)
     if k > 1:  # the rows' k partial sums of each feature
         first = jnp.sum(first.reshape(*first.shape[:-1], k, features), -2)
@@ -236,7 +231,7 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     # overflow_scale = 2^-(top//2 + 3), taken where the first overflows (the variance is then at
     # least max / n, and what the scale flushes to 0 is far below the bounds: docs/internals.md);
     # where x - K or mean - K is beyond the dtype, so is the variance
-    deviation = lambda x, shift, offset: x.astype(dtype) - bcast(shift) - bcast(offset)
+    deviation = lambda x, shift, offset: x.astype(dtype) - broadcast(shift) - broadcast(offset)
     offset_rows = jnp.tile(offset0 * u, lanes) if k > 1 else offset0 * u
     x_view, shift_view, mask_view, offset_view, scale_view = cpu_barrier(
         seen, shift_rows, mask, offset_rows, overflow_scale
