@@ -26,6 +26,7 @@ instructions, and an async pair (``all-reduce-start`` / ``all-reduce-done``, or
 from __future__ import annotations
 
 import functools
+import math
 import re
 from typing import Any
 
@@ -53,6 +54,21 @@ _LOOP_EDGES = re.compile(r"\bbody=" + _NAMES)
 def compiled_text(fn: Any, *args: Any) -> str:
     """The optimized HLO text of ``fn`` (a ``jax.jit``/``jax.pmap`` object) for ``args``."""
     return fn.lower(*args).compile().as_text()
+
+
+def feature_rows(hlo_text: str, shape: tuple[int, ...]) -> set[tuple[int, ...]]:
+    """The shapes of HLO text's reshapes of an array of ``shape`` into rows of several of its
+    feature vectors (its last axis): a last axis a multiple of ``shape[-1]``, of the same size."""
+    reshaped = {
+        tuple(map(int, dims.split(",")))
+        for dims in re.findall(r"= \w+\[([\d,]+)\]\S* reshape\(", hlo_text)
+    }
+    features, size = shape[-1], math.prod(shape)
+    return {
+        dims
+        for dims in reshaped
+        if math.prod(dims) == size and dims[-1] > features and dims[-1] % features == 0
+    }
 
 
 def _opcode(rest: str) -> str | None:

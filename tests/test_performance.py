@@ -144,18 +144,8 @@ def test_narrow_features_are_summed_in_rows_of_lanes(shape, rows):
     params, state = jaxbn.batch_norm_init(shape[-1])
     forward = jax.jit(lambda x: jaxbn.batch_norm(x, params, state, training=True))
     x = jnp.zeros(shape)
-    lowered = forward.lower(x).as_text(dialect="hlo")
-    reshaped = {
-        tuple(map(int, dims.split(",")))
-        for dims in re.findall(r"= f32\[([\d,]+)\]\S* reshape\(", lowered)
-    }
-    # x read as rows of several feature vectors: a reshape of x whose last axis holds several
-    wide = {
-        dims
-        for dims in reshaped
-        if np.prod(dims) == np.prod(shape) and dims[-1] > shape[-1] and dims[-1] % shape[-1] == 0
-    }
-    assert wide == ({rows} if rows else set()), reshaped
+    wide = hlo.feature_rows(forward.lower(x).as_text(dialect="hlo"), shape)
+    assert wide == ({rows} if rows else set()), wide
     size = np.prod(shape) * 4
     traffic = hlo.memory_traffic(forward.lower(x).compile().as_text())[0] / size
     assert traffic <= EXPECTED["forward"][0] + 0.05, traffic
