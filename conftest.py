@@ -3,11 +3,16 @@
 Multi-device tests run on 8 forced CPU devices. XLA reads the flag once, when
 JAX initialises its backends, so it is set here, before anything imports jax.
 
-One test run shares one persistent compilation cache among its processes (the
-xdist workers): many tests jit a fresh function that compiles to a program
-another test compiled already, and XLA's compile time is most of the suite's
-time. The cache is a new, empty directory per run, removed at its end, so no
-run sees another's programs; processes a test starts do not use it.
+Each process of a test run (each xdist worker) keeps a persistent compilation
+cache: many tests jit a fresh function that compiles to a program another test
+compiled already, and XLA's compile time is most of the suite's time. The caches
+live in a new, empty directory per run, removed at its end, so no run sees
+another's programs; processes a test starts do not use them. Each worker has a
+directory of its own: JAX writes an entry in place, without a lock (unless
+eviction is on, which rescans the directory at every write), and a worker that
+read another's half-written entry warned and compiled again, which fails a test
+that turns warnings into errors. Sharing saved about 4% of the default tier's
+time (2:30 against 2:36 on 2 cores).
 """
 
 import os
@@ -19,7 +24,7 @@ if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-#: The run's compilation cache directory, passed to the xdist workers (which inherit the
+#: The run's directory of compilation caches, passed to the xdist workers (which inherit the
 #: environment of the process that starts them) under a name JAX itself does not read.
 _CACHE = "JAXBN_TEST_COMPILATION_CACHE"
 
@@ -30,7 +35,9 @@ def pytest_configure(config):
         config._jaxbn_owns_compilation_cache = True
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE])
+    own = os.path.join(os.environ[_CACHE], os.environ.get("PYTEST_XDIST_WORKER", "main"))
+    os.makedirs(own, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", own)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 

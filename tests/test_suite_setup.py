@@ -11,12 +11,13 @@ import pytest
 
 
 def test_the_run_compiles_into_a_cache_of_its_own():
-    """A new directory under the temporary directory, named for this purpose, the one every process
-    of the run (each xdist worker) uses."""
+    """A new directory under the temporary directory, named for this purpose, with one cache per
+    process of the run (each xdist worker): no process reads an entry another is writing."""
     cache = pathlib.Path(jax.config.jax_compilation_cache_dir)
-    assert str(cache) == os.environ["JAXBN_TEST_COMPILATION_CACHE"]
-    assert cache.is_dir() and cache.parent == pathlib.Path(tempfile.gettempdir())
-    assert cache.name.startswith("jaxbn-test-compilation-cache-")
+    run = pathlib.Path(os.environ["JAXBN_TEST_COMPILATION_CACHE"])
+    assert cache == run / os.environ.get("PYTEST_XDIST_WORKER", "main")
+    assert cache.is_dir() and run.parent == pathlib.Path(tempfile.gettempdir())
+    assert run.name.startswith("jaxbn-test-compilation-cache-")
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
 
 
