@@ -33,6 +33,9 @@ after every group, so that a run cut short keeps the groups it finished:
   (256, 32, 32, 16) layer each (jaxbn, flax.linen, the copy), and
   ``narrow_rows_off`` the ResNet-20 (16 to 64 features) beside the default
   group's;
+- the per-example norms (``per_example.py``): layer, RMS and group norm of a
+  (16, 2048, 1024) activation in bfloat16 and float32, forward and
+  forward+backward, jaxbn beside flax.linen (``per_example``);
 - the default with XLA:GPU's command buffers asked to capture ``while`` and
   conditional ops (``XLA_FLAGS`` ``--xla_gpu_enable_command_buffer``; the suite
   records whether the flag was accepted and the step times).
@@ -97,6 +100,7 @@ MICRO = [  # (shape, dtype)
 ]
 MICRO_LIBS = ["jaxbn", "flax", "nnx", "equinox", "torch", "copy"]
 MICRO_NARROW = ((256, 32, 32, 16), "bfloat16")  # 16 features: the statistics' rows apply
+PER_EXAMPLE = [((16, 2048, 1024), "bfloat16"), ((16, 2048, 1024), "float32")]  # (shape, dtype)
 NARROW_LIBS = ["jaxbn", "flax", "copy"]
 
 
@@ -129,6 +133,8 @@ def _plan(smoke: bool) -> dict[str, dict[str, Any]]:
         "micro_libs": NARROW_LIBS,
         "e2e": {} if smoke else {"resnet20": e2e["resnet20"]},
     }
+    per_example = [((2, 8, 64), "float32")] if smoke else PER_EXAMPLE
+    groups["per_example"] = {"env": {}, "micro": [], "e2e": {}, "per_example": per_example}
     if not smoke:
         groups["command_buffers"] = {
             "env": {"XLA_FLAGS": COMMAND_BUFFER_FLAG},
@@ -199,7 +205,13 @@ def run_group(name: str, group: dict[str, Any], smoke: bool) -> dict[str, Any]:
         "statistics": statistics,
         "micro": [],
         "e2e": {},
+        "per_example": [],
     }
+    for shape, dtype in group.get("per_example", []):
+        norms = _load("per_example")
+        for norm in norms.NORMS:
+            measured = norms.measure(norm, dtype, shape, 3 if smoke else 30)
+            result["per_example"].append(measured)
     if group["micro"]:
         bench = _load("bench")
         libs = ["jaxbn", "copy"] if smoke else group.get("micro_libs", MICRO_LIBS)
@@ -288,6 +300,27 @@ def _markdown(results: dict[str, Any], smoke: bool) -> str:
         if "statistics" in result
     ]
     lines += [""]
+    per_example = [row for result in results.values() for row in result.get("per_example", [])]
+    if per_example:
+        lines += [
+            "## Per-example norms (ms per call, median; benchmarks/per_example.py)",
+            "",
+            "| norm | dtype | shape | forward jaxbn / flax | ratio | forward+backward jaxbn / flax "
+            "| ratio | agrees with flax |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in per_example:
+            cells = [
+                f"{row['ms'][f'{mode} jaxbn']:.3f} / {row['ms'][f'{mode} flax']:.3f} | "
+                f"{row['ratio'][mode]:.2f}"
+                for mode in ("forward", "forward+backward")
+            ]
+            lines.append(
+                f"| {row['norm']} | {row['dtype']} | {tuple(row['shape'])} | "
+                + " | ".join(cells)
+                + f" | {'yes' if row['agrees'] else 'NO'} |"
+            )
+        lines += [""]
     for group, result in results.items():
         for micro in result.get("micro", []):
             lines += [

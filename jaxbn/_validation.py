@@ -404,6 +404,7 @@ class Plan(NamedTuple):
     axis_index_groups: tuple[tuple[int, ...], ...] | None
     out_dtype: Any = None
     correction: Any = None  # batch renormalization's (r, d) in training
+    centred: bool = True  # False: moments around 0, ``var`` the mean square (RMS norm)
 
 
 class BatchNormCall(NamedTuple):
@@ -621,5 +622,6 @@ def check_per_example(kind, x, params, epsilon, mask, axis_name, axis_index_grou
         x = x.reshape(grouped)
     shape = tuple(x.shape[i] if i in features else 1 for i in range(x.ndim))
     params = {key: jnp.reshape(value, shape) for key, value in params.items()}
-    plan = Plan(reduction, compute, jnp.finfo(compute).dtype, axis_name, groups, out)
+    real = jnp.finfo(compute).dtype
+    plan = Plan(reduction, compute, real, axis_name, groups, out, centred=kind != "rms_norm")
     return x, params, plan, mask

@@ -44,9 +44,9 @@ def _normalize(kind: str, arguments: dict[str, Any]) -> jax.Array:
         if kind != "rms_norm":
             shift, offset, var = batch.shift, batch.mean_minus_shift, batch.var
             shift, offset, var = (jnp.expand_dims(v, axes) for v in (shift, offset, var))
-        else:  # E[|x|^2], real for complex x
+        else:  # statistics around 0 (the plan's centred is False): var is E[|x|^2]
             shift, offset = jnp.zeros((), compute), None
-            var = jnp.expand_dims(batch.var + stats.abs_square(batch.mean), axes)
+            var = jnp.expand_dims(batch.var, axes)
         # Normalized first, then scaled: autodiff's scale gradient is then sum(dy * x_hat), 0 where
         # the variance is beyond the dtype (sum(dy * (x - mean)) * 0 would be inf * 0 = NaN).
         y = _train_step.affine_normalize(
@@ -112,9 +112,9 @@ def rms_norm(
     dtype: Any = None,
 ) -> jax.Array:
     r"""RMS normalization (Zhang & Sennrich, 2019), as :class:`flax.linen.RMSNorm`: ``y = x /
-    sqrt(E[x^2] + epsilon) * scale`` per example over ``reduction_axes``, with ``E[x^2] = var +
-    mean^2`` (non-negative terms) from :func:`jaxbn.moments`. ``mask``, ``axis_name``,
-    ``axis_index_groups`` and ``dtype`` are as in :func:`layer_norm`.
+    sqrt(E[x^2] + epsilon) * scale`` per example over ``reduction_axes``, ``E[x^2]`` a sum of
+    squares on the statistics' path of :func:`jaxbn.moments` (one pass over ``x``, no mean).
+    ``mask``, ``axis_name``, ``axis_index_groups`` and ``dtype`` are as in :func:`layer_norm`.
 
     Args:
       x: floating or complex input (complex: ``E[|x|^2]``).

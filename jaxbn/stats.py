@@ -124,8 +124,10 @@ def _shifted_moments_jvp(plan, primals, tangents):
     shift, offset = lax.stop_gradient(shift), lax.stop_gradient(offset)
     dx = tangents[0]
     # Linear in dx (no optimization barrier: reverse mode transposes this).
-    centered = x.astype(plan.dtype) - jnp.expand_dims(shift, plan.axes)
-    centered = centered - jnp.expand_dims(offset, plan.axes)
+    centered = x.astype(plan.dtype)
+    if plan.centred:
+        centered = centered - jnp.expand_dims(shift, plan.axes)
+        centered = centered - jnp.expand_dims(offset, plan.axes)
     # A deviation beyond the dtype: a variance beyond it, whose derivative nothing uses (0, not NaN)
     centered = jnp.where(jnp.isfinite(centered), centered, 0)
     dx = dx.astype(plan.dtype)
@@ -147,7 +149,9 @@ def _shifted_moments_jvp(plan, primals, tangents):
 def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Array) -> tuple:
     """``(count, shift K, mean - K, variance, mean)`` of the valid elements of every device, ``K``
     this device's first valid, finite element along the axes (else ``fallback``): two passes, then
-    with ``plan.axis_name`` one collective (``docs/internals.md`` describes the scaling)."""
+    with ``plan.axis_name`` one collective (``docs/internals.md`` describes the scaling). Where
+    ``plan.centred`` is False, around 0 (``K = fallback``, 0): the variance is the mean square, pass
+    two alone."""
     axes, dtype, real = plan.axes, plan.dtype, plan.real_dtype
     info = jnp.finfo(real)
     top = info.maxexp - 1  # the greatest normal exponent
@@ -156,8 +160,9 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     sharding: Any = getattr(jax.typeof(x), "sharding", None)
     spec = tuple(getattr(sharding, "spec", None) or ())
     explicitly_sharded = any(spec)
-    if any(isinstance(x.shape[i], int) and x.shape[i] == 0 for i in axes):  # no element to take
-        shift = fallback
+    centred = plan.centred
+    if not centred or any(isinstance(x.shape[i], int) and x.shape[i] == 0 for i in axes):
+        shift = fallback  # (no element to take)
     elif mask is None:  # x at index 0 of each axis (gathered along an explicitly sharded one)
         sharded = [axis for axis in axes if axis < len(spec) and spec[axis] is not None]
         # the axes on the device first: only the feature values travel
@@ -216,11 +221,14 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     scaled_shift_rows, shift_rows = (
         jnp.tile(v, lanes) if k > 1 else v for v in (scaled_shift, shift)
     )
-    x_view, scaled_shift_view, mask_view, c_view = cpu_barrier(seen, scaled_shift_rows, mask, c)
-    summand = x_view.astype(dtype) * c_view - broadcast(scaled_shift_view)
-    first = jnp.sum(summand if mask is None else jnp.where(mask_view, summand, 0), sum_axes)
-    if k > 1:  # the rows' k partial sums of each feature
-        first = jnp.sum(first.reshape(*first.shape[:-1], k, features), -2)
+    if centred:
+        x_view, scaled_shift_view, mask_view, c_view = cpu_barrier(seen, scaled_shift_rows, mask, c)
+        summand = x_view.astype(dtype) * c_view - broadcast(scaled_shift_view)
+        first = jnp.sum(summand if mask is None else jnp.where(mask_view, summand, 0), sum_axes)
+        if k > 1:  # the rows' k partial sums of each feature
+            first = jnp.sum(first.reshape(*first.shape[:-1], k, features), -2)
+    else:  # (0: mean - K, with K = fallback = 0)
+        first = jnp.zeros(shift.shape, dtype)
     if mask is None:
         count = jnp.full(shift.shape, size, real)
     else:
@@ -231,15 +239,16 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     # overflow_scale = 2^-(top//2 + 3), taken where the first overflows (the variance is then at
     # least max / n, and what the scale flushes to 0 is far below the bounds: docs/internals.md);
     # where x - K or mean - K is beyond the dtype, so is the variance
-    deviation = lambda x, shift, offset: x.astype(dtype) - broadcast(shift) - broadcast(offset)
-    offset_rows = jnp.tile(offset0 * u, lanes) if k > 1 else offset0 * u
-    x_view, shift_view, mask_view, offset_view, scale_view = cpu_barrier(
-        seen, shift_rows, mask, offset_rows, overflow_scale
+    deviation = lambda x, *centre: (
+        x.astype(dtype) - broadcast(centre[0]) - broadcast(centre[1]) if centre else x.astype(dtype)
     )
-    d = deviation(x_view, shift_view, offset_view)
+    offset_rows = jnp.tile(offset0 * u, lanes) if k > 1 else offset0 * u
+    centre = (shift_rows, offset_rows) if centred else ()  # (around 0: d is x itself)
+    x_view, mask_view, scale_view, *centre_view = cpu_barrier(seen, mask, overflow_scale, *centre)
+    d = deviation(x_view, *centre_view)
     if mask is None:  # the scaled sum reads its own view of x, so that a library reduction
         # absorbs the elementwise work
-        scaled = deviation(*cpu_barrier(x_view, shift_view, offset_view)) * scale_view
+        scaled = deviation(*cpu_barrier(x_view, *centre_view)) * scale_view
     else:  # both sums read one materialized d: XLA:CPU's library reductions do not absorb a select
         d = jnp.where(mask_view, d, 0)  # (masked-out NaN stays out)
         scaled = d * scale_view

@@ -27,13 +27,16 @@ def test_smoke_run_writes_markdown_and_json(tmp_path):
     )  # ~30 s quiet; a hang fails, a loaded machine does not
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_suite.json").read_text())
-    assert set(results) == {"default", "reshift_loop", "narrow", "narrow_rows_off"}
+    assert set(results) == {"default", "reshift_loop", "narrow", "narrow_rows_off", "per_example"}
     assert all("error" not in group for group in results.values()), results
     row = results["default"]["e2e"]["resnet20"]
     assert row["loss_check_passed"] and set(row["median_ms"]) == {"jaxbn", "flax", "none"}
     assert all(math.isfinite(ms) for ms in row["median_ms"].values())
     assert "initial variables identical: yes" in row["output"] and "): passed" in row["output"]
     assert "BN overhead jaxbn / flax" in row["output"]
+    per_example = results.pop("per_example")["per_example"]  # layer, RMS and group norm
+    assert [row["norm"] for row in per_example] == ["layer_norm", "rms_norm", "group_norm"]
+    assert all(row["agrees"] and row["dtype"] == "float32" for row in per_example), per_example
     for group in results.values():  # the smoke runs the install's path through the micro benchmark
         assert (
             group["micro"][0]["dtype"] == "float32"
@@ -52,16 +55,25 @@ def test_smoke_run_writes_markdown_and_json(tmp_path):
         and "## Micro: float32 (8, 4, 4, 8) NHWC (reshift_loop)" in markdown
     )
     assert "- statistics of `reshift_loop`: `_reshift_loop.loop_statistics`" in markdown
+    assert "| rms_norm | float32 | (2, 8, 64) |" in markdown
     assert markdown in done.stdout
 
 
 def test_full_plan_times_both_statistics_designs():
     """Off smoke: the default and the replaced loop design, each micro (the loop: jaxbn and the copy) and end to
-    end on both models; the narrow-feature rows on and off; the command-buffer group; no group sets an
+    end on both models; the narrow-feature rows on and off; the per-example norms; the command-buffer
+    group; no group sets an
     environment variable jaxbn would read."""
     suite = _suite()
     plan = suite._plan(smoke=False)
-    assert set(plan) == {"default", "reshift_loop", "narrow", "narrow_rows_off", "command_buffers"}
+    assert set(plan) == {
+        "default",
+        "reshift_loop",
+        "narrow",
+        "narrow_rows_off",
+        "per_example",
+        "command_buffers",
+    }
     assert plan["reshift_loop"]["install"] == "_reshift_loop" and "install" not in plan["default"]
     assert plan["reshift_loop"]["micro"] == suite.MICRO and plan["reshift_loop"]["micro_libs"] == [
         "jaxbn",
@@ -78,6 +90,9 @@ def test_full_plan_times_both_statistics_designs():
         and "install" not in plan["narrow"]
     )
     assert set(plan["narrow_rows_off"]["e2e"]) == {"resnet20"} and plan["narrow"]["e2e"] == {}
+    # the per-example norms at a transformer's shape, in both dtypes
+    assert plan["per_example"]["per_example"] == suite.PER_EXAMPLE
+    assert {dtype for _, dtype in suite.PER_EXAMPLE} == {"bfloat16", "float32"}
     assert not any(name.startswith("JAXBN") for group in plan.values() for name in group["env"])
 
 
