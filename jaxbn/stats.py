@@ -190,21 +190,32 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
             for e in (-2 - log_size, 2 + log_size)
         )
     scaled_shift, overflow_scale = shift * c, np.asarray(2.0 ** -(top // 2 + 3), real)
-    # Where the last axis holds at most LANES / 4 features and axes just before it are reduced, the
-    # sums read x as rows of k whole feature vectors (a reshape, free in x's layout) and add their k
-    # partial sums after: XLA:CPU's library reductions take 2-5x as long over rows of 16 features
-    # as of 128 (RESULTS.md, 2026-12-07, eleventh)
-    features, start, merged = x.shape[-1] if x.ndim else 0, x.ndim - 1, 1
-    widen = mask is None and not explicitly_sharded and start not in axes
+    # The sums read x as rows of whole feature vectors (reshapes, free in x's layout) and add the
+    # partial sums after (RESULTS.md, 2026-12-07, eleventh and twelfth): XLA:CPU's library
+    # reductions with a per-feature operand take 2-5x as long where it varies along few elements
+    # of the last axis. Where the last axis is reduced within features along the axis before it
+    # (group norm's channels of a group) and other axes are reduced too, the two are read as one
+    # axis of features x inner elements; where the last axis holds at most LANES / 4 features and
+    # axes just before it are reduced, as rows of k whole feature vectors.
+    plain, inner, last = mask is None and not explicitly_sharded, 1, x.ndim - 1
+    xs, axes_s = x, axes  # (x and its reduced axes as the sums read them)
+    if plain and last in axes and last - 1 not in axes and any(i < last - 1 for i in axes):
+        if all(isinstance(n, int) for n in x.shape[-2:]):
+            inner, xs = x.shape[-1], x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+            axes_s = tuple(i for i in axes if i != last)
+    features, start, merged = xs.shape[-1] if xs.ndim else 0, xs.ndim - 1, 1
+    widen = plain and start not in axes_s
     widen = widen and isinstance(features, int) and 0 < 4 * features <= LANES
     k = 1 << (-(-LANES // features) - 1).bit_length() if widen else 1  # 2^i >= LANES / features
-    while widen and merged % k and start - 1 in axes and isinstance(x.shape[start - 1], int):
-        start, merged = start - 1, merged * x.shape[start - 1]
+    while widen and merged % k and start - 1 in axes_s and isinstance(xs.shape[start - 1], int):
+        start, merged = start - 1, merged * xs.shape[start - 1]
     if widen and merged and merged % k == 0:
-        xs = x.reshape(*x.shape[:start], merged // k, k * features)
-        sum_axes = (*(i for i in axes if i < start), start)
+        xs = xs.reshape(*xs.shape[:start], merged // k, k * features)
+        sum_axes = (*(i for i in axes_s if i < start), start)
     else:
-        k, xs, sum_axes = 1, x, axes
+        k, sum_axes = 1, axes_s
+    features //= inner  # (the features' partial sums: k rows of features x inner, folded after)
+    fold = (k, features, inner) if k * inner > 1 else None
     # a per-feature vector broadcast to xs's shape (and explicit sharding) in one operation, not
     # expand_dims and a broadcasting one (four HLO instructions before optimization)
     broadcast = functools.partial(
@@ -213,20 +224,25 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
         broadcast_dimensions=tuple(i for i in range(xs.ndim) if i not in sum_axes),
         out_sharding=sharding if explicitly_sharded else None,
     )
-    lanes = (1,) * (x.ndim - len(axes) - 1) + (k,)  # a per-feature vector's tiling to xs's rows
+    # a per-feature vector tiled to xs's rows, (..., features) to (..., k * features * inner), and
+    # a sum's partial sums folded back, inline (each function is one more on the traced path)
+    tiled = (*shift.shape[:-1], k * features * inner) if fold else None
     # each sum reads its own view of its operands (chained barriers: XLA merges identical ones),
     # the scales too: as constants, the same in every layer of a shape, XLA:CPU merged their
     # broadcasts across layers and handed each sum the merged one as a full-size buffer
     seen = xs.astype(dtype) if barrier_views_in_compute_dtype else xs
     scaled_shift_rows, shift_rows = (
-        jnp.tile(v, lanes) if k > 1 else v for v in (scaled_shift, shift)
+        jnp.broadcast_to(v[..., None, :, None], (*v.shape[:-1], *fold)).reshape(tiled)
+        if fold
+        else v
+        for v in (scaled_shift, shift)
     )
     if centred:
         x_view, scaled_shift_view, mask_view, c_view = cpu_barrier(seen, scaled_shift_rows, mask, c)
         summand = x_view.astype(dtype) * c_view - broadcast(scaled_shift_view)
         first = jnp.sum(summand if mask is None else jnp.where(mask_view, summand, 0), sum_axes)
-        if k > 1:  # the rows' k partial sums of each feature
-            first = jnp.sum(first.reshape(*first.shape[:-1], k, features), -2)
+        if fold:  # the rows' k * inner partial sums of each feature
+            first = jnp.sum(first.reshape(*first.shape[:-1], *fold), (-3, -1))
     else:  # (0: mean - K, with K = fallback = 0)
         first = jnp.zeros(shift.shape, dtype)
     if mask is None:
@@ -242,7 +258,10 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     deviation = lambda x, *centre: (
         x.astype(dtype) - broadcast(centre[0]) - broadcast(centre[1]) if centre else x.astype(dtype)
     )
-    offset_rows = jnp.tile(offset0 * u, lanes) if k > 1 else offset0 * u
+    offset_rows = offset0 * u
+    if fold:
+        offset_rows = jnp.broadcast_to(offset_rows[..., None, :, None], (*shift.shape[:-1], *fold))
+        offset_rows = offset_rows.reshape(tiled)
     centre = (shift_rows, offset_rows) if centred else ()  # (around 0: d is x itself)
     x_view, mask_view, scale_view, *centre_view = cpu_barrier(seen, mask, overflow_scale, *centre)
     d = deviation(x_view, *centre_view)
@@ -255,7 +274,7 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     sums = []
     for v in (d, scaled):  # (|v|^2 inline: each call is a function on the traced path)
         v = jnp.sum(v.real * v.real + v.imag * v.imag if jnp.iscomplexobj(v) else v * v, sum_axes)
-        sums.append(jnp.sum(v.reshape(*v.shape[:-1], k, features), -2) if k > 1 else v)
+        sums.append(jnp.sum(v.reshape(*v.shape[:-1], *fold), (-3, -1)) if fold else v)
     overflow = sums[0] == np.inf
     second = lax.select(overflow, sums[1], sums[0])
     # unscaled one factor at a time, the factor selected: as constants XLA would fold 2^66 2^66 / n

@@ -46,12 +46,17 @@ def test_moments_match_float64_reference(dtype, rtol, axes, rng):
         ((5, 8, 8, 24), (1, 2)),  # instance-norm-like: per example and feature, rows of 8
         ((7, 5, 32), (0, 1)),  # 32 features, 35 rows: not a multiple of 4, summed as they are
         ((2, 4, 4, 64), (0, 1, 2)),  # 64 features: summed as they are
+        ((4, 16, 8, 3), (1, 3)),  # group-norm-like: 8 groups of 3 as rows of 24, then of 192
+        ((3, 10, 16, 24), (1, 3)),  # group-norm-like: 16 groups of 24 as rows of 384
+        ((3, 10, 5, 7), (1, 3)),  # group-norm-like, 35 channels, rows not a multiple of 4
     ],
 )
 def test_narrow_features_are_summed_within_the_bounds(shape, axes, dtype, rng):
-    """Where the feature axis is last and at most ``stats.LANES / 4`` wide, the sums read x as rows
-    of whole feature vectors and add their partial sums after: the moments stay within
-    docs/accuracy.md's bounds of the exact ones (at an offset, with a different one per feature)."""
+    """Where the feature axis is last and at most ``stats.LANES / 4`` wide, or the last axis is
+    reduced within the features of the axis before it (group norm's channels of a group), the sums
+    read x as rows of whole feature vectors and add their partial sums after: the moments stay
+    within docs/accuracy.md's bounds of the exact ones (at an offset, a different one per element
+    of the last axis)."""
     offsets = rng.uniform(-1e3, 1e3, size=shape[-1])
     x = jnp.asarray(rng.normal(size=shape) * rng.uniform(0.1, 10, size=shape[-1]) + offsets, dtype)
     m = jax.jit(lambda x: stats.moments(x, axes))(x)
