@@ -113,7 +113,11 @@ def _train(x, scale, bias, outer_scale, outer_bias, plan: stats.Plan, inputs: tu
     multiplier = lax.rsqrt(var + epsilon)  # (inverse_sqrt's value)
     if scale is not None:
         multiplier = multiplier * jnp.asarray(scale, dtype)
-    shift, offset, multiplier = (jnp.expand_dims(v, axes) for v in (*centre, multiplier))
+    # (a plan's inner elements share their statistic: each value repeated along the last axis)
+    shift, offset, multiplier = (
+        jnp.expand_dims(jnp.repeat(v, plan.inner, -1) if plan.inner > 1 else v, axes)
+        for v in (*centre, multiplier)
+    )
     values = x if mask is None else jnp.where(mask | jnp.isfinite(x), x, 0)  # no masked-out NaN
     y = ((values.astype(dtype) - shift) - offset) * multiplier
     if bias is not None:
@@ -150,13 +154,17 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     n = jnp.maximum(batch.count, 1)
     zero = jnp.zeros_like(inv_std)
     std = lax.select(beyond, zero, 1 / lax.select(beyond, jnp.ones_like(inv_std), inv_std))
-    expand = lambda v: jnp.expand_dims(v, axes)
     broadcast = functools.partial(  # (one operation, as in stats._two_pass_statistics)
         lax.broadcast_in_dim,
         shape=x.shape,
         broadcast_dimensions=tuple(i for i in range(x.ndim) if i not in axes),
         out_sharding=stats.explicit_sharding(x),
     )
+    expand = lambda v: jnp.expand_dims(v, axes)
+    if plan.inner > 1:  # a statistic's value for each of its inner elements of the last axis
+        spread = broadcast
+        broadcast = lambda v: spread(jnp.repeat(v, plan.inner, -1))
+        expand = lambda v: jnp.expand_dims(jnp.repeat(v, plan.inner, -1), axes)
     dx = dx.astype(dtype)  # once: a half-precision cotangent is rounded once, at the end
     # x̂ itself, not (x - K) and 1/σ: the transpose's dx pass multiplies x̂ by a per-feature factor
     # of dy's scale (a factor 1/σ² would underflow for σ beyond ~1e13 in float32)
@@ -164,6 +172,8 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     x_hat = (x_hat - broadcast(centre_offset)) * broadcast(inv_std)
     valid_dx = dx if mask is None else jnp.where(mask, dx, 0)
     local = [jnp.sum(valid_dx, axes), jnp.sum(x_hat * valid_dx, axes)]
+    if plan.inner > 1:  # each statistic's partial sums added
+        local = [jnp.sum(v.reshape(*v.shape[:-1], -1, plan.inner), -1) for v in local]
     sum_dx, sum_dx_xhat = stats.cross_device_sum(local, plan.axis_name, plan.axis_index_groups)
     a = -gain * sum_dx / n
     b = -gain * sum_dx_xhat / n
@@ -241,6 +251,7 @@ def normalize_then_affine_train(x, params: Mapping, plan: stats.Plan, epsilon, m
     """The training step without parameters of its own, then ``y * scale + bias`` with ``params``
     that broadcast to ``x`` (layer, group and instance norm: statistics per example, parameters per
     feature). A feature without a valid element has mean 0 and variance 0."""
-    zeros = jnp.zeros([size for i, size in enumerate(x.shape) if i not in plan.axes], plan.dtype)
+    kept = [size for i, size in enumerate(x.shape) if i not in plan.axes]
+    zeros = jnp.zeros([*kept[:-1], kept[-1] // plan.inner] if kept else kept, plan.dtype)
     inputs = jax.tree_util.tree_map(lax.stop_gradient, (zeros, epsilon, mask, zeros, zeros, ()))
     return _step(x, None, None, params.get("scale"), params.get("bias"), plan, inputs)[0]

@@ -405,6 +405,9 @@ class Plan(NamedTuple):
     out_dtype: Any = None
     correction: Any = None  # batch renormalization's (r, d) in training
     centred: bool = True  # False: moments around 0, ``var`` the mean square (RMS norm)
+    # > 1: each statistic also spans this many consecutive elements of the last axis, so a
+    # statistic's vectors hold one value per ``inner`` of them (group norm's channels of a group)
+    inner: int = 1
 
 
 class BatchNormCall(NamedTuple):
@@ -615,13 +618,30 @@ def check_per_example(kind, x, params, epsilon, mask, axis_name, axis_index_grou
         mask = None if mask is None else check_mask(mask, x.shape)
         axis_size(axis_name, axis_index_groups)
         groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
+    inner = 1
     if kind == "group_norm":
-        grouped = x.shape[:-1] + (n_groups, x.shape[-1] // n_groups)
-        mask = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(grouped)
-        reduction, features = reduction[:-1] + (x.ndim,), (x.ndim - 1, x.ndim)
-        x = x.reshape(grouped)
+        size, complex_x = x.shape[-1] // n_groups, jnp.iscomplexobj(x)
+        sharding = getattr(jax.typeof(x), "sharding", None)
+        explicit = any(getattr(sharding, "spec", None) or ())
+        if (
+            mask is None
+            and isinstance(size, int)
+            and size > 1
+            and reduction[:-1]
+            and not explicit
+            and not complex_x
+        ):
+            # x as it is, each group's statistics over the other axes and its channels: the sums
+            # read rows of all channels (docs/internals.md), the parameters per channel
+            reduction, inner = reduction[:-1], size
+        else:  # x split into groups: (..., G, C / G), reduced over the last axis too
+            grouped = x.shape[:-1] + (n_groups, size)
+            mask = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(grouped)
+            reduction, features = reduction[:-1] + (x.ndim,), (x.ndim - 1, x.ndim)
+            x = x.reshape(grouped)
     shape = tuple(x.shape[i] if i in features else 1 for i in range(x.ndim))
     params = {key: jnp.reshape(value, shape) for key, value in params.items()}
     real = jnp.finfo(compute).dtype
-    plan = Plan(reduction, compute, real, axis_name, groups, out, centred=kind != "rms_norm")
+    centred = kind != "rms_norm"
+    plan = Plan(reduction, compute, real, axis_name, groups, out, centred=centred, inner=inner)
     return x, params, plan, mask

@@ -24,7 +24,8 @@ def _normalize(kind: str, arguments: dict[str, Any]) -> jax.Array:
     :func:`jaxbn._train_step.affine_normalize` differentiated by JAX."""
     x, params, plan, mask = _validation.check_per_example(kind, **arguments)
     epsilon, axes, compute, out = arguments["epsilon"], plan.axes, plan.dtype, plan.out_dtype
-    shape = x.shape[:-2] + (x.shape[-2] * x.shape[-1],) if kind == "group_norm" else x.shape
+    grouped = kind == "group_norm" and plan.inner == 1  # (x split into groups: merged after)
+    shape = x.shape[:-2] + (x.shape[-2] * x.shape[-1],) if grouped else x.shape
     if not axes:  # instance norm without a spatial axis: x - x in the compute dtype, the bias
         wide, zero = x.astype(compute), jnp.zeros((), jnp.float32)
         return _train_step.affine_normalize(wide, wide, zero, params, (), epsilon, compute, out)

@@ -156,7 +156,7 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     info = jnp.finfo(real)
     top = info.maxexp - 1  # the greatest normal exponent
     int_type = {32: jnp.int32, 64: jnp.int64}[info.bits]
-    size = math.prod(x.shape[i] for i in axes)
+    size = math.prod(x.shape[i] for i in axes) * plan.inner  # elements per statistic
     sharding: Any = getattr(jax.typeof(x), "sharding", None)
     spec = tuple(getattr(sharding, "spec", None) or ())
     explicitly_sharded = any(spec)
@@ -167,7 +167,9 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
         sharded = [axis for axis in axes if axis < len(spec) and spec[axis] is not None]
         # the axes on the device first: only the feature values travel
         limits = [1 if i in axes and i not in sharded else n for i, n in enumerate(x.shape)]
-        value = lax.slice(x, [0] * x.ndim, limits)
+        # (with a plan's inner elements, the first of each group of them)
+        strides = (1,) * (x.ndim - 1) + (plan.inner,) if plan.inner > 1 else None
+        value = lax.slice(x, [0] * x.ndim, limits, strides)
         for axis in sharded:
             spec = tuple(None if i == axis else part for i, part in enumerate(spec))
             out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
@@ -197,9 +199,10 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     # (group norm's channels of a group) and other axes are reduced too, the two are read as one
     # axis of features x inner elements; where the last axis holds at most LANES / 4 features and
     # axes just before it are reduced, as rows of k whole feature vectors.
-    plain, inner, last = mask is None and not explicitly_sharded, 1, x.ndim - 1
+    plain, inner, last = mask is None and not explicitly_sharded, plan.inner, x.ndim - 1
     xs, axes_s = x, axes  # (x and its reduced axes as the sums read them)
-    if plain and last in axes and last - 1 not in axes and any(i < last - 1 for i in axes):
+    # (a plan's inner elements are x's already: group norm passes x as it is)
+    if inner == 1 and plain and last in axes and last - 1 not in axes and last - 1 > min(axes):
         if all(isinstance(n, int) for n in x.shape[-2:]):
             inner, xs = x.shape[-1], x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
             axes_s = tuple(i for i in axes if i != last)
