@@ -1,7 +1,8 @@
 """Per-example norms: jaxbn's layer, RMS and group norm beside flax.linen's, in one run.
 
-For each norm and dtype, on one ``(batch, length, features)`` activation (a transformer's; layer and
-RMS norm over the features, group norm over the length and each group of features): the jitted
+For each norm and dtype, on one channels-last activation (by default a transformer's ``(batch,
+length, features)``, or an image's ``--shape N H W C``; layer and RMS norm over the last axis, group
+norm in 32 groups of the last axis, over each group and all axes but the first): the jitted
 forward and forward+backward (``jax.vjp`` with ``dy`` an argument), timed interleaved
 (``bench.time_interleaved``: every variant once per repetition, in a fresh random order), with
 the median in ms, the ratio to flax and each compiled program's HLO traffic in units of S (the
@@ -11,7 +12,7 @@ A guard for the benchmark itself: jaxbn's output must agree with flax's (to 1e-4
 scale in float32, 4e-2 in bfloat16); the exit status is 1 where one does not.
 
     python benchmarks/per_example.py [--shape 8 512 768] [--dtypes float32 bfloat16] [--reps 50]
-                                     [--quick] [--json PATH]
+                                     [--norms ...] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def measure(norm: str, dtype_name: str, shape: tuple[int, ...], reps: int) -> di
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", type=int, nargs=3, metavar=("B", "T", "D"))
+    parser.add_argument("--shape", type=int, nargs="+", help="channels last, at least 2 axes")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(TOLERANCE))
     parser.add_argument("--norms", nargs="+", choices=sorted(NORMS))
     parser.add_argument("--reps", type=int, help="interleaved repetitions (default 50; --quick 3)")
@@ -127,6 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.reps = args.reps or (3 if args.quick else 50)
     args.dtypes = args.dtypes or ["float32", "bfloat16"]
     args.norms = args.norms or list(NORMS)
+    if len(args.shape) < 2:
+        parser.error(f"--shape: at least 2 axes (a batch and the channels), got {args.shape}")
     if args.shape[-1] % GROUPS:
         parser.error(f"--shape: the features ({args.shape[-1]}) must divide into {GROUPS} groups")
     return args
