@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -154,7 +154,7 @@ def _train_jvp(plan: stats.Plan, primals, tangents):
     n = jnp.maximum(batch.count, 1)
     zero = jnp.zeros_like(inv_std)
     std = lax.select(beyond, zero, 1 / lax.select(beyond, jnp.ones_like(inv_std), inv_std))
-    broadcast = functools.partial(  # (one operation, as in stats._two_pass_statistics)
+    broadcast: Callable[[jax.Array], jax.Array] = functools.partial(  # (one operation, as in stats)
         lax.broadcast_in_dim,
         shape=x.shape,
         broadcast_dimensions=tuple(i for i in range(x.ndim) if i not in axes),
