@@ -176,7 +176,7 @@ def test_group_norm_reads_x_as_channels(masked):
     channels (the plan's ``inner``), its vectors repeated to the channels: forward and backward, no
     ``(..., G, C / G)`` view of x, whose per-group operands, varying along a few elements of the
     last axis, made XLA:CPU's library reductions 3-10x as slow. With a mask, x is split into groups
-    (and the statistics read the last two axes as one, above)."""
+    as before."""
     shape, groups = (8, 16, 16, 128), 32
     x = jnp.zeros(shape)
     mask = jnp.ones(shape[:-1] + (1,), bool) if masked else None
