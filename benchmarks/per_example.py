@@ -6,13 +6,14 @@ norm in 32 groups of the last axis, over each group and all axes but the first):
 forward and forward+backward (``jax.vjp`` with ``dy`` an argument), timed interleaved
 (``bench.time_interleaved``: every variant once per repetition, in a fresh random order), with
 the median in ms, the ratio to flax and each compiled program's HLO traffic in units of S (the
-bytes of ``x``). Parameters are in the activation's dtype, so outputs are too.
+bytes of ``x``). Parameters are in the activation's dtype, so outputs are too. With ``--masked``,
+both libraries take the same full-size mask (each element valid with probability 0.9).
 
 A guard for the benchmark itself: jaxbn's output must agree with flax's (to 1e-4 of the output's
 scale in float32, 4e-2 in bfloat16); the exit status is 1 where one does not.
 
     python benchmarks/per_example.py [--shape 8 512 768] [--dtypes float32 bfloat16] [--reps 50]
-                                     [--norms ...] [--quick] [--json PATH]
+                                     [--norms ...] [--masked] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ NORMS: dict[str, tuple[Callable, Callable, tuple[str, ...]]] = {
     "layer_norm": (jaxbn.layer_norm, nn.LayerNorm, ("scale", "bias")),
     "rms_norm": (jaxbn.rms_norm, nn.RMSNorm, ("scale",)),
     "group_norm": (
-        lambda x, p: jaxbn.group_norm(x, p, num_groups=GROUPS),
+        lambda x, p, mask=None: jaxbn.group_norm(x, p, num_groups=GROUPS, mask=mask),
         lambda **kw: nn.GroupNorm(num_groups=GROUPS, **kw),
         ("scale", "bias"),
     ),
@@ -49,7 +50,7 @@ NORMS: dict[str, tuple[Callable, Callable, tuple[str, ...]]] = {
 TOLERANCE = {"float32": 1e-4, "bfloat16": 4e-2}
 
 
-def _programs(norm: str, dtype: Any, x: jax.Array) -> dict[str, tuple[Callable, tuple]]:
+def _programs(norm: str, dtype: Any, x: jax.Array, mask: Any) -> dict[str, tuple[Callable, tuple]]:
     """``{implementation: (forward, its arguments)}``; ``forward(x, params)`` returns ``y``."""
     ours, module_class, names = NORMS[norm]
     module = module_class(dtype=dtype, param_dtype=dtype)
@@ -63,8 +64,8 @@ def _programs(norm: str, dtype: Any, x: jax.Array) -> dict[str, tuple[Callable, 
     }
     variables = {"params": {key: params[key] for key in variables["params"]}}
     return {
-        "jaxbn": (lambda x, p: ours(x, p), params),
-        "flax": (lambda x, v: module.apply(v, x), variables),
+        "jaxbn": (lambda x, p: ours(x, p, mask=mask), params),
+        "flax": (lambda x, v: module.apply(v, x, mask=mask), variables),
     }
 
 
@@ -76,7 +77,9 @@ def _with_backward(forward: Callable) -> Callable:
     return run
 
 
-def measure(norm: str, dtype_name: str, shape: tuple[int, ...], reps: int) -> dict[str, Any]:
+def measure(
+    norm: str, dtype_name: str, shape: tuple[int, ...], reps: int, masked: bool = False
+) -> dict[str, Any]:
     """Times, traffic and the agreement of jaxbn's output with flax's for one norm and dtype."""
     dtype = jnp.dtype(dtype_name)
     rng = np.random.default_rng(0)
@@ -84,7 +87,8 @@ def measure(norm: str, dtype_name: str, shape: tuple[int, ...], reps: int) -> di
     dy = jnp.asarray(rng.normal(size=shape), dtype)
     size = x.size * dtype.itemsize
     runs, traffic, outputs = {}, {}, {}
-    for name, (forward, params) in _programs(norm, dtype, x).items():
+    mask = jnp.asarray(rng.random(shape) < 0.9) if masked else None
+    for name, (forward, params) in _programs(norm, dtype, x, mask).items():
         for mode, fn, args in (
             ("forward", forward, (x, params)),
             ("forward+backward", _with_backward(forward), (x, params, dy)),
@@ -104,6 +108,7 @@ def measure(norm: str, dtype_name: str, shape: tuple[int, ...], reps: int) -> di
         "norm": norm,
         "dtype": dtype_name,
         "shape": list(shape),
+        "masked": masked,
         "ms": {f"{mode} {name}": value * 1e3 for (mode, name), value in medians.items()},
         "ratio": {
             mode: medians[mode, "jaxbn"] / medians[mode, "flax"]
@@ -122,6 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--norms", nargs="+", choices=sorted(NORMS))
     parser.add_argument("--reps", type=int, help="interleaved repetitions (default 50; --quick 3)")
     parser.add_argument("--quick", action="store_true", help="shape 2 8 64, 3 reps: a smoke test")
+    parser.add_argument("--masked", action="store_true", help="a full-size mask, 90%% valid")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     args.shape = tuple(args.shape or ((2, 8, 64) if args.quick else (8, 512, 768)))
@@ -143,9 +149,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(
         f"versions: jax {jax.__version__}, jaxbn {jaxbn.__version__}, backend {jax.default_backend()}"
     )
-    print(f"shape {args.shape}, {args.reps} interleaved reps; ms per call, medians")
+    masked = ", a full-size mask (90% valid)" if args.masked else ""
+    print(f"shape {args.shape}{masked}, {args.reps} interleaved reps; ms per call, medians")
     results = [
-        measure(norm, dtype, args.shape, args.reps) for norm in args.norms for dtype in args.dtypes
+        measure(norm, dtype, args.shape, args.reps, args.masked)
+        for norm in args.norms
+        for dtype in args.dtypes
     ]
     rows = [
         [

@@ -623,14 +623,7 @@ def check_per_example(kind, x, params, epsilon, mask, axis_name, axis_index_grou
         size, complex_x = x.shape[-1] // n_groups, jnp.iscomplexobj(x)
         sharding = getattr(jax.typeof(x), "sharding", None)
         explicit = any(getattr(sharding, "spec", None) or ())
-        if (
-            mask is None
-            and isinstance(size, int)
-            and size > 1
-            and reduction[:-1]
-            and not explicit
-            and not complex_x
-        ):
+        if isinstance(size, int) and size > 1 and reduction[:-1] and not explicit and not complex_x:
             # x as it is, each group's statistics over the other axes and its channels: the sums
             # read rows of all channels (docs/internals.md), the parameters per channel
             reduction, inner = reduction[:-1], size

@@ -161,6 +161,10 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     spec = tuple(getattr(sharding, "spec", None) or ())
     explicitly_sharded = any(spec)
     centred = plan.centred
+    if mask is not None:  # the valid elements (a plan's inner elements as an axis of their own)
+        valid, valid_axes = jnp.broadcast_to(mask, x.shape), axes
+        if plan.inner > 1:
+            valid, valid_axes = valid.reshape(*x.shape[:-1], -1, plan.inner), (*axes, x.ndim)
     if not centred or any(isinstance(x.shape[i], int) and x.shape[i] == 0 for i in axes):
         shift = fallback  # (no element to take)
     elif mask is None:  # x at index 0 of each axis (gathered along an explicitly sharded one)
@@ -177,7 +181,7 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
         value = lax.squeeze(value, axes).astype(fallback.dtype)
         shift = lax.select(jnp.isfinite(value), value, fallback)
     else:
-        value, found = _first_valid(x, jnp.broadcast_to(mask, x.shape), axes)
+        value, found = _first_valid(x.reshape(valid.shape), valid, valid_axes)
         value = value.astype(fallback.dtype)
         shift = lax.select(found & jnp.isfinite(value), value, fallback)
     # Pass one sums c x - c K, c = 2^-(2 + log2 n): a sum never beyond the dtype, whatever the
@@ -251,7 +255,7 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     if mask is None:
         count = jnp.full(shift.shape, size, real)
     else:
-        count = jnp.sum(jnp.broadcast_to(mask, x.shape), axes, dtype=real)
+        count = jnp.sum(valid, valid_axes, dtype=real)
     safe_count = jnp.maximum(count, 1)  # an empty feature: sums 0, so mean = K and var = 0
     offset0 = first / safe_count  # mean - K, in units of c
     # pass two: Σ|d|^2, d = x - K - (mean - K), and beside it the same with d scaled by

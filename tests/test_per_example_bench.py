@@ -31,8 +31,14 @@ def test_quick_run_measures_every_norm_and_dtype_beside_flax(tmp_path, capsys):
 
 def test_the_guard_catches_a_norm_that_is_not_flax(monkeypatch):
     norm, flax_module, names = per_example.NORMS["rms_norm"]
-    wrong = lambda x, p: norm(x, p) + jnp.asarray(0.01, x.dtype)  # noqa: E731
+    wrong = lambda x, p, mask: norm(x, p, mask=mask) + jnp.asarray(0.01, x.dtype)  # noqa: E731
     monkeypatch.setitem(per_example.NORMS, "rms_norm", (wrong, flax_module, names))
     assert not per_example.measure("rms_norm", "float32", (2, 4, 32), reps=1)["agrees"]
     monkeypatch.undo()
     assert per_example.measure("rms_norm", "float32", (2, 4, 32), reps=1)["agrees"]
+
+
+@pytest.mark.parametrize("norm", sorted(per_example.NORMS))
+def test_a_masked_run_gives_both_libraries_one_mask(norm):
+    result = per_example.measure(norm, "float32", (2, 4, 64), reps=1, masked=True)
+    assert result["masked"] and result["agrees"], result
