@@ -621,6 +621,8 @@ def check_per_example(kind, x, params, epsilon, mask, axis_name, axis_index_grou
     inner = 1
     if kind == "group_norm":
         size, complex_x = x.shape[-1] // n_groups, jnp.iscomplexobj(x)
+        # (stats.explicit_sharding's test, written here: this module cannot import stats, and a
+        # call into this module from stats would enter validation twice on a masked call's path)
         sharding = getattr(jax.typeof(x), "sharding", None)
         explicit = any(getattr(sharding, "spec", None) or ())
         if isinstance(size, int) and size > 1 and reduction[:-1] and not explicit and not complex_x:
