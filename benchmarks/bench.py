@@ -29,6 +29,11 @@ shows its error instead of a time.
     python benchmarks/bench.py [--shape 64 32 32 128] [--reps 20] [--libs jaxbn flax torch copy]
     python benchmarks/bench.py --quick   # tiny shape, few repetitions: a smoke test
     python benchmarks/bench.py --compute-dtype-barrier-views   # jaxbn's measuring variant
+    python benchmarks/bench.py --mask positions --libs jaxbn flax nnx   # a masked batch
+
+``--mask`` times the training modes with a mask (an argument of the jitted step, 90% valid, the
+same for every library): of ``examples`` (N, 1, 1, 1), of ``positions`` (N, H, W, 1), or of
+``elements`` (x's shape); libraries without a mask (equinox, haiku, torch) show a note instead.
 
 ``--compute-dtype-barrier-views`` compiles every jaxbn row with XLA:CPU's barriers on the float32
 views of a bfloat16 x and dy (``jaxbn.stats.barrier_views_in_compute_dtype``; e2e.py times it
@@ -46,6 +51,7 @@ import argparse
 import dataclasses
 import functools
 import importlib.metadata
+import inspect
 import os
 import pathlib
 import shlex
@@ -76,6 +82,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LAYOUTS = ("NHWC", "NCHW")
 FLAX, TORCH, COPY = "flax.linen", "torch BatchNorm2d", "copy: jax x*1.0001"
 COLLECTIVE_OPS = ("all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+MASKS = ("examples", "positions", "elements")  # what a --mask varies along (NHWC shapes below)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,12 +94,14 @@ class Spec:
       dtype: ``float32`` or ``bfloat16``: the activations' dtype.
       layout: ``NHWC`` (features last) or ``NCHW`` (features at axis 1).
       shape: the NHWC shape; NCHW rows use its transpose.
+      mask: None, or what the training modes' mask varies along (one of :data:`MASKS`).
     """
 
     mode: str
     dtype: str
     layout: str
     shape: tuple[int, int, int, int]
+    mask: str | None = None
 
     @property
     def channels(self) -> int:
@@ -110,6 +119,16 @@ class Spec:
     @property
     def jnp_dtype(self) -> Any:
         return DTYPES[self.dtype]
+
+    @property
+    def mask_array(self) -> np.ndarray | None:
+        """The mask of the training modes (90% valid, seeded), in this row's layout; else None."""
+        if self.mask is None or self.mode == "inference":
+            return None
+        n, h, w, c = self.shape
+        shape = {"examples": (n, 1, 1, 1), "positions": (n, h, w, 1)}.get(self.mask, self.shape)
+        mask = np.random.default_rng(1).uniform(size=shape) < 0.9
+        return mask if self.layout == "NHWC" else np.ascontiguousarray(mask.transpose(0, 3, 1, 2))
 
 
 @dataclasses.dataclass
@@ -135,19 +154,21 @@ class Case:
 
 
 def _train_step(apply: Callable) -> Callable:
-    def step(x, params, state):
-        y, new_state = apply(x, params, state, True)
+    def step(x, params, state, *mask):
+        y, new_state = apply(x, params, state, True, *mask)
         return (y,), new_state
 
     return step
 
 
 def _fwdbwd_step(apply: Callable) -> Callable:
-    def step(x, params, state, dy):
+    def step(x, params, state, dy, *mask):
         # state goes through vjp (its cotangent is dropped) so that modules
         # which check trace levels (flax.nnx) may update it; dy takes y's
         # dtype for libraries whose bf16 output comes out float32.
-        y, vjp, new_state = jax.vjp(lambda *a: apply(*a, True), x, params, state, has_aux=True)
+        y, vjp, new_state = jax.vjp(
+            lambda *a: apply(*a, True, *mask), x, params, state, has_aux=True
+        )
         dx, dparams, _ = vjp(dy.astype(y.dtype))
         return (y, dx), (dparams, new_state)
 
@@ -178,11 +199,12 @@ MODES = {
 
 # ---------------------------------------------------------------------------
 # JAX models: builder(spec, axis_name) -> (apply, params, state) with
-# apply(x, params, state, training) -> (y, new_state).
+# apply(x, params, state, training, mask=None) -> (y, new_state); a builder whose
+# library takes no mask has no mask parameter.
 
 
 def _jaxbn_model(spec: Spec, axis_name: str | None = None):
-    def apply(x, params, state, training):
+    def apply(x, params, state, training, mask=None):
         return jaxbn.batch_norm(
             x,
             params,
@@ -191,6 +213,7 @@ def _jaxbn_model(spec: Spec, axis_name: str | None = None):
             axis=spec.axis,
             axis_name=axis_name,
             dtype=spec.jnp_dtype,
+            mask=mask,
         )
 
     return (apply, *jaxbn.batch_norm_init(spec.channels))
@@ -202,11 +225,12 @@ def _linen_model(module_class: type, spec: Spec, axis_name: str | None = None, *
         jax.random.key(0), jnp.zeros(spec.array_shape), use_running_average=True
     )
 
-    def apply(x, params, state, training):
+    def apply(x, params, state, training, mask=None):
         y, updates = module.apply(
             {"params": params, "batch_stats": state},
             x,
             use_running_average=not training,
+            mask=mask,
             mutable=["batch_stats"],
         )
         return y, updates["batch_stats"]
@@ -222,9 +246,10 @@ def _nnx_model(spec: Spec, axis_name: str | None = None):
     )
     graphdef, params, state = nnx.split(module, nnx.Param, nnx.BatchStat)
 
-    def apply(x, params, state, training):
+    def apply(x, params, state, training, mask=None):
         module = nnx.merge(graphdef, params, state)
-        return module(x, use_running_average=not training), nnx.state(module, nnx.BatchStat)
+        y = module(x, use_running_average=not training, mask=mask)
+        return y, nnx.state(module, nnx.BatchStat)
 
     return apply, params, state
 
@@ -294,9 +319,12 @@ def _jax_case(fn: Callable, args: tuple) -> Case:
 
 def _bn_case(model: Callable, spec: Spec) -> Case:
     apply, params, state = model(spec)
+    if spec.mask_array is not None and "mask" not in inspect.signature(apply).parameters:
+        return Case(None, note="takes no mask")
     x, dy = (jnp.asarray(a, spec.jnp_dtype) for a in _data(spec.shape, spec.layout))
     args = (x, params, state, dy) if spec.mode == "fwdbwd" else (x, params, state)
-    return _jax_case(MODES[spec.mode].step(apply), args)
+    mask = () if spec.mask_array is None else (jnp.asarray(spec.mask_array),)
+    return _jax_case(MODES[spec.mode].step(apply), args + mask)
 
 
 def _copy_case(spec: Spec) -> Case:
@@ -321,6 +349,8 @@ def _torch_tensors(spec: Spec):
 
 
 def _torch_case(spec: Spec) -> Case:
+    if spec.mask_array is not None:
+        return Case(None, note="takes no mask")
     torch, device, sync, x, dy = _torch_tensors(spec)
     bn = torch.nn.BatchNorm2d(spec.channels, eps=1e-5, momentum=0.01, device=device)
     bn.train(spec.mode != "inference")
@@ -397,6 +427,8 @@ def build(name: str, spec: Spec) -> Case:
     """
     try:
         case = IMPLEMENTATIONS[name][1](spec)
+        if case.run is None:  # (what it cannot compute: its note says why)
+            return case
         for _ in range(2):
             y = case.run()[0][0]
     except ModuleNotFoundError as error:
@@ -515,7 +547,7 @@ def run_timings(args: argparse.Namespace, names: list[str]) -> dict:
         for dtype in args.dtypes:
             cases = {}
             for layout in args.layouts:
-                spec = Spec(mode, dtype, layout, tuple(args.shape))
+                spec = Spec(mode, dtype, layout, tuple(args.shape), args.mask)
                 for name in names:
                     case = cases[name, layout] = build(name, spec)
                     if case.compiled is not None:
@@ -698,6 +730,8 @@ def print_header(args: argparse.Namespace) -> None:
         f"{TORCH} NHWC = a channels_last tensor; /torch CL: ratio to it. bf16: bf16 activations, "
         "float32 params, bf16 output requested"
     )
+    if args.mask:
+        print(f"mask (training modes): of {args.mask}, 90% valid, an argument of each jitted step")
     if args.compute_dtype_barrier_views:
         print("jaxbn: measuring variant, XLA:CPU's barriers on float32 views of bfloat16 x and dy")
 
@@ -731,6 +765,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--compute-dtype-barrier-views",
         action="store_true",
         help="jaxbn's measuring variant: XLA:CPU's barriers on float32 views of bfloat16 x and dy",
+    )
+    parser.add_argument(
+        "--mask",
+        choices=MASKS,
+        default=None,
+        help="time the training modes with a mask of examples (N, 1, 1, 1), of positions "
+        "(N, H, W, 1) or of elements (x's shape)",
     )
     parser.add_argument(
         "--collectives-only",

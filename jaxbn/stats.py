@@ -148,7 +148,8 @@ def _shifted_moments_jvp(plan, primals, tangents):
 
 def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Array) -> tuple:
     """``(count, shift K, mean - K, variance, mean)`` of the valid elements of every device, ``K``
-    this device's first valid, finite element along the axes (else ``fallback``): two passes, then
+    this device's first valid, finite element along the axes (with a mask as large as ``x``, its
+    largest valid element, if finite; else ``fallback``): two passes, then
     with ``plan.axis_name`` one collective (``docs/internals.md`` describes the scaling). Where
     ``plan.centred`` is False, around 0 (``K = fallback``, 0): the variance is the mean square, pass
     two alone."""
@@ -163,8 +164,18 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     centred = plan.centred
     if mask is not None:  # the valid elements (a plan's inner elements as an axis of their own)
         valid, valid_axes = jnp.broadcast_to(mask, x.shape), axes
+        mask = lax.expand_dims(mask, range(x.ndim - mask.ndim))
+        searched = mask  # (where the first valid element is searched: the mask in its own shape)
         if plan.inner > 1:
             valid, valid_axes = valid.reshape(*x.shape[:-1], -1, plan.inner), (*axes, x.ndim)
+            channels = mask.shape[-1] != 1  # (a mask of positions: one group of one)
+            searched = mask.reshape(*mask.shape[:-1], -1, plan.inner if channels else 1)
+    # A mask at most an eighth of x's size (not varying along the features, say): x with its
+    # masked-out elements 0, written once, and each pass's summand weighed by the mask as 0 / 1 in
+    # its own shape (XLA:CPU's library reductions absorb no select: RESULTS.md, thirteenth); a
+    # larger mask selects in each pass, where 0 / 1 weights would be another tensor of x's size
+    weighed = mask is not None and all(isinstance(n, int) for n in (*x.shape, *mask.shape))
+    weighed = weighed and 8 * math.prod(mask.shape) <= math.prod(x.shape)
     if not centred or any(isinstance(x.shape[i], int) and x.shape[i] == 0 for i in axes):
         shift = fallback  # (no element to take)
     elif mask is None:  # x at index 0 of each axis (gathered along an explicitly sharded one)
@@ -180,10 +191,15 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
             value = value.at[(slice(None),) * axis + (np.array([0]),)].get(out_sharding=out)
         value = lax.squeeze(value, axes).astype(fallback.dtype)
         shift = lax.select(jnp.isfinite(value), value, fallback)
-    else:
-        value, found = _first_valid(x.reshape(valid.shape), valid, valid_axes)
+    elif weighed or jnp.iscomplexobj(x):  # the first valid element (searched in the mask's shape)
+        value, found = _first_valid(x.reshape(valid.shape), searched, valid_axes)
         value = value.astype(fallback.dtype)
         shift = lax.select(found & jnp.isfinite(value), value, fallback)
+    else:  # a mask as large as x: the largest valid element, one library reduction (a search for
+        # the first wrote x's size in positions and reduced them in XLA's own loop, 2x as long)
+        value = jnp.where(valid, x.reshape(valid.shape), -jnp.inf)
+        value = jnp.max(value, valid_axes).astype(fallback.dtype)
+        shift = lax.select(jnp.isfinite(value), value, fallback)  # (-inf: no valid element)
     # Pass one sums c x - c K, c = 2^-(2 + log2 n): a sum never beyond the dtype, whatever the
     # values (|c x - c K| <= max / 2n); what c flushes to 0 is below 3 tiny / c in the mean
     if isinstance(size, int):
@@ -238,6 +254,10 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     # the scales too: as constants, the same in every layer of a shape, XLA:CPU merged their
     # broadcasts across layers and handed each sum the merged one as a full-size buffer
     seen = xs.astype(dtype) if barrier_views_in_compute_dtype else xs
+    weights = mask
+    if weighed:
+        seen = jnp.where(mask, seen, jnp.zeros((), seen.dtype))
+        weights = mask.astype(dtype)
     scaled_shift_rows, shift_rows = (
         jnp.broadcast_to(v[..., None, :, None], (*v.shape[:-1], *fold)).reshape(tiled)
         if fold
@@ -245,9 +265,13 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
         for v in (scaled_shift, shift)
     )
     if centred:
-        x_view, scaled_shift_view, mask_view, c_view = cpu_barrier(seen, scaled_shift_rows, mask, c)
+        x_view, scaled_shift_view, mask_view, c_view = cpu_barrier(
+            seen, scaled_shift_rows, weights, c
+        )
         summand = x_view.astype(dtype) * c_view - broadcast(scaled_shift_view)
-        first = jnp.sum(summand if mask is None else jnp.where(mask_view, summand, 0), sum_axes)
+        if mask is not None:
+            summand = summand * mask_view if weighed else jnp.where(mask_view, summand, 0)
+        first = jnp.sum(summand, sum_axes)
         if fold:  # the rows' k * inner partial sums of each feature
             first = jnp.sum(first.reshape(*first.shape[:-1], *fold), (-3, -1))
     else:  # (0: mean - K, with K = fallback = 0)
@@ -270,12 +294,17 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
         offset_rows = jnp.broadcast_to(offset_rows[..., None, :, None], (*shift.shape[:-1], *fold))
         offset_rows = offset_rows.reshape(tiled)
     centre = (shift_rows, offset_rows) if centred else ()  # (around 0: d is x itself)
-    x_view, mask_view, scale_view, *centre_view = cpu_barrier(seen, mask, overflow_scale, *centre)
+    x_view, mask_view, scale_view, *centre_view = cpu_barrier(
+        seen, weights, overflow_scale, *centre
+    )
     d = deviation(x_view, *centre_view)
-    if mask is None:  # the scaled sum reads its own view of x, so that a library reduction
-        # absorbs the elementwise work
-        scaled = deviation(*cpu_barrier(x_view, *centre_view)) * scale_view
-    else:  # both sums read one materialized d: XLA:CPU's library reductions do not absorb a select
+    if mask is None or weighed:  # the scaled sum reads its own view of x, so that a library
+        # reduction absorbs the elementwise work
+        x_again, weights_again, *centre_again = cpu_barrier(x_view, mask_view, *centre_view)
+        scaled = deviation(x_again, *centre_again) * scale_view
+        if weighed:  # (a masked-out element: 0 - K - (mean - K), finite, weighed 0)
+            d, scaled = d * mask_view, scaled * weights_again
+    else:  # both sums read one materialized d
         d = jnp.where(mask_view, d, 0)  # (masked-out NaN stays out)
         scaled = d * scale_view
     sums = []
@@ -317,23 +346,26 @@ barrier_views_in_compute_dtype = False
 
 
 def _first_valid(x: jax.Array, mask: jax.Array, axes: tuple[int, ...]) -> tuple:
-    """Per feature, the first valid element of ``x`` along ``axes`` and whether there is one."""
-    position = jnp.zeros(x.shape, jnp.int32)
+    """Per feature, the first valid element of ``x`` along ``axes`` and whether there is one
+    (``mask`` of ``x``'s rank; its positions are searched in its own shape)."""
+    sharded = explicit_sharding(x) is not None
+    shape = x.shape if sharded else mask.shape  # (a sharded x's sum below needs x's positions)
+    position = jnp.zeros(shape, jnp.int32)
     for axis in axes:
-        position = position * x.shape[axis] + lax.broadcasted_iota(jnp.int32, x.shape, axis)
-    none = math.prod(x.shape[i] for i in axes)
+        position = position * shape[axis] + lax.broadcasted_iota(jnp.int32, shape, axis)
+    none = math.prod(shape[i] for i in axes)
     first = jnp.min(jnp.where(mask, position, none), axes)
+    first = jnp.broadcast_to(first, tuple(n for i, n in enumerate(x.shape) if i not in axes))
     found = first < none
     first = first_flat = jnp.where(found, first, 0)
     feature_axes = [i for i in range(x.ndim) if i not in axes]
     index: list[Any] = [None] * x.ndim
     for axis in reversed(axes):
-        index[axis], first = first % x.shape[axis], first // x.shape[axis]
+        index[axis], first = first % shape[axis], first // shape[axis]
     for k, axis in enumerate(feature_axes):
         index[axis] = lax.broadcasted_iota(jnp.int32, found.shape, k)
-    if explicit_sharding(x) is not None:
-        # explicitly sharded: a gather would cross devices; a sum of the one selected element per
-        # feature (exact: the others add 0) reduces where the data lies, as the statistics do
+    if sharded:  # a gather would cross devices; a sum of the one selected element per feature
+        # (exact: the others add 0) reduces where the data lies, as the statistics do
         chosen = position == jnp.expand_dims(jnp.where(found, first_flat, -1), axes)
         return jnp.sum(jnp.where(chosen, x, 0), axes), found
     return x[tuple(index)], found

@@ -125,6 +125,32 @@ def test_quick_reports_missing_libraries_instead_of_failing(tmp_path):
     assert "## HLO traffic" in output and "## all-reduces per direction" in output
 
 
+def test_quick_masked_run_times_the_libraries_that_take_a_mask(quick_output):
+    """--mask gives the training modes a mask (an argument of each jitted step): jaxbn and flax
+    are timed with it, libraries without one say so, inference runs as without a mask."""
+    output = _run(
+        "--libs", "jaxbn", "flax", "nnx", "torch", "--dtypes", "float32", "--layouts", "NHWC",
+        "--mask", "positions",
+    )  # fmt: skip
+    assert "mask (training modes): of positions, 90% valid" in output
+    for mode in MODES:
+        title = next(
+            t for t in re.findall(r"^## (.*), float32: ms", output, re.M) if t.startswith(mode)
+        )
+        _, *rows = _section(output, f"{title}, float32")
+        notes = {row[0]: row for row in rows}
+        for name in ("jaxbn", "flax.linen", "flax.nnx"):
+            assert float(notes[name][2]) > 0, notes[name]
+        torch = notes["torch BatchNorm2d"]
+        assert (torch[-1] == "takes no mask") == (mode != "inference"), torch
+    # the mask reached jaxbn: its masked training forward moves more than its unmasked one
+    traffic = [
+        {row[0]: row[3] for row in _section(out, "HLO traffic")[1:] if row[1] == "float32"}
+        for out in (quick_output, output)
+    ]
+    assert float(traffic[1]["jaxbn"][:-1]) > float(traffic[0]["jaxbn"][:-1]), traffic
+
+
 @pytest.mark.slow  # runs benchmarks/e2e.py in a subprocess
 def test_e2e_times_the_measuring_variants_of_jaxbn_beside_the_others():
     """--without-cpu-barriers and --compute-dtype-barrier-views add jaxbn variants compiled with

@@ -156,15 +156,12 @@ NORMALIZERS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(NORMALIZERS))
-def test_masked_out_nan_and_inf_reach_no_output_or_gradient(name):
-    """Loss over valid outputs: identical values and gradients whether the padding holds NaN/Inf or 0."""
-    poisoned, clean, mask = _masked_pair()
-    params = {"scale": jnp.linspace(0.5, 1.5, 6), "bias": jnp.linspace(-1, 1, 6)}
-    normalizer = NORMALIZERS[name]
+def _assert_padding_reaches_nothing(normalizer, poisoned, clean, mask, valid, params):
+    """The loss over valid outputs, its gradients and the outputs are finite and the same whether
+    the padding holds NaN/Inf (``poisoned``) or 0 (``clean``)."""
 
     def loss(x, p):
-        return jnp.sum(jnp.where(mask, jnp.sin(normalizer(x, p, mask)), 0))
+        return jnp.sum(jnp.where(valid, jnp.sin(normalizer(x, p, mask)), 0))
 
     grad = jax.jit(jax.value_and_grad(loss, (0, 1)))
     (value, (dx, dp)), (value_clean, (dx_clean, dp_clean)) = (
@@ -173,13 +170,49 @@ def test_masked_out_nan_and_inf_reach_no_output_or_gradient(name):
     )
     np.testing.assert_allclose(value, value_clean, rtol=1e-6)
     np.testing.assert_allclose(
-        jnp.where(mask, dx, 0), jnp.where(mask, dx_clean, 0), rtol=1e-5, atol=1e-6
+        jnp.where(valid, dx, 0), jnp.where(valid, dx_clean, 0), rtol=1e-5, atol=1e-6
     )
     assert np.isfinite(dx).all()
     for key in dp:
         np.testing.assert_allclose(dp[key], dp_clean[key], rtol=1e-5, atol=1e-6)
     y = jax.jit(normalizer)(poisoned, params, mask)
     assert np.isfinite(y).all()  # masked-out non-finite elements are normalized as 0
+
+
+@pytest.mark.parametrize("name", sorted(NORMALIZERS))
+def test_masked_out_nan_and_inf_reach_no_output_or_gradient(name):
+    """Loss over valid outputs: identical values and gradients whether the padding holds NaN/Inf or 0."""
+    poisoned, clean, mask = _masked_pair()
+    params = {"scale": jnp.linspace(0.5, 1.5, 6), "bias": jnp.linspace(-1, 1, 6)}
+    _assert_padding_reaches_nothing(NORMALIZERS[name], poisoned, clean, mask, mask, params)
+
+
+NARROW_MASKED = {
+    "batch_norm": lambda x, p, mask: jaxbn.batch_norm(
+        x, p, jaxbn.batch_norm_init(24)[1], training=True, mask=mask
+    )[0],
+    "group_norm": lambda x, p, mask: jaxbn.group_norm(x, p, num_groups=4, mask=mask),
+    "group_norm_of_ones": lambda x, p, mask: jaxbn.group_norm(x, p, num_groups=24, mask=mask),
+    "instance_norm": lambda x, p, mask: jaxbn.instance_norm(x, p, mask=mask),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NARROW_MASKED))
+@pytest.mark.parametrize("mask_shape", [(8, 4, 4, 1), (8, 1, 1, 1)], ids=["positions", "examples"])
+def test_masked_out_nan_and_inf_of_a_narrow_mask_reach_nothing(name, mask_shape):
+    """A mask at most an eighth of x's size (the statistics weigh the sums by it as 0 / 1, after
+    setting x's masked-out elements to 0): the loss over valid outputs, its gradients and the
+    outputs are those of the same batch with 0 as its padding."""
+    shape = (8, 4, 4, 24)
+    x = _normal(6, shape, scale=2.0, offset=1e3)
+    mask = np.random.default_rng(6).uniform(size=mask_shape) < 0.7
+    mask.reshape(-1)[0] = False
+    valid = np.broadcast_to(mask, shape)
+    junk = np.array([np.nan, np.inf, -np.inf])[np.arange(x.size) % 3].reshape(shape)
+    poisoned = jnp.asarray(np.where(valid, x, junk), jnp.float32)
+    clean = jnp.asarray(np.where(valid, x, 0), jnp.float32)
+    params = {"scale": jnp.linspace(0.5, 1.5, 24), "bias": jnp.linspace(-1, 1, 24)}
+    _assert_padding_reaches_nothing(NARROW_MASKED[name], poisoned, clean, mask, valid, params)
 
 
 def test_a_fully_masked_device_holding_nan_does_not_poison_the_others():

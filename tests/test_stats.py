@@ -70,6 +70,67 @@ def test_narrow_features_are_summed_within_the_bounds(shape, axes, dtype, rng):
     np.testing.assert_array_equal(m.count, size)  # exact: a count of elements
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "mask_shape, valid_fraction",
+    [((16, 1, 1, 1), 0.6), ((16, 4, 4, 1), 0.6), ((1, 4, 4, 1), 0.6), ((16, 1, 1, 1), 0.0)]
+    + [((16, 4, 4, 24), 0.6)],
+    ids=["examples", "positions", "positions-only", "none", "elements"],
+)
+def test_a_mask_narrower_than_x_weighs_the_sums(mask_shape, valid_fraction, dtype, rng):
+    """A mask at most an eighth of x's size (of examples or of positions: not varying along the
+    features) weighs each pass's summand by the mask as 0 / 1, after x's masked-out elements are
+    set to 0 once; a larger mask selects in each pass. Either way the moments of the valid elements
+    at an offset are within docs/accuracy.md's bounds, masked-out NaN, Inf and values near the
+    maximum reach nothing, and a feature without a valid element has count 0, mean = shift, var 0."""
+    shape, axes = (16, 4, 4, 24), (0, 1, 2)
+    x = rng.normal(size=shape) * rng.uniform(0.1, 10, size=24) + rng.uniform(-1e4, 1e4, size=24)
+    mask = rng.uniform(size=mask_shape) < valid_fraction
+    mask.reshape(-1)[0] = False  # (the first element masked out: the shift is a later one)
+    if mask_shape == shape:
+        mask[..., -1] = False  # (a feature without a valid element)
+    valid = np.broadcast_to(mask, shape)
+    junk = np.array([np.nan, np.inf, -np.inf, 3e38, -3e38])[np.arange(x.size) % 5].reshape(shape)
+    x = jnp.asarray(np.where(valid, x, junk), dtype)
+    m = jax.jit(lambda x, mask: stats.moments(x, axes, mask=mask, shift=7.0))(x, mask)
+    ref = ab.Normalized(ab.values(x), valid, axes, epsilon=1.0)
+    count = valid.sum(axes)
+    found = count > 0
+    mean, var = ref.mean.reshape(24)[found], ref.var.reshape(24)[found]
+    mean_tol, var_tol = ab.statistics_tolerance(mean, var, jnp.float32, int(np.prod(shape[:3])))
+    ab.check("mean", m.mean[found], mean, mean_tol)
+    ab.check("var", m.var[found], var, var_tol)
+    np.testing.assert_array_equal(m.count, count)  # exact: counts of elements
+    # exact: a feature without a valid element sums nothing, its mean the shift
+    np.testing.assert_array_equal(m.mean[~found], 7.0)
+    np.testing.assert_array_equal(m.var[~found], 0.0)
+
+
+def test_the_shift_is_the_first_valid_element_or_with_a_full_mask_the_largest(rng):
+    """The sums' shift ``K`` is an element of the batch: where the mask is at most an eighth of
+    x's size, each feature's first valid element (searched in the mask's own shape); where it is
+    as large as x, each feature's largest valid element (one library max-reduction; the search
+    ran in XLA's own loop over x's size in positions); a feature whose candidate is not finite, or
+    that has no valid element, the ``shift`` argument."""
+    shape, axes = (16, 4, 4, 8), (0, 1, 2)
+    x = rng.normal(size=shape).astype(np.float32)
+    narrow = rng.uniform(size=(16, 4, 4, 1)) < 0.5
+    full = rng.uniform(size=shape) < 0.5
+    full[..., 0] = False  # no valid element
+    x[..., 1] = np.where(full[..., 1], np.inf, x[..., 1])  # its largest valid element: inf
+    values = x.reshape(-1, 8)
+    for mask in (narrow, full):
+        valid = np.broadcast_to(mask, shape).reshape(-1, 8)
+        m = jax.jit(lambda x, mask: stats.moments(x, axes, mask=mask, shift=7.0))(x, mask)
+        if mask is narrow:
+            want = values[np.argmax(valid, 0), np.arange(8)]  # the first valid
+        else:
+            want = np.where(valid, values, -np.inf).max(0)
+        want = np.where(np.isfinite(want) & valid.any(0), want, 7.0)
+        # exact by construction: an element of x, or the shift argument, carried unchanged
+        np.testing.assert_array_equal(m.shift, want)
+
+
 def test_mask_counts_and_statistics_match_reference(rng):
     """Masked moments use only the valid elements; counts are per feature."""
     x = rng.normal(size=(10, 4)).astype(np.float32)
