@@ -194,11 +194,15 @@ def test_functions_match_their_modules_and_are_exported(rng):
         rtol=1e-6,
         atol=1e-6,
     )
-    # a mask that broadcasts (size 1 on the channel axis), which flax's GroupNorm cannot reshape
+    # a mask that broadcasts (size 1 on the channel axis), which flax's GroupNorm cannot reshape;
+    # to rounding: the small mask weighs the sums around each group's first valid element, the
+    # full-size one selects around its largest (outputs of order 1-5)
     mask = jnp.arange(4)[None, :, None] < 3
     np.testing.assert_allclose(
         jaxbn.group_norm(x, params, num_groups=2, mask=mask),
         jaxbn.group_norm(x, params, num_groups=2, mask=jnp.broadcast_to(mask, x.shape)),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
