@@ -27,13 +27,19 @@ def test_smoke_run_writes_markdown_and_json(tmp_path):
     )  # ~30 s quiet; a hang fails, a loaded machine does not
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_suite.json").read_text())
-    assert set(results) == {"default", "reshift_loop", "narrow", "narrow_rows_off", "per_example"}
+    assert set(results) == {
+        "default", "reshift_loop", "narrow", "narrow_rows_off", "per_example", "masked"
+    }  # fmt: skip
     assert all("error" not in group for group in results.values()), results
     row = results["default"]["e2e"]["resnet20"]
     assert row["loss_check_passed"] and set(row["median_ms"]) == {"jaxbn", "flax", "none"}
     assert all(math.isfinite(ms) for ms in row["median_ms"].values())
     assert "initial variables identical: yes" in row["output"] and "): passed" in row["output"]
     assert "BN overhead jaxbn / flax" in row["output"]
+    masked = results.pop("masked")["micro"]  # one micro run per mask, jaxbn timed with it
+    assert [row["mask"] for row in masked] == ["positions", "elements"]
+    for row in masked:
+        assert f"mask (training modes): of {row['mask']}" in row["output"]
     per_example = results.pop("per_example")["per_example"]  # layer, RMS and group norm
     assert [row["norm"] for row in per_example] == ["layer_norm", "rms_norm", "group_norm"]
     assert all(row["agrees"] and row["dtype"] == "float32" for row in per_example), per_example
@@ -56,6 +62,7 @@ def test_smoke_run_writes_markdown_and_json(tmp_path):
     )
     assert "- statistics of `reshift_loop`: `_reshift_loop.loop_statistics`" in markdown
     assert "| rms_norm | float32 | (2, 8, 64) |" in markdown
+    assert "## Micro: float32 (8, 4, 4, 8) NHWC, a mask of elements (masked)" in markdown
     assert markdown in done.stdout
 
 
@@ -73,7 +80,10 @@ def test_full_plan_times_both_statistics_designs():
         "narrow_rows_off",
         "per_example",
         "command_buffers",
+        "masked",
     }
+    assert list(plan)[-1] == "masked"  # (last: a run cut short loses the least)
+    assert plan["masked"]["micro"] == suite.MICRO[:1] and plan["masked"]["masks"] == suite.MASKS
     assert plan["reshift_loop"]["install"] == "_reshift_loop" and "install" not in plan["default"]
     assert plan["reshift_loop"]["micro"] == suite.MICRO and plan["reshift_loop"]["micro_libs"] == [
         "jaxbn",
