@@ -65,7 +65,9 @@ def moments(
       axis_name: device axis name(s) to reduce over as well; None under plain ``jit``.
       axis_index_groups: optional subgroups of ``axis_name`` (pmap only).
       dtype: optional minimum dtype for the statistics (always at least float32).
-      shift: a reference point (no gradient) where a feature's first element is not valid.
+      shift: a reference point (no gradient) for a feature whose element to sum around (its
+        first valid one; with a mask as large as ``x``, its largest) does not exist or is not
+        finite.
       source: optional, ``x``'s values in a narrower dtype (``x`` is its cast), read instead.
 
     Raises:
