@@ -321,11 +321,28 @@ def test_less_traffic_and_temp_memory_than_flax(dtype):
 
 @structural
 def test_bfloat16_tensors_stay_bfloat16():
-    """No full-size float32 tensor is written in the bfloat16 programs (statistics accumulate in float32)."""
+    """No full-size float32 tensor is written in the bfloat16 programs (statistics accumulate in
+    float32), with a mask of positions too (an argument): the backward's select of x is taken on
+    x's bits, where XLA wrote a select of bfloat16 values read in float32 as float32 (2S more)."""
     full_size_f32 = re.compile(r"f32\[" + ",".join(map(str, SHAPE)) + r"\]")
-    for mode, compiled in _programs(jnp.bfloat16).items():
-        entry = compiled.as_text().split("\nENTRY")[1]
-        assert not full_size_f32.search(entry), mode
+    programs = {mode: compiled.as_text() for mode, compiled in _programs(jnp.bfloat16).items()}
+    mask = jax.random.uniform(jax.random.key(0), SHAPE[:-1] + (1,)) < 0.9
+    params, state = jaxbn.batch_norm_init(SHAPE[-1])
+    step = lambda x, p, mask: jaxbn.batch_norm(
+        x, p, state, training=True, dtype=jnp.bfloat16, mask=mask
+    )
+
+    def forward_backward(x, p, mask, dy):
+        (y, new_state), vjp = jax.vjp(lambda x, p: step(x, p, mask), x, p)
+        return y, new_state, vjp((dy, jax.tree_util.tree_map(jnp.zeros_like, new_state)))
+
+    x = jnp.zeros(SHAPE, jnp.bfloat16)
+    programs["masked forward"] = hlo.compiled_text(jax.jit(step), x, params, mask)
+    programs["masked forward_backward"] = hlo.compiled_text(
+        jax.jit(forward_backward), x, params, mask, x
+    )
+    for mode, text in programs.items():
+        assert not full_size_f32.search(text.split("\nENTRY")[1]), mode
 
 
 @pytest.fixture
@@ -392,11 +409,11 @@ def test_wide_barrier_views_compute_the_same_step(norm, wide_barrier_views):
 # own loop over int32 positions: 1.6x-1.7x flax's forward time, now 1.06x-1.19x)
 MASKED_TRAFFIC = {
     ("examples", jnp.float32): (7, 15),
-    ("examples", jnp.bfloat16): (7, 17),
+    ("examples", jnp.bfloat16): (7, 15),
     ("positions", jnp.float32): (7, 15),
-    ("positions", jnp.bfloat16): (7, 17),
+    ("positions", jnp.bfloat16): (7, 15),
     ("elements", jnp.float32): (15.25, 23.75),
-    ("elements", jnp.bfloat16): (25.5, 36.5),
+    ("elements", jnp.bfloat16): (25.5, 34.5),
 }
 
 
