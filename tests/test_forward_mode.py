@@ -117,15 +117,17 @@ def test_jvp_jacfwd_linearize_through_training_batch_norm(case, data):
 def test_second_order_derivatives_equal_the_reference(case, rng):
     """The step is differentiable to any order: Hessians in ``x`` (forward over reverse, reverse
     over reverse, reverse over forward) and mixed ``x``-parameter derivatives equal the plain-JAX
-    reference's. In bfloat16 with a mask (x cast inside; to bfloat16's rounding), the masked-out
-    non-finite values are set to 0 on x's bits, whose derivative is its own rule."""
+    reference's. In bfloat16 with a mask, where the backward sets masked-out non-finite values to
+    0 on x's bits (a custom JVP gives its derivative), they equal the float32 step's on the same
+    rounded x to within 5% of their largest value (bfloat16's rounding: at most 0.6% in six
+    seeds; without the custom JVP, 45%-190%)."""
     x = jnp.asarray(rng.normal(size=(6, 4)) * 2 + 3, jnp.float32)
     weights = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
     params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 4), jnp.float32), "bias": jnp.ones(4)}
     state = {"mean": jnp.zeros(4), "var": jnp.full(4, 2.0)}
     mask = jnp.asarray([[True], [True], [False], [True], [True], [False]])
     options = {"mask": mask} if case.startswith("mask") else {}
-    narrow = (lambda x: x.astype(jnp.bfloat16)) if case == "mask_bfloat16" else (lambda x: x)
+    dtype = jnp.bfloat16 if case == "mask_bfloat16" else jnp.float32
     reference_options = dict(options, axes=(0,), state=state)
     if case == "renorm":
         reference_options["renorm"] = (1.2, 0.3)
@@ -136,30 +138,35 @@ def test_second_order_derivatives_equal_the_reference(case, rng):
         elif case == "layer_norm":
             y = jaxbn.layer_norm(x, p, epsilon=EPS)
         else:
-            y = jaxbn.batch_norm(narrow(x), p, state, training=True, epsilon=EPS, **options)[0]
-        return jnp.sum(jnp.sin(y.astype(jnp.float32)) * weights)
+            y = jaxbn.batch_norm(x.astype(dtype), p, state, training=True, epsilon=EPS, **options)
+            y = y[0].astype(jnp.float32)
+        return jnp.sum(jnp.sin(y) * weights)
 
     def reference(x, p):
-        if case == "layer_norm":  # statistics per row (batch norm of x.T), parameters per feature
+        if case == "mask_bfloat16":  # the float32 step (the case "mask") on x rounded
+            y = jaxbn.batch_norm(x, p, state, training=True, epsilon=EPS, **options)[0]
+        elif case == "layer_norm":  # statistics per row (batch norm of x.T), parameters per feature
             y = _reference(x.T, jnp.ones(6), jnp.zeros(6), axes=(0,)).T
             y = y * p["scale"] + p["bias"]
         else:
             y = _reference(x, p["scale"], p["bias"], **reference_options)
         return jnp.sum(jnp.sin(y) * weights)
 
+    rounded = x.astype(jnp.bfloat16).astype(jnp.float32) if case == "mask_bfloat16" else x
     for second_order in (
         jax.hessian,
         lambda f: jax.jacrev(jax.grad(f)),
         lambda f: jax.jacrev(jax.jacfwd(f)),
         lambda f: jax.jacfwd(jax.grad(f, argnums=1)),  # d/dx of the parameters' gradient
     ):
-        tolerance = 5e-2 if case == "mask_bfloat16" else 2e-3  # (x and y rounded to bfloat16)
-        np.testing.assert_allclose(
-            jax.tree.leaves(jax.jit(second_order(ours))(x, params)),
-            jax.tree.leaves(jax.jit(second_order(reference))(x, params)),
-            rtol=tolerance,
-            atol=tolerance,
-        )
+        got = jax.tree.leaves(jax.jit(second_order(ours))(x, params))
+        want = jax.tree.leaves(jax.jit(second_order(reference))(rounded, params))
+        for value, expected in zip(got, want, strict=True):
+            # bfloat16: to 5% of the largest value (see above); float32: the reference's rounding
+            rtol, atol = (
+                (0, 5e-2 * np.abs(expected).max()) if dtype == jnp.bfloat16 else (2e-3,) * 2
+            )
+            np.testing.assert_allclose(value, expected, rtol=rtol, atol=atol)
 
 
 @pytest.mark.slow  # ~7 s of eager forward mode
