@@ -300,7 +300,15 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
         seen, weights, overflow_scale, *centre
     )
     d = deviation(x_view, *centre_view)
-    if mask is None or weighed:  # the scaled sum reads its own view of x, so that a library
+    # Where x's dtype is so much narrower than the compute dtype that no sum of its squares can
+    # overflow, the plain sum alone: |d| <= 2 max of x's dtype, so the sum is at most n 4 max^2
+    # (float16 in float32: below 2^128 for any n below 2^90, with a margin of 4 for rounding)
+    largest = float(jnp.finfo(x.dtype).max)  # (compared as 16 n largest^2 < max, not computed)
+    narrow = isinstance(size, int) and largest < math.sqrt(float(info.max) / (16 * max(size, 1)))
+    scaled = None
+    if narrow:
+        d = d * mask_view if weighed else d if mask is None else jnp.where(mask_view, d, 0)
+    elif mask is None or weighed:  # the scaled sum reads its own view of x, so that a library
         # reduction absorbs the elementwise work
         x_again, weights_again, *centre_again = cpu_barrier(x_view, mask_view, *centre_view)
         scaled = deviation(x_again, *centre_again) * scale_view
@@ -310,15 +318,19 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
         d = jnp.where(mask_view, d, 0)  # (masked-out NaN stays out)
         scaled = d * scale_view
     sums = []
-    for v in (d, scaled):  # (|v|^2 inline: each call is a function on the traced path)
+    for v in (d,) if scaled is None else (d, scaled):  # (|v|^2 inline: a call is a function more)
         v = jnp.sum(v.real * v.real + v.imag * v.imag if jnp.iscomplexobj(v) else v * v, sum_axes)
         sums.append(jnp.sum(v.reshape(*v.shape[:-1], *fold), (-3, -1)) if fold else v)
-    overflow = sums[0] == np.inf
-    second = lax.select(overflow, sums[1], sums[0])
-    # unscaled one factor at a time, the factor selected: as constants XLA would fold 2^66 2^66 / n
-    # into one, infinite for small n
-    ones = lax.full_like(overflow, 1, real)
-    u2 = lax.select(overflow, lax.full_like(overflow, 1 / overflow_scale, real), ones)
+    u2: Any  # (the scaled sum's unscaling factor)
+    if scaled is None:
+        second, u2 = sums[0], np.asarray(1, real)
+    else:
+        overflow = sums[0] == np.inf
+        second = lax.select(overflow, sums[1], sums[0])
+        # unscaled one factor at a time, the factor selected: as constants XLA would fold 2^66
+        # 2^66 / n into one, infinite for small n
+        ones = lax.full_like(overflow, 1, real)
+        u2 = lax.select(overflow, lax.full_like(overflow, 1 / overflow_scale, real), ones)
     # an infinite (or NaN) value: the mean K, the variance infinite
     infinite = jnp.abs(first) == np.inf
     offset0 = lax.select(infinite, jnp.zeros_like(offset0), offset0)
