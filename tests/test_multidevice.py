@@ -372,50 +372,32 @@ ENTRY %main (p: f32[2], q: pred[]) -> (f32[2], f32[]) {
         hlo.count_collectives("HloModule empty")
 
 
-@pytest.mark.parametrize("program, all_reduces", [("forward", 3), ("step", 4)])
-def test_collectives_under_jit_with_a_sharded_batch(program, all_reduces):
-    """Without an axis name XLA's partitioner makes the collectives (docs/multi_device.md): one
-    all-reduce gives every device K (the first element, on the first shard), one per pass (pass
-    one's two sums in one tuple), one in the backward; no all-gather, no control flow."""
-    params, state = jaxbn.batch_norm_init(8)
-    x = jax.device_put(jnp.ones((N_DEVICES * 2, 4, 4, 8)), BATCH)
-
-    def forward(x, p):
-        return jaxbn.batch_norm(x, p, state, training=True)
-
-    def step(x, p):
-        return jax.grad(lambda x, p: jnp.sum(jnp.sin(forward(x, p)[0])), argnums=(0, 1))(x, p)
-
-    text = jax.jit(forward if program == "forward" else step).lower(x, params).compile().as_text()
-    assert hlo.count_collectives(text) == all_reduces
-    assert hlo.count_collectives(text, op="all-gather") == 0
-    assert " while(" not in text and " conditional(" not in text
-
-
 @pytest.mark.parametrize(
     "mask_shape, all_reduces",
-    [((16, 1, 1, 1), (4, 5)), ((16, 4, 4, 1), (4, 5)), ((16, 4, 4, 8), (3, 4))],
-    ids=["examples", "positions", "elements"],
+    [(None, (3, 4)), ((16, 1, 1, 1), (4, 5)), ((16, 4, 4, 1), (4, 5)), ((16, 4, 4, 8), (3, 4))],
+    ids=["no mask", "examples", "positions", "elements"],
 )
-def test_collectives_under_jit_with_a_sharded_batch_and_a_mask(mask_shape, all_reduces):
-    """With a mask sharded as the batch, XLA's partitioner adds one all-reduce forward to the
-    unmasked three where the mask is small (of examples or of positions: the first valid element
-    searched in the mask's own shape) and none where it is as large as x (the shift its largest
-    valid element: four before, when the first was searched in positions of x's size); the step
-    one more, the backward's. No all-gather, no control flow."""
+def test_collectives_under_jit_with_a_sharded_batch(mask_shape, all_reduces):
+    """Without an axis name XLA's partitioner makes the collectives (docs/multi_device.md): one
+    all-reduce gives every device K (the first element, on the first shard), one per pass (pass
+    one's two sums in one tuple), one in the backward; no all-gather, no control flow. A mask
+    sharded as the batch adds one forward where it is small (of examples or of positions: the
+    first valid element searched in the mask's own shape) and none where it is as large as x (the
+    shift its largest valid element: one more before, when the first was searched in positions of
+    x's size)."""
     params, state = jaxbn.batch_norm_init(8)
-    x = jax.device_put(jnp.ones((16, 4, 4, 8)), BATCH)
-    mask = jax.device_put(jnp.ones(mask_shape, bool), BATCH)
+    x = jax.device_put(jnp.ones((N_DEVICES * 2, 4, 4, 8)), BATCH)
+    masks = () if mask_shape is None else (jax.device_put(jnp.ones(mask_shape, bool), BATCH),)
 
-    def forward(x, p, mask):
-        return jaxbn.batch_norm(x, p, state, training=True, mask=mask)
+    def forward(x, p, *mask):
+        return jaxbn.batch_norm(x, p, state, training=True, mask=(*mask, None)[0])
 
-    def step(x, p, mask):
-        loss = lambda x, p: jnp.sum(jnp.sin(forward(x, p, mask)[0]))
+    def step(x, p, *mask):
+        loss = lambda x, p: jnp.sum(jnp.sin(forward(x, p, *mask)[0]))
         return jax.grad(loss, argnums=(0, 1))(x, p)
 
     for program, expected in zip((forward, step), all_reduces, strict=True):
-        text = jax.jit(program).lower(x, params, mask).compile().as_text()
+        text = jax.jit(program).lower(x, params, *masks).compile().as_text()
         assert hlo.count_collectives(text) == expected, program.__name__
         assert hlo.count_collectives(text, op="all-gather") == 0
         assert " while(" not in text and " conditional(" not in text

@@ -44,14 +44,16 @@ def _programs(dtype, mask=None, shape=SHAPE):
 
 
 def _lowered(dtype, mask=None, shape=SHAPE):
-    """jaxbn's training forward, forward+backward and inference, jitted and lowered."""
+    """jaxbn's training forward, forward+backward and inference, jitted and lowered; a ``mask`` is
+    an argument of the training programs (XLA folds a constant one)."""
     params, state = jaxbn.batch_norm_init(shape[-1])
+    masks = () if mask is None else (mask,)
 
-    def forward(x, p, s):
-        return jaxbn.batch_norm(x, p, s, training=True, dtype=dtype, mask=mask)
+    def forward(x, p, s, *mask):
+        return jaxbn.batch_norm(x, p, s, training=True, dtype=dtype, mask=(*mask, None)[0])
 
-    def forward_backward(x, p, s, dy):
-        (y, new_state), vjp = jax.vjp(lambda x, p: forward(x, p, s), x, p)
+    def forward_backward(x, p, s, dy, *mask):
+        (y, new_state), vjp = jax.vjp(lambda x, p: forward(x, p, s, *mask), x, p)
         return y, new_state, vjp((dy, jax.tree_util.tree_map(jnp.zeros_like, new_state)))
 
     def inference(x, p, s):
@@ -59,8 +61,8 @@ def _lowered(dtype, mask=None, shape=SHAPE):
 
     x = jnp.zeros(shape, dtype)
     return {
-        "forward": jax.jit(forward).lower(x, params, state),
-        "forward_backward": jax.jit(forward_backward).lower(x, params, state, x),
+        "forward": jax.jit(forward).lower(x, params, state, *masks),
+        "forward_backward": jax.jit(forward_backward).lower(x, params, state, x, *masks),
         "inference": jax.jit(inference).lower(x, params, state),
     }
 
@@ -338,24 +340,11 @@ def test_bfloat16_tensors_stay_bfloat16():
     float32), with a mask of positions too (an argument): the backward's select of x is taken on
     x's bits, where XLA wrote a select of bfloat16 values read in float32 as float32 (2S more)."""
     full_size_f32 = re.compile(r"f32\[" + ",".join(map(str, SHAPE)) + r"\]")
-    programs = {mode: compiled.as_text() for mode, compiled in _programs(jnp.bfloat16).items()}
-    mask = jax.random.uniform(jax.random.key(0), SHAPE[:-1] + (1,)) < 0.9
-    params, state = jaxbn.batch_norm_init(SHAPE[-1])
-    step = lambda x, p, mask: jaxbn.batch_norm(
-        x, p, state, training=True, dtype=jnp.bfloat16, mask=mask
-    )
-
-    def forward_backward(x, p, mask, dy):
-        (y, new_state), vjp = jax.vjp(lambda x, p: step(x, p, mask), x, p)
-        return y, new_state, vjp((dy, jax.tree_util.tree_map(jnp.zeros_like, new_state)))
-
-    x = jnp.zeros(SHAPE, jnp.bfloat16)
-    programs["masked forward"] = hlo.compiled_text(jax.jit(step), x, params, mask)
-    programs["masked forward_backward"] = hlo.compiled_text(
-        jax.jit(forward_backward), x, params, mask, x
-    )
-    for mode, text in programs.items():
-        assert not full_size_f32.search(text.split("\nENTRY")[1]), mode
+    positions = jax.random.uniform(jax.random.key(0), SHAPE[:-1] + (1,)) < 0.9
+    for mask in (None, positions):
+        for mode, compiled in _programs(jnp.bfloat16, mask).items():
+            entry = compiled.as_text().split("\nENTRY")[1]
+            assert not full_size_f32.search(entry), (mode, mask is not None)
 
 
 @pytest.fixture
@@ -439,24 +428,14 @@ def test_masked_training_traffic(masked, dtype):
     does not vary along the features (of examples or of positions) is small: x is written once with
     its masked-out elements 0 and each pass weighs its summand by the mask as 0 / 1 (forward 9S and
     14S in bfloat16 before, the first valid element searched in a mask broadcast to x's size, and
-    each pass's select written out). The mask is an argument (a constant mask is folded)."""
+    each pass's select written out)."""
     shape = {"examples": (SHAPE[0], 1, 1, 1), "positions": SHAPE[:-1] + (1,)}.get(masked, SHAPE)
     mask = jax.random.uniform(jax.random.key(0), shape) < 0.9
-    params, state = jaxbn.batch_norm_init(SHAPE[-1])
-    forward = lambda x, p, mask: jaxbn.batch_norm(
-        x, p, state, training=True, dtype=dtype, mask=mask
-    )
-
-    def forward_backward(x, p, mask, dy):
-        (y, new_state), vjp = jax.vjp(lambda x, p: forward(x, p, mask), x, p)
-        return y, new_state, vjp((dy, jax.tree_util.tree_map(jnp.zeros_like, new_state)))
-
-    x = jnp.zeros(SHAPE, dtype)
+    programs = _lowered(dtype, mask)
     size = np.prod(SHAPE) * jnp.dtype(dtype).itemsize
     traffic = [
-        hlo.memory_traffic(hlo.compiled_text(jax.jit(forward), x, params, mask))[0] / size,
-        hlo.memory_traffic(hlo.compiled_text(jax.jit(forward_backward), x, params, mask, x))[0]
-        / size,
+        hlo.memory_traffic(programs[mode].compile().as_text())[0] / size
+        for mode in ("forward", "forward_backward")
     ]
     expected = MASKED_TRAFFIC[masked, dtype]
     for got, want in zip(traffic, expected, strict=True):  # (a narrow mask's bytes: below 0.3S)
