@@ -304,19 +304,20 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     # overflow, the plain sum alone: |d| <= 2 max of x's dtype, so the sum is at most n 4 max^2
     # (float16 in float32: below 2^128 for any n below 2^90, with a margin of 4 for rounding)
     largest = float(jnp.finfo(x.dtype).max)  # (compared as 16 n largest^2 < max, not computed)
-    narrow = isinstance(size, int) and largest < math.sqrt(float(info.max) / (16 * max(size, 1)))
+    squares_fit = isinstance(size, int)
+    squares_fit = squares_fit and largest < math.sqrt(float(info.max) / (16 * max(size, 1)))
     scaled = None
-    if narrow:
-        d = d * mask_view if weighed else d if mask is None else jnp.where(mask_view, d, 0)
-    elif mask is None or weighed:  # the scaled sum reads its own view of x, so that a library
+    if mask is None or weighed:  # the scaled sum reads its own view of x, so that a library
         # reduction absorbs the elementwise work
-        x_again, weights_again, *centre_again = cpu_barrier(x_view, mask_view, *centre_view)
-        scaled = deviation(x_again, *centre_again) * scale_view
+        if not squares_fit:
+            x_again, weights_again, *centre_again = cpu_barrier(x_view, mask_view, *centre_view)
+            scaled = deviation(x_again, *centre_again) * scale_view
+            scaled = scaled if mask is None else scaled * weights_again
         if weighed:  # (a masked-out element: 0 - K - (mean - K), finite, weighed 0)
-            d, scaled = d * mask_view, scaled * weights_again
+            d = d * mask_view
     else:  # both sums read one materialized d
         d = jnp.where(mask_view, d, 0)  # (masked-out NaN stays out)
-        scaled = d * scale_view
+        scaled = None if squares_fit else d * scale_view
     sums = []
     for v in (d,) if scaled is None else (d, scaled):  # (|v|^2 inline: a call is a function more)
         v = jnp.sum(v.real * v.real + v.imag * v.imag if jnp.iscomplexobj(v) else v * v, sum_axes)
