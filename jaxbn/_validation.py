@@ -621,11 +621,10 @@ def check_per_example(kind, x, params, epsilon, mask, axis_name, axis_index_grou
     inner = 1
     if kind == "group_norm":
         size, complex_x = x.shape[-1] // n_groups, jnp.iscomplexobj(x)
-        # (stats.explicit_sharding's test, written here: this module cannot import stats, and a
-        # call into this module from stats would enter validation twice on a masked call's path)
-        sharding = getattr(jax.typeof(x), "sharding", None)
-        explicit = any(getattr(sharding, "spec", None) or ())
-        if isinstance(size, int) and size > 1 and reduction[:-1] and not explicit and not complex_x:
+        # channels explicitly sharded (sharding in types: a group's channels split over devices)
+        spec = tuple(getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) or ())
+        split = len(spec) == x.ndim and spec[-1] is not None
+        if isinstance(size, int) and size > 1 and reduction[:-1] and not split and not complex_x:
             # x as it is, each group's statistics over the other axes and its channels: the sums
             # read rows of all channels (docs/internals.md), the parameters per channel
             reduction, inner = reduction[:-1], size

@@ -242,6 +242,11 @@ def _averaged_into(state: State, batch: stats.Moments, momentum: Any, unbiased: 
     a valid element (unbiased: with one) keep theirs; a non-finite batch statistic keeps the whole
     state (and ``count``/``steps``); a non-finite old statistic is replaced. Dtypes are kept."""
     mean, var, n = (lax.stop_gradient(v) for v in (batch.mean, batch.var, batch.count))
+    # explicitly sharded (stats.explicit_sharding's test, inline: a call is a function more on the
+    # traced path): the statistics take the state's sharding (a select takes one)
+    if any(getattr(getattr(jax.typeof(mean), "sharding", None), "spec", None) or ()):
+        target = getattr(jax.typeof(state["mean"]), "sharding", None)
+        mean, var, n = (stats.sharded_as(v, target) for v in (mean, var, n))
     has_data = n > 0
     # whether every statistic is finite: a variadic reduction, one kernel (XLA:CPU splits a plain
     # reduction of more than 32 values into two, besides the one that makes its operand)

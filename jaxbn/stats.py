@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.interpreters import ad, batching, mlir
+from jax.sharding import PartitionSpec as P
 
 from jaxbn import _validation
 from jaxbn._validation import Plan, axis_size
@@ -163,6 +164,12 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
     sharding: Any = getattr(jax.typeof(x), "sharding", None)
     spec = tuple(getattr(sharding, "spec", None) or ())
     explicitly_sharded = any(spec)
+    features_sharding = None
+    if explicitly_sharded:  # per-feature values sharded as x's features are (a select takes one
+        # sharding; a group of a plan's inner elements as its channels are)
+        parts = [spec[i] if i < len(spec) else None for i in range(x.ndim) if i not in axes]
+        features_sharding = jax.sharding.NamedSharding(sharding.mesh, P(*parts))
+        fallback = sharded_as(fallback, features_sharding)
     centred = plan.centred
     if mask is not None:  # the valid elements (a plan's inner elements as an axis of their own)
         valid, valid_axes = jnp.broadcast_to(mask, x.shape), axes
@@ -277,11 +284,13 @@ def _two_pass_statistics(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Arra
         if fold:  # the rows' k * inner partial sums of each feature
             first = jnp.sum(first.reshape(*first.shape[:-1], *fold), (-3, -1))
     else:  # (0: mean - K, with K = fallback = 0)
-        first = jnp.zeros(shift.shape, dtype)
+        first = jnp.zeros_like(shift, dtype)
     if mask is None:
-        count = jnp.full(shift.shape, size, real)
+        count = lax.full_like(shift, size, real)
     else:
         count = jnp.sum(valid, valid_axes, dtype=real)
+        if explicitly_sharded:  # (a mask without x's sharded feature axes: as the others)
+            count = sharded_as(count, features_sharding)
     safe_count = jnp.maximum(count, 1)  # an empty feature: sums 0, so mean = K and var = 0
     offset0 = first / safe_count  # mean - K, in units of c
     # pass two: Σ|d|^2, d = x - K - (mean - K), and beside it the same with d scaled by
@@ -391,6 +400,19 @@ def explicit_sharding(value: Any) -> Any:
     None."""
     sharding = getattr(jax.typeof(value), "sharding", None)
     return sharding if any(getattr(sharding, "spec", None) or ()) else None
+
+
+def sharded_as(value: jax.Array, sharding: Any) -> jax.Array:
+    """``value`` resharded to ``sharding`` (a ``NamedSharding`` of an explicit mesh: sharding in
+    types, where a select takes operands of one sharding); unchanged where it has that sharding
+    already, or ``sharding`` has no mesh (outside ``jax.set_mesh``, JAX mixes them)."""
+    if sharding is None or sharding.mesh.empty:
+        return value
+    current = getattr(getattr(jax.typeof(value), "sharding", None), "spec", None) or ()
+    parts = lambda spec: tuple(spec) + (None,) * (jnp.ndim(value) - len(spec))  # (P() == P(None))
+    return (
+        value if parts(current) == parts(sharding.spec) else jax.sharding.reshard(value, sharding)
+    )
 
 
 def merge_moments(parts: Sequence[Moments]) -> Moments:

@@ -724,3 +724,69 @@ def test_options_and_complex_input_sync_like_batch_norm(option, kind):
         z = np.asarray(x, np.complex128).reshape(-1, 4)
         var = np.mean(np.abs(z - z.mean(0)) ** 2, 0)
         np.testing.assert_allclose(state1["var"], MOMENTUM + (1 - MOMENTUM) * var, rtol=1e-5)
+
+
+#: sharding in types: jax.set_mesh over a mesh of 4 x 2 devices, x sharded over its batch, its
+#: channels or both (the per-example norms' statistics are of each example: sharded with it)
+TYPED_MESH = jax.make_mesh((N_DEVICES // 2, 2), ("d", "m"))
+TYPED_SPECS = {
+    "batch": P("d"),
+    "channels": P(None, None, None, "m"),
+    "batch and channels": P("d", None, None, "m"),
+}
+
+
+def _typed_calls(features):
+    """``{name: f(x, mask, state)}``: every normalizer's training call (and moments), NHWC input."""
+    params = {"scale": jnp.linspace(0.5, 1.5, features), "bias": jnp.linspace(-1, 1, features)}
+    renorm = dict(r_max=1.5, d_max=0.5)
+    return {
+        "batch_norm": lambda x, m, s: jaxbn.batch_norm(x, params, s, training=True, mask=m),
+        "batch_renorm": lambda x, m, s: jaxbn.batch_renorm(
+            x, params, s, training=True, mask=m, **renorm
+        ),
+        "layer_norm": lambda x, m, s: jaxbn.layer_norm(x, params, mask=m),
+        "rms_norm": lambda x, m, s: jaxbn.rms_norm(x, {"scale": params["scale"]}, mask=m),
+        "group_norm": lambda x, m, s: jaxbn.group_norm(x, params, num_groups=4, mask=m),
+        "instance_norm": lambda x, m, s: jaxbn.instance_norm(x, params, mask=m),
+        "moments of examples": lambda x, m, s: jaxbn.moments(x, (1, 2, 3), mask=m),
+        "moments of channels": lambda x, m, s: jaxbn.moments(x, (0, 1, 2), mask=m),
+    }
+
+
+@pytest.mark.parametrize(
+    "spec, masked",
+    tiered(sorted(TYPED_SPECS), (False, True), {("batch and channels", True), ("batch", False)}),
+)
+def test_sharding_in_types_equals_the_unsharded_call(spec, masked, rng):
+    """Under ``jax.set_mesh`` (explicit axes: shardings are part of the types, and a select takes
+    operands of one sharding), every normalizer trains on a sharded batch, its gradient too, as
+    without shardings; y keeps x's sharding and the running statistics theirs. (The per-feature
+    values jaxbn makes, e.g. a fallback shift or a count, take the statistics' sharding: before,
+    every per-example norm, and batch norm with sharded channels, failed to trace.)"""
+    shape = (N_DEVICES * 2, 4, 4, 8)
+    x = jnp.asarray(rng.normal(3.0, 2.0, shape), jnp.float32)
+    mask = jnp.asarray(rng.uniform(size=(*shape[:3], 1)) < 0.8) if masked else None
+    sharding = NamedSharding(TYPED_MESH, TYPED_SPECS[spec])
+    for name, call in _typed_calls(shape[-1]).items():
+        loss = lambda x, m, s, call=call: sum(
+            jnp.sum(jnp.sin(leaf)) for leaf in jax.tree.leaves(call(x, m, s)) if leaf.ndim
+        )
+        programs = jax.jit(call), jax.jit(jax.grad(loss))
+        state = jaxbn.batch_norm_init(shape[-1])[1]
+        expected = [program(x, mask, state) for program in programs]
+        with jax.set_mesh(TYPED_MESH):  # (the state an argument, replicated)
+            x_sharded = jax.device_put(x, sharding)
+            m_sharded = None
+            if masked:
+                m_sharded = jax.device_put(mask, NamedSharding(TYPED_MESH, P(sharding.spec[0])))
+            state = jax.device_put(state, NamedSharding(TYPED_MESH, P()))
+            out = [program(x_sharded, m_sharded, state) for program in programs]
+        for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+        if not name.startswith("moments"):
+            y = out[0][0] if name.startswith("batch") else out[0]
+            assert y.sharding.is_equivalent_to(sharding, y.ndim), name
+            assert out[1].sharding.is_equivalent_to(sharding, x.ndim), name
+        if name.startswith("batch"):  # the running statistics keep theirs (replicated)
+            assert out[0][1]["mean"].sharding.is_fully_replicated, name

@@ -775,6 +775,36 @@ def test_shard_map_and_sharded_jit_equal_the_global_batch(cls, rng):
 
 
 @needs_devices
+@pytest.mark.parametrize("name", ["BatchNorm", "LayerNorm", "GroupNorm"])
+def test_modules_under_set_mesh_with_sharded_batch_and_channels(name, rng):
+    """Under jax.set_mesh (sharding in types) with x sharded over its batch and its channels, a
+    module's training call under nnx.jit equals the unsharded call: y (sharded as x), and the
+    running statistics (replicated, as created)."""
+    mesh = jax.make_mesh((N_DEVICES // 2, 2), ("d", "m"))
+    make = {
+        "BatchNorm": lambda: jaxbn.nnx.BatchNorm(8, momentum=0.8, rngs=nnx.Rngs(0)),
+        "LayerNorm": lambda: jaxbn.nnx.LayerNorm(8, rngs=nnx.Rngs(0)),
+        "GroupNorm": lambda: jaxbn.nnx.GroupNorm(8, num_groups=4, rngs=nnx.Rngs(0)),
+    }[name]
+    x = jnp.asarray(rng.normal(size=(16, 3, 8)) * 3 + 2, jnp.float32)
+    single = make()
+    y = nnx.jit(lambda m, x: m(x))(single, x)
+    with jax.set_mesh(mesh):
+        sharded = make()
+        sharding = NamedSharding(mesh, P("d", None, "m"))
+        y_s = nnx.jit(lambda m, x: m(x))(sharded, jax.device_put(x, sharding))
+    assert y_s.sharding.is_equivalent_to(sharding, y_s.ndim)
+    np.testing.assert_allclose(y_s, y, rtol=1e-5, atol=1e-5)
+    _assert_close(
+        nnx.to_pure_dict(nnx.state(sharded, nnx.BatchStat)),
+        nnx.to_pure_dict(nnx.state(single, nnx.BatchStat)),
+        dict(rtol=1e-5, atol=1e-6),
+    )
+    for stat in jax.tree.leaves(nnx.state(sharded, nnx.BatchStat)):
+        assert stat.sharding.is_fully_replicated
+
+
+@needs_devices
 def test_pmap_with_axis_index_groups(rng):
     """axis_index_groups reaches the statistics: each group of 4 devices normalizes its own half."""
     groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
