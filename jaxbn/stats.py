@@ -150,14 +150,14 @@ def _shifted_moments_jvp(plan, primals, tangents):
 
 
 def _two_pass_statistics(
-    plan: Plan, x: jax.Array, mask: Any, fallback: jax.Array, first: Any = None
+    plan: Plan, x: jax.Array, mask: Any, fallback: jax.Array, first_element: Any = None
 ) -> tuple:
     """``(count, shift K, mean - K, variance, mean)`` of the valid elements of every device, ``K``
     this device's first valid, finite element along the axes (with a mask as large as ``x``, its
     largest valid element, if finite; else ``fallback``): two passes, then
     with ``plan.axis_name`` one collective (``docs/internals.md`` describes the scaling). Where
     ``plan.centred`` is False, around 0 (``K = fallback``, 0): the variance is the mean square, pass
-    two alone. ``first``: without a mask, the first element, where the caller has it."""
+    two alone. ``first_element``: without a mask, ``x``'s first element, where the caller has it."""
     last_kept = x.ndim > 0 and x.ndim - 1 not in plan.axes  # (the last axis: features)
     if jnp.iscomplexobj(x) and last_kept and explicit_sharding(x) is None:
         return _complex_as_pairs(plan, x, mask, fallback)
@@ -192,8 +192,8 @@ def _two_pass_statistics(
     weighed = weighed and 8 * math.prod(mask.shape) <= math.prod(x.shape)
     if not centred or any(isinstance(x.shape[i], int) and x.shape[i] == 0 for i in axes):
         shift = fallback  # (no element to take)
-    elif mask is None and first is not None:
-        shift = lax.select(jnp.isfinite(first), first, fallback)
+    elif mask is None and first_element is not None:
+        shift = lax.select(jnp.isfinite(first_element), first_element, fallback)
     elif mask is None:  # x at index 0 of each axis (gathered along an explicitly sharded one)
         sharded = [axis for axis in axes if axis < len(spec) and spec[axis] is not None]
         # the axes on the device first: only the feature values travel
@@ -378,11 +378,12 @@ def _complex_as_pairs(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Array) 
         mask = mask if mask.shape[-1] == 1 else jnp.repeat(mask, 2, -1)
     real_plan = plan._replace(dtype=plan.real_dtype)
     # the shift's element sliced from x (from the pairs, XLA:CPU wrote a second copy of them)
-    first = None
+    first_element = None
     empty = any(isinstance(x.shape[i], int) and x.shape[i] == 0 for i in plan.axes)
     if mask is None and plan.centred and not empty:
-        first = pairs(x[tuple(0 if i in plan.axes else slice(None) for i in range(x.ndim))])
-    statistics = _two_pass_statistics(real_plan, pairs(x), mask, pairs(fallback), first)
+        index = tuple(0 if i in plan.axes else slice(None) for i in range(x.ndim))
+        first_element = pairs(x[index])
+    statistics = _two_pass_statistics(real_plan, pairs(x), mask, pairs(fallback), first_element)
     count, shift, offset, var, mean = (v.reshape(*fallback.shape, 2) for v in statistics)
     as_complex = lambda v: lax.complex(v[..., 0], v[..., 1])
     return (
