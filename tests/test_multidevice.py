@@ -768,25 +768,33 @@ def test_sharding_in_types_equals_the_unsharded_call(spec, masked, rng):
     x = jnp.asarray(rng.normal(3.0, 2.0, shape), jnp.float32)
     mask = jnp.asarray(rng.uniform(size=(*shape[:3], 1)) < 0.8) if masked else None
     sharding = NamedSharding(TYPED_MESH, TYPED_SPECS[spec])
-    for name, call in _typed_calls(shape[-1]).items():
-        loss = lambda x, m, s, call=call: sum(
-            jnp.sum(jnp.sin(leaf)) for leaf in jax.tree.leaves(call(x, m, s)) if leaf.ndim
+    calls = _typed_calls(shape[-1])
+
+    def every_call(x, m, s):  # (one program for all: a compilation each is most of the time)
+        outputs = {name: call(x, m, s) for name, call in calls.items()}
+        loss = lambda call: (
+            lambda x: sum(
+                jnp.sum(jnp.sin(leaf)) for leaf in jax.tree.leaves(call(x, m, s)) if leaf.ndim
+            )
         )
-        programs = jax.jit(call), jax.jit(jax.grad(loss))
-        state = jaxbn.batch_norm_init(shape[-1])[1]
-        expected = [program(x, mask, state) for program in programs]
-        with jax.set_mesh(TYPED_MESH):  # (the state an argument, replicated)
-            x_sharded = jax.device_put(x, sharding)
-            m_sharded = None
-            if masked:
-                m_sharded = jax.device_put(mask, NamedSharding(TYPED_MESH, P(sharding.spec[0])))
-            state = jax.device_put(state, NamedSharding(TYPED_MESH, P()))
-            out = [program(x_sharded, m_sharded, state) for program in programs]
-        for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True):
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+        return outputs, {name: jax.grad(loss(call))(x) for name, call in calls.items()}
+
+    state = jaxbn.batch_norm_init(shape[-1])[1]
+    expected = jax.jit(every_call)(x, mask, state)
+    with jax.set_mesh(TYPED_MESH):  # (the state an argument, replicated)
+        x_sharded = jax.device_put(x, sharding)
+        m_sharded = None
+        if masked:
+            m_sharded = jax.device_put(mask, NamedSharding(TYPED_MESH, P(sharding.spec[0])))
+        state = jax.device_put(state, NamedSharding(TYPED_MESH, P()))
+        outputs, gradients = jax.jit(every_call)(x_sharded, m_sharded, state)
+    for name in calls:
+        got, want = (outputs[name], gradients[name]), (expected[0][name], expected[1][name])
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+        assert gradients[name].sharding.is_equivalent_to(sharding, x.ndim), name
         if not name.startswith("moments"):
-            y = out[0][0] if name.startswith("batch") else out[0]
+            y = outputs[name][0] if name.startswith("batch") else outputs[name]
             assert y.sharding.is_equivalent_to(sharding, y.ndim), name
-            assert out[1].sharding.is_equivalent_to(sharding, x.ndim), name
         if name.startswith("batch"):  # the running statistics keep theirs (replicated)
-            assert out[0][1]["mean"].sharding.is_fully_replicated, name
+            assert outputs[name][1]["mean"].sharding.is_fully_replicated, name
