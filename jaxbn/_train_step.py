@@ -88,10 +88,8 @@ def corrected_affine(r: jax.Array, d: jax.Array, scale, bias, dtype) -> tuple:
 def fill_empty_features(batch: stats.Moments, running_mean, running_var) -> stats.Moments:
     """``batch`` with features without a valid element taking the (finite) running statistics."""
     empty = batch.count == 0
-    if sharding := stats.explicit_sharding(batch.mean):  # (a select takes one sharding)
-        running_mean, running_var = (
-            stats.sharded_as(v, sharding) for v in (running_mean, running_var)
-        )
+    sharding = stats.explicit_sharding(batch.mean)  # (a select takes one sharding)
+    running_mean, running_var = (stats.sharded_as(v, sharding) for v in (running_mean, running_var))
     mean = jnp.where(jnp.isfinite(running_mean), running_mean, 0).astype(batch.mean.dtype)
     var = jnp.where(jnp.isfinite(running_var) & (running_var >= 0), running_var, 1)
     var = var.astype(batch.var.dtype)

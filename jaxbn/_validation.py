@@ -621,7 +621,8 @@ def check_per_example(kind, x, params, epsilon, mask, axis_name, axis_index_grou
     inner = 1
     if kind == "group_norm":
         size, complex_x = x.shape[-1] // n_groups, jnp.iscomplexobj(x)
-        # channels explicitly sharded (sharding in types: a group's channels split over devices)
+        # channels explicitly sharded (sharding in types: a group's channels split over devices;
+        # stats.explicit_sharding's test, written here: this module cannot import stats)
         spec = tuple(getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) or ())
         split = len(spec) == x.ndim and spec[-1] is not None
         if isinstance(size, int) and size > 1 and reduction[:-1] and not split and not complex_x:
