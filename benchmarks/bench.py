@@ -17,9 +17,10 @@ as a plain copy gets, and only fewer bytes would make it faster.
 
 Then, per JAX implementation, the static memory traffic of the compiled HLO in
 units of S (the bytes of x in its dtype), its number of kernels and the
-compiled temporary memory; and the all-reduces per direction of jaxbn and
-flax.linen under pmap, shard_map and jit with sharded inputs on 8 forced CPU
-devices (a subprocess, so the timings run on the normal single device).
+compiled temporary memory; and the collectives per direction of jaxbn and
+flax.linen under pmap, shard_map and jit with sharded inputs (on a mesh of
+explicit axes, and of Auto ones) on 8 forced CPU devices (a subprocess, so the
+timings run on the normal single device).
 
 In bfloat16 every library gets bf16 activations and float32 parameters and is
 asked for a bf16 output where it can be (flax and jaxbn: ``dtype``); the note
@@ -408,6 +409,7 @@ IMPLEMENTATIONS: dict[str, tuple[str, Callable[[Spec], Case]]] = {
 }
 LIBRARIES = sorted({library for library, _ in IMPLEMENTATIONS.values()})
 COLLECTIVE_MODELS = ("jaxbn", FLAX, "flax.linen two-pass")
+JIT_MAPPINGS = ("jit-sharded", "jit-auto")  # plain jit (no axis name) over explicit / Auto axes
 
 
 def _short(error: BaseException) -> str:
@@ -600,8 +602,10 @@ def print_traffic(traffic: dict) -> None:
 def _mapped(mapping: str, model: Callable, spec: Spec):
     """The step of ``spec.mode`` under ``mapping``, and abstract arguments for it."""
     n = len(jax.devices())
-    mesh = jax.make_mesh((n,), ("batch",))
-    apply, params, state = model(spec, axis_name=None if mapping == "jit-sharded" else "batch")
+    # jit over a mesh of explicit axes (jax.make_mesh's default: sharding in types) or Auto ones
+    auto = (jax.sharding.AxisType.Auto,) if mapping == "jit-auto" else None
+    mesh = jax.make_mesh((n,), ("batch",), axis_types=auto)
+    apply, params, state = model(spec, axis_name=None if mapping in JIT_MAPPINGS else "batch")
     step = MODES[spec.mode].step(apply)
     with_dy = spec.mode == "fwdbwd"
     shape = spec.array_shape
@@ -625,36 +629,40 @@ def _mapped(mapping: str, model: Callable, spec: Spec):
     return jax.jit(step), args
 
 
-def _collectives(name: str, mapping: str, mode: str, shape: tuple[int, ...]) -> tuple[int, int]:
-    """All-reduces, and other collectives, one execution of the compiled step runs.
+def _collectives(name: str, mapping: str, mode: str, shape: tuple[int, ...]) -> dict[str, int]:
+    """The collectives one execution of the compiled step runs, by opcode (those it runs).
 
     A conditional counts at its cheapest branch and a loop at zero trips: the steady state skips the
     re-shift, and XLA may sink a collective into both branches of a test.
     """
     fn, args = _mapped(mapping, MODELS[name][1], Spec(mode, "float32", "NHWC", shape))
     text = fn.lower(*args).compile().as_text()
-    return count_per_execution(text), sum(count_per_execution(text, op) for op in COLLECTIVE_OPS)
+    counts = {op: count_per_execution(text, op) for op in ("all-reduce", *COLLECTIVE_OPS)}
+    return {op: count for op, count in counts.items() if count}
 
 
 def print_collectives(shape: tuple[int, ...]) -> None:
-    """Prints the all-reduces per direction of jaxbn and flax.linen on all devices."""
+    """Prints the collectives per direction of jaxbn and flax.linen on all devices."""
     n = len(jax.devices())
     shape = (-(-shape[0] // n) * n, *shape[1:])  # a batch that splits evenly
     rows, errors = [], []
     for name in COLLECTIVE_MODELS:
-        for mapping in ("pmap", "shard_map", "jit-sharded"):
+        for mapping in ("pmap", "shard_map", *JIT_MAPPINGS):
             try:
-                (fwd, _), (both, other) = (
+                fwd, both = (
                     _collectives(name, mapping, mode, shape) for mode in ("train", "fwdbwd")
                 )
-                rows.append([name, mapping, fwd, both, both - fwd, other])
+                kinds = ", ".join(f"{count} {op}" for op, count in both.items()) or "none"
+                total = sum(fwd.values()), sum(both.values())
+                rows.append([name, mapping, total[0], total[1], total[1] - total[0], kinds])
             except Exception as error:  # a mapping a library cannot take is a result
                 rows.append([name, mapping, "error", "-", "-", "-"])
                 errors.append(f"{name} under {mapping}: {_short(error)}")
     print_table(
-        f"all-reduces per direction on {n} {jax.devices()[0].platform} devices, float32 NHWC {shape} "
-        "(compiled HLO, per execution: conditionals at their cheapest branch, loops at zero trips)",
-        ["implementation", "mapping", "train fwd", "fwd+bwd", "bwd", "other collectives (fwd+bwd)"],
+        f"collectives per direction on {n} {jax.devices()[0].platform} devices, float32 NHWC "
+        f"{shape} (compiled HLO, per execution: conditionals at their cheapest branch, loops at "
+        "zero trips; jit-sharded: a mesh of explicit axes, jit-auto: of Auto axes)",
+        ["implementation", "mapping", "train fwd", "fwd+bwd", "bwd", "which (fwd+bwd)"],
         rows,
     )
     for line in errors:

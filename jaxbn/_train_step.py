@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxbn import stats
 
@@ -275,4 +277,15 @@ def normalize_then_affine_train(x, params: Mapping, plan: stats.Plan, epsilon, m
     kept = [size for i, size in enumerate(x.shape) if i not in plan.axes]
     zeros = jnp.zeros([*kept[:-1], kept[-1] // plan.inner] if kept else kept, plan.dtype)
     inputs = jax.tree_util.tree_map(lax.stop_gradient, (zeros, epsilon, mask, zeros, zeros, ()))
-    return _step(x, None, None, params.get("scale"), params.get("bias"), plan, inputs)[0]
+    outer = [params.get("scale"), params.get("bias")]
+    if sharding := stats.explicit_sharding(x):  # the parameters split as the features they meet:
+        # a replicated one made y * scale replicated too, and its transpose all-gathered dy
+        spec = (*sharding.spec, *(None,) * (x.ndim - len(sharding.spec)))
+        for k, value in enumerate(outer):
+            if value is not None:
+                parts = [
+                    spec[x.ndim - value.ndim + j] if n == x.shape[x.ndim - value.ndim + j] else None
+                    for j, n in enumerate(value.shape)
+                ]
+                outer[k] = stats.sharded_as(value, NamedSharding(sharding.mesh, P(*parts)))
+    return _step(x, None, None, *outer, plan, inputs)[0]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.interpreters import ad, batching, mlir
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxbn import _validation
@@ -170,6 +171,12 @@ def _two_pass_statistics(
     spec = tuple(getattr(sharding, "spec", None) or ())
     explicitly_sharded = any(spec)
     features_sharding = None
+    if (
+        explicitly_sharded
+        and plan.axis_name is None
+        and (merged := _per_shard_then_merged(plan, x, mask, fallback))
+    ):
+        return merged
     if explicitly_sharded:  # per-feature values sharded as x's features are (a select takes one
         # sharding; a group of a plan's inner elements as its channels are)
         parts = [spec[i] if i < len(spec) else None for i in range(x.ndim) if i not in axes]
@@ -235,12 +242,19 @@ def _two_pass_statistics(
     # (group norm's channels of a group) and other axes are reduced too, the two are read as one
     # axis of features x inner elements; where the last axis holds at most LANES / 4 features and
     # axes just before it are reduced, as rows of k whole feature vectors.
-    plain, inner, last = mask is None and not explicitly_sharded, plan.inner, x.ndim - 1
+    # (with explicit sharding, only axes no device splits: a sharded axis keeps its part)
+    inner, last, parts_s = plan.inner, x.ndim - 1, (*spec, *(None,) * (x.ndim - len(spec)))
+    plain = mask is None and not any(parts_s[i] for i in (*axes, last))
+    xs_sharding = sharding if explicitly_sharded else None  # (where explicit)
     xs, axes_s = x, axes  # (x and its reduced axes as the sums read them)
     # (a plan's inner elements are x's already: group norm passes x as it is)
     if inner == 1 and plain and last in axes and last - 1 not in axes and last - 1 > min(axes):
-        if all(isinstance(n, int) for n in x.shape[-2:]):
-            inner, xs = x.shape[-1], x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+        if all(isinstance(n, int) for n in x.shape[-2:]) and not parts_s[last - 1]:
+            parts_s = (*parts_s[:-2], None)
+            if explicitly_sharded:
+                xs_sharding = NamedSharding(sharding.mesh, P(*parts_s))
+            inner = x.shape[-1]
+            xs = x.reshape((*x.shape[:-2], x.shape[-2] * x.shape[-1]), out_sharding=xs_sharding)
             axes_s = tuple(i for i in axes if i != last)
     features, start, merged = xs.shape[-1] if xs.ndim else 0, xs.ndim - 1, 1
     widen = plain and start not in axes_s
@@ -249,7 +263,11 @@ def _two_pass_statistics(
     while widen and merged % k and start - 1 in axes_s and isinstance(xs.shape[start - 1], int):
         start, merged = start - 1, merged * xs.shape[start - 1]
     if widen and merged and merged % k == 0:
-        xs = xs.reshape(*xs.shape[:start], merged // k, k * features)
+        parts_s = (*parts_s[:start], None, None)
+        if explicitly_sharded:
+            xs_sharding = NamedSharding(sharding.mesh, P(*parts_s))
+        rows_shape = (*xs.shape[:start], merged // k, k * features)
+        xs = xs.reshape(rows_shape, out_sharding=xs_sharding)
         sum_axes = (*(i for i in axes_s if i < start), start)
     else:
         k, sum_axes = 1, axes_s
@@ -261,7 +279,7 @@ def _two_pass_statistics(
         lax.broadcast_in_dim,
         shape=xs.shape,
         broadcast_dimensions=tuple(i for i in range(xs.ndim) if i not in sum_axes),
-        out_sharding=sharding if explicitly_sharded else None,
+        out_sharding=xs_sharding,
     )
     # a per-feature vector tiled to xs's rows, (..., features) to (..., k * features * inner), and
     # a sum's partial sums folded back, inline (each function is one more on the traced path)
@@ -361,6 +379,62 @@ def _two_pass_statistics(
         count, shift, offset, var = _merge_devices(plan, count, shift, offset, var)
         mean = shift + offset
     return count, shift, offset, var, mean
+
+
+def _per_shard_then_merged(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Array) -> Any:
+    """:func:`_two_pass_statistics` of an ``x`` explicitly sharded along reduced axes (sharding in
+    types, no axis name): each shard's statistics on its own device, then ONE collective (every
+    shard's stacked parts resharded to every device) and Chan's merge in shard order, as with an
+    axis name. None where no reduced axis is split over devices, or a split one's size is symbolic
+    (the global sums then: the partitioner's all-reduces, one per pass)."""
+    sharding = jax.typeof(x).sharding
+    mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    names = lambda part: part if isinstance(part, tuple) else (part,)
+    shards = {i: math.prod(mesh.shape[name] for name in names(spec[i] or ())) for i in plan.axes}
+    shards = {i: n for i, n in sorted(shards.items()) if n > 1}  # (JAX refuses uneven shards)
+    if not shards or not all(isinstance(x.shape[i], int) for i in shards):
+        return None
+
+    def split(value):  # (x's rank) each split axis as (shards, elements per shard), or (1, 1)
+        shape: list[Any] = []
+        parts: list[Any] = []
+        for i, n in enumerate(value.shape):
+            spans = n == x.shape[i]  # (else 1: a mask broadcasting along it)
+            if i in shards:
+                shape += [shards[i], n // shards[i]] if spans else [1, 1]
+                parts += [spec[i] if spans else None, None]
+            else:
+                shape.append(n)
+                parts.append(spec[i] if spans else None)
+        return value.reshape(shape, out_sharding=NamedSharding(mesh, P(*parts))), shape, parts
+
+    x_s, shape, parts = split(x)
+    if mask is not None:
+        mask = split(lax.expand_dims(mask, range(x.ndim - mask.ndim)))[0]
+    # the shards' axes kept, each reduced axis after as many split axes as there are up to it
+    kept = [i + sum(j < i for j in shards) for i in shards]
+    axes = [i + sum(j <= i for j in shards) for i in plan.axes]
+    features = [j for j in range(len(shape)) if j not in axes]
+    shard_positions = [features.index(j) for j in kept]  # (among the features)
+    old_features = [k for k, j in enumerate(features) if j not in kept]
+    fallback = lax.broadcast_in_dim(
+        fallback, tuple(shape[j] for j in features), tuple(old_features)
+    )
+    count, shift, offset, var, mean = _two_pass_statistics(
+        plan._replace(axes=tuple(axes)), x_s, mask, fallback
+    )
+    wide = jnp.abs(offset) == np.inf  # (merged around each shard's mean, as across devices)
+    shift, offset = jnp.where(wide, mean, shift), jnp.where(wide, 0, offset)
+    feature_parts = [parts[j] for j in features if j not in kept]
+
+    def gather(stacked):  # (parts, *features) -> (shards, parts, *x's features), on every device
+        stacked = jnp.moveaxis(stacked, [1 + k for k in shard_positions], range(1, 1 + len(kept)))
+        stacked = stacked.reshape(stacked.shape[0], -1, *stacked.shape[1 + len(kept) :])
+        stacked = jnp.swapaxes(stacked, 0, 1)
+        return jax.sharding.reshard(stacked, NamedSharding(mesh, P(None, None, *feature_parts)))
+
+    count, shift, offset, var = _merge_gathered(gather, count, shift, offset, var)
+    return count, shift, offset, var, shift + offset
 
 
 def _complex_as_pairs(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Array) -> tuple:
@@ -527,9 +601,19 @@ def _merge_devices(plan: Plan, count, shift, offset, var) -> tuple[jax.Array, ..
             )
         total = functools.partial(_lane_sum.bind, lanes=lanes)
         return _merge(count, shift, offset, var, total, lambda weight: total(weight * shift))
+    gather = functools.partial(
+        all_gather, axis_name=plan.axis_name, axis_index_groups=plan.axis_index_groups
+    )
+    return _merge_gathered(gather, count, shift, offset, var)
+
+
+def _merge_gathered(gather, count, shift, offset, var) -> tuple[jax.Array, ...]:
+    """``(count, shift, mean - shift, var)`` of every device (or shard), stacked and brought to
+    every device by ``gather`` (ONE collective: ``(parts, ...)`` to ``(devices, parts, ...)``),
+    merged in device order."""
     is_complex = jnp.iscomplexobj(shift)  # gathered as real and imaginary parts
     parts = [shift.real, shift.imag, offset.real, offset.imag] if is_complex else [shift, offset]
-    gathered = all_gather(jnp.stack([count, *parts, var]), plan.axis_name, plan.axis_index_groups)
+    gathered = gather(jnp.stack([count, *parts, var]))
     count, *parts, var = (gathered[:, i] for i in range(len(parts) + 2))
     shift, offset = (lax.complex(*parts[:2]), lax.complex(*parts[2:])) if is_complex else parts
     return merge_stacked(count, shift, offset, var)

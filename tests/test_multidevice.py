@@ -23,11 +23,19 @@ from tests.conftest import N_DEVICES, needs_devices, tiered
 
 pytestmark = needs_devices
 
-MESH = jax.make_mesh((N_DEVICES,), ("i",))
+MESH = jax.make_mesh((N_DEVICES,), ("i",))  # (explicit axes: jax.make_mesh's default)
 BATCH = NamedSharding(MESH, P("i"))
+#: plain jit over a batch sharded on a mesh of explicit axes (sharding in types: each shard's
+#: statistics, one all-gather) or of Auto axes (XLA propagates: global sums)
+JIT_BATCH = {
+    "jit_sharded": BATCH,
+    "jit_auto": NamedSharding(
+        jax.make_mesh((N_DEVICES,), ("i",), axis_types=(jax.sharding.AxisType.Auto,)), P("i")
+    ),
+}
 MOMENTUM = 0.9
 EPSILON = 1e-5
-KINDS = ["pmap", "shard_map", "jit_sharded"]
+KINDS = ["pmap", "shard_map", "jit_sharded", "jit_auto"]
 # (feature axis, global input shape): NHWC and NCHW, 2 examples per device.
 LAYOUTS = {"NHWC": (-1, (16, 3, 3, 4)), "NCHW": (1, (16, 4, 3, 3))}
 
@@ -84,10 +92,10 @@ def _train_step(kind, axis):
     """
     if kind == "single":
         return jax.jit(functools.partial(_forward_backward, axis=axis, axis_name=None))
-    if kind == "jit_sharded":
-        # Plain jit over a batch-sharded input: axis_name=None, XLA reduces globally.
+    if kind in JIT_BATCH:  # plain jit over a batch-sharded input: axis_name=None
         step = jax.jit(functools.partial(_forward_backward, axis=axis, axis_name=None))
-        return lambda x, p, s, w: step(jax.device_put(x, BATCH), p, s, jax.device_put(w, BATCH))
+        put = functools.partial(jax.device_put, device=JIT_BATCH[kind])
+        return lambda x, p, s, w: step(put(x), p, s, put(w))
     local = functools.partial(_forward_backward, axis=axis, axis_name="i")
     if kind == "pmap":
         step = jax.pmap(local, axis_name="i", in_axes=(0, None, None, 0))
@@ -153,7 +161,7 @@ def test_synchronized_batch_norm_equals_global_batch(kind, layout):
     np.testing.assert_allclose(dp1["bias"], ref_dbias, rtol=1e-5, atol=1e-5)
 
     # The distributed result equals the single-device one (and so the reference).
-    if kind == "jit_sharded":
+    if kind in JIT_BATCH:
         assert len(y.sharding.device_set) == N_DEVICES and not y.sharding.is_fully_replicated
     np.testing.assert_allclose(y, y1, atol=1e-5)
     np.testing.assert_allclose(dx, dx1, atol=1e-5)
@@ -372,22 +380,31 @@ ENTRY %main (p: f32[2], q: pred[]) -> (f32[2], f32[]) {
         hlo.count_collectives("HloModule empty")
 
 
+@pytest.mark.parametrize("mask_shape", [None, (16, 1, 1, 1), (16, 4, 4, 1), (16, 4, 4, 8)])
 @pytest.mark.parametrize(
-    "mask_shape, all_reduces",
-    [(None, (3, 4)), ((16, 1, 1, 1), (4, 5)), ((16, 4, 4, 1), (4, 5)), ((16, 4, 4, 8), (3, 4))],
-    ids=["no mask", "examples", "positions", "elements"],
+    "kind, collectives",
+    [
+        # explicit axes: (all-gathers, all-reduces) forward, then forward and backward, any mask
+        ("jit_sharded", {None: ((1, 0), (1, 1))}),
+        # Auto axes: all-reduces (none gathers), the mask of examples or positions one more
+        ("jit_auto", {None: ((0, 3), (0, 4)), (16, 1, 1, 1): ((0, 4), (0, 5))}),
+    ],
 )
-def test_collectives_under_jit_with_a_sharded_batch(mask_shape, all_reduces):
-    """Without an axis name XLA's partitioner makes the collectives (docs/multi_device.md): one
-    all-reduce gives every device K (the first element, on the first shard), one per pass (pass
-    one's two sums in one tuple), one in the backward; no all-gather, no control flow. A mask
-    sharded as the batch adds one forward where it is small (of examples or of positions: the
-    first valid element searched in the mask's own shape) and none where it is as large as x (the
-    shift its largest valid element: one more before, when the first was searched in positions of
-    x's size)."""
+def test_collectives_under_jit_with_a_sharded_batch(kind, collectives, mask_shape):
+    """Without an axis name (docs/multi_device.md). A batch sharded on a mesh of explicit axes
+    (sharding in types): each shard's statistics on its own device, then one all-gather of every
+    shard's (count, K, mean - K, var), merged in shard order; the backward's one all-reduce. On
+    Auto axes XLA's partitioner makes the collectives of the global sums: one all-reduce gives
+    every device K (the first element, on the first shard), one per pass, one in the backward; a
+    mask sharded as the batch adds one forward where it is small (of examples or of positions:
+    the first valid element searched in the mask's own shape) and none where it is as large as x
+    (the shift its largest valid element). No control flow either way."""
     params, state = jaxbn.batch_norm_init(8)
-    x = jax.device_put(jnp.ones((N_DEVICES * 2, 4, 4, 8)), BATCH)
-    masks = () if mask_shape is None else (jax.device_put(jnp.ones(mask_shape, bool), BATCH),)
+    put = functools.partial(jax.device_put, device=JIT_BATCH[kind])
+    x = put(jnp.ones((N_DEVICES * 2, 4, 4, 8)))
+    masks = () if mask_shape is None else (put(jnp.ones(mask_shape, bool)),)
+    small_mask = mask_shape is not None and mask_shape != x.shape
+    expected = collectives[(16, 1, 1, 1) if small_mask and kind == "jit_auto" else None]
 
     def forward(x, p, *mask):
         return jaxbn.batch_norm(x, p, state, training=True, mask=(*mask, None)[0])
@@ -396,10 +413,10 @@ def test_collectives_under_jit_with_a_sharded_batch(mask_shape, all_reduces):
         loss = lambda x, p: jnp.sum(jnp.sin(forward(x, p, *mask)[0]))
         return jax.grad(loss, argnums=(0, 1))(x, p)
 
-    for program, expected in zip((forward, step), all_reduces, strict=True):
+    for program, (all_gathers, all_reduces) in zip((forward, step), expected, strict=True):
         text = jax.jit(program).lower(x, params, *masks).compile().as_text()
-        assert hlo.count_collectives(text) == expected, program.__name__
-        assert hlo.count_collectives(text, op="all-gather") == 0
+        assert hlo.count_collectives(text, op="all-gather") == all_gathers, program.__name__
+        assert hlo.count_collectives(text) == all_reduces, program.__name__
         assert " while(" not in text and " conditional(" not in text
 
 
@@ -678,10 +695,9 @@ def test_options_and_complex_input_sync_like_batch_norm(option, kind):
     x, w, params, state = _option_data(option)
     single = jax.jit(functools.partial(_option_step, option=option, axis_name=None))
     y1, state1, dx1, dp1 = single(x, w, params, state)
-    if kind == "jit_sharded":
-        y, new_state, dx, dparams = single(
-            jax.device_put(x, BATCH), jax.device_put(w, BATCH), params, state
-        )
+    if kind in JIT_BATCH:
+        put = functools.partial(jax.device_put, device=JIT_BATCH[kind])
+        y, new_state, dx, dparams = single(put(x), put(w), params, state)
     elif kind == "shard_map":
         local = functools.partial(_option_step, option=option, axis_name="i")
         step = jax.jit(
@@ -798,3 +814,37 @@ def test_sharding_in_types_equals_the_unsharded_call(spec, masked, rng):
             assert y.sharding.is_equivalent_to(sharding, y.ndim), name
         if name.startswith("batch"):  # the running statistics keep theirs (replicated)
             assert outputs[name][1]["mean"].sharding.is_fully_replicated, name
+
+
+@pytest.mark.parametrize(
+    "name, spec, forward, backward",
+    [
+        ("batch_norm", "batch", 1, 1),
+        ("batch_norm", "batch and channels", 1, 1),
+        ("layer_norm", "channels", 1, 1),
+        ("rms_norm", "batch and channels", 1, 1),
+        ("moments of channels", "batch", 1, 0),  # (the variance's derivative needs no sum)
+        ("group_norm", "batch and channels", 0, 0),  # (each device holds whole groups)
+    ],
+)
+def test_statistics_over_split_axes_take_one_collective_each_way(name, spec, forward, backward):
+    """Sharding in types, no axis name: where the statistics span an axis split over devices (the
+    batch for batch norm, the channels for layer norm), each shard's statistics are taken on its
+    device and ONE all-gather merges them (docs/multi_device.md); the backward's sums ONE
+    all-reduce. Before: 3 all-reduces forward, and layer norm's backward all-gathered dy and y
+    whole (its replicated scale met the sharded x)."""
+    shape = (N_DEVICES * 2, 4, 4, 8)
+    sharding = NamedSharding(TYPED_MESH, TYPED_SPECS[spec])
+    call = _typed_calls(shape[-1])[name]
+    state = jaxbn.batch_norm_init(shape[-1])[1]
+    first = lambda x: jax.tree.leaves(call(x, None, state))[0]
+    gradient = jax.grad(lambda x: jnp.sum(jnp.sin(first(x))))
+    with jax.set_mesh(TYPED_MESH):
+        x = jax.device_put(jnp.ones(shape), sharding)
+        texts = [jax.jit(f).lower(x).compile().as_text() for f in (first, gradient)]
+    counts = [
+        {op: hlo.count_collectives(text, op=op) for op in ("all-gather", "all-reduce")}
+        for text in texts
+    ]
+    assert counts[0] == {"all-gather": forward, "all-reduce": 0}, counts
+    assert counts[1] == {"all-gather": forward, "all-reduce": backward}, counts
