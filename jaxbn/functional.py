@@ -177,11 +177,14 @@ def apply_checked(call: _validation.BatchNormCall) -> tuple:
         x_stats, params_stats, mask, shift = x, params, call.mask, state["mean"]
         if ghost := call.ghost_batch_size:  # statistics per ghost batch (a feature axis), device
             groups = x.shape[0] // ghost
-            x_stats = x.reshape((groups, ghost) + x.shape[1:])  # (B/g, g, ...)
+            split = _ghost_sharding(x, groups, ghost)  # (with sharding in types: where they lie)
+            x_stats = x.reshape((groups, ghost) + x.shape[1:], out_sharding=split)  # (B/g, g, ...)
             if mask is not None:
                 mask = jnp.reshape(mask, (1,) * (x_stats.ndim - 1 - mask.ndim) + mask.shape)
                 lead = (groups, ghost) if mask.shape[0] != 1 else (1, 1)
-                mask = mask.reshape(lead + mask.shape[1:])
+                mask = mask.reshape(
+                    lead + mask.shape[1:], out_sharding=_ghost_sharding(mask, *lead)
+                )
             axes = (1,) + tuple(i + 1 for i in plan.axes if i != 0)
             params_stats = {k: _broadcast_to_groups(v, groups) for k, v in params.items()}
             shift = jnp.broadcast_to(shift, (groups,) + shift.shape)
@@ -195,7 +198,7 @@ def apply_checked(call: _validation.BatchNormCall) -> tuple:
             args = tuple(map(jnp.asarray, limits))
             inputs = (shift, jnp.asarray(epsilon, dtype), mask, *running, args)
             y, batch = _train_step.batch_norm_train(x_stats, params_stats, plan, inputs)
-            y = y.reshape(x.shape)
+            y = y.reshape(x.shape, out_sharding=stats.explicit_sharding(x))
         else:  # complex: JAX's autodiff through the statistics and the normalization
             shift = jnp.asarray(lax.stop_gradient(shift), dtype)
             batch = stats.batch_moments(plan, x_stats, mask, shift)
@@ -203,7 +206,7 @@ def apply_checked(call: _validation.BatchNormCall) -> tuple:
             epsilon = jnp.asarray(epsilon, dtype)
             rest = (params_stats, plan.axes, epsilon, dtype, out, mask, batch.mean_minus_shift)
             y = _train_step.affine_normalize(x_stats, batch.shift, batch.var, *rest)
-            y = y.reshape(x.shape)
+            y = y.reshape(x.shape, out_sharding=stats.explicit_sharding(x))
     new_state = call.given_state
     if call.ghost_batch_size and (update or want_moments):
         batch = _combine_ghost_moments(batch, state["mean"], call.plan)
@@ -334,6 +337,21 @@ def _broadcast_to_groups_jvp(groups, primals, tangents):
     (value,), (tangent,) = primals, tangents
     tangent = lax.optimization_barrier(jnp.broadcast_to(tangent, (groups,) + tangent.shape))
     return _broadcast_to_groups(value, groups), tangent
+
+
+def _ghost_sharding(x: jax.Array, groups: int, ghost: int) -> Any:
+    """With sharding in types, the sharding of ``x`` (``(B, ...)``, or a mask of its rank) read as
+    ``(groups, ghost, ...)``: the groups split as the batch was where each device holds whole ghost
+    batches, else each ghost batch split over the devices (XLA moves the rows there), else
+    neither; None without."""
+    sharding = stats.explicit_sharding(x)
+    if sharding is None:
+        return None
+    spec = (*sharding.spec, *(None,) * (x.ndim - len(sharding.spec)))
+    devices = stats.devices_along(sharding.mesh, spec[0])
+    lead = (spec[0], None) if groups % devices == 0 else (None, spec[0])
+    lead = lead if groups % devices == 0 or ghost % devices == 0 else (None, None)
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*lead, *spec[1:]))
 
 
 def _combine_ghost_moments(batch, shift, plan: stats.Plan) -> stats.Moments:

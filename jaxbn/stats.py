@@ -389,8 +389,7 @@ def _per_shard_then_merged(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Ar
     (the global sums then: the partitioner's all-reduces, one per pass)."""
     sharding = jax.typeof(x).sharding
     mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-    names = lambda part: part if isinstance(part, tuple) else (part,)
-    shards = {i: math.prod(mesh.shape[name] for name in names(spec[i] or ())) for i in plan.axes}
+    shards = {i: devices_along(mesh, spec[i]) for i in plan.axes}
     shards = {i: n for i, n in sorted(shards.items()) if n > 1}  # (JAX refuses uneven shards)
     if not shards or not all(isinstance(x.shape[i], int) for i in shards):
         return None
@@ -417,9 +416,9 @@ def _per_shard_then_merged(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Ar
     features = [j for j in range(len(shape)) if j not in axes]
     shard_positions = [features.index(j) for j in kept]  # (among the features)
     old_features = [k for k, j in enumerate(features) if j not in kept]
-    fallback = lax.broadcast_in_dim(
-        fallback, tuple(shape[j] for j in features), tuple(old_features)
-    )
+    # (a plan's inner elements of the last axis share one value: group norm's channels)
+    feature_shape = [shape[j] // (plan.inner if j == len(shape) - 1 else 1) for j in features]
+    fallback = lax.broadcast_in_dim(fallback, feature_shape, tuple(old_features))
     count, shift, offset, var, mean = _two_pass_statistics(
         plan._replace(axes=tuple(axes)), x_s, mask, fallback
     )
@@ -513,6 +512,13 @@ def explicit_sharding(value: Any) -> Any:
     None."""
     sharding = getattr(jax.typeof(value), "sharding", None)
     return sharding if any(getattr(sharding, "spec", None) or ()) else None
+
+
+def devices_along(mesh: Any, part: Any) -> int:
+    """How many devices an axis of a ``PartitionSpec`` entry ``part`` (None, a mesh axis name or a
+    tuple of them) is split over."""
+    names = () if part is None else part if isinstance(part, tuple) else (part,)
+    return math.prod(mesh.shape[name] for name in names)
 
 
 def sharded_as(value: jax.Array, sharding: Any) -> jax.Array:

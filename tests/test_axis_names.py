@@ -381,12 +381,17 @@ def _alt_step(name, kind):
     return run
 
 
-@pytest.mark.parametrize(  # the default tier: each under shard_map, layer norm under sharded jit
+@pytest.mark.parametrize(  # the default tier: each under shard_map; layer norm (channels split)
+    # and group norm (a spatial axis split: each shard's statistics, per group) under sharded jit
     "name, kind",
     tiered(
         sorted(ALTERNATIVES),
         ("pmap", "shard_map", "jit_sharded"),
-        {*((name, "shard_map") for name in ALTERNATIVES), ("layer_norm", "jit_sharded")},
+        {
+            *((name, "shard_map") for name in ALTERNATIVES),
+            ("layer_norm", "jit_sharded"),
+            ("group_norm", "jit_sharded"),
+        },
     ),
 )
 def test_per_example_norm_over_sharded_axis_equals_unsharded(name, kind):

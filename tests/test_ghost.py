@@ -657,3 +657,32 @@ def test_ghost_batches_cost_no_more_traffic_than_batch_norm():
 
     plain, ghost = traffic(None), traffic(4)
     assert ghost[0] <= plain[0] + 0.1 and ghost[1] <= plain[1] + 0.1, (plain, ghost)
+
+
+@needs_devices
+@pytest.mark.parametrize("ghost", [4, 16])  # (2 examples per device: across 2 devices, across all)
+@pytest.mark.parametrize("mask_kind", [None, "examples"])
+def test_ghost_batches_under_sharding_in_types(ghost, mask_kind):
+    """jit over a batch sharded on a mesh of explicit axes (sharding in types), ghost batches
+    larger than a device's part of it: the same outputs, running statistics and gradients as
+    unsharded, y sharded as x. (Before, their reshape failed to trace: JAX asks for its output
+    sharding; now each group is split over the devices it needs.)"""
+    mesh = jax.make_mesh((N_DEVICES,), ("i",))  # (explicit axes: jax.make_mesh's default)
+    shape = (2 * N_DEVICES, 3, 3, 4)
+    x, params, state = jax.tree.map(jnp.asarray, _data(shape, -1))
+    mask = _mask(mask_kind, shape)
+
+    def step(x, m):
+        def call(x):
+            return jaxbn.batch_norm(x, params, state, training=True, mask=m, ghost_batch_size=ghost)
+
+        (y, new_state), vjp = jax.vjp(call, x)
+        return y, new_state, vjp((jnp.sin(y), jax.tree.map(jnp.zeros_like, new_state)))[0]
+
+    expected = jax.jit(step)(x, mask)
+    sharding = NamedSharding(mesh, P("i"))
+    put = lambda a: None if a is None else jax.device_put(a, sharding)
+    got = jax.jit(step)(put(x), put(mask))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert got[0].sharding.is_equivalent_to(sharding, x.ndim)
