@@ -175,16 +175,16 @@ def apply_checked(call: _validation.BatchNormCall) -> tuple:
         y, batch = _single_value(call, None if call.training else y)
     elif call.training or update or want_moments:  # batch statistics
         x_stats, params_stats, mask, shift = x, params, call.mask, state["mean"]
+        y_sharding = None  # (the output's, where a ghost view of x has its own)
         if ghost := call.ghost_batch_size:  # statistics per ghost batch (a feature axis), device
-            groups = x.shape[0] // ghost
+            groups, y_sharding = x.shape[0] // ghost, stats.explicit_sharding(x)
             split = _ghost_sharding(x, groups, ghost)  # (with sharding in types: where they lie)
-            x_stats = x.reshape((groups, ghost) + x.shape[1:], out_sharding=split)  # (B/g, g, ...)
-            if mask is not None:
+            x_stats = jnp.reshape(x, (groups, ghost) + x.shape[1:], out_sharding=split)
+            if mask is not None:  # (B/g, g, ...) as x, or (1, 1, ...)
                 mask = jnp.reshape(mask, (1,) * (x_stats.ndim - 1 - mask.ndim) + mask.shape)
                 lead = (groups, ghost) if mask.shape[0] != 1 else (1, 1)
-                mask = mask.reshape(
-                    lead + mask.shape[1:], out_sharding=_ghost_sharding(mask, *lead)
-                )
+                split = _ghost_sharding(mask, *lead)
+                mask = jnp.reshape(mask, lead + mask.shape[1:], out_sharding=split)
             axes = (1,) + tuple(i + 1 for i in plan.axes if i != 0)
             params_stats = {k: _broadcast_to_groups(v, groups) for k, v in params.items()}
             shift = jnp.broadcast_to(shift, (groups,) + shift.shape)
@@ -198,7 +198,7 @@ def apply_checked(call: _validation.BatchNormCall) -> tuple:
             args = tuple(map(jnp.asarray, limits))
             inputs = (shift, jnp.asarray(epsilon, dtype), mask, *running, args)
             y, batch = _train_step.batch_norm_train(x_stats, params_stats, plan, inputs)
-            y = y.reshape(x.shape, out_sharding=stats.explicit_sharding(x))
+            y = y.reshape(x.shape, out_sharding=y_sharding)
         else:  # complex: JAX's autodiff through the statistics and the normalization
             shift = jnp.asarray(lax.stop_gradient(shift), dtype)
             batch = stats.batch_moments(plan, x_stats, mask, shift)
@@ -206,7 +206,7 @@ def apply_checked(call: _validation.BatchNormCall) -> tuple:
             epsilon = jnp.asarray(epsilon, dtype)
             rest = (params_stats, plan.axes, epsilon, dtype, out, mask, batch.mean_minus_shift)
             y = _train_step.affine_normalize(x_stats, batch.shift, batch.var, *rest)
-            y = y.reshape(x.shape, out_sharding=stats.explicit_sharding(x))
+            y = y.reshape(x.shape, out_sharding=y_sharding)
     new_state = call.given_state
     if call.ghost_batch_size and (update or want_moments):
         batch = _combine_ghost_moments(batch, state["mean"], call.plan)
