@@ -2,12 +2,16 @@
 
 A small Flax model (Dense -> jaxbn BatchNorm -> relu -> Dense) is trained
 with optax SGD on a global batch that is sharded over every device of every
-process. The same training code runs in three styles, and each must give the
+process. The same training code runs in four styles, and each must give the
 same parameters and running statistics as one process on the same global batch:
 
 - ``jit``: ``jax.jit`` over global arrays sharded with ``NamedSharding(mesh,
-  P('data'))`` on a mesh of ``jax.devices()`` (all processes' devices).
-  BatchNorm gets ``axis_name=None``; XLA inserts the cross-host reductions.
+  P('data'))`` on a mesh of ``jax.devices()`` (all processes' devices), its
+  axes Auto (``jax.sharding.Mesh``). BatchNorm gets ``axis_name=None``; XLA
+  inserts the cross-host reductions.
+- ``jit_explicit``: the same on a mesh of explicit axes (``jax.make_mesh``'s
+  default: sharding in types). jaxbn reads the split batch from the types:
+  each device's statistics, one all-gather across hosts.
 - ``shard_map``: the loss runs per shard under ``jax.shard_map`` on that mesh
   with ``BatchNorm(axis_name='data')``.
 - ``pmap``: ``jax.pmap(..., axis_name='data')``; each process feeds its
@@ -72,7 +76,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import check_args, example_parser, force_cpu_devices, markdown_table, write_report  # noqa: E402
 
 NAME = "multihost"
-MODES = ("jit", "shard_map", "pmap")
+MODES = ("jit", "jit_explicit", "shard_map", "pmap")
 FEATURES, HIDDEN = 8, 16
 LEARNING_RATE, SGD_MOMENTUM, BN_MOMENTUM = 0.1, 0.9, 0.9
 PADDING = 1e3  # the value of invalid examples: it must not reach the statistics
@@ -243,7 +247,8 @@ def make_step(mode: str, mesh, optimizer):
                 in_specs=(P(), P(), batch_spec, batch_spec, batch_spec),
                 out_specs=(P(), P()),
             )(params, batch_stats, x, y, mask)
-    else:  # jit: the global batch, axis_name=None; XLA reduces across devices and hosts
+    else:  # jit, jit_explicit: the global batch, axis_name=None (across devices and hosts: XLA's
+        # reductions, or on explicit axes each device's statistics and one all-gather)
         global_loss = functools.partial(local_loss, axis_name=None)
 
     @jax.jit
@@ -298,7 +303,10 @@ def train(
         raise ValueError(
             f"--batch {batch} must be a multiple of the number of devices, {len(devices)}"
         )
-    mesh = Mesh(np.array(devices), ("data",))
+    if mode == "jit_explicit":  # (sharding in types)
+        mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
+    else:  # (Auto axes)
+        mesh = Mesh(np.array(devices), ("data",))
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     rows = process_rows(sharded, batch)
 
@@ -400,7 +408,7 @@ def run_process(args: argparse.Namespace) -> dict[str, dict[str, np.ndarray]]:
         }
         for mode, result in results.items():
             print(
-                f"process {jax.process_index()} {mode:9s} losses "
+                f"process {jax.process_index()} {mode:12s} losses "
                 + " ".join(f"{v:.6f}" for v in result["loss"]),
                 flush=True,
             )

@@ -443,10 +443,12 @@ def test_activations_example_runs_every_activation_and_placement(capsys, monkeyp
 
 @pytest.mark.slow  # runs the example's --quick mode
 def test_multihost_quick_mode_agrees_in_every_style(capsys, monkeypatch, tmp_path):
-    """--quick in one process (the 8 test devices; tests/test_multihost.py launches several): jit, shard_map and
-    pmap give the same 2 losses and running statistics; the report says so."""
+    """--quick in one process (the 8 test devices; tests/test_multihost.py launches several): jit
+    on Auto and on explicit axes, shard_map and pmap give the same 2 losses and running
+    statistics; the report says so."""
     results, printed, out = _run_quick("multihost", capsys, monkeypatch, tmp_path)
-    assert set(results) == {"jit", "shard_map", "pmap"} and "all modes agree" in printed
+    assert set(results) == {"jit", "jit_explicit", "shard_map", "pmap"}
+    assert "all modes agree" in printed
     assert all(len(result["loss"]) == 2 for result in results.values())
     assert "within float32 rounding" in (out / "multihost.md").read_text()
 

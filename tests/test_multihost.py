@@ -3,8 +3,8 @@
 ``examples/multihost.py`` is launched as 2 processes x 4 CPU devices, and as
 3 processes x 4 devices whose processes hold 16, 9 and 3 valid examples of 16
 (masks). Each process trains the same BN model for a few steps in all three
-styles (jit with shardings and ``axis_name=None``, shard_map and pmap with
-``axis_name``) inside one JAX process start, and writes its results to
+styles (jit with shardings and ``axis_name=None``, on a mesh of Auto and of
+explicit axes; shard_map and pmap with ``axis_name``) inside one JAX process start, and writes its results to
 ``tmp_path``. Every process and style must end with the parameters, running
 statistics and losses of ONE process on ONE device training on the same global
 batch (run here, in the test process), and the first step's running
@@ -62,7 +62,8 @@ def _assert_close(actual, expected, msg):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_process_and_style_matches_one_process(case, tmp_path):
-    """2x4 and 3x4 (uneven masks) processes: jit/shard_map/pmap results equal one device's."""
+    """2x4 and 3x4 (uneven masks) processes: jit (Auto and explicit axes), shard_map and pmap
+    results equal one device's."""
     example = _example()
     num_processes, valid = CASES[case]
     argv = ["--steps", str(STEPS), "--batch", str(BATCH)]
