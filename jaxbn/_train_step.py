@@ -280,7 +280,7 @@ def normalize_then_affine_train(x, params: Mapping, plan: stats.Plan, epsilon, m
     outer = [params.get("scale"), params.get("bias")]
     if sharding := stats.explicit_sharding(x):  # the parameters split as the features they meet:
         # a replicated one made y * scale replicated too, and its transpose all-gathered dy
-        spec = (*sharding.spec, *(None,) * (x.ndim - len(sharding.spec)))
+        spec = stats.axis_parts(sharding, x.ndim)
         for k, value in enumerate(outer):
             if value is not None:
                 parts = [

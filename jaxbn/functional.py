@@ -347,7 +347,7 @@ def _ghost_sharding(x: jax.Array, groups: int, ghost: int) -> Any:
     sharding = stats.explicit_sharding(x)
     if sharding is None:
         return None
-    spec = (*sharding.spec, *(None,) * (x.ndim - len(sharding.spec)))
+    spec = stats.axis_parts(sharding, x.ndim)
     devices = stats.devices_along(sharding.mesh, spec[0])
     lead = (spec[0], None) if groups % devices == 0 else (None, spec[0])
     lead = lead if groups % devices == 0 or ghost % devices == 0 else (None, None)

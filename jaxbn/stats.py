@@ -168,8 +168,8 @@ def _two_pass_statistics(
     int_type = {32: jnp.int32, 64: jnp.int64}[info.bits]
     size = math.prod(x.shape[i] for i in axes) * plan.inner  # elements per statistic
     sharding: Any = getattr(jax.typeof(x), "sharding", None)
-    spec = tuple(getattr(sharding, "spec", None) or ())
-    explicitly_sharded = any(spec)
+    explicitly_sharded = any(getattr(sharding, "spec", None) or ())
+    spec = axis_parts(sharding, x.ndim) if explicitly_sharded else (None,) * x.ndim
     features_sharding = None
     if (
         explicitly_sharded
@@ -179,7 +179,7 @@ def _two_pass_statistics(
         return merged
     if explicitly_sharded:  # per-feature values sharded as x's features are (a select takes one
         # sharding; a group of a plan's inner elements as its channels are)
-        parts = [spec[i] if i < len(spec) else None for i in range(x.ndim) if i not in axes]
+        parts = [spec[i] for i in range(x.ndim) if i not in axes]
         features_sharding = jax.sharding.NamedSharding(sharding.mesh, P(*parts))
         fallback = sharded_as(fallback, features_sharding)
     centred = plan.centred
@@ -202,15 +202,16 @@ def _two_pass_statistics(
     elif mask is None and first_element is not None:
         shift = lax.select(jnp.isfinite(first_element), first_element, fallback)
     elif mask is None:  # x at index 0 of each axis (gathered along an explicitly sharded one)
-        sharded = [axis for axis in axes if axis < len(spec) and spec[axis] is not None]
+        sharded = [axis for axis in axes if spec[axis] is not None]
         # the axes on the device first: only the feature values travel
         limits = [1 if i in axes and i not in sharded else n for i, n in enumerate(x.shape)]
         # (with a plan's inner elements, the first of each group of them)
         strides = (1,) * (x.ndim - 1) + (plan.inner,) if plan.inner > 1 else None
         value = lax.slice(x, [0] * x.ndim, limits, strides)
+        gathered = spec  # (x's own spec stays: the sums' views below take theirs from it)
         for axis in sharded:
-            spec = tuple(None if i == axis else part for i, part in enumerate(spec))
-            out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+            gathered = tuple(None if i == axis else part for i, part in enumerate(gathered))
+            out = NamedSharding(sharding.mesh, P(*gathered))
             value = value.at[(slice(None),) * axis + (np.array([0]),)].get(out_sharding=out)
         value = lax.squeeze(value, axes).astype(fallback.dtype)
         shift = lax.select(jnp.isfinite(value), value, fallback)
@@ -243,7 +244,7 @@ def _two_pass_statistics(
     # axis of features x inner elements; where the last axis holds at most LANES / 4 features and
     # axes just before it are reduced, as rows of k whole feature vectors.
     # (with explicit sharding, only axes no device splits: a sharded axis keeps its part)
-    inner, last, parts_s = plan.inner, x.ndim - 1, (*spec, *(None,) * (x.ndim - len(spec)))
+    inner, last, parts_s = plan.inner, x.ndim - 1, spec
     plain = mask is None and not any(parts_s[i] for i in (*axes, last))
     xs_sharding = sharding if explicitly_sharded else None  # (where explicit)
     xs, axes_s = x, axes  # (x and its reduced axes as the sums read them)
@@ -374,10 +375,9 @@ def _two_pass_statistics(
     var = second / safe_count * u2 * u2
     var = lax.select(infinite | wide, lax.full_like(var, np.inf), var)
     mean = (scaled_shift + offset0) * u  # c K + c (mean - K), unscaled: finite where mean - K isn't
-    if plan.axis_name is not None:  # (merged around each device's mean where its offset is wide)
-        shift, offset = jnp.where(wide, mean, shift), jnp.where(wide, 0, offset)
-        count, shift, offset, var = _merge_devices(plan, count, shift, offset, var)
-        mean = shift + offset
+    if plan.axis_name is not None:
+        merge = functools.partial(_merge_devices, plan)
+        return _merged_parts(merge, count, shift, offset, var, mean)
     return count, shift, offset, var, mean
 
 
@@ -388,7 +388,7 @@ def _per_shard_then_merged(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Ar
     axis name. None where no reduced axis is split over devices, or a split one's size is symbolic
     (the global sums then: the partitioner's all-reduces, one per pass)."""
     sharding = jax.typeof(x).sharding
-    mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    mesh, spec = sharding.mesh, axis_parts(sharding, x.ndim)
     shards = {i: devices_along(mesh, spec[i]) for i in plan.axes}
     shards = {i: n for i, n in sorted(shards.items()) if n > 1}  # (JAX refuses uneven shards)
     if not shards or not all(isinstance(x.shape[i], int) for i in shards):
@@ -422,8 +422,6 @@ def _per_shard_then_merged(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Ar
     count, shift, offset, var, mean = _two_pass_statistics(
         plan._replace(axes=tuple(axes)), x_s, mask, fallback
     )
-    wide = jnp.abs(offset) == np.inf  # (merged around each shard's mean, as across devices)
-    shift, offset = jnp.where(wide, mean, shift), jnp.where(wide, 0, offset)
     feature_parts = [parts[j] for j in features if j not in kept]
 
     def gather(stacked):  # (parts, *features) -> (shards, parts, *x's features), on every device
@@ -432,7 +430,17 @@ def _per_shard_then_merged(plan: Plan, x: jax.Array, mask: Any, fallback: jax.Ar
         stacked = jnp.swapaxes(stacked, 0, 1)
         return jax.sharding.reshard(stacked, NamedSharding(mesh, P(None, None, *feature_parts)))
 
-    count, shift, offset, var = _merge_gathered(gather, count, shift, offset, var)
+    merge = functools.partial(_merge_gathered, gather)
+    return _merged_parts(merge, count, shift, offset, var, mean)
+
+
+def _merged_parts(merge, count, shift, offset, var, mean) -> tuple:
+    """``(count, K, mean - K, var, mean)`` of parts (devices, or shards) merged by ``merge``
+    (``(count, K, mean - K, var)`` in, merged out), each part around its own mean where its
+    ``mean - K`` is beyond the dtype."""
+    wide = jnp.abs(offset) == np.inf
+    shift, offset = jnp.where(wide, mean, shift), jnp.where(wide, 0, offset)
+    count, shift, offset, var = merge(count, shift, offset, var)
     return count, shift, offset, var, shift + offset
 
 
@@ -512,6 +520,13 @@ def explicit_sharding(value: Any) -> Any:
     None."""
     sharding = getattr(jax.typeof(value), "sharding", None)
     return sharding if any(getattr(sharding, "spec", None) or ()) else None
+
+
+def axis_parts(sharding: Any, ndim: int) -> tuple:
+    """``sharding``'s ``PartitionSpec`` entries, one per axis of an array of ``ndim`` axes (None
+    for an axis it does not name)."""
+    spec = tuple(sharding.spec)
+    return (*spec, *(None,) * (ndim - len(spec)))
 
 
 def devices_along(mesh: Any, part: Any) -> int:

@@ -12,6 +12,7 @@ from jax import export
 
 import jaxbn
 import jaxbn.linen
+from tests.conftest import N_DEVICES, needs_devices
 
 C = 8
 PARAMS, STATE = jaxbn.batch_norm_init(C)
@@ -102,3 +103,28 @@ def test_exported_linen_training_step_round_trips(rng):
         exported.call(variables, x),
         jax.jit(step)(variables, x),
     )
+
+
+@needs_devices
+def test_symbolic_batch_split_over_devices_keeps_x_sharded():
+    """A batch explicitly sharded over devices with a symbolic size (the global sums then, not each
+    shard's statistics: the split needs a known size): no view of x that the sums read is
+    constrained to be replicated. (Before, the shift's gather along the split axis overwrote the
+    spec the views took theirs from: x's 16-feature rows were constrained replicated, an
+    all-gather of x.)"""
+    import re
+
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((N_DEVICES,), ("i",))  # (explicit axes: sharding in types)
+    params, state = jaxbn.batch_norm_init(16)
+    (batch,) = export.symbolic_shape(f"{N_DEVICES}*b")
+    with jax.set_mesh(mesh):
+        sharding = NamedSharding(mesh, P("i"))
+        x = jax.ShapeDtypeStruct((batch, 16, 16, 16), jnp.float32, sharding=sharding)
+        train = jax.jit(lambda x: jaxbn.batch_norm(x, params, state, training=True)[0])
+        text = export.export(train)(x).mlir_module()
+    assert re.search(r'%arg\d+: tensor<\?x16x16x16xf32> \{sdy.sharding = [^\n]*\[\{"i"\}', text)
+    replicated = r"sharding_constraint %\w+ <@mesh, \[(\{\}, )+\{\}\]> : tensor<\?x"
+    assert not re.findall(replicated, text)
