@@ -19,8 +19,8 @@ after every group, so that a run cut short keeps the groups it finished:
   not fit the 8-minute budget;
 - the statistics design against the one it replaced. The default group times
   jaxbn as shipped: two passes around an element of the batch, with no
-  data-dependent control flow (on a GPU pass two's two sums fuse into one
-  read, so the statistics read x twice). The ``reshift_loop`` group times the
+  data-dependent control flow (pass two's two sums are one reduction, so
+  the statistics read x twice). The ``reshift_loop`` group times the
   replaced design (``benchmarks/_reshift_loop.py``: sums around the running
   mean, re-taken in a ``while`` loop while the shift is poor): fewer bytes,
   one fused read for the statistics, but a data-dependent ``while`` per layer,
@@ -33,6 +33,11 @@ after every group, so that a run cut short keeps the groups it finished:
   (256, 32, 32, 16) layer each (jaxbn, flax.linen, the copy), and
   ``narrow_rows_off`` the ResNet-20 (16 to 64 features) beside the default
   group's;
+- pass two's two sums (the squared deviations and their scaled copy) in one
+  reduction over the two stacked, as shipped (XLA:CPU read ``x`` once per
+  reduction: measured there only), against two reductions, which a GPU fuses
+  into one read: ``pass_two_apart`` (``benchmarks/_pass_two_apart.py``) times
+  the micro shapes (jaxbn and the copy) beside the default group's;
 - the per-example norms (``per_example.py``): layer, RMS and group norm of a
   (16, 2048, 1024) activation in bfloat16 and float32, forward and
   forward+backward, jaxbn beside flax.linen (``per_example``);
@@ -140,6 +145,14 @@ def _plan(smoke: bool) -> dict[str, dict[str, Any]]:
         "micro_libs": NARROW_LIBS,
         "e2e": {} if smoke else {"resnet20": e2e["resnet20"]},
     }
+    # pass two's sums as two reductions against the default's one (smoke: the install's path)
+    groups["pass_two_apart"] = {
+        "env": {},
+        "install": "_pass_two_apart",
+        "micro": micro,
+        "micro_libs": ["jaxbn", "copy"],
+        "e2e": {},
+    }
     per_example = [((2, 8, 64), "float32")] if smoke else PER_EXAMPLE
     groups["per_example"] = {"env": {}, "micro": [], "e2e": {}, "per_example": per_example}
     if not smoke:
@@ -216,6 +229,7 @@ def run_group(name: str, group: dict[str, Any], smoke: bool) -> dict[str, Any]:
     statistics = f"{stats.batch_statistics.__module__}.{stats.batch_statistics.__name__}"
     if stats.batch_statistics.__module__ == stats.__name__:  # (the default design's rows)
         statistics += f", narrow features in rows of {stats.LANES}" if stats.LANES else ", no rows"
+        statistics += ", pass two in two reductions" if stats.pass_two_apart else ""
     result: dict[str, Any] = {
         "environment": _environment(),
         "statistics": statistics,
@@ -310,7 +324,9 @@ def _markdown(results: dict[str, Any], smoke: bool) -> str:
         "`default`: jaxbn as shipped (two-pass statistics, no data-dependent control flow); "
         "`reshift_loop`: the replaced design (sums around the running mean, a `while` re-shift loop per "
         "layer; benchmarks/_reshift_loop.py); `narrow_rows_off`: the default summing a narrow feature "
-        "axis as it is (benchmarks/_feature_rows_off.py); `command_buffers`: the default with XLA asked to capture "
+        "axis as it is (benchmarks/_feature_rows_off.py); `pass_two_apart`: the default with pass two's "
+        "two sums in two reductions, not one over the two stacked (benchmarks/_pass_two_apart.py); "
+        "`command_buffers`: the default with XLA asked to capture "
         f"while/conditional ops in command buffers (`{COMMAND_BUFFER_FLAG}`).",
         "",
     ]

@@ -58,9 +58,10 @@ def compiled_text(fn: Any, *args: Any) -> str:
 
 def feature_rows(hlo_text: str, shape: tuple[int, ...]) -> set[tuple[int, ...]]:
     """The shapes of HLO text's reshapes of an array of ``shape`` into rows of several of its
-    feature vectors (its last axis): a last axis a multiple of ``shape[-1]``, of the same size."""
+    feature vectors (its last axis): a last axis a multiple of ``shape[-1]``, of the same size
+    (unit axes aside: a reshape that inserts one, as the stacked sums' axis, is the same rows)."""
     reshaped = {
-        tuple(map(int, dims.split(",")))
+        tuple(int(n) for n in dims.split(",") if n != "1")
         for dims in re.findall(r"= \w+\[([\d,]+)\]\S* reshape\(", hlo_text)
     }
     features, size = shape[-1], math.prod(shape)

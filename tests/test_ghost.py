@@ -625,7 +625,7 @@ def test_masked_ghost_batches_under_jit_with_a_sharded_batch():
     reason="compiled structure pinned for XLA:CPU of jax >= 0.10.2 (as tests/test_performance.py)",
 )
 def test_ghost_batches_cost_no_more_traffic_than_batch_norm():
-    """Ghost training moves no more of x than plain batch norm (5S/11S on XLA:CPU, both).
+    """Ghost training moves no more of x than plain batch norm (4S/10S on XLA:CPU, both).
 
     Every statistic takes the same two passes around an element of its own
     batch (or ghost group), with no decision shared by the groups, so ghost

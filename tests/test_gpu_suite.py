@@ -7,6 +7,7 @@ checks here cover e2e.py too. Nothing looks at how long a step took.
 import json
 import math
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -28,7 +29,8 @@ def test_smoke_run_writes_markdown_and_json(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert set(results) == {
-        "default", "reshift_loop", "narrow", "narrow_rows_off", "per_example", "masked"
+        "default", "reshift_loop", "narrow", "narrow_rows_off", "pass_two_apart", "per_example",
+        "masked",
     }  # fmt: skip
     assert all("error" not in group for group in results.values()), results
     row = results["default"]["e2e"]["resnet20"]
@@ -53,7 +55,9 @@ def test_smoke_run_writes_markdown_and_json(tmp_path):
     assert results["default"]["statistics"] == results["narrow"]["statistics"] == rows
     assert results["narrow_rows_off"]["statistics"] == "jaxbn.stats._two_pass_statistics, no rows"
     assert results["reshift_loop"]["statistics"] == "_reshift_loop.loop_statistics"
-    for name in ("reshift_loop", "narrow", "narrow_rows_off"):  # smoke: e2e is the default's code
+    assert results["pass_two_apart"]["statistics"] == rows + ", pass two in two reductions"
+    # (smoke: e2e is the default's code)
+    for name in ("reshift_loop", "narrow", "narrow_rows_off", "pass_two_apart"):
         assert results[name]["e2e"] == {}, name
     markdown = (tmp_path / "gpu_suite.md").read_text()
     assert (
@@ -78,6 +82,7 @@ def test_full_plan_times_both_statistics_designs():
         "reshift_loop",
         "narrow",
         "narrow_rows_off",
+        "pass_two_apart",
         "per_example",
         "command_buffers",
         "masked",
@@ -100,6 +105,9 @@ def test_full_plan_times_both_statistics_designs():
         and "install" not in plan["narrow"]
     )
     assert set(plan["narrow_rows_off"]["e2e"]) == {"resnet20"} and plan["narrow"]["e2e"] == {}
+    # pass two's sums in one reduction (measured on XLA:CPU only) against two: the micro shapes
+    assert plan["pass_two_apart"]["install"] == "_pass_two_apart"
+    assert plan["pass_two_apart"]["micro"] == suite.MICRO and plan["pass_two_apart"]["e2e"] == {}
     # the per-example norms at a transformer's shape, in both dtypes
     assert plan["per_example"]["per_example"] == suite.PER_EXAMPLE
     assert {dtype for _, dtype in suite.PER_EXAMPLE} == {"bfloat16", "float32"}
@@ -173,3 +181,40 @@ def test_the_rows_off_install_sums_narrow_features_as_they_are(monkeypatch):
     _suite()._load("_feature_rows_off").install()
     assert stats.LANES == 0 and not row_reshapes()
     jax.clear_caches()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_pass_two_apart_install_takes_two_reductions_of_the_same_statistics(masked, monkeypatch):
+    """``benchmarks/_pass_two_apart.py`` (the ``pass_two_apart`` group): pass two's sums as two
+    reductions, where the default takes one over the two stacked; the statistics, outputs and
+    gradients are the default's (the same sums, each reduced in XLA's order)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxbn
+    from jaxbn import stats
+
+    params, state = jaxbn.batch_norm_init(32)
+    x = jax.random.normal(jax.random.key(0), (16, 4, 4, 32)) * 3 + 1e4
+    mask = jnp.arange(16).reshape(-1, 1, 1, 1) % 3 > 0 if masked else None
+
+    def run():
+        jax.clear_caches()
+
+        def loss(x, p):
+            y, new_state = jaxbn.batch_norm(x, p, state, training=True, mask=mask)
+            return jnp.sum(jnp.sin(y)), new_state
+
+        step = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))
+        lowered = step.lower(x, params).as_text(dialect="hlo")
+        return step(x, params), len(re.findall(r"reduce\(", lowered))
+
+    default, default_reductions = run()
+    monkeypatch.setattr(stats, "pass_two_apart", stats.pass_two_apart)  # (restored after)
+    _suite()._load("_pass_two_apart").install()
+    apart, apart_reductions = run()
+    jax.clear_caches()
+    assert stats.pass_two_apart and apart_reductions == default_reductions + 1
+    for got, want in zip(jax.tree.leaves(apart), jax.tree.leaves(default), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
