@@ -516,7 +516,13 @@ barrier_views_in_compute_dtype = False
 def _first_valid(x: jax.Array, mask: jax.Array, axes: tuple[int, ...]) -> tuple:
     """Per feature, the first valid element of ``x`` along ``axes`` and whether there is one
     (``mask`` of ``x``'s rank; its positions are searched in its own shape)."""
-    sharded = explicit_sharding(x) is not None
+    sharding = explicit_sharding(x)
+    sharded = sharding is not None
+    if sharded:  # x at index 0 along the axes the mask does not vary over and no device splits:
+        # the first valid element lies there, and the sum below reads only that slice of x
+        spec = axis_parts(sharding, x.ndim)
+        small = [i in axes and mask.shape[i] == 1 and spec[i] is None for i in range(x.ndim)]
+        x = lax.slice(x, (0,) * x.ndim, [1 if one else n for one, n in zip(small, x.shape)])
     shape = x.shape if sharded else mask.shape  # (a sharded x's sum below needs x's positions)
     position = jnp.zeros(shape, jnp.int32)
     for axis in axes:
