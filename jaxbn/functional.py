@@ -349,8 +349,12 @@ def _ghost_sharding(x: jax.Array, groups: int, ghost: int) -> Any:
         return None
     spec = stats.axis_parts(sharding, x.ndim)
     devices = stats.devices_along(sharding.mesh, spec[0])
-    lead = (spec[0], None) if groups % devices == 0 else (None, spec[0])
-    lead = lead if groups % devices == 0 or ghost % devices == 0 else (None, None)
+    if groups % devices == 0:
+        lead = (spec[0], None)
+    elif ghost % devices == 0:
+        lead = (None, spec[0])
+    else:
+        lead = (None, None)
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*lead, *spec[1:]))
 
 

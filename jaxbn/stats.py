@@ -337,25 +337,26 @@ def _two_pass_statistics(
     largest = float(jnp.finfo(x.dtype).max)  # (compared as 16 n largest^2 < max, not computed)
     squares_fit = isinstance(size, int)
     squares_fit = squares_fit and largest < math.sqrt(float(info.max) / (16 * max(size, 1)))
-    stacked = not squares_fit  # (else the plain sum alone)
+    guarded = not squares_fit  # (the scaled sum beside the plain one; else the plain sum alone)
     # Both sums in one reduction, d and d scaled side by side along a new axis: XLA:CPU's library
     # reductions read x once per reduction (RESULTS.md, sixteenth). Around 0, x's squares alone, it
     # took two plain sums faster than one stacked (9.1 ms against 12.1 ms over bfloat16
     # (16, 2048, 1024)): there each sum reads its own view of x
-    together = stacked and centred and not pass_two_apart
-    # (the new axis: the last place, before the last axis or earlier, with at least LANES elements
-    # after it, never before the first axis; with fewer after it, or first, XLA:CPU's library
-    # reduction read x twice over)
-    stack_axis, following = max(xs.ndim - 1, 0), xs.shape[-1] if xs.ndim else 1
-    while stack_axis > 1 and isinstance(following, int) and following < LANES:
-        stack_axis -= 1
-        following = following * xs.shape[stack_axis]
-    scales: Any = np.asarray([1, overflow_scale], real).reshape(2, *(1,) * (xs.ndim - stack_axis))
-    scales = scales if together else overflow_scale if stacked else None
+    stacked = guarded and centred and not pass_two_apart
+    scales: Any = overflow_scale if guarded else None
+    if stacked:  # (the new axis: the last place, before the last axis or earlier, with at least
+        # LANES elements after it, never before the first axis; with fewer after it, or first,
+        # XLA:CPU's library reduction read x twice over)
+        stack_axis, following = max(xs.ndim - 1, 0), xs.shape[-1] if xs.ndim else 1
+        while stack_axis > 1 and isinstance(following, int) and following < LANES:
+            stack_axis -= 1
+            following = following * xs.shape[stack_axis]
+        scales = np.asarray([1, overflow_scale], real).reshape(2, *(1,) * (xs.ndim - stack_axis))
     x_view, mask_view, scale_view, *centre_view = cpu_barrier(seen, weights, scales, *centre)
     d = deviation(x_view, *centre_view)
+    apart = guarded and not stacked  # (two reductions)
     scaled = None
-    if stacked and not together and (mask is None or weighed):  # (its own view of x)
+    if apart and (mask is None or weighed):  # (its own view of x)
         x_again, weights_again, *centre_again = cpu_barrier(x_view, mask_view, *centre_view)
         scaled = deviation(x_again, *centre_again) * scale_view
         scaled = scaled if mask is None else scaled * weights_again
@@ -363,21 +364,21 @@ def _two_pass_statistics(
         d = d * mask_view
     elif mask is not None:  # (materialized: XLA:CPU's library reductions absorb no select)
         d = jnp.where(mask_view, d, 0)  # (masked-out NaN stays out)
-        scaled = d * scale_view if stacked and not together else None
-    if together:
+        scaled = d * scale_view if apart else None
+    if stacked:
         d = jnp.expand_dims(d, stack_axis) * scale_view
         sum_axes = tuple(i + (i >= stack_axis) for i in sum_axes)
     sums = []
     for v in (d,) if scaled is None else (d, scaled):
         v = v.real * v.real + v.imag * v.imag if jnp.iscomplexobj(v) else v * v  # (inline)
         sums.append(jnp.sum(v, sum_axes))
-    if together:  # (the stacked axis in the sums: after the kept axes before it)
+    if stacked:  # (the stacked axis in the sums: after the kept axes before it)
         kept = sum(i not in sum_axes for i in range(stack_axis))
         sums = [lax.index_in_dim(sums[0], i, kept, False) for i in (0, 1)]
     if fold:
         sums = [jnp.sum(v.reshape(*v.shape[:-1], *fold), (-3, -1)) for v in sums]
     u2: Any  # (the scaled sum's unscaling factor)
-    if not stacked:
+    if not guarded:
         second, u2 = sums[0], np.asarray(1, real)
     else:
         overflow = sums[0] == np.inf

@@ -38,6 +38,7 @@ __all__ = [
     "memory_traffic",
     "named_instructions",
     "parse_computations",
+    "reduced_shapes",
 ]
 
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
@@ -142,6 +143,21 @@ def named_instructions(hlo_text: str) -> tuple[str, dict[str, list[tuple[str, st
         for name, lines in bodies.items()
     }
     return entry, computations
+
+
+def reduced_shapes(hlo_text: str) -> list[tuple[int, ...]]:
+    """The shape of the operand of every ``reduce`` in compiled HLO text (every computation, fused
+    ones included: a kernel's reduction), in text order."""
+    _, computations = named_instructions(hlo_text)
+    shapes = []
+    for body in computations.values():
+        types = {name: _type_text(rest, op) for name, op, rest in body}
+        for _, op, rest in body:
+            if op == "reduce":
+                operand = _operand_names(rest, op)[0]
+                dims = _ARRAY_TYPE.findall(types.get(operand, ""))[0][1]
+                shapes.append(tuple(int(n) for n in dims.split(",") if n))
+    return shapes
 
 
 def _reachable(entry: str, computations: dict, include_branches: bool) -> set[str]:

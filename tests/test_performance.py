@@ -700,19 +700,10 @@ def test_pass_two_takes_its_sums_in_one_reduction(shape, axis, stacked):
     read x twice."""
     params, state = jaxbn.batch_norm_init(shape[axis])
     forward = jax.jit(lambda x: jaxbn.batch_norm(x, params, state, training=True, axis=axis))
-    text = forward.lower(jnp.zeros(shape)).as_text(dialect="hlo")
-    full = r"f32\[" + ",".join(map(str, stacked)) + r"\]"
-    assert re.search(r"= " + full + r"\S* multiply\(", text), "no stacked deviations"
-    sizes = {  # each instruction's element count
-        name: np.prod([int(n) for n in dims.split(",") if n])
-        for name, dims in re.findall(r"([\w.\-]+) = \w+\[([\d,]*)\]", text)
-    }
-    reduced = [  # the reductions of operands of at least x's size
-        operand
-        for operand in re.findall(r" reduce\(([\w.\-]+),", text)
-        if sizes[operand] >= np.prod(shape)
-    ]
-    assert len(reduced) == 2, reduced  # (pass one's, pass two's)
+    text = hlo.compiled_text(forward, jnp.zeros(shape))
+    # the reductions of at least x's size: pass one's, and pass two's over the stacked deviations
+    reduced = [dims for dims in hlo.reduced_shapes(text) if math.prod(dims) >= math.prod(shape)]
+    assert len(reduced) == 2 and stacked in reduced, reduced
 
 
 @structural
