@@ -91,14 +91,20 @@ def test_every_compile_row_has_positive_times_and_instruction_counts(quick):
         for norm in NORMS:
             row = rows[norm]
             assert row["lower_s"] > 0 and row["compile_s"] > 0, (family, norm, row)
+            assert row["compile_cpu_s"] > 0, (family, norm, row)
             assert (
                 len(row["lower_s_all"]) == len(row["compile_s_all"]) == 1
             )  # --quick: one repetition
+            assert row["compile_cpu_s_all"] == [row["compile_cpu_s"]]
             assert row["instructions"] > 0 and row["instructions"] == sum(row["opcodes"].values())
             assert 0 <= row["in_loops"] < row["instructions"]
             assert row["whiles"] >= 0 and row["opcodes"].get("fusion", 0) > 0
         assert set(rows["ratios"]) == {"lower", "compile", "instructions"}
         assert all(ratio > 0 for ratio in rows["ratios"].values())
+        # (one repetition: its own ratio is the ratio of the medians)
+        readings = rows["compile_readings"]
+        assert set(readings) == {"cpu", "paired"} and readings["cpu"] > 0
+        assert readings["paired"] == pytest.approx(rows["ratios"]["compile"])
         check = rows["loss_check"]
         assert check["same_init"] and check["passed"], check
 
