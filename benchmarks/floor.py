@@ -198,7 +198,7 @@ def run(widths: tuple[int, ...], blocks: tuple[int, ...], reps: int) -> dict[str
     counts, executables = {}, {}
     for rep in range(reps):
         for name in VARIANTS if rep % 2 == 0 else VARIANTS[::-1]:
-            lower_s, compile_s, compiled = compile_bench.measure_compile(models[name])
+            lower_s, compile_s, _, compiled = compile_bench.measure_compile(models[name])
             times[name].append((lower_s, compile_s))
             counts[name] = compile_bench.hlo_instructions(compiled.as_text())
             executables[name] = compiled
