@@ -518,13 +518,13 @@ def _first_valid(x: jax.Array, mask: jax.Array, axes: tuple[int, ...]) -> tuple:
     """Per feature, the first valid element of ``x`` along ``axes`` and whether there is one
     (``mask`` of ``x``'s rank; its positions are searched in its own shape)."""
     sharding = explicit_sharding(x)
-    sharded = sharding is not None
-    if sharded:  # x at index 0 along the axes the mask does not vary over and no device splits:
+    spec = axis_parts(sharding, x.ndim) if sharding is not None else (None,) * x.ndim
+    across = any(spec[i] is not None for i in axes)  # (a reduced axis split over devices)
+    if across:  # x at index 0 along the axes the mask does not vary over and no device splits:
         # the first valid element lies there, and the sum below reads only that slice of x
-        spec = axis_parts(sharding, x.ndim)
         small = [i in axes and mask.shape[i] == 1 and spec[i] is None for i in range(x.ndim)]
         x = lax.slice(x, (0,) * x.ndim, [1 if one else n for one, n in zip(small, x.shape)])
-    shape = x.shape if sharded else mask.shape  # (a sharded x's sum below needs x's positions)
+    shape = x.shape if across else mask.shape  # (the sum below needs x's positions)
     position = jnp.zeros(shape, jnp.int32)
     for axis in axes:
         position = position * shape[axis] + lax.broadcasted_iota(jnp.int32, shape, axis)
@@ -532,18 +532,25 @@ def _first_valid(x: jax.Array, mask: jax.Array, axes: tuple[int, ...]) -> tuple:
     first = jnp.min(jnp.where(mask, position, none), axes)
     first = jnp.broadcast_to(first, tuple(n for i, n in enumerate(x.shape) if i not in axes))
     found = first < none
-    first = first_flat = jnp.where(found, first, 0)
-    feature_axes = [i for i in range(x.ndim) if i not in axes]
-    index: list[Any] = [None] * x.ndim
+    first = jnp.where(found, first, 0)
+    if across:  # a gather would cross devices; a sum of the one selected element per feature
+        # (exact: the others add 0) reduces where the data lies, as the statistics do
+        chosen = position == jnp.expand_dims(jnp.where(found, first, -1), axes)
+        return jnp.sum(jnp.where(chosen, x, 0), axes), found
+    index = {}
     for axis in reversed(axes):
         index[axis], first = first % shape[axis], first // shape[axis]
-    for k, axis in enumerate(feature_axes):
-        index[axis] = lax.broadcasted_iota(jnp.int32, found.shape, k)
-    if sharded:  # a gather would cross devices; a sum of the one selected element per feature
-        # (exact: the others add 0) reduces where the data lies, as the statistics do
-        chosen = position == jnp.expand_dims(jnp.where(found, first_flat, -1), axes)
-        return jnp.sum(jnp.where(chosen, x, 0), axes), found
-    return x[tuple(index)], found
+    # a gather batched along the kept axes: under sharding each device reads its own part of x
+    kept = tuple(i for i in range(x.ndim) if i not in axes)
+    numbers = lax.GatherDimensionNumbers(
+        offset_dims=(),
+        collapsed_slice_dims=tuple(axes),
+        start_index_map=tuple(axes),
+        operand_batching_dims=kept,
+        start_indices_batching_dims=tuple(range(len(kept))),
+    )
+    starts = jnp.stack([index[axis] for axis in axes], -1)
+    return lax.gather(x, starts, numbers, (1,) * x.ndim, mode="promise_in_bounds"), found
 
 
 def explicit_sharding(value: Any) -> Any:
