@@ -537,9 +537,10 @@ def _first_valid(x: jax.Array, mask: jax.Array, axes: tuple[int, ...]) -> tuple:
         # (exact: the others add 0) reduces where the data lies, as the statistics do
         chosen = position == jnp.expand_dims(jnp.where(found, first, -1), axes)
         return jnp.sum(jnp.where(chosen, x, 0), axes), found
-    index = {}
+    starts = []  # (the position's index along each reduced axis, the last axis first)
     for axis in reversed(axes):
-        index[axis], first = first % shape[axis], first // shape[axis]
+        starts.append(first % shape[axis])
+        first = first // shape[axis]
     # a gather batched along the kept axes: under sharding each device reads its own part of x
     kept = tuple(i for i in range(x.ndim) if i not in axes)
     numbers = lax.GatherDimensionNumbers(
@@ -549,8 +550,8 @@ def _first_valid(x: jax.Array, mask: jax.Array, axes: tuple[int, ...]) -> tuple:
         operand_batching_dims=kept,
         start_indices_batching_dims=tuple(range(len(kept))),
     )
-    starts = jnp.stack([index[axis] for axis in axes], -1)
-    return lax.gather(x, starts, numbers, (1,) * x.ndim, mode="promise_in_bounds"), found
+    at = jnp.stack(starts[::-1], -1)
+    return lax.gather(x, at, numbers, (1,) * x.ndim, mode="promise_in_bounds"), found
 
 
 def explicit_sharding(value: Any) -> Any:
