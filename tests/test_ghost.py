@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 import jaxbn
 import jaxbn.linen
 from tests import hlo, reference
-from tests.conftest import N_DEVICES, tiered
+from tests.conftest import N_DEVICES, structural, tiered
 
 MOMENTUM = 0.9
 EPSILON = 1e-5
@@ -620,10 +620,7 @@ def test_masked_ghost_batches_under_jit_with_a_sharded_batch():
     assert _collectives(text) == dict.fromkeys(_collectives(text), 0)
 
 
-@pytest.mark.skipif(
-    jax.__version_info__ < (0, 10, 2) or jax.default_backend() != "cpu",
-    reason="compiled structure pinned for XLA:CPU of jax >= 0.10.2 (as tests/test_performance.py)",
-)
+@structural
 def test_ghost_batches_cost_no_more_traffic_than_batch_norm():
     """Ghost training moves no more of x than plain batch norm (4S/10S on XLA:CPU, both).
 

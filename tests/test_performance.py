@@ -35,7 +35,7 @@ from flax import linen as nn
 import jaxbn
 from jaxbn import stats
 from tests import hlo
-from tests.conftest import N_DEVICES, needs_devices, structural
+from tests.conftest import N_DEVICES, STRUCTURE_PINNED, needs_devices, structural
 
 SHAPE = (32, 16, 16, 64)
 
@@ -158,15 +158,16 @@ def test_narrow_features_are_summed_in_rows_of_lanes(shape, rows):
     """The training statistics read a feature axis of at most ``stats.LANES / 4`` features as rows
     of whole feature vectors at least ``LANES`` long (XLA:CPU's library reductions take 2-5x as long
     over rows of 16 features as of 128: RESULTS.md, 2026-12-07, eleventh); wider ones as they are.
-    A reshape of x, the same traffic: forward 4S as pinned above."""
+    A reshape of x, the same traffic: forward 4S as pinned above (on XLA:CPU of jax >= 0.10.2)."""
     params, state = jaxbn.batch_norm_init(shape[-1])
     forward = jax.jit(lambda x: jaxbn.batch_norm(x, params, state, training=True))
     x = jnp.zeros(shape)
     wide = hlo.feature_rows(forward.lower(x).as_text(dialect="hlo"), shape)
     assert wide == ({rows} if rows else set()), wide
-    size = np.prod(shape) * 4
-    traffic = hlo.memory_traffic(forward.lower(x).compile().as_text())[0] / size
-    assert traffic <= EXPECTED["forward"][0] + 0.05, traffic
+    if STRUCTURE_PINNED:  # (the rows are JAX's program; what XLA:CPU compiles them to, its own)
+        size = np.prod(shape) * 4
+        traffic = hlo.memory_traffic(forward.lower(x).compile().as_text())[0] / size
+        assert traffic <= EXPECTED["forward"][0] + 0.05, traffic
 
 
 @needs_devices
@@ -446,9 +447,10 @@ def test_wide_barrier_views_compute_the_same_step(norm, wide_barrier_views):
     )
     full_size_f32 = re.compile(r"f32\[" + ",".join(map(str, shape)) + r"\]")
     entry = lambda text: text.split("\nENTRY")[1]
-    assert full_size_f32.search(entry(wide_text))
-    if norm == "batch_norm":  # (layer norm's parameter gradients make one either way)
-        assert not full_size_f32.search(entry(default_text))
+    if STRUCTURE_PINNED:  # (which tensors XLA:CPU writes: its fusion decisions)
+        assert full_size_f32.search(entry(wide_text))
+        if norm == "batch_norm":  # (layer norm's parameter gradients make one either way)
+            assert not full_size_f32.search(entry(default_text))
     # the same sums of the same float32 values; only XLA's summation order may differ (by a
     # rounding of the float32 sums: below one bfloat16 unit in the bfloat16 leaves)
     for got, want in zip(

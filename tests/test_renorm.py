@@ -20,7 +20,7 @@ from jax.test_util import check_grads
 import jaxbn
 import jaxbn.linen
 from tests import hlo, reference
-from tests.conftest import N_DEVICES, needs_devices
+from tests.conftest import N_DEVICES, needs_devices, structural
 
 EPSILON = 1e-5
 MOMENTUM = 0.9
@@ -675,10 +675,7 @@ def test_linen_unit_limits_equal_batch_norm_and_schedule_counts_steps():
     assert updates["batch_stats"]["steps"] == 2
 
 
-@pytest.mark.skipif(
-    jax.__version_info__ < (0, 10, 2) or jax.default_backend() != "cpu",
-    reason="compiled structure pinned for XLA:CPU of jax >= 0.10.2 (see test_performance.py)",
-)
+@structural
 def test_same_passes_as_batch_norm():
     """Renorm moves what batch norm moves (4S forward, 10S forward+backward on XLA:CPU), r and d aside.
 

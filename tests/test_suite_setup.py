@@ -1,10 +1,13 @@
-"""The test run's own setup (the root ``conftest.py``): its shared compilation cache."""
+"""The test run's own setup (the root ``conftest.py``): its shared compilation cache; and
+``.ci/oldest``, the run against the oldest dependencies allowed."""
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
+import tomllib
 
 import jax
 import pytest
@@ -28,3 +31,16 @@ def test_processes_a_test_starts_do_not_use_the_cache():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600
     )
     assert result.stdout.strip() == "None", result.stdout
+
+
+def test_the_oldest_run_pins_the_minimums_pyproject_allows():
+    """``.ci/oldest`` installs each dependency's minimum in ``pyproject.toml`` (numpy's: the first
+    release of its minor version that the package index holds), and jaxlib at jax's."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    dependencies = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    minimums = dict(re.fullmatch(r"([a-z]+)>=([\d.]+)", d).groups() for d in dependencies)
+    pins = dict(re.findall(r'"([a-z]+)==([\d.]+)"', (root / ".ci" / "oldest").read_text()))
+    assert set(pins) == {*minimums, "jaxlib"}, (pins, minimums)
+    assert pins["jax"] == pins["jaxlib"] == minimums["jax"]
+    assert pins["flax"] == minimums["flax"]
+    assert pins["numpy"].startswith(minimums["numpy"] + "."), (pins, minimums)
